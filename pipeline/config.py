@@ -1,0 +1,493 @@
+"""The project configuration: invoke.yaml loaded into frozen, validated objects.
+
+invoke.yaml is Invoke's own project config file, so `-f FILE` and `INVOKE_*` variables work as
+Invoke users expect; imagepipe reads its three top-level sections (`defaults`, `images`,
+`builders`) from the merged Invoke config. Validation collects every problem with its key path
+and raises one `ConfigError`; unknown keys get a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, UsageError
+
+
+class Distro(StrEnum):
+    ALMALINUX = "almalinux"
+    NIXOS = "nixos"
+    DEMO = "demo"
+
+    @property
+    def builder(self) -> str:
+        """Which driver builds this distro: packer or nix."""
+        return "nix" if self is Distro.NIXOS else "packer"
+
+
+class Arch(StrEnum):
+    X86_64 = "x86_64"
+    AARCH64 = "aarch64"
+
+    @property
+    def qemu_binary(self) -> str:
+        return f"qemu-system-{self.value}"
+
+    @property
+    def machine(self) -> str:
+        """QEMU machine type: q35 on x86_64, virt on aarch64."""
+        return "q35" if self is Arch.X86_64 else "virt"
+
+    @property
+    def console(self) -> str:
+        """The serial console device the guest kernel writes to."""
+        return "ttyS0" if self is Arch.X86_64 else "ttyAMA0"
+
+    @property
+    def nix_system(self) -> str:
+        return f"{self.value}-linux"
+
+    @property
+    def short(self) -> str:
+        """The short name used in task aliases (x86 / arm)."""
+        return "x86" if self is Arch.X86_64 else "arm"
+
+    @classmethod
+    def from_machine(cls, machine: str) -> Arch | None:
+        """Map `uname -m` output (x86_64, amd64, arm64, aarch64) to an Arch."""
+        m = machine.strip().lower()
+        if m in ("x86_64", "amd64"):
+            return cls.X86_64
+        if m in ("aarch64", "arm64"):
+            return cls.AARCH64
+        return None
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    HVF = "hvf"
+    TCG = "tcg"
+
+    @property
+    def cpu_model(self) -> str:
+        """`host` passes the real CPU through (KVM/HVF); TCG emulates the richest model."""
+        return "max" if self is Accel.TCG else "host"
+
+
+class Firmware(StrEnum):
+    UEFI = "uefi"
+    BIOS = "bios"
+
+
+class Format(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+PUBKEY_RE = re.compile(
+    r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+( [ -~]*)?$"
+)
+HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(@[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@/+-]+$")
+
+
+@dataclass(frozen=True)
+class User:
+    """A guest account: crypt hash only (never plaintext), public keys, sudo rights."""
+
+    name: str
+    password_hash: str | None = None
+    public_keys: tuple[str, ...] = ()
+    sudo: bool = False
+
+
+@dataclass(frozen=True)
+class Image:
+    """One entry of the image catalogue."""
+
+    name: str
+    distro: Distro
+    arch: Arch
+    version: str = "latest"
+    format: Format = Format.QCOW2
+    firmware: Firmware = Firmware.UEFI
+    disk_size: int = 20480
+    memory: int = 2048
+    cpus: int = 2
+    ssh_port: int = 2222
+    ssh_user: str = "root"
+    headless: bool = True
+    users: tuple[User, ...] = ()
+    iso: str | None = None
+    flake: str | None = None
+    attribute: str | None = None
+    schedule: str | None = None
+    retention: int = 3
+    lang: str = "en_US.UTF-8"
+    keyboard: str = "us"
+    timezone: str = "UTC"
+
+    @property
+    def artifact_name(self) -> str:
+        """File name of the published image (NixOS keeps make-disk-image's `nixos.qcow2`)."""
+        if self.distro is Distro.NIXOS:
+            return f"nixos.{self.format.value}"
+        return f"{self.name}.{self.format.value}"
+
+    def user(self, name: str) -> User | None:
+        return next((u for u in self.users if u.name == name), None)
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A remote Linux machine reached over SSH (`host` is an ssh_config alias or hostname)."""
+
+    name: str
+    host: str
+    dir: str = "~/imagepipe"
+    arch: Arch | None = None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    accel: Accel = Accel.AUTO
+    output_dir: str = "output"
+    retention: int = 3
+    ssh_key: str | None = None
+    schedule: str = "weekly"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    root: Path
+    source: str
+    defaults: Defaults
+    images: Mapping[str, Image]
+    builders: Mapping[str, Builder] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        out = Path(self.defaults.output_dir).expanduser()
+        return out if out.is_absolute() else self.root / out
+
+    def image(self, name: str) -> Image:
+        """The image called `name`, or a UsageError listing the valid names."""
+        try:
+            return self.images[name]
+        except KeyError:
+            raise UsageError(
+                f"unknown image {name!r}{did_you_mean(name, self.images)}",
+                hint="valid images: " + ", ".join(sorted(self.images)),
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: small parsers that raise Invalid, and a collector that keeps going.
+
+
+class Invalid(Exception):
+    """One problem with one value (the collector adds the key path)."""
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _int(unit: str, lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise Invalid(f"expected {unit} as an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise Invalid(f"expected {unit} between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Invalid(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(pattern: re.Pattern[str] | None = None, what: str = "a string") -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not v:
+            raise Invalid(f"expected {what}, got {v!r}")
+        if pattern is not None and not pattern.match(v):
+            raise Invalid(f"expected {what}, got {v!r}")
+        return v
+
+    return parse
+
+
+def _enum(kind: type[StrEnum]) -> Callable[[Any], Any]:
+    def parse(v: Any) -> Any:
+        try:
+            return kind(str(v).lower())
+        except ValueError:
+            choices = [m.value for m in kind]  # type: ignore[attr-defined]
+            raise Invalid(
+                f"expected one of {', '.join(choices)}, got {v!r}{did_you_mean(str(v), choices)}"
+            ) from None
+
+    return parse
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else parse(v)
+
+
+def _no_newline(v: Any) -> str:
+    s = _str(what="a string")(v)
+    if any(c in s for c in "\n\r\0"):
+        raise Invalid("must not contain newlines or NUL bytes")
+    return s
+
+
+def _password_hash(v: Any) -> str:
+    s = _no_newline(v)
+    if not s.startswith("$6$"):
+        raise Invalid("expected a SHA-512 crypt hash starting with $6$ (make one: invoke hash-password)")
+    return s
+
+
+def _pubkey(v: Any) -> str:
+    if not isinstance(v, str) or not PUBKEY_RE.match(v.strip()) or "\n" in v.strip():
+        shown = v if not isinstance(v, str) else v[:40] + ("..." if len(v) > 40 else "")
+        raise Invalid(f"expected one OpenSSH public key on one line (ssh-ed25519 AAAA...), got {shown!r}")
+    return v.strip()
+
+
+def _calendar(v: Any) -> str:
+    s = _no_newline(v)
+    if not re.match(r"^[A-Za-z0-9 *:,./~+-]+$", s):
+        raise Invalid(f"expected a systemd OnCalendar expression, got {s!r}")
+    return s
+
+
+class _Collector:
+    """Walks raw data, applies parsers, and records every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, path: str, raw: Any) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            self.problem(path, f"expected a mapping, got {type(raw).__name__}")
+            return {}
+        return dict(raw)
+
+    def fields(
+        self, path: str, raw: Mapping[str, Any], spec: Mapping[str, Callable[[Any], Any]]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            where = f"{path}.{key}"
+            if key not in spec:
+                extra = (
+                    " (plaintext passwords are not stored: use password_hash, see invoke hash-password)"
+                    if key == "password"
+                    else did_you_mean(str(key), spec)
+                )
+                self.problem(where, f"unknown key{extra}")
+                continue
+            try:
+                out[key] = spec[key](value)
+            except Invalid as exc:
+                self.problem(where, str(exc))
+        return out
+
+
+USER_SPEC: dict[str, Callable[[Any], Any]] = {
+    "name": _str(USER_RE, "a user name (lowercase letters, digits, _ and -)"),
+    "password_hash": _optional(_password_hash),
+    "public_keys": lambda v: v,  # checked item by item below
+    "sudo": _bool,
+}
+
+IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
+    "distro": _enum(Distro),
+    "arch": _enum(Arch),
+    "version": _str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
+    "format": _enum(Format),
+    "firmware": _enum(Firmware),
+    "disk_size": _int("MiB", 16, 16 * 1024 * 1024),
+    "memory": _int("MiB", 64, 1024 * 1024),
+    "cpus": _int("a CPU count", 1, 512),
+    "ssh_port": _int("a TCP port", 1, 65535),
+    "ssh_user": _str(USER_RE, "a user name"),
+    "headless": _bool,
+    "users": lambda v: v,  # checked item by item below
+    "iso": _optional(_no_newline),
+    "flake": _optional(_no_newline),
+    "attribute": _optional(_str(re.compile(r"^[A-Za-z0-9_.\"-]+$"), "a flake attribute path")),
+    "schedule": _optional(_calendar),
+    "retention": _int("a build count", 1, 1000),
+    "lang": _str(LOCALE_RE, "a locale such as en_US.UTF-8"),
+    "keyboard": _str(LOCALE_RE, "a keyboard layout such as us"),
+    "timezone": _str(LOCALE_RE, "a timezone such as UTC or Europe/Berlin"),
+}
+
+DEFAULTS_SPEC: dict[str, Callable[[Any], Any]] = {
+    "accel": _enum(Accel),
+    "output_dir": _no_newline,
+    "retention": _int("a build count", 1, 1000),
+    "ssh_key": _optional(_no_newline),
+    "schedule": _calendar,
+    # image fields that may be given once for all images:
+    "lang": IMAGE_SPEC["lang"],
+    "keyboard": IMAGE_SPEC["keyboard"],
+    "timezone": IMAGE_SPEC["timezone"],
+    "headless": _bool,
+}
+
+BUILDER_SPEC: dict[str, Callable[[Any], Any]] = {
+    "host": _str(HOST_RE, "an SSH host alias or hostname (letters, digits, . _ -; no leading -)"),
+    "dir": _no_newline,
+    "arch": _optional(_enum(Arch)),
+}
+
+# Invoke's and Fabric's own top-level keys live in the same file; they are not ours to judge.
+FOREIGN_KEYS = {
+    "debug", "run", "runners", "sudo", "tasks", "timeouts", "local", "authentication",
+    "connect_kwargs", "forward_agent", "gateway", "inline_ssh_env", "load_ssh_configs",
+    "port", "ssh_config_path", "user", "project_root",
+}
+SECTIONS = ("defaults", "images", "builders")
+
+
+def load(raw: Mapping[str, Any], root: Path, source: str = "invoke.yaml") -> Config:
+    """Validate raw configuration data (a parsed invoke.yaml) into a frozen Config."""
+    c = _Collector()
+    for key in raw:
+        if key not in SECTIONS and key not in FOREIGN_KEYS and not str(key).startswith("_"):
+            c.problem(str(key), f"unknown top-level key{did_you_mean(str(key), SECTIONS)}")
+    dflt_raw = c.fields("defaults", c.mapping("defaults", raw.get("defaults")), DEFAULTS_SPEC)
+    defaults = Defaults(**{k: v for k, v in dflt_raw.items() if k in Defaults.__dataclass_fields__})
+    image_defaults = {k: v for k, v in dflt_raw.items() if k in ("lang", "keyboard", "timezone", "headless")}
+    image_defaults["retention"] = defaults.retention
+    images = {
+        name: img
+        for name, img in (
+            _image(c, str(name), body, image_defaults)
+            for name, body in c.mapping("images", raw.get("images")).items()
+        )
+        if img is not None
+    }
+    if not raw.get("images"):
+        c.problem("images", "no images configured")
+    builders = {
+        name: b
+        for name, b in (
+            _builder(c, str(name), body) for name, body in c.mapping("builders", raw.get("builders")).items()
+        )
+        if b is not None
+    }
+    if c.problems:
+        raise ConfigError(source, c.problems)
+    return Config(root=root, source=source, defaults=defaults, images=images, builders=builders)
+
+
+def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> tuple[str, Image | None]:
+    path = f"images.{name}"
+    before = len(c.problems)
+    if not NAME_RE.match(name) or ".." in name:
+        c.problem(path, "image names may hold letters, digits, '.', '_' and '-' only (no '/', '..', spaces)")
+    values = {**defaults, **c.fields(path, c.mapping(path, body), IMAGE_SPEC)}
+    for required in ("distro", "arch"):
+        if required not in values and required not in (body or {}):
+            c.problem(f"{path}.{required}", "missing (required)")
+    values["users"] = _users(c, path, (body or {}).get("users", []))
+    if "ssh_user" in values and values["users"] and values["ssh_user"] not in {u.name for u in values["users"]}:
+        c.problem(f"{path}.ssh_user", f"{values['ssh_user']!r} is not one of this image's users")
+    if len(c.problems) != before:
+        return name, None
+    if values.get("distro") is Distro.DEMO and "firmware" not in values:
+        values["firmware"] = Firmware.BIOS  # direct kernel boot: no firmware needed
+    return name, Image(name=name, **values)
+
+
+def _users(c: _Collector, path: str, raw: Any) -> tuple[User, ...]:
+    if not isinstance(raw, list):
+        c.problem(f"{path}.users", f"expected a list of users, got {type(raw).__name__}")
+        return ()
+    users = []
+    for i, item in enumerate(raw):
+        where = f"{path}.users[{i}]"
+        vals = c.fields(where, c.mapping(where, item), USER_SPEC)
+        if "name" not in vals:
+            if isinstance(item, Mapping) and "name" not in item:
+                c.problem(f"{where}.name", "missing (required)")
+            continue
+        keys = []
+        for j, key in enumerate(vals.get("public_keys") or []):
+            try:
+                keys.append(_pubkey(key))
+            except Invalid as exc:
+                c.problem(f"{where}.public_keys[{j}]", str(exc))
+        vals["public_keys"] = tuple(keys)
+        users.append(User(**vals))
+    return tuple(users)
+
+
+def _builder(c: _Collector, name: str, body: Any) -> tuple[str, Builder | None]:
+    path = f"builders.{name}"
+    before = len(c.problems)
+    if not HOST_RE.match(name):
+        c.problem(path, "builder names may hold letters, digits, '.', '_' and '-' only")
+    vals = c.fields(path, c.mapping(path, body), BUILDER_SPEC)
+    vals.setdefault("host", name)
+    if len(c.problems) != before:
+        return name, None
+    return name, Builder(name=name, **vals)
+
+
+def load_file(path: Path) -> Config:
+    """Load and validate a YAML file directly (tests, tools outside Invoke)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(str(path), ["expected a mapping at the top level"])
+    return load(raw, root=path.resolve().parent, source=str(path))
+
+
+def plain(data: Any) -> Any:
+    """Invoke's DataProxy (and nested proxies) → plain dicts and lists."""
+    if isinstance(data, Mapping) or hasattr(data, "keys"):
+        return {str(k): plain(data[k]) for k in data.keys()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
+def from_invoke(config: Any) -> Config:
+    """The validated Config from an Invoke context's merged config."""
+    raw = plain(config)
+    root = Path(raw.get("project_root") or Path.cwd())
+    source = str(getattr(config, "_runtime_path", None) or getattr(config, "_project_path", None) or root / "invoke.yaml")
+    return load(raw, root=root, source=source)

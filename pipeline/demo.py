@@ -1,0 +1,335 @@
+"""The offline demo guest: a few-MB Linux assembled from Debian packages, no ISO download.
+
+Kernel from `linux-image-*-cloud-amd64`, userland from `busybox-static`, sshd from `dropbear-bin`
+(+ `sftp-server` so Packer can upload provisioner scripts). The initramfs is a deterministic
+newc cpio (fixed owners and mtimes, sorted, gzip without a timestamp), so the same packages and
+keys give the same bytes. Everything is cached under `<output>/.cache/`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import BuildFailed
+from pipeline.run import run
+
+# Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
+USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server")
+KERNEL_META = "linux-image-cloud-amd64"
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng")
+APPEND = "console=ttyS0,115200n8 quiet panic=-1"
+RECIPE_VERSION = "1"  # bump when the guest layout below changes
+
+INITTAB = """\
+::sysinit:/etc/init.d/rcS
+ttyS0::respawn:-/bin/sh
+::shutdown:/bin/sync
+::shutdown:/bin/umount -a -r
+"""
+
+RCS = """\
+#!/bin/sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /tmp /run /mnt
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+hostname "$(cat /etc/hostname)"
+for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+ip link set lo up
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 10 -T 1 -s /etc/udhcpc.script || {
+  ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2; }
+/usr/sbin/dropbear -R -E -s -p 22
+echo "imagepipe demo guest: up"
+"""
+
+UDHCPC = """\
+#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    ;;
+esac
+exit 0
+"""
+
+SHUTDOWN = """\
+#!/bin/sh
+# `shutdown -P now` as Packer and people type it: power off through init, after we return.
+(sleep 1; /bin/busybox poweroff) >/dev/null 2>&1 &
+exit 0
+"""
+
+
+@dataclass(frozen=True)
+class DemoGuest:
+    kernel: Path
+    initrd: Path
+    append: str
+
+
+# ------------------------------------------------------------------------- cpio (pure)
+
+
+def cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
+    """A newc archive of (path, mode, data) entries; owners root, mtime 0, sorted by path."""
+    out = io.BytesIO()
+    ino = 1
+    for path, mode, data in sorted(entries):
+        name = path.encode() + b"\0"
+        nlink = 2 if mode & 0o040000 else 1
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name), 0)
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + name)
+        out.write(b"\0" * (-(110 + len(name)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+        ino += 1
+    name = b"TRAILER!!!\0"
+    out.write(b"070701" + b"".join(b"%08X" % f for f in (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(name), 0)) + name)
+    out.write(b"\0" * (-(110 + len(name)) % 4))
+    return out.getvalue()
+
+
+def gzip_n(data: bytes) -> bytes:
+    """gzip with no name and mtime 0 (like `gzip -n`), so output is reproducible."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The `depends=` list from a kernel module's .modinfo section."""
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
+    return [d for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def module_order(wanted: Iterable[str], deps: Mapping[str, list[str]]) -> list[str]:
+    """Dependencies first (a depth-first topological order)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        for d in deps.get(name, []):
+            visit(d)
+        order.append(name)
+
+    for w in wanted:
+        visit(w)
+    return order
+
+
+def rootfs_entries(
+    busybox: bytes,
+    files: Mapping[str, tuple[int, bytes]],
+    authorized_keys: Iterable[str],
+    password_hash: str | None,
+    modules: Mapping[str, bytes],
+    module_list: list[str],
+) -> list[tuple[str, int, bytes]]:
+    """Every file of the demo initramfs (pure: bytes in, entries out)."""
+    d, f, x, lnk = 0o040755, 0o100644, 0o100755, 0o120777
+    shadow_hash = password_hash or "*"
+    entries = [(p, d, b"") for p in (
+        "bin", "sbin", "etc", "etc/init.d", "etc/dropbear", "dev", "proc", "sys", "tmp", "mnt",
+        "run", "usr", "usr/bin", "usr/sbin", "usr/lib", "lib", "lib/modules", "var",
+    )]
+    entries += [("root", 0o040700, b""), ("root/.ssh", 0o040700, b"")]
+    entries += [
+        ("bin/busybox", x, busybox),
+        ("bin/sh", lnk, b"busybox"),
+        ("sbin/init", lnk, b"../bin/busybox"),
+        ("init", lnk, b"sbin/init"),
+        ("sbin/shutdown", x, SHUTDOWN.encode()),
+        ("etc/inittab", f, INITTAB.encode()),
+        ("etc/init.d/rcS", x, RCS.encode()),
+        ("etc/udhcpc.script", x, UDHCPC.encode()),
+        ("etc/hostname", f, b"demo\n"),
+        ("etc/passwd", f, b"root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", f, b"root:x:0:\n"),
+        ("etc/shadow", 0o100600, f"root:{shadow_hash}:19000:0:99999:7:::\n".encode()),
+        ("etc/shells", f, b"/bin/sh\n"),
+        ("etc/modules", f, "".join(f"{m}\n" for m in module_list).encode()),
+        ("root/.ssh/authorized_keys", 0o100600, "".join(k.strip() + "\n" for k in authorized_keys).encode()),
+    ]
+    entries += [(f"lib/modules/{name}.ko", f, data) for name, data in modules.items()]
+    entries += [(path, mode, data) for path, (mode, data) in files.items()]
+    return _with_parents(entries)
+
+
+def _with_parents(entries: list[tuple[str, int, bytes]]) -> list[tuple[str, int, bytes]]:
+    """Add a directory entry for every parent (the kernel's unpacker does not mkdir -p)."""
+    have = {p for p, _, _ in entries}
+    extra = set()
+    for path, _, _ in entries:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in have:
+                extra.add(parent)
+    return entries + [(p, 0o040755, b"") for p in sorted(extra)]
+
+
+# ------------------------------------------------------------------------- assembly
+
+
+def cache_dir(output_dir: Path) -> Path:
+    return output_dir / ".cache"
+
+
+def download(packages: list[str], debs: Path) -> dict[str, Path]:
+    """`apt-get download` what is not cached yet; returns package → .deb path."""
+    debs.mkdir(parents=True, exist_ok=True)
+    found = {p: _cached_deb(debs, p) for p in packages}
+    missing = [p for p, path in found.items() if path is None]
+    if missing:
+        run(["apt-get", "download", *missing], cwd=debs, timeout=600,
+            hint="the demo guest needs Debian's package lists: run `sudo apt-get update`")
+    out = {}
+    for p in packages:
+        path = _cached_deb(debs, p)
+        if path is None:
+            raise BuildFailed(f"apt-get download did not produce a .deb for {p}")
+        out[p] = path
+    return out
+
+
+def _cached_deb(debs: Path, package: str) -> Path | None:
+    hits = sorted(debs.glob(f"{package}_*.deb"))
+    return hits[-1] if hits else None
+
+
+def resolve_kernel_package() -> str:
+    """linux-image-cloud-amd64 → the versioned package it depends on."""
+    out = run(["apt-cache", "depends", KERNEL_META], hint="run `sudo apt-get update` first").stdout
+    m = re.search(r"Depends: (linux-image-[\w.+-]+)", out)
+    if not m:
+        raise BuildFailed(f"cannot resolve {KERNEL_META} to a kernel package (apt-cache depends)")
+    return m.group(1)
+
+
+def library_packages(packages: Iterable[str]) -> list[str]:
+    """The closure of shared-library packages (lib*, zlib*) the userland depends on."""
+    seen: set[str] = set()
+    todo = list(packages)
+    while todo:
+        out = run(["apt-cache", "depends", "--no-recommends", "--no-suggests", *todo]).stdout
+        found = set(re.findall(r"^\s+(?:\|)?Depends: ((?:lib|zlib)[\w.+-]+)$", out, re.M))
+        todo = sorted(found - seen)
+        seen |= found
+    return sorted(seen - set(packages))
+
+
+def extract(deb: Path, into: Path) -> Path:
+    if not into.exists():
+        tmp = into.with_name(into.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        run(["dpkg-deb", "-x", deb, tmp])
+        tmp.rename(into)
+    return into
+
+
+def _needed_libs(root: Path, binaries: Iterable[Path]) -> dict[str, Path]:
+    """Shared libraries of `binaries`, resolved with the packaged ld.so, not the host's."""
+    ldso = next(p for p in (root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                            root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") if p.exists())
+    libdirs = ":".join(str(p) for p in (root / "lib/x86_64-linux-gnu", root / "usr/lib/x86_64-linux-gnu") if p.exists())
+    libs: dict[str, Path] = {str(ldso.relative_to(root)): ldso}
+    for b in binaries:
+        out = run([ldso, "--library-path", libdirs, "--list", b]).stdout
+        missing = re.findall(r"^\s*(\S+) => not found", out, re.M)
+        if missing:
+            raise BuildFailed(f"demo guest: {b.name} needs {', '.join(missing)}, not in the downloaded packages")
+        for m in re.finditer(r"=> (\S+) \(", out):
+            path = Path(m.group(1))
+            if path.is_relative_to(root):
+                libs[str(path.relative_to(root))] = path
+    return libs
+
+
+def assemble(
+    output_dir: Path, authorized_keys: list[str], password_hash: str | None = None
+) -> DemoGuest:
+    """Build (or reuse from cache) the demo kernel + initramfs with these keys baked in."""
+    cache = cache_dir(output_dir)
+    kernel_pkg = resolve_kernel_package()
+    libs = library_packages(USERLAND)
+    debs = download([kernel_pkg, *USERLAND, *libs], cache / "debs")
+    key = hashlib.sha256(
+        "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or ""]).encode()
+    ).hexdigest()[:16]
+    out = cache / "demo" / key
+    guest = DemoGuest(out / "vmlinuz", out / "initrd.img", APPEND)
+    if guest.initrd.exists() and guest.kernel.exists():
+        return guest
+    root = cache / "root"
+    trees = {p: extract(deb, root / deb.stem) for p, deb in debs.items()}
+    merged = _merge(trees.values(), cache / "merged" / key)
+    kdir = trees[kernel_pkg]
+    modules = _modules(kdir)
+    files = _userland_files(merged)
+    entries = rootfs_entries(
+        (trees["busybox-static"] / "bin/busybox").read_bytes(), files, authorized_keys, password_hash,
+        modules, module_order(sorted(modules), {n: module_depends(b) for n, b in modules.items()}),
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "initrd.img").write_bytes(gzip_n(cpio_newc(entries)))
+    shutil.copyfile(next(kdir.glob("boot/vmlinuz-*")), tmp / "vmlinuz")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(merged, ignore_errors=True)
+    return guest
+
+
+def _modules(kdir: Path) -> dict[str, bytes]:
+    """The wanted modules and their dependencies, read from the kernel package."""
+    available = {p.name.removesuffix(".ko"): p for p in kdir.glob("lib/modules/*/kernel/**/*.ko")}
+    norm = {n.replace("-", "_"): p for n, p in available.items()}
+    picked: dict[str, bytes] = {}
+    todo = [m.replace("-", "_") for m in MODULES]
+    while todo:
+        name = todo.pop()
+        if name in picked or name not in norm:
+            continue
+        picked[name] = norm[name].read_bytes()
+        todo.extend(d.replace("-", "_") for d in module_depends(picked[name]))
+    return picked
+
+
+def _merge(trees: Iterable[Path], into: Path) -> Path:
+    """One root holding every extracted package (for ld.so lookups)."""
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    for t in trees:
+        shutil.copytree(t, into, symlinks=True, dirs_exist_ok=True)
+    return into
+
+
+def _userland_files(merged: Path) -> dict[str, tuple[int, bytes]]:
+    dropbear = merged / "usr/sbin/dropbear"
+    sftp = merged / "usr/lib/openssh/sftp-server"
+    files: dict[str, tuple[int, bytes]] = {
+        "usr/sbin/dropbear": (0o100755, dropbear.read_bytes()),
+        "usr/lib/sftp-server": (0o100755, sftp.read_bytes()),
+    }
+    for rel, path in _needed_libs(merged, [dropbear, sftp]).items():
+        files[rel] = (0o100755, path.resolve().read_bytes())
+        if rel.endswith("ld-linux-x86-64.so.2"):  # the interpreter path baked into binaries
+            files["lib64/ld-linux-x86-64.so.2"] = (0o120777, f"/{rel}".encode())
+    return files

@@ -1,0 +1,106 @@
+"""The user-error hierarchy: every failure a user can act on is one of these.
+
+Tasks catch `ImagepipeError` in one place (`pipeline.tasks.common.guard`) and turn it into an
+Invoke `Exit` with the message, the hint and the exit code below. Anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ImagepipeError(Exception):
+    """Base class: a message for the user, an optional fix hint and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """The text shown to the user: message, then the hint on its own line."""
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ConfigError(ImagepipeError):
+    """The configuration is invalid; carries every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        count = len(self.problems)
+        super().__init__(
+            f"{source}: {count} problem{'s' if count != 1 else ''} in the configuration:\n{lines}",
+            hint="fix the keys above in invoke.yaml (see README: Configuration)",
+        )
+
+
+class UsageError(ImagepipeError):
+    """A bad argument on the command line (unknown image, conflicting flags...)."""
+
+    exit_code = 2
+
+
+class ToolMissing(ImagepipeError):
+    """A required program is not installed."""
+
+    exit_code = 127
+
+
+class CommandFailed(ImagepipeError):
+    """A subprocess exited non-zero: carries argv, exit code and the tail of its output."""
+
+    exit_code = 1
+
+    def __init__(self, argv: Sequence[str], returncode: int, tail: str, hint: str | None = None):
+        import shlex
+
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.tail = tail
+        body = f"command failed (exit {returncode}): {shlex.join(self.argv)}"
+        if tail.strip():
+            body += "\n" + "\n".join(f"  | {line}" for line in tail.rstrip().splitlines())
+        super().__init__(body, hint)
+
+
+class AccelUnavailable(ImagepipeError):
+    """An explicitly requested accelerator cannot be used on this host."""
+
+    exit_code = 3
+
+
+class HostUnsuitable(ImagepipeError):
+    """This host cannot build or run the requested image (wrong arch, OS, missing feature)."""
+
+    exit_code = 3
+
+
+class BuildFailed(ImagepipeError):
+    """A build step failed; the last good image is untouched."""
+
+    exit_code = 1
+
+
+class VerifyFailed(ImagepipeError):
+    """An artifact did not pass verification (qemu-img check, checksum, boot test)."""
+
+    exit_code = 1
+
+
+class Interrupted(ImagepipeError):
+    """SIGINT or SIGTERM arrived; cleanups have run."""
+
+    exit_code = 130
+
+
+class LockBusy(ImagepipeError):
+    """Another process holds the lock for this image."""
+
+    exit_code = 75

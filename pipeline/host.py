@@ -1,0 +1,316 @@
+"""Host facts: a command plus a pure parser for each, so local and remote hosts probe alike.
+
+`probe(runner)` runs the commands through `runner` (local: `local_runner`; remote: a Fabric
+Connection adapter in pipeline.remote) and assembles `HostFacts`. The parsers are pure
+functions over command output and are tested with plain asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Arch
+from pipeline.run import Result
+
+Runner = Callable[[Sequence[str]], Result]
+
+# Opening /dev/kvm read-write is the real test (a present device node is not enough).
+KVM_SNIPPET = (
+    "import os,sys\n"
+    "try:\n    os.close(os.open('/dev/kvm', os.O_RDWR)); print('ok')\n"
+    "except FileNotFoundError: print('missing')\n"
+    "except OSError as e: print('denied:' + (e.strerror or str(e)))\n"
+)
+
+# tool -> argv that prints its version
+TOOL_VERSION_ARGS: dict[str, tuple[str, ...]] = {
+    "packer": ("packer", "version"),
+    "qemu-system-x86_64": ("qemu-system-x86_64", "--version"),
+    "qemu-system-aarch64": ("qemu-system-aarch64", "--version"),
+    "qemu-img": ("qemu-img", "--version"),
+    "xorriso": ("xorriso", "-version"),
+    "nix": ("nix", "--version"),
+    "ssh": ("ssh", "-V"),
+    "rsync": ("rsync", "--version"),
+    "limactl": ("limactl", "--version"),
+    "python3": ("python3", "--version"),
+}
+
+VERSION_RE = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:p\d+)?)")
+
+
+@dataclass(frozen=True)
+class ToolInfo:
+    name: str
+    found: bool
+    version: str | None = None
+
+    @property
+    def major_minor(self) -> tuple[int, int] | None:
+        if not self.version:
+            return None
+        m = re.match(r"(\d+)\.(\d+)", self.version)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True)
+class KvmFacts:
+    device: bool          # /dev/kvm exists
+    rw: bool              # opens read-write
+    cpu_virt: bool | None  # vmx/svm in /proc/cpuinfo (None: not applicable / unknown)
+    detail: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.device and self.rw and self.cpu_virt is not False
+
+    def why_not(self) -> str:
+        """One line saying why KVM cannot be used (empty when it can)."""
+        if not self.device:
+            return "/dev/kvm does not exist (no KVM module, or not Linux)"
+        if not self.rw:
+            return f"/dev/kvm cannot be opened read-write ({self.detail or 'permission denied'}): add yourself to group kvm"
+        if self.cpu_virt is False:
+            return "/dev/kvm exists but the CPU has no vmx/svm flag (nested virtualisation is off): guests would hang"
+        return ""
+
+
+@dataclass(frozen=True)
+class FirmwareInfo:
+    arch: Arch
+    code: str
+    vars: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    os: str                      # "linux", "darwin", ...
+    machine: str                 # raw `uname -m`
+    kvm: KvmFacts
+    hvf: bool
+    tools: Mapping[str, ToolInfo] = field(default_factory=dict)
+    firmware: Mapping[Arch, FirmwareInfo] = field(default_factory=dict)
+    free_disk: int | None = None  # bytes free under the output dir
+
+    @property
+    def arch(self) -> Arch | None:
+        return Arch.from_machine(self.machine)
+
+    def tool(self, name: str) -> ToolInfo:
+        return self.tools.get(name, ToolInfo(name, False))
+
+
+# --------------------------------------------------------------------------------- parsers
+
+
+def parse_uname(out: str) -> tuple[str, str]:
+    """`uname -sm` → ("linux", "x86_64")."""
+    parts = out.split()
+    if len(parts) < 2:
+        return ("unknown", "unknown")
+    return (parts[0].lower(), parts[-1])
+
+
+def parse_cpu_virt(cpuinfo: str, machine: str) -> bool | None:
+    """True when /proc/cpuinfo shows vmx or svm (x86); None where flags do not tell (arm)."""
+    if Arch.from_machine(machine) is not Arch.X86_64:
+        return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"vmx", "svm"})
+    return False if cpuinfo.strip() else None
+
+
+def parse_kvm_open(out: str) -> tuple[bool, bool, str]:
+    """Output of KVM_SNIPPET → (device exists, opens rw, detail)."""
+    text = out.strip()
+    if text == "ok":
+        return True, True, ""
+    if text.startswith("denied:"):
+        return True, False, text.partition(":")[2]
+    return False, False, text
+
+
+def parse_hvf(out: str, returncode: int) -> bool:
+    return returncode == 0 and out.strip() == "1"
+
+
+def parse_version(tool: str, out: str) -> str | None:
+    """First version-looking token of a tool's version output."""
+    first = next((line for line in out.splitlines() if line.strip()), "")
+    if tool == "ssh":  # "OpenSSH_9.2p1 Debian-2, OpenSSL ..."
+        m = re.search(r"OpenSSH_([\w.]+)", out)
+        return m.group(1) if m else None
+    m = VERSION_RE.search(first) or VERSION_RE.search(out)
+    return m.group(1) if m else None
+
+
+def parse_df(out: str) -> int | None:
+    """`df -Pk PATH` → free bytes."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return None
+    cols = lines[-1].split()
+    try:
+        return int(cols[3]) * 1024
+    except (IndexError, ValueError):
+        return None
+
+
+def parse_descriptor(text: str) -> dict[str, object] | None:
+    """A QEMU firmware descriptor (JSON) → {'archs', 'machines', 'code', 'vars', 'features'}."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    mapping = data.get("mapping") or {}
+    if mapping.get("device") != "flash" or "executable" not in mapping:
+        return None
+    targets = data.get("targets") or []
+    return {
+        "archs": [t.get("architecture") for t in targets],
+        "machines": [m for t in targets for m in t.get("machines", [])],
+        "code": mapping["executable"].get("filename"),
+        "vars": (mapping.get("nvram-template") or {}).get("filename"),
+        "features": list(data.get("features") or []),
+    }
+
+
+def choose_descriptor(descriptors: Iterable[tuple[str, dict[str, object]]], arch: Arch) -> FirmwareInfo | None:
+    """First descriptor (in name order) for `arch`, without secure boot / enrolled keys."""
+    for source, d in sorted(descriptors):
+        feats = set(d["features"])  # type: ignore[arg-type]
+        if arch.value not in d["archs"] or feats & {"secure-boot", "enrolled-keys"}:  # type: ignore[operator]
+            continue
+        return FirmwareInfo(arch, str(d["code"]), d["vars"] and str(d["vars"]), f"descriptor {source}")
+    return None
+
+
+KNOWN_FIRMWARE: dict[Arch, list[tuple[str, str | None]]] = {
+    Arch.X86_64: [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+        ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+        ("/opt/homebrew/share/qemu/edk2-x86_64-code.fd", "/opt/homebrew/share/qemu/edk2-i386-vars.fd"),
+    ],
+    Arch.AARCH64: [
+        ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+        ("/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw", "/usr/share/edk2/aarch64/vars-template-pflash.raw"),
+        ("/opt/homebrew/share/qemu/edk2-aarch64-code.fd", "/opt/homebrew/share/qemu/edk2-arm-vars.fd"),
+        ("/usr/local/share/qemu/edk2-aarch64-code.fd", "/usr/local/share/qemu/edk2-arm-vars.fd"),
+    ],
+}
+
+DESCRIPTOR_DIRS = (
+    "/etc/qemu/firmware",
+    "/usr/share/qemu/firmware",
+    "/opt/homebrew/share/qemu/firmware",
+    "/usr/local/share/qemu/firmware",
+)
+
+
+def find_firmware(
+    arch: Arch,
+    env: Mapping[str, str],
+    exists: Callable[[str], bool] = os.path.exists,
+    descriptors: Iterable[tuple[str, dict[str, object]]] = (),
+) -> FirmwareInfo | None:
+    """UEFI firmware for `arch`: QEMU descriptors first, then known paths, then QEMU_EFI_AARCH64."""
+    found = choose_descriptor(((s, d) for s, d in descriptors if exists(str(d["code"]))), arch)
+    if found:
+        return found
+    for code, vars_ in KNOWN_FIRMWARE[arch]:
+        if exists(code):
+            return FirmwareInfo(arch, code, vars_ if vars_ and exists(vars_) else None, "known path")
+    override = env.get("QEMU_EFI_AARCH64") if arch is Arch.AARCH64 else None
+    if override and exists(override):
+        return FirmwareInfo(arch, override, None, "QEMU_EFI_AARCH64")
+    return None
+
+
+def local_descriptors() -> list[tuple[str, dict[str, object]]]:
+    """Every QEMU firmware descriptor on this host, parsed."""
+    found = []
+    for d in DESCRIPTOR_DIRS:
+        p = Path(d)
+        if not p.is_dir():
+            continue
+        for f in sorted(p.glob("*.json")):
+            parsed = parse_descriptor(f.read_text(encoding="utf-8", errors="replace"))
+            if parsed:
+                found.append((str(f), parsed))
+    return found
+
+
+# --------------------------------------------------------------------------------- probing
+
+
+def local_runner(argv: Sequence[str]) -> Result:
+    """Run a probe command here; a missing program is rc 127, not an exception."""
+    import shutil
+    import subprocess
+
+    if shutil.which(argv[0]) is None:
+        return Result(tuple(argv), 127, "")
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Result(tuple(argv), 126, "", str(exc))
+    return Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+
+def probe_tools(runner: Runner, tools: Iterable[str] = TOOL_VERSION_ARGS) -> dict[str, ToolInfo]:
+    out = {}
+    for tool in tools:
+        res = runner(TOOL_VERSION_ARGS[tool])
+        found = res.returncode != 127
+        out[tool] = ToolInfo(tool, found, parse_version(tool, res.stdout + res.stderr) if found else None)
+    return out
+
+
+def probe(
+    runner: Runner = local_runner,
+    *,
+    disk_path: str | None = None,
+    tools: Iterable[str] = TOOL_VERSION_ARGS,
+    python: str = "python3",
+    env: Mapping[str, str] | None = None,
+    local: bool = True,
+) -> HostFacts:
+    """Probe a host through `runner` (firmware is looked up on the local filesystem only)."""
+    os_name, machine = parse_uname(runner(("uname", "-sm")).stdout)
+    cpu = runner(("cat", "/proc/cpuinfo")) if os_name == "linux" else Result((), 1, "")
+    device, rw, detail = parse_kvm_open(runner((python, "-c", KVM_SNIPPET)).stdout) if os_name == "linux" else (False, False, "")
+    hv = runner(("sysctl", "-n", "kern.hv_support")) if os_name == "darwin" else Result((), 1, "")
+    firmware = {}
+    if local:
+        descs = local_descriptors()
+        for arch in Arch:
+            fw = find_firmware(arch, env if env is not None else os.environ, descriptors=descs)
+            if fw:
+                firmware[arch] = fw
+    free = parse_df(runner(("df", "-Pk", disk_path)).stdout) if disk_path else None
+    return HostFacts(
+        os=os_name,
+        machine=machine,
+        kvm=KvmFacts(device, rw, parse_cpu_virt(cpu.stdout, machine) if cpu.ok else None, detail),
+        hvf=parse_hvf(hv.stdout, hv.returncode),
+        tools=probe_tools(runner, tools),
+        firmware=firmware,
+        free_disk=free,
+    )
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest existing ancestor (df needs a path that exists)."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p

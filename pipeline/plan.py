@@ -1,0 +1,151 @@
+"""Decisions as pure functions of configuration + host facts: accelerator, CPU, firmware, paths.
+
+Nothing here touches the system; `choose_accel` and `make_build_plan` are table-tested.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Accel, Arch, Config, Firmware, Image
+from pipeline.errors import AccelUnavailable, HostUnsuitable
+from pipeline.host import FirmwareInfo, HostFacts
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: Accel
+    reason: str
+    fallback: bool = False  # auto had to settle for TCG
+
+    @property
+    def cpu_model(self) -> str:
+        return self.accel.cpu_model
+
+
+def choose_accel(requested: Accel, facts: HostFacts, guest: Arch, *, purpose: str = "run") -> AccelChoice:
+    """The accelerator for a `guest` VM on this host.
+
+    auto: KVM when /dev/kvm opens read-write and the CPU can run guests (Linux, same arch);
+    HVF when kern.hv_support is 1 (macOS, same arch); otherwise TCG, with the reason.
+    For purpose="build", a foreign-arch guest under auto is refused: emulating a whole
+    installation is hours of TCG, so it must be asked for (`--accel tcg`) or sent to a builder.
+    An explicit request that cannot be met raises AccelUnavailable with a fix hint.
+    """
+    native = facts.arch is guest
+    foreign = f"guest is {guest.value}, host is {facts.machine}"
+    if requested is Accel.TCG:
+        return AccelChoice(Accel.TCG, "requested with --accel tcg")
+    if requested is Accel.KVM:
+        if facts.os != "linux":
+            raise AccelUnavailable(f"KVM is Linux-only; this host runs {facts.os}", "use --accel auto, hvf or tcg")
+        if not native:
+            raise AccelUnavailable(f"KVM cannot run this guest: {foreign}", "use --accel tcg (slow) or a builder of that arch")
+        if not facts.kvm.usable:
+            raise AccelUnavailable(f"KVM is not usable: {facts.kvm.why_not()}", "use --accel tcg, or fix KVM (see invoke doctor)")
+        return AccelChoice(Accel.KVM, "requested; /dev/kvm is usable")
+    if requested is Accel.HVF:
+        if facts.os != "darwin" or not facts.hvf:
+            raise AccelUnavailable("HVF is not available (needs macOS with kern.hv_support = 1)", "use --accel auto or tcg")
+        if not native:
+            raise AccelUnavailable(f"HVF cannot run this guest: {foreign}", "use --accel tcg (slow) or a builder of that arch")
+        return AccelChoice(Accel.HVF, "requested; kern.hv_support = 1")
+    # auto
+    if not native:
+        if purpose == "build":
+            raise HostUnsuitable(
+                f"cannot build {guest.value} natively here ({foreign})",
+                "build on a builder of that arch (invoke remote-sync-build HOST), or force emulation with --accel tcg",
+            )
+        return AccelChoice(Accel.TCG, f"{foreign}: emulating with TCG (slow)", fallback=True)
+    if facts.os == "linux" and facts.kvm.usable:
+        return AccelChoice(Accel.KVM, "/dev/kvm opens read-write and the CPU supports virtualisation")
+    if facts.os == "darwin" and facts.hvf:
+        return AccelChoice(Accel.HVF, "kern.hv_support = 1")
+    if facts.os == "linux":
+        return AccelChoice(Accel.TCG, f"falling back to TCG: {facts.kvm.why_not()}", fallback=True)
+    if facts.os == "darwin":
+        return AccelChoice(Accel.TCG, "falling back to TCG: kern.hv_support is not 1", fallback=True)
+    return AccelChoice(Accel.TCG, f"falling back to TCG: no known accelerator on {facts.os}", fallback=True)
+
+
+def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
+    """The UEFI firmware an image needs here (None for BIOS), or HostUnsuitable with a hint."""
+    if image.firmware is Firmware.BIOS:
+        return None
+    fw = facts.firmware.get(image.arch)
+    if fw is None:
+        pkg = "ovmf" if image.arch is Arch.X86_64 else "qemu-efi-aarch64"
+        raise HostUnsuitable(
+            f"no UEFI firmware for {image.arch.value} found (QEMU descriptors, known paths"
+            f"{', QEMU_EFI_AARCH64' if image.arch is Arch.AARCH64 else ''})",
+            f"sudo apt-get install {pkg}" + (", or export QEMU_EFI_AARCH64=/path/to/code.fd" if image.arch is Arch.AARCH64 else ""),
+        )
+    return fw
+
+
+def new_build_id(now: float | None = None) -> str:
+    """Sortable, unique: 20261123T210000Z-1a2b."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything a build needs to know, decided before anything runs."""
+
+    image: Image
+    build_id: str
+    accel: AccelChoice
+    firmware: FirmwareInfo | None
+    image_dir: Path    # output/<image>
+    staging: Path      # output/<image>/.staging/<id>  (renamed into builds/<id> on publish)
+    log_dir: Path      # output/<image>/logs/<id>      (kept for failed builds too)
+    template: Path     # the committed, host-independent template (Packer) or flake (Nix)
+    ssh_key: Path      # private key the build and `invoke ssh` log in with
+    host_os: str
+    host_machine: str
+
+    @property
+    def cpu_model(self) -> str:
+        return self.accel.cpu_model
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    @property
+    def build_log(self) -> Path:
+        return self.log_dir / "build.log"
+
+
+def template_path(root: Path, image: Image) -> Path:
+    """packer/<distro><major>/<arch>/<image>.pkr.hcl (e.g. packer/almalinux10/x86_64/...)."""
+    major = image.version.split(".")[0] if image.version[:1].isdigit() else ""
+    family = f"{image.distro.value}{major}" if image.distro.value != "demo" else "demo"
+    return root / "packer" / family / image.arch.value / f"{image.name}.pkr.hcl"
+
+
+def make_build_plan(
+    cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None
+) -> BuildPlan:
+    """Decide accelerator, firmware and paths for building `image` on this host."""
+    bid = build_id or new_build_id()
+    image_dir = cfg.output_dir / image.name
+    accel = choose_accel(requested, facts, image.arch, purpose="build")
+    return BuildPlan(
+        image=image,
+        build_id=bid,
+        accel=accel,
+        firmware=firmware_for(image, facts),
+        image_dir=image_dir,
+        staging=image_dir / ".staging" / bid,
+        log_dir=image_dir / "logs" / bid,
+        template=template_path(cfg.root, image),
+        ssh_key=ssh_key,
+        host_os=facts.os,
+        host_machine=facts.machine,
+    )

@@ -1,0 +1,248 @@
+"""The only way imagepipe starts a subprocess.
+
+argv lists in, `shlex.join` in the log, a pinned environment, a typed failure out. Long-running
+tools (packer, nix, qemu) go through `stream()`, which puts them in their own process group so
+that an interrupt can stop them *and everything they started* (packer's qemu) before cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import CommandFailed, Interrupted, ToolMissing
+
+log = logging.getLogger("imagepipe.run")
+
+# Debian/Ubuntu package names; shown when a tool is missing.
+INSTALL_HINTS: dict[str, str] = {
+    "packer": "sudo apt-get install packer   (or https://developer.hashicorp.com/packer/install)",
+    "qemu-system-x86_64": "sudo apt-get install qemu-system-x86",
+    "qemu-system-aarch64": "sudo apt-get install qemu-system-arm qemu-efi-aarch64",
+    "qemu-img": "sudo apt-get install qemu-utils",
+    "xorriso": "sudo apt-get install xorriso",
+    "nix": "sudo apt-get install nix-bin   (or the installer from nixos.org)",
+    "nix-instantiate": "sudo apt-get install nix-bin",
+    "ssh": "sudo apt-get install openssh-client",
+    "ssh-keygen": "sudo apt-get install openssh-client",
+    "ssh-keyscan": "sudo apt-get install openssh-client",
+    "rsync": "sudo apt-get install rsync",
+    "limactl": "brew install lima   (macOS; see https://lima-vm.io)",
+    "openssl": "sudo apt-get install openssl",
+    "apt-get": "the demo guest is assembled from Debian packages: run it on Debian or Ubuntu",
+    "dpkg-deb": "sudo apt-get install dpkg",
+    "cpio": "sudo apt-get install cpio",
+    "debugfs": "sudo apt-get install e2fsprogs",
+    "systemd-analyze": "sudo apt-get install systemd",
+}
+
+# Variables that would change a tool's behaviour or output behind our back.
+PINNED_ENV = {"LC_ALL": "C.UTF-8", "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command left behind."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def which(tool: str, hint: str | None = None) -> str:
+    """Absolute path of `tool`, or ToolMissing with how to install it."""
+    path = shutil.which(tool)
+    if path is None:
+        raise ToolMissing(f"{tool} not found on PATH", hint or install_hint(tool))
+    return path
+
+
+def install_hint(tool: str) -> str:
+    """How to install `tool` on Debian/Ubuntu (or a generic line)."""
+    return "install with: " + INSTALL_HINTS.get(tool, f"your package manager ({tool})")
+
+
+def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every subprocess gets: ours, pinned, plus `extra`."""
+    env = dict(os.environ)
+    env.update(PINNED_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _resolve(argv: Sequence[str]) -> list[str]:
+    if not argv:
+        raise ValueError("empty argv")
+    args = [os.fspath(a) for a in argv]
+    if "/" not in args[0]:
+        args[0] = which(args[0])
+    return args
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+    input: str | None = None,
+    hint: str | None = None,
+) -> Result:
+    """Run a short command to completion, capturing its output.
+
+    `env` adds to the pinned environment; its values are never logged (passwords go there,
+    never into argv).
+    """
+    shown = [os.fspath(a) for a in argv]
+    args = _resolve(shown)
+    log.debug("run: %s", shlex.join(shown))
+    try:
+        proc = subprocess.run(
+            args, cwd=cwd, env=environment(env), input=input, capture_output=True,
+            text=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        raise CommandFailed(shown, -1, _tail(out), hint=f"timed out after {timeout:.0f}s") from exc
+    result = Result(tuple(shown), proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise CommandFailed(shown, proc.returncode, _tail(proc.stdout + proc.stderr), hint=hint)
+    return result
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def stream(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    on_line: Callable[[str], None] | None = None,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    timeout: float | None = None,
+    check: bool = True,
+    grace: float = 15.0,
+    hint: str | None = None,
+) -> Result:
+    """Run a long command in its own process group, line by line.
+
+    Every line goes to `log_path` (if given) and to `on_line`. On KeyboardInterrupt, SIGTERM
+    (see `interrupt_guard`) or timeout the whole process group gets SIGINT (the tool's own
+    cleanup), then SIGKILL after `grace` seconds, so nothing it started is left behind.
+    """
+    shown = [os.fspath(a) for a in argv]
+    args = _resolve(shown)
+    log.debug("stream: %s", shlex.join(shown))
+    tail: deque[str] = deque(maxlen=40)
+    logf = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=environment(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        with _alarm_at(deadline):
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                if logf:
+                    logf.write(raw if raw.endswith("\n") else raw + "\n")
+                    logf.flush()
+                if on_line:
+                    on_line(line)
+            returncode = proc.wait()
+    except _Timeout:
+        stop_group(proc, grace)
+        raise CommandFailed(shown, -1, "\n".join(tail), hint=f"timed out after {timeout:.0f}s")
+    except (KeyboardInterrupt, Interrupted) as exc:
+        stop_group(proc, grace)
+        raise Interrupted(f"interrupted: stopped {Path(args[0]).name} and its children") from exc
+    finally:
+        if logf:
+            logf.close()
+    _kill_leftovers(proc.pid)
+    result = Result(tuple(shown), returncode, "\n".join(tail))
+    if check and returncode != 0:
+        raise CommandFailed(shown, returncode, "\n".join(tail), hint=hint)
+    return result
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _alarm_at(deadline: float | None) -> Iterator[None]:
+    """Raise _Timeout in the main thread when `deadline` passes (a blocked read included)."""
+    if deadline is None or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def _fire(signum: int, frame: object) -> None:
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, _fire)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def stop_group(proc: subprocess.Popen[str], grace: float) -> None:
+    """SIGINT the process group, wait up to `grace` s, then SIGKILL whatever is left."""
+    pgid = proc.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_leftovers(pgid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _kill_leftovers(pgid: int) -> None:
+    """SIGKILL anything still in the group (a qemu that outlived its packer)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Turn SIGTERM into `Interrupted` for the duration, so cleanups run as for Ctrl-C."""
+
+    def _term(signum: int, frame: object) -> None:
+        raise Interrupted("terminated (SIGTERM)")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -308,7 +308,7 @@ def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = 
         if not path.is_file():
             raise UsageError(f"images.{image.name}.iso: {path} does not exist", "point iso: at a downloaded AlmaLinux boot ISO")
         return LocalIso(path, cached_sha256(path, cache_dir))
-    entry = _entry_for_url(image, root, mirrors) if image.iso else locked(image, root)
+    entry = _entry_for_url(image, root, mirrors) if image.iso else pinned_or_resolved(image, root, mirrors, report)
     dest = cache_dir / entry.sha256[:16] / entry.name
     if dest.is_file() and cached_sha256(dest, cache_dir) == entry.sha256:
         return LocalIso(dest, entry.sha256)
@@ -320,6 +320,17 @@ def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = 
         except NotFound:
             continue  # the point release moved to the vault after it was pinned
     raise IsoUnavailable(f"{entry.name} is gone from {entry.url} and {vault_url}: run invoke update-iso {image.name}")
+
+
+def pinned_or_resolved(image: Image, root: Path, mirrors: Mirrors, report: Report | None = None) -> LockEntry:
+    """The lock's entry; without a (current) one, resolve from the mirror now and say how to pin."""
+    try:
+        return locked(image, root)
+    except UsageError as exc:
+        entry = resolve(image, mirrors)
+        if report:
+            report(f"{exc.message}; using {entry.name} from {entry.source} (pin it: invoke update-iso {image.name})")
+        return entry
 
 
 def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:

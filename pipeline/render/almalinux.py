@@ -117,8 +117,10 @@ def source(image: Image, legacy: bool) -> Block:
         "format": image.format.value,
         "net_device": "virtio-net",
         "headless": image.headless,
+        # VNC (for watching the installer) listens on loopback only. No vnc_use_password: it
+        # turns on a QMP socket inside output_dir, and QEMU refuses socket paths >= 108 bytes,
+        # which deep staging folders reach.
         "vnc_bind_address": "127.0.0.1",
-        "vnc_use_password": True,
     }
     if uses_uefi(image) and not legacy:
         body.update(

@@ -27,8 +27,7 @@ def _image(c: Context, name: str | None):  # type: ignore[no-untyped-def]
     return cfg, image
 
 
-@task(help={"image": "AlmaLinux image whose cpus/memory/disk to use (default: the one for this host's arch)"},
-      optional=["image"])
+@task(help={"image": "AlmaLinux image whose cpus/memory/disk to use (default: the one for this host's arch)"})
 def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
     from pipeline.iso import Mirrors
@@ -46,7 +45,7 @@ def lima_start(c: Context, image: str | None = None) -> None:
     say(f"started: invoke lima-shell {img.name}")
 
 
-@task(help={"image": "AlmaLinux image (default: the one for this host's arch)"}, optional=["image"])
+@task(help={"image": "AlmaLinux image (default: the one for this host's arch)"})
 def lima_shell(c: Context, image: str | None = None) -> None:
     """Open a shell in the Lima instance started by lima-start."""
     import os

@@ -7,7 +7,7 @@ from invoke import Context
 from pipeline.tasks.common import load_config, say, task
 
 
-@task(help={"image": "render only this image (default: every image)"}, optional=["image"])
+@task(help={"image": "render only this image (default: every image)"})
 def render(c: Context, image: str | None = None) -> None:
     """Write the committed Packer templates and kickstarts from invoke.yaml (only what changed)."""
     from pipeline.render.files import rendered_files, write_all
@@ -20,7 +20,7 @@ def render(c: Context, image: str | None = None) -> None:
     say(f"{len(written)} of {len(files)} generated files changed" if written else f"all {len(files)} generated files up to date")
 
 
-@task(help={"image": "pin only this AlmaLinux image (default: all of them)"}, optional=["image"])
+@task(help={"image": "pin only this AlmaLinux image (default: all of them)"})
 def update_iso(c: Context, image: str | None = None) -> None:
     """Resolve AlmaLinux versions to point releases and pin URL + sha256 in iso.lock.json."""
     from pipeline import iso

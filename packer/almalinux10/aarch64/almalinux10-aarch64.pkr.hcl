@@ -88,7 +88,6 @@ source "qemu" "almalinux" {
   net_device        = "virtio-net"
   headless          = true
   vnc_bind_address  = "127.0.0.1"
-  vnc_use_password  = true
   efi_boot          = true
   efi_firmware_code = var.efi_firmware_code
   efi_firmware_vars = var.efi_firmware_vars

@@ -51,6 +51,13 @@ class LintContext:
     def committed(self, suffix: str) -> list[Path]:
         return [p for p in sorted(self.files) if p.name.endswith(suffix)]
 
+    def text(self, path: Path) -> str:
+        """The committed file as users and Packer see it (the rendering when it is missing)."""
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return self.files[path]
+
 
 Check = Callable[[LintContext], list[Problem]]
 CHECKS: dict[str, Check] = {}
@@ -98,7 +105,7 @@ def check_hcl2(ctx: LintContext) -> list[Problem]:
     problems = []
     for path in ctx.committed(".pkr.hcl"):
         try:
-            hcl2.loads(ctx.files[path])
+            hcl2.loads(ctx.text(path))
         except Exception as exc:  # noqa: BLE001 (the parser raises several types)
             problems.append(Problem("hcl2-parse", ctx.rel(path), str(exc).splitlines()[0]))
     return problems
@@ -107,7 +114,7 @@ def check_hcl2(ctx: LintContext) -> list[Problem]:
 @register("kickstart")
 def check_kickstart(ctx: LintContext) -> list[Problem]:
     """Every ks.cfg passes pykickstart (RHEL10 handler) and holds crypted passwords only."""
-    return [Problem("kickstart", ctx.rel(p), m) for p in ctx.committed("ks.cfg") for m in kickstart_problems(ctx.files[p])]
+    return [Problem("kickstart", ctx.rel(p), m) for p in ctx.committed("ks.cfg") for m in kickstart_problems(ctx.text(p))]
 
 
 def kickstart_problems(text: str) -> list[str]:
@@ -123,7 +130,7 @@ def kickstart_problems(text: str) -> list[str]:
         try:
             parser.readKickstartFromString(text)
         except (KickstartError, KickstartParseWarning) as exc:
-            return [str(exc).strip().splitlines()[0]]
+            return [" ".join(line.strip() for line in str(exc).splitlines() if line.strip())]
     out = []
     if handler.rootpw.password and not handler.rootpw.isCrypted:
         out.append("rootpw has a plaintext password")

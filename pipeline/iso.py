@@ -135,7 +135,7 @@ def offline_message(url: str, reason: str, image: Image) -> str:
 def open_url(url: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
     """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
     try:
-        return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http(s)/file only, from config)
+        return urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
             raise NotFound(url) from None

@@ -22,6 +22,36 @@ from pipeline.run import run
 
 PACKER_TIMEOUT = 120.0
 
+# Arguments of `source "qemu"` in current Packer (hashicorp/packer-plugin-qemu, builder/qemu
+# config.go and the packer-plugin-sdk configs it embeds). Current Packer cannot be installed
+# everywhere (Debian ships 1.6.6), so the committed rendering is also checked against this list.
+QEMU_PLUGIN_ARGS = frozenset({
+    "http_directory", "http_content", "http_port_min", "http_port_max", "http_bind_address",
+    "http_interface", "iso_checksum", "iso_url", "iso_urls", "iso_target_path", "iso_target_extension",
+    "boot_keygroup_interval", "boot_wait", "boot_command", "disable_vnc", "boot_key_interval",
+    "shutdown_command", "shutdown_timeout", "communicator", "pause_before_connecting", "ssh_host",
+    "ssh_port", "ssh_username", "ssh_password", "ssh_keypair_name", "temporary_key_pair_name",
+    "temporary_key_pair_type", "temporary_key_pair_bits", "ssh_ciphers", "ssh_clear_authorized_keys",
+    "ssh_key_exchange_algorithms", "ssh_private_key_file", "ssh_certificate_file", "ssh_pty",
+    "ssh_timeout", "ssh_wait_timeout", "ssh_agent_auth", "ssh_disable_agent_forwarding",
+    "ssh_handshake_attempts", "ssh_bastion_host", "ssh_bastion_port", "ssh_bastion_agent_auth",
+    "ssh_bastion_username", "ssh_bastion_password", "ssh_bastion_interactive",
+    "ssh_bastion_private_key_file", "ssh_bastion_certificate_file", "ssh_file_transfer_method",
+    "ssh_proxy_host", "ssh_proxy_port", "ssh_proxy_username", "ssh_proxy_password",
+    "ssh_keep_alive_interval", "ssh_read_write_timeout", "ssh_remote_tunnels", "ssh_local_tunnels",
+    "winrm_username", "winrm_password", "winrm_host", "winrm_no_proxy", "winrm_port", "winrm_timeout",
+    "winrm_use_ssl", "winrm_insecure", "winrm_use_ntlm", "host_port_min", "host_port_max",
+    "skip_nat_mapping", "ssh_host_port_min", "ssh_host_port_max", "floppy_files", "floppy_dirs",
+    "floppy_content", "floppy_label", "cd_files", "cd_content", "cd_label", "cpus", "sockets", "cores",
+    "threads", "efi_boot", "efi_firmware_code", "efi_firmware_vars", "iso_skip_cache", "accelerator",
+    "disk_additional_size", "firmware", "use_pflash", "disk_interface", "disk_size", "skip_resize_disk",
+    "disk_cache", "disk_discard", "disk_detect_zeroes", "skip_compaction", "disk_compression", "format",
+    "headless", "disk_image", "use_backing_file", "machine_type", "memory", "net_device", "net_bridge",
+    "output_directory", "qemuargs", "qemu_img_args", "qemu_binary", "qmp_enable", "qmp_socket_path",
+    "use_default_display", "vga", "display", "vnc_bind_address", "vnc_use_password", "vnc_port_min",
+    "vnc_port_max", "vm_name", "cdrom_interface", "vtpm", "use_tpm1", "tpm_device_type", "run_once",
+})
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -111,6 +141,26 @@ def check_hcl2(ctx: LintContext) -> list[Problem]:
     return problems
 
 
+@register("qemu-arguments")
+def check_qemu_arguments(ctx: LintContext) -> list[Problem]:
+    """Every argument of every committed `source "qemu"` is one the current qemu plugin knows."""
+    import hcl2
+
+    problems = []
+    for path in ctx.committed(".pkr.hcl"):
+        try:
+            doc = hcl2.loads(ctx.text(path), serialization_options=hcl2.SerializationOptions(strip_string_quotes=True))
+        except Exception:  # noqa: BLE001 (reported by hcl2-parse)
+            continue
+        for block in doc.get("source", []):
+            for label, body in (block.get("qemu") or {}).items():
+                unknown = sorted(k for k in body if not k.startswith("__") and k not in QEMU_PLUGIN_ARGS)
+                if unknown:
+                    problems.append(Problem("qemu-arguments", f"{ctx.rel(path)} (source qemu.{label})",
+                                            "unknown to the qemu plugin: " + ", ".join(unknown)))
+    return problems
+
+
 @register("kickstart")
 def check_kickstart(ctx: LintContext) -> list[Problem]:
     """Every ks.cfg passes pykickstart (RHEL10 handler) and holds crypted passwords only."""
@@ -156,7 +206,7 @@ def check_packer(ctx: LintContext) -> list[Problem]:
     if legacy:
         ctx.notes.append(
             f"packer {info.version} predates required_plugins (1.7): validating the Packer < 1.7 rendering"
-            " of each template; the committed (current Packer) rendering is checked by hcl2-parse"
+            " of each template; the committed (current Packer) rendering is checked by hcl2-parse and qemu-arguments"
         )
     problems = []
     for image in sorted(images, key=lambda i: i.name):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Context
 
 from pipeline.tasks.common import load_config, say, task
 
+if TYPE_CHECKING:
+    from pipeline.config import Config, Image
 
-def _image(c: Context, name: str | None):  # type: ignore[no-untyped-def]
+
+def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
     from pipeline.config import Arch, Distro
     from pipeline.errors import UsageError
@@ -19,9 +24,10 @@ def _image(c: Context, name: str | None):  # type: ignore[no-untyped-def]
         import platform
 
         arch = Arch.from_machine(platform.machine())
-        image = next((i for _, i in sorted(cfg.images.items()) if i.distro is Distro.ALMALINUX and i.arch is arch), None)
-        if image is None:
-            raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration", "name one: invoke lima-start IMAGE")
+        found = next((i for _, i in sorted(cfg.images.items()) if i.distro is Distro.ALMALINUX and i.arch is arch), None)
+        if found is None:
+            raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration", "name one: invoke lima-start -i IMAGE")
+        image = found
     if image.distro is not Distro.ALMALINUX:
         raise UsageError(f"{image.name} is a {image.distro.value} image: Lima runs the AlmaLinux cloud image")
     return cfg, image

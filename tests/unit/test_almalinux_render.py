@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.config import Firmware, load_file
 from pipeline.errors import ConfigError, UsageError
+from pipeline.lint import QEMU_PLUGIN_ARGS
 from pipeline.render import almalinux
 from pipeline.render.packer import COMMON_VARIABLES, render_text
 
@@ -18,23 +19,8 @@ CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")
 ARM = CFG.image("almalinux10-aarch64")
 
-# Argument names of the qemu plugin's `source "qemu"` (hashicorp/packer-plugin-qemu,
-# builder/qemu/config.go and the packer-plugin-sdk configs it embeds: HTTP, ISO, boot command,
-# shutdown, communicator, CD). Current Packer cannot be installed here, so the modern rendering is
-# checked against these names instead of by `packer validate`.
-QEMU_PLUGIN_ARGS = {
-    "http_directory", "http_content", "http_port_min", "http_port_max", "http_bind_address",
-    "iso_checksum", "iso_url", "iso_urls", "iso_target_path", "iso_target_extension",
-    "boot_keygroup_interval", "boot_wait", "boot_command", "disable_vnc", "boot_key_interval",
-    "shutdown_command", "shutdown_timeout", "communicator", "ssh_host", "ssh_port", "ssh_username",
-    "ssh_password", "ssh_private_key_file", "ssh_timeout", "ssh_pty", "host_port_min", "host_port_max",
-    "cd_files", "cd_content", "cd_label", "cpus", "sockets", "cores", "threads", "efi_boot",
-    "efi_firmware_code", "efi_firmware_vars", "accelerator", "firmware", "use_pflash", "disk_interface",
-    "disk_size", "disk_cache", "disk_discard", "disk_detect_zeroes", "skip_compaction", "disk_compression",
-    "format", "headless", "disk_image", "machine_type", "memory", "net_device", "output_directory",
-    "qemuargs", "qemu_binary", "qmp_enable", "display", "vnc_bind_address", "vnc_use_password",
-    "vnc_port_min", "vnc_port_max", "vm_name", "cdrom_interface",
-}
+# Current Packer cannot be installed here: the modern rendering is checked against the argument
+# names the qemu plugin documents (pipeline.lint.QEMU_PLUGIN_ARGS) instead of by `packer validate`.
 # What Packer 1.6.6 rejects (measured on this machine with packer validate).
 REJECTED_BY_166 = {"cpu_model", "efi_boot", "firmware", "efi_firmware_code", "efi_firmware_vars",
                    "efi_drop_efivars", "use_pflash", "vnc_password", "sockets", "cores", "vtpm"}

@@ -228,7 +228,7 @@ def prepare(plan: Any, stage: Path) -> PackerInputs:
     }
     if uses_uefi(image):
         values.update(firmware_vars(plan, stage))
-    return PackerInputs(variables=values, secret_env={"PKR_VAR_ssh_password": ssh_password(image)})
+    return PackerInputs(variables=values, secret_env={"ssh_password": ssh_password(image)})
 
 
 def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:

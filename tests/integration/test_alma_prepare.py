@@ -51,6 +51,6 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     store = Path(v["efi_firmware_vars"])
     assert store.parent == tmp_path / "stage" and os.access(store, os.W_OK)
     assert store.stat().st_size == Path(plan.firmware.vars or plan.firmware.code).stat().st_size
-    assert inputs.secret_env == {"PKR_VAR_ssh_password": "admin"}
+    assert inputs.secret_env == {"ssh_password": "admin"}  # the driver exports it as PKR_VAR_ssh_password
     assert "admin" not in {val for key, val in v.items() if key != "ssh_username"}
     assert plan.image.arch in (Arch.X86_64, Arch.AARCH64)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Debian's nix-bin as root in a container (see MACHINE.md).
 NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
+os.environ.setdefault("NIX_CONFIG", NIX_CONFIG)
 
 
 def require_tool(name: str, package: str) -> str:

@@ -47,6 +47,7 @@ LEVEL_INFO = 3
 
 # make-disk-image.nix names its output nixos.qcow2 (qcow2 formats) or nixos.img (raw).
 IMAGE_NAMES = {"qcow2": ("nixos.qcow2",), "raw": ("nixos.img", "nixos.raw")}
+OUT_LINK = "result"
 
 
 def nix_argv(*args: str) -> list[str]:
@@ -94,13 +95,20 @@ def installable(image: Image, root: Path) -> str:
     return f"{flake_ref(image, root)}#{attribute(image)}"
 
 
-def build_argv(target: str, out_link: Path) -> list[str]:
+def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> list[str]:
     """The nix build command line (pure: tests assert on it, e.g. that --impure never appears).
 
     -L must come before --log-format: nix 2.8 treats -L as a log format of its own, and the last
     one given wins.
     """
-    return nix_argv("build", target, "--out-link", str(out_link), "-L", "--log-format", "internal-json")
+    argv = nix_argv("build", target, "--out-link", str(out_link), "-L", "--log-format", "internal-json")
+    return argv + ["--keep-failed"] if keep_failed else argv
+
+
+def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup") -> list[str]:
+    """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder)."""
+    target = installable(plan.image, project_root(plan))
+    return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,11 +308,15 @@ def copy_out(src: Path, dest: Path) -> Path:
     return dest
 
 
-def drive(plan: BuildPlan, stage: Path, progress: Progress, *, timeout: float | None = None) -> Path:
+def drive(
+    plan: BuildPlan, stage: Path, progress: Progress, *, on_error: str = "cleanup", timeout: float | None = None,
+) -> Path:
     """Build plan.image with nix and return the image copied to stage/<image.artifact_name>.
 
-    Raises CommandFailed (nix's last messages, and a hint) when nix fails; nothing is left in
-    `stage` then. The raw internal-json log goes to plan.build_log.
+    The flake.lock the image was built from (if any) is copied next to it, so the build's
+    inputs are recorded. Raises CommandFailed (nix's last messages, and a hint) when nix fails;
+    nothing of this build is left in `stage` then. The raw internal-json log goes to
+    plan.build_log. on_error="abort" passes --keep-failed (nix says where it kept the build).
     """
     image = plan.image
     which("nix")
@@ -312,10 +324,9 @@ def drive(plan: BuildPlan, stage: Path, progress: Progress, *, timeout: float | 
         progress.emit(Event("message", f"warning: {warning}", source="imagepipe"))
     stage.mkdir(parents=True, exist_ok=True)
     plan.build_log.parent.mkdir(parents=True, exist_ok=True)
-    out_link = stage / "result"
-    target = installable(image, project_root(plan))
-    argv = build_argv(target, out_link)
-    progress.step_event(f"nix build {target}")
+    out_link = stage / OUT_LINK
+    argv = build_argv(plan, stage, on_error)
+    progress.step_event(f"nix build {argv[4]}")
     result, tail = _run_build(argv, progress, plan.build_log, timeout)
     if not result.ok:
         out_link.unlink(missing_ok=True)
@@ -328,8 +339,16 @@ def drive(plan: BuildPlan, stage: Path, progress: Progress, *, timeout: float | 
     finally:
         # The out-link is a GC root into the store; the copy in staging is what we keep.
         out_link.unlink(missing_ok=True)
+    keep_lock(flake_dir(image, project_root(plan)), stage)
     progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
     return dest
+
+
+def keep_lock(directory: Path | None, stage: Path) -> None:
+    """Copy the flake's flake.lock into the build (it pins nixpkgs: the build's real input)."""
+    lock = directory / "flake.lock" if directory is not None else None
+    if lock is not None and lock.is_file():
+        copy_out(lock, stage / "flake.lock")
 
 
 def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: float | None) -> tuple[Any, str]:

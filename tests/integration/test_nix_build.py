@@ -20,24 +20,25 @@ from pathlib import Path
 import pytest
 
 from pipeline import host
-from pipeline.config import Accel, load
+from pipeline.build import BuildOptions, build_image
+from pipeline.config import Accel, Config, load
 from pipeline.drivers import nix
 from pipeline.errors import BuildFailed, CommandFailed, HostUnsuitable
 from pipeline.plan import BuildPlan, make_build_plan
 from pipeline.progress import Event, Progress
-from pipeline.run import install_hint
+from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
-# Debian's nix-bin as root in a container (MACHINE.md); a host's own NIX_CONFIG wins.
-CONTAINER_NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
 
 
 @pytest.fixture(autouse=True)
 def nix_ready(monkeypatch):
-    for tool in ("nix", "nix-instantiate", "qemu-img"):
-        assert shutil.which(tool), f"{tool} not found: {install_hint(tool)}"
-    monkeypatch.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or CONTAINER_NIX_CONFIG)
+    """Real nix and qemu-img (missing: the test fails with the install hint); a host's own
+    NIX_CONFIG wins over the container settings of MACHINE.md."""
+    require_tool("nix", "nix-bin")
+    require_tool("nix-instantiate", "nix-bin")
+    require_tool("qemu-img", "qemu-utils")
+    monkeypatch.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or NIX_CONFIG)
 
 
 class Recorder(Progress):
@@ -52,15 +53,28 @@ class Recorder(Progress):
         super().emit(ev)
 
 
-def project(tmp_path: Path, attribute: str | None = None) -> tuple[BuildPlan, Path]:
-    """A project outside any git tree whose nixos-x86_64 image is built from a fresh fixture copy."""
-    root = tmp_path / "proj"
-    shutil.copytree(FIXTURE, root / "fixture")
-    (root / "fixture" / "nonce").write_text(uuid.uuid4().hex)  # a new derivation every test
-    image: dict[str, object] = {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "flake": "fixture"}
+def fixture_copy(where: Path) -> Path:
+    """A fresh copy of the fixture flake outside any git tree (nix would see tracked files only)."""
+    shutil.copytree(FIXTURE, where)
+    (where / "nonce").write_text(uuid.uuid4().hex)  # a new derivation: nix really builds
+    return where
+
+
+def project_config(root: Path, attribute: str | None = None) -> Config:
+    """A project whose nixos-x86_64 image comes from the fixture flake (relative `flake:` path)."""
+    if not (root / "fixture").exists():
+        fixture_copy(root / "fixture")
+    image: dict[str, object] = {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "flake": "fixture",
+                                "users": [{"name": "admin", "sudo": True}], "ssh_user": "admin"}
     if attribute:
         image["attribute"] = attribute
-    cfg = load({"images": {"nixos-x86_64": image}}, root=root)
+    return load({"images": {"nixos-x86_64": image}}, root=root)
+
+
+def project(tmp_path: Path, attribute: str | None = None) -> tuple[BuildPlan, Path]:
+    """The build plan of nixos-x86_64 in a fresh project (see project_config)."""
+    root = tmp_path / "proj"
+    cfg = project_config(root, attribute)
     facts = host.probe(tools=())
     plan = make_build_plan(cfg, cfg.image("nixos-x86_64"), facts, Accel.AUTO, ssh_key=tmp_path / "key")
     return plan, root
@@ -98,9 +112,14 @@ def test_drive_builds_the_image_and_copies_it_out_of_the_store(tmp_path, caplog)
 
 @pytest.mark.slow
 def test_drive_accepts_a_result_that_is_the_image_file(tmp_path):
-    plan, _ = project(tmp_path, attribute="packages.x86_64-linux.bare-image")
+    plan, root = project(tmp_path, attribute="packages.x86_64-linux.bare-image")
+    lock = '{"nodes": {"root": {}}, "root": "root", "version": 7}\n'
+    (root / "fixture" / "flake.lock").write_text(lock)
     result = nix.drive(plan, plan.staging, Recorder(), timeout=300)
     assert qemu_img_info(result)["virtual-size"] == 32 * 1024 * 1024
+    # The lock the image was built from travels with it (the manifest hashes it as an input).
+    assert (plan.staging / "flake.lock").read_text() == lock
+    assert nix.plan_nixpkgs_revision(plan) is None  # this lock pins no nixpkgs
 
 
 @pytest.mark.slow
@@ -194,3 +213,62 @@ def test_lint_reports_a_flake_that_does_not_evaluate(tmp_path):
     (tmp_path / "nixos" / "flake.nix").write_text('{ outputs = { self }: { packages = builtins.throw "fixture: broken outputs"; }; }\n')
     (problem,) = nix.lint_problems(tmp_path)
     assert problem.startswith("nixos: nix flake show failed") and "fixture: broken outputs" in problem
+
+
+@pytest.mark.slow
+def test_build_image_publishes_and_a_failed_build_keeps_the_last_good_one(tmp_path):
+    from pipeline import artifacts
+
+    root = tmp_path / "proj"
+    cfg = project_config(root)
+    image_dir = cfg.output_dir / "nixos-x86_64"
+    result = build_image(cfg, cfg.image("nixos-x86_64"), BuildOptions(), progress=Recorder(), say=lambda _m: None)
+    assert result.manifest is not None and result.manifest["artifact"]["format"] == "qcow2"
+    assert result.manifest["artifact"]["virtual_size"] == 64 * 1024 * 1024
+    published = image_dir / "nixos.qcow2"
+    assert published.resolve().is_file()
+    good = artifacts.verify_published(image_dir)
+    subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir / "current", check=True,
+                   capture_output=True, timeout=60)
+
+    broken = project_config(root, attribute="packages.x86_64-linux.broken")
+    with pytest.raises(CommandFailed) as err:
+        build_image(broken, broken.image("nixos-x86_64"), BuildOptions(), progress=Recorder(), say=lambda _m: None)
+    assert "cptofs failed" in err.value.tail
+    assert artifacts.verify_published(image_dir) == good
+    assert artifacts.read_manifest(image_dir)["build_id"] == result.build_id
+    assert not (image_dir / ".staging").exists()
+    assert len(list((image_dir / "logs").iterdir())) == 2, "the failed build's log is kept"
+
+
+@pytest.mark.slow
+def test_cli_build_nixos_x86_with_the_fixture_flake(tmp_path):
+    flake = fixture_copy(tmp_path / "flake")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", out, {"images": {"nixos-x86_64": {"flake": str(flake)}}})
+    res = invoke(["build-nixos-x86"], cfg, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "building fixture-nixos-image" in res.stderr
+    manifest = json.loads((out / "nixos-x86_64" / "manifest.json").read_text())
+    assert manifest["image"] == "nixos-x86_64" and manifest["artifact"]["file"] == "nixos.qcow2"
+    assert (out / "nixos-x86_64" / "nixos.qcow2").resolve().is_file()
+
+
+def test_cli_build_nixos_arm_is_refused_on_this_host(tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", out)
+    res = invoke(["build-nixos-arm"], cfg, timeout=300)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "cannot be cross-built" in res.stderr
+    assert "invoke remote-build-nixos-arm HOST" in res.stderr
+    assert not (out / "nixos-aarch64").exists()
+
+
+def test_cli_dry_run_shows_the_pure_nix_command(tmp_path):
+    out = tmp_path / "out"
+    res = invoke(["build-nixos-x86", "--dry-run"], write_config(tmp_path / "c.yaml", out), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (command,) = [line for line in res.stderr.splitlines() if "command" in line and "nix" in line]
+    assert f"{ROOT}/nixos#packages.x86_64-linux.nixos-x86_64-image" in command
+    assert "--impure" not in command and "template" in res.stderr and f"{ROOT}/nixos/flake.nix" in res.stderr
+    assert not (out / "nixos-x86_64" / "builds").exists()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import load
+from pipeline.config import Accel, load
 from pipeline.drivers import nix
 from pipeline.errors import HostUnsuitable
-from pipeline.host import HostFacts, KvmFacts
+from pipeline.host import FirmwareInfo, HostFacts, KvmFacts
 
 ROOT = Path("/srv/project")
 
@@ -54,14 +55,31 @@ def facts(os_: str = "linux", machine: str = "x86_64", usable: bool = True) -> H
 
 
 def test_build_argv_is_pure_flakes_enabled_and_never_impure():
-    argv = nix.build_argv("/p/nixos#packages.x86_64-linux.nixos-x86_64-image", Path("/s/result"))
+    argv = nix.nix_build_argv("/p/nixos#packages.x86_64-linux.nixos-x86_64-image", Path("/s/result"))
     assert argv[:3] == ["nix", "--extra-experimental-features", "nix-command flakes"]
     assert argv[3:5] == ["build", "/p/nixos#packages.x86_64-linux.nixos-x86_64-image"]
     assert argv[argv.index("--out-link") + 1] == "/s/result"
-    assert "--impure" not in argv
+    assert "--impure" not in argv and "--keep-failed" not in argv
     # nix 2.8: -L is itself a log format, so it must precede --log-format internal-json.
     assert argv.index("-L") < argv.index("--log-format")
     assert argv[argv.index("--log-format") + 1] == "internal-json"
+
+
+def test_build_argv_of_a_plan(tmp_path):
+    from pipeline.plan import make_build_plan
+
+    cfg = config()
+    for name in ("nixos-x86_64", "edge", "remote"):
+        image = cfg.image(name)
+        fw = {image.arch: FirmwareInfo(image.arch, "/fw/code.fd", "/fw/vars.fd", "test")}
+        here = replace(facts(machine=image.arch.value), firmware=fw)
+        plan = make_build_plan(cfg, image, here, Accel.AUTO, tmp_path / "key")
+        for on_error in ("cleanup", "abort"):
+            argv = nix.build_argv(plan, tmp_path / "stage", on_error)
+            assert "--impure" not in argv
+            assert argv[4] == nix.installable(image, ROOT)
+            assert argv[argv.index("--out-link") + 1] == str(tmp_path / "stage" / "result")
+            assert ("--keep-failed" in argv) is (on_error == "abort")
 
 
 def test_installable_defaults_to_the_project_flake():

@@ -98,6 +98,7 @@
       ];
     in
     {
+      # The image modules read `params` (same keys as params/*.json) from specialArgs.
       nixosModules = {
         base = ./modules/base.nix;
         qemu-guest = ./modules/qemu-guest.nix;

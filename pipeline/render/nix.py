@@ -5,8 +5,10 @@ hostname, arch, firmware...) comes from invoke.yaml through these JSON files, wh
 reads with `builtins.fromJSON`. They are committed (secret-free: password *hashes* and public
 keys only), so the flake stays pure and `nix build` never needs `--impure`.
 
-`render_files(cfg)` is the entry point for `invoke render`: path -> content of every file this
-module owns. Images with their own `flake:` do not use the project's flake and get no params.
+`files(image, root, source)` is what `invoke render` collects per image (through
+pipeline.render.nixos, the module named after the distro); `render_files(cfg)` is the same for
+the whole configuration. Images with their own `flake:` do not use the project's flake and get
+no params.
 """
 
 from __future__ import annotations
@@ -84,10 +86,16 @@ def uses_project_flake(image: Image) -> bool:
     return image.distro is Distro.NIXOS and image.flake is None
 
 
+def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
+    """The generated files `image` owns: its params JSON (none for images with their own flake)."""
+    if not uses_project_flake(image):
+        return {}
+    return {params_path(root, image): dumps(params(image))}
+
+
 def render_files(cfg: Config) -> dict[Path, str]:
     """Every nixos/params/<image>.json the configuration implies: absolute path -> content."""
-    return {
-        params_path(cfg.root, image): dumps(params(image))
-        for image in cfg.images.values()
-        if uses_project_flake(image)
-    }
+    out: dict[Path, str] = {}
+    for image in cfg.images.values():
+        out.update(files(image, cfg.root, cfg.source))
+    return out

@@ -133,3 +133,13 @@ def test_hostname_and_state_version_rules():
 def test_flake_pins_the_stable_release_the_renderer_assumes():
     flake = (NIXOS / "flake.nix").read_text()
     assert f'"github:NixOS/nixpkgs/nixos-{render_nix.NIXOS_RELEASE}"' in flake
+
+
+def test_the_distro_module_exposes_files_for_the_generic_renderer(tmp_path):
+    from pipeline.render import nixos
+
+    cfg = sample_config(tmp_path)
+    assert nixos.files(cfg.image("own-flake"), tmp_path) == {}
+    (path, text), = nixos.files(cfg.image("nixos_web.example"), tmp_path, cfg.source).items()
+    assert path == tmp_path / "nixos" / "params" / "nixos_web.example.json"
+    assert json.loads(text)["disk_size"] == 4096

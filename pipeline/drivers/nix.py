@@ -403,8 +403,12 @@ NETWORK_ERRORS = ("unable to download", "resolve host", "Network is unreachable"
 
 
 def nix_files(root: Path) -> list[Path]:
-    """Every .nix file of the project (not under .git, output/ or virtualenvs)."""
-    return sorted(p for p in root.rglob("*.nix") if not SKIP_DIRS & set(p.relative_to(root).parts))
+    """Every .nix file of the project (not under .git, output/ or virtualenvs, which are pruned)."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        found += [Path(folder) / n for n in names if n.endswith(".nix")]
+    return sorted(found)
 
 
 def parse_problem(path: Path, root: Path) -> str | None:

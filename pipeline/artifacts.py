@@ -1,0 +1,142 @@
+"""Build outputs: staging, verification, atomic publish, manifest and SHA256SUMS.
+
+Layout of output/<image>/ (the published build is whatever `current` points to):
+
+    .staging/<id>/            a build in progress (removed on failure)
+    builds/<id>/              finished builds: the image, manifest.json, SHA256SUMS (+ boot files)
+    logs/<id>/                build.log and console.log of every build, failed ones included
+    current -> builds/<id>    swapped with one atomic rename: publishing is all-or-nothing
+    <artifact> -> current/<artifact>, manifest.json -> current/manifest.json,
+    SHA256SUMS -> current/SHA256SUMS   (fixed links, so the stable paths never dangle mid-publish)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import VerifyFailed
+from pipeline.run import run
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+CURRENT = "current"
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What verification established about an image file."""
+
+    file: str
+    format: str
+    size: int
+    virtual_size: int
+    sha256: str
+
+
+def sha256_file(path: Path, bufsize: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path, fmt: str) -> Verified:
+    """`qemu-img info` must agree on the format, `qemu-img check` must pass (qcow2), then sha256."""
+    if not path.is_file() or path.stat().st_size == 0:
+        raise VerifyFailed(f"no image produced at {path}")
+    info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, path]).stdout)
+    if info.get("format") != fmt:
+        raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
+    if fmt == "qcow2":
+        res = run(["qemu-img", "check", "-q", "-f", fmt, path], check=False)
+        if res.returncode != 0:
+            raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
+    return Verified(path.name, fmt, path.stat().st_size, int(info.get("virtual-size", 0)), sha256_file(path))
+
+
+def write_build_files(stage: Path, manifest: dict[str, Any], sums: dict[str, str]) -> None:
+    """manifest.json and SHA256SUMS (`sha256sum -c` format) inside the staging folder."""
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (stage / SUMS).write_text("".join(f"{h}  {name}\n" for name, h in sorted(sums.items())), encoding="utf-8")
+
+
+def _atomic_symlink(target: str, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str) -> Path:
+    """Move the verified staging folder into builds/<id> and point `current` at it atomically."""
+    builds = image_dir / "builds"
+    builds.mkdir(parents=True, exist_ok=True)
+    final = builds / build_id
+    os.rename(stage, final)
+    _fsync_dir(builds)
+    _atomic_symlink(f"builds/{build_id}", image_dir / CURRENT)
+    for name in (artifact_name, MANIFEST, SUMS):
+        link = image_dir / name
+        if not link.is_symlink():
+            _atomic_symlink(f"{CURRENT}/{name}", link)
+    _fsync_dir(image_dir)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(stage: Path) -> None:
+    """Remove a staging folder (failed or interrupted build)."""
+    shutil.rmtree(stage, ignore_errors=True)
+    parent = stage.parent
+    if parent.name == ".staging" and parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def current_build(image_dir: Path) -> Path | None:
+    """builds/<id> of the published build, or None."""
+    link = image_dir / CURRENT
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def read_manifest(image_dir: Path) -> dict[str, Any] | None:
+    """The published build's manifest, or None when nothing is published."""
+    build = current_build(image_dir)
+    if build is None or not (build / MANIFEST).exists():
+        return None
+    return json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+
+
+def published_image(image_dir: Path) -> Path | None:
+    """Absolute path of the published image file (inside builds/<id>), or None."""
+    manifest = read_manifest(image_dir)
+    build = current_build(image_dir)
+    if not manifest or build is None:
+        return None
+    path = build / manifest["artifact"]["file"]
+    return path if path.exists() else None
+
+
+def verify_published(image_dir: Path) -> str:
+    """Re-hash the published image against its manifest; returns the sha256 or raises."""
+    manifest = read_manifest(image_dir)
+    image = published_image(image_dir)
+    if manifest is None or image is None:
+        raise VerifyFailed(f"nothing published under {image_dir}")
+    actual = sha256_file(image)
+    if actual != manifest["artifact"]["sha256"]:
+        raise VerifyFailed(f"{image}: sha256 {actual} does not match the manifest ({manifest['artifact']['sha256']})")
+    return actual

@@ -1,0 +1,120 @@
+"""`invoke doctor`: what this host has, what the configured images need, and what is missing.
+
+`report(cfg, facts)` is a pure function from configuration + host facts to a Report, so the same
+code judges a remote builder's facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.config import Accel, Arch, Config, Distro, Firmware
+from pipeline.errors import ImagepipeError
+from pipeline.host import HostFacts
+from pipeline.plan import choose_accel
+from pipeline.run import install_hint
+
+LOW_DISK = 10 * 1024**3
+
+
+@dataclass(frozen=True)
+class ToolLine:
+    name: str
+    found: bool
+    version: str | None
+    required: bool
+    why: str
+    hint: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    host: str
+    tools: list[ToolLine]
+    accel: str
+    accel_reason: str
+    firmware: dict[str, str | None]
+    free_disk: int | None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def needed_tools(cfg: Config, facts: HostFacts) -> dict[str, str]:
+    """tool → why it is needed, for the images this host would build or run."""
+    need: dict[str, str] = {"qemu-img": "verifying and converting images", "ssh": "logging in to VMs and builders"}
+    images = list(cfg.images.values())
+    if any(i.distro.builder == "packer" for i in images):
+        need["packer"] = "building " + ", ".join(i.name for i in images if i.distro.builder == "packer")
+    host_arch = facts.arch
+    for arch in Arch:
+        mine = [i.name for i in images if i.arch is arch]
+        if mine and (arch is host_arch or arch is Arch.AARCH64 and facts.os == "darwin"):
+            need[arch.qemu_binary] = "running " + ", ".join(mine)
+    arm_alma = [i.name for i in images if i.distro is Distro.ALMALINUX and i.arch is Arch.AARCH64]
+    if arm_alma:
+        need["xorriso"] = "the OEMDRV kickstart CD of " + ", ".join(arm_alma)
+    nix_here = [i.name for i in images if i.distro is Distro.NIXOS and i.arch is host_arch and facts.os == "linux"]
+    if nix_here:
+        need["nix"] = "building " + ", ".join(nix_here)
+    if cfg.builders:
+        need["rsync"] = "syncing with builders " + ", ".join(cfg.builders)
+    return need
+
+
+def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
+    """Judge `facts` against what the configuration needs."""
+    need = needed_tools(cfg, facts)
+    lines = []
+    problems: list[str] = []
+    warnings: list[str] = []
+    for name, tool in sorted(facts.tools.items()):
+        required = name in need
+        lines.append(ToolLine(name, tool.found, tool.version, required, need.get(name, "optional"),
+                              None if tool.found else install_hint(name)))
+        if required and not tool.found:
+            problems.append(f"{name} is missing (needed for {need[name]}): {install_hint(name)}")
+    host_arch = facts.arch or Arch.X86_64
+    try:
+        choice = choose_accel(Accel.AUTO, facts, host_arch)
+        accel, reason = choice.accel.value, choice.reason
+        if choice.fallback:
+            warnings.append(f"no hardware acceleration: {reason}")
+    except ImagepipeError as exc:
+        accel, reason = "none", exc.message
+    firmware = {a.value: (fw.code + f" ({fw.source})" if (fw := facts.firmware.get(a)) else None) for a in Arch}
+    for img in cfg.images.values():
+        if img.firmware is Firmware.UEFI and facts.firmware.get(img.arch) is None and img.arch is host_arch:
+            problems.append(f"no UEFI firmware for {img.arch.value} (needed by {img.name}): "
+                            f"sudo apt-get install {'ovmf' if img.arch is Arch.X86_64 else 'qemu-efi-aarch64'}")
+    if facts.free_disk is not None and facts.free_disk < LOW_DISK:
+        warnings.append(f"only {facts.free_disk / 1024**3:.1f} GiB free under {cfg.output_dir}")
+    return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
+                  facts.free_disk, problems, warnings)
+
+
+def format_text(r: Report) -> str:
+    """The human-readable doctor output."""
+    out = [f"imagepipe doctor — {r.host}", "", "tools:"]
+    for t in r.tools:
+        state = f"{t.version or 'found'}" if t.found else "MISSING"
+        need = f"required: {t.why}" if t.required else "optional"
+        out.append(f"  {'✔' if t.found else ('✘' if t.required else '-')} {t.name:20} {state:12} {need}")
+        if not t.found and t.hint:
+            out.append(f"      {t.hint}")
+    out += ["", f"accelerator: {r.accel} — {r.accel_reason}", "", "UEFI firmware:"]
+    out += [f"  {arch:8} {path or 'not found'}" for arch, path in r.firmware.items()]
+    free = f"{r.free_disk / 1024**3:.1f} GiB" if r.free_disk is not None else "unknown"
+    out += ["", f"free disk under output/: {free}"]
+    if r.warnings:
+        out += ["", "warnings:"] + [f"  ! {w}" for w in r.warnings]
+    out += ["", "problems:" if r.problems else "everything the configured images need is here."]
+    out += [f"  ✘ {p}" for p in r.problems]
+    return "\n".join(out)

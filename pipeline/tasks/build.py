@@ -1,0 +1,59 @@
+"""Build tasks: `invoke build IMAGE` and its per-image aliases."""
+
+from __future__ import annotations
+
+from invoke import Context
+
+from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+
+BUILD_HELP = {
+    "image": "image name from invoke.yaml (invoke doctor lists them)",
+    "accel": ACCEL_HELP,
+    "on_error": "what Packer does on failure: cleanup (default) or abort (keep the VM's disk for debugging)",
+    "dry_run": "print the plan and the exact command, build nothing",
+    "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
+    "json": "one JSON object per event on stdout (for scripts and timers)",
+}
+
+
+@task(help=BUILD_HELP)
+def build(c: Context, image: str, accel: str = "auto", on_error: str = "cleanup", dry_run: bool = False,
+          boot_test: bool = False, json: bool = False) -> None:
+    """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
+    from pipeline.build import BuildOptions, build_image
+    from pipeline.config import Accel, _enum
+    from pipeline.errors import UsageError
+
+    cfg = load_config(c)
+    img = cfg.image(image)
+    if on_error not in ("cleanup", "abort"):
+        raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
+    try:
+        requested = _enum(Accel)(accel)
+    except Exception as exc:
+        raise UsageError(f"--accel: {exc}") from None
+    opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json)
+    build_image(cfg, img, opts, say=say)
+
+
+build_demo = alias(build, "build-demo", "Build the offline demo image (demo-x86_64): no ISO download needed.",
+                   image="demo-x86_64")
+build_alma_x86 = alias(build, "build-alma-x86", "Build AlmaLinux 10 x86_64 (almalinux10-x86_64).",
+                       image="almalinux10-x86_64")
+build_alma_arm = alias(build, "build-alma-arm", "Build AlmaLinux 10 aarch64 (almalinux10-aarch64).",
+                       image="almalinux10-aarch64")
+build_nixos_x86 = alias(build, "build-nixos-x86", "Build NixOS x86_64 (nixos-x86_64) with nix build.",
+                        image="nixos-x86_64")
+build_nixos_arm = alias(build, "build-nixos-arm", "Build NixOS aarch64 (nixos-aarch64) with nix build.",
+                        image="nixos-aarch64")
+
+
+@task(help={"password": "the password to hash (prompted for when omitted, which keeps it out of shell history)"})
+def hash_password(c: Context, password: str = "") -> None:
+    """Print a SHA-512 crypt hash for a user's password_hash in invoke.yaml."""
+    import getpass
+
+    from pipeline.run import run
+
+    secret = password or getpass.getpass("password: ")
+    print(run(["openssl", "passwd", "-6", "-stdin"], input=secret + "\n").stdout.strip())

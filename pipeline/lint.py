@@ -290,3 +290,15 @@ def check_fmt(ctx: LintContext) -> list[Problem]:
         if not res.ok:
             problems.append(Problem("packer-fmt", ctx.rel(path), "not packer fmt clean: run invoke fmt"))
     return problems
+
+
+@register("nix")
+def check_nix(ctx: LintContext) -> list[Problem]:
+    """Every .nix file parses (nix-instantiate --parse) and the project flake evaluates where it can."""
+    from pipeline.config import Distro
+    from pipeline.drivers import nix
+
+    if not any(i.distro is Distro.NIXOS for i in ctx.cfg.images.values()) and not (ctx.cfg.root / "nixos").is_dir():
+        return []
+    return [Problem("nix", "nixos/", message) for message in nix.lint_problems(ctx.cfg.root, ctx.notes.append)]
+

@@ -9,7 +9,7 @@ from pipeline.tasks.common import load_config, say, task
 
 @task(help={"check": "run only this check (repeatable); default: all"}, iterable=["check"])
 def lint(c: Context, check: list[str] | None = None) -> None:
-    """Validate generated files: drift, python-hcl2, packer validate/fmt, pykickstart (all failures listed)."""
+    """Validate generated files: drift, hcl2, packer validate/fmt, kickstart, nix (lists every failure)."""
     import tempfile
     from pathlib import Path
 

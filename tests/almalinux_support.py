@@ -20,9 +20,9 @@ def project_copy(dest: Path) -> Path:
     """A throwaway copy of the project (code, tasks.py, invoke.yaml and generated files)."""
     for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
         shutil.copy2(ROOT / name, dest / name)
-    for name in ("pipeline", "packer", "kickstart"):
+    for name in ("pipeline", "packer", "kickstart", "nixos"):
         if (ROOT / name).exists():
-            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "result*", ".git"))
     return dest
 
 

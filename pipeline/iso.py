@@ -142,15 +142,16 @@ def open_url(url: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def
         raise
 
 
-def fetch_text(url: str, image: Image) -> str:
-    """The body of a small file (a CHECKSUM), or IsoUnavailable naming the URL."""
+def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str] | None = None) -> str:
+    """The body of a small file (a CHECKSUM), or IsoUnavailable: one line from `offline`
+    (default: naming the URL and the `iso:` override)."""
     try:
         with open_url(url) as resp:
             return resp.read().decode("utf-8", errors="replace")
     except NotFound:
         raise
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise IsoUnavailable(offline_message(url, _reason(exc), image)) from None
+        raise IsoUnavailable((offline or offline_message)(url, _reason(exc), image)) from None
 
 
 def _reason(exc: BaseException) -> str:

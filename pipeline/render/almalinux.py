@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ BOOT_WAIT = "30s"   # GRUB's menu waits 60 s; firmware under TCG needs ~15 s to 
 VARIABLES: dict[str, str] = {
     "iso_url": "the AlmaLinux boot ISO (a local path after imagepipe downloaded and verified it)",
     "iso_checksum": "sha256:<hex> of the ISO, from the mirror's CHECKSUM file (iso.lock.json)",
-    "kickstart_dir": "folder holding this image's ks.cfg (kickstart/almalinux<major>/<arch>/<image>)",
+    "kickstart_dir": "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)",
     "ssh_username": "account Packer logs in with once the installed system has rebooted",
 }
 UEFI_VARIABLES: dict[str, str] = {
@@ -193,12 +195,12 @@ def ssh_password(image: Image, env: dict[str, str] | os._Environ[str] | None = N
     )
 
 
-def firmware_vars(plan: Any, stage: Path) -> dict[str, str]:
+def firmware_vars(plan: Any, inputs: Path) -> dict[str, str]:
     """Firmware code path and a per-build writable copy of the variable store."""
     fw = plan.firmware
     if fw is None:
         raise HostUnsuitable(f"{plan.image.name} boots with UEFI but no firmware was chosen", "see invoke doctor")
-    store = stage / "efivars.fd"
+    store = inputs / "efivars.fd"
     if fw.vars:
         shutil.copyfile(fw.vars, store)
     else:  # code-only firmware (QEMU_EFI_AARCH64): an empty store of the same flash size
@@ -208,28 +210,45 @@ def firmware_vars(plan: Any, stage: Path) -> dict[str, str]:
     return {"efi_firmware_code": str(fw.code), "efi_firmware_vars": str(store)}
 
 
-def prepare(plan: Any, stage: Path) -> PackerInputs:
-    """Resolve and fetch the ISO (verified), point at the committed kickstart, stage firmware."""
+def stage_kickstart(image: Image, root: Path, inputs: Path, report: Callable[[str], None]) -> Path:
+    """The kickstart rendered from the config (as the template is), in its own folder; a
+    committed copy that differs is pointed out, since users read that one."""
+    text = kickstart.render(image)
+    committed = kickstart.kickstart_path(root, image)
+    if not committed.is_file() or committed.read_text(encoding="utf-8") != text:
+        report(f"note: {committed.relative_to(root)} is not what invoke.yaml renders (building with the"
+               " rendered one): run invoke render and commit it")
+    folder = inputs / "kickstart"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ks.cfg").write_text(text, encoding="utf-8")
+    return folder
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(plan: Any, stage: Path, report: Callable[[str], None] = _stderr) -> PackerInputs:
+    """Resolve, fetch and verify the ISO, stage the kickstart and a UEFI variable store under
+    <stage>/inputs, and name the build login's password (environment only, never argv)."""
     from pipeline import iso
 
     image: Image = plan.image
     check(image)
     root = project_root(plan)
-    ks_dir = kickstart.kickstart_path(root, image).parent
-    if not (ks_dir / "ks.cfg").is_file():
-        raise UsageError(f"{ks_dir / 'ks.cfg'} is missing", "run: invoke render " + image.name)
-    stage.mkdir(parents=True, exist_ok=True)
-    local = iso.ensure(image, root, cache_dir=plan.image_dir.parent / ".cache" / "iso")
+    password = ssh_password(image)  # fails before any download when no login is possible
+    local = iso.ensure(image, root, cache_dir=plan.image_dir.parent / ".cache" / "iso", report=report)
+    inputs = stage / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
     values = {
         "iso_url": str(local.path),
         "iso_checksum": f"sha256:{local.sha256}",
-        "kickstart_dir": str(ks_dir),
+        "kickstart_dir": str(stage_kickstart(image, root, inputs, report)),
         "ssh_username": image.ssh_user,
     }
     if uses_uefi(image):
-        values.update(firmware_vars(plan, stage))
-    return PackerInputs(variables=values, secret_env={"ssh_password": ssh_password(image)})
-
+        values.update(firmware_vars(plan, inputs))
+    return PackerInputs(variables=values, secret_env={"ssh_password": password})
 
 def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
     """Generated files besides the template: the image's kickstart."""

@@ -51,12 +51,16 @@ def cloud_image(image: Image, mirrors: Mirrors) -> CloudImage:
     base = f"{mirrors.repo}/{major}/cloud/{arch}/images"
     name = CLOUD_NAME.format(major=major, arch=arch)
     try:
-        sums = parse_checksums(fetch_text(f"{base}/CHECKSUM", image))
+        sums = parse_checksums(fetch_text(f"{base}/CHECKSUM", image, offline=_offline))
     except NotFound:
         raise IsoUnavailable(f"{base}/CHECKSUM does not exist") from None
     if name not in sums:
         raise ImagepipeError(f"{base}/CHECKSUM does not list {name}")
     return CloudImage(f"{base}/{name}", arch, f"sha256:{sums[name]}")
+
+
+def _offline(url: str, reason: str, image: Image) -> str:
+    return f"cannot download {url} ({reason}): Lima needs the network once to pin the cloud image's digest"
 
 
 def config(image: Image, cloud: CloudImage, vmtype: str) -> dict[str, object]:

@@ -118,3 +118,12 @@ def test_update_iso_task_writes_lock_only_when_changed(mirror, tmp_path: Path) -
     assert (proj / iso.LOCK_FILE).stat().st_mtime_ns == stamp
     bad = invoke(["update-iso", "-i", "nixos-x86_64"], proj, env)
     assert bad.returncode != 0 and "installer ISO" in bad.stderr
+
+
+def test_update_iso_offline_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    proj = project_copy(tmp_path)
+    dead = closed_port_url()
+    res = invoke(["update-iso"], proj, {iso.MIRROR_ENV: dead, iso.VAULT_ENV: dead})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and dead in errors[0], res.stderr
+    assert not (proj / iso.LOCK_FILE).exists()

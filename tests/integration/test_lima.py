@@ -96,3 +96,14 @@ def test_non_almalinux_image_is_refused(lima_env) -> None:  # type: ignore[no-un
 def test_vm_type_choice() -> None:
     assert vm_type("darwin", "13.0") == "vz" and vm_type("darwin", "14.5") == "vz"
     assert vm_type("darwin", "12.7") == "qemu" and vm_type("linux") == "qemu"
+
+
+def test_lima_start_offline_is_one_line(lima_env) -> None:  # type: ignore[no-untyped-def]
+    from tests.almalinux_support import closed_port_url
+
+    proj, env, log, _, _ = lima_env
+    dead = closed_port_url()
+    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], proj, {**env, MIRROR_ENV: dead})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and dead in errors[0] and "Lima" in errors[0], res.stderr
+    assert not log.exists()

@@ -112,34 +112,79 @@ def test_oemdrv_cd_built_like_packer_holds_the_kickstart(tmp_path: Path) -> None
     assert out.read_bytes() == ks.read_bytes()
 
 
+class PartialBuild:
+    """A real `packer build` (TCG) of a legacy rendering, stopped once the firmware has run."""
+
+    def __init__(self, name: str, tmp: Path) -> None:
+        template = tmp / "t.pkr.hcl"
+        template.write_text(render_text(CFG.image(name), legacy=True))
+        self.vals = values(name, tmp)
+        self.log = tmp / "packer.log"
+        self.console = Path(self.vals["console_log"])
+        env = {**os.environ, "CHECKPOINT_DISABLE": "1", "PACKER_LOG": "1", "PACKER_LOG_PATH": str(self.log),
+               "PKR_VAR_ssh_password": "not-used-here"}
+        self.proc = subprocess.Popen(packer_argv("build", template, self.vals), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def wait_console(self, marker: bytes, budget: float = 180) -> None:
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            if self.console.exists() and marker in self.console.read_bytes():
+                return
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-2000:]
+            time.sleep(2)
+        raise AssertionError(f"{marker!r} never reached the serial console; log tail:\n"
+                             + self.log.read_text(errors="replace")[-2000:])
+
+    def log_line(self, needle: str) -> str:
+        return next(line for line in self.log.read_text(errors="replace").splitlines() if needle in line)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)  # Packer's cleanup stops its QEMU
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
 @pytest.mark.slow
 def test_legacy_x86_build_starts_uefi_with_loopback_forwards(tmp_path: Path) -> None:
-    """A real `packer build` (TCG) up to the firmware: pflash via -blockdev works, the serial
-    console reaches var.console_log, and QEMU's SSH forward listens on 127.0.0.1 only."""
-    name = NAMES[0]
-    template = tmp_path / "t.pkr.hcl"
-    template.write_text(render_text(CFG.image(name), legacy=True))
-    vals = values(name, tmp_path)
-    log = tmp_path / "packer.log"
-    env = {**os.environ, "CHECKPOINT_DISABLE": "1", "PACKER_LOG": "1", "PACKER_LOG_PATH": str(log),
-           "PKR_VAR_ssh_password": "not-used-here"}
-    proc = subprocess.Popen(packer_argv("build", template, vals), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    console = Path(vals["console_log"])
+    """Up to the firmware: pflash via -blockdev works, the serial console reaches
+    var.console_log, QEMU's SSH forward listens on 127.0.0.1 and Packer's disk is attached."""
+    build = PartialBuild(NAMES[0], tmp_path)
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and b"BdsDxe" not in (console.read_bytes() if console.exists() else b""):
-            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
-            time.sleep(2)
-        assert b"BdsDxe" in console.read_bytes(), "UEFI never wrote to the serial console"
-        qemu_line = next(line for line in log.read_text(errors="replace").splitlines() if "Executing /usr/bin/qemu" in line)
-        assert "pflash0=fw-code,pflash1=fw-vars" in qemu_line and "read-only=on" in qemu_line
-        assert "hostfwd=tcp:127.0.0.1:" in qemu_line
-        assert "file=" + vals["output_dir"] in qemu_line, "Packer's own disk is still attached"
+        build.wait_console(b"BdsDxe")
+        qemu = build.log_line("Executing /usr/bin/qemu")
+        assert "pflash0=fw-code,pflash1=fw-vars" in qemu and "read-only=on" in qemu
+        assert "hostfwd=tcp:127.0.0.1:" in qemu
+        assert "file=" + build.vals["output_dir"] in qemu, "Packer's own disk is still attached"
+        text = build.log.read_text(errors="replace")
+        assert "Starting HTTP server" in text
+        build.wait_console(b"QEMU DVD-ROM")  # the firmware looked for the installer CD
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Packer's cleanup stops its QEMU
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        build.stop()
+
+
+@pytest.mark.slow
+def test_legacy_aarch64_build_attaches_packers_oemdrv_cd(tmp_path: Path) -> None:
+    """Packer itself builds the cd_files ISO (xorriso, label OEMDRV, ks.cfg inside); AAVMF starts
+    and sees the installer CD on virtio-scsi first; no HTTP server, nothing typed."""
+    xorriso = need("xorriso", "sudo apt-get install xorriso")
+    build = PartialBuild(NAMES[1], tmp_path)
+    try:
+        build.wait_console(b"CD-ROM")
+        cd_path = build.log_line("CD path:").split("CD path:", 1)[1].strip()
+        info = subprocess.run([xorriso, "-indev", cd_path, "-pvd_info"], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+        assert "OEMDRV" in info
+        listing = subprocess.run([xorriso, "-indev", cd_path, "-ls", "/"], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+        assert "ks.cfg" in listing
+        qemu = build.log_line("Executing /usr/bin/qemu-system-aarch64")
+        assert "scsi-cd,drive=cdrom1" in qemu and cd_path in qemu and "strict=on" in qemu
+        text = build.log.read_text(errors="replace")
+        assert "Starting HTTP server" not in text
+        assert "Sending char" not in text and "Special code" not in text, "no key is typed over VNC"
+    finally:
+        build.stop()

@@ -20,15 +20,18 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Arch, Firmware, Image
 from pipeline.errors import ConfigError, HostUnsuitable, UsageError
 from pipeline.render import kickstart
 from pipeline.render.hcl import Block, Expr
 from pipeline.render.packer import PackerInputs, common_variables, packer_block, variable
+
+if TYPE_CHECKING:
+    from pipeline.plan import BuildPlan
 
 SOURCE = "almalinux"
 PASSWORD_ENV = "IMAGEPIPE_SSH_PASSWORD"
@@ -170,13 +173,12 @@ def blocks(image: Image, legacy: bool) -> list[Block]:
 # --------------------------------------------------------------------------------- prepare
 
 
-def project_root(plan: Any) -> Path:
+def project_root(plan: BuildPlan) -> Path:
     """The project root: BuildPlan.template is <root>/packer/<family>/<arch>/<image>.pkr.hcl."""
-    root = getattr(plan, "root", None)
-    return Path(root) if root else Path(plan.template).resolve().parents[3]
+    return plan.template.resolve().parents[3]
 
 
-def ssh_password(image: Image, env: dict[str, str] | os._Environ[str] | None = None) -> str:
+def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
     """The build login's password: $IMAGEPIPE_SSH_PASSWORD, else the well-known development
     password when the account still has the shipped hash, else "" when it has public keys."""
     env = os.environ if env is None else env
@@ -195,7 +197,7 @@ def ssh_password(image: Image, env: dict[str, str] | os._Environ[str] | None = N
     )
 
 
-def firmware_vars(plan: Any, inputs: Path) -> dict[str, str]:
+def firmware_vars(plan: BuildPlan, inputs: Path) -> dict[str, str]:
     """Firmware code path and a per-build writable copy of the variable store."""
     fw = plan.firmware
     if fw is None:
@@ -228,12 +230,12 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare(plan: Any, stage: Path, report: Callable[[str], None] = _stderr) -> PackerInputs:
+def prepare(plan: BuildPlan, stage: Path, report: Callable[[str], None] = _stderr) -> PackerInputs:
     """Resolve, fetch and verify the ISO, stage the kickstart and a UEFI variable store under
     <stage>/inputs, and name the build login's password (environment only, never argv)."""
     from pipeline import iso
 
-    image: Image = plan.image
+    image = plan.image
     check(image)
     root = project_root(plan)
     password = ssh_password(image)  # fails before any download when no login is possible

@@ -44,7 +44,7 @@ variable "iso_checksum" {
 
 variable "kickstart_dir" {
   type        = string
-  description = "folder holding this image's ks.cfg (kickstart/almalinux<major>/<arch>/<image>)"
+  description = "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)"
 }
 
 variable "ssh_username" {

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,8 @@ def test_missing_limactl_is_a_clear_error(lima_env, tmp_path: Path) -> None:  # 
     proj, env, log, _, _ = lima_env
     empty = tmp_path / "empty"
     empty.mkdir()
-    python_dir = str(Path(os.__file__).parents[2] / "bin")
-    env = {**env, "PATH": f"{empty}{os.pathsep}{python_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    env = {**env, "PATH": os.pathsep.join([str(empty), str(Path(sys.executable).parent), "/usr/bin", "/bin"])}
+    assert shutil.which("limactl", path=env["PATH"]) is None
     res = invoke(["lima-start", "-i", "almalinux10-aarch64"], proj, env)
     assert res.returncode == 127, res.stderr
     assert "limactl not found" in res.stderr and "brew install lima" in res.stderr

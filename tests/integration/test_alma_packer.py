@@ -59,6 +59,11 @@ def values(name: str, tmp: Path) -> dict[str, str]:
     }
 
 
+def packer_env(tmp: Path) -> dict[str, str]:
+    """No phone-home, and Packer's cache (ISO copies, port locks) inside the test's folder."""
+    return {**os.environ, "CHECKPOINT_DISABLE": "1", "PACKER_CACHE_DIR": str(tmp / "packer_cache")}
+
+
 def packer_argv(cmd: str, template: Path, vals: dict[str, str]) -> list[str]:
     argv = [need("packer", "sudo apt-get install packer"), cmd]
     for k, v in vals.items():
@@ -71,7 +76,7 @@ def test_packer_166_validates_the_legacy_rendering(name: str, tmp_path: Path) ->
     template = tmp_path / "t.pkr.hcl"
     template.write_text(render_text(CFG.image(name), legacy=True))
     res = subprocess.run(packer_argv("validate", template, values(name, tmp_path)), capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "CHECKPOINT_DISABLE": "1"}, check=False)
+                         timeout=120, env=packer_env(tmp_path), cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -80,7 +85,7 @@ def test_packer_166_rejects_the_current_rendering(tmp_path: Path) -> None:
     template = tmp_path / "t.pkr.hcl"
     template.write_text(render_text(CFG.image(NAMES[0]), legacy=False))
     res = subprocess.run(packer_argv("validate", template, values(NAMES[0], tmp_path)), capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "CHECKPOINT_DISABLE": "1"}, check=False)
+                         timeout=120, env=packer_env(tmp_path), cwd=tmp_path, check=False)
     assert res.returncode != 0 and "required_plugins" in res.stdout + res.stderr
 
 
@@ -121,10 +126,10 @@ class PartialBuild:
         self.vals = values(name, tmp)
         self.log = tmp / "packer.log"
         self.console = Path(self.vals["console_log"])
-        env = {**os.environ, "CHECKPOINT_DISABLE": "1", "PACKER_LOG": "1", "PACKER_LOG_PATH": str(self.log),
+        env = {**packer_env(tmp), "PACKER_LOG": "1", "PACKER_LOG_PATH": str(self.log),
                "PKR_VAR_ssh_password": "not-used-here"}
         self.proc = subprocess.Popen(packer_argv("build", template, self.vals), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, env=env, cwd=tmp, start_new_session=True)
 
     def wait_console(self, marker: bytes, budget: float = 180) -> None:
         deadline = time.monotonic() + budget

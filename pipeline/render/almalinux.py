@@ -173,11 +173,6 @@ def blocks(image: Image, legacy: bool) -> list[Block]:
 # --------------------------------------------------------------------------------- prepare
 
 
-def project_root(plan: BuildPlan) -> Path:
-    """The project root: BuildPlan.template is <root>/packer/<family>/<arch>/<image>.pkr.hcl."""
-    return plan.template.resolve().parents[3]
-
-
 def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
     """The build login's password: $IMAGEPIPE_SSH_PASSWORD, else the well-known development
     password when the account still has the shipped hash, else "" when it has public keys."""
@@ -237,7 +232,7 @@ def prepare(plan: BuildPlan, stage: Path, report: Callable[[str], None] = _stder
 
     image = plan.image
     check(image)
-    root = project_root(plan)
+    root = plan.root
     password = ssh_password(image)  # fails before any download when no login is possible
     local = iso.ensure(image, root, cache_dir=plan.image_dir.parent / ".cache" / "iso", report=report)
     inputs = stage / "inputs"

@@ -25,7 +25,7 @@ def plan_for(name: str, tmp: Path, **changes: object) -> BuildPlan:
     fw = find_firmware(image.arch, os.environ, descriptors=local_descriptors())
     assert fw is not None, "UEFI firmware missing: sudo apt-get install ovmf qemu-efi-aarch64"
     out = tmp / "output" / image.name
-    return BuildPlan(image=image, build_id="20261123T000000Z-test", accel=AccelChoice(Accel.TCG, "test"),
+    return BuildPlan(image=image, build_id="20261123T000000Z-test", root=ROOT, accel=AccelChoice(Accel.TCG, "test"),
                      firmware=fw, image_dir=out, staging=out / ".staging" / "b", log_dir=out / "logs" / "b",
                      template=template_path(ROOT, image), ssh_key=tmp / "key", host_os="linux", host_machine="x86_64")
 

@@ -1,0 +1,62 @@
+"""Bad input through the real CLI: clear message, exit code != 0, nothing written."""
+
+import os
+import shutil
+from pathlib import Path
+
+from tests.conftest import invoke, write_config
+
+
+def test_unknown_image_lists_the_valid_names(tmp_path):
+    res = invoke(["build", "demo-x86"], write_config(tmp_path / "c.yaml", tmp_path / "out"))
+    assert res.returncode == 2
+    assert "unknown image 'demo-x86' (did you mean 'demo-x86_64'?)" in res.stderr
+    assert "almalinux10-x86_64" in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_broken_config_reports_every_problem(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out",
+                       {"images": {"demo-x86_64": {"memory": "4G", "cpu": 2}}})
+    res = invoke(["build-demo", "--dry-run"], cfg)
+    assert res.returncode == 2
+    assert "images.demo-x86_64.memory: expected MiB as an integer, got '4G'" in res.stderr
+    assert "images.demo-x86_64.cpu: unknown key (did you mean 'cpus'?)" in res.stderr
+    assert "2 problems" in res.stderr
+
+
+def test_bad_accel_and_on_error(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    res = invoke(["build-demo", "--accel", "kvn", "--dry-run"], cfg)
+    assert res.returncode == 2 and "did you mean 'kvm'" in res.stderr
+    res = invoke(["build-demo", "--on-error", "ask"], cfg)
+    assert res.returncode == 2 and "cleanup or abort" in res.stderr
+    res = invoke(["build-demo", "--accel", "kvm", "--dry-run"], cfg)  # no vmx/svm on this machine
+    assert res.returncode == 3 and "KVM is not usable" in res.stderr and "--accel tcg" in res.stderr
+
+
+def path_without(tmp_path: Path, *tools: str) -> str:
+    """A PATH that has everything /usr/bin and /usr/sbin have, except `tools`."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/usr/sbin"):
+        for entry in os.scandir(d):
+            if entry.name not in tools and not (bindir / entry.name).exists():
+                (bindir / entry.name).symlink_to(entry.path)
+    return str(bindir)
+
+
+def test_missing_packer_gives_the_install_hint(tmp_path):
+    assert shutil.which("packer"), "packer must be installed for the rest of the suite (apt-get install packer)"
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    res = invoke(["build-demo"], cfg, env={"PATH": path_without(tmp_path, "packer")})
+    assert res.returncode == 127
+    assert "packer not found" in res.stderr and "apt-get install packer" in res.stderr
+    assert not (tmp_path / "out" / "demo-x86_64" / "current").exists()
+    assert not list((tmp_path / "out" / "demo-x86_64").glob(".staging/*"))
+
+
+def test_doctor_fails_when_a_required_tool_is_missing(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    res = invoke(["doctor"], cfg, env={"PATH": path_without(tmp_path, "packer", "qemu-img")})
+    assert res.returncode == 1
+    assert "packer is missing" in res.stdout and "apt-get install qemu-utils" in res.stdout

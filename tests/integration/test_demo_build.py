@@ -1,0 +1,55 @@
+"""The real offline demo build end to end: packer + QEMU (TCG) + SSH + provisioner + publish."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import verify_published
+from tests.conftest import ROOT, require_tool
+
+pytestmark = pytest.mark.slow
+
+
+def test_published_image_verifies_and_holds_the_marker(demo_build, tmp_path):
+    _, out = demo_build
+    image_dir = out / "demo-x86_64"
+    published = image_dir / "demo-x86_64.qcow2"
+    assert published.is_symlink() and published.resolve().is_file()
+    subprocess.run(["qemu-img", "check", str(published)], check=True, capture_output=True)
+    manifest = json.loads((image_dir / "manifest.json").read_text())
+    assert manifest["image"] == "demo-x86_64" and manifest["accelerator"]["name"] == "tcg"
+    assert "vmx/svm" in manifest["accelerator"]["reason"]
+    assert manifest["tools"]["packer"] and manifest["artifact"]["format"] == "qcow2"
+    assert verify_published(image_dir) == manifest["artifact"]["sha256"]
+    # SHA256SUMS works with the standard tool, from the published folder
+    subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir / "current", check=True, capture_output=True)
+    # read the provisioner's marker back from the ext filesystem on the disk
+    require_tool("debugfs", "e2fsprogs")
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(published), str(raw)], check=True)
+    marker = subprocess.run(["debugfs", "-R", "cat /imagepipe-marker", str(raw)], capture_output=True, text=True)
+    assert marker.stdout.strip() == f"imagepipe demo build {manifest['build_id']}"
+
+
+def test_manifest_and_logs_hold_no_secrets(demo_build):
+    _, out = demo_build
+    image_dir = out / "demo-x86_64"
+    manifest_text = (image_dir / "manifest.json").read_text()
+    log_dir = image_dir / "logs" / json.loads(manifest_text)["build_id"]
+    build_log = (log_dir / "build.log").read_text()
+    assert "Connected to SSH" in build_log and (log_dir / "console.log").exists()
+    private_key = (out / ".keys" / "imagepipe_ed25519").read_text()
+    for text in (manifest_text, build_log, (image_dir / "current" / "template.pkr.hcl").read_text()):
+        assert "$6$" not in text and "PRIVATE KEY" not in text and private_key not in text
+
+
+def test_build_folder_layout(demo_build):
+    _, out = demo_build
+    image_dir = out / "demo-x86_64"
+    current = (image_dir / "current").resolve()
+    assert current.parent == (image_dir / "builds").resolve()
+    assert {"vmlinuz", "initrd.img", "manifest.json", "SHA256SUMS", "template.pkr.hcl"} <= {p.name for p in current.iterdir()}
+    assert not (image_dir / ".staging").exists()
+    assert not (current / "packer_cache").exists() and not (current / "inputs").exists()

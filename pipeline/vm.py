@@ -829,20 +829,20 @@ def boot_test(cfg: Config, image: Image, image_file: Path, boot_info: dict[str, 
 
 
 @dataclass(frozen=True)
-class TestResult:
+class BootTestResult:
     image: str
     result: str            # passed | failed | not built
     seconds: float = 0.0
     detail: str = ""
 
 
-def test_published(cfg: Config, image: Image, accel: Accel | None, deadline: float | None = None,
-                   say: Callable[[str], None] = print) -> TestResult:
+def boot_test_published(cfg: Config, image: Image, accel: Accel | None, deadline: float | None = None,
+                   say: Callable[[str], None] = print) -> BootTestResult:
     """The boot test of one published image, as a result row (never raises VerifyFailed)."""
     try:
         target = published_target(cfg, image)
     except UsageError:
-        return TestResult(image.name, "not built")
+        return BootTestResult(image.name, "not built")
     started = time.monotonic()
     boot = None
     if target.boot:
@@ -851,11 +851,11 @@ def test_published(cfg: Config, image: Image, accel: Accel | None, deadline: flo
         boot_test(cfg, image, target.disk, boot, cfg.output_dir, accel, deadline=deadline,
                   build_id=target.build_id, say=say)
     except ImagepipeError as exc:
-        return TestResult(image.name, "failed", time.monotonic() - started, exc.render())
-    return TestResult(image.name, "passed", time.monotonic() - started, f"build {target.build_id}")
+        return BootTestResult(image.name, "failed", time.monotonic() - started, exc.render())
+    return BootTestResult(image.name, "passed", time.monotonic() - started, f"build {target.build_id}")
 
 
-def results_table(rows: Sequence[TestResult]) -> str:
+def results_table(rows: Sequence[BootTestResult]) -> str:
     """A plain-text summary table (pure)."""
     header = ("IMAGE", "RESULT", "TIME", "DETAIL")
     body = [(r.image, r.result, f"{r.seconds:.1f}s" if r.seconds else "-", r.detail.splitlines()[0] if r.detail else "")

@@ -124,7 +124,7 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
     from pipeline.errors import VerifyFailed
 
     cfg = load_config(c)
-    result = vm.test_published(cfg, cfg.image(image), _accel(accel), timeout or None, say=say)
+    result = vm.boot_test_published(cfg, cfg.image(image), _accel(accel), timeout or None, say=say)
     if result.result == "not built":
         from pipeline.errors import UsageError
 
@@ -144,7 +144,7 @@ def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     requested = _accel(accel)
     rows = []
     for name in sorted(cfg.images):
-        row = vm.test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
+        row = vm.boot_test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
         if row.result == "failed":
             say(f"{name}: FAILED\n{row.detail}")
         rows.append(row)

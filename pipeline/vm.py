@@ -805,8 +805,7 @@ def boot_test(cfg: Config, image: Image, image_file: Path, boot_info: dict[str, 
     access, power it off. Raises VerifyFailed (console tail included) on any failure; the VM is
     always stopped afterwards. `deadline` bounds the wait for SSH and for the login.
     """
-    target = Target(image, Path(image_file), image.format.value, build_id,
-                    boot_spec(boot_info, Path(image_file).parent))
+    target = staged_target(image, Path(image_file), boot_info, build_id)
     accel_choice, firmware = decide(cfg, image, accel, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)

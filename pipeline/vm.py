@@ -469,11 +469,14 @@ def reset_known_hosts(previous_build: str | None, build_id: str, snapshot: bool,
 def prepare_state(state: StatePaths, target: Target, firmware: FirmwareInfo | None, opts: RunOptions) -> None:
     """Create the folder, the UEFI variables copy, a fresh console log; reset known_hosts if due."""
     state.root.mkdir(parents=True, exist_ok=True)
+    previous = _read(state.build_id)
+    if previous != target.build_id:
+        state.efivars.unlink(missing_ok=True)  # boot entries of the old disk mean nothing to a new one
     if firmware is not None and firmware.vars and target.boot is None and not state.efivars.exists():
         tmp = state.efivars.with_name(".efivars.tmp")
         shutil.copyfile(firmware.vars, tmp)
         os.replace(tmp, state.efivars)
-    if reset_known_hosts(_read(state.build_id), target.build_id, opts.snapshot, ephemeral_root(target.image)):
+    if reset_known_hosts(previous, target.build_id, opts.snapshot, ephemeral_root(target.image)):
         state.known_hosts.write_text("", encoding="utf-8")
     _write(state.build_id, target.build_id)
     state.console.write_text("", encoding="utf-8")
@@ -809,6 +812,7 @@ def boot_test(cfg: Config, image: Image, image_file: Path, boot_info: dict[str, 
     accel_choice, firmware = decide(cfg, image, accel, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
+    state.efivars.unlink(missing_ok=True)  # every boot test starts from the firmware's own variables
     key = keys.project_key(output_dir, cfg.defaults.ssh_key)
     say(f"{image.name}: boot test ({accel_choice.accel.value}), waiting up to {wait:.0f}s for SSH")
     try:
@@ -842,6 +846,12 @@ def boot_test_published(cfg: Config, image: Image, accel: Accel | None, deadline
         target = published_target(cfg, image)
     except UsageError:
         return BootTestResult(image.name, "not built")
+    running = read_status(image.name, state_paths(cfg.output_dir, image.name))
+    if running.state == "running" and not running.snapshot:
+        # QEMU's image locking would refuse a second opener of a file a VM writes to
+        return BootTestResult(image.name, "failed", 0.0,
+                              f"{image.name} is running and writing to its image (pid {running.pid}): "
+                              f"stop it first (invoke stop {image.name})")
     started = time.monotonic()
     boot = None
     if target.boot:

@@ -70,9 +70,15 @@ def test_run_ssh_status_stop(demo):
     pid = int(state.pid.read_text())
     assert vm.is_our_qemu(vm.process_cmdline(pid), state)
 
+    again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
+    assert again.returncode == 2 and "already running" in again.stderr
+
+    user_known_hosts = Path.home() / ".ssh" / "known_hosts"
+    before = user_known_hosts.read_bytes() if user_known_hosts.exists() else None
     uname = invoke(["ssh-demo", "--", "uname", "-m"], cfg, timeout=180)
     assert uname.returncode == 0, uname.stderr
     assert uname.stdout.strip() == "x86_64"
+    assert (user_known_hosts.read_bytes() if user_known_hosts.exists() else None) == before
     root = invoke(["ssh", DEMO, "--", "id", "-u"], cfg, timeout=60)
     assert root.stdout.strip() == "0", root.stderr
     failing = invoke(["ssh", DEMO, "--", "exit", "7"], cfg, timeout=60)
@@ -141,6 +147,34 @@ def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
     assert proc.returncode == 130, err
     assert "stopped at once" in err
     assert qemu_gone(pid) and not state.pid.exists()
+
+
+def test_foreground_console(demo):
+    """--foreground: the serial console on our stdio (logged too); status sees the VM meanwhile;
+    `poweroff` typed on the console ends QEMU and the task."""
+    cfg, out = demo
+    state = vm.state_paths(out, DEMO)
+    state.console.unlink(missing_ok=True)  # an earlier test's log must not look like this boot
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "run-demo", "--foreground", "--snapshot"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while "demo guest: up" not in (state.console.read_text() if state.console.exists() else ""):
+            assert time.monotonic() < deadline and proc.poll() is None, "the guest did not come up"
+            time.sleep(0.5)
+        assert status_of(cfg)["state"] == "running"
+        assert proc.stdin is not None
+        proc.stdin.write(b"\npoweroff\n")
+        proc.stdin.flush()
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert b"demo guest: up" in stdout and b"Power down" in stdout  # the console was on stdout
+    assert b"console attached" in stderr
+    assert status_of(cfg)["state"] == "stopped" and not state.pid.exists()
 
 
 def test_test_image_and_test_all(demo):

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
 from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
 
+if TYPE_CHECKING:
+    from pipeline.config import Accel
+
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
 TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
 
 
-def _accel(value: str):  # -> Accel | None
+def _accel(value: str) -> Accel | None:
     """--accel value → Accel (empty: defaults.accel from invoke.yaml)."""
     from pipeline.config import Accel, Invalid, _enum
     from pipeline.errors import UsageError

@@ -57,7 +57,11 @@ def build_image(
         driver.check_can_build(image, facts, cfg)
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
     plan = make_build_plan(cfg, image, facts, opts.accel, key)
-    say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+    if image.distro.builder == "packer":
+        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+    elif facts.os == "linux" and not facts.kvm.usable:
+        say(f"{image.name}: warning: make-disk-image.nix runs its own VM and KVM is not usable here "
+            f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
     if opts.dry_run:
         _print_plan(plan, say)
         return BuildResult(image.name, plan.build_id, None, None)
@@ -145,6 +149,10 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
     boot = _boot_info(image)
     if boot:
         manifest["boot"] = boot
+    if image.distro is Distro.NIXOS:
+        from pipeline.drivers import nix
+
+        manifest["nixpkgs"] = nix.plan_nixpkgs_revision(plan)  # None until nixos/flake.lock exists
     return manifest
 
 

@@ -23,9 +23,9 @@ from pipeline.run import run
 # Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
 USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server")
 KERNEL_META = "linux-image-cloud-amd64"
-MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng")
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "button", "evdev")
 APPEND = "console=ttyS0,115200n8 quiet panic=-1"
-RECIPE_VERSION = "1"  # bump when the guest layout below changes
+RECIPE_VERSION = "2"  # bump when the guest layout below changes
 
 INITTAB = """\
 ::sysinit:/etc/init.d/rcS
@@ -49,6 +49,9 @@ ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -n -q -t 10 -T 1 -s /etc/udhcpc.script || {
   ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2; }
+# ACPI power button (QMP system_powerdown) → clean poweroff; busybox acpid needs /var/log.
+mkdir -p /var/log /var/run
+acpid
 /usr/sbin/dropbear -R -E -s -p 22
 echo "imagepipe demo guest: up"
 """
@@ -154,6 +157,7 @@ def rootfs_entries(
         ("sbin/init", lnk, b"../bin/busybox"),
         ("init", lnk, b"sbin/init"),
         ("sbin/shutdown", x, SHUTDOWN.encode()),
+        ("etc/acpi/PWRF/00000080", x, b"#!/bin/sh\n/bin/busybox poweroff\n"),
         ("etc/inittab", f, INITTAB.encode()),
         ("etc/init.d/rcS", x, RCS.encode()),
         ("etc/udhcpc.script", x, UDHCPC.encode()),

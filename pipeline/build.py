@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline import __version__, artifacts, history, inputs, keys, retention
 from pipeline.config import Accel, Config, Distro, Image
-from pipeline.errors import ImagepipeError, Interrupted
+from pipeline.errors import CommandFailed, ImagepipeError, Interrupted
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
@@ -119,7 +119,7 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts,
             result = _steps(cfg, plan, driver, facts, ihash, opts, progress)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed"
-            hist.finish(plan.build_id, status, error=_error_text(exc))
+            hist.finish(plan.build_id, status, error=describe_failure(exc))
             raise
         art = (result.manifest or {}).get("artifact", {})
         _pause("published")
@@ -165,12 +165,27 @@ def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> N
         say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
 
 
-def _error_text(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """A short account of a failure (history, rebuild report): a tool's own error lines, not its argv."""
+    if isinstance(exc, CommandFailed):
+        tool = Path(exc.argv[0]).name if exc.argv else "command"
+        errors = [_error_line(line) for line in exc.tail.splitlines() if "error" in line.lower()]
+        detail = "; ".join(dict.fromkeys(e for e in errors if e))
+        return f"{tool} exited {exc.returncode}" + (f": {detail}" if detail else "")
     if isinstance(exc, ImagepipeError):
         return exc.message
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _error_line(line: str) -> str:
+    """An error line's text; Packer machine-readable lines (`ts,target,ui,error,text`) unwrapped."""
+    fields = line.split(",")
+    if fields[0].isdigit() and len(fields) >= 3:
+        kind = fields[2]
+        line = ",".join(fields[4:]) if kind == "ui" else ",".join(fields[3:]) if kind == "error" else ""
+    return line.replace("%!(PACKER_COMMA)", ",").replace("\\n", " ").strip(" =>-")
 
 
 def _pause(point: str) -> None:

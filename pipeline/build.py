@@ -1,4 +1,4 @@
-"""One image build as named steps: lock → [input-hash check] → probe → plan → drive → verify
+"""One image build as named steps: probe → plan → lock → [input-hash check] → drive → verify
 → [boot test] → publish → history → retention.
 
 Every step is announced on the progress view. Whatever happens after staging starts (a tool
@@ -70,28 +70,37 @@ def build_image(
     """
     if opts.dry_run:
         return _dry_run(cfg, image, opts, facts, say)
-    build_id = new_build_id()
-    image_dir = cfg.output_dir / image.name
-    with interrupt_guard(), history.image_lock(image_dir, build_id=build_id, wait=opts.wait, say=say):
+    # Whether this host can build the image is decided before anything is created or locked.
+    facts = facts or probe_for_build(cfg)
+    driver = _driver(image)
+    if hasattr(driver, "check_can_build"):
+        driver.check_can_build(image, facts, cfg)
+    key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
-        retention.clean_stale(image_dir, say)
+        retention.clean_stale(plan.image_dir, say)
         ihash = inputs.compute(cfg, image)
-        if opts.if_changed:
-            fresh = inputs.up_to_date(image_dir, ihash.value)
+        if opts.if_changed:  # checked again under the lock: a build we waited for may have done it
+            fresh = inputs.up_to_date(plan.image_dir, ihash.value)
             if fresh:
                 say(f"{image.name}: {fresh}")
-                return BuildResult(image.name, build_id, None, None, skipped=fresh)
-        facts = facts or probe_for_build(cfg)
-        driver = _driver(image)
-        if hasattr(driver, "check_can_build"):
-            driver.check_can_build(image, facts, cfg)
-        key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
-        plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=build_id)
-        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+                return BuildResult(image.name, plan.build_id, None, None, skipped=fresh)
+        _announce(plan, facts, say)
         result = _recorded_build(cfg, plan, driver, facts, ihash, opts, progress)
         _apply_retention(cfg, image, say)
         return result
+
+
+def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> None:
+    """The accelerator Packer gets; for nix builds a warning when its VM will crawl without KVM."""
+    image = plan.image
+    if image.distro.builder == "packer":
+        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+    elif facts.os == "linux" and not facts.kvm.usable:
+        say(f"{image.name}: warning: make-disk-image.nix runs its own VM and KVM is not usable here "
+            f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
 
 
 def _dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None,
@@ -102,7 +111,7 @@ def _dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | N
         driver.check_can_build(image, facts, cfg)
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
     plan = make_build_plan(cfg, image, facts, opts.accel, key)
-    say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+    _announce(plan, facts, say)
     _print_plan(plan, say)
     say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
     return BuildResult(image.name, plan.build_id, None, None)
@@ -260,6 +269,10 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
     boot = _boot_info(image)
     if boot:
         manifest["boot"] = boot
+    if image.distro is Distro.NIXOS:
+        from pipeline.drivers import nix
+
+        manifest["nixpkgs"] = nix.plan_nixpkgs_revision(plan)  # None until nixos/flake.lock exists
     return manifest
 
 

@@ -221,6 +221,33 @@ def resolve_kernel_package() -> str:
     return m.group(1)
 
 
+def apt_signature() -> str | None:
+    """Changes whenever `apt-get update` changed the package lists (None: cannot tell)."""
+    lists = Path("/var/lib/apt/lists")
+    if not lists.is_dir():
+        return None
+    stats = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in lists.glob("*_Packages*"))
+    return hashlib.sha256(repr(stats).encode()).hexdigest() if stats else None
+
+
+def resolve_packages(cache: Path) -> list[str]:
+    """[kernel package, *userland, *libraries]; apt-cache is slow, so the answer is cached
+    until the package lists change."""
+    import json
+
+    sig = apt_signature()
+    memo = cache / "resolved-packages.json"
+    if sig and memo.exists():
+        saved = json.loads(memo.read_text(encoding="utf-8"))
+        if saved.get("apt") == sig and saved.get("recipe") == RECIPE_VERSION:
+            return list(saved["packages"])
+    packages = [resolve_kernel_package(), *USERLAND, *library_packages(USERLAND)]
+    if sig:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"apt": sig, "recipe": RECIPE_VERSION, "packages": packages}), encoding="utf-8")
+    return packages
+
+
 def library_packages(packages: Iterable[str]) -> list[str]:
     """The closure of shared-library packages (lib*, zlib*) the userland depends on."""
     seen: set[str] = set()
@@ -266,9 +293,8 @@ def assemble(
 ) -> DemoGuest:
     """Build (or reuse from cache) the demo kernel + initramfs with these keys baked in."""
     cache = cache_dir(output_dir)
-    kernel_pkg = resolve_kernel_package()
-    libs = library_packages(USERLAND)
-    debs = download([kernel_pkg, *USERLAND, *libs], cache / "debs")
+    kernel_pkg, *rest = resolve_packages(cache)
+    debs = download([kernel_pkg, *rest], cache / "debs")
     key = hashlib.sha256(
         "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or ""]).encode()
     ).hexdigest()[:16]

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Accel, Arch, Config, Firmware, Image
+from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image
 from pipeline.errors import AccelUnavailable, HostUnsuitable
 from pipeline.host import FirmwareInfo, HostFacts
 
@@ -123,7 +123,13 @@ class BuildPlan:
 
 
 def template_path(root: Path, image: Image) -> Path:
-    """packer/<distro><major>/<arch>/<image>.pkr.hcl (e.g. packer/almalinux10/x86_64/...)."""
+    """packer/<distro><major>/<arch>/<image>.pkr.hcl (e.g. packer/almalinux10/x86_64/...).
+
+    NixOS images are built from the project's flake, nixos/flake.nix (an image with its own
+    `flake:` names it in the config; the nix driver resolves that).
+    """
+    if image.distro is Distro.NIXOS:
+        return root / "nixos" / "flake.nix"
     major = image.version.split(".")[0] if image.version[:1].isdigit() else ""
     family = f"{image.distro.value}{major}" if image.distro.value != "demo" else "demo"
     return root / "packer" / family / image.arch.value / f"{image.name}.pkr.hcl"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -74,8 +73,9 @@ def input_files(root: Path, image: Image) -> list[Path]:
 
 def _local_flake(root: Path, image: Image) -> Path:
     """The image's flake folder: `flake:` when it is a local path, else the project's nixos/."""
-    if image.flake and not re.match(r"^[a-z+]+:", image.flake):
-        path = Path(image.flake.split("#")[0]).expanduser()
+    ref = image.flake
+    if ref and (ref.startswith(("/", "./", "../", "~")) or ":" not in ref):  # as the nix driver decides
+        path = Path(ref).expanduser()
         return path if path.is_absolute() else root / path
     return root / "nixos"
 

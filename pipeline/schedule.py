@@ -204,7 +204,7 @@ def installed(folder: Path) -> list[Path]:
 
 
 def timer_calendar(path: Path) -> str | None:
-    m = re.search(r"^OnCalendar=(.+)$", path.read_text(encoding="utf-8"), re.M)
+    m = re.search(r"^OnCalendar=(.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
     return m.group(1).strip() if m else None
 
 

@@ -180,6 +180,28 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
     assert not (out / IMAGE / ".staging").exists() and not is_locked(out / IMAGE)
     # default retention (3): the original build plus two new ones are all kept
     assert len(os.listdir(out / IMAGE / "builds")) == 3
+    # gc with retention 1: --dry-run reports, then gc frees the two older builds
+    keep_one = write_config(tmp_path / "keep1.yaml", out, {"images": {IMAGE: {"retention": 1}}})
+    dry = invoke(["gc", "--dry-run", "--json", "--image", IMAGE], keep_one, check=True)
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] and len(report["builds"]) == 2 and newest.id not in report["builds"]
+    assert report["bytes"] > 1_000_000 and len(os.listdir(out / IMAGE / "builds")) == 3
+    done = invoke(["gc", "--image", IMAGE], keep_one, check=True)
+    assert "removed" in done.stderr and "freed" in done.stderr
+    assert os.listdir(out / IMAGE / "builds") == [newest.id]
+    assert verify_published(out / IMAGE) == newest.sha256
+
+
+def test_sigterm_is_recorded_as_interrupted(demo_build, tmp_path):
+    cfg, out = copy_output(demo_build, tmp_path)
+    log = tmp_path / "build.log"
+    proc = start(cfg, ["build", IMAGE, "--force"], log, {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
+    wait_for(log, "paused at verify", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, log.read_text()
+    last = history_json(cfg, "--image", IMAGE)[0]
+    assert last["status"] == "interrupted" and "SIGTERM" in last["error"]
+    assert not (out / IMAGE / ".staging").exists() and not is_locked(out / IMAGE)
 
 
 BROKEN = {"distro": "demo", "version": "1", "arch": "x86_64", "disk_size": 64, "memory": 256,

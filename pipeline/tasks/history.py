@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Context
 
 from pipeline.tasks.common import ACCEL_HELP, load_config, say, task
+
+if TYPE_CHECKING:
+    from pipeline.history import Build
 
 
 @task(help={
@@ -34,7 +39,8 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
     print(_table(rows))
 
 
-def _table(rows: list) -> str:  # list[history.Build]
+def _table(rows: list[Build]) -> str:
+    """Rows as an aligned text table; the last column (the note) is not padded."""
     from pipeline.retention import human
 
     header = ("BUILD", "IMAGE", "WHERE", "STARTED (UTC)", "TOOK", "STATUS", "SHA256", "SIZE", "NOTE")

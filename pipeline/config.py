@@ -97,6 +97,7 @@ PUBKEY_RE = re.compile(
 )
 HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(@[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
 LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@/+-]+$")
+SHA512_CRYPT_RE = re.compile(r"^\$6\$(rounds=[0-9]{4,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$")
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,8 @@ def _no_newline(v: Any) -> str:
 
 def _password_hash(v: Any) -> str:
     s = _no_newline(v)
-    if not s.startswith("$6$"):
-        raise Invalid("expected a SHA-512 crypt hash starting with $6$ (make one: invoke hash-password)")
+    if not SHA512_CRYPT_RE.match(s):  # the full shape: nothing else can reach a kickstart line
+        raise Invalid("expected a SHA-512 crypt hash ($6$salt$86 characters; make one: invoke hash-password)")
     return s
 
 

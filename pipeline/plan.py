@@ -99,6 +99,7 @@ class BuildPlan:
 
     image: Image
     build_id: str
+    root: Path         # the project (invoke.yaml, packer/, kickstart/, nixos/)
     accel: AccelChoice
     firmware: FirmwareInfo | None
     image_dir: Path    # output/<image>
@@ -145,6 +146,7 @@ def make_build_plan(
     return BuildPlan(
         image=image,
         build_id=bid,
+        root=cfg.root,
         accel=accel,
         firmware=firmware_for(image, facts),
         image_dir=image_dir,

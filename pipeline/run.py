@@ -246,3 +246,27 @@ def interrupt_guard() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def interactive(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Run a command attached to this terminal (an SSH session, a VM's console); its exit code.
+
+    The child shares our stdin/stdout/stderr and the terminal's process group, so Ctrl-C reaches
+    it directly and it decides what Ctrl-C means (ssh forwards it, QEMU's console passes it to
+    the guest). We keep waiting through our own KeyboardInterrupt instead of killing it: the
+    session ends when the child ends.
+    """
+    shown = [os.fspath(a) for a in argv]
+    args = _resolve(shown)
+    log.debug("interactive: %s", shlex.join(shown))
+    proc = subprocess.Popen(args, cwd=cwd, env=environment(env))
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue

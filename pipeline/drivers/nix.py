@@ -59,11 +59,6 @@ def nix_argv(*args: str) -> list[str]:
 # What to build
 
 
-def project_root(plan: BuildPlan) -> Path:
-    """The project root: the plan's template of a NixOS image is <root>/nixos/flake.nix."""
-    return plan.template.parent.parent
-
-
 def is_local_flake(ref: str) -> bool:
     """True when a `flake:` value is a filesystem path rather than a flake URL (github:...)."""
     return ref.startswith(("/", "./", "../", "~")) or ":" not in ref
@@ -107,7 +102,7 @@ def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> li
 
 def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup") -> list[str]:
     """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder)."""
-    target = installable(plan.image, project_root(plan))
+    target = installable(plan.image, plan.root)
     return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
 
 
@@ -339,7 +334,7 @@ def drive(
     finally:
         # The out-link is a GC root into the store; the copy in staging is what we keep.
         out_link.unlink(missing_ok=True)
-    keep_lock(flake_dir(image, project_root(plan)), stage)
+    keep_lock(flake_dir(image, plan.root), stage)
     progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
     return dest
 
@@ -392,7 +387,7 @@ def nixpkgs_revision(directory: Path | None) -> str | None:
 
 def plan_nixpkgs_revision(plan: BuildPlan) -> str | None:
     """The nixpkgs revision the plan's image is built from (for the manifest)."""
-    return nixpkgs_revision(flake_dir(plan.image, project_root(plan)))
+    return nixpkgs_revision(flake_dir(plan.image, plan.root))
 
 
 # ---------------------------------------------------------------------------------------------

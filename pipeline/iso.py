@@ -1,0 +1,350 @@
+"""AlmaLinux installer ISOs: resolve a version to a point release, pin it, fetch and verify it.
+
+`resolve()` turns `10` / `latest` / `10.1` into a concrete point release, its URL and sha256,
+read from the mirror's CHECKSUM file (BSD style `SHA256 (name) = hex`); a point release that
+left repo.almalinux.org is looked up on vault.almalinux.org. `invoke update-iso` writes the
+result to iso.lock.json (committed), so builds are reproducible. `ensure()` gives a build a
+local, verified ISO: the configured `iso:` (a local file, sha256 computed and cached by size and
+mtime, or a URL), else the locked one, downloaded once into the cache and checked before use —
+a checksum mismatch refuses the build. Mirrors can be overridden for tests and private mirrors
+with IMAGEPIPE_ALMA_MIRROR and IMAGEPIPE_ALMA_VAULT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import Image
+from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
+
+LOCK_FILE = "iso.lock.json"
+REPO = "https://repo.almalinux.org/almalinux"
+VAULT = "https://vault.almalinux.org"
+MIRROR_ENV = "IMAGEPIPE_ALMA_MIRROR"
+VAULT_ENV = "IMAGEPIPE_ALMA_VAULT"
+TIMEOUT = 30.0
+CHUNK = 1 << 20
+BSD_LINE = re.compile(r"^SHA256 \((?P<name>[^)]+)\) = (?P<hex>[0-9a-fA-F]{64})$")
+GNU_LINE = re.compile(r"^(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>\S+)$")
+
+Report = Callable[[str], None]
+
+
+class IsoUnavailable(ImagepipeError):
+    """The ISO (or its CHECKSUM file) cannot be fetched; one line naming the URL and the fix."""
+
+    exit_code = 1
+
+
+class NotFound(Exception):
+    """HTTP 404/410: the file is not (or no longer) on this mirror."""
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    repo: str = REPO
+    vault: str = VAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Mirrors:
+        """Mirror bases, overridable by IMAGEPIPE_ALMA_MIRROR / IMAGEPIPE_ALMA_VAULT."""
+        env = os.environ if env is None else env
+        return cls(env.get(MIRROR_ENV, REPO).rstrip("/"), env.get(VAULT_ENV, VAULT).rstrip("/"))
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """One pinned ISO: what was asked for and what it resolved to."""
+
+    requested: str
+    version: str
+    arch: str
+    name: str
+    url: str
+    sha256: str
+    source: str  # "repo" or "vault"
+
+
+@dataclass(frozen=True)
+class LocalIso:
+    path: Path
+    sha256: str
+
+
+# --------------------------------------------------------------------------------- pure parts
+
+
+def parse_checksums(text: str) -> dict[str, str]:
+    """A CHECKSUM file -> {file name: sha256 hex}; BSD style (and GNU style) lines, comments skipped."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = BSD_LINE.match(line) or GNU_LINE.match(line)
+        if m:
+            out[m.group("name")] = m.group("hex").lower()
+    return out
+
+
+def iso_name(version: str, arch: str) -> str:
+    return f"AlmaLinux-{version}-{arch}-boot.iso"
+
+
+def boot_isos(checksums: Mapping[str, str], arch: str) -> dict[str, str]:
+    """{point release: file name} of the boot ISOs listed in a CHECKSUM file."""
+    pattern = re.compile(rf"^AlmaLinux-(\d+\.\d+)-{re.escape(arch)}-boot\.iso$")
+    return {m.group(1): name for name in checksums if (m := pattern.match(name))}
+
+
+def newest(versions: list[str]) -> str:
+    return max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def is_point_release(version: str) -> bool:
+    return re.fullmatch(r"\d+\.\d+", version) is not None
+
+
+def major_of(version: str) -> str:
+    head = version.split(".")[0]
+    return head if head.isdigit() else "10"
+
+
+def folder(base: str, version: str, arch: str) -> str:
+    return f"{base}/{version}/isos/{arch}"
+
+
+def offline_message(url: str, reason: str, image: Image) -> str:
+    """The one line shown when a download cannot start."""
+    return (
+        f"cannot download {url} ({reason}); to build without network set "
+        f"`iso: /path/to/{iso_name(major_of(image.version) + '.x', image.arch.value)}` "
+        f"under images.{image.name} in invoke.yaml"
+    )
+
+
+# --------------------------------------------------------------------------------- network
+
+
+def open_url(url: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
+    """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
+    try:
+        return urllib.request.urlopen(url, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(url) from None
+        raise
+
+
+def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str] | None = None) -> str:
+    """The body of a small file (a CHECKSUM), or IsoUnavailable: one line from `offline`
+    (default: naming the URL and the `iso:` override)."""
+    try:
+        with open_url(url) as resp:
+            return resp.read().decode("utf-8", errors="replace")
+    except NotFound:
+        raise
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise IsoUnavailable((offline or offline_message)(url, _reason(exc), image)) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
+    """Version (10 / latest / 10.1) -> the concrete point release, URL and sha256."""
+    arch = image.arch.value
+    if is_point_release(image.version):
+        return _resolve_point(image, image.version, mirrors)
+    url = folder(mirrors.repo, major_of(image.version), arch) + "/CHECKSUM"
+    try:
+        sums = parse_checksums(fetch_text(url, image))
+    except NotFound:
+        raise IsoUnavailable(f"{url} does not exist: is {image.version!r} an AlmaLinux release?") from None
+    found = boot_isos(sums, arch)
+    if not found:
+        raise IsoUnavailable(f"{url} lists no {arch} boot ISO")
+    return _resolve_point(image, newest(list(found)), mirrors)
+
+
+def _resolve_point(image: Image, version: str, mirrors: Mirrors) -> LockEntry:
+    arch = image.arch.value
+    name = iso_name(version, arch)
+    for source, base in (("repo", mirrors.repo), ("vault", mirrors.vault)):
+        url = folder(base, version, arch)
+        try:
+            sums = parse_checksums(fetch_text(url + "/CHECKSUM", image))
+        except NotFound:
+            continue  # a point release moves to the vault when the next one ships
+        if name not in sums:
+            raise IsoUnavailable(f"{url}/CHECKSUM does not list {name}")
+        return LockEntry(image.version, version, arch, name, f"{url}/{name}", sums[name], source)
+    raise IsoUnavailable(f"AlmaLinux {version} ({arch}) is neither on {mirrors.repo} nor on {mirrors.vault}")
+
+
+# --------------------------------------------------------------------------------- lock file
+
+
+def read_lock(root: Path) -> dict[str, LockEntry]:
+    """iso.lock.json -> {image name: entry} (empty when absent)."""
+    path = root / LOCK_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {name: LockEntry(**entry) for name, entry in data.get("images", {}).items()}
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is not a valid ISO lock ({exc})", "run: invoke update-iso") from None
+
+
+def lock_text(entries: Mapping[str, LockEntry]) -> str:
+    doc = {
+        "comment": "Pinned AlmaLinux ISOs, written by `invoke update-iso`; builds verify the sha256.",
+        "images": {name: asdict(entries[name]) for name in sorted(entries)},
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def write_lock(root: Path, entries: Mapping[str, LockEntry]) -> bool:
+    """Write the lock atomically; False when the content is unchanged (nothing touched)."""
+    from pipeline.render.files import write_if_changed
+
+    return write_if_changed(root / LOCK_FILE, lock_text(entries))
+
+
+def locked(image: Image, root: Path) -> LockEntry:
+    """The pinned ISO for `image`, or a UsageError saying how to pin it."""
+    entry = read_lock(root).get(image.name)
+    if entry is None or entry.requested != image.version or entry.arch != image.arch.value:
+        state = "no ISO pinned" if entry is None else f"the pinned ISO is for version {entry.requested}"
+        raise UsageError(
+            f"{image.name}: {state} in {LOCK_FILE} (config says version {image.version})",
+            f"run: invoke update-iso {image.name}   (or set images.{image.name}.iso to a local ISO)",
+        )
+    return entry
+
+
+# --------------------------------------------------------------------------------- local files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path, cache_dir: Path) -> str:
+    """sha256 of a local file, remembered by (size, mtime) so a 1 GB ISO is hashed once."""
+    st = path.stat()
+    index_path = cache_dir / "sha256-index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    key = str(path.resolve())
+    hit = index.get(key)
+    if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return str(hit["sha256"])
+    digest = sha256_file(path)
+    index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(index_path)
+    return digest
+
+
+def download(url: str, dest: Path, sha256: str, image: Image, report: Report | None = None) -> Path:
+    """Fetch `url` to `dest` (via dest.part), verify sha256, then rename; mismatch refuses."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    h = hashlib.sha256()
+    try:
+        with open_url(url) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done, shown = 0, -1
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if report and total and (pct := done * 10 // total) != shown:
+                    shown = pct
+                    report(f"downloading {dest.name}: {pct * 10}%")
+    except NotFound:
+        part.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        part.unlink(missing_ok=True)
+        raise IsoUnavailable(offline_message(url, _reason(exc), image)) from None
+    if h.hexdigest() != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise VerifyFailed(
+            f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {sha256}; refusing to build",
+            "the mirror or the download is corrupt, or the pin is stale: run invoke update-iso",
+        )
+    part.replace(dest)
+    return dest
+
+
+def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None,
+           report: Report | None = None) -> LocalIso:
+    """A local, verified installer ISO for `image` (see the module docstring for the order)."""
+    mirrors = mirrors or Mirrors.from_env()
+    if image.iso and "://" not in image.iso:
+        path = Path(image.iso).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise UsageError(f"images.{image.name}.iso: {path} does not exist", "point iso: at a downloaded AlmaLinux boot ISO")
+        return LocalIso(path, cached_sha256(path, cache_dir))
+    entry = _entry_for_url(image, root, mirrors) if image.iso else pinned_or_resolved(image, root, mirrors, report)
+    dest = cache_dir / entry.sha256[:16] / entry.name
+    if dest.is_file() and cached_sha256(dest, cache_dir) == entry.sha256:
+        return LocalIso(dest, entry.sha256)
+    vault_url = f"{folder(mirrors.vault, entry.version, entry.arch)}/{entry.name}"
+    urls = (entry.url, vault_url) if entry.source in ("repo", "vault") else (entry.url,)
+    for url in dict.fromkeys(urls):
+        try:
+            return LocalIso(download(url, dest, entry.sha256, image, report), entry.sha256)
+        except NotFound:
+            continue  # the point release moved to the vault after it was pinned
+    raise IsoUnavailable(f"{entry.name} is gone from {entry.url} and {vault_url}: run invoke update-iso {image.name}")
+
+
+def pinned_or_resolved(image: Image, root: Path, mirrors: Mirrors, report: Report | None = None) -> LockEntry:
+    """The lock's entry; without a (current) one, resolve from the mirror now and say how to pin."""
+    try:
+        return locked(image, root)
+    except UsageError as exc:
+        entry = resolve(image, mirrors)
+        if report:
+            report(f"{exc.message}; using {entry.name} from {entry.source} (pin it: invoke update-iso {image.name})")
+        return entry
+
+
+def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:
+    """`iso:` is a URL: its sha256 comes from the lock (same URL) or the CHECKSUM beside it."""
+    url = str(image.iso)
+    pinned = read_lock(root).get(image.name)
+    name = url.rsplit("/", 1)[-1]
+    if pinned and pinned.url == url:
+        return pinned
+    try:
+        sums = parse_checksums(fetch_text(url.rsplit("/", 1)[0] + "/CHECKSUM", image))
+    except NotFound:
+        sums = {}
+    if name not in sums:
+        raise IsoUnavailable(f"no CHECKSUM beside {url} lists {name}: download it and set iso: to the local path")
+    return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url")

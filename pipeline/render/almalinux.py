@@ -1,0 +1,253 @@
+"""AlmaLinux templates: one Packer source per image, rendered from config (never copied per arch).
+
+x86_64: q35, UEFI (OVMF) by default or BIOS, the installer reached by editing the default GRUB
+entry and appending the kickstart URL (Packer's HTTP server, bound to loopback). aarch64: virt,
+UEFI, `-boot strict=on`, the kickstart on a CD labelled OEMDRV, which Anaconda reads with no
+typing at all (typed keys over VNC are the known failure mode on HVF and aarch64).
+
+Everything host-specific is a variable: the driver passes the common ones (accelerator, CPU
+model, output dir, console log, key), `prepare()` the ISO, the kickstart folder and the
+firmware; the SSH password only ever travels as PKR_VAR_ssh_password.
+
+legacy=True renders for Packer < 1.7 (Debian's 1.6.6): no `packer` block, and what newer
+plugins say with `efi_*` arguments is said with `qemuargs` (`-machine ...,pflash0=,pflash1=` and
+`-blockdev`, which leave Packer's own `-drive` list intact: overriding `-drive` would drop the
+output disk and both CDs, whose paths the template cannot know).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Arch, Firmware, Image
+from pipeline.errors import ConfigError, HostUnsuitable, UsageError
+from pipeline.render import kickstart
+from pipeline.render.hcl import Block, Expr
+from pipeline.render.packer import PackerInputs, common_variables, packer_block, variable
+
+if TYPE_CHECKING:
+    from pipeline.plan import BuildPlan
+
+SOURCE = "almalinux"
+PASSWORD_ENV = "IMAGEPIPE_SSH_PASSWORD"
+SSH_TIMEOUT = "4h"  # a TCG installation of AlmaLinux takes hours; KVM/HVF minutes
+BOOT_WAIT = "30s"   # GRUB's menu waits 60 s; firmware under TCG needs ~15 s to reach it
+
+VARIABLES: dict[str, str] = {
+    "iso_url": "the AlmaLinux boot ISO (a local path after imagepipe downloaded and verified it)",
+    "iso_checksum": "sha256:<hex> of the ISO, from the mirror's CHECKSUM file (iso.lock.json)",
+    "kickstart_dir": "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)",
+    "ssh_username": "account Packer logs in with once the installed system has rebooted",
+}
+UEFI_VARIABLES: dict[str, str] = {
+    "efi_firmware_code": "UEFI firmware code for this host (OVMF, AAVMF or Homebrew edk2)",
+    "efi_firmware_vars": "a writable copy of the matching UEFI variable store, one per build",
+}
+SECRET_DESCRIPTION = f"password Packer logs in with; set through PKR_VAR_ssh_password (imagepipe: {PASSWORD_ENV})"
+
+
+def uses_uefi(image: Image) -> bool:
+    """aarch64 always boots UEFI; x86_64 follows `firmware`."""
+    return image.arch is Arch.AARCH64 or image.firmware is Firmware.UEFI
+
+
+def check(image: Image) -> None:
+    """Refuse combinations the template cannot express."""
+    if image.arch is Arch.AARCH64 and image.firmware is Firmware.BIOS:
+        raise ConfigError("invoke.yaml", [f"images.{image.name}.firmware: aarch64 boots with UEFI only (use uefi)"])
+
+
+def variables(image: Image) -> list[Block]:
+    """Every variable the template reads (host-specific values have no default)."""
+    blocks = common_variables()
+    blocks += [variable(n, d) for n, d in VARIABLES.items() if n != "ssh_username"]
+    blocks.append(variable("ssh_username", VARIABLES["ssh_username"], default=image.ssh_user))
+    if uses_uefi(image):
+        blocks += [variable(n, d) for n, d in UEFI_VARIABLES.items()]
+    blocks.append(variable("ssh_password", SECRET_DESCRIPTION, default="", sensitive=True))
+    return blocks
+
+
+def boot_command(image: Image) -> list[str]:
+    """Edit the default GRUB entry (same menu under BIOS and UEFI on EL10): select the install
+    entry, `e`, go to the end of the linux line, append, boot with Ctrl-X."""
+    args = (
+        " inst.text inst.ks=http://{{ .HTTPIP }}:{{ .HTTPPort }}/ks.cfg"
+        f" console=tty0 {kickstart.console_arg(image.arch)}"
+    )
+    return ["<up><wait>", "e<wait2>", "<down><down><end><wait>", args, "<wait><leftCtrlOn>x<leftCtrlOff>"]
+
+
+def qemuargs(image: Image, legacy: bool) -> list[list[str]]:
+    """Switches added to (or replacing) Packer's defaults; see the module docstring."""
+    args = [
+        # The SSH forward bound to loopback (Packer's default -netdev listens on all interfaces).
+        ["-netdev", "user,id=user.0,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22"],
+        ["-serial", "file:${var.console_log}"],
+        ["-cpu", "${var.cpu_model}"],
+    ]
+    if image.arch is Arch.AARCH64:
+        args.append(["-boot", "strict=on"])
+    if legacy and uses_uefi(image):
+        machine = f"type={image.arch.machine},accel=${{var.accelerator}},pflash0=fw-code,pflash1=fw-vars"
+        args += [
+            ["-machine", machine],
+            ["-blockdev", "node-name=fw-code,driver=file,filename=${var.efi_firmware_code},read-only=on"],
+            ["-blockdev", "node-name=fw-vars,driver=file,filename=${var.efi_firmware_vars}"],
+        ]
+    return args
+
+
+def source(image: Image, legacy: bool) -> Block:
+    """The `source "qemu"` block."""
+    body: dict[str, Any] = {
+        "vm_name": image.artifact_name,
+        "output_directory": Expr("var.output_dir"),
+        "iso_url": Expr("var.iso_url"),
+        "iso_checksum": Expr("var.iso_checksum"),
+        "qemu_binary": image.arch.qemu_binary,
+        "machine_type": image.arch.machine,
+        "accelerator": Expr("var.accelerator"),
+        "cpus": image.cpus,
+        "memory": image.memory,
+        "disk_size": f"{image.disk_size}M",
+        "disk_interface": "virtio",
+        "disk_discard": "unmap",
+        "disk_compression": True,
+        "format": image.format.value,
+        "net_device": "virtio-net",
+        "headless": image.headless,
+        # VNC (for watching the installer) listens on loopback only. No vnc_use_password: it
+        # turns on a QMP socket inside output_dir, and QEMU refuses socket paths >= 108 bytes,
+        # which deep staging folders reach.
+        "vnc_bind_address": "127.0.0.1",
+    }
+    if uses_uefi(image) and not legacy:
+        body.update(
+            efi_boot=True,
+            efi_firmware_code=Expr("var.efi_firmware_code"),
+            efi_firmware_vars=Expr("var.efi_firmware_vars"),
+        )
+    if image.arch is Arch.AARCH64:
+        # Typing over VNC is unreliable on aarch64/HVF: Anaconda reads /ks.cfg from this CD.
+        body.update(
+            cdrom_interface="virtio-scsi",  # virt's default virtio bus has no CD-ROM
+            cd_files=["${var.kickstart_dir}/ks.cfg"],
+            cd_label="OEMDRV",
+            boot_wait="5s",
+        )
+    else:
+        body.update(
+            http_directory=Expr("var.kickstart_dir"),
+            http_bind_address="127.0.0.1",  # the guest reaches it through slirp's 10.0.2.2
+            boot_wait=BOOT_WAIT,
+            boot_command=boot_command(image),
+        )
+    shutdown = "/sbin/shutdown -P now" if image.ssh_user == "root" else "sudo -n /sbin/shutdown -P now"
+    body.update(
+        communicator="ssh",
+        ssh_username=Expr("var.ssh_username"),
+        ssh_password=Expr("var.ssh_password"),
+        ssh_private_key_file=Expr("var.ssh_private_key_file"),
+        ssh_timeout=SSH_TIMEOUT,
+        shutdown_command=shutdown,
+        shutdown_timeout="15m",
+        qemuargs=qemuargs(image, legacy),
+    )
+    return Block("source", ("qemu", SOURCE), body)
+
+
+def blocks(image: Image, legacy: bool) -> list[Block]:
+    """The whole template for `image` (legacy=True: Packer < 1.7)."""
+    check(image)
+    head = [] if legacy else [packer_block()]
+    build = Block("build", body={"sources": [f"source.qemu.{SOURCE}"]})
+    return head + variables(image) + [source(image, legacy), build]
+
+
+# --------------------------------------------------------------------------------- prepare
+
+
+def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
+    """The build login's password: $IMAGEPIPE_SSH_PASSWORD, else the well-known development
+    password when the account still has the shipped hash, else "" when it has public keys."""
+    env = os.environ if env is None else env
+    if PASSWORD_ENV in env:
+        return env[PASSWORD_ENV]
+    user = image.user(image.ssh_user)
+    if user is not None and user.password_hash in kickstart.DEVELOPMENT_HASHES:
+        return kickstart.DEVELOPMENT_HASHES[user.password_hash]
+    if user is not None and user.public_keys:
+        return ""  # key login: the private key must match one of the user's public_keys
+    raise UsageError(
+        f"cannot log in as {image.ssh_user!r} during the build of {image.name}: its password is not a"
+        " development default and it has no public keys",
+        f"export {PASSWORD_ENV}=<its password> (kept out of argv and logs), or add the build key's"
+        f" public key to images.{image.name}.users[].public_keys",
+    )
+
+
+def firmware_vars(plan: BuildPlan, inputs: Path) -> dict[str, str]:
+    """Firmware code path and a per-build writable copy of the variable store."""
+    fw = plan.firmware
+    if fw is None:
+        raise HostUnsuitable(f"{plan.image.name} boots with UEFI but no firmware was chosen", "see invoke doctor")
+    store = inputs / "efivars.fd"
+    if fw.vars:
+        shutil.copyfile(fw.vars, store)
+    else:  # code-only firmware (QEMU_EFI_AARCH64): an empty store of the same flash size
+        with open(store, "wb") as f:
+            f.truncate(Path(fw.code).stat().st_size)
+    store.chmod(0o644)
+    return {"efi_firmware_code": str(fw.code), "efi_firmware_vars": str(store)}
+
+
+def stage_kickstart(image: Image, root: Path, inputs: Path, report: Callable[[str], None]) -> Path:
+    """The kickstart rendered from the config (as the template is), in its own folder; a
+    committed copy that differs is pointed out, since users read that one."""
+    text = kickstart.render(image)
+    committed = kickstart.kickstart_path(root, image)
+    if not committed.is_file() or committed.read_text(encoding="utf-8") != text:
+        report(f"note: {committed.relative_to(root)} is not what invoke.yaml renders (building with the"
+               " rendered one): run invoke render and commit it")
+    folder = inputs / "kickstart"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ks.cfg").write_text(text, encoding="utf-8")
+    return folder
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(plan: BuildPlan, stage: Path, report: Callable[[str], None] = _stderr) -> PackerInputs:
+    """Resolve, fetch and verify the ISO, stage the kickstart and a UEFI variable store under
+    <stage>/inputs, and name the build login's password (environment only, never argv)."""
+    from pipeline import iso
+
+    image = plan.image
+    check(image)
+    root = plan.root
+    password = ssh_password(image)  # fails before any download when no login is possible
+    local = iso.ensure(image, root, cache_dir=plan.image_dir.parent / ".cache" / "iso", report=report)
+    inputs = stage / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    values = {
+        "iso_url": str(local.path),
+        "iso_checksum": f"sha256:{local.sha256}",
+        "kickstart_dir": str(stage_kickstart(image, root, inputs, report)),
+        "ssh_username": image.ssh_user,
+    }
+    if uses_uefi(image):
+        values.update(firmware_vars(plan, inputs))
+    return PackerInputs(variables=values, secret_env={"ssh_password": password})
+
+def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
+    """Generated files besides the template: the image's kickstart."""
+    check(image)
+    return {kickstart.kickstart_path(root, image): kickstart.render(image, source)}

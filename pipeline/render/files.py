@@ -1,0 +1,93 @@
+"""The committed, generated files: what the configuration renders, and writing only what changed.
+
+Every Packer-built image contributes its template (packer/<family>/<arch>/<image>.pkr.hcl, the
+modern rendering) plus whatever its renderer module adds through an optional
+`files(image, root, source) -> dict[Path, str]` (AlmaLinux: the kickstart). Images built by
+another engine contribute through `pipeline.render.<distro>.files` when that module has one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from pipeline.config import Config, Image
+from pipeline.plan import template_path
+
+
+def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
+    """path -> content of every generated file `image` owns (empty when nothing is rendered)."""
+    from pipeline.render.packer import render_text
+
+    name = f"pipeline.render.{image.distro.value}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise  # the renderer exists but one of its imports is missing: a real error
+        return {}  # that engine's renderer is not there yet
+    out: dict[Path, str] = {}
+    if image.distro.builder == "packer":
+        out[template_path(root, image)] = render_text(image, legacy=False)
+    extra = getattr(module, "files", None)
+    if callable(extra):
+        out.update(extra(image, root, source))
+    return out
+
+
+def rendered_files(cfg: Config, names: Iterable[str] | None = None) -> dict[Path, str]:
+    """Everything the configuration renders (all images, or `names`), before anything is written.
+
+    Two images claiming one path with different content is an error: nothing gets written.
+    """
+    images = [cfg.image(n) for n in names] if names else [cfg.images[k] for k in sorted(cfg.images)]
+    out: dict[Path, str] = {}
+    owner: dict[Path, str] = {}
+    for image in images:
+        for path, text in image_files(image, cfg.root, cfg.source).items():
+            if path in out and out[path] != text:
+                from pipeline.errors import ConfigError
+
+                raise ConfigError(cfg.source, [f"images.{image.name}: renders {path}, which {owner[path]} renders differently"])
+            out[path], owner[path] = text, image.name
+    return out
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Atomically replace `path` with `text` (same folder temp file + rename); False if unchanged."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_all(files: Mapping[Path, str]) -> list[Path]:
+    """Write every file whose content changed; the paths written, in order."""
+    return [path for path in sorted(files) if write_if_changed(path, files[path])]
+
+
+def drift(files: Mapping[Path, str]) -> list[Path]:
+    """Committed files that differ from (or are missing against) what the config renders."""
+    stale = []
+    for path in sorted(files):
+        try:
+            if path.read_text(encoding="utf-8") != files[path]:
+                stale.append(path)
+        except FileNotFoundError:
+            stale.append(path)
+    return stale

@@ -1,0 +1,160 @@
+"""VM tasks: run, ssh, status, stop, test-image, test-all (and the per-image aliases)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from invoke import Context, Exit
+
+from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+
+if TYPE_CHECKING:
+    from pipeline.config import Accel
+
+IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
+TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
+
+
+def _accel(value: str) -> Accel | None:
+    """--accel value → Accel (empty: defaults.accel from invoke.yaml)."""
+    from pipeline.config import Accel, Invalid, _enum
+    from pipeline.errors import UsageError
+
+    if not value:
+        return None
+    try:
+        return _enum(Accel)(value)
+    except Invalid as exc:
+        raise UsageError(f"--accel: {exc}") from None
+
+
+def remainder(argv: Sequence[str] | None = None) -> list[str]:
+    """The words after the first `--` on the command line, exactly as the shell split them.
+
+    Invoke parses `--` as its "remainder" but does not hand it to tasks (and would join it into
+    one string); reading argv keeps each word intact for ssh.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return args[args.index("--") + 1:] if "--" in args else []
+
+
+@task(help={
+    "image": IMAGE_HELP,
+    "accel": ACCEL_HELP + " (default: defaults.accel)",
+    "snapshot": "write to a temporary overlay: the image file stays untouched",
+    "foreground": "attach the serial console to this terminal (Ctrl-A X quits) instead of detaching",
+    "gui": "open a display window instead of running headless",
+})
+def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foreground: bool = False,
+        gui: bool = False) -> None:
+    """Boot a published image in QEMU (detached; SSH forwarded on 127.0.0.1)."""
+    from pipeline import vm
+
+    cfg = load_config(c)
+    img = cfg.image(image)
+    opts = vm.RunOptions(snapshot=snapshot, gui=gui, foreground=foreground)
+    st = vm.run_image(cfg, img, _accel(accel), opts, say=say)
+    if st.state == "running":
+        state = vm.state_paths(cfg.output_dir, img.name)
+        say(f"{img.name}: running, pid {st.pid}, ssh on 127.0.0.1:{st.ssh_port}")
+        say(f"  console log: {state.console}")
+        say(f"  log in:      invoke ssh {img.name}      stop: invoke stop {img.name}")
+
+
+run_alma_x86 = alias(run, "run-alma-x86", "Boot AlmaLinux 10 x86_64 (almalinux10-x86_64).", image="almalinux10-x86_64")
+run_alma_arm = alias(run, "run-alma-arm", "Boot AlmaLinux 10 aarch64 (almalinux10-aarch64).", image="almalinux10-aarch64")
+run_nixos_x86 = alias(run, "run-nixos-x86", "Boot NixOS x86_64 (nixos-x86_64).", image="nixos-x86_64")
+run_nixos_arm = alias(run, "run-nixos-arm", "Boot NixOS aarch64 (nixos-aarch64).", image="nixos-aarch64")
+run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", image="demo-x86_64")
+
+
+@task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
+def ssh(c: Context, image: str, timeout: int = 0) -> None:
+    """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
+    from pipeline import vm
+
+    cfg = load_config(c)
+    code = vm.ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
+    if code != 0:
+        raise Exit(code=code)
+
+
+ssh_alma = alias(ssh, "ssh-alma", "SSH into AlmaLinux 10 x86_64 (port 2222 unless taken).", image="almalinux10-x86_64")
+ssh_nixos = alias(ssh, "ssh-nixos", "SSH into NixOS x86_64 (port 2223 unless taken).", image="nixos-x86_64")
+ssh_demo = alias(ssh, "ssh-demo", "SSH into the demo image (port 2224 unless taken).", image="demo-x86_64")
+
+
+@task(help={"json": "one JSON document on stdout instead of a table"})
+def status(c: Context, json: bool = False) -> None:
+    """Show which images are running: pid, SSH port, uptime, accelerator."""
+    import json as json_mod
+    import time
+
+    from pipeline import vm
+
+    cfg = load_config(c)
+    rows = vm.statuses(cfg)
+    now = time.time()
+    if json:
+        print(json_mod.dumps({"images": [r.as_json(now) for r in rows]}, indent=2))
+        return
+    print(f"{'IMAGE':24} {'STATE':8} {'PID':>7} {'PORT':>5} {'UPTIME':>8}  ACCEL")
+    for r in rows:
+        up = r.uptime(now)
+        print(f"{r.image:24} {r.state:8} {r.pid or '-':>7} {r.ssh_port or '-':>5} "
+              f"{f'{up:.0f}s' if up is not None else '-':>8}  {r.accelerator or '-'}")
+
+
+@task(help={
+    "image": IMAGE_HELP,
+    "force": "end QEMU at once (QMP quit) instead of an ACPI power-off",
+    "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
+})
+def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
+    """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
+    from pipeline import vm
+
+    cfg = load_config(c)
+    img = cfg.image(image)
+    say(vm.stop(img.name, vm.state_paths(cfg.output_dir, img.name), force=force, grace=timeout, say=say))
+
+
+@task(help={"image": IMAGE_HELP, "accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
+def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> None:
+    """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
+    from pipeline import vm
+    from pipeline.errors import VerifyFailed
+
+    cfg = load_config(c)
+    result = vm.boot_test_published(cfg, cfg.image(image), _accel(accel), timeout or None, say=say)
+    if result.result == "not built":
+        from pipeline.errors import UsageError
+
+        raise UsageError(f"{image} has not been built yet", f"build it first: invoke build {image}")
+    if result.result != "passed":
+        raise VerifyFailed(f"boot test failed: {result.detail}")
+    say(f"{image}: boot test passed in {result.seconds:.1f}s ({result.detail})")
+
+
+@task(help={"accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
+def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
+    """Boot-test every published image, one after the other, and print a summary table."""
+    from pipeline import vm
+    from pipeline.errors import UsageError, VerifyFailed
+
+    cfg = load_config(c)
+    requested = _accel(accel)
+    rows = []
+    for name in sorted(cfg.images):
+        row = vm.boot_test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
+        if row.result == "failed":
+            say(f"{name}: FAILED\n{row.detail}")
+        rows.append(row)
+    print(vm.results_table(rows))
+    if all(r.result == "not built" for r in rows):
+        raise UsageError("no image has been built yet: nothing to test", "build one first, e.g. invoke build-demo")
+    failed = [r.image for r in rows if r.result == "failed"]
+    if failed:
+        raise VerifyFailed(f"boot test failed for: {', '.join(failed)}")

@@ -1,0 +1,129 @@
+"""ISO resolver against a real HTTP server on loopback serving AlmaLinux-style mirror folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import iso
+from pipeline.config import load_file
+from pipeline.errors import VerifyFailed
+from tests.almalinux_support import (
+    ROOT,
+    closed_port_url,
+    invoke,
+    project_copy,
+    serve,
+    write_release,
+)
+
+CFG = load_file(ROOT / "invoke.yaml")
+X86 = CFG.image("almalinux10-x86_64")
+
+
+@pytest.fixture()
+def mirror(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """repo/: 10 (= 10.1, the latest) and 10.1; vault/: 10.0 (moved out of repo)."""
+    site = tmp_path / "site"
+    repo, vault = site / "almalinux", site / "vault"
+    sha101 = write_release(repo, "10.1", "x86_64", b"iso 10.1\n" * 100)
+    write_release(repo, "10", "x86_64", b"iso 10.1\n" * 100)  # the major folder mirrors the latest
+    # the major folder's CHECKSUM also names the point release, as AlmaLinux's does
+    major = repo / "10" / "isos" / "x86_64"
+    (major / "CHECKSUM").write_text((repo / "10.1/isos/x86_64/CHECKSUM").read_text())
+    sha100 = write_release(vault, "10.0", "x86_64", b"iso 10.0\n" * 100)
+    with serve(site) as (base, hits):
+        yield iso.Mirrors(f"{base}/almalinux", f"{base}/vault"), {"10.1": sha101, "10.0": sha100}, hits
+
+
+def test_major_version_resolves_to_newest_point_release(mirror) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, _ = mirror
+    entry = iso.resolve(X86, mirrors)
+    assert (entry.version, entry.source, entry.sha256) == ("10.1", "repo", shas["10.1"])
+    assert entry.url == f"{mirrors.repo}/10.1/isos/x86_64/AlmaLinux-10.1-x86_64-boot.iso"
+    assert iso.resolve(dataclasses.replace(X86, version="latest"), mirrors).version == "10.1"
+
+
+def test_point_release_gone_from_repo_comes_from_vault(mirror) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, _ = mirror
+    entry = iso.resolve(dataclasses.replace(X86, version="10.0"), mirrors)
+    assert (entry.source, entry.sha256) == ("vault", shas["10.0"])
+    assert entry.url.startswith(mirrors.vault + "/10.0/isos/x86_64/")
+
+
+def test_download_verifies_and_is_cached(mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, hits = mirror
+    entry = iso.resolve(X86, mirrors)
+    root = tmp_path / "proj"
+    root.mkdir()
+    iso.write_lock(root, {X86.name: entry})
+    got = iso.ensure(X86, root, tmp_path / "cache", mirrors)
+    assert got.sha256 == shas["10.1"] and got.path.read_bytes() == b"iso 10.1\n" * 100
+    before = len(hits)
+    assert iso.ensure(X86, root, tmp_path / "cache", mirrors) == got
+    assert len(hits) == before, "a verified cached ISO is not downloaded again"
+
+
+def test_locked_release_moved_to_vault_still_downloads(mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, _ = mirror
+    stale = iso.LockEntry("10.0", "10.0", "x86_64", "AlmaLinux-10.0-x86_64-boot.iso",
+                          f"{mirrors.repo}/10.0/isos/x86_64/AlmaLinux-10.0-x86_64-boot.iso", shas["10.0"], "repo")
+    image = dataclasses.replace(X86, version="10.0")
+    iso.write_lock(tmp_path, {image.name: stale})
+    assert iso.ensure(image, tmp_path, tmp_path / "cache", mirrors).sha256 == shas["10.0"]
+
+
+def test_checksum_mismatch_refuses_and_leaves_nothing(mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, _, _ = mirror
+    entry = dataclasses.replace(iso.resolve(X86, mirrors), sha256="0" * 64)
+    iso.write_lock(tmp_path, {X86.name: entry})
+    with pytest.raises(VerifyFailed, match="refusing to build"):
+        iso.ensure(X86, tmp_path, tmp_path / "cache", mirrors)
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_no_network_is_one_clear_line(tmp_path: Path) -> None:
+    dead = iso.Mirrors(closed_port_url() + "/almalinux", closed_port_url())
+    with pytest.raises(iso.IsoUnavailable) as err:
+        iso.ensure(X86, tmp_path, tmp_path / "cache", dead)
+    text = err.value.render()
+    assert "\n" not in text and "/10/isos/x86_64/CHECKSUM" in text and "iso:" in text
+
+
+def test_local_iso_is_hashed_once(tmp_path: Path) -> None:
+    local = tmp_path / "AlmaLinux-10.1-x86_64-boot.iso"
+    local.write_bytes(b"local iso\n")
+    image = dataclasses.replace(X86, iso=str(local))
+    first = iso.ensure(image, tmp_path, tmp_path / "cache", iso.Mirrors(closed_port_url(), closed_port_url()))
+    assert first.path == local and first.sha256 == iso.sha256_file(local)
+    index = json.loads((tmp_path / "cache" / "sha256-index.json").read_text())
+    assert index[str(local.resolve())]["sha256"] == first.sha256
+
+
+def test_update_iso_task_writes_lock_only_when_changed(mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, _ = mirror
+    (tmp_path / "p").mkdir()
+    proj = project_copy(tmp_path / "p")
+    env = {iso.MIRROR_ENV: mirrors.repo, iso.VAULT_ENV: mirrors.vault}
+    res = invoke(["update-iso", "-i", "almalinux10-x86_64"], proj, env)
+    assert res.returncode == 0, res.stderr
+    lock = json.loads((proj / iso.LOCK_FILE).read_text())
+    assert lock["images"]["almalinux10-x86_64"]["sha256"] == shas["10.1"]
+    stamp = (proj / iso.LOCK_FILE).stat().st_mtime_ns
+    again = invoke(["update-iso", "-i", "almalinux10-x86_64"], proj, env)
+    assert again.returncode == 0 and "unchanged" in again.stderr
+    assert (proj / iso.LOCK_FILE).stat().st_mtime_ns == stamp
+    bad = invoke(["update-iso", "-i", "nixos-x86_64"], proj, env)
+    assert bad.returncode != 0 and "installer ISO" in bad.stderr
+
+
+def test_update_iso_offline_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    proj = project_copy(tmp_path)
+    dead = closed_port_url()
+    res = invoke(["update-iso"], proj, {iso.MIRROR_ENV: dead, iso.VAULT_ENV: dead})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and dead in errors[0], res.stderr
+    assert not (proj / iso.LOCK_FILE).exists()

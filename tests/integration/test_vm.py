@@ -1,0 +1,270 @@
+"""Real VMs: the published demo image under QEMU (TCG), reached over real SSH, through `invoke`.
+
+Also: the aarch64 (and x86_64 UEFI) command lines proven against the real QEMU binaries and
+Debian's firmware, started paused and driven over QMP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import artifacts, vm
+from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image, load
+from pipeline.errors import VerifyFailed
+from pipeline.host import probe
+from pipeline.plan import AccelChoice
+from pipeline.run import run
+from tests.conftest import ROOT, invoke, require_tool
+
+pytestmark = pytest.mark.slow
+DEMO = "demo-x86_64"
+
+
+def qemu_gone(pid: int) -> bool:
+    """No process with this pid any more (or a zombie: not running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def status_of(cfg: Path, image: str = DEMO) -> dict:
+    res = invoke(["status", "--json"], cfg, timeout=60, check=True)
+    return next(i for i in json.loads(res.stdout)["images"] if i["image"] == image)
+
+
+def merged_config(runtime: Path) -> Config:
+    """The project's invoke.yaml with a runtime file's defaults on top (what `invoke -f` sees)."""
+    raw = yaml.safe_load((ROOT / "invoke.yaml").read_text())
+    raw["defaults"].update(yaml.safe_load(runtime.read_text()).get("defaults", {}))
+    return load(raw, ROOT)
+
+
+@pytest.fixture
+def demo(demo_build):
+    """The published demo build; whatever a test does, its VMs are gone afterwards."""
+    yield demo_build
+    _, out = demo_build
+    for kind in (vm.STATE_DIR, vm.BOOT_TEST_DIR):
+        vm.stop(DEMO, vm.state_paths(out, DEMO, kind), force=True, say=lambda _m: None)
+
+
+def test_run_ssh_status_stop(demo):
+    cfg, out = demo
+    res = invoke(["run-demo", "--snapshot"], cfg, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "accelerator tcg" in res.stderr and "running, pid" in res.stderr
+    state = vm.state_paths(out, DEMO)
+    port = int(state.ssh_port.read_text())
+    pid = int(state.pid.read_text())
+    assert vm.is_our_qemu(vm.process_cmdline(pid), state)
+
+    again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
+    assert again.returncode == 2 and "already running" in again.stderr
+
+    user_known_hosts = Path.home() / ".ssh" / "known_hosts"
+    before = user_known_hosts.read_bytes() if user_known_hosts.exists() else None
+    uname = invoke(["ssh-demo", "--", "uname", "-m"], cfg, timeout=180)
+    assert uname.returncode == 0, uname.stderr
+    assert uname.stdout.strip() == "x86_64"
+    assert (user_known_hosts.read_bytes() if user_known_hosts.exists() else None) == before
+    root = invoke(["ssh", DEMO, "--", "id", "-u"], cfg, timeout=60)
+    assert root.stdout.strip() == "0", root.stderr
+    failing = invoke(["ssh", DEMO, "--", "exit", "7"], cfg, timeout=60)
+    assert failing.returncode == 7  # the guest command's exit code comes back
+
+    # the host key was pinned in this VM's own known_hosts, under the image's alias
+    pinned = state.known_hosts.read_text().splitlines()
+    assert pinned and all(line.startswith(vm.host_key_alias(DEMO) + " ") for line in pinned)
+    assert any(line.split()[1] == "ssh-ed25519" for line in pinned)
+
+    st = status_of(cfg)
+    assert st["state"] == "running" and st["pid"] == pid and st["ssh_port"] == port
+    assert st["accelerator"] == "tcg" and st["uptime_s"] >= 0 and st["snapshot"] is True
+
+    stopped = invoke(["stop", DEMO, "--timeout", "3"], cfg, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert status_of(cfg)["state"] == "stopped"
+    assert qemu_gone(pid), f"qemu pid {pid} is still running"
+    assert not state.pid.exists() and not state.qmp.exists() and state.console.stat().st_size > 0
+
+
+def test_busy_port_picks_another_and_ssh_works(demo):
+    cfg, out = demo
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 2224))
+        holder.listen(1)
+    except OSError:
+        pass  # someone else holds the port already: it is just as busy
+    try:
+        assert not vm.port_free(2224)
+        res = invoke(["run", DEMO, "--snapshot"], cfg, timeout=120)
+        assert res.returncode == 0, res.stderr
+        state = vm.state_paths(out, DEMO)
+        port = int(state.ssh_port.read_text())
+        assert port != 2224
+        assert f"ssh on 127.0.0.1:{port}" in res.stderr
+        assert status_of(cfg)["ssh_port"] == port
+        uname = invoke(["ssh-demo", "--", "uname", "-m"], cfg, timeout=180)
+        assert uname.returncode == 0 and uname.stdout.strip() == "x86_64", uname.stderr
+        pid = int(state.pid.read_text())
+        forced = invoke(["stop", DEMO, "--force"], cfg, timeout=60)
+        assert forced.returncode == 0 and "at once" in forced.stderr
+        assert qemu_gone(pid)
+    finally:
+        holder.close()
+
+
+def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
+    cfg, out = demo
+    assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
+    state = vm.state_paths(out, DEMO)
+    pid = int(state.pid.read_text())
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "stop", DEMO, "--timeout", "120"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # "sent the ACPI power button; waiting ..."
+        assert "waiting up to 120s" in line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopped at once" in err
+    assert qemu_gone(pid) and not state.pid.exists()
+
+
+def test_foreground_console(demo):
+    """--foreground: the serial console on our stdio (logged too); status sees the VM meanwhile;
+    `poweroff` typed on the console ends QEMU and the task."""
+    cfg, out = demo
+    state = vm.state_paths(out, DEMO)
+    state.console.unlink(missing_ok=True)  # an earlier test's log must not look like this boot
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "run-demo", "--foreground", "--snapshot"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while "demo guest: up" not in (state.console.read_text() if state.console.exists() else ""):
+            assert time.monotonic() < deadline and proc.poll() is None, "the guest did not come up"
+            time.sleep(0.5)
+        assert status_of(cfg)["state"] == "running"
+        assert proc.stdin is not None
+        proc.stdin.write(b"\npoweroff\n")
+        proc.stdin.flush()
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert b"demo guest: up" in stdout and b"Power down" in stdout  # the console was on stdout
+    assert b"console attached" in stderr
+    assert status_of(cfg)["state"] == "stopped" and not state.pid.exists()
+
+
+def test_test_image_and_test_all(demo):
+    cfg, _ = demo
+    one = invoke(["test-image", DEMO], cfg, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert "boot test passed" in one.stderr
+    every = invoke(["test-all"], cfg, timeout=600)
+    assert every.returncode == 0, every.stderr
+    rows = {line.split()[0]: line.split()[1] for line in every.stdout.splitlines()[1:]}
+    assert rows[DEMO] == "passed" and rows["nixos-x86_64"] == "not"  # "not built"
+    assert "IMAGE" in every.stdout.splitlines()[0]
+
+
+def test_boot_test_function_on_the_staged_layout(demo):
+    """The build step's gate: an explicit image file + boot files beside it (absolute paths)."""
+    cfg_path, out = demo
+    cfg = merged_config(cfg_path)
+    build = artifacts.current_build(out / DEMO)
+    assert build is not None
+    boot = {"kernel": str(build / "vmlinuz"), "initrd": str(build / "initrd.img"),
+            "append": json.loads((build / "manifest.json").read_text())["boot"]["append"]}
+    started = time.monotonic()
+    vm.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2", boot, out, Accel.AUTO, deadline=120)
+    assert time.monotonic() - started < 150
+    state = vm.state_paths(out, DEMO, vm.BOOT_TEST_DIR)
+    assert not state.pid.exists() and "up" in state.console.read_text()
+    # -snapshot: the published image still matches its manifest
+    assert artifacts.verify_published(out / DEMO)
+
+
+def test_boot_test_fails_with_a_wrong_key_within_the_deadline(demo, tmp_path):
+    cfg_path, out = demo
+    wrong = tmp_path / "wrong_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", wrong], timeout=30)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw.setdefault("defaults", {})["ssh_key"] = str(wrong)
+    bad_cfg = tmp_path / "wrong-key.yaml"
+    bad_cfg.write_text(yaml.safe_dump(raw))
+    cfg = merged_config(bad_cfg)
+    assert cfg.defaults.ssh_key == str(wrong)
+    build = artifacts.current_build(out / DEMO)
+    assert build is not None
+    started = time.monotonic()
+    with pytest.raises(VerifyFailed) as err:
+        vm.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2",
+                     {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0,115200n8 panic=-1"},
+                     out, Accel.TCG, deadline=15)
+    elapsed = time.monotonic() - started
+    assert elapsed < 15 + 90, f"took {elapsed:.0f}s"
+    text = err.value.render()
+    assert "cannot log in as root" in text and "within 15s" in text
+    assert "console log (last lines)" in text and "  | " in text
+    state = vm.state_paths(out, DEMO, vm.BOOT_TEST_DIR)
+    assert not state.pid.exists()
+    # the same through the task: exit != 0 and the console tail on stderr
+    res = invoke(["test-image", DEMO, "--timeout", "10"], bad_cfg, timeout=200)
+    assert res.returncode != 0 and "console log" in res.stderr and "boot test failed" in res.stderr
+
+
+@pytest.mark.parametrize("arch", [Arch.AARCH64, Arch.X86_64])
+def test_uefi_command_line_accepted_by_qemu(arch, tmp_path):
+    """The generated UEFI command line (firmware from this host's probe) starts paused and
+    answers QMP; AAVMF on aarch64, OVMF on x86_64."""
+    require_tool(arch.qemu_binary, "qemu-system-arm qemu-efi-aarch64" if arch is Arch.AARCH64 else "qemu-system-x86 ovmf")
+    require_tool("qemu-img", "qemu-utils")
+    facts = probe(tools=())
+    fw = facts.firmware.get(arch)
+    assert fw is not None and fw.vars, f"no UEFI firmware for {arch.value}: apt-get install qemu-efi-aarch64 ovmf"
+    image = Image(name=f"uefi-{arch.value}", distro=Distro.ALMALINUX, arch=arch, firmware=Firmware.UEFI,
+                  memory=256, cpus=1)
+    disk = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], timeout=30)
+    state = vm.StatePaths(tmp_path / "run")
+    target = vm.Target(image, disk, "qcow2", "b1")
+    vm.prepare_state(state, target, fw, vm.RunOptions())
+    assert state.efivars.stat().st_size == Path(fw.vars).stat().st_size
+    argv = vm.qemu_argv(image, AccelChoice(Accel.TCG, "test"), fw, disk, state, vm.free_port())
+    if arch is Arch.AARCH64:
+        assert "/AAVMF/" in fw.code and ["-boot", "strict=on"] == argv[argv.index("-boot"):argv.index("-boot") + 2]
+    run(argv + ["-S"], timeout=60)
+    pid = int(state.pid.read_text())
+    try:
+        with vm.Qmp(state.qmp) as qmp:
+            status = qmp.execute("query-status")
+            assert status["running"] is False and status["status"] in ("prelaunch", "paused")
+            target_arch = qmp.execute("query-target")["arch"]
+            assert target_arch == arch.value
+            qmp.quit()
+        assert vm.wait_gone(pid, state, 20)
+    finally:
+        if not qemu_gone(pid):
+            os.kill(pid, signal.SIGKILL)

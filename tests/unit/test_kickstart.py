@@ -1,0 +1,115 @@
+"""Kickstart rendering: valid for RHEL10 (pykickstart), crypted only, right delivery per arch."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pykickstart.parser import KickstartParser
+from pykickstart.version import RHEL10, makeVersion
+
+from pipeline.config import Arch, Firmware, load_file
+from pipeline.lint import kickstart_problems
+from pipeline.render import kickstart
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = load_file(ROOT / "invoke.yaml")
+X86 = CFG.image("almalinux10-x86_64")
+ARM = CFG.image("almalinux10-aarch64")
+KEY = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPq0 o\'brien "laptop"'
+OTHER_HASH = "$6$saltsalt$" + "a" * 86
+
+
+def parse(text: str):  # type: ignore[no-untyped-def]
+    handler = makeVersion(RHEL10)
+    KickstartParser(handler).readKickstartFromString(text)
+    return handler
+
+
+def with_users(image, **admin_changes):  # type: ignore[no-untyped-def]
+    users = tuple(dataclasses.replace(u, **admin_changes) if u.name == "admin" else u for u in image.users)
+    return dataclasses.replace(image, users=users)
+
+
+def test_both_arches_validate_under_rhel10() -> None:
+    for image in (X86, ARM):
+        assert kickstart_problems(kickstart.render(image)) == []
+
+
+def test_passwords_are_crypted_only() -> None:
+    for image in (X86, ARM):
+        text = kickstart.render(image)
+        h = parse(text)
+        assert h.rootpw.isCrypted and h.rootpw.password.startswith("$6$")
+        admin = next(u for u in h.user.userList if u.name == "admin")
+        assert admin.isCrypted and admin.password.startswith("$6$") and "wheel" in admin.groups
+        assert "--plaintext" not in text
+        for plain in kickstart.DEVELOPMENT_HASHES.values():
+            assert f"password={plain}" not in text and f"rootpw {plain}" not in text
+
+
+def test_x86_serves_http_and_boots_bios_and_uefi() -> None:
+    text = kickstart.render(X86)
+    assert "inst.ks=http://{{ .HTTPIP }}:{{ .HTTPPort }}/ks.cfg" in text
+    h = parse(text)
+    mounts = {p.mountpoint for p in h.partition.partitions}
+    assert {"biosboot", "/boot/efi", "/", "/boot"} <= mounts
+    assert "console=ttyS0,115200n8" in h.bootloader.appendLine
+
+
+def test_aarch64_uses_oemdrv_and_uefi_only() -> None:
+    text = kickstart.render(ARM)
+    assert "OEMDRV" in text and "inst.ks=http" not in text
+    h = parse(text)
+    mounts = {p.mountpoint for p in h.partition.partitions}
+    assert "/boot/efi" in mounts and "biosboot" not in mounts
+    assert "console=ttyAMA0" in h.bootloader.appendLine
+    assert "/aarch64/os/" in h.url.url
+
+
+def test_services_network_locale_and_end_of_install() -> None:
+    image = dataclasses.replace(X86, lang="de_DE.UTF-8", keyboard="de", timezone="Europe/Berlin")
+    h = parse(kickstart.render(image))
+    assert {"sshd", "qemu-guest-agent"} <= set(h.services.enabled)
+    assert h.network.network[0].bootProto == "dhcp"
+    assert (h.lang.lang, h.timezone.timezone, h.keyboard.keyboard) == ("de_DE.UTF-8", "Europe/Berlin", "de")
+    assert h.eula.agreed and h.reboot.eject
+    assert "qemu-guest-agent" in h.packages.packageList
+
+
+def test_sudo_dropin_is_passwordless_and_only_for_sudo_users() -> None:
+    text = kickstart.render(X86)
+    assert "'admin ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/90-imagepipe-admin" in text
+    no_sudo = with_users(X86, sudo=False)
+    assert "sudoers.d" not in kickstart.render(no_sudo)
+
+
+def test_sshkey_lines_survive_quotes_in_comments() -> None:
+    image = with_users(ARM, public_keys=(KEY,))
+    h = parse(kickstart.render(image))
+    assert [(k.username, k.key) for k in h.sshkey.sshUserList] == [("admin", KEY)]
+
+
+def test_development_warning_only_for_shipped_hashes() -> None:
+    assert "WARNING: development defaults" in kickstart.render(X86)
+    users = tuple(dataclasses.replace(u, password_hash=OTHER_HASH) for u in X86.users)
+    assert "WARNING" not in kickstart.render(dataclasses.replace(X86, users=users))
+
+
+def test_root_without_hash_is_locked() -> None:
+    users = tuple(dataclasses.replace(u, password_hash=None) if u.name == "root" else u for u in X86.users)
+    h = parse(kickstart.render(dataclasses.replace(X86, users=users)))
+    assert h.rootpw.lock
+
+
+def test_paths_and_quoting() -> None:
+    assert kickstart.kickstart_path(Path("/p"), ARM) == Path("/p/kickstart/almalinux10/aarch64/almalinux10-aarch64/ks.cfg")
+    assert kickstart.ksquote("a b") == "'a b'"
+    try:
+        kickstart.ksquote("x\n--plaintext")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a line break must not reach a kickstart line")
+    assert kickstart.console_arg(Arch.AARCH64) == "console=ttyAMA0"
+    assert X86.firmware is Firmware.UEFI

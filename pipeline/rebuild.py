@@ -110,7 +110,9 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
     if result.skipped:
         return Outcome(image.name, "up-to-date", result.skipped)
     art = (result.manifest or {}).get("artifact", {})
-    return Outcome(image.name, "built", f"published build {result.build_id}", result.build_id, art.get("sha256"))
+    tested = " (boot-tested)" if boot_test else ""
+    return Outcome(image.name, "built", f"published build {result.build_id}{tested}", result.build_id,
+                   art.get("sha256"))
 
 
 def _relay(emit: Emit, image: Image, message: str) -> None:

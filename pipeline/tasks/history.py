@@ -30,8 +30,14 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
         hist.reap()
         rows = hist.builds(image or None, limit or None)
     if json:
-        for row in rows:
-            print(json_mod.dumps(row.as_json()), flush=True)
+        try:
+            for row in rows:
+                print(json_mod.dumps(row.as_json()), flush=True)
+        except BrokenPipeError:  # `invoke history --json | head`: the reader has all it wanted
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if not rows:
         say(f"no builds recorded yet in {cfg.output_dir / 'history.db'}")

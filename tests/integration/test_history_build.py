@@ -217,7 +217,8 @@ def test_rebuild_goes_on_after_a_failing_image(demo_build, tmp_path):
     events = [json.loads(line) for line in res.stdout.splitlines()]  # every stdout line is JSON
     outcome = {e["image"]: e for e in events if e["kind"] in ("built", "failed", "skipped", "up-to-date")}
     assert outcome["demo-broken"]["kind"] == "failed" and "Qemu failed to start" in outcome["demo-broken"]["message"]
-    assert outcome[IMAGE]["kind"] == "built"
+    assert outcome[IMAGE]["kind"] == "built" and "boot-tested" in outcome[IMAGE]["message"]
+    assert any(e["kind"] == "step" and e["message"] == "boot test" for e in events if e["image"] == IMAGE)
     assert outcome["almalinux10-aarch64"]["kind"] == "skipped"
     assert "aarch64" in outcome["almalinux10-aarch64"]["message"]
     assert events[-1]["kind"] == "summary" and events[-1]["failed"] == 1 and events[-1]["built"] == 1

@@ -1,4 +1,5 @@
-"""One image build as named steps: probe → plan → prepare+drive → verify → [boot test] → publish.
+"""One image build as named steps: probe → plan → lock → [input-hash check] → drive → verify
+→ [boot test] → publish → history → retention.
 
 Every step is announced on the progress view. Whatever happens after staging starts (a tool
 failure, a failed check, Ctrl-C, SIGTERM), the staging folder is removed and the published
@@ -8,18 +9,21 @@ image is left exactly as it was; the build's logs stay under output/<image>/logs
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, artifacts, keys
+from pipeline import __version__, artifacts, history, inputs, keys, retention
 from pipeline.config import Accel, Config, Distro, Image
+from pipeline.errors import CommandFailed, ImagepipeError, Interrupted
 from pipeline.host import HostFacts, existing_parent, probe
-from pipeline.plan import BuildPlan, make_build_plan
+from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
 from pipeline.run import interrupt_guard
 
@@ -31,14 +35,23 @@ class BuildOptions:
     dry_run: bool = False
     boot_test: bool = False
     json: bool = False
+    if_changed: bool = False       # skip when the input hash equals the published build's
+    wait: bool = True              # another build of the image holds the lock: wait (or LockBusy)
+    location: str = "local"        # where the build runs, for the history (local or a builder host)
 
 
 @dataclass(frozen=True)
 class BuildResult:
     image: str
     build_id: str
-    build_dir: Path | None         # None for a dry run
+    build_dir: Path | None         # None for a dry run or a skipped build
     manifest: dict[str, Any] | None
+    skipped: str | None = None     # why nothing was built (--if-changed: "up to date: ...")
+
+
+# Test hook: IMAGEPIPE_TEST_PAUSE_AT=<point> makes the build sleep at that point so a test can
+# kill it there (points: verify, publish, published). Never set it outside tests.
+PAUSE_ENV = "IMAGEPIPE_TEST_PAUSE_AT"
 
 
 def probe_for_build(cfg: Config) -> HostFacts:
@@ -50,38 +63,145 @@ def build_image(
     cfg: Config, image: Image, opts: BuildOptions, *, facts: HostFacts | None = None,
     progress: Progress | None = None, say: Callable[[str], None] = print,
 ) -> BuildResult:
-    """Build `image` on this host and publish it; raises an ImagepipeError on any failure."""
+    """Build `image` on this host and publish it; raises an ImagepipeError on any failure.
+
+    The whole build holds the image's lock; it is recorded in the history from start to end;
+    with `opts.if_changed` nothing is built when the inputs equal the published build's.
+    """
+    if opts.dry_run:
+        return _dry_run(cfg, image, opts, facts, say)
+    # Whether this host can build the image is decided before anything is created or locked.
+    facts = facts or probe_for_build(cfg)
+    driver = _driver(image)
+    if hasattr(driver, "check_can_build"):
+        driver.check_can_build(image, facts, cfg)
+    key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
+        with history.History(cfg.output_dir) as hist:
+            hist.reap()
+        retention.clean_stale(plan.image_dir, say)
+        ihash = inputs.compute(cfg, image)
+        if opts.if_changed:  # checked again under the lock: a build we waited for may have done it
+            fresh = inputs.up_to_date(plan.image_dir, ihash.value)
+            if fresh:
+                say(f"{image.name}: {fresh}")
+                return BuildResult(image.name, plan.build_id, None, None, skipped=fresh)
+        _announce(plan, facts, say)
+        result = _recorded_build(cfg, plan, driver, facts, ihash, opts, progress)
+        _apply_retention(cfg, image, say)
+        return result
+
+
+def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> None:
+    """The accelerator Packer gets; for nix builds a warning when its VM will crawl without KVM."""
+    image = plan.image
+    if image.distro.builder == "packer":
+        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
+    elif facts.os == "linux" and not facts.kvm.usable:
+        say(f"{image.name}: warning: make-disk-image.nix runs its own VM and KVM is not usable here "
+            f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
+
+
+def _dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None,
+             say: Callable[[str], None]) -> BuildResult:
     facts = facts or probe_for_build(cfg)
     driver = _driver(image)
     if hasattr(driver, "check_can_build"):
         driver.check_can_build(image, facts, cfg)
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
     plan = make_build_plan(cfg, image, facts, opts.accel, key)
-    if image.distro.builder == "packer":
-        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
-    elif facts.os == "linux" and not facts.kvm.usable:
-        say(f"{image.name}: warning: make-disk-image.nix runs its own VM and KVM is not usable here "
-            f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
-    if opts.dry_run:
-        _print_plan(plan, say)
-        return BuildResult(image.name, plan.build_id, None, None)
+    _announce(plan, facts, say)
+    _print_plan(plan, say)
+    say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
+    return BuildResult(image.name, plan.build_id, None, None)
+
+
+def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts, ihash: inputs.InputHash,
+                    opts: BuildOptions, progress: Progress | None) -> BuildResult:
+    """Run the build's steps with a history row from start to end."""
+    image = plan.image
+    with history.History(cfg.output_dir) as hist:
+        hist.start(plan.build_id, image.name, location=opts.location, input_hash=ihash.value,
+                   log_path=plan.log_dir)
+        try:
+            result = _steps(cfg, plan, driver, facts, ihash, opts, progress)
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed"
+            hist.finish(plan.build_id, status, error=describe_failure(exc))
+            raise
+        art = (result.manifest or {}).get("artifact", {})
+        _pause("published")
+        hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
+    return result
+
+
+def _steps(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts, ihash: inputs.InputHash,
+           opts: BuildOptions, progress: Progress | None) -> BuildResult:
+    """drive → verify → [boot test] → publish, in a staging folder that vanishes on failure."""
+    image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
-    with interrupt_guard(), progress, _staging(plan) as stage:
+    with progress, _staging(plan) as stage:
         started = time.time()
         produced = driver.drive(plan, stage, progress, on_error=opts.on_error)
         progress.step_event("verify (qemu-img check, sha256)")
+        _pause("verify")
         verified = artifacts.verify(produced, image.format.value)
         if opts.boot_test:
             progress.step_event("boot test")
             _boot_test(cfg, plan, produced, opts)
         progress.step_event("publish")
         manifest = _manifest(plan, facts, verified, stage, started)
+        manifest["input_hash"] = ihash.value
+        manifest["input_parts"] = ihash.parts
         sums = {verified.file: verified.sha256, **manifest["inputs"]}
         artifacts.write_build_files(stage, manifest, sums)
+        _pause("publish")
         final = artifacts.publish(stage, plan.image_dir, plan.build_id, image.artifact_name)
         progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
                                     f"({verified.size / 1e6:.1f} MB, sha256 {verified.sha256[:12]}…)"))
     return BuildResult(image.name, plan.build_id, final, manifest)
+
+
+def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> None:
+    """Keep the image's last N builds (never the published one); a failure here is only a warning."""
+    try:
+        freed = retention.apply(cfg.output_dir, image.name, image.retention)
+    except OSError as exc:
+        say(f"{image.name}: warning: retention could not remove old builds: {exc}")
+        return
+    if freed.removed:
+        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short account of a failure (history, rebuild report): a tool's own error lines, not its argv."""
+    if isinstance(exc, CommandFailed):
+        tool = Path(exc.argv[0]).name if exc.argv else "command"
+        errors = [_error_line(line) for line in exc.tail.splitlines() if "error" in line.lower()]
+        detail = "; ".join(dict.fromkeys(e for e in errors if e))
+        return f"{tool} exited {exc.returncode}" + (f": {detail}" if detail else "")
+    if isinstance(exc, ImagepipeError):
+        return exc.message
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _error_line(line: str) -> str:
+    """An error line's text; Packer machine-readable lines (`ts,target,ui,error,text`) unwrapped."""
+    fields = line.split(",")
+    if fields[0].isdigit() and len(fields) >= 3:
+        kind = fields[2]
+        line = ",".join(fields[4:]) if kind == "ui" else ",".join(fields[3:]) if kind == "error" else ""
+    return line.replace("%!(PACKER_COMMA)", ",").replace("\\n", " ").strip(" =>-")
+
+
+def _pause(point: str) -> None:
+    """The test hook (see PAUSE_ENV): announce the pause on stderr and sleep until killed."""
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"imagepipe test hook: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        time.sleep(3600)
 
 
 def _driver(image: Image) -> Any:

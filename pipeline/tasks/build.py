@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from invoke import Context
 
+from pipeline.config import Config, Image
 from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
 
 BUILD_HELP = {
@@ -13,14 +14,17 @@ BUILD_HELP = {
     "dry_run": "print the plan and the exact command, build nothing",
     "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
     "json": "one JSON object per event on stdout (for scripts and timers)",
+    "if_changed": "build only when the input hash differs from the published build's (else say 'up to date')",
+    "force": "build even when nothing changed (overrides --if-changed)",
+    "no_wait": "fail at once (exit 75) when another build of this image holds its lock, instead of waiting",
 }
 
 
 @task(help=BUILD_HELP)
 def build(c: Context, image: str, accel: str = "auto", on_error: str = "cleanup", dry_run: bool = False,
-          boot_test: bool = False, json: bool = False) -> None:
+          boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
+          no_wait: bool = False) -> None:
     """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
-    from pipeline.build import BuildOptions, build_image
     from pipeline.config import Accel, _enum
     from pipeline.errors import UsageError
 
@@ -32,8 +36,35 @@ def build(c: Context, image: str, accel: str = "auto", on_error: str = "cleanup"
         requested = _enum(Accel)(accel)
     except Exception as exc:
         raise UsageError(f"--accel: {exc}") from None
-    opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json)
-    build_image(cfg, img, opts, say=say)
+    if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
+        return  # the fast path: no probe, no lock, no heavy import
+    from pipeline.build import BuildOptions, build_image
+
+    opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json,
+                        if_changed=if_changed and not force, wait=not no_wait)
+    result = build_image(cfg, img, opts, say=say)
+    if result.skipped and json:
+        _print_skip(img.name, result.skipped)
+
+
+def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
+    """Say "up to date" and return True when the published build has the current input hash."""
+    from pipeline import inputs
+
+    fresh = inputs.up_to_date(cfg.output_dir / img.name, inputs.compute(cfg, img).value)
+    if fresh is None:
+        return False
+    say(f"{img.name}: {fresh}")
+    if json:
+        _print_skip(img.name, fresh)
+    return True
+
+
+def _print_skip(image: str, why: str) -> None:
+    import json as json_mod
+    import time
+
+    print(json_mod.dumps({"image": image, "kind": "skipped", "message": why, "ts": time.time()}), flush=True)
 
 
 build_demo = alias(build, "build-demo", "Build the offline demo image (demo-x86_64): no ISO download needed.",

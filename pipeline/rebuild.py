@@ -1,0 +1,174 @@
+"""The unattended rebuild (what a timer runs): for each image, refresh its ISO pin, compute the
+input hash, build only if it changed, boot-test where possible, publish, record, apply retention.
+
+Outcomes per image: `built`, `up-to-date`, `skipped` (this host cannot build it: foreign arch
+without emulation, no firmware, nix cross-arch — not a failure, so `--all` on any machine is
+meaningful) or `failed`. One failing image never stops the others; the exit code is non-zero
+when any image failed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Accel, Config, Distro, Image
+from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
+
+Emit = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    image: str
+    status: str                 # built | up-to-date | skipped | failed
+    message: str
+    build_id: str | None = None
+    sha256: str | None = None
+
+
+def available(module: str) -> bool:
+    """True when `pipeline.<module>` is part of this installation (optional features)."""
+    return importlib.util.find_spec(f"pipeline.{module}") is not None
+
+
+def make_emitter(json_lines: bool) -> Emit:
+    """emit(kind, image, message, **data): a JSON object per event on stdout, or a plain line on stderr."""
+
+    def emit(kind: str, image: str, message: str, **data: Any) -> None:
+        if json_lines:
+            print(json.dumps({"image": image, "kind": kind, "message": message, "ts": time.time(), **data}),
+                  flush=True)
+        else:
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp} [{image}] {kind}: {message}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def select(cfg: Config, names: Sequence[str], all_images: bool, default_schedule: bool) -> list[Image]:
+    """The images to rebuild: named ones, or every image (--all; with default_schedule only those
+    without their own `schedule:`, which have their own timer)."""
+    if names and all_images:
+        raise UsageError("give --all or --image NAME, not both")
+    if not names and not all_images:
+        raise UsageError("nothing to rebuild", "use --all, or --image NAME (repeatable)")
+    if names:
+        return [cfg.image(n) for n in names]
+    return [img for _, img in sorted(cfg.images.items()) if not (default_schedule and img.schedule)]
+
+
+def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, json_lines: bool = False,
+            force: bool = False, emit: Emit | None = None) -> list[Outcome]:
+    """Rebuild `images` one after the other; returns one Outcome per image (never raises for a
+    failing image; Ctrl-C / SIGTERM stop the run)."""
+    emit = emit or make_emitter(json_lines)
+    boot_test = available("vm")
+    if not boot_test:
+        emit("note", "*", "boot test off: the VM runner (pipeline.vm) is not part of this installation")
+    facts = None
+    outcomes = []
+    for image in images:
+        emit("start", image.name, "checking")
+        refresh_iso(cfg, image, emit)
+        if facts is None:
+            from pipeline.build import probe_for_build
+
+            facts = probe_for_build(cfg)
+        outcome = _one(cfg, image, facts, accel=accel, json_lines=json_lines, force=force,
+                       boot_test=boot_test, emit=emit)
+        emit(outcome.status, image.name, outcome.message,
+             **{k: v for k, v in (("build_id", outcome.build_id), ("sha256", outcome.sha256)) if v})
+        outcomes.append(outcome)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "up-to-date", "skipped", "failed")}
+    emit("summary", "*", ", ".join(f"{n} {s}" for s, n in counts.items()), **counts)
+    return outcomes
+
+
+def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,
+         boot_test: bool, emit: Emit) -> Outcome:
+    from pipeline.build import BuildOptions, build_image
+
+    opts = BuildOptions(accel=accel, json=json_lines, if_changed=not force, boot_test=boot_test)
+    try:
+        result = build_image(cfg, image, opts, facts=facts, say=lambda m: _relay(emit, image, m))
+    except HostUnsuitable as exc:
+        return Outcome(image.name, "skipped", exc.message)
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except ImagepipeError as exc:
+        from pipeline.build import describe_failure
+
+        return Outcome(image.name, "failed", describe_failure(exc) + (f" ({exc.hint})" if exc.hint else ""))
+    except Exception as exc:  # a bug in one image's build must not stop the timer's other images
+        return Outcome(image.name, "failed", f"internal error: {type(exc).__name__}: {exc}")
+    if result.skipped:
+        return Outcome(image.name, "up-to-date", result.skipped)
+    art = (result.manifest or {}).get("artifact", {})
+    tested = " (boot-tested)" if boot_test else ""
+    return Outcome(image.name, "built", f"published build {result.build_id}{tested}", result.build_id,
+                   art.get("sha256"))
+
+
+def _relay(emit: Emit, image: Image, message: str) -> None:
+    """A build's own messages, minus the up-to-date line the outcome repeats."""
+    text = message.removeprefix(f"{image.name}: ")
+    if not text.startswith("up to date:"):
+        emit("message", image.name, text)
+
+
+def refresh_iso(cfg: Config, image: Image, emit: Emit) -> None:
+    """Re-resolve an AlmaLinux image's ISO pin (iso.lock.json); offline → keep the pin and say so.
+
+    The one call site of the ISO resolver in the rebuild; the pin feeds the input hash, so a new
+    point release leads to a rebuild.
+    """
+    if image.distro is not Distro.ALMALINUX:
+        return
+    if image.iso:
+        emit("iso", image.name, f"uses the configured iso {image.iso}: nothing to refresh")
+        return
+    if not available("iso"):
+        emit("iso", image.name, "pin not refreshed: the ISO resolver (pipeline.iso) is not part of this installation")
+        return
+    from pipeline import iso
+
+    try:
+        entry = iso.resolve(image, iso.Mirrors.from_env())
+    except ImagepipeError as exc:
+        emit("iso", image.name, f"kept the pinned ISO (could not check for updates: {exc.message})")
+        return
+    entries = iso.read_lock(cfg.root)
+    before = entries.get(image.name)
+    entries[image.name] = entry
+    iso.write_lock(cfg.root, entries)
+    change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
+    emit("iso", image.name, f"{entry.version} ({entry.source}) {change}")
+
+
+def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool) -> list[Outcome]:
+    """--remote HOST: run the rebuild on a builder. The one call site of the remote support."""
+    if not available("remote"):
+        raise UsageError(
+            f"--remote {host}: remote builds (pipeline.remote) are not part of this installation",
+            "run the rebuild on the builder itself, or without --remote",
+        )
+    from pipeline import remote
+
+    runner = getattr(remote, "rebuild", None)
+    if runner is None:
+        raise UsageError(f"--remote {host}: pipeline.remote has no rebuild() entry point yet")
+    return list(runner(cfg, host, images, json_lines=json_lines))
+
+
+def check(outcomes: Sequence[Outcome]) -> None:
+    """Raise BuildFailed (exit 1) naming the failed images, if any."""
+    failed = [o.image for o in outcomes if o.status == "failed"]
+    if failed:
+        raise BuildFailed(f"{len(failed)} of {len(outcomes)} image(s) failed: {', '.join(failed)}",
+                          "details above; every build is listed by: invoke history")

@@ -1,0 +1,151 @@
+"""Retention: keep the last N builds of each image, never the published one; clean up after kills.
+
+Kept per image: the published build (`current`) plus the newest complete builds (builds/<id>
+holding a manifest: only verified builds get there) up to N in all. Removed: older builds and
+incomplete folders. Logs of kept
+builds stay; logs of removed builds go; logs of failed builds are kept for the newest N of them
+(they are what a person reads after a failure) and pruned beyond that.
+
+Everything here runs while the image's lock is held, so no build of that image is in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import artifacts, history
+
+
+@dataclass
+class GcPlan:
+    """What retention removes for one image, and how much that frees."""
+
+    image: str
+    removed: list[str] = field(default_factory=list)      # build ids whose builds/<id> goes
+    paths: list[Path] = field(default_factory=list)       # every folder that goes
+    bytes: int = 0
+
+    @property
+    def human_bytes(self) -> str:
+        return human(self.bytes)
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def choose(build_ids: list[str], log_ids: list[str], current: str | None, statuses: Mapping[str, str],
+           has_manifest: Callable[[str], bool], keep: int) -> tuple[set[str], set[str]]:
+    """Pure decision: (build ids to remove, log ids to remove). Ids sort by time."""
+    good = [b for b in sorted(build_ids) if has_manifest(b)]
+    kept = {current} if current else set()
+    for b in reversed(good):
+        if len(kept) >= keep:
+            break
+        kept.add(b)
+    remove_builds = set(build_ids) - kept
+    failed_logs = [i for i in sorted(log_ids) if statuses.get(i) not in ("ok", "running", None)]
+    kept_failed = set(failed_logs[-keep:])
+    remove_logs = {
+        i for i in log_ids
+        if i not in kept and statuses.get(i) != "running" and i not in kept_failed
+        and (i in remove_builds or i in failed_logs or statuses.get(i) == "ok")
+    }
+    return remove_builds, remove_logs
+
+
+def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -> GcPlan:
+    """What `apply` would remove for `image` (nothing is touched)."""
+    image_dir = output_dir / image
+    builds_dir, logs_dir = image_dir / "builds", image_dir / "logs"
+    build_ids = _children(builds_dir)
+    log_ids = _children(logs_dir)
+    current = artifacts.current_build(image_dir)
+    remove_builds, remove_logs = choose(
+        build_ids, log_ids, current.name if current else None, statuses,
+        lambda b: (builds_dir / b / artifacts.MANIFEST).is_file(), keep)
+    gc = GcPlan(image, sorted(remove_builds))
+    gc.paths = [builds_dir / b for b in sorted(remove_builds)] + [logs_dir / i for i in sorted(remove_logs)]
+    gc.bytes = sum(du(p) for p in gc.paths)
+    return gc
+
+
+def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> GcPlan:
+    """Remove what `plan` names (the caller holds the image lock) and note it in the history."""
+    with history.History(output_dir) as hist:
+        statuses = {b.id: b.status for b in hist.builds(image)}
+        gc = plan(output_dir, image, keep, statuses)
+        if dry_run:
+            return gc
+        for path in gc.paths:
+            shutil.rmtree(path)
+        hist.mark_removed(gc.removed)
+    return gc
+
+
+def _children(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink()) if folder.is_dir() else []
+
+
+def du(path: Path) -> int:
+    """Bytes used by the files under `path` (apparent size)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# --------------------------------------------------------------------------------- after a kill
+
+
+def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove what a killed build left behind (the caller holds the lock, so it is all stale):
+    staging folders (after stopping any tool still running in them) and half-made symlinks."""
+    removed: list[Path] = []
+    staging = image_dir / ".staging"
+    for stage in sorted(staging.iterdir()) if staging.is_dir() else []:
+        stopped = stop_processes_in(stage)
+        if say:
+            extra = f", stopped {len(stopped)} leftover process(es)" if stopped else ""
+            say(f"{image_dir.name}: removing {stage.name} left by an interrupted build{extra}")
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    for tmp in image_dir.glob(".*.tmp*"):  # artifacts' atomic-symlink temporaries
+        if tmp.is_symlink():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def stop_processes_in(folder: Path, grace: float = 5.0) -> list[int]:
+    """SIGKILL this user's processes whose command line names `folder` (an orphaned packer or
+    QEMU of a killed build keeps running otherwise). Linux /proc only; elsewhere a no-op."""
+    needle = str(folder).encode()
+    proc = Path("/proc")
+    pids = []
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid == os.getuid() and needle in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(history.process_start(p) for p in pids):
+        time.sleep(0.05)
+    return pids

@@ -1,0 +1,137 @@
+"""History, garbage collection and the unattended rebuild: `invoke history`, `gc`, `rebuild`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from invoke import Context
+
+from pipeline.tasks.common import ACCEL_HELP, load_config, say, task
+
+if TYPE_CHECKING:
+    from pipeline.history import Build
+
+
+@task(help={
+    "image": "only this image's builds",
+    "limit": "at most this many rows (newest first; default 20, 0 = all)",
+    "json": "one JSON object per build on stdout",
+})
+def history(c: Context, image: str = "", limit: int = 20, json: bool = False) -> None:
+    """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
+    import json as json_mod
+
+    from pipeline.history import History
+
+    cfg = load_config(c)
+    if image:
+        cfg.image(image)  # unknown names fail with the list of valid ones
+    with History(cfg.output_dir) as hist:
+        hist.reap()
+        rows = hist.builds(image or None, limit or None)
+    if json:
+        try:
+            for row in rows:
+                print(json_mod.dumps(row.as_json()), flush=True)
+        except BrokenPipeError:  # `invoke history --json | head`: the reader has all it wanted
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if not rows:
+        say(f"no builds recorded yet in {cfg.output_dir / 'history.db'}")
+        return
+    print(_table(rows))
+
+
+def _table(rows: list[Build]) -> str:
+    """Rows as an aligned text table; the last column (the note) is not padded."""
+    from pipeline.retention import human
+
+    header = ("BUILD", "IMAGE", "WHERE", "STARTED (UTC)", "TOOK", "STATUS", "SHA256", "SIZE", "NOTE")
+    lines = [header]
+    for b in rows:
+        took = f"{b.finished - b.started:.0f}s" if b.finished else "-"
+        note = (b.error or "").splitlines()[0][:60] if b.error else ("files removed" if b.removed else "")
+        lines.append((b.id, b.image, b.location, _when(b.started), took, b.status,
+                      (b.sha256 or "-")[:12], human(b.size) if b.size else "-", note))
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in lines).rstrip()
+
+
+def _when(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+@task(help={
+    "dry_run": "only report what would be removed and how much it frees",
+    "image": "only this image (default: every configured image)",
+    "json": "one JSON object per image on stdout",
+})
+def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -> None:
+    """Apply retention now: keep each image's last N builds (never the published one)."""
+    import json as json_mod
+
+    from pipeline import retention
+    from pipeline.errors import LockBusy
+    from pipeline.history import History, image_lock
+
+    cfg = load_config(c)
+    names = [cfg.image(image).name] if image else sorted(cfg.images)
+    total = 0
+    with History(cfg.output_dir) as hist:
+        hist.reap()
+    for name in names:
+        img = cfg.images[name]
+        if not (cfg.output_dir / name).is_dir():
+            continue
+        try:
+            with image_lock(cfg.output_dir / name, wait=False):
+                if not dry_run:
+                    retention.clean_stale(cfg.output_dir / name, say)
+                plan = retention.apply(cfg.output_dir, name, img.retention, dry_run=dry_run)
+        except LockBusy as exc:
+            say(f"{name}: left alone ({exc.message})")
+            continue
+        total += plan.bytes
+        verb = "would remove" if dry_run else "removed"
+        if json:
+            print(json_mod.dumps({"image": name, "dry_run": dry_run, "builds": plan.removed,
+                                  "paths": [str(p) for p in plan.paths], "bytes": plan.bytes}), flush=True)
+        else:
+            what = ", ".join(plan.removed) if plan.removed else "no builds"
+            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {plan.human_bytes})")
+    if not json:
+        say(f"{'would free' if dry_run else 'freed'} {retention.human(total)} in total")
+
+
+@task(help={
+    "all": "every configured image",
+    "image": "this image (repeatable: --image a --image b)",
+    "remote": "run the rebuild on this builder (from invoke.yaml builders) instead of here",
+    "json": "one JSON object per event on stdout (for timers and scripts)",
+    "force": "build even when the inputs did not change",
+    "accel": ACCEL_HELP,
+    "default_schedule": "with --all: only images without their own `schedule:` (those have their own timer)",
+}, iterable=["image"])
+def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remote: str = "", json: bool = False,
+            force: bool = False, accel: str = "auto", default_schedule: bool = False) -> None:
+    """Rebuild what changed (the timer's job): refresh ISO pins, build, test, publish, record, prune."""
+    from pipeline import rebuild as rb
+    from pipeline.config import Accel, _enum
+    from pipeline.errors import UsageError
+
+    cfg = load_config(c)
+    images = rb.select(cfg, image or [], all, default_schedule)
+    try:
+        requested = _enum(Accel)(accel)
+    except Exception as exc:
+        raise UsageError(f"--accel: {exc}") from None
+    if remote:
+        outcomes = rb.delegate_remote(cfg, remote, images, json)
+    else:
+        outcomes = rb.rebuild(cfg, images, accel=requested, json_lines=json, force=force)
+    rb.check(outcomes)

@@ -1,0 +1,60 @@
+"""The rebuild's ISO refresh against a real loopback mirror: a new pin changes the input hash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipeline import inputs, rebuild
+from pipeline.config import load
+from tests.almalinux_support import ROOT, closed_port_url, serve, write_release
+
+VERSIONS = {"packer": "1.6.6", "qemu-system-x86_64": "7.2.22"}
+
+
+def project(tmp_path: Path):  # Config rooted in a copy holding the committed Alma files
+    root = tmp_path / "proj"
+    for folder in ("packer", "kickstart"):
+        shutil.copytree(ROOT / folder, root / folder)
+    raw = yaml.safe_load((ROOT / "invoke.yaml").read_text())
+    raw["defaults"]["output_dir"] = str(tmp_path / "output")
+    return load(raw, root)
+
+
+def test_refresh_pins_a_new_release_and_offline_keeps_the_pin(tmp_path, monkeypatch):
+    cfg = project(tmp_path)
+    alma = cfg.image("almalinux10-x86_64")
+    events: list[tuple[str, str]] = []
+
+    def emit(kind: str, image: str, message: str, **_: object) -> None:
+        events.append((kind, message))
+
+    site = tmp_path / "site"
+    write_release(site / "almalinux", "10.1", "x86_64", b"iso 10.1\n" * 50)
+    shutil.copytree(site / "almalinux/10.1", site / "almalinux/10")
+    unpinned = inputs.compute(cfg, alma, VERSIONS)
+    with serve(site) as (base, _hits):
+        monkeypatch.setenv("IMAGEPIPE_ALMA_MIRROR", f"{base}/almalinux")
+        monkeypatch.setenv("IMAGEPIPE_ALMA_VAULT", f"{base}/vault")
+        rebuild.refresh_iso(cfg, alma, emit)
+        assert events[-1] == ("iso", "10.1 (repo) pinned")
+        pinned = inputs.compute(cfg, alma, VERSIONS)
+        assert pinned.changed_parts(unpinned.parts) == ["iso.lock"]
+        rebuild.refresh_iso(cfg, alma, emit)
+        assert events[-1] == ("iso", "10.1 (repo) unchanged")
+        # AlmaLinux ships 10.2: the next timer run pins it and the hash says "rebuild"
+        write_release(site / "almalinux", "10.2", "x86_64", b"iso 10.2\n" * 50)
+        shutil.rmtree(site / "almalinux/10")
+        shutil.copytree(site / "almalinux/10.2", site / "almalinux/10")
+        rebuild.refresh_iso(cfg, alma, emit)
+        assert events[-1] == ("iso", "10.2 (repo) updated from 10.1")
+        assert inputs.compute(cfg, alma, VERSIONS).changed_parts(pinned.parts) == ["iso.lock"]
+    lock_before = (cfg.root / "iso.lock.json").read_text()
+    monkeypatch.setenv("IMAGEPIPE_ALMA_MIRROR", closed_port_url())
+    rebuild.refresh_iso(cfg, alma, emit)
+    assert events[-1][1].startswith("kept the pinned ISO (could not check for updates:")
+    assert (cfg.root / "iso.lock.json").read_text() == lock_before
+    assert json.loads(lock_before)["images"]["almalinux10-x86_64"]["version"] == "10.2"

@@ -8,8 +8,9 @@ from pipeline.tasks.common import load_config, task
 
 
 @task(help={"json": "print the report as JSON",
-            "builder": "check a remote builder over SSH instead (a name under `builders:` or an SSH host alias)"})
-def doctor(c: Context, json: bool = False, builder: str = "") -> None:
+            "builder": "check a remote builder over SSH instead (a name under `builders:` or an SSH host alias)",
+            "accept_new_host_key": "with --builder: trust and record the builder's host key if it is not known yet"})
+def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
     """Check tools, accelerator, UEFI firmware and disk space for the configured images."""
     import json as _json
 
@@ -21,7 +22,7 @@ def doctor(c: Context, json: bool = False, builder: str = "") -> None:
         from pipeline import remote
 
         target = remote.resolve(cfg, builder, remote.ssh_config_path(c.config))
-        conn = remote.connect(target)
+        conn = remote.connect(target, accept_new_host_key=accept_new_host_key)
         try:
             report = doc.report(cfg, remote.builder_facts(conn, target), where=f"builder {target.name}")
         finally:

@@ -1,0 +1,319 @@
+"""Remote builders against a real OpenSSH sshd on 127.0.0.1, reached as the alias `hal9000`.
+
+The full cycle runs for real: rsync of the project, a venv with the project on the builder,
+the demo image built there by packer, fetched back, verified and published here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import artifacts, remote
+from tests.conftest import ROOT, invoke, require_tool, write_config
+from tests.sshd_host import SshHost
+
+
+@pytest.fixture(scope="module")
+def hal9000(tmp_path_factory: pytest.TempPathFactory):
+    """sshd on loopback + client ssh_config (alias hal9000, known host key) + test invoke config."""
+    for tool, pkg in (("rsync", "rsync"), ("ssh", "openssh-client"), ("sshd", "openssh-server")):
+        if tool == "sshd":
+            if not Path("/usr/sbin/sshd").exists():
+                pytest.fail("sshd not found: install it with `sudo apt-get install openssh-server` (.ci/run does)")
+        else:
+            require_tool(tool, pkg)
+    base = tmp_path_factory.mktemp("hal9000")
+    host = SshHost(base / "sshd").start()
+    known = base / "known_hosts"
+    known.write_text(host.known_hosts_line())
+    ssh_config = host.client_config(base / "ssh_config", known)
+    cfg = write_config(base / "test.yaml", base / "output", {
+        "ssh_config_path": str(ssh_config),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"}},
+    })
+    yield {"host": host, "base": base, "config": cfg, "ssh_config": ssh_config, "known_hosts": known}
+    host.stop()
+
+
+def _out(res: subprocess.CompletedProcess[str]) -> str:
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_full_cycle_sync_build_fetch_publish(hal9000):
+    """sync → remote demo build in the builder's own venv → fetch → sha256 verified → published here."""
+    for tool, pkg in (("packer", "packer"), ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        require_tool(tool, pkg)
+    builder = hal9000["base"] / "builder"
+    res = invoke(["remote-sync-build", "hal9000", "--image", "demo-x86_64"], hal9000["config"], timeout=1500)
+    out = _out(res)
+    assert res.returncode == 0, out
+    assert "[hal9000] synced" in out and "[hal9000] venv created" in out
+    assert "[hal9000]" in out and "==> packer build" in out and "published" in out
+    assert (builder / ".venv" / "bin" / "invoke").exists()
+    assert (builder / "tasks.py").exists() and not (builder / ".git").exists()
+    remote_manifest = json.loads((builder / "output" / "demo-x86_64" / "manifest.json").read_text())
+
+    res = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=300)
+    assert res.returncode == 0, _out(res)
+    assert "sha256 verified" in _out(res)
+    image_dir = hal9000["base"] / "output" / "demo-x86_64"
+    manifest = artifacts.read_manifest(image_dir)
+    assert manifest is not None
+    assert manifest["build_id"] == remote_manifest["build_id"]
+    assert manifest["host"]["where"] == "hal9000" and manifest["fetched"]["from"] == "hal9000"
+    assert artifacts.verify_published(image_dir) == remote_manifest["artifact"]["sha256"]
+    current = artifacts.current_build(image_dir)
+    assert current is not None
+    sums = dict(line.split("  ")[::-1] for line in (current / "SHA256SUMS").read_text().splitlines())
+    for boot_file in ("vmlinuz", "initrd.img"):
+        assert artifacts.sha256_file(current / boot_file) == sums[boot_file]
+
+    again = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=120)
+    assert again.returncode == 0 and "nothing to fetch" in _out(again), _out(again)
+    assert artifacts.current_build(image_dir) == current
+
+    # A second build in the same builder dir reuses the venv (pyproject unchanged).
+    res = invoke(["remote-sync-build", "hal9000", "--image", "demo-x86_64"], hal9000["config"], timeout=900)
+    assert res.returncode == 0 and "[hal9000] venv up to date" in _out(res), _out(res)
+
+
+def _project_copy(dest: Path) -> Path:
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache"))
+    return dest
+
+
+def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path):
+    target = remote.Target("hal9000", "hal9000", str(hal9000["base"] / "sync-builder"), None, hal9000["ssh_config"])
+    tree = _project_copy(tmp_path / "project")
+    conn = remote.connect(target)
+    try:
+        first = remote.sync(conn, target, tree)
+        second = remote.sync(conn, target, tree)
+        changed = tree / "pipeline" / "remote.py"
+        changed.write_text(changed.read_text() + "# touched\n")
+        third = remote.sync(conn, target, tree)
+    finally:
+        conn.close()
+    assert first.transferred > 20 and first.literal > 100_000
+    assert second.transferred == 0 and second.literal == 0
+    assert second.sent < 20_000, second  # the file list only
+    assert third.transferred == 1 and 0 < third.literal <= changed.stat().st_size
+    synced = Path(target.dir) / "pipeline" / "remote.py"
+    assert synced.read_text().endswith("# touched\n")
+    assert not (Path(target.dir) / ".git").exists()
+
+
+def _fake_published(builder: Path, build_id: str, image: Path, sha: str | None = None) -> None:
+    """A builder-side published layout for demo-x86_64 (as `invoke build` leaves it)."""
+    image_dir = builder / "output" / "demo-x86_64"
+    build = image_dir / "builds" / build_id
+    build.mkdir(parents=True)
+    dest = build / "demo-x86_64.qcow2"
+    shutil.move(str(image), dest)
+    digest = sha or artifacts.sha256_file(dest)
+    manifest = {"image": "demo-x86_64", "build_id": build_id, "distro": "demo", "arch": "x86_64",
+                "host": {"name": "hal9000", "os": "linux", "machine": "x86_64", "where": "local"},
+                "artifact": {"file": dest.name, "format": "qcow2", "size": dest.stat().st_size,
+                             "virtual_size": 1 << 30, "sha256": digest}}
+    artifacts.write_build_files(build, manifest, {dest.name: digest})
+    (image_dir / "current").unlink(missing_ok=True)
+    (image_dir / "current").symlink_to(f"builds/{build_id}")
+    for name in ("manifest.json", "SHA256SUMS"):
+        if not (image_dir / name).is_symlink():
+            (image_dir / name).symlink_to(f"current/{name}")
+
+
+def _dense_qcow2(path: Path, size: str = "1G") -> Path:
+    """A qcow2 whose every cluster is allocated (1 GiB of data on disk, rsync must send it all)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True, timeout=60)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", str(path)], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant pid of `pid` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            kids += [child, *_children(child)]
+    return kids
+
+
+@pytest.mark.slow
+def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_path):
+    require_tool("qemu-io", "qemu-utils")
+    builder = hal9000["base"] / "big-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "big.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+    })
+    _fake_published(builder, "20261123T000000Z-big1", _dense_qcow2(tmp_path / "big.qcow2"))
+    size = (builder / "output/demo-x86_64/builds/20261123T000000Z-big1/demo-x86_64.qcow2").stat().st_size
+    staged = out / "demo-x86_64" / ".staging" / "fetch-20261123T000000Z-big1" / "demo-x86_64.qcow2"
+
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "remote-fetch-demo", "hal9000"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if staged.exists() and staged.stat().st_size > 64 << 20:
+            rsyncs = [p for p in _children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "rsync"]
+            for p in rsyncs:
+                os.kill(p, 9)  # a dropped link: no chance to clean up
+            killed = bool(rsyncs)
+            break
+        time.sleep(0.01)
+    text = proc.communicate(timeout=120)[0]
+    assert killed, f"could not interrupt the transfer mid-way:\n{text}"
+    assert proc.returncode != 0 and "resume" in text, text
+    assert 0 < staged.stat().st_size < size
+    assert artifacts.read_manifest(out / "demo-x86_64") is None  # nothing half-published
+
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600)
+    assert res.returncode == 0, _out(res)
+    received = int(_out(res).split("received ")[1].split(" bytes")[0])
+    assert received < size * 0.97, f"did not resume: received {received} of {size}"
+    assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(
+        builder / "output/demo-x86_64/current/demo-x86_64.qcow2")
+    good = artifacts.current_build(out / "demo-x86_64")
+
+    # The builder's new image does not match its manifest: refused, the good local image stays.
+    bad = _dense_qcow2(tmp_path / "bad.qcow2", "64M")
+    _fake_published(builder, "20261123T010000Z-bad1", bad, sha="0" * 64)
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600)
+    assert res.returncode != 0 and "does not match" in _out(res), _out(res)
+    assert artifacts.current_build(out / "demo-x86_64") == good
+    assert not (out / "demo-x86_64" / ".staging" / "fetch-20261123T010000Z-bad1").exists()
+    assert artifacts.verify_published(out / "demo-x86_64")
+
+
+def test_unknown_host_key_refused_then_accepted_changed_key_refused(hal9000, tmp_path):
+    host: SshHost = hal9000["host"]
+    known = tmp_path / "known_hosts"
+    ssh_config = host.client_config(tmp_path / "ssh_config", known)
+    cfg = write_config(tmp_path / "k.yaml", tmp_path / "out", {"ssh_config_path": str(ssh_config)})
+
+    res = invoke(["doctor", "--builder", "hal9000"], cfg, timeout=120)
+    assert res.returncode == 4, _out(res)
+    assert "not in" in res.stderr and "--accept-new-host-key" in res.stderr and "SHA256:" in res.stderr
+    assert not known.exists() or known.read_text() == ""
+
+    res = invoke(["doctor", "--builder", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 0, _out(res)
+    assert "builder hal9000 (linux x86_64)" in res.stdout
+    assert host.known_hosts_line().split()[2] in known.read_text()
+    # OpenSSH (what rsync uses) accepts the recorded line under strict checking.
+    subprocess.run(["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                    "hal9000", "true"], check=True, timeout=60)
+
+    from tests.sshd_host import keygen
+
+    other = keygen(tmp_path / "other_host_key", "impostor")
+    known.write_text(host.known_hosts_line(other))
+    before = known.read_text()
+    res = invoke(["doctor", "--builder", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 4 and "CHANGED" in res.stderr, _out(res)
+    assert known.read_text() == before
+
+
+HOSTILE_HOSTS = [
+    "-oProxyCommand=touch CANARY",
+    "hal 9000",
+    "hal9000;touch CANARY",
+    "$(touch CANARY)",
+    "`touch CANARY`",
+    "hal9000\ntouch CANARY",
+    "'hal9000'",
+    '"hal9000"',
+    "hal9000|touch CANARY",
+    "hal9000&&touch CANARY",
+    "hal9000>CANARY",
+    "hal9000:/etc",
+    "root@-oProxyCommand=x",
+]
+HOSTILE_DIRS = [
+    "../escape",
+    "/srv/imagepipe/../../etc",
+    "~/imagepipe/../../root",
+    "a/../../b",
+    "-rf",
+    "~root/imagepipe",
+    "x/..",
+]
+
+
+@pytest.fixture
+def listener():
+    """A TCP port that counts connection attempts (every alias points here in the hostile tests)."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.2)
+    hits: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+                hits.append(conn)
+                conn.close()
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield sock.getsockname()[1], hits
+    stop.set()
+    t.join()
+    sock.close()
+
+
+@pytest.mark.parametrize("kind,value", [("host", h) for h in HOSTILE_HOSTS] + [("dir", d) for d in HOSTILE_DIRS])
+def test_hostile_input_is_refused_before_any_connection(kind, value, tmp_path, listener):
+    port, hits = listener
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host *\n  HostName 127.0.0.1\n  Port {port}\n")
+    canary = tmp_path / "CANARY"
+    value = value.replace("CANARY", str(canary))
+    builders = {"evil": {"host": "hal9000", "dir": value}} if kind == "dir" else {}
+    cfg = write_config(tmp_path / "h.yaml", tmp_path / "out", {"ssh_config_path": str(ssh_config),
+                                                              "builders": builders})
+    name = "evil" if kind == "dir" else value
+    for args in (["doctor", f"--builder={name}"], ["remote-fetch-demo", f"--host={name}"],
+                 ["remote-sync-build", f"--host={name}", "--image", "demo-x86_64"]):
+        res = invoke(args, cfg, timeout=60)
+        assert res.returncode == 2, f"{args}: {_out(res)}"
+        assert "refused" in res.stderr and f"builder {kind}" in res.stderr, res.stderr
+    assert hits == [], "a connection was attempted"
+    assert not canary.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_rejects_a_hostile_builder_host(tmp_path):
+    cfg = write_config(tmp_path / "h.yaml", tmp_path / "out",
+                       {"builders": {"evil": {"host": "-oProxyCommand=touch x", "dir": "~/x"}}})
+    res = invoke(["doctor", "--builder", "evil"], cfg, timeout=60)
+    assert res.returncode == 2 and "builders.evil.host" in res.stderr, _out(res)
+    raw = yaml.safe_load(cfg.read_text())
+    assert raw["builders"]["evil"]["host"].startswith("-")

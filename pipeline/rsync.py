@@ -13,10 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# What never goes to a builder: outputs, VCS data, virtualenvs and caches.
+# What never goes to a builder: outputs, VCS data, virtualenvs and caches. ("/.git" without a
+# slash: in a git worktree .git is a file.)
 SYNC_EXCLUDES: tuple[str, ...] = (
-    "/output/", "/.git/", ".venv/", "venv/", "__pycache__/", "*.pyc", "*.egg-info/",
-    ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/", "/build/", "result",
+    "/output/", "/.git", ".venv/", "/venv/", "__pycache__/", "*.pyc", "*.egg-info/",
+    ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/", "/build/", "/result",
 )
 
 

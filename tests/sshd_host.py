@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import artifacts
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -101,3 +103,38 @@ class SshHost:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def fake_published(builder: Path, build_id: str, image: Path, sha: str | None = None) -> None:
+    """A builder-side published layout for demo-x86_64 (as `invoke build` leaves it)."""
+    image_dir = builder / "output" / "demo-x86_64"
+    build = image_dir / "builds" / build_id
+    build.mkdir(parents=True)
+    dest = build / "demo-x86_64.qcow2"
+    shutil.move(str(image), dest)
+    digest = sha or artifacts.sha256_file(dest)
+    manifest = {"image": "demo-x86_64", "build_id": build_id, "distro": "demo", "arch": "x86_64",
+                "host": {"name": "hal9000", "os": "linux", "machine": "x86_64", "where": "local"},
+                "artifact": {"file": dest.name, "format": "qcow2", "size": dest.stat().st_size,
+                             "virtual_size": 1 << 30, "sha256": digest}}
+    artifacts.write_build_files(build, manifest, {dest.name: digest})
+    (image_dir / "current").unlink(missing_ok=True)  # replaced like a publish does
+    (image_dir / "current").symlink_to(f"builds/{build_id}")
+    for name in ("manifest.json", "SHA256SUMS"):
+        if not (image_dir / name).is_symlink():
+            (image_dir / name).symlink_to(f"current/{name}")
+
+
+def dense_qcow2(path: Path, size: str = "1G") -> Path:
+    """A qcow2 whose every cluster is allocated (1 GiB of data on disk, rsync must send it all)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True, timeout=60)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", str(path)], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    return path
+
+
+def sparse_qcow2(path: Path, size: str = "1G") -> Path:
+    """A qcow2 of `size` bytes on paper whose data clusters are holes (metadata preallocation)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(path), size],
+                   check=True, timeout=60)
+    return path

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline import artifacts, remote
 from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost
+from tests.sshd_host import SshHost, dense_qcow2, fake_published
 
 
 @pytest.fixture(scope="module")
@@ -113,34 +113,6 @@ def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path
     assert not (Path(target.dir) / ".git").exists()
 
 
-def _fake_published(builder: Path, build_id: str, image: Path, sha: str | None = None) -> None:
-    """A builder-side published layout for demo-x86_64 (as `invoke build` leaves it)."""
-    image_dir = builder / "output" / "demo-x86_64"
-    build = image_dir / "builds" / build_id
-    build.mkdir(parents=True)
-    dest = build / "demo-x86_64.qcow2"
-    shutil.move(str(image), dest)
-    digest = sha or artifacts.sha256_file(dest)
-    manifest = {"image": "demo-x86_64", "build_id": build_id, "distro": "demo", "arch": "x86_64",
-                "host": {"name": "hal9000", "os": "linux", "machine": "x86_64", "where": "local"},
-                "artifact": {"file": dest.name, "format": "qcow2", "size": dest.stat().st_size,
-                             "virtual_size": 1 << 30, "sha256": digest}}
-    artifacts.write_build_files(build, manifest, {dest.name: digest})
-    (image_dir / "current").unlink(missing_ok=True)
-    (image_dir / "current").symlink_to(f"builds/{build_id}")
-    for name in ("manifest.json", "SHA256SUMS"):
-        if not (image_dir / name).is_symlink():
-            (image_dir / name).symlink_to(f"current/{name}")
-
-
-def _dense_qcow2(path: Path, size: str = "1G") -> Path:
-    """A qcow2 whose every cluster is allocated (1 GiB of data on disk, rsync must send it all)."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True, timeout=60)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", str(path)], check=True,
-                   stdout=subprocess.DEVNULL, timeout=300)
-    return path
-
-
 def _children(pid: int) -> list[int]:
     """Every descendant pid of `pid` (from /proc)."""
     kids = []
@@ -164,7 +136,7 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
         "ssh_config_path": str(hal9000["ssh_config"]),
         "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
     })
-    _fake_published(builder, "20261123T000000Z-big1", _dense_qcow2(tmp_path / "big.qcow2"))
+    fake_published(builder, "20261123T000000Z-big1", dense_qcow2(tmp_path / "big.qcow2"))
     size = (builder / "output/demo-x86_64/builds/20261123T000000Z-big1/demo-x86_64.qcow2").stat().st_size
     staged = out / "demo-x86_64" / ".staging" / "fetch-20261123T000000Z-big1" / "demo-x86_64.qcow2"
 
@@ -195,8 +167,8 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     good = artifacts.current_build(out / "demo-x86_64")
 
     # The builder's new image does not match its manifest: refused, the good local image stays.
-    bad = _dense_qcow2(tmp_path / "bad.qcow2", "64M")
-    _fake_published(builder, "20261123T010000Z-bad1", bad, sha="0" * 64)
+    bad = dense_qcow2(tmp_path / "bad.qcow2", "64M")
+    fake_published(builder, "20261123T010000Z-bad1", bad, sha="0" * 64)
     res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600)
     assert res.returncode != 0 and "does not match" in _out(res), _out(res)
     assert artifacts.current_build(out / "demo-x86_64") == good

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,10 +63,16 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
             conn.close()
     except ImagepipeError as exc:
         say(f"{target.prefix}error: {exc.render()}")
-        done = {r.image for r in rows}
-        rows += [Outcome(n, target.name, "not run", exc.exit_code, 0.0, exc.message.splitlines()[0])
-                 for n in images if n not in done]
+        rows += _not_run(images, rows, target.name, exc.exit_code, exc.message.splitlines()[0])
+    except Exception as exc:  # a bug must not silently drop this builder's rows from the summary
+        say(f"{target.prefix}unexpected error:\n{traceback.format_exc()}")
+        rows += _not_run(images, rows, target.name, 1, f"unexpected error: {exc!r}")
     return rows
+
+
+def _not_run(images: Sequence[str], rows: list[Outcome], builder: str, code: int, detail: str) -> list[Outcome]:
+    done = len(rows)
+    return [Outcome(n, builder, "not run", code, 0.0, detail) for n in images[done:]]
 
 
 def prepare(conn: object, target: remote.Target, cfg: Config, say: Callable[[str], None]) -> None:

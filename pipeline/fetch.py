@@ -19,7 +19,7 @@ from typing import Any
 from pipeline import artifacts, rsync
 from pipeline.config import Config, Image
 from pipeline.errors import BuildFailed, CommandFailed, VerifyFailed
-from pipeline.remote import REMOTE_OUTPUT, Target, check_name, runner_for
+from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
 from pipeline.run import stream
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -135,7 +135,7 @@ def _transfer(target: Target, remote_dir: str, names: list[str], stage: Path, *,
     argv = rsync.pull_argv(target.host, [f"{remote_dir}/{n}" for n in names], stage, target.ssh_config,
                            resume=resume)
     try:
-        res = stream(argv, timeout=6 * 3600)
+        res = stream(argv, timeout=main_thread_timeout(6 * 3600))
     except CommandFailed as exc:
         exc.hint = "the partial transfer is kept: run the same fetch again to resume"
         raise

@@ -303,8 +303,14 @@ def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = 
         raise BuildFailed(f"builder {target.name}: cannot create {target.dir}: {res.stderr.strip()}")
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
                            (*rsync.SYNC_EXCLUDES, *extra_excludes))
-    result = stream(argv, timeout=3600, hint=f"check that `ssh {target.host}` works and rsync is installed there")
+    result = stream(argv, timeout=main_thread_timeout(3600),
+                    hint=f"check that `ssh {target.host}` works and rsync is installed there")
     return rsync.parse_stats(result.stdout)
+
+
+def main_thread_timeout(seconds: float) -> float | None:
+    """run.stream's timeout uses SIGALRM, which only the main thread may set: none in workers."""
+    return seconds if threading.current_thread() is threading.main_thread() else None
 
 
 def local_excludes(cfg: Config) -> list[str]:
@@ -381,14 +387,17 @@ def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callabl
     def on_stdout(line: str) -> None:
         ev = event_from_json(line)
         if ev is not None:
-            progress.emit(ev)
+            # one line per event, so every line of a multi-line message carries the prefix
+            for part in ev.message.splitlines() or [""]:
+                progress.emit(replace(ev, message=part))
         elif line.strip():
             say(target.prefix + line)
 
-    out, err = LineSink(on_stdout), LineSink(lambda line: say(target.prefix + line))
+    out = LineSink(on_stdout)
+    # A pty: Ctrl-C here is forwarded as ^C, which the builder's terminal turns into SIGINT for the
+    # remote build, so its own cleanup runs (packer and qemu stopped, staging removed) and its exit
+    # status (130) comes back. stderr shares the pty; JSON events are told apart line by line.
     with progress:
-        res = conn.run(shlex.join(argv), warn=True, hide=False, out_stream=out, err_stream=err,
-                       in_stream=False, pty=False)
+        res = conn.run(shlex.join(argv), warn=True, hide=False, out_stream=out, in_stream=False, pty=True)
     out.close()
-    err.close()
     return int(res.exited)

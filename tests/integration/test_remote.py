@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,49 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     # A second build in the same builder dir reuses the venv (pyproject unchanged).
     res = invoke(["remote-sync-build", "hal9000", "--image", "demo-x86_64"], hal9000["config"], timeout=900)
     assert res.returncode == 0 and "[hal9000] venv up to date" in _out(res), _out(res)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and ("packer" in args or "qemu-system" in args):
+            found.append(args)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
+    """^C during a remote build: the builder's packer and qemu stop, its staging is removed, exit 130."""
+    builder = hal9000["base"] / "builder"
+    image_dir = builder / "output" / "demo-x86_64"
+    before = artifacts.current_build(image_dir)
+    assert before is not None, "runs after the full-cycle test, which publishes on the builder"
+    argv = [sys.executable, "-m", "invoke", "-f", str(hal9000["config"]), "remote-sync-build", "hal9000",
+            "--image", "demo-x86_64"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "==> packer build" in line:
+            time.sleep(2)  # let packer start its VM
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(builder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(builder)) == [], out
+    staging = image_dir / ".staging"
+    assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
+    assert artifacts.current_build(image_dir) == before
+    assert artifacts.verify_published(image_dir)
 
 
 def _project_copy(dest: Path) -> Path:
@@ -289,3 +333,34 @@ def test_config_rejects_a_hostile_builder_host(tmp_path):
     assert res.returncode == 2 and "builders.evil.host" in res.stderr, _out(res)
     raw = yaml.safe_load(cfg.read_text())
     assert raw["builders"]["evil"]["host"].startswith("-")
+
+
+@pytest.mark.slow
+def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
+    """Two x86_64 builders (same sshd, separate dirs) build at once; an unreachable arm builder fails alone."""
+    base = hal9000["base"]
+    cfg = write_config(base / "multi.yaml", base / "multi-output", {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {
+            "b1": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"},
+            "b2": {"host": "hal9000", "dir": str(base / "builder2"), "arch": "x86_64"},
+            "arm": {"host": "arm-builder.invalid", "dir": "~/imagepipe", "arch": "aarch64"},
+        },
+    })
+    started = time.monotonic()
+    res = invoke(["remote-build", "--image", "demo-x86_64", "--image", "demo-x86_64", "--image", "nixos-aarch64"],
+                 cfg, timeout=1800)
+    took = time.monotonic() - started
+    out = _out(res)
+    assert res.returncode == 4, out  # the unreachable builder's exit code
+    assert "[b1] will build: demo-x86_64" in out and "[b2] will build: demo-x86_64" in out
+    assert "[arm] will build: nixos-aarch64" in out and "[arm] error: builder arm: cannot connect" in out
+    rows = {tuple(line.split()[:3]) for line in res.stdout.splitlines()}
+    assert {("demo-x86_64", "b1", "ok"), ("demo-x86_64", "b2", "ok"), ("nixos-aarch64", "arm", "not")} <= rows
+    for b in ("builder", "builder2"):
+        assert (base / b / "output" / "demo-x86_64" / "manifest.json").exists()
+    # Both builds overlapped: b2's first packer line came before b1's publish.
+    lines = out.splitlines()
+    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
+    b2_packer = next(i for i, line in enumerate(lines) if line.startswith("[b2]") and "==> packer build" in line)
+    assert b2_packer < b1_done, f"builds did not overlap ({took:.0f}s):\n{out}"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import ROOT, timed
+from _common import timed
 
 from pipeline import rsync
 from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2

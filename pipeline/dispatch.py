@@ -64,7 +64,7 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
     except ImagepipeError as exc:
         say(f"{target.prefix}error: {exc.render()}")
         rows += _not_run(images, rows, target.name, exc.exit_code, exc.message.splitlines()[0])
-    except Exception as exc:  # a bug must not silently drop this builder's rows from the summary
+    except Exception as exc:  # noqa: BLE001 — a bug must not silently drop this builder's rows from the summary
         say(f"{target.prefix}unexpected error:\n{traceback.format_exc()}")
         rows += _not_run(images, rows, target.name, 1, f"unexpected error: {exc!r}")
     return rows

@@ -126,7 +126,7 @@ def check_dir(raw: str) -> str:
                          hint="use an absolute path or one under ~ without '..', e.g. ~/imagepipe")
     if raw in ("~", "~/"):
         return "."
-    return raw[2:] if raw.startswith("~/") else raw
+    return raw.removeprefix("~/")
 
 
 def _dir_problem(raw: str) -> str | None:
@@ -243,7 +243,7 @@ def connect(target: Target, *, accept_new_host_key: bool = False, timeout: float
         raise HostKeyChanged(
             f"builder {target.name}: the host key of {where} CHANGED (now {fingerprint(exc.key)}); refusing to connect",
             hint="if the builder was reinstalled, remove its old line from known_hosts "
-                 f"(ssh-keygen -R) after checking the new fingerprint; otherwise someone may be intercepting") from None
+                 "(ssh-keygen -R) after checking the new fingerprint; otherwise someone may be intercepting") from None
     except paramiko.AuthenticationException as exc:
         conn.close()
         raise BuilderUnreachable(f"builder {target.name}: authentication to {where} failed: {exc}",

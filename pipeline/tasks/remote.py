@@ -19,12 +19,12 @@ def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
 
 
 def _check_accel(accel: str) -> str:
-    from pipeline.config import Accel, _enum
+    from pipeline.config import Accel, Invalid, _enum
     from pipeline.errors import UsageError
 
     try:
         return _enum(Accel)(accel).value
-    except Exception as exc:
+    except Invalid as exc:
         raise UsageError(f"--accel: {exc}") from None
 
 

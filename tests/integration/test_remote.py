@@ -362,6 +362,5 @@ def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
     # The builders worked at the same time: b2 was already busy (sync, venv) before b1 published.
     lines = out.splitlines()
     b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
-    b2_venv = next(i for i, line in enumerate(lines) if line.startswith("[b2] venv"))
     b2_synced = next(i for i, line in enumerate(lines) if line.startswith("[b2] synced"))
-    assert b2_synced < b1_done and b2_venv < len(lines), f"builders did not work in parallel ({took:.0f}s):\n{out}"
+    assert b2_synced < b1_done, f"builders did not work in parallel ({took:.0f}s):\n{out}"

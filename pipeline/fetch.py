@@ -65,23 +65,23 @@ def check_manifest(manifest: Any, image: Image) -> dict[str, Any]:
 
 
 def read_remote(conn: Any, target: Target, image: Image) -> tuple[dict[str, Any], dict[str, str]]:
-    """The builder's published manifest and SHA256SUMS for `image`."""
-    run_remote = runner_for(conn)
-    res = run_remote(("cat", "--", target.path(REMOTE_OUTPUT, image.name, artifacts.MANIFEST)))
+    """The builder's published manifest and SHA256SUMS for `image` (one round trip)."""
+    image_dir = target.path(REMOTE_OUTPUT, image.name)
+    res = runner_for(conn)(("cat", "--", f"{image_dir}/{artifacts.MANIFEST}", f"{image_dir}/{artifacts.SUMS}"))
     if not res.ok:
         raise BuildFailed(f"builder {target.name} has no published {image.name} under {target.path(REMOTE_OUTPUT)}",
                           hint=f"build it there first: invoke remote-sync-build {target.name} --image {image.name}")
     try:
-        manifest = check_manifest(json.loads(res.stdout), image)
+        # manifest.json, then SHA256SUMS: the JSON document ends where the sums begin
+        data, end = json.JSONDecoder().raw_decode(res.stdout)
     except ValueError:
         raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON") from None
-    build_dir = target.path(REMOTE_OUTPUT, image.name, "builds", manifest["build_id"])
-    res = run_remote(("cat", "--", f"{build_dir}/{artifacts.SUMS}"))
-    sums = parse_sums(res.stdout) if res.ok else {}
+    manifest = check_manifest(data, image)
+    sums = parse_sums(res.stdout[end:])
     art = manifest["artifact"]
-    if sums.get(art["file"], art["sha256"]) != art["sha256"]:
-        raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']}")
-    sums[art["file"]] = art["sha256"]
+    if sums.get(art["file"]) != art["sha256"]:
+        raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
+                           "(a publish in progress? try again)")
     return manifest, sums
 
 

@@ -364,3 +364,29 @@ def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
     b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
     b2_synced = next(i for i, line in enumerate(lines) if line.startswith("[b2] synced"))
     assert b2_synced < b1_done, f"builders did not work in parallel ({took:.0f}s):\n{out}"
+
+
+def test_proxyjump_alias_is_honoured_with_host_keys_checked_on_both_hops(hal9000, tmp_path):
+    """An alias reached through ProxyJump (here: through hal9000 itself) works for Fabric and for rsync."""
+    host: SshHost = hal9000["host"]
+    ssh_config = host.client_config(tmp_path / "ssh_config", hal9000["known_hosts"])
+    with ssh_config.open("a") as f:
+        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User root\n  ProxyJump hal9000\n"
+                f"  IdentityFile {host.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {hal9000['known_hosts']}\n")
+    cfg = write_config(tmp_path / "j.yaml", tmp_path / "out", {
+        "ssh_config_path": str(ssh_config), "builders": {"inner": {"dir": str(tmp_path / "jump-builder")}}})
+    res = invoke(["doctor", "--builder", "inner", "--json"], cfg, timeout=120)
+    assert res.returncode == 0, _out(res)
+    assert json.loads(res.stdout)["host"].startswith("builder inner (linux")
+    target = remote.Target("inner", "inner", str(tmp_path / "jump-builder"), None, ssh_config)
+    conn = remote.connect(target)
+    try:
+        assert conn.gateway is not None  # Fabric really went through the jump host
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        (tree / "hello.txt").write_text("over the jump host\n")
+        stats = remote.sync(conn, target, tree)
+    finally:
+        conn.close()
+    assert stats.transferred == 1
+    assert (tmp_path / "jump-builder" / "hello.txt").read_text() == "over the jump host\n"

@@ -7,8 +7,10 @@ from invoke import Context, Exit
 from pipeline.tasks.common import load_config, task
 
 
-@task(help={"json": "print the report as JSON"})
-def doctor(c: Context, json: bool = False) -> None:
+@task(help={"json": "print the report as JSON",
+            "builder": "check a remote builder over SSH instead (a name under `builders:` or an SSH host alias)",
+            "accept_new_host_key": "with --builder: trust and record the builder's host key if it is not known yet"})
+def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
     """Check tools, accelerator, UEFI firmware and disk space for the configured images."""
     import json as _json
 
@@ -16,8 +18,17 @@ def doctor(c: Context, json: bool = False) -> None:
     from pipeline.host import existing_parent, probe
 
     cfg = load_config(c)
-    facts = probe(disk_path=str(existing_parent(cfg.output_dir)))
-    report = doc.report(cfg, facts)
+    if builder:
+        from pipeline import remote
+
+        target = remote.resolve(cfg, builder, remote.ssh_config_path(c.config))
+        conn = remote.connect(target, accept_new_host_key=accept_new_host_key)
+        try:
+            report = doc.report(cfg, remote.builder_facts(conn, target), where=f"builder {target.name}")
+        finally:
+            conn.close()
+    else:
+        report = doc.report(cfg, probe(disk_path=str(existing_parent(cfg.output_dir))))
     print(_json.dumps(report.as_json(), indent=2) if json else doc.format_text(report))
     if not report.ok:
         raise Exit(code=1)

@@ -1,0 +1,403 @@
+"""Remote builders over SSH: who they are, connecting safely, facts, sync, and running tasks there.
+
+A builder is a name from `builders:` in invoke.yaml, or else an SSH host alias used as is. Every
+name and path is checked *before* any connection (nothing from configuration or the command
+line reaches a shell unquoted), Fabric reads the same ssh_config that OpenSSH gets for rsync
+(`ssh_config_path` in the Invoke config; else ~/.ssh/config), and host keys are verified
+against that config's known_hosts instead of Fabric's default of trusting any key.
+
+Commands on the builder are argv lists joined with `shlex.join`; where a command must run in a
+directory, a constant `sh -c` script receives the directory as a positional argument.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pipeline import rsync
+from pipeline.config import HOST_RE, Arch, Config
+from pipeline.errors import BuildFailed, ImagepipeError, UsageError
+from pipeline.host import HostFacts, Runner, find_firmware, probe
+from pipeline.progress import Event, Progress
+from pipeline.run import Result, stream
+
+# Runs argv in directory $1 (no config value is ever part of the script text itself).
+IN_DIR = 'cd -- "$1" && shift && exec "$@"'
+VENV = ".venv"
+VENV_STAMP = f"{VENV}/imagepipe-pyproject.sha256"
+# Checks the builder's venv against the pyproject hash ($2); recreates it only when it differs.
+ENSURE_VENV = r"""set -e
+cd -- "$1"
+if [ -x .venv/bin/invoke ] && [ "$(cat .venv/imagepipe-pyproject.sha256 2>/dev/null)" = "$2" ]; then
+  echo "venv up to date"; exit 0
+fi
+rm -rf .venv
+python3 -m venv .venv
+.venv/bin/python -m pip install --disable-pip-version-check -q -e .
+printf '%s\n' "$2" > .venv/imagepipe-pyproject.sha256
+echo "venv created"
+"""
+# Builds on a builder publish here (relative to its dir), whatever its invoke.yaml says.
+REMOTE_OUTPUT = "output"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+class HostKeyUnknown(ImagepipeError):
+    """The builder's host key is not in known_hosts (and accepting it was not asked for)."""
+
+    exit_code = 4
+
+
+class HostKeyChanged(ImagepipeError):
+    """The builder presented a different key than known_hosts holds: possible interception."""
+
+    exit_code = 4
+
+
+class BuilderUnreachable(ImagepipeError):
+    """Connecting or authenticating to a builder failed."""
+
+    exit_code = 4
+
+
+# --------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated builder: SSH host (alias), build dir on it, arch, and the ssh_config to use."""
+
+    name: str
+    host: str
+    dir: str                      # relative to the remote home, or absolute; no '~', no '..'
+    arch: Arch | None = None
+    ssh_config: Path | None = None
+
+    def path(self, *parts: str) -> str:
+        """A path under the build dir on the builder."""
+        return str(PurePosixPath(self.dir, *parts))
+
+    @property
+    def prefix(self) -> str:
+        return f"[{self.name}] "
+
+
+def check_host(host: str) -> str:
+    """Refuse host names that ssh, rsync or a shell would read as something else."""
+    reason = _host_problem(host)
+    if reason:
+        raise UsageError(f"builder host {host!r} refused: {reason}",
+                         hint="use a Host alias from your ssh config or a plain hostname; "
+                              "configure builders under `builders:` in invoke.yaml")
+    return host
+
+
+def _host_problem(host: str) -> str | None:
+    if not host:
+        return "it is empty"
+    checks: list[tuple[bool, str]] = [
+        (host.startswith("-"), "it starts with '-' (ssh and rsync would read it as an option)"),
+        ("\n" in host or "\r" in host or "\0" in host, "it contains a line break or NUL"),
+        (any(ch.isspace() for ch in host), "it contains whitespace"),
+        ("$(" in host or "`" in host, "it contains a command substitution ($( or `)"),
+        (any(ch in host for ch in ";&|<>"), "it contains a shell operator (; & | < >)"),
+        (any(ch in host for ch in "'\"\\"), "it contains a quote or backslash"),
+        (":" in host or "/" in host, "it contains ':' or '/' (rsync would read a path)"),
+        (not HOST_RE.match(host), "only letters, digits, '.', '_', '-' (and one user@) are allowed"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+def check_dir(raw: str) -> str:
+    """A builder dir as a plain remote path: '~/x' → 'x' (relative to home); no '..' escapes."""
+    bad = _dir_problem(raw)
+    if bad:
+        raise UsageError(f"builder dir {raw!r} refused: {bad}",
+                         hint="use an absolute path or one under ~ without '..', e.g. ~/imagepipe")
+    if raw in ("~", "~/"):
+        return "."
+    return raw.removeprefix("~/")
+
+
+def _dir_problem(raw: str) -> str | None:
+    if not raw.strip():
+        return "it is empty"
+    if any(ch in raw for ch in "\n\r\0"):
+        return "it contains a line break or NUL"
+    if raw.startswith("-"):
+        return "it starts with '-'"
+    if raw.startswith("~") and not (raw == "~" or raw.startswith("~/")):
+        return "'~user' paths are not supported"
+    if ".." in PurePosixPath(raw).parts:
+        return "a '..' component would leave the build dir"
+    return None
+
+
+def check_name(value: str, what: str) -> str:
+    """A file or build name read from a builder: one plain path component."""
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise BuildFailed(f"the builder's {what} {value!r} is not a plain file name; refusing to use it")
+    return value
+
+
+def resolve(cfg: Config, name: str, ssh_config: str | None = None) -> Target:
+    """The builder called `name` (configured, or an SSH alias with defaults), fully validated."""
+    check_host(name)
+    configured = cfg.builders.get(name)
+    host = check_host(configured.host) if configured else name
+    raw_dir = configured.dir if configured else "~/imagepipe"
+    path = None
+    if ssh_config:
+        path = Path(ssh_config).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"ssh_config_path {ssh_config!r} does not exist",
+                             hint="point ssh_config_path in invoke.yaml at an OpenSSH client config file")
+    return Target(name, host, check_dir(raw_dir), configured.arch if configured else None, path)
+
+
+def ssh_config_path(invoke_config: Any) -> str | None:
+    """`ssh_config_path` from the Invoke config (top-level key, the one Fabric uses)."""
+    value = invoke_config.get("ssh_config_path") if hasattr(invoke_config, "get") else None
+    return str(value) if value else None
+
+
+# --------------------------------------------------------------------------------- host keys
+
+
+def fingerprint(key: Any) -> str:
+    """OpenSSH-style SHA256 fingerprint of a paramiko key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_files(ssh_options: Mapping[str, Any]) -> list[Path]:
+    """UserKnownHostsFile from the looked-up ssh config, else ~/.ssh/known_hosts."""
+    raw = ssh_options.get("userknownhostsfile")
+    items = raw if isinstance(raw, list) else str(raw or "").split()
+    files = [Path(i).expanduser() for i in items if i and i != "none"]
+    return files or [Path("~/.ssh/known_hosts").expanduser()]
+
+
+def _policy(known_hosts: Path, accept_new: bool, builder: str) -> Any:
+    """A paramiko policy: unknown key → refused (or, when asked, added like accept-new)."""
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            fp = fingerprint(key)
+            if not accept_new:
+                raise HostKeyUnknown(
+                    f"builder {builder}: host key {key.get_name()} {fp} of {hostname} is not in {known_hosts}",
+                    hint=f"check the fingerprint with the builder's admin, then re-run with "
+                         f"--accept-new-host-key (or connect once with ssh {builder})")
+            known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(known_hosts, "a", encoding="utf-8") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            client.get_host_keys().add(hostname, key.get_name(), key)
+
+    return Policy()
+
+
+def _pin_host_keys(conn: Any, accept_new: bool, builder: str) -> None:
+    """Replace Fabric's AutoAddPolicy on the connection (and its ProxyJump hops)."""
+    files = known_hosts_files(conn.ssh_config)
+    for f in files:
+        if f.is_file():
+            conn.client.load_system_host_keys(str(f))
+    conn.client.set_missing_host_key_policy(_policy(files[0], accept_new, builder))
+    gateway = getattr(conn, "gateway", None)
+    if gateway is not None and hasattr(gateway, "client"):
+        _pin_host_keys(gateway, accept_new, builder)
+
+
+# --------------------------------------------------------------------------------- connecting
+
+
+def connect(target: Target, *, accept_new_host_key: bool = False, timeout: float = 20) -> Any:
+    """An open Fabric Connection to the builder, host key verified."""
+    import paramiko
+    from fabric import Config as FabricConfig
+    from fabric import Connection
+
+    fab = FabricConfig(runtime_ssh_path=str(target.ssh_config)) if target.ssh_config else FabricConfig()
+    conn = Connection(target.host, config=fab, connect_timeout=timeout)
+    _pin_host_keys(conn, accept_new_host_key, target.name)
+    where = f"{conn.user}@{conn.host}:{conn.port}"
+    try:
+        conn.open()
+    except ImagepipeError:  # our host key policy refused
+        conn.close()
+        raise
+    except paramiko.BadHostKeyException as exc:
+        conn.close()
+        raise HostKeyChanged(
+            f"builder {target.name}: the host key of {where} CHANGED (now {fingerprint(exc.key)}); refusing to connect",
+            hint="if the builder was reinstalled, remove its old line from known_hosts "
+                 "(ssh-keygen -R) after checking the new fingerprint; otherwise someone may be intercepting") from None
+    except paramiko.AuthenticationException as exc:
+        conn.close()
+        raise BuilderUnreachable(f"builder {target.name}: authentication to {where} failed: {exc}",
+                                 hint="check IdentityFile/User in your ssh config or load the key into ssh-agent") from None
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        conn.close()
+        raise BuilderUnreachable(f"builder {target.name}: cannot connect to {where}: {exc}",
+                                 hint=f"check that `ssh {target.host}` works (HostName, Port, ProxyJump)") from None
+    return conn
+
+
+def runner_for(conn: Any, timeout: float = 60) -> Runner:
+    """A host.Runner that runs argv on the builder (missing program → 127, as locally)."""
+
+    def run_remote(argv: Sequence[str]) -> Result:
+        from invoke.exceptions import CommandTimedOut
+
+        try:
+            res = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, timeout=timeout)
+        except CommandTimedOut:
+            return Result(tuple(argv), 124, "", f"timed out after {timeout:.0f}s")
+        return Result(tuple(argv), res.exited, res.stdout, res.stderr)
+
+    return run_remote
+
+
+def in_dir(directory: str, argv: Sequence[str]) -> list[str]:
+    """argv run inside `directory` on the builder (the directory is an argument, not script text)."""
+    return ["sh", "-c", IN_DIR, "imagepipe", directory, *argv]
+
+
+# --------------------------------------------------------------------------------- facts
+
+
+def builder_facts(conn: Any, target: Target) -> HostFacts:
+    """The builder's facts through the same probes and parsers as `invoke doctor` uses locally."""
+    run_remote = runner_for(conn)
+    disk = target.dir if run_remote(("test", "-d", target.dir)).ok else "."
+    facts = probe(run_remote, disk_path=disk, local=False)
+    if facts.os != "linux":
+        return facts
+
+    def exists(path: str) -> bool:
+        return run_remote(("test", "-e", path)).ok
+
+    firmware = {arch: fw for arch in Arch if (fw := find_firmware(arch, {}, exists=exists))}
+    return replace(facts, firmware=firmware)
+
+
+# --------------------------------------------------------------------------------- sync + venv
+
+
+def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = ()) -> rsync.Stats:
+    """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats."""
+    res = runner_for(conn)(("mkdir", "-p", "--", target.dir))
+    if not res.ok:
+        raise BuildFailed(f"builder {target.name}: cannot create {target.dir}: {res.stderr.strip()}")
+    argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
+                           (*rsync.SYNC_EXCLUDES, *extra_excludes))
+    result = stream(argv, timeout=main_thread_timeout(3600),
+                    hint=f"check that `ssh {target.host}` works and rsync is installed there")
+    return rsync.parse_stats(result.stdout)
+
+
+def main_thread_timeout(seconds: float) -> float | None:
+    """run.stream's timeout uses SIGALRM, which only the main thread may set: none in workers."""
+    return seconds if threading.current_thread() is threading.main_thread() else None
+
+
+def local_excludes(cfg: Config) -> list[str]:
+    """The configured output dir, when it lies inside the project and is not output/."""
+    try:
+        rel = cfg.output_dir.resolve().relative_to(cfg.root.resolve())
+    except ValueError:
+        return []
+    return [f"/{rel.as_posix()}/"] if rel.as_posix() not in (".", "output") else []
+
+
+def pyproject_hash(root: Path) -> str:
+    return hashlib.sha256((root / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def ensure_venv(conn: Any, target: Target, root: Path, say: Callable[[str], None]) -> None:
+    """A venv with this project installed in the builder dir; recreated only when pyproject changes."""
+    argv = ["sh", "-c", ENSURE_VENV, "imagepipe", target.dir, pyproject_hash(root)]
+    sink = LineSink(lambda line: say(target.prefix + line))
+    res = conn.run(shlex.join(argv), warn=True, hide=False, out_stream=sink, err_stream=sink,
+                   in_stream=False, timeout=1800)
+    sink.close()
+    if res.exited != 0:
+        raise BuildFailed(f"builder {target.name}: could not prepare the venv in {target.dir} (exit {res.exited})",
+                          hint="the builder needs python3 with venv (apt-get install python3-venv) and PyPI access")
+
+
+# --------------------------------------------------------------------------------- remote tasks
+
+
+class LineSink:
+    """A file-like target for Fabric's output streams that hands over whole lines."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.buf = ""
+        self.lock = threading.Lock()
+
+    def write(self, data: str) -> int:
+        with self.lock:
+            self.buf += data
+            *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            self.on_line(line.rstrip("\r"))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.buf:
+            rest, self.buf = self.buf, ""
+            self.on_line(rest)
+
+
+def event_from_json(line: str) -> Event | None:
+    """One line of `invoke build --json` → Event (None for anything else)."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "kind" not in data:
+        return None
+    return Event(str(data["kind"]), str(data.get("message", "")), str(data.get("source", "")),
+                 float(data.get("ts") or time.time()), tuple(str(d) for d in data.get("data") or ()))
+
+
+def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callable[[str], None]) -> int:
+    """Run `invoke build IMAGE --json` in the builder dir, streaming its events; returns its exit code."""
+    argv = in_dir(target.dir, ["env", f"INVOKE_DEFAULTS_OUTPUT_DIR={REMOTE_OUTPUT}",
+                               f"{VENV}/bin/invoke", "build", image, "--accel", accel, "--json"])
+    progress = Progress(image, prefix=target.prefix, live=False)
+
+    def on_stdout(line: str) -> None:
+        ev = event_from_json(line)
+        if ev is not None:
+            # one line per event, so every line of a multi-line message carries the prefix
+            for part in ev.message.splitlines() or [""]:
+                progress.emit(replace(ev, message=part))
+        elif line.strip():
+            say(target.prefix + line)
+
+    out = LineSink(on_stdout)
+    # A pty: Ctrl-C here is forwarded as ^C, which the builder's terminal turns into SIGINT for the
+    # remote build, so its own cleanup runs (packer and qemu stopped, staging removed) and its exit
+    # status (130) comes back. stderr shares the pty; JSON events are told apart line by line.
+    with progress:
+        res = conn.run(shlex.join(argv), warn=True, hide=False, out_stream=out, in_stream=False, pty=True)
+    out.close()
+    return int(res.exited)

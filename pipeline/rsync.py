@@ -1,0 +1,98 @@
+"""rsync command lines (pure) and its `--stats` report parsed into numbers.
+
+Both directions go over OpenSSH with the same ssh_config Fabric reads, so an alias, its
+HostName/User/Port/IdentityFile/ProxyJump and its known_hosts apply to rsync too. The `-e`
+value is the one place a shell-like string is unavoidable: it is `shlex.join` of an argv list.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# What never goes to a builder: outputs, VCS data, virtualenvs and caches. ("/.git" without a
+# slash: in a git worktree .git is a file.)
+SYNC_EXCLUDES: tuple[str, ...] = (
+    "/output/", "/.git", ".venv/", "/venv/", "__pycache__/", "*.pyc", "*.egg-info/",
+    ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/", "/build/", "/result",
+)
+
+
+def ssh_argv(ssh_config: Path | None) -> list[str]:
+    """The ssh command rsync uses: our ssh_config (if any), never a prompt, never an unknown key."""
+    argv = ["ssh"]
+    if ssh_config is not None:
+        argv += ["-F", str(ssh_config)]
+    # BatchMode: fail instead of prompting (we run unattended and in threads).
+    # StrictHostKeyChecking=yes: the key was checked (or explicitly accepted) before rsync runs.
+    return argv + ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+
+
+def push_argv(src: Path, host: str, dest: str, ssh_config: Path | None,
+              excludes: Iterable[str] = SYNC_EXCLUDES) -> list[str]:
+    """Mirror the directory `src` into `host:dest` (deleting what is gone here, keeping excludes)."""
+    return [
+        "rsync", "--recursive", "--links", "--perms", "--times", "--delete", "--stats",
+        "--protect-args", "-e", shlex.join(ssh_argv(ssh_config)),
+        *(f"--exclude={e}" for e in excludes),
+        f"{src}/", f"{host}:{dest}/",
+    ]
+
+
+def pull_argv(host: str, sources: Sequence[str], dest: Path, ssh_config: Path | None, *,
+              resume: bool = True) -> list[str]:
+    """Copy remote files into the folder `dest`, resuming a partial transfer.
+
+    --inplace writes straight into the destination file, so whatever arrived before an
+    interruption (even SIGKILL or a dropped link) stays; --append-verify then sends only the
+    rest and checks the whole file's checksum, re-sending it if the kept part was wrong.
+    """
+    mode = ["--inplace", "--append-verify"] if resume else ["--inplace", "--whole-file"]
+    return [
+        "rsync", "--times", "--sparse", "--stats", "--protect-args", *mode,
+        "-e", shlex.join(ssh_argv(ssh_config)),
+        *(f"{host}:{s}" for s in sources),
+        f"{dest}/",
+    ]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The numbers of one rsync run that say how much work it did."""
+
+    files: int = 0               # regular files in the transfer set
+    transferred: int = 0         # regular files that were (re)sent
+    total_size: int = 0          # bytes of all files
+    literal: int = 0             # file data actually sent (not matched from the other side)
+    sent: int = 0                # bytes on the wire, sender side
+    received: int = 0            # bytes on the wire, receiver side
+
+    @property
+    def wire(self) -> int:
+        return self.sent + self.received
+
+
+_STAT_KEYS = {
+    "Number of files": "files",
+    "Number of regular files transferred": "transferred",
+    "Total file size": "total_size",
+    "Literal data": "literal",
+    "Total bytes sent": "sent",
+    "Total bytes received": "received",
+}
+_STAT_RE = re.compile(r"^\s*([A-Za-z ]+?):\s+([\d,.]+)")
+
+
+def parse_stats(output: str) -> Stats:
+    """`rsync --stats` output → Stats (thousands separators and locales with '.' allowed)."""
+    values: dict[str, int] = {}
+    for line in output.splitlines():
+        m = _STAT_RE.match(line)
+        if m and m.group(1) in _STAT_KEYS:
+            digits = re.sub(r"[,.]", "", m.group(2))
+            if digits.isdigit():
+                values[_STAT_KEYS[m.group(1)]] = int(digits)
+    return Stats(**values)

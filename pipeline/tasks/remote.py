@@ -1,0 +1,99 @@
+"""Remote builder tasks: sync + build over SSH, parallel builds, fetch + verify + publish here."""
+
+from __future__ import annotations
+
+from invoke import Context
+
+from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+
+HOST_HELP = "builder: a name under `builders:` in invoke.yaml, or an SSH host alias from your ssh config"
+ACCEPT_HELP = "trust the builder's host key if it is not known yet and add it to known_hosts (a changed key is always refused)"
+
+
+def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
+    """Config + validated builder, before any connection."""
+    from pipeline import remote
+
+    cfg = load_config(c)
+    return cfg, remote.resolve(cfg, host, remote.ssh_config_path(c.config))
+
+
+def _check_accel(accel: str) -> str:
+    from pipeline.config import Accel, Invalid, _enum
+    from pipeline.errors import UsageError
+
+    try:
+        return _enum(Accel)(accel).value
+    except Invalid as exc:
+        raise UsageError(f"--accel: {exc}") from None
+
+
+@task(help={"host": HOST_HELP, "image": "image to build there (default: almalinux10-x86_64)",
+            "accel": ACCEL_HELP + " (probed on the builder)", "accept_new_host_key": ACCEPT_HELP})
+def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", accel: str = "auto",
+                      accept_new_host_key: bool = False) -> None:
+    """Sync the project to a builder and build an image there (streamed, exits with its status)."""
+    from invoke import Exit
+
+    from pipeline import dispatch
+
+    cfg, target = _target(c, host)
+    cfg.image(image)
+    rows = dispatch.sync_and_build(cfg, target, [image], _check_accel(accel), accept_new_host_key, say)
+    if rows[0].exit_code != 0:
+        raise Exit(f"{image} on {target.name}: {rows[0].status} (exit {rows[0].exit_code})",
+                   code=rows[0].exit_code)
+
+
+remote_build_nixos_x86 = alias(remote_sync_build, "remote-build-nixos-x86",
+                               "Sync the project to a builder and build NixOS x86_64 (nixos-x86_64) there.",
+                               image="nixos-x86_64")
+
+
+@task(iterable=["image"], help={
+    "host": "builder for every image (default: spread the images over the configured builders by arch)",
+    "image": "an image to build (repeat for several; default: every configured image)",
+    "accel": ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP})
+def remote_build(c: Context, host: str = "", image: list[str] | None = None, accel: str = "auto",
+                 accept_new_host_key: bool = False) -> None:
+    """Build several images on builders in parallel (per-builder output, then a summary table)."""
+    from invoke import Exit
+
+    from pipeline import dispatch, remote
+
+    cfg = load_config(c)
+    images = [cfg.image(n) for n in (image or sorted(cfg.images))]
+    ssh_config = remote.ssh_config_path(c.config)
+    plan = dispatch.assign(images, cfg.builders, host)
+    targets = {name: remote.resolve(cfg, name, ssh_config) for name in plan}
+    for name, names in plan.items():
+        say(f"{targets[name].prefix}will build: {', '.join(names)}")
+    rows = dispatch.run_parallel(cfg, plan, targets, _check_accel(accel), accept_new_host_key, say)
+    print(dispatch.summary(rows))
+    failed = [r for r in rows if r.exit_code != 0]
+    if failed:
+        raise Exit(f"{len(failed)} of {len(rows)} remote builds did not succeed", code=failed[0].exit_code)
+
+
+@task(help={"host": HOST_HELP, "image": "image to fetch (published on the builder)",
+            "accept_new_host_key": ACCEPT_HELP})
+def remote_fetch(c: Context, host: str, image: str, accept_new_host_key: bool = False) -> None:
+    """Fetch a builder's published image: rsync (resumable), verify sha256, publish in output/."""
+    from pipeline import fetch, remote
+
+    cfg, target = _target(c, host)
+    img = cfg.image(image)
+    conn = remote.connect(target, accept_new_host_key=accept_new_host_key)
+    try:
+        fetch.fetch(conn, target, cfg, img, say)
+    finally:
+        conn.close()
+
+
+remote_fetch_x86 = alias(remote_fetch, "remote-fetch-x86",
+                         "Fetch AlmaLinux 10 x86_64 (almalinux10-x86_64) from a builder.", image="almalinux10-x86_64")
+remote_fetch_nixos_x86 = alias(remote_fetch, "remote-fetch-nixos-x86",
+                               "Fetch NixOS x86_64 (nixos-x86_64) from a builder.", image="nixos-x86_64")
+remote_fetch_demo = alias(remote_fetch, "remote-fetch-demo",
+                          "Fetch the demo image (demo-x86_64) with its kernel and initrd from a builder.",
+                          image="demo-x86_64")

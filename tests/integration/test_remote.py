@@ -1,0 +1,392 @@
+"""Remote builders against a real OpenSSH sshd on 127.0.0.1, reached as the alias `hal9000`.
+
+The full cycle runs for real: rsync of the project, a venv with the project on the builder,
+the demo image built there by packer, fetched back, verified and published here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import artifacts, remote
+from tests.conftest import ROOT, invoke, require_tool, write_config
+from tests.sshd_host import SshHost, dense_qcow2, fake_published
+
+
+@pytest.fixture(scope="module")
+def hal9000(tmp_path_factory: pytest.TempPathFactory):
+    """sshd on loopback + client ssh_config (alias hal9000, known host key) + test invoke config."""
+    for tool, pkg in (("rsync", "rsync"), ("ssh", "openssh-client"), ("sshd", "openssh-server")):
+        if tool == "sshd":
+            if not Path("/usr/sbin/sshd").exists():
+                pytest.fail("sshd not found: install it with `sudo apt-get install openssh-server` (.ci/run does)")
+        else:
+            require_tool(tool, pkg)
+    base = tmp_path_factory.mktemp("hal9000")
+    host = SshHost(base / "sshd").start()
+    known = base / "known_hosts"
+    known.write_text(host.known_hosts_line())
+    ssh_config = host.client_config(base / "ssh_config", known)
+    cfg = write_config(base / "test.yaml", base / "output", {
+        "ssh_config_path": str(ssh_config),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"}},
+    })
+    yield {"host": host, "base": base, "config": cfg, "ssh_config": ssh_config, "known_hosts": known}
+    host.stop()
+
+
+def _out(res: subprocess.CompletedProcess[str]) -> str:
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_full_cycle_sync_build_fetch_publish(hal9000):
+    """sync → remote demo build in the builder's own venv → fetch → sha256 verified → published here."""
+    for tool, pkg in (("packer", "packer"), ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        require_tool(tool, pkg)
+    builder = hal9000["base"] / "builder"
+    res = invoke(["remote-sync-build", "hal9000", "--image", "demo-x86_64"], hal9000["config"], timeout=1500)
+    out = _out(res)
+    assert res.returncode == 0, out
+    assert "[hal9000] synced" in out and "[hal9000] venv created" in out
+    assert "[hal9000]" in out and "==> packer build" in out and "published" in out
+    assert (builder / ".venv" / "bin" / "invoke").exists()
+    assert (builder / "tasks.py").exists() and not (builder / ".git").exists()
+    remote_manifest = json.loads((builder / "output" / "demo-x86_64" / "manifest.json").read_text())
+
+    res = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=300)
+    assert res.returncode == 0, _out(res)
+    assert "sha256 verified" in _out(res)
+    image_dir = hal9000["base"] / "output" / "demo-x86_64"
+    manifest = artifacts.read_manifest(image_dir)
+    assert manifest is not None
+    assert manifest["build_id"] == remote_manifest["build_id"]
+    assert manifest["host"]["where"] == "hal9000" and manifest["fetched"]["from"] == "hal9000"
+    assert artifacts.verify_published(image_dir) == remote_manifest["artifact"]["sha256"]
+    current = artifacts.current_build(image_dir)
+    assert current is not None
+    sums = dict(line.split("  ")[::-1] for line in (current / "SHA256SUMS").read_text().splitlines())
+    for boot_file in ("vmlinuz", "initrd.img"):
+        assert artifacts.sha256_file(current / boot_file) == sums[boot_file]
+
+    again = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=120)
+    assert again.returncode == 0 and "nothing to fetch" in _out(again), _out(again)
+    assert artifacts.current_build(image_dir) == current
+
+    # A second build in the same builder dir reuses the venv (pyproject unchanged).
+    res = invoke(["remote-sync-build", "hal9000", "--image", "demo-x86_64"], hal9000["config"], timeout=900)
+    assert res.returncode == 0 and "[hal9000] venv up to date" in _out(res), _out(res)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and ("packer" in args or "qemu-system" in args):
+            found.append(args)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
+    """^C during a remote build: the builder's packer and qemu stop, its staging is removed, exit 130."""
+    builder = hal9000["base"] / "builder"
+    image_dir = builder / "output" / "demo-x86_64"
+    before = artifacts.current_build(image_dir)
+    assert before is not None, "runs after the full-cycle test, which publishes on the builder"
+    argv = [sys.executable, "-m", "invoke", "-f", str(hal9000["config"]), "remote-sync-build", "hal9000",
+            "--image", "demo-x86_64"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "==> packer build" in line:
+            time.sleep(2)  # let packer start its VM
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(builder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(builder)) == [], out
+    staging = image_dir / ".staging"
+    assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
+    assert artifacts.current_build(image_dir) == before
+    assert artifacts.verify_published(image_dir)
+
+
+def _project_copy(dest: Path) -> Path:
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache"))
+    return dest
+
+
+def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path):
+    target = remote.Target("hal9000", "hal9000", str(hal9000["base"] / "sync-builder"), None, hal9000["ssh_config"])
+    tree = _project_copy(tmp_path / "project")
+    conn = remote.connect(target)
+    try:
+        first = remote.sync(conn, target, tree)
+        second = remote.sync(conn, target, tree)
+        changed = tree / "pipeline" / "remote.py"
+        changed.write_text(changed.read_text() + "# touched\n")
+        third = remote.sync(conn, target, tree)
+    finally:
+        conn.close()
+    assert first.transferred > 20 and first.literal > 100_000
+    assert second.transferred == 0 and second.literal == 0
+    assert second.sent < 20_000, second  # the file list only
+    assert third.transferred == 1 and 0 < third.literal <= changed.stat().st_size
+    synced = Path(target.dir) / "pipeline" / "remote.py"
+    assert synced.read_text().endswith("# touched\n")
+    assert not (Path(target.dir) / ".git").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant pid of `pid` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            kids += [child, *_children(child)]
+    return kids
+
+
+@pytest.mark.slow
+def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_path):
+    require_tool("qemu-io", "qemu-utils")
+    builder = hal9000["base"] / "big-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "big.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+    })
+    fake_published(builder, "20261123T000000Z-big1", dense_qcow2(tmp_path / "big.qcow2"))
+    size = (builder / "output/demo-x86_64/builds/20261123T000000Z-big1/demo-x86_64.qcow2").stat().st_size
+    staged = out / "demo-x86_64" / ".staging" / "fetch-20261123T000000Z-big1" / "demo-x86_64.qcow2"
+
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "remote-fetch-demo", "hal9000"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if staged.exists() and staged.stat().st_size > 64 << 20:
+            rsyncs = [p for p in _children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "rsync"]
+            for p in rsyncs:
+                os.kill(p, 9)  # a dropped link: no chance to clean up
+            killed = bool(rsyncs)
+            break
+        time.sleep(0.01)
+    text = proc.communicate(timeout=120)[0]
+    assert killed, f"could not interrupt the transfer mid-way:\n{text}"
+    assert proc.returncode != 0 and "resume" in text, text
+    assert 0 < staged.stat().st_size < size
+    assert artifacts.read_manifest(out / "demo-x86_64") is None  # nothing half-published
+
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600)
+    assert res.returncode == 0, _out(res)
+    received = int(_out(res).split("received ")[1].split(" bytes")[0])
+    assert received < size * 0.97, f"did not resume: received {received} of {size}"
+    assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(
+        builder / "output/demo-x86_64/current/demo-x86_64.qcow2")
+    good = artifacts.current_build(out / "demo-x86_64")
+
+    # The builder's new image does not match its manifest: refused, the good local image stays.
+    bad = dense_qcow2(tmp_path / "bad.qcow2", "64M")
+    fake_published(builder, "20261123T010000Z-bad1", bad, sha="0" * 64)
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600)
+    assert res.returncode != 0 and "does not match" in _out(res), _out(res)
+    assert artifacts.current_build(out / "demo-x86_64") == good
+    assert not (out / "demo-x86_64" / ".staging" / "fetch-20261123T010000Z-bad1").exists()
+    assert artifacts.verify_published(out / "demo-x86_64")
+
+
+def test_unknown_host_key_refused_then_accepted_changed_key_refused(hal9000, tmp_path):
+    host: SshHost = hal9000["host"]
+    known = tmp_path / "known_hosts"
+    ssh_config = host.client_config(tmp_path / "ssh_config", known)
+    cfg = write_config(tmp_path / "k.yaml", tmp_path / "out", {"ssh_config_path": str(ssh_config)})
+
+    res = invoke(["doctor", "--builder", "hal9000"], cfg, timeout=120)
+    assert res.returncode == 4, _out(res)
+    assert "not in" in res.stderr and "--accept-new-host-key" in res.stderr and "SHA256:" in res.stderr
+    assert not known.exists() or known.read_text() == ""
+
+    res = invoke(["doctor", "--builder", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 0, _out(res)
+    assert "builder hal9000 (linux x86_64)" in res.stdout
+    assert host.known_hosts_line().split()[2] in known.read_text()
+    # OpenSSH (what rsync uses) accepts the recorded line under strict checking.
+    subprocess.run(["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                    "hal9000", "true"], check=True, timeout=60)
+
+    from tests.sshd_host import keygen
+
+    other = keygen(tmp_path / "other_host_key", "impostor")
+    known.write_text(host.known_hosts_line(other))
+    before = known.read_text()
+    res = invoke(["doctor", "--builder", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 4 and "CHANGED" in res.stderr, _out(res)
+    assert known.read_text() == before
+
+
+HOSTILE_HOSTS = [
+    "-oProxyCommand=touch CANARY",
+    "hal 9000",
+    "hal9000;touch CANARY",
+    "$(touch CANARY)",
+    "`touch CANARY`",
+    "hal9000\ntouch CANARY",
+    "'hal9000'",
+    '"hal9000"',
+    "hal9000|touch CANARY",
+    "hal9000&&touch CANARY",
+    "hal9000>CANARY",
+    "hal9000:/etc",
+    "root@-oProxyCommand=x",
+]
+HOSTILE_DIRS = [
+    "../escape",
+    "/srv/imagepipe/../../etc",
+    "~/imagepipe/../../root",
+    "a/../../b",
+    "-rf",
+    "~root/imagepipe",
+    "x/..",
+]
+
+
+@pytest.fixture
+def listener():
+    """A TCP port that counts connection attempts (every alias points here in the hostile tests)."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.2)
+    hits: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+                hits.append(conn)
+                conn.close()
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield sock.getsockname()[1], hits
+    stop.set()
+    t.join()
+    sock.close()
+
+
+@pytest.mark.parametrize("kind,value", [("host", h) for h in HOSTILE_HOSTS] + [("dir", d) for d in HOSTILE_DIRS])
+def test_hostile_input_is_refused_before_any_connection(kind, value, tmp_path, listener):
+    port, hits = listener
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host *\n  HostName 127.0.0.1\n  Port {port}\n")
+    canary = tmp_path / "CANARY"
+    value = value.replace("CANARY", str(canary))
+    builders = {"evil": {"host": "hal9000", "dir": value}} if kind == "dir" else {}
+    cfg = write_config(tmp_path / "h.yaml", tmp_path / "out", {"ssh_config_path": str(ssh_config),
+                                                              "builders": builders})
+    name = "evil" if kind == "dir" else value
+    for args in (["doctor", f"--builder={name}"], ["remote-fetch-demo", f"--host={name}"],
+                 ["remote-sync-build", f"--host={name}", "--image", "demo-x86_64"]):
+        res = invoke(args, cfg, timeout=60)
+        assert res.returncode == 2, f"{args}: {_out(res)}"
+        assert "refused" in res.stderr and f"builder {kind}" in res.stderr, res.stderr
+    assert hits == [], "a connection was attempted"
+    assert not canary.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_rejects_a_hostile_builder_host(tmp_path):
+    cfg = write_config(tmp_path / "h.yaml", tmp_path / "out",
+                       {"builders": {"evil": {"host": "-oProxyCommand=touch x", "dir": "~/x"}}})
+    res = invoke(["doctor", "--builder", "evil"], cfg, timeout=60)
+    assert res.returncode == 2 and "builders.evil.host" in res.stderr, _out(res)
+    raw = yaml.safe_load(cfg.read_text())
+    assert raw["builders"]["evil"]["host"].startswith("-")
+
+
+@pytest.mark.slow
+def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
+    """Two x86_64 builders (same sshd, separate dirs) build at once; an unreachable arm builder fails alone."""
+    base = hal9000["base"]
+    cfg = write_config(base / "multi.yaml", base / "multi-output", {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {
+            "b1": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"},
+            "b2": {"host": "hal9000", "dir": str(base / "builder2"), "arch": "x86_64"},
+            "arm": {"host": "arm-builder.invalid", "dir": "~/imagepipe", "arch": "aarch64"},
+        },
+    })
+    started = time.monotonic()
+    res = invoke(["remote-build", "--image", "demo-x86_64", "--image", "demo-x86_64", "--image", "nixos-aarch64"],
+                 cfg, timeout=1800)
+    took = time.monotonic() - started
+    out = _out(res)
+    assert res.returncode == 4, out  # the unreachable builder's exit code
+    assert "[b1] will build: demo-x86_64" in out and "[b2] will build: demo-x86_64" in out
+    assert "[arm] will build: nixos-aarch64" in out and "[arm] error: builder arm: cannot connect" in out
+    rows = {tuple(line.split()[:3]) for line in res.stdout.splitlines()}
+    assert {("demo-x86_64", "b1", "ok"), ("demo-x86_64", "b2", "ok"), ("nixos-aarch64", "arm", "not")} <= rows
+    for b in ("builder", "builder2"):
+        assert (base / b / "output" / "demo-x86_64" / "manifest.json").exists()
+    # The builders worked at the same time: b2 was already busy (sync, venv) before b1 published.
+    lines = out.splitlines()
+    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
+    b2_synced = next(i for i, line in enumerate(lines) if line.startswith("[b2] synced"))
+    assert b2_synced < b1_done, f"builders did not work in parallel ({took:.0f}s):\n{out}"
+
+
+def test_proxyjump_alias_is_honoured_with_host_keys_checked_on_both_hops(hal9000, tmp_path):
+    """An alias reached through ProxyJump (here: through hal9000 itself) works for Fabric and for rsync."""
+    host: SshHost = hal9000["host"]
+    ssh_config = host.client_config(tmp_path / "ssh_config", hal9000["known_hosts"])
+    with ssh_config.open("a") as f:
+        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User root\n  ProxyJump hal9000\n"
+                f"  IdentityFile {host.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {hal9000['known_hosts']}\n")
+    cfg = write_config(tmp_path / "j.yaml", tmp_path / "out", {
+        "ssh_config_path": str(ssh_config), "builders": {"inner": {"dir": str(tmp_path / "jump-builder")}}})
+    res = invoke(["doctor", "--builder", "inner", "--json"], cfg, timeout=120)
+    assert res.returncode == 0, _out(res)
+    assert json.loads(res.stdout)["host"].startswith("builder inner (linux")
+    target = remote.Target("inner", "inner", str(tmp_path / "jump-builder"), None, ssh_config)
+    conn = remote.connect(target)
+    try:
+        assert conn.gateway is not None  # Fabric really went through the jump host
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        (tree / "hello.txt").write_text("over the jump host\n")
+        stats = remote.sync(conn, target, tree)
+    finally:
+        conn.close()
+    assert stats.transferred == 1
+    assert (tmp_path / "jump-builder" / "hello.txt").read_text() == "over the jump host\n"

@@ -12,6 +12,7 @@ Layout of output/<image>/ (the published build is whatever `current` points to):
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -51,6 +52,16 @@ def verify(path: Path, fmt: str) -> Verified:
     """`qemu-img info` must agree on the format, `qemu-img check` must pass (qcow2), then sha256."""
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyFailed(f"no image produced at {path}")
+    # hash while qemu-img reads: hashlib drops the GIL on large buffers, so the two overlap
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_file, path)
+        virtual_size = _qemu_img_checks(path, fmt)
+        sha = digest.result()
+    return Verified(path.name, fmt, path.stat().st_size, virtual_size, sha)
+
+
+def _qemu_img_checks(path: Path, fmt: str) -> int:
+    """Format agrees and `qemu-img check` passes; returns the virtual size."""
     info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, path]).stdout)
     if info.get("format") != fmt:
         raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
@@ -58,7 +69,7 @@ def verify(path: Path, fmt: str) -> Verified:
         res = run(["qemu-img", "check", "-q", "-f", fmt, path], check=False)
         if res.returncode != 0:
             raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
-    return Verified(path.name, fmt, path.stat().st_size, int(info.get("virtual-size", 0)), sha256_file(path))
+    return int(info.get("virtual-size", 0))
 
 
 def write_build_files(stage: Path, manifest: dict[str, Any], sums: dict[str, str]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.artifacts import sha256_file
 from pipeline.config import Image
 from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
 
@@ -236,14 +237,6 @@ def locked(image: Image, root: Path) -> LockEntry:
 
 
 # --------------------------------------------------------------------------------- local files
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_sha256(path: Path, cache_dir: Path) -> str:

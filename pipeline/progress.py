@@ -92,7 +92,9 @@ class Progress:
     def _line(self, ev: Event) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
         mark = {"step": "==>", "error": "!!", "done": "✔"}.get(ev.kind, "   ")
-        return f"{self.prefix}{stamp} +{self.elapsed():6.1f}s {mark} {ev.message}"
+        head = f"{self.prefix}{stamp} +{self.elapsed():6.1f}s {mark} "
+        # every line of a multi-line message carries the prefix (parallel builders interleave)
+        return "\n".join(head + part for part in (ev.message.splitlines() or [""]))
 
     def step_event(self, message: str) -> None:
         self.emit(Event("step", message, source="imagepipe"))

@@ -151,19 +151,39 @@ def refresh_iso(cfg: Config, image: Image, emit: Emit) -> None:
     emit("iso", image.name, f"{entry.version} ({entry.source}) {change}")
 
 
-def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool) -> list[Outcome]:
-    """--remote HOST: run the rebuild on a builder. The one call site of the remote support."""
-    if not available("remote"):
-        raise UsageError(
-            f"--remote {host}: remote builds (pipeline.remote) are not part of this installation",
-            "run the rebuild on the builder itself, or without --remote",
-        )
-    from pipeline import remote
+def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool, *,
+                    accel: Accel = Accel.AUTO, ssh_config: str | None = None,
+                    emit: Emit | None = None) -> list[Outcome]:
+    """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
+    and publish here. One Outcome per image; a failing image does not stop the others."""
+    from pipeline import dispatch, fetch, remote
 
-    runner = getattr(remote, "rebuild", None)
-    if runner is None:
-        raise UsageError(f"--remote {host}: pipeline.remote has no rebuild() entry point yet")
-    return list(runner(cfg, host, images, json_lines=json_lines))
+    emit = emit or make_emitter(json_lines)
+    target = remote.resolve(cfg, host, ssh_config)
+    say = lambda line: emit("message", "*", line)  # noqa: E731
+    conn = remote.connect(target)
+    outcomes: list[Outcome] = []
+    try:
+        dispatch.prepare(conn, target, cfg, say)
+        for image in images:
+            emit("start", image.name, f"building on {target.name} if changed")
+            code = remote.remote_build(conn, target, image.name, accel.value, say, extra=["--if-changed"])
+            if code != 0:
+                outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
+                emit("failed", image.name, outcomes[-1].message)
+                continue
+            try:
+                got = fetch.fetch(conn, target, cfg, image, say)
+            except ImagepipeError as exc:
+                outcomes.append(Outcome(image.name, "failed", exc.message.splitlines()[0]))
+                emit("failed", image.name, outcomes[-1].message)
+                continue
+            status = "up-to-date" if got.skipped else "built"
+            outcomes.append(Outcome(image.name, status, f"{status} on {target.name}", got.build_id))
+            emit(status, image.name, outcomes[-1].message)
+    finally:
+        conn.close()
+    return outcomes
 
 
 def check(outcomes: Sequence[Outcome]) -> None:

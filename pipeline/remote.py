@@ -378,10 +378,11 @@ def event_from_json(line: str) -> Event | None:
                  float(data.get("ts") or time.time()), tuple(str(d) for d in data.get("data") or ()))
 
 
-def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callable[[str], None]) -> int:
-    """Run `invoke build IMAGE --json` in the builder dir, streaming its events; returns its exit code."""
+def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callable[[str], None],
+                 extra: Sequence[str] = ()) -> int:
+    """Run `invoke build IMAGE --json [EXTRA]` in the builder dir, streaming its events; returns its exit code."""
     argv = in_dir(target.dir, ["env", f"INVOKE_DEFAULTS_OUTPUT_DIR={REMOTE_OUTPUT}",
-                               f"{VENV}/bin/invoke", "build", image, "--accel", accel, "--json"])
+                               f"{VENV}/bin/invoke", "build", image, "--accel", accel, "--json", *extra])
     progress = Progress(image, prefix=target.prefix, live=False)
 
     def on_stdout(line: str) -> None:

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -194,7 +195,9 @@ class _Timeout(Exception):
 @contextlib.contextmanager
 def _alarm_at(deadline: float | None) -> Iterator[None]:
     """Raise _Timeout in the main thread when `deadline` passes (a blocked read included)."""
-    if deadline is None or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
+    # signal handlers can only be set in the main thread (remote builds run builders in threads)
+    if (deadline is None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
         yield
         return
 
@@ -232,20 +235,21 @@ def _kill_leftovers(pgid: int) -> None:
 
 @contextlib.contextmanager
 def interrupt_guard() -> Iterator[None]:
-    """Turn SIGTERM into `Interrupted` for the duration, so cleanups run as for Ctrl-C."""
+    """Turn SIGTERM and SIGHUP into `Interrupted` for the duration, so cleanups run as for Ctrl-C
+    (SIGHUP: the SSH session of a remote build went away)."""
 
     def _term(signum: int, frame: object) -> None:
-        raise Interrupted("terminated (SIGTERM)")
+        raise Interrupted(f"terminated ({signal.Signals(signum).name})")
 
-    try:
-        previous = signal.signal(signal.SIGTERM, _term)
-    except ValueError:  # not the main thread: leave signals alone
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.signal(sig, _term) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def interactive(

@@ -191,7 +191,7 @@ def remote_task(image: Image) -> str:
     """The task that builds `image` on a remote builder."""
     if image.name == f"nixos-{image.arch.value}":
         return f"invoke remote-build-nixos-{image.arch.short} HOST"
-    return f"invoke remote-build {image.name} HOST"
+    return f"invoke remote-sync-build HOST --image {image.name}"
 
 
 def remote_hint(image: Image, cfg: Config) -> str:

@@ -131,7 +131,10 @@ def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remot
     except Exception as exc:
         raise UsageError(f"--accel: {exc}") from None
     if remote:
-        outcomes = rb.delegate_remote(cfg, remote, images, json)
+        from pipeline.remote import ssh_config_path
+
+        outcomes = rb.delegate_remote(cfg, remote, images, json, accel=requested,
+                                      ssh_config=ssh_config_path(c.config))
     else:
         outcomes = rb.rebuild(cfg, images, accel=requested, json_lines=json, force=force)
     rb.check(outcomes)

@@ -48,6 +48,9 @@ def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", 
 remote_build_nixos_x86 = alias(remote_sync_build, "remote-build-nixos-x86",
                                "Sync the project to a builder and build NixOS x86_64 (nixos-x86_64) there.",
                                image="nixos-x86_64")
+remote_build_nixos_arm = alias(remote_sync_build, "remote-build-nixos-arm",
+                               "Sync the project to an aarch64 builder and build NixOS aarch64 (nixos-aarch64) there.",
+                               image="nixos-aarch64")
 
 
 @task(iterable=["image"], help={
@@ -94,6 +97,10 @@ remote_fetch_x86 = alias(remote_fetch, "remote-fetch-x86",
                          "Fetch AlmaLinux 10 x86_64 (almalinux10-x86_64) from a builder.", image="almalinux10-x86_64")
 remote_fetch_nixos_x86 = alias(remote_fetch, "remote-fetch-nixos-x86",
                                "Fetch NixOS x86_64 (nixos-x86_64) from a builder.", image="nixos-x86_64")
+remote_fetch_arm = alias(remote_fetch, "remote-fetch-arm",
+                         "Fetch AlmaLinux 10 aarch64 (almalinux10-aarch64) from a builder.", image="almalinux10-aarch64")
+remote_fetch_nixos_arm = alias(remote_fetch, "remote-fetch-nixos-arm",
+                               "Fetch NixOS aarch64 (nixos-aarch64) from a builder.", image="nixos-aarch64")
 remote_fetch_demo = alias(remote_fetch, "remote-fetch-demo",
                           "Fetch the demo image (demo-x86_64) with its kernel and initrd from a builder.",
                           image="demo-x86_64")

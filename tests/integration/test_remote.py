@@ -88,6 +88,32 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     assert res.returncode == 0 and "[hal9000] venv up to date" in _out(res), _out(res)
 
 
+@pytest.mark.slow
+def test_rebuild_remote_builds_what_changed_there_and_publishes_here(hal9000):
+    """The timer job with --remote: sync, `build --if-changed` on the builder, fetch, publish here."""
+    base = hal9000["base"]
+    cfg = write_config(base / "rebuild.yaml", base / "output-rebuild", {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"}},
+    })
+    res = invoke(["rebuild", "--remote", "hal9000", "--image", "demo-x86_64", "--json"], cfg, timeout=1500)
+    assert res.returncode == 0, _out(res)
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    finals = [e for e in events if e.get("image") == "demo-x86_64" and e.get("kind") in ("built", "up-to-date", "failed")]
+    assert finals and finals[-1]["kind"] == "built", events
+    image_dir = base / "output-rebuild" / "demo-x86_64"
+    manifest = artifacts.read_manifest(image_dir)
+    assert manifest is not None and manifest["host"]["where"] == "hal9000"
+    remote_manifest = json.loads((base / "builder" / "output" / "demo-x86_64" / "manifest.json").read_text())
+    assert manifest["build_id"] == remote_manifest["build_id"]
+    assert artifacts.verify_published(image_dir) == remote_manifest["artifact"]["sha256"]
+    # nothing changed: the builder skips, the fetch skips, the outcome says so
+    again = invoke(["rebuild", "--remote", "hal9000", "--image", "demo-x86_64", "--json"], cfg, timeout=900)
+    assert again.returncode == 0, _out(again)
+    kinds = [json.loads(line).get("kind") for line in again.stdout.splitlines() if line.startswith("{")]
+    assert "up-to-date" in kinds and "built" not in kinds, again.stdout
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

@@ -149,7 +149,7 @@ def test_guard_accepts_a_linux_host_of_the_same_arch():
 
 
 def test_custom_image_names_the_generic_remote_task():
-    assert nix.remote_task(config().image("edge")) == "invoke remote-build edge HOST"
+    assert nix.remote_task(config().image("edge")) == "invoke remote-sync-build HOST --image edge"
 
 
 SHOW_CONFIG = """\

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ class Verified:
     size: int
     virtual_size: int
     sha256: str
+
+
+def utc_stamp(ts: float | None = None) -> str:
+    """The timestamp format of manifests and history: 2026-11-23T21:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def sha256_file(path: Path, bufsize: int = 4 << 20) -> str:

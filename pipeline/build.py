@@ -68,15 +68,13 @@ def build_image(
     The whole build holds the image's lock; it is recorded in the history from start to end;
     with `opts.if_changed` nothing is built when the inputs equal the published build's.
     """
-    if opts.dry_run:
-        return _dry_run(cfg, image, opts, facts, say)
     # Whether this host can build the image is decided before anything is created or locked.
-    facts = facts or probe_for_build(cfg)
-    driver = _driver(image)
-    if hasattr(driver, "check_can_build"):
-        driver.check_can_build(image, facts, cfg)
-    key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    facts, driver, plan = _decide(cfg, image, opts, facts)
+    if opts.dry_run:
+        _announce(plan, facts, say)
+        _print_plan(plan, say)
+        say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
+        return BuildResult(image.name, plan.build_id, None, None)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
@@ -103,18 +101,16 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
             f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
 
 
-def _dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None,
-             say: Callable[[str], None]) -> BuildResult:
+def _decide(cfg: Config, image: Image, opts: BuildOptions,
+            facts: HostFacts | None) -> tuple[HostFacts, Any, BuildPlan]:
+    """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
+    but the project key."""
     facts = facts or probe_for_build(cfg)
     driver = _driver(image)
     if hasattr(driver, "check_can_build"):
         driver.check_can_build(image, facts, cfg)
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key)
-    _announce(plan, facts, say)
-    _print_plan(plan, say)
-    say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
-    return BuildResult(image.name, plan.build_id, None, None)
+    return facts, driver, make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
 
 
 def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts, ihash: inputs.InputHash,
@@ -189,12 +185,11 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _error_line(line: str) -> str:
-    """An error line's text; Packer machine-readable lines (`ts,target,ui,error,text`) unwrapped."""
-    fields = line.split(",")
-    if fields[0].isdigit() and len(fields) >= 3:
-        kind = fields[2]
-        line = ",".join(fields[4:]) if kind == "ui" else ",".join(fields[3:]) if kind == "error" else ""
-    return line.replace("%!(PACKER_COMMA)", ",").replace("\\n", " ").strip(" =>-")
+    """An error line's text; Packer machine-readable lines unwrapped by the driver's own parser."""
+    from pipeline.drivers.packer import parse_machine_line
+
+    ev = parse_machine_line(line)
+    return ev.message.replace("\n", " ").strip(" =>-") if ev else ""
 
 
 def _pause(point: str) -> None:
@@ -255,8 +250,8 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
         "distro": image.distro.value,
         "version": image.version,
         "arch": image.arch.value,
-        "started": _iso(started),
-        "finished": _iso(finished),
+        "started": artifacts.utc_stamp(started),
+        "finished": artifacts.utc_stamp(finished),
         "duration_s": round(finished - started, 1),
         "host": {"name": socket.gethostname(), "os": facts.os, "machine": facts.machine, "where": "local"},
         "accelerator": {"name": plan.accel.accel.value, "reason": plan.accel.reason},
@@ -275,9 +270,6 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
         manifest["nixpkgs"] = nix.plan_nixpkgs_revision(plan)  # None until nixos/flake.lock exists
     return manifest
 
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _print_plan(plan: BuildPlan, say: Callable[[str], None]) -> None:

@@ -156,7 +156,7 @@ def _publish(stage: Path, image_dir: Path, image: Image, manifest: dict[str, Any
              target: Target) -> Path:
     """The builder's record, plus where it came from, published atomically like a local build."""
     record = {**manifest, "host": {**manifest.get("host", {}), "where": target.name},
-              "fetched": {"from": target.name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+              "fetched": {"from": target.name, "at": artifacts.utc_stamp()}}
     artifacts.write_build_files(stage, record, sums)
     build_id = manifest["build_id"]
     local_id, n = build_id, 1

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import utc_stamp
 from pipeline.errors import LockBusy
 
 DB_NAME = "history.db"
@@ -76,13 +77,9 @@ class Build:
         """The row with ISO timestamps (for --json)."""
         data = asdict(self)
         for key in ("started", "finished", "removed"):
-            data[key] = iso(data[key]) if data[key] is not None else None
+            data[key] = utc_stamp(data[key]) if data[key] is not None else None
         data["duration_s"] = round(self.finished - self.started, 1) if self.finished else None
         return data
-
-
-def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 # --------------------------------------------------------------------------------- processes

@@ -253,17 +253,16 @@ def local_descriptors() -> list[tuple[str, dict[str, object]]]:
 
 
 def local_runner(argv: Sequence[str]) -> Result:
-    """Run a probe command here; a missing program is rc 127, not an exception."""
-    import shutil
-    import subprocess
+    """Run a probe command here (through run()); a missing program is rc 127, not an exception."""
+    from pipeline.errors import CommandFailed, ToolMissing
+    from pipeline.run import run
 
-    if shutil.which(argv[0]) is None:
-        return Result(tuple(argv), 127, "")
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        return run(argv, check=False, timeout=20)
+    except ToolMissing:
+        return Result(tuple(argv), 127, "")
+    except (CommandFailed, OSError) as exc:  # timed out, or not executable
         return Result(tuple(argv), 126, "", str(exc))
-    return Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
 
 
 def probe_tools(runner: Runner, tools: Iterable[str] = TOOL_VERSION_ARGS) -> dict[str, ToolInfo]:

@@ -68,6 +68,17 @@ def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
                 iterable=list(target.iterable or []), optional=list(target.optional or []))
 
 
+def whole_number(value: str | int, flag: str) -> int:
+    """A non-negative integer option. Such options are declared as strings, because Invoke's own
+    int parsing ends in a traceback on `--limit x`; this gives a one-line error instead."""
+    from pipeline.errors import UsageError
+
+    text = str(value).strip()
+    if not text.isdigit():
+        raise UsageError(f"{flag} expects a whole number (0 or more), got {text!r}")
+    return int(text)
+
+
 def say(message: str) -> None:
     """A line for the user on stderr (stdout stays clean for --json)."""
     print(message, file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
-from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task, whole_number
 
 if TYPE_CHECKING:
     from pipeline.config import Accel
@@ -71,12 +71,12 @@ run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", 
 
 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
-def ssh(c: Context, image: str, timeout: int = 0) -> None:
+def ssh(c: Context, image: str, timeout: str = "0") -> None:
     """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
     from pipeline import vm
 
     cfg = load_config(c)
-    code = vm.ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
+    code = vm.ssh_session(cfg, cfg.image(image), remainder(), deadline=whole_number(timeout, "--timeout") or None)
     if code != 0:
         raise Exit(code=code)
 
@@ -112,23 +112,23 @@ def status(c: Context, json: bool = False) -> None:
     "force": "end QEMU at once (QMP quit) instead of an ACPI power-off",
     "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
 })
-def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
+def stop(c: Context, image: str, force: bool = False, timeout: str = "60") -> None:
     """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
     from pipeline import vm
 
     cfg = load_config(c)
     img = cfg.image(image)
-    say(vm.stop(img.name, vm.state_paths(cfg.output_dir, img.name), force=force, grace=timeout, say=say))
+    say(vm.stop(img.name, vm.state_paths(cfg.output_dir, img.name), force=force, grace=whole_number(timeout, "--timeout"), say=say))
 
 
 @task(help={"image": IMAGE_HELP, "accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
-def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> None:
+def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> None:
     """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
     from pipeline import vm
     from pipeline.errors import VerifyFailed
 
     cfg = load_config(c)
-    result = vm.boot_test_published(cfg, cfg.image(image), _accel(accel), timeout or None, say=say)
+    result = vm.boot_test_published(cfg, cfg.image(image), _accel(accel), whole_number(timeout, "--timeout") or None, say=say)
     if result.result == "not built":
         from pipeline.errors import UsageError
 
@@ -139,7 +139,7 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
 
 
 @task(help={"accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
-def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
+def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
     from pipeline import vm
     from pipeline.errors import UsageError, VerifyFailed
@@ -148,7 +148,7 @@ def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     requested = _accel(accel)
     rows = []
     for name in sorted(cfg.images):
-        row = vm.boot_test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
+        row = vm.boot_test_published(cfg, cfg.images[name], requested, whole_number(timeout, "--timeout") or None, say=say)
         if row.result == "failed":
             say(f"{name}: FAILED\n{row.detail}")
         rows.append(row)

@@ -60,3 +60,12 @@ def test_doctor_fails_when_a_required_tool_is_missing(tmp_path):
     res = invoke(["doctor"], cfg, env={"PATH": path_without(tmp_path, "packer", "qemu-img")})
     assert res.returncode == 1
     assert "packer is missing" in res.stdout and "apt-get install qemu-utils" in res.stdout
+
+
+def test_number_options_give_a_one_line_error_not_a_traceback(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    for args in (["history", "--limit", "x"], ["stop", "demo-x86_64", "--timeout", "soon"],
+                 ["test-image", "demo-x86_64", "--timeout", "-3"]):
+        res = invoke(args, cfg)
+        assert res.returncode == 2, res.stderr
+        assert "expects a whole number" in res.stderr and "Traceback" not in res.stderr

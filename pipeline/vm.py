@@ -35,10 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, keys
-from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image
+from pipeline import artifacts, distros, keys
+from pipeline.config import Accel, Arch, Config, Firmware, Image
 from pipeline.errors import (
-    CommandFailed, ImagepipeError, Interrupted, UsageError, VerifyFailed,
+    CommandFailed,
+    ImagepipeError,
+    Interrupted,
+    UsageError,
+    VerifyFailed,
 )
 from pipeline.host import FirmwareInfo, HostFacts, probe
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
@@ -282,8 +286,9 @@ def published_target(cfg: Config, image: Image) -> Target:
         raise UsageError(f"{image.name} has not been built yet (nothing published under {image_dir})",
                          f"build it first: invoke build {image.name}")
     boot = boot_spec(manifest.get("boot"), build)
-    if image.distro is Distro.DEMO and boot is None:
-        raise VerifyFailed(f"{image_dir / artifacts.MANIFEST}: the demo image's manifest has no boot entry")
+    if boot is None and distros.profile(image).boot_info(image) is not None:
+        raise VerifyFailed(f"{image_dir / artifacts.MANIFEST}: {image.name} boots its kernel directly, "
+                           "but the manifest has no boot entry", f"rebuild it: invoke build {image.name}")
     return Target(image, disk, manifest["artifact"].get("format", image.format.value), manifest["build_id"], boot)
 
 
@@ -457,7 +462,7 @@ class Qmp:
 
 def ephemeral_root(image: Image) -> bool:
     """Guests whose root file system (and so their SSH host keys) is new on every boot."""
-    return image.distro is Distro.DEMO
+    return distros.profile(image).ephemeral_root
 
 
 def reset_known_hosts(previous_build: str | None, build_id: str, snapshot: bool, ephemeral: bool) -> bool:

@@ -27,15 +27,16 @@ DEVELOPMENT_HASHES: dict[str, str] = {
 
 def major(image: Image) -> str:
     """The AlmaLinux major release of an image (`10` for 10, 10.1 and latest)."""
-    head = image.version.split(".")[0]
-    return head if head.isdigit() else "10"
+    from pipeline.distros import almalinux
+
+    return almalinux.major(image)
 
 
 def kickstart_path(root: Path, image: Image) -> Path:
-    """kickstart/<distro><major>/<arch>/<image>/ks.cfg: a folder per image holding exactly the
-    file Anaconda looks for, so it serves as Packer's http_directory and as the OEMDRV CD."""
-    family = f"{image.distro.value}{major(image)}"
-    return root / "kickstart" / family / image.arch.value / image.name / "ks.cfg"
+    """Where the image's committed ks.cfg lives (the AlmaLinux profile decides the folder)."""
+    from pipeline.distros import almalinux
+
+    return almalinux.PROFILE.kickstart_path(root, image)
 
 
 def console_arg(arch: Arch) -> str:

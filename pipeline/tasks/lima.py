@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
-    from pipeline.config import Arch, Distro
+    from pipeline import distros
+    from pipeline.config import Arch
     from pipeline.errors import UsageError
 
     cfg = load_config(c)
@@ -24,12 +25,12 @@ def _image(c: Context, name: str | None) -> tuple[Config, Image]:
         import platform
 
         arch = Arch.from_machine(platform.machine())
-        found = next((i for _, i in sorted(cfg.images.items()) if i.distro is Distro.ALMALINUX and i.arch is arch), None)
+        found = next((i for _, i in sorted(cfg.images.items()) if distros.profile(i).lima and i.arch is arch), None)
         if found is None:
             raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration", "name one: invoke lima-start -i IMAGE")
         image = found
-    if image.distro is not Distro.ALMALINUX:
-        raise UsageError(f"{image.name} is a {image.distro.value} image: Lima runs the AlmaLinux cloud image")
+    if not distros.profile(image).lima:
+        raise UsageError(f"{image.name} is a {image.distro} image: Lima runs the AlmaLinux cloud image")
     return cfg, image
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import artifacts, vm
-from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image, load
+from pipeline.config import Accel, Arch, Config, Firmware, Image, load
 from pipeline.errors import VerifyFailed
 from pipeline.host import probe
 from pipeline.plan import AccelChoice
@@ -244,7 +244,7 @@ def test_uefi_command_line_accepted_by_qemu(arch, tmp_path):
     facts = probe(tools=())
     fw = facts.firmware.get(arch)
     assert fw is not None and fw.vars, f"no UEFI firmware for {arch.value}: apt-get install qemu-efi-aarch64 ovmf"
-    image = Image(name=f"uefi-{arch.value}", distro=Distro.ALMALINUX, arch=arch, firmware=Firmware.UEFI,
+    image = Image(name=f"uefi-{arch.value}", distro="almalinux", arch=arch, firmware=Firmware.UEFI,
                   memory=256, cpus=1)
     disk = tmp_path / "disk.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], timeout=30)

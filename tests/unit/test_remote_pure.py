@@ -122,7 +122,7 @@ def test_parse_sums_refuses_paths():
 
 
 def _img(name: str, arch: str):
-    return load({"images": {name: {"distro": "demo", "arch": arch}}}, Path("/")).images[name]
+    return load({"images": {name: {"distro": "almalinux", "arch": arch}}}, Path("/")).images[name]
 
 
 def test_assign_spreads_by_arch_and_load():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Accel, Arch, Distro, Firmware, Image
+from pipeline.config import Accel, Arch, Firmware, Image
 from pipeline.errors import UsageError
 from pipeline.host import FirmwareInfo
 from pipeline.plan import AccelChoice
@@ -22,7 +22,7 @@ FW = {
 }
 
 
-def image(arch=Arch.X86_64, firmware=Firmware.UEFI, distro=Distro.ALMALINUX, **kw):
+def image(arch=Arch.X86_64, firmware=Firmware.UEFI, distro="almalinux", **kw):
     return Image(name=f"img-{arch.value}", distro=distro, arch=arch, firmware=firmware, memory=256, cpus=1, **kw)
 
 
@@ -75,7 +75,7 @@ def test_every_forward_is_loopback_only():
 
 def test_direct_kernel_boot_needs_no_firmware():
     boot = BootSpec(Path("/b/vmlinuz"), Path("/b/initrd.img"), "console=ttyS0 quiet")
-    img = image(distro=Distro.DEMO, firmware=Firmware.BIOS)
+    img = image(distro="demo", firmware=Firmware.BIOS)
     argv = qemu_argv(img, AccelChoice(Accel.TCG, "t"), None, DISK, STATE, 2224, boot=boot)
     assert after(argv, "-kernel") == ["/b/vmlinuz"] and after(argv, "-initrd") == ["/b/initrd.img"]
     assert after(argv, "-append") == ["console=ttyS0 quiet"]

@@ -341,3 +341,35 @@ def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:
     if name not in sums:
         raise IsoUnavailable(f"no CHECKSUM beside {url} lists {name}: download it and set iso: to the local path")
     return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url")
+
+
+# --------------------------------------------------------------------------------- cloud images
+
+CLOUD_NAME = "AlmaLinux-{major}-GenericCloud-latest.{arch}.qcow2"
+
+
+@dataclass(frozen=True)
+class CloudImage:
+    """AlmaLinux's generic cloud qcow2 (what Lima runs), pinned by its digest."""
+
+    location: str
+    arch: str
+    digest: str  # sha256:<hex>
+
+
+def cloud_image(image: Image, mirrors: Mirrors) -> CloudImage:
+    """The generic cloud qcow2 for the image's arch, with its digest from the mirror's CHECKSUM."""
+    arch, major = image.arch.value, major_of(image.version)
+    base = f"{mirrors.repo}/{major}/cloud/{arch}/images"
+    name = CLOUD_NAME.format(major=major, arch=arch)
+    try:
+        sums = parse_checksums(fetch_text(f"{base}/CHECKSUM", image, offline=_cloud_offline))
+    except NotFound:
+        raise IsoUnavailable(f"{base}/CHECKSUM does not exist") from None
+    if name not in sums:
+        raise ImagepipeError(f"{base}/CHECKSUM does not list {name}")
+    return CloudImage(f"{base}/{name}", arch, f"sha256:{sums[name]}")
+
+
+def _cloud_offline(url: str, reason: str, image: Image) -> str:
+    return f"cannot download {url} ({reason}): Lima needs the network once to pin the cloud image's digest"

@@ -37,16 +37,18 @@ def _image(c: Context, name: str | None) -> tuple[Config, Image]:
 @task(help={"image": "AlmaLinux image whose cpus/memory/disk to use (default: the one for this host's arch)"})
 def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
-    from pipeline.iso import Mirrors
+    import platform
+
+    from pipeline.iso import Mirrors, cloud_image
     from pipeline.render import lima
     from pipeline.render.files import write_if_changed
     from pipeline.run import stream, which
 
     cfg, img = _image(c, image)
     which("limactl")  # before any download: a missing tool is the first thing to say
-    cloud = lima.cloud_image(img, Mirrors.from_env())
+    cloud = cloud_image(img, Mirrors.from_env())
     path = cfg.output_dir / "lima" / f"{lima.instance_name(img)}.yaml"
-    if write_if_changed(path, lima.render(img, cloud, lima.host_vm_type())):
+    if write_if_changed(path, lima.render(img, cloud, lima.vm_type(platform.system().lower(), platform.mac_ver()[0]))):
         say(f"wrote {path}")
     stream(["limactl", "start", f"--name={lima.instance_name(img)}", "--tty=false", str(path)], on_line=say)
     say(f"started: invoke lima-shell {img.name}")

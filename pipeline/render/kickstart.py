@@ -67,7 +67,10 @@ def ksquote(value: object) -> str:
 def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
     """Everything the template reads, derived from the image alone (host-independent)."""
     others: list[User] = [u for u in image.users if u.name != "root"]
-    bios = image.arch is Arch.X86_64  # biosboot + ESP: one disk boots under BIOS and UEFI
+    bios = image.arch is Arch.X86_64  # x86_64 disks get a biosboot partition next to the ESP
+    # Installed under UEFI, the x86_64 disk also gets the BIOS GRUB (as the official images do),
+    # so it boots under both; installed under BIOS it has no UEFI boot loader.
+    hybrid = bios and image.firmware is Firmware.UEFI
     return {
         "source": Path(source).name,
         "image": image,
@@ -82,7 +85,11 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "console": image.arch.console,
         "console_arg": console_arg(image.arch),
         "bios": bios,
-        "boots": "BIOS and UEFI" if bios else "UEFI",
+        "hybrid": hybrid,
+        "boots": "BIOS and UEFI" if hybrid else ("BIOS" if bios else "UEFI"),
+        # Root's password works over SSH (the original tooling's dev images log in as root).
+        # Until the config carries a per-image `root_ssh`, every image keeps that behaviour.
+        "root_ssh": bool(getattr(image, "root_ssh", True)),
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
     }

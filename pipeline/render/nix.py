@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import Firmware, Image
 
 # The NixOS release nixos/flake.nix pins; the stateVersion of images whose version is not X.Y.
-NIXOS_RELEASE = "25.05"
+NIXOS_RELEASE = "26.05"
 PARAMS_DIR = Path("nixos") / "params"
 STATE_VERSION_RE = re.compile(r"^\d{2}\.\d{2}$")
 
@@ -35,7 +35,7 @@ def hostname(image_name: str) -> str:
 
 
 def state_version(image: Image) -> str:
-    """system.stateVersion: the image's version when it names a release (25.05), else the pin."""
+    """system.stateVersion: the image's version when it names a release (26.05), else the pin."""
     return image.version if STATE_VERSION_RE.match(image.version) else NIXOS_RELEASE
 
 

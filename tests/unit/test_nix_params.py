@@ -16,10 +16,11 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFixtureKeyFixtureKeyFixtureKeyFixtur
 HASH = "$6$salt$" + "a" * 86
 
 # How the modules name things (documented in nixos/modules/base.nix): params.<key> is a top-level
-# key of the JSON, user.<key> a key of one entry of params.users.
+# key of the JSON, user.<key> a key of one entry of params.users. A key read with a default
+# (`params.<key> or <default>`) is optional and not required in the JSON.
 ACCESS_RE = {
-    "params": re.compile(r"\bparams\.([A-Za-z_][A-Za-z0-9_-]*)"),
-    "user": re.compile(r"\buser\.([A-Za-z_][A-Za-z0-9_-]*)"),
+    "params": re.compile(r"\bparams\.([A-Za-z_][A-Za-z0-9_-]*)(?![A-Za-z0-9_-])(?!\s+or\b)"),
+    "user": re.compile(r"\buser\.([A-Za-z_][A-Za-z0-9_-]*)(?![A-Za-z0-9_-])(?!\s+or\b)"),
 }
 
 
@@ -134,7 +135,7 @@ def test_hostname_and_state_version_rules():
     cfg = project_config()
     latest = cfg.image("nixos-x86_64").__class__(**{**cfg.image("nixos-x86_64").__dict__, "version": "latest"})
     assert render_nix.state_version(latest) == render_nix.NIXOS_RELEASE
-    assert render_nix.state_version(cfg.image("nixos-x86_64")) == "25.05"
+    assert render_nix.state_version(cfg.image("nixos-x86_64")) == "26.05"
 
 
 def test_flake_pins_the_stable_release_the_renderer_assumes():

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Config, Distro, Image
+from pipeline.fsutil import atomic_write
 from pipeline.plan import template_path
 
 # Image fields that steer the pipeline but never change the bytes of a build.
@@ -172,9 +173,7 @@ def _write_json(path: Path, data: Any) -> None:
     """Best effort, atomic: a cache that cannot be written only costs speed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, sort_keys=True, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
     except OSError:
         pass
 

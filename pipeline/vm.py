@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -37,9 +36,8 @@ from typing import Any
 
 from pipeline import artifacts, keys
 from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image
-from pipeline.errors import (
-    CommandFailed, ImagepipeError, Interrupted, UsageError, VerifyFailed,
-)
+from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, UsageError, VerifyFailed
+from pipeline.fsutil import atomic_copy, atomic_write
 from pipeline.host import FirmwareInfo, HostFacts, probe
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
 from pipeline.run import interactive, run
@@ -303,10 +301,8 @@ def _read(path: Path) -> str | None:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so a reader never sees half a value."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """One value per file, written atomically: a reader never sees half a value."""
+    atomic_write(path, text + "\n")
 
 
 def process_cmdline(pid: int) -> str | None:
@@ -473,9 +469,7 @@ def prepare_state(state: StatePaths, target: Target, firmware: FirmwareInfo | No
     if previous != target.build_id:
         state.efivars.unlink(missing_ok=True)  # boot entries of the old disk mean nothing to a new one
     if firmware is not None and firmware.vars and target.boot is None and not state.efivars.exists():
-        tmp = state.efivars.with_name(".efivars.tmp")
-        shutil.copyfile(firmware.vars, tmp)
-        os.replace(tmp, state.efivars)
+        atomic_copy(Path(firmware.vars), state.efivars)
     if reset_known_hosts(previous, target.build_id, opts.snapshot, ephemeral_root(target.image)):
         state.known_hosts.write_text("", encoding="utf-8")
     _write(state.build_id, target.build_id)

@@ -9,12 +9,11 @@ another engine contribute through `pipeline.render.<distro>.files` when that mod
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pipeline.config import Config, Image
+from pipeline.fsutil import atomic_write
 from pipeline.plan import template_path
 
 
@@ -64,15 +63,7 @@ def write_if_changed(path: Path, text: str) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
     return True
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, keys
+from pipeline import artifacts, keys, procs
 from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image
 from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, UsageError, VerifyFailed
 from pipeline.fsutil import atomic_copy, atomic_write
@@ -305,26 +304,6 @@ def _write(path: Path, text: str) -> None:
     atomic_write(path, text + "\n")
 
 
-def process_cmdline(pid: int) -> str | None:
-    """The command line of `pid` with NULs as spaces; None when it is gone or a zombie."""
-    proc = Path(f"/proc/{pid}")
-    if proc.is_dir():
-        try:
-            stat = (proc / "stat").read_text()
-            if stat.rpartition(")")[2].split()[0] == "Z":
-                return None
-            return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return None
-    if sys.platform.startswith("linux"):
-        return None
-    res = run(["ps", "-p", str(pid), "-o", "stat=", "-o", "command="], check=False)
-    out = res.stdout.strip()
-    if not res.ok or not out or out.startswith("Z"):
-        return None
-    return out.partition(" ")[2]
-
-
 def is_our_qemu(cmdline: str | None, state: StatePaths) -> bool:
     """A live process is this VM when it is a qemu-system binary writing this state folder."""
     if not cmdline:
@@ -334,7 +313,7 @@ def is_our_qemu(cmdline: str | None, state: StatePaths) -> bool:
 
 
 def alive(pid: int, state: StatePaths) -> bool:
-    return is_our_qemu(process_cmdline(pid), state)
+    return is_our_qemu(procs.cmdline(pid), state)
 
 
 def read_status(image: str, state: StatePaths) -> VmStatus:

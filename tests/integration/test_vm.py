@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts, vm
+from pipeline import artifacts, procs, vm
 from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image, load
 from pipeline.errors import VerifyFailed
 from pipeline.host import probe
@@ -68,7 +68,7 @@ def test_run_ssh_status_stop(demo):
     state = vm.state_paths(out, DEMO)
     port = int(state.ssh_port.read_text())
     pid = int(state.pid.read_text())
-    assert vm.is_our_qemu(vm.process_cmdline(pid), state)
+    assert vm.is_our_qemu(procs.cmdline(pid), state)
 
     again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr

@@ -223,12 +223,12 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
 
 
 def _boot_test(cfg: Config, plan: BuildPlan, produced: Path, opts: BuildOptions) -> None:
-    from pipeline import vm
+    from pipeline.vm.boottest import boot_test
 
     boot = _boot_info(plan.image)
     if boot:
         boot = {k: str(plan.staging / v) if k in ("kernel", "initrd") else v for k, v in boot.items()}
-    vm.boot_test(cfg, plan.image, produced, boot, cfg.output_dir, opts.accel)
+    boot_test(cfg, plan.image, produced, boot, cfg.output_dir, opts.accel)
 
 
 def _boot_info(image: Image) -> dict[str, str] | None:

@@ -8,10 +8,11 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline import artifacts, vm
+from pipeline import artifacts
 from pipeline.build import BuildOptions, build_image
 from pipeline.config import load
 from pipeline.errors import VerifyFailed
+from pipeline.vm import boottest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -32,8 +33,8 @@ def test_failing_boot_test_leaves_the_last_good_image_published(demo_build, tmp_
     stranger = tmp_path / "stranger_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     wrong = dataclasses.replace(cfg, defaults=dataclasses.replace(cfg.defaults, ssh_key=str(stranger)))
-    real_boot_test = vm.boot_test
-    monkeypatch.setattr(vm, "boot_test",
+    real_boot_test = boottest.boot_test
+    monkeypatch.setattr(boottest, "boot_test",
                         lambda _cfg, *args, **kw: real_boot_test(wrong, *args, **{**kw, "deadline": 25}))
 
     with pytest.raises(VerifyFailed) as exc:

@@ -1,4 +1,4 @@
-"""The pure parts of pipeline.vm: the QEMU command line, ports, host keys, ssh argv, tables."""
+"""The pure parts of pipeline.vm.*: the QEMU command line, ports, host keys, ssh argv, tables."""
 
 from pathlib import Path
 
@@ -9,10 +9,11 @@ from pipeline.errors import UsageError
 from pipeline.host import FirmwareInfo
 from pipeline.plan import AccelChoice
 from pipeline.tasks.vm import remainder
-from pipeline.vm import (
-    UNIX_PATH_MAX, BootSpec, RunOptions, StatePaths, BootTestResult, boot_spec, host_key_alias,
-    is_our_qemu, parse_keyscan, pick_port, qemu_argv, reset_known_hosts, results_table, ssh_argv,
-)
+from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
+from pipeline.vm.boottest import BootTestResult, results_table
+from pipeline.vm.lifecycle import boot_spec, reset_known_hosts
+from pipeline.vm.ssh import host_key_alias, parse_keyscan, ssh_argv
+from pipeline.vm.state import UNIX_PATH_MAX, StatePaths, is_our_qemu, pick_port
 
 STATE = StatePaths(Path("/out/img/run"))
 DISK = Path("/out/img/builds/1/img.qcow2")

@@ -224,11 +224,10 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
 
 def _boot_test(cfg: Config, plan: BuildPlan, produced: Path, opts: BuildOptions) -> None:
     from pipeline.vm.boottest import boot_test
+    from pipeline.vm.lifecycle import staged_target
 
-    boot = _boot_info(plan.image)
-    if boot:
-        boot = {k: str(plan.staging / v) if k in ("kernel", "initrd") else v for k, v in boot.items()}
-    boot_test(cfg, plan.image, produced, boot, cfg.output_dir, opts.accel)
+    target = staged_target(plan.image, produced, _boot_info(plan.image), plan.build_id, base=plan.staging)
+    boot_test(cfg, target, cfg.output_dir, opts.accel)
 
 
 def _boot_info(image: Image) -> dict[str, str] | None:

@@ -8,14 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline import keys
 from pipeline.config import Accel, Arch, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.run import run
 from pipeline.vm.argv import RunOptions
-from pipeline.vm.lifecycle import decide, published_target, staged_target, start, stop
+from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.ssh import SSH_DEADLINE, pin_host_keys, ssh_argv, tail_block, wait_for_ssh
 from pipeline.vm.state import (
     BOOT_TEST_DIR,
@@ -71,14 +70,13 @@ def _power_off(image: Image, state: StatePaths, key: Path, port: int, pid: int) 
         stop(image.name, state, grace=10, say=lambda _m: None)
 
 
-def boot_test(cfg: Config, image: Image, image_file: Path, boot_info: dict[str, Any] | None,
-              output_dir: Path, accel: Accel | None = None, *, deadline: float | None = None,
-              build_id: str = "boot-test", say: Callable[[str], None] = lambda _m: None) -> None:
-    """Boot `image_file` (published or still staged) with -snapshot, check SSH, arch and root
-    access, power it off. Raises VerifyFailed (console tail included) on any failure; the VM is
-    always stopped afterwards. `deadline` bounds the wait for SSH and for the login.
+def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | None = None, *,
+              deadline: float | None = None, say: Callable[[str], None] = lambda _m: None) -> None:
+    """Boot `target` (a published build, or one still staged) with -snapshot, check SSH, arch and
+    root access, power it off. Raises VerifyFailed (console tail included) on any failure; the VM
+    is always stopped afterwards. `deadline` bounds the wait for SSH and for the login.
     """
-    target = staged_target(image, Path(image_file), boot_info, build_id)
+    image = target.image
     accel_choice, firmware = decide(cfg, image, accel, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
@@ -125,12 +123,8 @@ def boot_test_published(cfg: Config, image: Image, accel: Accel | None, deadline
                               f"{image.name} is running and writing to its image (pid {running.pid}): "
                               f"stop it first (invoke stop {image.name})")
     started = time.monotonic()
-    boot = None
-    if target.boot:
-        boot = {"kernel": str(target.boot.kernel), "initrd": str(target.boot.initrd), "append": target.boot.append}
     try:
-        boot_test(cfg, image, target.disk, boot, cfg.output_dir, accel, deadline=deadline,
-                  build_id=target.build_id, say=say)
+        boot_test(cfg, target, cfg.output_dir, accel, deadline=deadline, say=say)
     except ImagepipeError as exc:
         return BootTestResult(image.name, "failed", time.monotonic() - started, exc.render())
     return BootTestResult(image.name, "passed", time.monotonic() - started, f"build {target.build_id}")

@@ -40,8 +40,8 @@ from pipeline.vm.state import (
 
 
 @dataclass(frozen=True)
-class Target:
-    """What to boot: one image file of one build."""
+class BootTarget:
+    """What to boot: one image file of one build (and its kernel + initrd for a direct boot)."""
 
     image: Image
     disk: Path
@@ -57,7 +57,7 @@ def boot_spec(boot: dict[str, Any] | None, base: Path) -> BootSpec | None:
     return BootSpec(base / boot["kernel"], base / boot["initrd"], str(boot.get("append", "")))
 
 
-def published_target(cfg: Config, image: Image) -> Target:
+def published_target(cfg: Config, image: Image) -> BootTarget:
     """The published build of `image`, resolved to builds/<id>/ (a later publish cannot swap it)."""
     image_dir = cfg.output_dir / image.name
     manifest = artifacts.read_manifest(image_dir)
@@ -69,12 +69,16 @@ def published_target(cfg: Config, image: Image) -> Target:
     boot = boot_spec(manifest.get("boot"), build)
     if image.distro is Distro.DEMO and boot is None:
         raise VerifyFailed(f"{image_dir / artifacts.MANIFEST}: the demo image's manifest has no boot entry")
-    return Target(image, disk, manifest["artifact"].get("format", image.format.value), manifest["build_id"], boot)
+    return BootTarget(image, disk, manifest["artifact"].get("format", image.format.value), manifest["build_id"], boot)
 
 
-def staged_target(image: Image, image_file: Path, boot_info: dict[str, Any] | None, build_id: str = "staged") -> Target:
-    """An explicit image file (a build not yet published) with its boot info."""
-    return Target(image, Path(image_file), image.format.value, build_id, boot_spec(boot_info, Path(image_file).parent))
+def staged_target(image: Image, image_file: Path, boot_info: dict[str, Any] | None, build_id: str = "staged",
+                  *, base: Path | None = None) -> BootTarget:
+    """An explicit image file (a build not yet published) with its boot info; relative kernel
+    and initrd paths are under `base` (default: the image file's folder)."""
+    image_file = Path(image_file)
+    return BootTarget(image, image_file, image.format.value, build_id,
+                      boot_spec(boot_info, image_file.parent if base is None else base))
 
 
 # ---------------------------------------------------------------------------------- start
@@ -91,7 +95,7 @@ def reset_known_hosts(previous_build: str | None, build_id: str, snapshot: bool,
     return previous_build != build_id or snapshot or ephemeral
 
 
-def prepare_state(state: StatePaths, target: Target, firmware: FirmwareInfo | None, opts: RunOptions) -> None:
+def prepare_state(state: StatePaths, target: BootTarget, firmware: FirmwareInfo | None, opts: RunOptions) -> None:
     """Create the folder, the UEFI variables copy, a fresh console log; reset known_hosts if due."""
     state.root.mkdir(parents=True, exist_ok=True)
     previous = read_value(state.build_id)
@@ -119,7 +123,7 @@ PORT_RACE = "Could not set up host forwarding rule"
 
 
 def start(
-    target: Target, state: StatePaths, accel: AccelChoice, firmware: FirmwareInfo | None,
+    target: BootTarget, state: StatePaths, accel: AccelChoice, firmware: FirmwareInfo | None,
     opts: RunOptions | None = None, *, port: int | None = None, say: Callable[[str], None] = print,
 ) -> VmStatus:
     """Boot `target` detached (or attached with opts.foreground); returns its status.
@@ -168,7 +172,7 @@ def _launch(argv: list[str], state: StatePaths) -> None:
         raise Interrupted("interrupted while starting the VM: it was stopped again") from None
 
 
-def _foreground(target: Target, state: StatePaths, argv: list[str], port: int, say: Callable[[str], None]) -> VmStatus:
+def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: int, say: Callable[[str], None]) -> VmStatus:
     """Run QEMU attached to this terminal until it quits; the state is cleared afterwards."""
     say(f"{target.image.name}: console attached (Ctrl-A X quits QEMU, Ctrl-A C toggles the monitor); "
         f"ssh on 127.0.0.1:{port}")

@@ -201,8 +201,10 @@ def test_boot_test_function_on_the_staged_layout(demo):
     assert build is not None
     boot = {"kernel": str(build / "vmlinuz"), "initrd": str(build / "initrd.img"),
             "append": json.loads((build / "manifest.json").read_text())["boot"]["append"]}
+    target = lifecycle.staged_target(cfg.images[DEMO], build / f"{DEMO}.qcow2", boot)
+    assert target.boot is not None and target.boot.kernel == build / "vmlinuz"
     started = time.monotonic()
-    boottest.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2", boot, out, Accel.AUTO, deadline=120)
+    boottest.boot_test(cfg, target, out, Accel.AUTO, deadline=120)
     assert time.monotonic() - started < 150
     state = vmstate.state_paths(out, DEMO, vmstate.BOOT_TEST_DIR)
     assert not state.pid.exists() and "up" in state.console.read_text()
@@ -224,9 +226,10 @@ def test_boot_test_fails_with_a_wrong_key_within_the_deadline(demo, tmp_path):
     assert build is not None
     started = time.monotonic()
     with pytest.raises(VerifyFailed) as err:
-        boottest.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2",
-                     {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0,115200n8 panic=-1"},
-                     out, Accel.TCG, deadline=15)
+        boottest.boot_test(cfg, lifecycle.staged_target(
+            cfg.images[DEMO], build / f"{DEMO}.qcow2",
+            {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0,115200n8 panic=-1"}),
+            out, Accel.TCG, deadline=15)
     elapsed = time.monotonic() - started
     assert elapsed < 15 + 90, f"took {elapsed:.0f}s"
     text = err.value.render()
@@ -253,7 +256,7 @@ def test_uefi_command_line_accepted_by_qemu(arch, tmp_path):
     disk = tmp_path / "disk.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], timeout=30)
     state = vmstate.StatePaths(tmp_path / "run")
-    target = lifecycle.Target(image, disk, "qcow2", "b1")
+    target = lifecycle.BootTarget(image, disk, "qcow2", "b1")
     lifecycle.prepare_state(state, target, fw, RunOptions())
     assert state.efivars.stat().st_size == Path(fw.vars).stat().st_size
     argv = qemu_argv(image, AccelChoice(Accel.TCG, "test"), fw, disk, state, vmstate.free_port())

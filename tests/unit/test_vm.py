@@ -11,7 +11,7 @@ from pipeline.plan import AccelChoice
 from pipeline.tasks.vm import remainder
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
 from pipeline.vm.boottest import BootTestResult, results_table
-from pipeline.vm.lifecycle import boot_spec, reset_known_hosts
+from pipeline.vm.lifecycle import BootTarget, boot_spec, reset_known_hosts, staged_target
 from pipeline.vm.ssh import host_key_alias, parse_keyscan, ssh_argv
 from pipeline.vm.state import UNIX_PATH_MAX, StatePaths, is_our_qemu, pick_port
 
@@ -164,6 +164,17 @@ def test_boot_spec_resolves_relative_to_build():
     absolute = boot_spec({"kernel": "/s/vmlinuz", "initrd": "/s/initrd.img", "append": ""}, Path("/b/1"))
     assert absolute is not None and absolute.kernel == Path("/s/vmlinuz")
     assert boot_spec(None, Path("/b")) is None
+
+
+def test_staged_target_keeps_the_boot_spec():
+    img = image(distro=Distro.DEMO, firmware=Firmware.BIOS)
+    boot = {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "quiet"}
+    beside = staged_target(img, Path("/stage/img.qcow2"), boot, "b7")
+    assert beside == BootTarget(img, Path("/stage/img.qcow2"), "qcow2", "b7",
+                                BootSpec(Path("/stage/vmlinuz"), Path("/stage/initrd.img"), "quiet"))
+    elsewhere = staged_target(img, Path("/stage/out/img.qcow2"), boot, base=Path("/stage"))
+    assert elsewhere.boot is not None and elsewhere.boot.initrd == Path("/stage/initrd.img")
+    assert staged_target(image(), DISK, None).boot is None
 
 
 def test_results_table():

@@ -10,15 +10,16 @@ when any image failed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import events
 from pipeline.config import Accel, Config, Distro, Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
+from pipeline.events import Event
 
 Emit = Callable[..., None]
 
@@ -38,12 +39,12 @@ def available(module: str) -> bool:
 
 
 def make_emitter(json_lines: bool) -> Emit:
-    """emit(kind, image, message, **data): a JSON object per event on stdout, or a plain line on stderr."""
+    """emit(kind, image, message, **fields): a JSON event per line on stdout (pipeline.events), or a
+    plain line on stderr."""
 
     def emit(kind: str, image: str, message: str, **data: Any) -> None:
         if json_lines:
-            print(json.dumps({"image": image, "kind": kind, "message": message, "ts": time.time(), **data}),
-                  flush=True)
+            events.write(Event(kind, message, source="imagepipe", fields=data), image)
         else:
             stamp = time.strftime("%H:%M:%S")
             print(f"{stamp} [{image}] {kind}: {message}", file=sys.stderr, flush=True)

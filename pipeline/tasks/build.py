@@ -61,10 +61,10 @@ def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
 
 
 def _print_skip(image: str, why: str) -> None:
-    import json as json_mod
-    import time
+    """The `skipped` JSON event of `build --json` when nothing had to be built."""
+    from pipeline import events
 
-    print(json_mod.dumps({"image": image, "kind": "skipped", "message": why, "ts": time.time()}), flush=True)
+    events.write(events.Event("skipped", why, source="imagepipe"), image)
 
 
 build_demo = alias(build, "build-demo", "Build the offline demo image (demo-x86_64): no ISO download needed.",

@@ -153,7 +153,7 @@ def refresh_iso(cfg: Config, image: Image, emit: Emit) -> None:
 
 
 def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool, *,
-                    accel: Accel = Accel.AUTO, ssh_config: str | None = None,
+                    accel: str | None = None, ssh_config: str | None = None,
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
@@ -168,7 +168,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
         dispatch.prepare(conn, target, cfg, say)
         for image in images:
             emit("start", image.name, f"building on {target.name} if changed")
-            code = remote.remote_build(conn, target, image.name, accel.value, say, extra=["--if-changed"])
+            code = remote.remote_build(conn, target, image.name, accel, say, extra=["--if-changed"])
             if code != 0:
                 outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
                 emit("failed", image.name, outcomes[-1].message)

@@ -364,11 +364,13 @@ class LineSink:
             self.on_line(rest)
 
 
-def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callable[[str], None],
+def remote_build(conn: Any, target: Target, image: str, accel: str | None, say: Callable[[str], None],
                  extra: Sequence[str] = ()) -> int:
-    """Run `invoke build IMAGE --json [EXTRA]` in the builder dir, streaming its events; returns its exit code."""
+    """Run `invoke build IMAGE [--accel A] --json [EXTRA]` in the builder dir, streaming its events;
+    returns its exit code. Without `accel` the builder's own defaults.accel applies."""
+    accel_args = ["--accel", accel] if accel else []
     argv = in_dir(target.dir, ["env", f"INVOKE_DEFAULTS_OUTPUT_DIR={REMOTE_OUTPUT}",
-                               f"{VENV}/bin/invoke", "build", image, "--accel", accel, "--json", *extra])
+                               f"{VENV}/bin/invoke", "build", image, *accel_args, "--json", *extra])
     progress = Progress(image, prefix=target.prefix, live=False)
 
     def on_stdout(line: str) -> None:

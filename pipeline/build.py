@@ -169,7 +169,7 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
         verified = artifacts.verify(produced, image.format.value)
         if opts.boot_test:
             progress.step_event("boot test")
-            _boot_test(cfg, plan, produced, opts)
+            _boot_test(cfg, plan, facts, produced, opts)
         progress.step_event("publish")
         manifest = _manifest(plan, facts, verified, stage, started)
         manifest["input_hash"] = ihash.value
@@ -230,15 +230,14 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
     artifacts.discard(plan.staging)  # already moved into builds/ when publish succeeded
 
 
-def _boot_test(cfg: Config, plan: BuildPlan, produced: Path, opts: BuildOptions) -> None:
-    from pipeline import vm
+def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, opts: BuildOptions) -> None:
+    from pipeline.vm.boottest import boot_test
+    from pipeline.vm.lifecycle import staged_target
 
     boot = plan.profile.boot_info(plan.image)
-    staged = None
-    if boot:
-        staged = {"kernel": str(plan.staging / boot.kernel), "initrd": str(plan.staging / boot.initrd),
-                  "append": boot.append}
-    vm.boot_test(cfg, plan.image, produced, staged, cfg.output_dir, opts.accel)
+    target = staged_target(plan.image, produced, boot.as_manifest() if boot else None, plan.build_id,
+                           base=plan.staging)
+    boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
 
 
 def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: Path, started: float) -> dict[str, Any]:

@@ -357,11 +357,11 @@ def _stat_key(program: str) -> str | None:
 
 def _save_cache(path: Path, data: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
+    from pipeline.fsutil import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, sort_keys=True, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
     except OSError:
         pass
 

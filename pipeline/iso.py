@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.artifacts import sha256_file
 from pipeline.config import Image
 from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
+from pipeline.fsutil import atomic_write
 
 LOCK_FILE = "iso.lock.json"
 REPO = "https://repo.almalinux.org/almalinux"
@@ -254,9 +255,7 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
     digest = sha256_file(path)
     index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(index_path)
+    atomic_write(index_path, json.dumps(index, indent=1, sort_keys=True))
     return digest
 
 

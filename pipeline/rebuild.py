@@ -10,16 +10,16 @@ when any image failed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import distros
+from pipeline import distros, events
 from pipeline.config import Accel, Config, Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
+from pipeline.events import Event
 
 Emit = Callable[..., None]
 
@@ -39,12 +39,12 @@ def available(module: str) -> bool:
 
 
 def make_emitter(json_lines: bool) -> Emit:
-    """emit(kind, image, message, **data): a JSON object per event on stdout, or a plain line on stderr."""
+    """emit(kind, image, message, **fields): a JSON event per line on stdout (pipeline.events), or a
+    plain line on stderr."""
 
     def emit(kind: str, image: str, message: str, **data: Any) -> None:
         if json_lines:
-            print(json.dumps({"image": image, "kind": kind, "message": message, "ts": time.time(), **data}),
-                  flush=True)
+            events.write(Event(kind, message, source="imagepipe", fields=data), image)
         else:
             stamp = time.strftime("%H:%M:%S")
             print(f"{stamp} [{image}] {kind}: {message}", file=sys.stderr, flush=True)
@@ -143,7 +143,7 @@ def refresh_pin(cfg: Config, image: Image, emit: Emit) -> None:
 
 
 def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool, *,
-                    accel: Accel = Accel.AUTO, ssh_config: str | None = None,
+                    accel: str | None = None, ssh_config: str | None = None,
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
@@ -158,7 +158,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
         dispatch.prepare(conn, target, cfg, say)
         for image in images:
             emit("start", image.name, f"building on {target.name} if changed")
-            code = remote.remote_build(conn, target, image.name, accel.value, say, extra=["--if-changed"])
+            code = remote.remote_build(conn, target, image.name, accel, say, extra=["--if-changed"])
             if code != 0:
                 outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
                 emit("failed", image.name, outcomes[-1].message)

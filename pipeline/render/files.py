@@ -6,13 +6,12 @@ template under packer/<family>/<arch>/, AlmaLinux's kickstart, NixOS's params JS
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pipeline import distros
 from pipeline.config import Config, Image
+from pipeline.fsutil import atomic_write
 
 
 def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
@@ -46,15 +45,7 @@ def write_if_changed(path: Path, text: str) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
     return True
 
 

@@ -96,13 +96,6 @@ def test_known_hosts_files_from_ssh_config():
     assert remote.known_hosts_files({}) == [Path("~/.ssh/known_hosts").expanduser()]
 
 
-def test_event_from_json():
-    ev = remote.event_from_json('{"image": "d", "kind": "step", "message": "verify", "source": "imagepipe", '
-                                '"ts": 5.0, "data": ["a"]}')
-    assert ev is not None and (ev.kind, ev.message, ev.ts, ev.data) == ("step", "verify", 5.0, ("a",))
-    assert remote.event_from_json("plain text") is None and remote.event_from_json("[1]") is None
-
-
 def test_line_sink_splits_lines():
     got = []
     sink = remote.LineSink(got.append)

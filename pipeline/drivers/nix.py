@@ -87,9 +87,10 @@ def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> li
     return argv + ["--keep-failed"] if keep_failed else argv
 
 
-def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup") -> list[str]:
-    """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder)."""
-    target = installable(plan.image, plan.root)
+def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: str | None = None) -> list[str]:
+    """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
+    `flake`: the flake the profile prepared for this build (a staged copy), else the image's."""
+    target = f"{flake}#{attribute(plan.image)}" if flake else installable(plan.image, plan.root)
     return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
 
 
@@ -184,7 +185,9 @@ class NixDriver:
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
     def command(self, plan: BuildPlan, stage: Path) -> list[str]:
-        return build_argv(plan, stage)
+        """The build command; a flake the profile prepares at build time is a placeholder."""
+        staged = "flake" in plan.profile.prepared_variables(plan.image)
+        return build_argv(plan, stage, flake="<prepared at build time: flake>" if staged else None)
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""
@@ -205,11 +208,13 @@ class NixDriver:
         stage.mkdir(parents=True, exist_ok=True)
         plan.build_log.parent.mkdir(parents=True, exist_ok=True)
         out_link = stage / OUT_LINK
-        argv = build_argv(plan, stage, on_error)
+        flake = plan.profile.prepare(plan, stage, progress.info).variables.get("flake")
+        argv = build_argv(plan, stage, on_error, flake)
         progress.step_event(f"nix build {argv[4]}")
         result, tail = _run_build(argv, progress, plan.build_log, timeout)
         if not result.ok:
             out_link.unlink(missing_ok=True)
+            shutil.rmtree(stage / "inputs", ignore_errors=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))
         try:
             if not out_link.is_symlink():
@@ -219,7 +224,8 @@ class NixDriver:
         finally:
             # The out-link is a GC root into the store; the copy in staging is what we keep.
             out_link.unlink(missing_ok=True)
-        keep_lock(flake_dir(image, plan.root), stage)
+        keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
+        shutil.rmtree(stage / "inputs", ignore_errors=True)  # the staged flake copy
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
 

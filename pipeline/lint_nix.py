@@ -41,31 +41,37 @@ EVAL_APPLY = {
 }
 
 
-def flake_eval_problems(directory: Path, root: Path, on_unchecked: Callable[[str], None]) -> list[str]:
-    """Evaluate the flake for real (every configuration's toplevel and every package's drvPath).
+def flake_eval_problems(directory: Path, root: Path, on_unchecked: Callable[[str], None],
+                        on_note: Callable[[str], None]) -> list[str]:
+    """Evaluate the flake for real: every configuration's toplevel and every package's drvPath.
 
-    Needs the inputs the lock pins (fetched from the network the first time): without a lock,
-    or when the network stands in the way, the check is reported through `on_unchecked` (the
-    lint then does not say "clean"); an evaluation error is a problem.
+    It needs the inputs flake.lock pins (fetched from the network the first time, or already in
+    the store). When they cannot be had, the check is reported through `on_unchecked` (the lint
+    then does not say "clean"); an evaluation error is a problem. A flake without a lock is
+    evaluated against whatever its inputs resolve to now, and a note says to commit a lock.
     """
     rel = directory.relative_to(root) if directory.is_relative_to(root) else directory
-    if not (directory / "flake.lock").is_file():
-        on_unchecked(f"nix evaluation of {rel}: no flake.lock to evaluate against "
-                     "(run invoke update-flake on a machine with network access and commit it)")
-        return []
-    problems = []
+    locked = (directory / "flake.lock").is_file()
+    errors: dict[str, list[str]] = {}  # nix's error -> the outputs that hit it (often the same one)
     for output, apply in EVAL_APPLY.items():
         argv = nix_argv("eval", "--json", "--no-write-lock-file", f"{directory}#{output}", "--apply", apply)
         r = run(argv, check=False, timeout=900)
-        if r.ok:
-            continue
         text = clean(r.stderr)
-        if any(marker in text for marker in NETWORK_ERRORS):
-            on_unchecked(f"nix evaluation of {rel}: the pinned inputs are not in the local store and "
-                         "cannot be fetched (no network)")
+        if not r.ok and "does not provide attribute" in text:
+            continue  # the flake has no such output: nothing to evaluate
+        if not r.ok and any(marker in text for marker in NETWORK_ERRORS):
+            why = ("it has no flake.lock and its inputs cannot be fetched (no network): run invoke update-flake "
+                   "on a machine with network access and commit the lock") if not locked else (
+                  "the inputs its flake.lock pins are not in the local store and cannot be fetched (no network)")
+            on_unchecked(f"nix evaluation of {rel}: {why}")
             return []
-        problems.append(f"{rel}: {output} does not evaluate: {' / '.join(text.strip().splitlines()[-3:])}")
-    return problems
+        if not r.ok:
+            lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("warning:")]
+            errors.setdefault(" / ".join(lines[-3:]), []).append(output)
+        elif not locked and "lock file" in text:
+            on_note(f"{rel} was evaluated against unpinned inputs (no flake.lock): run invoke update-flake and commit it")
+    return [f"{rel}: {' and '.join(outputs)} do{'es' if len(outputs) == 1 else ''} not evaluate: {error}"
+            for error, outputs in errors.items()]
 
 
 def lint_problems(root: Path, on_note: Callable[[str], None] | None = None,
@@ -78,10 +84,11 @@ def lint_problems(root: Path, on_note: Callable[[str], None] | None = None,
     that only take notes).
     """
     which("nix-instantiate")
-    unchecked = on_unchecked or on_note or (lambda _msg: None)
+    note = on_note or (lambda _msg: None)
+    unchecked = on_unchecked or note
     problems = [p for p in (parse_problem(f, root) for f in nix_files(root)) if p]
     flake = root / "nixos"
     if (flake / "flake.nix").is_file() and not problems:
         which("nix")
-        problems += flake_eval_problems(flake, root, unchecked)
+        problems += flake_eval_problems(flake, root, unchecked, note)
     return problems

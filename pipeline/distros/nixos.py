@@ -146,14 +146,16 @@ def update_flake(root: Path) -> str:
     from pipeline.run import run
 
     flake = root / "nixos"
-    before = nixpkgs_revision(flake)
+    lock = flake / "flake.lock"
+    before = lock.read_bytes() if lock.is_file() else None
     run(nix_argv("flake", "update"), cwd=flake, timeout=900,
         hint="nix flake update needs the network to fetch nixpkgs")
-    after = nixpkgs_revision(flake)
-    if after is None:
-        return "nixos/flake.lock written; it pins no nixpkgs revision"
-    change = "unchanged" if before == after else f"was {before[:12]}" if before else "pinned"
-    return f"nixpkgs {after[:12]} ({change}): commit nixos/flake.lock"
+    after = lock.read_bytes() if lock.is_file() else None
+    rev = nixpkgs_revision(flake)
+    pinned = f"nixpkgs {rev[:12]}" if rev else "nixpkgs"
+    if after == before:
+        return f"nixos/flake.lock unchanged ({pinned})"
+    return f"nixos/flake.lock {'updated' if before else 'written'} by nix ({pinned}): commit it"
 
 
 # What the guest contract reads from an evaluated NixOS configuration (`nix eval --apply` on

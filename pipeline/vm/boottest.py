@@ -6,6 +6,7 @@ the summary table of `invoke test-all`."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +41,10 @@ class SshGuest:
         self.image, self.state, self.key, self.port, self.pid, self.deadline = image, state, key, port, pid, deadline
 
     def run(self, command: Sequence[str]) -> tuple[int, str]:
-        """`command` as ssh_user over SSH in batch mode: (exit code, stdout or the error)."""
-        res = run(ssh_argv(self.image.name, self.state, self.key, self.image.ssh_user, self.port, command, batch=True),
+        """`command` (an argv) as ssh_user over SSH in batch mode: (exit code, stdout or the error).
+        ssh hands the remote shell one string: the argv is quoted into it, so it arrives intact."""
+        remote = [shlex.join(command)]
+        res = run(ssh_argv(self.image.name, self.state, self.key, self.image.ssh_user, self.port, remote, batch=True),
                   check=False, timeout=60)
         return res.returncode, res.stdout if res.ok else (res.stderr or res.stdout)
 
@@ -101,10 +104,18 @@ def _agent_answers(sock: Path, timeout: float = 5.0) -> bool:
 
 
 def _await_login(guest: SshGuest, deadline: float) -> None:
-    """Wait until the build key logs in (sshd may answer before the account is ready); the
-    key-login check then says what failed."""
+    """Wait until the build key logs in (sshd may answer before the account is ready); without
+    a login within `deadline` nothing else of the contract can be checked."""
     end = time.monotonic() + deadline
-    while time.monotonic() < end and guest.run(["true"])[0] != 0:
+    while True:
+        rc, out = guest.run(["true"])
+        if rc == 0:
+            return
+        if time.monotonic() >= end:
+            image = guest.image
+            raise VerifyFailed(f"{image.name}: cannot log in as {image.ssh_user} with {guest.key} within "
+                               f"{deadline:.0f}s ({out.strip()[-300:]})\n{tail_block(guest.state)}",
+                               "check defaults.ssh_key / the image's public_keys")
         time.sleep(2)
 
 

@@ -48,9 +48,12 @@ class SshGuest:
                   check=False, timeout=60)
         return res.returncode, res.stdout if res.ok else (res.stderr or res.stdout)
 
-    def password_login(self, user: str, password: str) -> bool:
+    def password_login(self, user: str, password: str) -> bool | None:
         """Log in as `user` with `password` only (no key offered); the password travels through
-        SSH_ASKPASS and the environment, never argv."""
+        SSH_ASKPASS and the environment, never argv. None when this ssh cannot be made to take a
+        password without a terminal (SSH_ASKPASS_REQUIRE needs OpenSSH 8.4)."""
+        if not _askpass_forced():
+            return None
         askpass = self.state.root / "askpass"
         askpass.write_text('#!/bin/sh\nprintf \'%s\\n\' "$IMAGEPIPE_ASKPASS"\n', encoding="utf-8")
         askpass.chmod(0o700)
@@ -88,6 +91,16 @@ class SshGuest:
         except (QmpError, OSError, EOFError):
             return False
         return wait_gone(self.pid, self.state, self.deadline)
+
+
+def _askpass_forced() -> bool:
+    """True when the local ssh honours SSH_ASKPASS_REQUIRE=force (OpenSSH >= 8.4); older ones
+    would prompt on the user's terminal instead."""
+    import re
+
+    res = run(["ssh", "-V"], check=False, timeout=30)
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", res.stderr + res.stdout)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (8, 4)
 
 
 def _agent_answers(sock: Path, timeout: float = 5.0) -> bool:

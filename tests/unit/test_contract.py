@@ -182,3 +182,79 @@ def test_every_requirement_is_described_and_power_off_comes_last():
     assert names == ["key-login", "sudo", "root-ssh", "serial-console", "guest-agent", "power-off"]
     assert all(r.description for r in contract.REQUIREMENTS)
     assert [r.name for r in contract.REQUIREMENTS if r.ends_boot] == ["power-off"]
+
+
+# --------------------------------------------------------------------------------- live checks' logic
+# (the real guest is tests/integration/test_guest_contract.py; this records what check_live asks)
+
+class Recorded:
+    """A LiveGuest answering from a table, recording every command it was asked to run."""
+
+    def __init__(self, image: Image, answers: dict[str, tuple[int, str]], password_ok: bool | None = False,
+                 agent: bool = True, powers_off: bool = True) -> None:
+        self.image, self.answers, self.password_ok = image, answers, password_ok
+        self.agent, self.powers_off, self.asked = agent, powers_off, []
+
+    def run(self, command):  # type: ignore[no-untyped-def]
+        self.asked.append(" ".join(command))
+        return self.answers.get(" ".join(command), (0, ""))
+
+    def password_login(self, user, password):  # type: ignore[no-untyped-def]
+        self.asked.append(f"password {user} {password}")
+        return self.password_ok
+
+    def console_text(self) -> str:
+        return "login:"
+
+    def agent_ping(self) -> bool:
+        return self.agent
+
+    def power_off(self) -> bool:
+        self.asked.append("power off")
+        return self.powers_off
+
+
+ALMA_LIVE = {"uname -m": (0, "x86_64\n"), "sudo -n id -u": (0, "0\n"),
+             "cat /proc/consoles": (0, "ttyS0                -W- (EC p a)    4:64\n"),
+             "sh -c cat /sys/class/virtio-ports/*/name": (0, "org.qemu.guest_agent.0\n")}
+
+
+def test_live_checks_run_in_order_and_power_off_last():
+    image = CFG.image("almalinux10-x86_64")
+    guest = Recorded(image, ALMA_LIVE, password_ok=True)
+    said: list[str] = []
+    assert contract.check_live(guest, agent=True, say=said.append) == []
+    assert guest.asked == ["uname -m", "sudo -n id -u", "password root packer", "cat /proc/consoles",
+                           "sh -c cat /sys/class/virtio-ports/*/name", "power off"]
+    assert said[-1] == "almalinux10-x86_64: contract power-off: passed"
+
+
+def test_live_failures_are_named_and_a_failed_login_stops_the_rest():
+    image = CFG.image("almalinux10-x86_64")
+    broken = Recorded(image, {**ALMA_LIVE, "sudo -n id -u": (1, "sudo: a password is required")},
+                      password_ok=False, agent=False, powers_off=False)
+    assert contract.check_live(broken, agent=True) == [
+        "sudo: admin cannot become root without a password: sudo: a password is required",
+        "root-ssh: root's password does not work over SSH, root_ssh is true",
+        "guest-agent: qemu-guest-agent does not answer guest-ping on its port",
+        "power-off: the guest did not power off on the ACPI power button"]
+    locked_out = Recorded(image, {"uname -m": (255, "Permission denied (publickey).")})
+    assert contract.check_live(locked_out, agent=True) == [
+        "key-login: cannot log in as admin with the build key: Permission denied (publickey)."]
+    assert locked_out.asked == ["uname -m"]
+
+
+def test_root_ssh_is_not_checked_when_imagepipe_cannot_try():
+    image = CFG.image("almalinux10-x86_64")
+    said: list[str] = []
+    contract.check_live(Recorded(image, ALMA_LIVE, password_ok=None), agent=True, say=said.append)
+    assert "almalinux10-x86_64: contract root-ssh: not checked (this host's ssh cannot send a password without a " \
+           "terminal (needs OpenSSH 8.4))" in said
+    other = dataclasses.replace(image, users=tuple(dataclasses.replace(u, password_hash=HASH) for u in image.users))
+    said.clear()
+    contract.check_live(Recorded(other, ALMA_LIVE), agent=True, say=said.append)
+    assert any("root-ssh: not checked (root's password is not a development default" in s for s in said)
+    nixos = CFG.image("nixos-x86_64")  # no root account at all
+    said.clear()
+    contract.check_live(Recorded(nixos, ALMA_LIVE), agent=True, say=said.append)
+    assert "nixos-x86_64: contract root-ssh: passed (root has no password (locked))" in said

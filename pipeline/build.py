@@ -210,7 +210,7 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
         _boot_test(cfg, plan, facts, produced, opts)
     files = [primary, *_other_formats(image, primary, stage, progress)]
     progress.step_event("package list and SBOM")
-    found = plan.profile.packages(plan, stage)
+    found = plan.profile.packages(plan, stage, progress.info)
     shutil.rmtree(stage / packages.COLLECTED, ignore_errors=True)  # recorded in the manifest now
     manifest = _manifest(plan, facts, files, started)
     manifest["input_hash"] = ihash.value

@@ -20,7 +20,8 @@ profile and never branches on the distro. A profile says:
     boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
     ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
     manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
-    packages(plan, stage)   what the built image holds (RPMs, the Nix closure, Debian packages):
+    packages(plan, stage, report)
+                            what the built image holds (RPMs, the Nix closure, Debian packages):
                             the manifest's package list and the SBOM (pipeline.packages)
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
 
@@ -152,7 +153,7 @@ class Profile:
     def boot_info(self, image: Image) -> BootInfo | None:
         return None
 
-    def packages(self, plan: BuildPlan, stage: Path) -> list[Package]:
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The packages inside the image just built into `stage` (files the build handed back
         wait in <stage>/collected/). Runs after verification, before publishing."""
         return []

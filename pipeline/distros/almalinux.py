@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Arch, Image
 from pipeline.distros import Prepared, Report
@@ -41,7 +41,8 @@ class AlmaLinux(PackerProfile):
     title = "AlmaLinux"
     pin = "installer ISO"
     lima = True
-    image_defaults = {"compress_qcow2": True}  # as before formats existed: Packer compresses the qcow2
+    # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
+    image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
 
     def family(self, image: Image) -> str:
         """almalinux<major>: the folder of the template (packer/) and the kickstart (kickstart/)."""
@@ -134,7 +135,7 @@ class AlmaLinux(PackerProfile):
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
 
-    def packages(self, plan: BuildPlan, stage: Path) -> list[Package]:
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """Every RPM of the image, as the guest listed it (downloaded by the template)."""
         from pipeline import packages
 

@@ -63,7 +63,7 @@ class Demo(PackerProfile):
             extra_files=(kernel, initrd),
         )
 
-    def packages(self, plan: BuildPlan, stage: Path) -> list[Package]:
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The Debian packages the guest was assembled from (recorded by prepare)."""
         from pipeline import packages
 

@@ -93,7 +93,7 @@ def build_image(
     with `opts.if_changed` nothing is built when the inputs equal the published build's.
     """
     # Whether this host can build the image is decided before anything is created or locked.
-    facts, driver, plan = _decide(cfg, image, opts, facts)
+    facts, driver, plan = decide(cfg, image, opts, facts)
     if opts.dry_run:
         _announce(plan, facts, say)
         _print_plan(plan, driver, say)
@@ -122,7 +122,7 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
         say(f"{plan.image.name}: {part}")
 
 
-def _decide(cfg: Config, image: Image, opts: BuildOptions,
+def decide(cfg: Config, image: Image, opts: BuildOptions,
             facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
     but the project key."""

@@ -86,8 +86,9 @@ def verify(path: Path, fmt: str, *, compressed: bool = False) -> Verified:
 
 
 def _qemu_img_checks(path: Path, fmt: str) -> int:
-    """Format agrees and `qemu-img check` passes; returns the virtual size."""
-    info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, path]).stdout)
+    """Format agrees and `qemu-img check` passes; returns the virtual size. qemu-img probes the
+    format itself (with `-f` it would only echo what it was told)."""
+    info = json.loads(run(["qemu-img", "info", "--output=json", path]).stdout)
     if info.get("format") != fmt:
         raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
     if fmt in CHECKABLE:

@@ -307,7 +307,7 @@ def compare_trees(a: Path, b: Path) -> list[str]:
         what = [w for w, x, y in (("type", ka, kb), ("content", ca, cb), ("mode", oct(ma), oct(mb)),
                                    ("mtime", ta, tb)) if x != y]
         if what:
-            out.append(f"/{p}: {', '.join(what)} differ")
+            out.append(f"/{p}: differs in {', '.join(what)}")
     return out
 
 

@@ -64,7 +64,9 @@ def test_text_and_json_say_the_same():
 
 def test_a_name_held_twice_compares_as_a_set_of_versions():
     """Nix closures may hold one name at two versions (python3-3.11 and -3.12)."""
-    nix = lambda v: Package("nix", "python3", v, path=f"/nix/store/{'a' * 32}-python3-{v}").as_manifest()  # noqa: E731
+    def nix(v: str) -> dict:
+        return Package("nix", "python3", v, path=f"/nix/store/{'a' * 32}-python3-{v}").as_manifest()
+
     d = diff.compare(manifest("1", [nix("3.11.9"), nix("3.12.4")], {}), manifest("2", [nix("3.12.4")], {}))
     assert [(c.name, c.old, c.new) for c in d.changed] == [("python3", "3.11.9, 3.12.4", "3.12.4")]
 

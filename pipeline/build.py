@@ -123,7 +123,7 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
 
 
 def decide(cfg: Config, image: Image, opts: BuildOptions,
-            facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
+           facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
     but the project key."""
     facts = facts or probe_for_build(cfg, [image])

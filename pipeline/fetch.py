@@ -2,8 +2,10 @@
 
 The builder's manifest is the source of truth for what the image must hash to; the local
 published image changes only after every fetched file matched it, through the same atomic
-publish as a local build. An interrupted transfer leaves its staging folder in place, so the
-next fetch sends only the rest; a file that does not match is never published.
+publish as a local build. Every file SHA256SUMS lists is fetched (each image format, boot files,
+the SBOM); every image file the manifest lists is verified like a local build's (qemu-img info
+format, check, sha256), the others by sha256. An interrupted transfer leaves its staging folder
+in place, so the next fetch sends only the rest; a file that does not match is never published.
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ def check_manifest(manifest: Any, image: Image) -> dict[str, Any]:
         raise BuildFailed(f"the builder's manifest for {image.name} is not a manifest of that image",
                           hint="rebuild on the builder (invoke remote-sync-build HOST --image IMAGE)")
     check_name(manifest["build_id"], "build id")
-    check_name(art["file"], "image file name")
+    for entry in artifacts.image_files(manifest):
+        try:
+            ok = bool(SHA_RE.match(entry["sha256"])) and isinstance(entry["format"], str) and isinstance(entry["size"], int)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise BuildFailed(f"the builder's manifest for {image.name} lists a malformed image file: {str(entry)[:120]}")
+        check_name(entry["file"], "image file name")
     return manifest
 
 
@@ -78,20 +87,30 @@ def read_remote(conn: Any, target: Target, image: Image) -> tuple[dict[str, Any]
         raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON") from None
     manifest = check_manifest(data, image)
     sums = parse_sums(res.stdout[end:])
-    art = manifest["artifact"]
-    if sums.get(art["file"]) != art["sha256"]:
-        raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
-                           "(a publish in progress? try again)")
+    for art in artifacts.image_files(manifest):
+        if sums.get(art["file"]) != art["sha256"]:
+            raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
+                               "(a publish in progress? try again)")
     return manifest, sums
 
 
-def up_to_date(image_dir: Path, manifest: dict[str, Any]) -> bool:
-    """True when the locally published image is the builder's (same sha256 and size)."""
+def up_to_date(image_dir: Path, manifest: dict[str, Any], sums: dict[str, str] | None = None) -> bool:
+    """True when the locally published build is the builder's: the same image (sha256, size) and,
+    when the builder's SHA256SUMS is given, the same files with the same hashes (a reproducible
+    image can stay the same while its other formats or boot files changed)."""
     local = artifacts.read_manifest(image_dir)
     path = artifacts.published_image(image_dir)
     art = manifest["artifact"]
-    return (local is not None and path is not None and local["artifact"]["sha256"] == art["sha256"]
-            and path.stat().st_size == art["size"])
+    if local is None or path is None or local["artifact"]["sha256"] != art["sha256"] or path.stat().st_size != art["size"]:
+        return False
+    if sums is None:
+        return True
+    build = artifacts.current_build(image_dir)
+    local_sums = build / artifacts.SUMS if build is not None else None
+    try:
+        return local_sums is not None and parse_sums(local_sums.read_text(encoding="utf-8")) == sums
+    except (OSError, BuildFailed):
+        return False
 
 
 def fetch(conn: Any, target: Target, cfg: Config, image: Image, say: Callable[[str], None]) -> FetchResult:
@@ -99,7 +118,7 @@ def fetch(conn: Any, target: Target, cfg: Config, image: Image, say: Callable[[s
     manifest, sums = read_remote(conn, target, image)
     build_id = manifest["build_id"]
     image_dir = cfg.output_dir / image.name
-    if up_to_date(image_dir, manifest):
+    if up_to_date(image_dir, manifest, sums):
         say(f"{target.prefix}{image.name}: local image already has sha256 {manifest['artifact']['sha256'][:12]}…, "
             "nothing to fetch")
         return FetchResult(image.name, build_id, True, None, None)
@@ -143,12 +162,15 @@ def _transfer(target: Target, remote_dir: str, names: list[str], stage: Path, *,
 
 
 def _verify(stage: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str]) -> None:
-    art = manifest["artifact"]
-    verified = artifacts.verify(stage / art["file"], image.format.value)
-    if verified.sha256 != art["sha256"]:
-        raise VerifyFailed(f"{art['file']}: sha256 {verified.sha256} does not match the manifest ({art['sha256']})")
+    """Every image file as a local build verifies it; every other file by its sha256."""
+    files = artifacts.image_files(manifest)
+    for art in files:
+        verified = artifacts.verify(stage / art["file"], art["format"])
+        if verified.sha256 != art["sha256"]:
+            raise VerifyFailed(f"{art['file']}: sha256 {verified.sha256} does not match the manifest ({art['sha256']})")
+    images = {art["file"] for art in files}
     for name, digest in sums.items():
-        if name != art["file"] and artifacts.sha256_file(stage / name) != digest:
+        if name not in images and artifacts.sha256_file(stage / name) != digest:
             raise VerifyFailed(f"{name}: sha256 does not match SHA256SUMS")
 
 
@@ -163,6 +185,6 @@ def _publish(stage: Path, image_dir: Path, image: Image, manifest: dict[str, Any
     while (image_dir / "builds" / local_id).exists():  # e.g. fetched before, then replaced
         n += 1
         local_id = f"{build_id}.{n}"
-    final = artifacts.publish(stage, image_dir, local_id, image.artifact_name)
+    final = artifacts.publish(stage, image_dir, local_id)
     artifacts.discard(stage)  # moved away by publish: this only tidies an empty .staging/
     return final

@@ -20,30 +20,32 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Accel, Arch, Image
-from pipeline.distros import Prepared, Report
+from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
+from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
 ISO_LOCK = "iso.lock.json"
-DEFAULT_MAJOR = "10"  # what `latest` means for the template and kickstart folders
 V2 = "x86_64_v2"
 V2_CPU_MODEL = "Nehalem"  # x86-64-v2, as AlmaLinux's own x86_64_v2 image builds use
 SLIRP_HOST = "10.0.2.2"   # the host's loopback as the build VM (QEMU user networking) sees it
 
 
 def major(image: Image) -> str:
-    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest."""
-    head = image.version.split(".")[0]
-    return head if head.isdigit() else DEFAULT_MAJOR
+    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest (iso.major_of)."""
+    from pipeline.iso import major_of
+
+    return major_of(image.version)
 
 
 class AlmaLinux(PackerProfile):
@@ -52,6 +54,8 @@ class AlmaLinux(PackerProfile):
     pin = "installer ISO"
     lima = True
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {Arch.X86_64: (V2,)}
+    # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
+    image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
 
     def family(self, image: Image) -> str:
         """almalinux<major>: the folder of the template (packer/) and the kickstart (kickstart/)."""
@@ -122,7 +126,7 @@ class AlmaLinux(PackerProfile):
         return need
 
     def prepared_variables(self, image: Image) -> list[str]:
-        names = ["iso_url", "iso_checksum", "kickstart_dir"]
+        names = ["iso_url", "iso_checksum", "kickstart_dir", "packages_file"]
         from pipeline.render.almalinux import uses_uefi
 
         return names + (["efi_firmware_code", "efi_firmware_vars"] if uses_uefi(image) else [])
@@ -149,6 +153,7 @@ class AlmaLinux(PackerProfile):
             "iso_checksum": f"sha256:{local.sha256}",
             "kickstart_dir": str(staged),
             "ssh_username": image.ssh_user,
+            "packages_file": str(collected_file(stage)),
         }
         if uses_uefi(image):
             values.update(firmware_vars(plan, inputs))
@@ -172,6 +177,12 @@ class AlmaLinux(PackerProfile):
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
 
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """Every RPM of the image, as the guest listed it (downloaded by the template)."""
+        from pipeline import packages
+
+        return packages.read_rpm_list(stage)
+
     def uses_configured_input(self, image: Image) -> str | None:
         return f"uses the configured iso {image.iso}: nothing to refresh" if image.iso else None
 
@@ -191,6 +202,15 @@ class AlmaLinux(PackerProfile):
         rewrote = write_if_changed(path, self.committed_kickstart(image, root))
         also = f"; {path.relative_to(root)} follows it" if rewrote else ""
         return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}{also}"
+
+
+def collected_file(stage: Path) -> Path:
+    """Where Packer downloads the guest's package list (the folder exists before Packer runs)."""
+    from pipeline import packages
+
+    folder = stage / packages.COLLECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / packages.RPM_LIST
 
 
 def _tree(folder: Path) -> list[Path]:

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, Image
-from pipeline.distros import Prepared, Profile, Report
+from pipeline.distros import Profile, Report
+from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 
@@ -78,6 +80,14 @@ class NixOS(Profile):
         problem = build_host_problem(image, facts)
         return HostUnsuitable(problem, remote_hint(image, cfg)) if problem else None
 
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The runtime closure of the image's system (store paths, names, versions), evaluated
+        from the staged copy the build ran on (its system is the one in the image)."""
+        from pipeline.drivers.nix import closure_packages
+
+        copy = staged_flake(stage)
+        return closure_packages(plan.image, plan.root, report, f"path:{copy}" if copy.is_dir() else None)
+
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision
 
@@ -109,7 +119,7 @@ class NixOS(Profile):
         if not committed.is_file() or committed.read_text(encoding="utf-8") != nix.dumps(nix.params(image)):
             report(f"note: {committed.relative_to(plan.root)} is not what invoke.yaml renders (building with the"
                    " rendered one): run invoke render and commit it")
-        copy = stage / "inputs" / STAGED_FLAKE
+        copy = staged_flake(stage)
         shutil.copytree(source, copy, ignore=lambda folder, names: _not_copied(Path(folder) == source, names))
         params = copy / "params" / f"{image.name}.json"
         params.parent.mkdir(exist_ok=True)
@@ -128,6 +138,14 @@ class NixOS(Profile):
 
 
 STAGED_FLAKE = "flake"
+
+
+def staged_flake(stage: Path) -> Path:
+    """Where a build's copy of nixos/ lives: with the files the package list reads after the
+    build (<stage>/collected/, removed by the build once the manifest has them)."""
+    from pipeline.packages import COLLECTED
+
+    return stage / COLLECTED / STAGED_FLAKE
 
 
 def _not_copied(top: bool, names: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from pipeline.run import Result, stream
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 FEATURES = ("--extra-experimental-features", "nix-command flakes")
@@ -75,6 +76,41 @@ def attribute(image: Image) -> str:
 def installable(image: Image, root: Path) -> str:
     """flake#attribute, as nix build takes it."""
     return f"{flake_ref(image, root)}#{attribute(image)}"
+
+
+def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
+    """flake#nixosConfigurations.<image>.config.system.build.toplevel: the system whose runtime
+    closure is the image's package list (`flake`: the copy the build ran on, else the image's)."""
+    name = image.name if image.name.replace("-", "").replace("_", "").isalnum() else f'"{image.name}"'
+    return f"{flake or flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
+
+
+def path_info_argv(target: str) -> list[str]:
+    """Every store path `target` needs at run time, as JSON (it must be in the store already)."""
+    return nix_argv("path-info", "-r", "--json", target)
+
+
+def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None,
+                     flake: str | None = None) -> list[Package]:
+    """The runtime closure of the image's system (its toplevel, built with the image), one
+    Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
+    image output itself (said through `report`). `flake`: the staged copy the build ran on."""
+    from pipeline.packages import parse_path_info
+    from pipeline.run import run
+
+    res = run(path_info_argv(toplevel(image, root, flake)), check=False, timeout=900)
+    if not res.ok and "does not provide attribute" in res.stderr:
+        if report:
+            report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
+                   f"{attribute(image)} instead")
+        target = f"{flake}#{attribute(image)}" if flake else installable(image, root)
+        res = run(path_info_argv(target), check=False, timeout=900)
+    if not res.ok:
+        errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
+        raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
+                          hint="the system's toplevel must be in the store after the image build: "
+                               "nix path-info -r " + toplevel(image, root, flake))
+    return parse_path_info(res.stdout)
 
 
 def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> list[str]:
@@ -214,7 +250,6 @@ class NixDriver:
         result, tail = _run_build(argv, progress, plan.build_log, timeout)
         if not result.ok:
             out_link.unlink(missing_ok=True)
-            shutil.rmtree(stage / "inputs", ignore_errors=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))
         try:
             if not out_link.is_symlink():
@@ -225,7 +260,6 @@ class NixDriver:
             # The out-link is a GC root into the store; the copy in staging is what we keep.
             out_link.unlink(missing_ok=True)
         keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
-        shutil.rmtree(stage / "inputs", ignore_errors=True)  # the staged flake copy
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
 

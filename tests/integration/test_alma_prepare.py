@@ -12,10 +12,10 @@ import pytest
 from pipeline import contract, iso, keys
 from pipeline.config import Accel, Arch, load_file
 from pipeline.distros import almalinux as alma_profile
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.host import find_firmware, local_descriptors
 from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
-from pipeline.render.kickstart import kickstart_path
 from tests.almalinux_support import ROOT, closed_port_url, serve, write_release
 
 CFG = load_file(ROOT / "invoke.yaml")
@@ -58,7 +58,7 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     assert not [n for n in notes if "invoke render" in n], "the committed kickstart is what the config renders"
     assert any("point release is unknown" in n for n in notes), notes  # a file name that names no release
     staged = Path(v["kickstart_dir"], "ks.cfg").read_text()
-    committed = kickstart_path(ROOT, plan.image).read_text()
+    committed = ALMA.kickstart_path(ROOT, plan.image).read_text()
     # the staged kickstart differs from the committed one only by the build key and the repo
     build_key = keys.public_key(plan.ssh_key)
     assert build_key not in committed and f"sshkey --username=admin '{build_key}'" in staged
@@ -82,7 +82,7 @@ def test_staged_kickstart_keeps_the_guest_contract_and_the_committed_one_does_no
     staged = Path(prepare(plan, tmp_path / "stage").variables["kickstart_dir"], "ks.cfg").read_text()
     key = keys.public_key(plan.ssh_key)
     assert contract.check_rendered(plan.image, key, alma_profile.guest_view(staged)) == []
-    committed = kickstart_path(ROOT, plan.image).read_text()
+    committed = ALMA.kickstart_path(ROOT, plan.image).read_text()
     assert contract.check_rendered(plan.image, key, alma_profile.guest_view(committed)) == [
         "key-login: the build key is not among admin's authorized keys"]
 

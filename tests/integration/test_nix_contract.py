@@ -63,7 +63,7 @@ def test_the_staged_copy_holds_this_images_params_with_the_build_key_only(tmp_pa
     root = project(tmp_path)
     committed = (root / "nixos/params/nixos-x86_64.json").read_text()
     flake, key = staged_flake(tmp_path, CFG.image("nixos-x86_64"), root)
-    assert flake == tmp_path / "stage" / "inputs" / "flake"
+    assert flake == tmp_path / "stage" / "collected" / "flake"  # kept until the package list is read
     assert sorted(p.name for p in (flake / "params").iterdir()) == ["nixos-x86_64.json"]
     staged = json.loads((flake / "params/nixos-x86_64.json").read_text())
     assert [u["public_keys"] for u in staged["users"]] == [[key]]
@@ -125,7 +125,8 @@ def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
     said = [e.message for e in progress.events]
     assert f"fixture: authorized keys: {keys.public_key(plan.ssh_key)}" in said
     assert any(m.startswith("nix build path:") for m in said)
-    assert not (plan.staging / "inputs").exists(), "the staged copy is removed after the build"
+    assert (plan.staging / "collected" / "flake").is_dir(), "the package list reads the system from it"
+    assert sorted(p.name for p in plan.staging.iterdir()) == ["collected", "nixos.qcow2"]
     assert not (root / "nixos" / "params").exists(), "nothing is written into the project's flake"
 
 

@@ -126,7 +126,7 @@ class Follower:
             want = min(size - pos, CHUNK)
             if not self._writer_done.is_set():
                 want -= (pos + want) % SEG  # while it grows, read whole segments only
-            n = os.preadv(fd, [view[:want]], pos) if want > 0 else 0
+            n = os.readv(fd, [view[:want]]) if want > 0 else 0  # our fd: its offset is pos
             if n:
                 h.update(view[:n])
                 if self.holes:
@@ -142,12 +142,13 @@ class Follower:
             self._writer_done.wait(self.poll)
         if self._cancel.is_set():
             return None
-        punched = self.holes.flush(fd) if self.holes else 0
+        punched = self.holes.punched if self.holes else 0
         return Followed(h.hexdigest(), pos, (st.st_dev, st.st_ino), shrank, punched, caught_up)
 
 
 class Holes:
-    """Turns aligned all-zero segments the follower has hashed into holes (runs coalesced)."""
+    """Turns aligned all-zero segments the follower has hashed into holes (runs within a read
+    coalesced)."""
 
     def __init__(self) -> None:
         self.run_start = -1       # offset of the pending zero run, -1 when none
@@ -156,7 +157,10 @@ class Holes:
         self.fallocate = _fallocate()
 
     def scan(self, fd: int, buf: bytearray, pos: int, n: int) -> None:
-        """Look at buf[:n], which holds the file's bytes from `pos` (a segment boundary)."""
+        """Punch the all-zero segments of buf[:n], the file's bytes from `pos` (normally a segment
+        boundary). Punched at once, not saved up: only what was just read is touched, which a
+        single-pass writer has left behind for good (and a second pass makes the digest
+        untrusted anyway, see pipeline.fetch)."""
         if self.fallocate is None:
             return
         for off in range(0, n - SEG + 1, SEG):
@@ -167,6 +171,7 @@ class Holes:
                 self.run_end = pos + off + SEG
             elif self.run_end > 0:
                 self.flush(fd)
+        self.flush(fd)
 
     def flush(self, fd: int) -> int:
         """Punch the pending run; returns the bytes punched so far."""

@@ -14,7 +14,7 @@
 {
   description = "imagepipe: NixOS VM images (qcow2) from make-disk-image.nix";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:
@@ -104,7 +104,7 @@
         qemu-guest = ./modules/qemu-guest.nix;
         disk = ./modules/disk.nix;
         cloud-init = ./modules/cloud-init.nix;
-        # For the machines that run these images: libvirtd + QEMU + OVMF, kvm system feature.
+        # For the machines that run these images: libvirtd + QEMU, users in libvirtd and kvm.
         vm-host = ./modules/vm-host.nix;
       };
 
@@ -131,6 +131,9 @@
               pkgs.xorriso
               (pkgs.python3.withPackages (ps: map (dep: ps.${dep}) available))
             ];
+            # The aarch64 UEFI code of this QEMU, which imagepipe uses when no firmware
+            # descriptor matches (as the original tooling exported it).
+            QEMU_EFI_AARCH64 = "${pkgs.qemu}/share/qemu/edk2-aarch64-code.fd";
             shellHook = lib.optionalString (missing != [ ]) ''
               echo "imagepipe: not in this nixpkgs, install with pip: ${lib.concatStringsSep " " missing}" >&2
             '';
@@ -138,6 +141,8 @@
         }
       );
 
-      formatter = lib.genAttrs allSystems (system: nixpkgs.legacyPackages.${system}.nixfmt-rfc-style);
+      # nixfmt (RFC 166 style) over the whole tree; `nixfmt-rfc-style` is only a deprecated alias
+      # of nixfmt since 25.11.
+      formatter = lib.genAttrs allSystems (system: nixpkgs.legacyPackages.${system}.nixfmt-tree);
     };
 }

@@ -14,18 +14,19 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, artifacts, history, inputs, keys, retention
-from pipeline.config import Accel, Config, Distro, Image
-from pipeline.errors import CommandFailed, ImagepipeError, Interrupted
+from pipeline import __version__, artifacts, distros, history, inputs, keys, retention
+from pipeline.config import Accel, Config, Image
+from pipeline.drivers import Driver
+from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, ToolMissing
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
-from pipeline.run import interrupt_guard
+from pipeline.run import install_hint, interrupt_guard
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,21 @@ class BuildResult:
 PAUSE_ENV = "IMAGEPIPE_TEST_PAUSE_AT"
 
 
-def probe_for_build(cfg: Config) -> HostFacts:
-    """Local host facts (output dir's free disk included)."""
-    return probe(disk_path=str(existing_parent(cfg.output_dir)))
+def build_tools(images: Iterable[Image]) -> list[str]:
+    """Every host tool that building `images` needs (what the build's probe asks about)."""
+    tools: set[str] = set()
+    for image in images:
+        profile = distros.profile(image)
+        tools.update(profile.driver.tools, profile.needed_tools(image))
+    return sorted(tools)
+
+
+def probe_for_build(cfg: Config, images: Iterable[Image] | None = None) -> HostFacts:
+    """Local host facts for building `images` (default: all), probed once for the whole command:
+    the tools those builds need (versions from a stat-keyed cache) and the output dir's free disk."""
+    wanted = build_tools(images if images is not None else cfg.images.values())
+    return probe(disk_path=str(existing_parent(cfg.output_dir)), tools=wanted,
+                 version_cache=cfg.output_dir / inputs.VERSION_CACHE)
 
 
 def build_image(
@@ -72,7 +85,7 @@ def build_image(
     facts, driver, plan = _decide(cfg, image, opts, facts)
     if opts.dry_run:
         _announce(plan, facts, say)
-        _print_plan(plan, say)
+        _print_plan(plan, driver, say)
         say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
         return BuildResult(image.name, plan.build_id, None, None)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
@@ -92,28 +105,39 @@ def build_image(
 
 
 def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> None:
-    """The accelerator Packer gets; for nix builds a warning when its VM will crawl without KVM."""
-    image = plan.image
-    if image.distro.builder == "packer":
-        say(f"{image.name}: accelerator {plan.accel.accel.value} ({plan.accel.reason})")
-    elif facts.os == "linux" and not facts.kvm.usable:
-        say(f"{image.name}: warning: make-disk-image.nix runs its own VM and KVM is not usable here "
-            f"({facts.kvm.why_not()}): expect it to crawl; prefer a builder with working KVM")
+    """What the profile wants said before the build (the accelerator, a KVM warning)."""
+    line = plan.profile.announce(plan, facts)
+    for part in (line or "").splitlines():
+        say(f"{plan.image.name}: {part}")
 
 
 def _decide(cfg: Config, image: Image, opts: BuildOptions,
-            facts: HostFacts | None) -> tuple[HostFacts, Any, BuildPlan]:
+            facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
     but the project key."""
-    facts = facts or probe_for_build(cfg)
-    driver = _driver(image)
-    if hasattr(driver, "check_can_build"):
-        driver.check_can_build(image, facts, cfg)
+    facts = facts or probe_for_build(cfg, [image])
+    profile = distros.profile(image)
+    problem = profile.host_problem(image, facts, cfg)
+    if problem is not None:
+        raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
-    return facts, driver, make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    driver = profile.driver
+    driver.check(plan, facts)
+    preflight(image, facts)
+    return facts, driver, plan
 
 
-def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts, ihash: inputs.InputHash,
+def preflight(image: Image, facts: HostFacts) -> None:
+    """Every tool the build needs is here, before anything starts (ToolMissing names each and why)."""
+    missing = {tool: why for tool, why in sorted(distros.profile(image).needed_tools(image, facts).items())
+               if not facts.tool(tool).found}
+    if missing:
+        lines = [f"{tool} not found on PATH (needed for {why})" for tool, why in missing.items()]
+        raise ToolMissing("; ".join(lines), "; ".join(install_hint(tool) for tool in missing))
+
+
+def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
                     opts: BuildOptions, progress: Progress | None) -> BuildResult:
     """Run the build's steps with a history row from start to end."""
     image = plan.image
@@ -124,7 +148,7 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts,
             result = _steps(cfg, plan, driver, facts, ihash, opts, progress)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed"
-            hist.finish(plan.build_id, status, error=describe_failure(exc))
+            hist.finish(plan.build_id, status, error=describe_failure(exc, driver))
             raise
         art = (result.manifest or {}).get("artifact", {})
         _pause("published")
@@ -132,20 +156,20 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts,
     return result
 
 
-def _steps(cfg: Config, plan: BuildPlan, driver: Any, facts: HostFacts, ihash: inputs.InputHash,
+def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
            opts: BuildOptions, progress: Progress | None) -> BuildResult:
     """drive → verify → [boot test] → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
     with progress, _staging(plan) as stage:
         started = time.time()
-        produced = driver.drive(plan, stage, progress, on_error=opts.on_error)
+        produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
         progress.step_event("verify (qemu-img check, sha256)")
         _pause("verify")
         verified = artifacts.verify(produced, image.format.value)
         if opts.boot_test:
             progress.step_event("boot test")
-            _boot_test(cfg, plan, produced, opts)
+            _boot_test(cfg, plan, facts, produced, opts)
         progress.step_event("publish")
         manifest = _manifest(plan, facts, verified, stage, started)
         manifest["input_hash"] = ihash.value
@@ -170,11 +194,13 @@ def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> N
         say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
 
 
-def describe_failure(exc: BaseException) -> str:
+def describe_failure(exc: BaseException, driver: Driver | None = None) -> str:
     """A short account of a failure (history, rebuild report): a tool's own error lines, not its argv."""
     if isinstance(exc, CommandFailed):
         tool = Path(exc.argv[0]).name if exc.argv else "command"
-        errors = [_error_line(line) for line in exc.tail.splitlines() if "error" in line.lower()]
+        if driver is not None and tool == driver.name:
+            return driver.describe_failure(exc)
+        errors = [line.strip() for line in exc.tail.splitlines() if "error" in line.lower()]
         detail = "; ".join(dict.fromkeys(e for e in errors if e))
         return f"{tool} exited {exc.returncode}" + (f": {detail}" if detail else "")
     if isinstance(exc, ImagepipeError):
@@ -184,29 +210,11 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _error_line(line: str) -> str:
-    """An error line's text; Packer machine-readable lines unwrapped by the driver's own parser."""
-    from pipeline.drivers.packer import parse_machine_line
-
-    ev = parse_machine_line(line)
-    return ev.message.replace("\n", " ").strip(" =>-") if ev else ""
-
-
 def _pause(point: str) -> None:
     """The test hook (see PAUSE_ENV): announce the pause on stderr and sleep until killed."""
     if os.environ.get(PAUSE_ENV) == point:
         print(f"imagepipe test hook: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
         time.sleep(3600)
-
-
-def _driver(image: Image) -> Any:
-    if image.distro.builder == "nix":
-        from pipeline.drivers import nix
-
-        return nix
-    from pipeline.drivers import packer
-
-    return packer
 
 
 @contextlib.contextmanager
@@ -222,21 +230,14 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
     artifacts.discard(plan.staging)  # already moved into builds/ when publish succeeded
 
 
-def _boot_test(cfg: Config, plan: BuildPlan, produced: Path, opts: BuildOptions) -> None:
-    from pipeline import vm
+def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, opts: BuildOptions) -> None:
+    from pipeline.vm.boottest import boot_test
+    from pipeline.vm.lifecycle import staged_target
 
-    boot = _boot_info(plan.image)
-    if boot:
-        boot = {k: str(plan.staging / v) if k in ("kernel", "initrd") else v for k, v in boot.items()}
-    vm.boot_test(cfg, plan.image, produced, boot, cfg.output_dir, opts.accel)
-
-
-def _boot_info(image: Image) -> dict[str, str] | None:
-    if image.distro is Distro.DEMO:
-        from pipeline.render import demo
-
-        return demo.boot_info(image)
-    return None
+    boot = plan.profile.boot_info(plan.image)
+    target = staged_target(plan.image, produced, boot.as_manifest() if boot else None, plan.build_id,
+                           base=plan.staging)
+    boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
 
 
 def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: Path, started: float) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
     manifest: dict[str, Any] = {
         "image": image.name,
         "build_id": plan.build_id,
-        "distro": image.distro.value,
+        "distro": image.distro,
         "version": image.version,
         "arch": image.arch.value,
         "started": artifacts.utc_stamp(started),
@@ -261,23 +262,20 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
         "artifact": {"file": v.file, "format": v.format, "size": v.size,
                      "virtual_size": v.virtual_size, "sha256": v.sha256},
     }
-    boot = _boot_info(image)
+    boot = plan.profile.boot_info(image)
     if boot:
-        manifest["boot"] = boot
-    if image.distro is Distro.NIXOS:
-        from pipeline.drivers import nix
-
-        manifest["nixpkgs"] = nix.plan_nixpkgs_revision(plan)  # None until nixos/flake.lock exists
+        manifest["boot"] = boot.as_manifest()
+    manifest.update(plan.profile.manifest_extra(plan))
     return manifest
 
 
 
-def _print_plan(plan: BuildPlan, say: Callable[[str], None]) -> None:
+def _print_plan(plan: BuildPlan, driver: Driver, say: Callable[[str], None]) -> None:
     """--dry-run: the plan and the exact command, with prepared inputs named."""
     image = plan.image
     say(f"plan for {image.name} (build {plan.build_id}):")
     for label, value in (
-        ("distro", f"{image.distro.value} {image.version} {image.arch.value}"),
+        ("distro", f"{image.distro} {image.version} {image.arch.value}"),
         ("accelerator", f"{plan.accel.accel.value}: {plan.accel.reason}"),
         ("cpu model", plan.cpu_model),
         ("firmware", plan.firmware.code if plan.firmware else "BIOS / direct kernel boot"),
@@ -287,21 +285,4 @@ def _print_plan(plan: BuildPlan, say: Callable[[str], None]) -> None:
         ("logs", str(plan.log_dir)),
     ):
         say(f"  {label:12} {value}")
-    if image.distro.builder == "packer":
-        from pipeline.drivers import packer
-
-        variables = {**packer.host_variables(plan, plan.staging), **{
-            v: f"<prepared at build time: {v}>" for v in _distro_variables(image)}}
-        say("  command      " + shlex.join(packer.build_argv(plan.staging / "template.pkr.hcl", variables)))
-    else:
-        from pipeline.drivers import nix
-
-        say("  command      " + shlex.join(nix.build_argv(plan, plan.staging)))
-
-
-def _distro_variables(image: Image) -> list[str]:
-    from pipeline.render.packer import COMMON_VARIABLES, renderer
-
-    blocks = renderer(image).blocks(image, False)
-    return [b.labels[0] for b in blocks if b.type == "variable" and b.labels[0] not in COMMON_VARIABLES
-            and "default" not in b.body]
+    say("  command      " + shlex.join(driver.command(plan, plan.staging)))

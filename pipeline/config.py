@@ -19,17 +19,6 @@ from typing import Any
 from pipeline.errors import ConfigError, UsageError
 
 
-class Distro(StrEnum):
-    ALMALINUX = "almalinux"
-    NIXOS = "nixos"
-    DEMO = "demo"
-
-    @property
-    def builder(self) -> str:
-        """Which driver builds this distro: packer or nix."""
-        return "nix" if self is Distro.NIXOS else "packer"
-
-
 class Arch(StrEnum):
     X86_64 = "x86_64"
     AARCH64 = "aarch64"
@@ -115,7 +104,7 @@ class Image:
     """One entry of the image catalogue."""
 
     name: str
-    distro: Distro
+    distro: str        # a distro profile's name (pipeline.distros: almalinux, nixos, demo, ...)
     arch: Arch
     version: str = "latest"
     format: Format = Format.QCOW2
@@ -138,10 +127,11 @@ class Image:
 
     @property
     def artifact_name(self) -> str:
-        """File name of the published image (NixOS keeps make-disk-image's `nixos.qcow2`)."""
-        if self.distro is Distro.NIXOS:
-            return f"nixos.{self.format.value}"
-        return f"{self.name}.{self.format.value}"
+        """File name of the published image (the distro profile decides: NixOS keeps make-disk-image's
+        `nixos.qcow2`, the others use the image name)."""
+        from pipeline import distros
+
+        return distros.profile(self).artifact_name(self)
 
     def user(self, name: str) -> User | None:
         return next((u for u in self.users if u.name == name), None)
@@ -248,6 +238,17 @@ def _enum(kind: type[StrEnum]) -> Callable[[Any], Any]:
     return parse
 
 
+def _distro(v: Any) -> str:
+    """A distro with a profile (pipeline.distros)."""
+    from pipeline import distros
+
+    known = distros.names()
+    name = str(v).lower() if isinstance(v, str) else v
+    if name not in known:
+        raise Invalid(f"expected one of {', '.join(known)}, got {v!r}{did_you_mean(str(v), known)}")
+    return str(name)
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda v: None if v is None else parse(v)
 
@@ -326,7 +327,7 @@ USER_SPEC: dict[str, Callable[[Any], Any]] = {
 }
 
 IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
-    "distro": _enum(Distro),
+    "distro": _distro,
     "arch": _enum(Arch),
     "version": _str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
     "format": _enum(Format),
@@ -422,8 +423,13 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
         c.problem(f"{path}.ssh_user", f"{values['ssh_user']!r} is not one of this image's users")
     if len(c.problems) != before:
         return name, None
-    if values.get("distro") is Distro.DEMO and "firmware" not in values:
-        values["firmware"] = Firmware.BIOS  # direct kernel boot: no firmware needed
+    from pipeline import distros
+
+    for key, value in distros.get(values["distro"]).image_defaults.items():
+        values.setdefault(key, value)
+    if values["arch"] is Arch.AARCH64 and values.get("firmware", Firmware.UEFI) is Firmware.BIOS:
+        c.problem(f"{path}.firmware", "aarch64 machines boot with UEFI only (QEMU's virt has no BIOS): use uefi")
+        return name, None
     return name, Image(name=name, **values)
 
 

@@ -46,7 +46,7 @@ def assign(images: Sequence[Image], builders: Mapping[str, Builder], host: str =
     return plan
 
 
-def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], accel: str,
+def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], accel: str | None,
                    accept_new_host_key: bool, say: Callable[[str], None]) -> list[Outcome]:
     """Connect, sync, venv, then build each image on one builder; never raises for a failed build."""
     rows: list[Outcome] = []
@@ -84,7 +84,7 @@ def prepare(conn: object, target: remote.Target, cfg: Config, say: Callable[[str
     remote.ensure_venv(conn, target, cfg.root, say)
 
 
-def run_parallel(cfg: Config, plan: Mapping[str, list[str]], targets: Mapping[str, remote.Target], accel: str,
+def run_parallel(cfg: Config, plan: Mapping[str, list[str]], targets: Mapping[str, remote.Target], accel: str | None,
                  accept_new_host_key: bool, say: Callable[[str], None]) -> list[Outcome]:
     """One thread per builder; returns every outcome (in plan order)."""
     results: dict[str, list[Outcome]] = {}

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import Accel, Arch, Config, Distro, Firmware
+from pipeline import distros
+from pipeline.config import Arch, Config, Firmware
 from pipeline.errors import ImagepipeError
 from pipeline.host import HostFacts
 from pipeline.plan import choose_accel
@@ -50,20 +51,21 @@ class Report:
 def needed_tools(cfg: Config, facts: HostFacts) -> dict[str, str]:
     """tool → why it is needed, for the images this host would build or run."""
     need: dict[str, str] = {"qemu-img": "verifying and converting images", "ssh": "logging in to VMs and builders"}
-    images = list(cfg.images.values())
-    if any(i.distro.builder == "packer" for i in images):
-        need["packer"] = "building " + ", ".join(i.name for i in images if i.distro.builder == "packer")
-    host_arch = facts.arch
+    reasons: dict[str, list[str]] = {}
+    for image in sorted(cfg.images.values(), key=lambda i: i.name):
+        profile = distros.profile(image)
+        native = image.arch is facts.arch
+        if not native or profile.host_problem(image, facts, cfg) is not None:
+            continue  # built elsewhere (or under explicit emulation): not needed here
+        for tool, why in profile.needed_tools(image, facts).items():
+            reasons.setdefault(tool, []).append(why)
+    for tool, whys in reasons.items():
+        if tool not in need:
+            need[tool] = "; ".join(dict.fromkeys(whys))
     for arch in Arch:
-        mine = [i.name for i in images if i.arch is arch]
-        if mine and (arch is host_arch or arch is Arch.AARCH64 and facts.os == "darwin"):
-            need[arch.qemu_binary] = "running " + ", ".join(mine)
-    arm_alma = [i.name for i in images if i.distro is Distro.ALMALINUX and i.arch is Arch.AARCH64]
-    if arm_alma:
-        need["xorriso"] = "the OEMDRV kickstart CD of " + ", ".join(arm_alma)
-    nix_here = [i.name for i in images if i.distro is Distro.NIXOS and i.arch is host_arch and facts.os == "linux"]
-    if nix_here:
-        need["nix"] = "building " + ", ".join(nix_here)
+        mine = [i.name for i in cfg.images.values() if i.arch is arch]
+        if mine and (arch is facts.arch or arch is Arch.AARCH64 and facts.os == "darwin"):
+            need.setdefault(arch.qemu_binary, "running " + ", ".join(sorted(mine)))
     if cfg.builders:
         need["rsync"] = "syncing with builders " + ", ".join(cfg.builders)
     return need
@@ -83,7 +85,7 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
             problems.append(f"{name} is missing (needed for {need[name]}): {install_hint(name)}")
     host_arch = facts.arch or Arch.X86_64
     try:
-        choice = choose_accel(Accel.AUTO, facts, host_arch)
+        choice = choose_accel(cfg.defaults.accel, facts, host_arch)
         accel, reason = choice.accel.value, choice.reason
         if choice.fallback:
             warnings.append(f"no hardware acceleration: {reason}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline.artifacts import utc_stamp
 from pipeline.errors import LockBusy
+from pipeline.procs import is_alive, start_time
 
 DB_NAME = "history.db"
 LOCK_NAME = ".lock"
@@ -82,41 +83,6 @@ class Build:
         return data
 
 
-# --------------------------------------------------------------------------------- processes
-
-
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` (field 22 of /proc/PID/stat), or None if it is gone.
-
-    Where /proc does not exist (macOS), "alive" is the best that can be said.
-    """
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            text = stat.read_text()
-        except OSError:
-            return None
-        fields_after_name = text.rsplit(")", 1)[1].split()
-        if fields_after_name[0] == "Z":
-            return None
-        return fields_after_name[19]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return "alive"
-
-
-def is_alive(pid: int | None, start: str | None) -> bool:
-    """True when process `pid` still runs and is the same process that was recorded."""
-    if pid is None:
-        return False
-    now = process_start(pid)
-    return now is not None and (start is None or now == start or now == "alive")
-
-
 # --------------------------------------------------------------------------------- database
 
 
@@ -149,7 +115,7 @@ class History:
             "INSERT INTO builds (id, image, location, started, status, input_hash, log_path, pid, pid_start,"
             " hostname) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
             (build_id, image, location, started or time.time(), input_hash,
-             str(log_path) if log_path else None, pid, process_start(pid), socket.gethostname()),
+             str(log_path) if log_path else None, pid, start_time(pid), socket.gethostname()),
         )
 
     def finish(self, build_id: str, status: str, *, sha256: str | None = None, size: int | None = None,

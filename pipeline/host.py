@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ class FirmwareInfo:
 
 @dataclass(frozen=True)
 class HostFacts:
+    """What one probe found out about a host; passed down, never probed again in a command."""
+
     os: str                      # "linux", "darwin", ...
     machine: str                 # raw `uname -m`
     kvm: KvmFacts
@@ -97,6 +100,7 @@ class HostFacts:
     tools: Mapping[str, ToolInfo] = field(default_factory=dict)
     firmware: Mapping[Arch, FirmwareInfo] = field(default_factory=dict)
     free_disk: int | None = None  # bytes free under the output dir
+    nix_config: Mapping[str, str] | None = None  # `nix config show` (None: not probed / no nix)
 
     @property
     def arch(self) -> Arch | None:
@@ -104,6 +108,12 @@ class HostFacts:
 
     def tool(self, name: str) -> ToolInfo:
         return self.tools.get(name, ToolInfo(name, False))
+
+    def version(self, name: str) -> tuple[int, ...] | None:
+        """A probed tool's version as numbers, e.g. (1, 6, 6); None when missing or unreadable."""
+        text = self.tool(name).version
+        m = re.match(r"(\d+(?:\.\d+)*)", text or "")
+        return tuple(int(p) for p in m.group(1).split(".")) if m else None
 
 
 # --------------------------------------------------------------------------------- parsers
@@ -152,6 +162,16 @@ def parse_version(tool: str, out: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_nix_config(text: str) -> dict[str, str]:
+    """`nix config show` (older: `nix show-config`) output, `key = value` lines, as a dict."""
+    settings = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep and key.strip():
+            settings[key.strip()] = value.strip()
+    return settings
+
+
 def parse_df(out: str) -> int | None:
     """`df -Pk PATH` → free bytes."""
     lines = [line for line in out.splitlines() if line.strip()]
@@ -164,32 +184,52 @@ def parse_df(out: str) -> int | None:
         return None
 
 
-def parse_descriptor(text: str) -> dict[str, object] | None:
-    """A QEMU firmware descriptor (JSON) → {'archs', 'machines', 'code', 'vars', 'features'}."""
+@dataclass(frozen=True)
+class Descriptor:
+    """What imagepipe reads from a QEMU firmware descriptor (docs/interop/firmware.json)."""
+
+    archs: tuple[str, ...]
+    machines: tuple[str, ...]
+    code: str
+    vars: str | None
+    features: frozenset[str]
+    format: str = "raw"   # the flash images' format: QEMU's pflash here is loaded as raw
+
+
+def parse_descriptor(text: str) -> Descriptor | None:
+    """A QEMU firmware descriptor (JSON) → Descriptor; None for anything but a flash mapping."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return None
-    mapping = data.get("mapping") or {}
-    if mapping.get("device") != "flash" or "executable" not in mapping:
+    if not isinstance(data, dict) or not isinstance(data.get("mapping"), dict):
         return None
-    targets = data.get("targets") or []
-    return {
-        "archs": [t.get("architecture") for t in targets],
-        "machines": [m for t in targets for m in t.get("machines", [])],
-        "code": mapping["executable"].get("filename"),
-        "vars": (mapping.get("nvram-template") or {}).get("filename"),
-        "features": list(data.get("features") or []),
-    }
+    mapping = data["mapping"]
+    executable = mapping.get("executable")
+    if mapping.get("device") != "flash" or not isinstance(executable, dict) or not executable.get("filename"):
+        return None
+    targets = [t for t in data.get("targets") or [] if isinstance(t, dict)]
+    nvram = mapping.get("nvram-template")
+    return Descriptor(
+        archs=tuple(str(t.get("architecture")) for t in targets),
+        machines=tuple(str(m) for t in targets for m in t.get("machines") or []),
+        code=str(executable["filename"]),
+        vars=str(nvram["filename"]) if isinstance(nvram, dict) and nvram.get("filename") else None,
+        features=frozenset(str(f) for f in data.get("features") or []),
+        format=str(executable.get("format", "raw")),
+    )
 
 
-def choose_descriptor(descriptors: Iterable[tuple[str, dict[str, object]]], arch: Arch) -> FirmwareInfo | None:
-    """First descriptor (in name order) for `arch`, without secure boot / enrolled keys."""
-    for source, d in sorted(descriptors):
-        feats = set(d["features"])  # type: ignore[arg-type]
-        if arch.value not in d["archs"] or feats & {"secure-boot", "enrolled-keys"}:  # type: ignore[operator]
+def choose_descriptor(descriptors: Iterable[tuple[str, Descriptor]], arch: Arch) -> FirmwareInfo | None:
+    """First descriptor (in name order) for `arch` whose flash is raw, without secure boot / enrolled keys.
+
+    Fedora lists qcow2-format firmware first (50-edk2-*-qcow2*.json); QEMU command lines here load
+    pflash as raw, so those would never run.
+    """
+    for source, d in sorted(descriptors, key=lambda item: item[0]):
+        if arch.value not in d.archs or d.features & {"secure-boot", "enrolled-keys"} or d.format != "raw":
             continue
-        return FirmwareInfo(arch, str(d["code"]), d["vars"] and str(d["vars"]), f"descriptor {source}")
+        return FirmwareInfo(arch, d.code, d.vars, f"descriptor {source}")
     return None
 
 
@@ -220,10 +260,10 @@ def find_firmware(
     arch: Arch,
     env: Mapping[str, str],
     exists: Callable[[str], bool] = os.path.exists,
-    descriptors: Iterable[tuple[str, dict[str, object]]] = (),
+    descriptors: Iterable[tuple[str, Descriptor]] = (),
 ) -> FirmwareInfo | None:
     """UEFI firmware for `arch`: QEMU descriptors first, then known paths, then QEMU_EFI_AARCH64."""
-    found = choose_descriptor(((s, d) for s, d in descriptors if exists(str(d["code"]))), arch)
+    found = choose_descriptor(((s, d) for s, d in descriptors if exists(d.code)), arch)
     if found:
         return found
     for code, vars_ in KNOWN_FIRMWARE[arch]:
@@ -235,7 +275,7 @@ def find_firmware(
     return None
 
 
-def local_descriptors() -> list[tuple[str, dict[str, object]]]:
+def local_descriptors() -> list[tuple[str, Descriptor]]:
     """Every QEMU firmware descriptor on this host, parsed."""
     found = []
     for d in DESCRIPTOR_DIRS:
@@ -265,13 +305,80 @@ def local_runner(argv: Sequence[str]) -> Result:
         return Result(tuple(argv), 126, "", str(exc))
 
 
+def version_argv(tool: str) -> tuple[str, ...]:
+    return TOOL_VERSION_ARGS.get(tool, (tool, "--version"))
+
+
 def probe_tools(runner: Runner, tools: Iterable[str] = TOOL_VERSION_ARGS) -> dict[str, ToolInfo]:
     out = {}
     for tool in tools:
-        res = runner(TOOL_VERSION_ARGS[tool])
+        res = runner(version_argv(tool))
         found = res.returncode != 127
         out[tool] = ToolInfo(tool, found, parse_version(tool, res.stdout + res.stderr) if found else None)
     return out
+
+
+def cached_tools(tools: Iterable[str], cache_file: Path | None) -> dict[str, ToolInfo]:
+    """Local tools' versions from a cache keyed by the binary's path, size and mtime, so a version
+    command runs only after a tool was installed or upgraded (cache_file None: always ask)."""
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file else {}
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    out: dict[str, ToolInfo] = {}
+    dirty = False
+    for tool in tools:
+        key = _stat_key(version_argv(tool)[0])
+        if key is None:
+            out[tool] = ToolInfo(tool, False)
+            continue
+        if key not in cache:
+            res = local_runner(version_argv(tool))
+            cache[key] = parse_version(tool, res.stdout + res.stderr) if res.ok else None
+            dirty = True
+        out[tool] = ToolInfo(tool, True, cache[key] if isinstance(cache[key], str) else None)
+    if dirty and cache_file is not None:
+        _save_cache(cache_file, cache)
+    return out
+
+
+def _stat_key(program: str) -> str | None:
+    path = shutil.which(program)
+    if path is None:
+        return None
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return f"{program}:{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _save_cache(path: Path, data: dict[str, object]) -> None:
+    """Best effort: a cache that cannot be written only costs speed."""
+    from pipeline.fsutil import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
+    except OSError:
+        pass
+
+
+NIX_CONFIG_ARGV = (("nix", "--extra-experimental-features", "nix-command", "config", "show"),
+                   ("nix", "--extra-experimental-features", "nix-command", "show-config"))
+
+
+def probe_nix_config(runner: Runner) -> dict[str, str] | None:
+    """nix's effective settings: `nix config show`, else `nix show-config` (Nix before 2.20)."""
+    for argv in NIX_CONFIG_ARGV:
+        res = runner(argv)
+        if res.returncode == 127:
+            return None
+        if res.ok and " = " in res.stdout:
+            return parse_nix_config(res.stdout)
+    return None
 
 
 def probe(
@@ -282,8 +389,14 @@ def probe(
     python: str = "python3",
     env: Mapping[str, str] | None = None,
     local: bool = True,
+    version_cache: Path | None = None,
 ) -> HostFacts:
-    """Probe a host through `runner` (firmware is looked up on the local filesystem only)."""
+    """Probe a host through `runner` (firmware is looked up on the local filesystem only).
+
+    Locally, `version_cache` (a JSON file) spares the tools' version commands; nix's settings
+    are read when nix is among `tools` and found.
+    """
+    tools = list(tools)
     os_name, machine = parse_uname(runner(("uname", "-sm")).stdout)
     cpu = runner(("cat", "/proc/cpuinfo")) if os_name == "linux" else Result((), 1, "")
     device, rw, detail = parse_kvm_open(runner((python, "-c", KVM_SNIPPET)).stdout) if os_name == "linux" else (False, False, "")
@@ -296,14 +409,16 @@ def probe(
             if fw:
                 firmware[arch] = fw
     free = parse_df(runner(("df", "-Pk", disk_path)).stdout) if disk_path else None
+    tool_info = cached_tools(tools, version_cache) if local and runner is local_runner else probe_tools(runner, tools)
     return HostFacts(
         os=os_name,
         machine=machine,
         kvm=KvmFacts(device, rw, parse_cpu_virt(cpu.stdout, machine) if cpu.ok else None, detail),
         hvf=parse_hvf(hv.stdout, hv.returncode),
-        tools=probe_tools(runner, tools),
+        tools=tool_info,
         firmware=firmware,
         free_disk=free,
+        nix_config=probe_nix_config(runner) if tool_info.get("nix", ToolInfo("nix", False)).found else None,
     )
 
 

@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.config import Config, Distro, Image
-from pipeline.plan import template_path
+from pipeline import __version__, distros
+from pipeline.config import Config, Image
 
 # Image fields that steer the pipeline but never change the bytes of a build.
 NOT_INPUTS = frozenset({"retention", "schedule"})
 VERSION_CACHE = Path(".cache") / "tool-versions.json"
-ISO_LOCK = "iso.lock.json"
 
 
 @dataclass(frozen=True)
@@ -52,47 +48,9 @@ class InputHash:
         return sorted(k for k in keys if self.parts.get(k) != previous.get(k))
 
 
-def family_dir(image: Image) -> str:
-    """almalinux10 / nixos25 / demo: the folder name the renderers use for this image."""
-    return template_path(Path("."), image).parent.parent.name
-
-
 def input_files(root: Path, image: Image) -> list[Path]:
     """The committed files that define `image` (existing ones only), in a stable order."""
-    candidates: list[Path] = []
-    if image.distro is Distro.NIXOS:
-        flake = _local_flake(root, image)
-        candidates += [flake / "flake.nix", flake / "flake.lock", flake / "params" / f"{image.name}.json"]
-        candidates += _tree(flake / "modules")
-    else:
-        candidates.append(template_path(root, image))
-        ks = root / "kickstart" / family_dir(image) / image.arch.value
-        candidates += [ks / "ks.cfg", *_tree(ks / image.name)]
-    return sorted({p for p in candidates if p.is_file()})
-
-
-def _local_flake(root: Path, image: Image) -> Path:
-    """The image's flake folder: `flake:` when it is a local path, else the project's nixos/."""
-    ref = image.flake
-    if ref and (ref.startswith(("/", "./", "../", "~")) or ":" not in ref):  # as the nix driver decides
-        path = Path(ref).expanduser()
-        return path if path.is_absolute() else root / path
-    return root / "nixos"
-
-
-def _tree(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
-
-
-def iso_lock_entry(root: Path, image: Image) -> Any:
-    """This image's entry in iso.lock.json (None when absent): other images' pins do not count."""
-    path = root / ISO_LOCK
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("images", {}).get(image.name)
-    except (json.JSONDecodeError, AttributeError):
-        return "unreadable:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return sorted({p for p in distros.profile(image).input_files(root, image) if p.is_file()})
 
 
 def image_config(image: Image) -> str:
@@ -113,9 +71,7 @@ def _plain(value: Any) -> Any:
 
 def tools_for(image: Image) -> list[str]:
     """The host tools whose version can change the build's output."""
-    if image.distro.builder == "nix":
-        return ["nix"]  # make-disk-image's QEMU comes from nixpkgs, not from the host
-    return ["packer", image.arch.qemu_binary]
+    return distros.profile(image).hash_tools(image)
 
 
 def feature_version(tool: str, version: str | None) -> str:
@@ -128,55 +84,9 @@ def feature_version(tool: str, version: str | None) -> str:
 
 def tool_versions(tools: list[str], cache_dir: Path) -> dict[str, str | None]:
     """Version strings of `tools`, from the stat-keyed cache or by running `TOOL --version`."""
-    cache_file = cache_dir / VERSION_CACHE
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    out: dict[str, str | None] = {}
-    dirty = False
-    for tool in tools:
-        key = _stat_key(tool)
-        if key is None:
-            out[tool] = None
-        elif key in cache:
-            out[tool] = cache[key]
-        else:
-            out[tool] = cache[key] = _ask_version(tool)
-            dirty = True
-    if dirty:
-        _write_json(cache_file, cache)
-    return out
+    from pipeline.host import cached_tools
 
-
-def _stat_key(tool: str) -> str | None:
-    path = shutil.which(tool)
-    if path is None:
-        return None
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return f"{tool}:{real}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _ask_version(tool: str) -> str | None:
-    """Run the tool's version command (the host probe's parser reads the output)."""
-    from pipeline.host import TOOL_VERSION_ARGS, parse_version
-    from pipeline.run import run
-
-    argv = list(TOOL_VERSION_ARGS.get(tool, (tool, "--version")))
-    res = run(argv, check=False, timeout=20)
-    return parse_version(tool, res.stdout + res.stderr) if res.ok else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Best effort, atomic: a cache that cannot be written only costs speed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, sort_keys=True, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    return {name: info.version for name, info in cached_tools(tools, cache_dir / VERSION_CACHE).items()}
 
 
 def _sha(data: bytes) -> str:
@@ -190,9 +100,7 @@ def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = 
     parts: dict[str, str] = {}
     for path in input_files(cfg.root, image):
         parts[f"file:{path.relative_to(cfg.root) if path.is_relative_to(cfg.root) else path}"] = _sha(path.read_bytes())
-    lock = iso_lock_entry(cfg.root, image)
-    if lock is not None:
-        parts["iso.lock"] = _sha(json.dumps(lock, sort_keys=True).encode())
+    parts.update(distros.profile(image).input_parts(cfg.root, image))
     parts["config"] = _sha(image_config(image).encode())
     for tool in tools_for(image):
         parts[f"tool:{tool}"] = feature_version(tool, versions.get(tool))

@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.artifacts import sha256_file
 from pipeline.config import Image
 from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
+from pipeline.fsutil import atomic_write
 
 LOCK_FILE = "iso.lock.json"
 REPO = "https://repo.almalinux.org/almalinux"
@@ -113,6 +114,7 @@ def is_point_release(version: str) -> bool:
 
 
 def major_of(version: str) -> str:
+    """The AlmaLinux major release of a configured version: `10` for 10, 10.1 and latest."""
     head = version.split(".")[0]
     return head if head.isdigit() else "10"
 
@@ -254,9 +256,7 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
     digest = sha256_file(path)
     index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(index_path)
+    atomic_write(index_path, json.dumps(index, indent=1, sort_keys=True))
     return digest
 
 
@@ -341,3 +341,35 @@ def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:
     if name not in sums:
         raise IsoUnavailable(f"no CHECKSUM beside {url} lists {name}: download it and set iso: to the local path")
     return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url")
+
+
+# --------------------------------------------------------------------------------- cloud images
+
+CLOUD_NAME = "AlmaLinux-{major}-GenericCloud-latest.{arch}.qcow2"
+
+
+@dataclass(frozen=True)
+class CloudImage:
+    """AlmaLinux's generic cloud qcow2 (what Lima runs), pinned by its digest."""
+
+    location: str
+    arch: str
+    digest: str  # sha256:<hex>
+
+
+def cloud_image(image: Image, mirrors: Mirrors) -> CloudImage:
+    """The generic cloud qcow2 for the image's arch, with its digest from the mirror's CHECKSUM."""
+    arch, major = image.arch.value, major_of(image.version)
+    base = f"{mirrors.repo}/{major}/cloud/{arch}/images"
+    name = CLOUD_NAME.format(major=major, arch=arch)
+    try:
+        sums = parse_checksums(fetch_text(f"{base}/CHECKSUM", image, offline=_cloud_offline))
+    except NotFound:
+        raise IsoUnavailable(f"{base}/CHECKSUM does not exist") from None
+    if name not in sums:
+        raise ImagepipeError(f"{base}/CHECKSUM does not list {name}")
+    return CloudImage(f"{base}/{name}", arch, f"sha256:{sums[name]}")
+
+
+def _cloud_offline(url: str, reason: str, image: Image) -> str:
+    return f"cannot download {url} ({reason}): Lima needs the network once to pin the cloud image's digest"

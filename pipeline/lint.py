@@ -188,13 +188,20 @@ def kickstart_problems(text: str) -> list[str]:
     return out
 
 
+def packer_built(image: Image) -> bool:
+    """True when Packer builds `image` (its profile renders a Packer template)."""
+    from pipeline import distros
+
+    return distros.profile(image).driver.name == "packer"
+
+
 @register("packer-validate")
 def check_packer(ctx: LintContext) -> list[Problem]:
     """`packer validate` of every Packer image's template with the installed packer."""
     from pipeline.host import local_runner, probe_tools
     from pipeline.render.packer import supports_plugins
 
-    images = [i for i in ctx.cfg.images.values() if i.distro.builder == "packer"]
+    images = [i for i in ctx.cfg.images.values() if packer_built(i)]
     if not images:
         return []
     info = probe_tools(local_runner, ["packer"])["packer"]
@@ -220,12 +227,7 @@ def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem
 
     from pipeline.render.packer import render_text
 
-    try:
-        text = render_text(image, legacy=legacy)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"pipeline.render.{image.distro.value}":
-            raise
-        return []  # its renderer module does not exist yet
+    text = render_text(image, legacy=legacy)
     folder = ctx.scratch / image.name
     folder.mkdir(parents=True, exist_ok=True)
     template = folder / "template.pkr.hcl"
@@ -243,12 +245,12 @@ def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem
 
 def dummy_values(image: Image, parsed: dict, folder: Path, ctx: LintContext) -> dict[str, str]:
     """A value for every variable without a default: plausible, and existing where Packer checks."""
-    from pipeline.render.kickstart import kickstart_path
-
     iso = folder / "installer.iso"
     iso.write_bytes(b"imagepipe lint placeholder\n")
     key = _lint_key(ctx.scratch)
-    ks = kickstart_path(ctx.cfg.root, image).parent
+    ks = folder / "kickstart"  # what a kickstart_dir holds: the file Anaconda reads
+    ks.mkdir(exist_ok=True)
+    (ks / "ks.cfg").write_text("# imagepipe lint placeholder\n")
     known = {
         "accelerator": "tcg",
         "cpu_model": "max",
@@ -257,7 +259,7 @@ def dummy_values(image: Image, parsed: dict, folder: Path, ctx: LintContext) -> 
         "ssh_private_key_file": str(key),
         "iso_url": str(iso),
         "iso_checksum": "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest(),
-        "kickstart_dir": str(ks if ks.is_dir() else folder),
+        "kickstart_dir": str(ks),
     }
     values = {}
     for block in parsed.get("variable", []):
@@ -295,10 +297,10 @@ def check_fmt(ctx: LintContext) -> list[Problem]:
 @register("nix")
 def check_nix(ctx: LintContext) -> list[Problem]:
     """Every .nix file parses (nix-instantiate --parse) and the project flake evaluates where it can."""
-    from pipeline.config import Distro
-    from pipeline.drivers import nix
+    from pipeline import distros, lint_nix
 
-    if not any(i.distro is Distro.NIXOS for i in ctx.cfg.images.values()) and not (ctx.cfg.root / "nixos").is_dir():
+    nix_built = any(distros.profile(i).driver.name == "nix" for i in ctx.cfg.images.values())
+    if not nix_built and not (ctx.cfg.root / "nixos").is_dir():
         return []
-    return [Problem("nix", "nixos/", message) for message in nix.lint_problems(ctx.cfg.root, ctx.notes.append)]
+    return [Problem("nix", "nixos/", message) for message in lint_nix.lint_problems(ctx.cfg.root, ctx.notes.append)]
 

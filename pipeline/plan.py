@@ -9,10 +9,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image
+from pipeline.config import Accel, Arch, Config, Firmware, Image
 from pipeline.errors import AccelUnavailable, HostUnsuitable
 from pipeline.host import FirmwareInfo, HostFacts
+
+if TYPE_CHECKING:
+    from pipeline.distros import Profile
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class BuildPlan:
     ssh_key: Path      # private key the build and `invoke ssh` log in with
     host_os: str
     host_machine: str
+    profile: Profile   # the image's distro profile (driver, prepare, boot info)
 
     @property
     def cpu_model(self) -> str:
@@ -123,23 +128,13 @@ class BuildPlan:
         return self.log_dir / "build.log"
 
 
-def template_path(root: Path, image: Image) -> Path:
-    """packer/<distro><major>/<arch>/<image>.pkr.hcl (e.g. packer/almalinux10/x86_64/...).
-
-    NixOS images are built from the project's flake, nixos/flake.nix (an image with its own
-    `flake:` names it in the config; the nix driver resolves that).
-    """
-    if image.distro is Distro.NIXOS:
-        return root / "nixos" / "flake.nix"
-    major = image.version.split(".")[0] if image.version[:1].isdigit() else ""
-    family = f"{image.distro.value}{major}" if image.distro.value != "demo" else "demo"
-    return root / "packer" / family / image.arch.value / f"{image.name}.pkr.hcl"
-
-
 def make_build_plan(
     cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None
 ) -> BuildPlan:
     """Decide accelerator, firmware and paths for building `image` on this host."""
+    from pipeline import distros
+
+    profile = distros.profile(image)
     bid = build_id or new_build_id()
     image_dir = cfg.output_dir / image.name
     accel = choose_accel(requested, facts, image.arch, purpose="build")
@@ -152,8 +147,9 @@ def make_build_plan(
         image_dir=image_dir,
         staging=image_dir / ".staging" / bid,
         log_dir=image_dir / "logs" / bid,
-        template=template_path(cfg.root, image),
+        template=profile.template(cfg.root, image),
         ssh_key=ssh_key,
         host_os=facts.os,
         host_machine=facts.machine,
+        profile=profile,
     )

@@ -1,28 +1,21 @@
-"""Build events and how people see them.
+"""How people see a build's events.
 
 Drivers turn their tools' output (Packer's -machine-readable lines, nix's internal-json log)
-into `Event`s. A `Progress` shows them: on a TTY a live line (step, elapsed, last message, via
-rich); otherwise plain timestamped lines; with json=True one JSON object per event on stdout.
+into `Event`s (pipeline.events, re-exported here). A `Progress` shows them: on a TTY a live line
+(step, elapsed, last message, via rich); otherwise plain timestamped lines; with json=True one
+JSON object per event on stdout, in the schema of pipeline.events.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
 
+from pipeline import events
+from pipeline.events import Event
 
-@dataclass(frozen=True)
-class Event:
-    """One thing that happened: kind is step | say | message | error | artifact | done."""
-
-    kind: str
-    message: str
-    source: str = ""
-    ts: float = field(default_factory=time.time)
-    data: tuple[str, ...] = ()
+__all__ = ["Event", "Progress"]
 
 
 class Progress:
@@ -42,7 +35,7 @@ class Progress:
         self.live_enabled = (tty and not json_lines) if live is None else live
         self._live: Any = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if self.live_enabled:
             from rich.console import Console
             from rich.live import Live
@@ -79,8 +72,7 @@ class Progress:
         if ev.message:
             self.last = ev.message
         if self.json_lines:
-            record = {"image": self.label, "elapsed": round(self.elapsed(), 3), **asdict(ev)}
-            print(json.dumps(record), file=sys.stdout, flush=True)
+            events.write(ev, self.label, elapsed=self.elapsed())
             return
         if self._live is not None:
             if ev.kind in ("step", "error", "done"):

@@ -10,15 +10,16 @@ when any image failed.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Accel, Config, Distro, Image
+from pipeline import distros, events
+from pipeline.config import Accel, Config, Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
+from pipeline.events import Event
 
 Emit = Callable[..., None]
 
@@ -38,12 +39,12 @@ def available(module: str) -> bool:
 
 
 def make_emitter(json_lines: bool) -> Emit:
-    """emit(kind, image, message, **data): a JSON object per event on stdout, or a plain line on stderr."""
+    """emit(kind, image, message, **fields): a JSON event per line on stdout (pipeline.events), or a
+    plain line on stderr."""
 
     def emit(kind: str, image: str, message: str, **data: Any) -> None:
         if json_lines:
-            print(json.dumps({"image": image, "kind": kind, "message": message, "ts": time.time(), **data}),
-                  flush=True)
+            events.write(Event(kind, message, source="imagepipe", fields=data), image)
         else:
             stamp = time.strftime("%H:%M:%S")
             print(f"{stamp} [{image}] {kind}: {message}", file=sys.stderr, flush=True)
@@ -75,11 +76,11 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
     outcomes = []
     for image in images:
         emit("start", image.name, "checking")
-        refresh_iso(cfg, image, emit)
+        refresh_pin(cfg, image, emit)
         if facts is None:
             from pipeline.build import probe_for_build
 
-            facts = probe_for_build(cfg)
+            facts = probe_for_build(cfg, images)
         outcome = _one(cfg, image, facts, accel=accel, json_lines=json_lines, force=force,
                        boot_test=boot_test, emit=emit)
         emit(outcome.status, image.name, outcome.message,
@@ -104,7 +105,8 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
     except ImagepipeError as exc:
         from pipeline.build import describe_failure
 
-        return Outcome(image.name, "failed", describe_failure(exc) + (f" ({exc.hint})" if exc.hint else ""))
+        summary = describe_failure(exc, distros.profile(image).driver)
+        return Outcome(image.name, "failed", summary + (f" ({exc.hint})" if exc.hint else ""))
     except Exception as exc:  # a bug in one image's build must not stop the timer's other images
         return Outcome(image.name, "failed", f"internal error: {type(exc).__name__}: {exc}")
     if result.skipped:
@@ -122,37 +124,26 @@ def _relay(emit: Emit, image: Image, message: str) -> None:
         emit("message", image.name, text)
 
 
-def refresh_iso(cfg: Config, image: Image, emit: Emit) -> None:
-    """Re-resolve an AlmaLinux image's ISO pin (iso.lock.json); offline → keep the pin and say so.
-
-    The one call site of the ISO resolver in the rebuild; the pin feeds the input hash, so a new
-    point release leads to a rebuild.
-    """
-    if image.distro is not Distro.ALMALINUX:
+def refresh_pin(cfg: Config, image: Image, emit: Emit) -> None:
+    """Re-resolve the image's pinned input (AlmaLinux: the ISO in iso.lock.json); offline → keep
+    the pin and say so. The pin feeds the input hash, so a new point release leads to a rebuild."""
+    profile = distros.profile(image)
+    if profile.pin is None:
         return
-    if image.iso:
-        emit("iso", image.name, f"uses the configured iso {image.iso}: nothing to refresh")
+    configured = profile.uses_configured_input(image)
+    if configured:
+        emit("pin", image.name, configured)
         return
-    if not available("iso"):
-        emit("iso", image.name, "pin not refreshed: the ISO resolver (pipeline.iso) is not part of this installation")
-        return
-    from pipeline import iso
-
     try:
-        entry = iso.resolve(image, iso.Mirrors.from_env())
+        summary = profile.refresh_pin(cfg.root, image)
     except ImagepipeError as exc:
-        emit("iso", image.name, f"kept the pinned ISO (could not check for updates: {exc.message})")
+        emit("pin", image.name, f"kept the pinned {profile.pin} (could not check for updates: {exc.message})")
         return
-    entries = iso.read_lock(cfg.root)
-    before = entries.get(image.name)
-    entries[image.name] = entry
-    iso.write_lock(cfg.root, entries)
-    change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
-    emit("iso", image.name, f"{entry.version} ({entry.source}) {change}")
+    emit("pin", image.name, f"{profile.pin}: {summary}")
 
 
 def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool, *,
-                    accel: Accel = Accel.AUTO, ssh_config: str | None = None,
+                    accel: str | None = None, ssh_config: str | None = None,
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
@@ -160,14 +151,14 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
 
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)
-    say = lambda line: emit("message", "*", line)  # noqa: E731
+    say = lambda line: emit("message", "*", line)
     conn = remote.connect(target)
     outcomes: list[Outcome] = []
     try:
         dispatch.prepare(conn, target, cfg, say)
         for image in images:
             emit("start", image.name, f"building on {target.name} if changed")
-            code = remote.remote_build(conn, target, image.name, accel.value, say, extra=["--if-changed"])
+            code = remote.remote_build(conn, target, image.name, accel, say, extra=["--if-changed"])
             if code != 0:
                 outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
                 emit("failed", image.name, outcomes[-1].message)

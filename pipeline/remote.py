@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 import shlex
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline import rsync
+from pipeline import events, rsync
 from pipeline.config import HOST_RE, Arch, Config
 from pipeline.errors import BuildFailed, ImagepipeError, UsageError
 from pipeline.host import HostFacts, Runner, find_firmware, probe
-from pipeline.progress import Event, Progress
+from pipeline.progress import Progress
 from pipeline.run import Result, stream
 
 # Runs argv in directory $1 (no config value is ever part of the script text itself).
@@ -366,28 +364,19 @@ class LineSink:
             self.on_line(rest)
 
 
-def event_from_json(line: str) -> Event | None:
-    """One line of `invoke build --json` → Event (None for anything else)."""
-    try:
-        data = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or "kind" not in data:
-        return None
-    return Event(str(data["kind"]), str(data.get("message", "")), str(data.get("source", "")),
-                 float(data.get("ts") or time.time()), tuple(str(d) for d in data.get("data") or ()))
-
-
-def remote_build(conn: Any, target: Target, image: str, accel: str, say: Callable[[str], None],
+def remote_build(conn: Any, target: Target, image: str, accel: str | None, say: Callable[[str], None],
                  extra: Sequence[str] = ()) -> int:
-    """Run `invoke build IMAGE --json [EXTRA]` in the builder dir, streaming its events; returns its exit code."""
+    """Run `invoke build IMAGE [--accel A] --json [EXTRA]` in the builder dir, streaming its events;
+    returns its exit code. Without `accel` the builder's own defaults.accel applies."""
+    accel_args = ["--accel", accel] if accel else []
     argv = in_dir(target.dir, ["env", f"INVOKE_DEFAULTS_OUTPUT_DIR={REMOTE_OUTPUT}",
-                               f"{VENV}/bin/invoke", "build", image, "--accel", accel, "--json", *extra])
+                               f"{VENV}/bin/invoke", "build", image, *accel_args, "--json", *extra])
     progress = Progress(image, prefix=target.prefix, live=False)
 
     def on_stdout(line: str) -> None:
-        ev = event_from_json(line)
-        if ev is not None:
+        parsed = events.parse(line)
+        if parsed is not None:
+            _, ev = parsed
             # one line per event, so every line of a multi-line message carries the prefix
             for part in ev.message.splitlines() or [""]:
                 progress.emit(replace(ev, message=part))

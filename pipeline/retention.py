@@ -11,16 +11,13 @@ Everything here runs while the image's lock is held, so no build of that image i
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts, history
+from pipeline.procs import stop_processes_in
 
 
 @dataclass
@@ -128,24 +125,3 @@ def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None) -> li
             tmp.unlink()
             removed.append(tmp)
     return removed
-
-
-def stop_processes_in(folder: Path, grace: float = 5.0) -> list[int]:
-    """SIGKILL this user's processes whose command line names `folder` (an orphaned packer or
-    QEMU of a killed build keeps running otherwise). Linux /proc only; elsewhere a no-op."""
-    needle = str(folder).encode()
-    proc = Path("/proc")
-    pids = []
-    for entry in proc.iterdir() if proc.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if entry.stat().st_uid == os.getuid() and needle in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(history.process_start(p) for p in pids):
-        time.sleep(0.05)
-    return pids

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import UsageError
+from pipeline.fsutil import atomic_write
 
 PREFIX = "imagepipe-rebuild"
 LOCK_FILE = ".rebuild.lock"
@@ -191,9 +192,7 @@ def write_units(folder: Path, rendered: list[Unit]) -> list[Path]:
     written = []
     for unit in rendered:
         path = folder / unit.name
-        tmp = path.with_name(f".{unit.name}.tmp")
-        tmp.write_text(unit.text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, unit.text)
         written.append(path)
     return written
 

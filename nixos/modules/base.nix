@@ -21,8 +21,13 @@ let
       }
     );
 
-  # A sudo user without a password could never type one: let exactly those run sudo without it.
-  passwordlessSudo = builtins.filter (user: user.sudo && !(hasPassword user)) params.users;
+  # Every sudo user runs sudo without a password, as on the AlmaLinux images (the kickstart's
+  # sudoers.d drop-in): imagepipe's boot test and rebuilds run `sudo -n` over SSH.
+  sudoUsers = builtins.filter (user: user.sudo) params.users;
+
+  # Root logs in over SSH with its password only when the image asks for it (`root_ssh`);
+  # otherwise with a key only. Images rendered before the parameter existed get the default.
+  rootSsh = params.root_ssh or false;
 in
 {
   networking.hostName = params.hostname;
@@ -44,16 +49,16 @@ in
         options = [ "NOPASSWD" ];
       }
     ];
-  }) passwordlessSudo;
+  }) sudoUsers;
 
   services.openssh = {
     enable = true;
     openFirewall = true;
     settings = {
-      # Password login only when some account has a password at all; root only with a key.
+      # Password login only when some account has a password at all.
       PasswordAuthentication = lib.mkDefault (builtins.any hasPassword params.users);
       KbdInteractiveAuthentication = false;
-      PermitRootLogin = lib.mkDefault "prohibit-password";
+      PermitRootLogin = lib.mkDefault (if rootSsh then "yes" else "prohibit-password");
     };
   };
 

@@ -1,34 +1,31 @@
-"""The Packer driver: version detection, init/validate/build, machine-readable output → events.
+"""The Packer driver: init/build, machine-readable output → events (implements drivers.Driver).
 
 The committed template targets current Packer; for the build the driver renders the same data
-for the installed version (no `required_plugins` before 1.7) into the staging folder, runs
-`packer init` only where Packer knows it, and always passes the accelerator it probed.
+for the installed version (no `required_plugins` before 1.7, the version comes from the host
+facts) into the staging folder, runs `packer init` only where Packer knows it, and always passes
+the accelerator the plan chose. What the template needs from the host (ISO, kickstart, guest
+files) comes from the profile's prepare step.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.errors import BuildFailed
-from pipeline.plan import BuildPlan
+from pipeline.drivers import PackerSource, Prepared
+from pipeline.errors import BuildFailed, CommandFailed, ToolMissing
 from pipeline.progress import Event, Progress
-from pipeline.render.hcl import dumps
-from pipeline.render.packer import PackerInputs, renderer, supports_plugins
-from pipeline.run import run, stream
+from pipeline.render.packer import supports_plugins
+from pipeline.run import install_hint, run, stream
+
+if TYPE_CHECKING:
+    from pipeline.host import HostFacts
+    from pipeline.plan import BuildPlan
 
 STEP_RE = re.compile(r"^==> [^:]+: (.*)$")
-
-
-def version() -> tuple[int, int, int]:
-    """The installed Packer's version, e.g. (1, 6, 6)."""
-    out = run(["packer", "version"]).stdout
-    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
-    if not m:
-        raise BuildFailed(f"cannot read the Packer version from: {out.strip()[:80]!r}")
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
 def parse_machine_line(line: str) -> Event | None:
@@ -64,11 +61,13 @@ def build_argv(template: Path, variables: Mapping[str, str], on_error: str = "cl
     return argv + [str(template)]
 
 
-def render_for(plan: BuildPlan, stage: Path, packer_version: tuple[int, int, int]) -> Path:
+def render_for(plan: BuildPlan, profile: PackerSource, stage: Path, packer_version: tuple[int, ...]) -> Path:
     """Write the template for the installed Packer into the staging folder."""
+    from pipeline.render.hcl import dumps
+
     legacy = not supports_plugins(packer_version[:2])
     path = stage / "template.pkr.hcl"
-    path.write_text(dumps(renderer(plan.image).blocks(plan.image, legacy)), encoding="utf-8")
+    path.write_text(dumps(profile.blocks(plan.image, legacy)), encoding="utf-8")
     return path
 
 
@@ -83,44 +82,70 @@ def host_variables(plan: BuildPlan, stage: Path) -> dict[str, str]:
     }
 
 
-def packer_env(plan: BuildPlan, inputs: PackerInputs) -> dict[str, str]:
+def packer_env(plan: BuildPlan, prepared: Prepared) -> dict[str, str]:
     """Environment for packer: a shared ISO/plugin cache, and secrets as PKR_VAR_* (never argv)."""
     env = {"PACKER_CACHE_DIR": str(plan.image_dir.parent / ".cache" / "packer")}
-    env.update({f"PKR_VAR_{k}": v for k, v in inputs.secret_env.items()})
+    env.update({f"PKR_VAR_{k}": v for k, v in prepared.secret_env.items()})
     return env
 
 
-def prepare(plan: BuildPlan, stage: Path) -> tuple[PackerInputs, dict[str, str]]:
-    """Distro-specific preparation plus the host variables: (inputs, all -var values)."""
-    inputs: PackerInputs = renderer(plan.image).prepare(plan, stage)
-    return inputs, {**host_variables(plan, stage), **inputs.variables}
+class PackerDriver:
+    """Packer's qemu builder, for a profile that renders the template and prepares its inputs."""
+
+    name = "packer"
+    tools: tuple[str, ...] = ("packer",)
+
+    def __init__(self, profile: PackerSource) -> None:
+        self.profile = profile
+
+    def check(self, plan: BuildPlan, facts: HostFacts) -> None:
+        """packer must be installed and report a version."""
+        if not facts.tool("packer").found:
+            raise ToolMissing(f"packer not found on PATH (needed to build {plan.image.name})", install_hint("packer"))
+        if facts.version("packer") is None:
+            raise BuildFailed("cannot read the installed Packer's version (`packer version`)",
+                              "reinstall Packer, or check that `packer version` works")
+
+    def command(self, plan: BuildPlan, stage: Path) -> list[str]:
+        """The build command, with the values prepared at build time as placeholders."""
+        variables = {**host_variables(plan, stage),
+                     **{v: f"<prepared at build time: {v}>" for v in self.profile.prepared_variables(plan.image)}}
+        return build_argv(stage / "template.pkr.hcl", variables)
+
+    def describe_failure(self, exc: CommandFailed) -> str:
+        """Packer's own error lines, unwrapped from its machine-readable output."""
+        errors = [_error_line(line) for line in exc.tail.splitlines() if "error" in line.lower()]
+        detail = "; ".join(dict.fromkeys(e for e in errors if e))
+        return f"packer exited {exc.returncode}" + (f": {detail}" if detail else "")
+
+    def drive(self, plan: BuildPlan, facts: HostFacts, stage: Path, progress: Progress, *,
+              on_error: str = "cleanup") -> Path:
+        """Run the whole Packer build into `stage`; returns the image file inside `stage`."""
+        ver = facts.version("packer") or (0,)
+        prepared = self.profile.prepare(plan, stage, progress.info)
+        variables = {**host_variables(plan, stage), **prepared.variables}
+        template = render_for(plan, self.profile, stage, ver)
+        if supports_plugins(ver[:2]):
+            progress.step_event("packer init")
+            run(["packer", "init", template], timeout=600, hint="packer init needs network once to fetch the qemu plugin")
+        argv = build_argv(template, variables, on_error)
+        progress.step_event(f"packer build ({plan.accel.accel.value}, packer {'.'.join(map(str, ver))})")
+        stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, prepared),
+               log_path=plan.build_log, hint=f"full log: {plan.build_log}; serial console: {plan.console_log}")
+        produced = stage / "packer-out" / plan.image.artifact_name
+        if not produced.exists():
+            raise BuildFailed(f"packer finished but {produced} is missing", hint=f"see {plan.build_log}")
+        final = stage / plan.image.artifact_name
+        produced.rename(final)
+        for leftover in ("packer-out", "inputs"):
+            shutil.rmtree(stage / leftover, ignore_errors=True)
+        return final
 
 
-def drive(
-    plan: BuildPlan, stage: Path, progress: Progress, *, on_error: str = "cleanup",
-    on_argv: Callable[[list[str]], None] | None = None,
-) -> Path:
-    """Run the whole Packer build into `stage`; returns the image file inside `stage`."""
-    ver = version()
-    inputs, variables = prepare(plan, stage)
-    template = render_for(plan, stage, ver)
-    if supports_plugins(ver[:2]):
-        progress.step_event("packer init")
-        run(["packer", "init", template], timeout=600, hint="packer init needs network once to fetch the qemu plugin")
-    argv = build_argv(template, variables, on_error)
-    if on_argv:
-        on_argv(argv)
-    progress.step_event(f"packer build ({plan.accel.accel.value}, packer {'.'.join(map(str, ver))})")
-    stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, inputs),
-           log_path=plan.build_log, hint=f"full log: {plan.build_log}; serial console: {plan.console_log}")
-    produced = stage / "packer-out" / plan.image.artifact_name
-    if not produced.exists():
-        raise BuildFailed(f"packer finished but {produced} is missing", hint=f"see {plan.build_log}")
-    final = stage / plan.image.artifact_name
-    produced.rename(final)
-    for leftover in ("packer-out", "inputs"):
-        shutil.rmtree(stage / leftover, ignore_errors=True)
-    return final
+def _error_line(line: str) -> str:
+    """An error line's text; Packer machine-readable lines unwrapped."""
+    ev = parse_machine_line(line)
+    return ev.message.replace("\n", " ").strip(" =>-") if ev else ""
 
 
 def _emit(progress: Progress, line: str) -> None:

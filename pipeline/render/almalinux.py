@@ -6,8 +6,9 @@ UEFI, `-boot strict=on`, the kickstart on a CD labelled OEMDRV, which Anaconda r
 typing at all (typed keys over VNC are the known failure mode on HVF and aarch64).
 
 Everything host-specific is a variable: the driver passes the common ones (accelerator, CPU
-model, output dir, console log, key), `prepare()` the ISO, the kickstart folder and the
-firmware; the SSH password only ever travels as PKR_VAR_ssh_password.
+model, output dir, console log, key), the profile's prepare step (pipeline.distros.almalinux)
+the ISO, the kickstart folder and the firmware; the SSH password only ever travels as
+PKR_VAR_ssh_password. Rendering here is pure: no file is read or written.
 
 legacy=True renders for Packer < 1.7 (Debian's 1.6.6): no `packer` block, and what newer
 plugins say with `efi_*` arguments is said with `qemuargs` (`-machine ...,pflash0=,pflash1=` and
@@ -17,21 +18,12 @@ output disk and both CDs, whose paths the template cannot know).
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.config import Arch, Firmware, Image
-from pipeline.errors import ConfigError, HostUnsuitable, UsageError
 from pipeline.render import kickstart
 from pipeline.render.hcl import Block, Expr
-from pipeline.render.packer import PackerInputs, common_variables, packer_block, variable
-
-if TYPE_CHECKING:
-    from pipeline.plan import BuildPlan
+from pipeline.render.packer import common_variables, packer_block, variable
 
 SOURCE = "almalinux"
 PASSWORD_ENV = "IMAGEPIPE_SSH_PASSWORD"
@@ -54,12 +46,6 @@ SECRET_DESCRIPTION = f"password Packer logs in with; set through PKR_VAR_ssh_pas
 def uses_uefi(image: Image) -> bool:
     """aarch64 always boots UEFI; x86_64 follows `firmware`."""
     return image.arch is Arch.AARCH64 or image.firmware is Firmware.UEFI
-
-
-def check(image: Image) -> None:
-    """Refuse combinations the template cannot express."""
-    if image.arch is Arch.AARCH64 and image.firmware is Firmware.BIOS:
-        raise ConfigError("invoke.yaml", [f"images.{image.name}.firmware: aarch64 boots with UEFI only (use uefi)"])
 
 
 def variables(image: Image) -> list[Block]:
@@ -164,90 +150,6 @@ def source(image: Image, legacy: bool) -> Block:
 
 def blocks(image: Image, legacy: bool) -> list[Block]:
     """The whole template for `image` (legacy=True: Packer < 1.7)."""
-    check(image)
     head = [] if legacy else [packer_block()]
     build = Block("build", body={"sources": [f"source.qemu.{SOURCE}"]})
     return head + variables(image) + [source(image, legacy), build]
-
-
-# --------------------------------------------------------------------------------- prepare
-
-
-def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
-    """The build login's password: $IMAGEPIPE_SSH_PASSWORD, else the well-known development
-    password when the account still has the shipped hash, else "" when it has public keys."""
-    env = os.environ if env is None else env
-    if PASSWORD_ENV in env:
-        return env[PASSWORD_ENV]
-    user = image.user(image.ssh_user)
-    if user is not None and user.password_hash in kickstart.DEVELOPMENT_HASHES:
-        return kickstart.DEVELOPMENT_HASHES[user.password_hash]
-    if user is not None and user.public_keys:
-        return ""  # key login: the private key must match one of the user's public_keys
-    raise UsageError(
-        f"cannot log in as {image.ssh_user!r} during the build of {image.name}: its password is not a"
-        " development default and it has no public keys",
-        f"export {PASSWORD_ENV}=<its password> (kept out of argv and logs), or add the build key's"
-        f" public key to images.{image.name}.users[].public_keys",
-    )
-
-
-def firmware_vars(plan: BuildPlan, inputs: Path) -> dict[str, str]:
-    """Firmware code path and a per-build writable copy of the variable store."""
-    fw = plan.firmware
-    if fw is None:
-        raise HostUnsuitable(f"{plan.image.name} boots with UEFI but no firmware was chosen", "see invoke doctor")
-    store = inputs / "efivars.fd"
-    if fw.vars:
-        shutil.copyfile(fw.vars, store)
-    else:  # code-only firmware (QEMU_EFI_AARCH64): an empty store of the same flash size
-        with open(store, "wb") as f:
-            f.truncate(Path(fw.code).stat().st_size)
-    store.chmod(0o644)
-    return {"efi_firmware_code": str(fw.code), "efi_firmware_vars": str(store)}
-
-
-def stage_kickstart(image: Image, root: Path, inputs: Path, report: Callable[[str], None]) -> Path:
-    """The kickstart rendered from the config (as the template is), in its own folder; a
-    committed copy that differs is pointed out, since users read that one."""
-    text = kickstart.render(image)
-    committed = kickstart.kickstart_path(root, image)
-    if not committed.is_file() or committed.read_text(encoding="utf-8") != text:
-        report(f"note: {committed.relative_to(root)} is not what invoke.yaml renders (building with the"
-               " rendered one): run invoke render and commit it")
-    folder = inputs / "kickstart"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ks.cfg").write_text(text, encoding="utf-8")
-    return folder
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def prepare(plan: BuildPlan, stage: Path, report: Callable[[str], None] = _stderr) -> PackerInputs:
-    """Resolve, fetch and verify the ISO, stage the kickstart and a UEFI variable store under
-    <stage>/inputs, and name the build login's password (environment only, never argv)."""
-    from pipeline import iso
-
-    image = plan.image
-    check(image)
-    root = plan.root
-    password = ssh_password(image)  # fails before any download when no login is possible
-    local = iso.ensure(image, root, cache_dir=plan.image_dir.parent / ".cache" / "iso", report=report)
-    inputs = stage / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    values = {
-        "iso_url": str(local.path),
-        "iso_checksum": f"sha256:{local.sha256}",
-        "kickstart_dir": str(stage_kickstart(image, root, inputs, report)),
-        "ssh_username": image.ssh_user,
-    }
-    if uses_uefi(image):
-        values.update(firmware_vars(plan, inputs))
-    return PackerInputs(variables=values, secret_env={"ssh_password": password})
-
-def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
-    """Generated files besides the template: the image's kickstart."""
-    check(image)
-    return {kickstart.kickstart_path(root, image): kickstart.render(image, source)}

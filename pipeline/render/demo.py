@@ -3,19 +3,16 @@
 Packer's qemu builder boots the demo kernel + initramfs (qemuargs -kernel/-initrd/-append) with a
 blank qcow2 as its disk (`disk_image = true`), logs in over SSH with the project key, and a shell
 provisioner writes a filesystem and a marker onto the disk before a clean shutdown. Only
-arguments both Packer 1.6.6 and the current qemu plugin accept are used.
+arguments both Packer 1.6.6 and the current qemu plugin accept are used. The guest itself is
+assembled by pipeline.demo in the profile's prepare step (pipeline.distros.demo).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline import demo, keys
+from pipeline import demo
 from pipeline.config import Image
-from pipeline.plan import BuildPlan
 from pipeline.render.hcl import Block, Expr
-from pipeline.render.packer import PackerInputs, common_variables, packer_block, variable
-from pipeline.run import run
+from pipeline.render.packer import common_variables, packer_block, variable
 
 MARKER = "imagepipe-marker"
 
@@ -84,32 +81,3 @@ def blocks(image: Image, legacy: bool) -> list[Block]:
         variable("build_id", "imagepipe build id, written into the marker file", default="manual"),
     ]
     return ([] if legacy else [packer_block()]) + variables + [source, build]
-
-
-def prepare(plan: BuildPlan, stage: Path) -> PackerInputs:
-    """Assemble (or reuse) the demo guest with the login key baked in, and a blank base disk."""
-    image = plan.image
-    authorized = [keys.public_key(plan.ssh_key)] + [k for u in image.users if u.name == "root" for k in u.public_keys]
-    root = image.user("root")
-    guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None)
-    kernel, initrd = stage / "vmlinuz", stage / "initrd.img"
-    for src, dst in ((guest.kernel, kernel), (guest.initrd, initrd)):
-        dst.write_bytes(src.read_bytes())
-    base = stage / "inputs" / "base.qcow2"  # the driver removes stage/inputs before publishing
-    base.parent.mkdir(exist_ok=True)
-    run(["qemu-img", "create", "-q", "-f", "qcow2", base, f"{image.disk_size}M"])
-    return PackerInputs(
-        variables={
-            "base_disk": str(base),
-            "kernel": str(kernel),
-            "initrd": str(initrd),
-            "kernel_append": guest.append,
-            "build_id": plan.build_id,
-        },
-        extra_files=(kernel, initrd),
-    )
-
-
-def boot_info(image: Image) -> dict[str, str]:
-    """How to boot a published demo image: direct kernel boot with the files next to it."""
-    return {"kernel": "vmlinuz", "initrd": "initrd.img", "append": demo.APPEND}

@@ -1,41 +1,22 @@
 """The committed, generated files: what the configuration renders, and writing only what changed.
 
-Every Packer-built image contributes its template (packer/<family>/<arch>/<image>.pkr.hcl, the
-modern rendering) plus whatever its renderer module adds through an optional
-`files(image, root, source) -> dict[Path, str]` (AlmaLinux: the kickstart). Images built by
-another engine contribute through `pipeline.render.<distro>.files` when that module has one.
+Each image contributes what its distro profile renders (`Profile.rendered_files`): a Packer
+template under packer/<family>/<arch>/, AlmaLinux's kickstart, NixOS's params JSON.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from pipeline import distros
 from pipeline.config import Config, Image
-from pipeline.plan import template_path
+from pipeline.fsutil import atomic_write
 
 
 def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
     """path -> content of every generated file `image` owns (empty when nothing is rendered)."""
-    from pipeline.render.packer import render_text
-
-    name = f"pipeline.render.{image.distro.value}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise  # the renderer exists but one of its imports is missing: a real error
-        return {}  # that engine's renderer is not there yet
-    out: dict[Path, str] = {}
-    if image.distro.builder == "packer":
-        out[template_path(root, image)] = render_text(image, legacy=False)
-    extra = getattr(module, "files", None)
-    if callable(extra):
-        out.update(extra(image, root, source))
-    return out
+    return distros.profile(image).rendered_files(image, root, source)
 
 
 def rendered_files(cfg: Config, names: Iterable[str] | None = None) -> dict[Path, str]:
@@ -64,15 +45,7 @@ def write_if_changed(path: Path, text: str) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
     return True
 
 

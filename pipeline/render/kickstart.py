@@ -27,15 +27,9 @@ DEVELOPMENT_HASHES: dict[str, str] = {
 
 def major(image: Image) -> str:
     """The AlmaLinux major release of an image (`10` for 10, 10.1 and latest)."""
-    head = image.version.split(".")[0]
-    return head if head.isdigit() else "10"
+    from pipeline.iso import major_of
 
-
-def kickstart_path(root: Path, image: Image) -> Path:
-    """kickstart/<distro><major>/<arch>/<image>/ks.cfg: a folder per image holding exactly the
-    file Anaconda looks for, so it serves as Packer's http_directory and as the OEMDRV CD."""
-    family = f"{image.distro.value}{major(image)}"
-    return root / "kickstart" / family / image.arch.value / image.name / "ks.cfg"
+    return major_of(image.version)
 
 
 def console_arg(arch: Arch) -> str:
@@ -66,7 +60,10 @@ def ksquote(value: object) -> str:
 def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
     """Everything the template reads, derived from the image alone (host-independent)."""
     others: list[User] = [u for u in image.users if u.name != "root"]
-    bios = image.arch is Arch.X86_64  # biosboot + ESP: one disk boots under BIOS and UEFI
+    bios = image.arch is Arch.X86_64  # x86_64 disks get a biosboot partition next to the ESP
+    # Installed under UEFI, the x86_64 disk also gets the BIOS GRUB (as the official images do),
+    # so it boots under both; installed under BIOS it has no UEFI boot loader.
+    hybrid = bios and image.firmware is Firmware.UEFI
     return {
         "source": Path(source).name,
         "image": image,
@@ -81,7 +78,11 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "console": image.arch.console,
         "console_arg": console_arg(image.arch),
         "bios": bios,
-        "boots": "BIOS and UEFI" if bios else "UEFI",
+        "hybrid": hybrid,
+        "boots": "BIOS and UEFI" if hybrid else ("BIOS" if bios else "UEFI"),
+        # Root's password works over SSH (the original tooling's dev images log in as root).
+        # Until the config carries a per-image `root_ssh`, every image keeps that behaviour.
+        "root_ssh": bool(getattr(image, "root_ssh", True)),
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
     }

@@ -1,27 +1,16 @@
 """Lima: AlmaLinux 10 on macOS (and Linux) without Packer, from the generic cloud image.
 
-The YAML pins the cloud qcow2 by its sha256 digest (read from the mirror's CHECKSUM file),
+The YAML pins the cloud qcow2 by its sha256 digest (resolved by pipeline.iso.cloud_image),
 uses Apple's Virtualization.framework (`vmType: vz`) on macOS 13 and later and QEMU elsewhere,
 takes cpus/memory/disk from the image's config and lets Lima pick a free SSH port.
 """
 
 from __future__ import annotations
 
-import platform
 import re
-from dataclasses import dataclass
 
 from pipeline.config import Image
-from pipeline.iso import Mirrors, fetch_text, major_of, parse_checksums
-
-CLOUD_NAME = "AlmaLinux-{major}-GenericCloud-latest.{arch}.qcow2"
-
-
-@dataclass(frozen=True)
-class CloudImage:
-    location: str
-    arch: str
-    digest: str  # sha256:<hex>
+from pipeline.iso import CloudImage, major_of
 
 
 def instance_name(image: Image) -> str:
@@ -36,31 +25,6 @@ def vm_type(os_name: str, mac_release: str = "") -> str:
         if head.isdigit() and int(head) >= 13:
             return "vz"
     return "qemu"
-
-
-def host_vm_type() -> str:
-    return vm_type(platform.system().lower(), platform.mac_ver()[0])
-
-
-def cloud_image(image: Image, mirrors: Mirrors) -> CloudImage:
-    """The generic cloud qcow2 for the image's arch, with its digest from the mirror's CHECKSUM."""
-    from pipeline.errors import ImagepipeError
-    from pipeline.iso import IsoUnavailable, NotFound
-
-    arch, major = image.arch.value, major_of(image.version)
-    base = f"{mirrors.repo}/{major}/cloud/{arch}/images"
-    name = CLOUD_NAME.format(major=major, arch=arch)
-    try:
-        sums = parse_checksums(fetch_text(f"{base}/CHECKSUM", image, offline=_offline))
-    except NotFound:
-        raise IsoUnavailable(f"{base}/CHECKSUM does not exist") from None
-    if name not in sums:
-        raise ImagepipeError(f"{base}/CHECKSUM does not list {name}")
-    return CloudImage(f"{base}/{name}", arch, f"sha256:{sums[name]}")
-
-
-def _offline(url: str, reason: str, image: Image) -> str:
-    return f"cannot download {url} ({reason}): Lima needs the network once to pin the cloud image's digest"
 
 
 def config(image: Image, cloud: CloudImage, vmtype: str) -> dict[str, object]:

@@ -5,10 +5,9 @@ hostname, arch, firmware...) comes from invoke.yaml through these JSON files, wh
 reads with `builtins.fromJSON`. They are committed (secret-free: password *hashes* and public
 keys only), so the flake stays pure and `nix build` never needs `--impure`.
 
-`files(image, root, source)` is what `invoke render` collects per image (through
-pipeline.render.nixos, the module named after the distro); `render_files(cfg)` is the same for
-the whole configuration. Images with their own `flake:` do not use the project's flake and get
-no params.
+`files(image, root, source)` is what `invoke render` collects per image (through the NixOS
+profile, pipeline.distros.nixos). Images with their own `flake:` do not use the project's flake
+and get no params.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, Distro, Firmware, Image
+from pipeline.config import Firmware, Image
 
 # The NixOS release nixos/flake.nix pins; the stateVersion of images whose version is not X.Y.
-NIXOS_RELEASE = "25.05"
+NIXOS_RELEASE = "26.05"
 PARAMS_DIR = Path("nixos") / "params"
 STATE_VERSION_RE = re.compile(r"^\d{2}\.\d{2}$")
 
@@ -36,7 +35,7 @@ def hostname(image_name: str) -> str:
 
 
 def state_version(image: Image) -> str:
-    """system.stateVersion: the image's version when it names a release (25.05), else the pin."""
+    """system.stateVersion: the image's version when it names a release (26.05), else the pin."""
     return image.version if STATE_VERSION_RE.match(image.version) else NIXOS_RELEASE
 
 
@@ -83,7 +82,7 @@ def params_path(root: Path, image: Image) -> Path:
 
 def uses_project_flake(image: Image) -> bool:
     """True for NixOS images built from the project's nixos/ flake (no `flake:` of their own)."""
-    return image.distro is Distro.NIXOS and image.flake is None
+    return image.flake is None
 
 
 def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
@@ -91,11 +90,3 @@ def files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, s
     if not uses_project_flake(image):
         return {}
     return {params_path(root, image): dumps(params(image))}
-
-
-def render_files(cfg: Config) -> dict[Path, str]:
-    """Every nixos/params/<image>.json the configuration implies: absolute path -> content."""
-    out: dict[Path, str] = {}
-    for image in cfg.images.values():
-        out.update(files(image, cfg.root, cfg.source))
-    return out

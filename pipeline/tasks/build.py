@@ -5,11 +5,12 @@ from __future__ import annotations
 from invoke import Context
 
 from pipeline.config import Config, Image
-from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
-    "accel": ACCEL_HELP,
+    "accel": LOCAL_ACCEL_HELP,
     "on_error": "what Packer does on failure: cleanup (default) or abort (keep the VM's disk for debugging)",
     "dry_run": "print the plan and the exact command, build nothing",
     "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
@@ -21,21 +22,17 @@ BUILD_HELP = {
 
 
 @task(help=BUILD_HELP)
-def build(c: Context, image: str, accel: str = "auto", on_error: str = "cleanup", dry_run: bool = False,
+def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dry_run: bool = False,
           boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
           no_wait: bool = False) -> None:
     """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
-    from pipeline.config import Accel, _enum
     from pipeline.errors import UsageError
 
     cfg = load_config(c)
     img = cfg.image(image)
     if on_error not in ("cleanup", "abort"):
         raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
-    try:
-        requested = _enum(Accel)(accel)
-    except Exception as exc:
-        raise UsageError(f"--accel: {exc}") from None
+    requested = accel_option(accel, cfg)
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
     from pipeline.build import BuildOptions, build_image
@@ -61,10 +58,10 @@ def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
 
 
 def _print_skip(image: str, why: str) -> None:
-    import json as json_mod
-    import time
+    """The `skipped` JSON event of `build --json` when nothing had to be built."""
+    from pipeline import events
 
-    print(json_mod.dumps({"image": image, "kind": "skipped", "message": why, "ts": time.time()}), flush=True)
+    events.write(events.Event("skipped", why, source="imagepipe"), image)
 
 
 build_demo = alias(build, "build-demo", "Build the offline demo image (demo-x86_64): no ISO download needed.",

@@ -14,8 +14,6 @@ from invoke import task as invoke_task
 from pipeline.config import Config, from_invoke
 from pipeline.errors import ImagepipeError
 
-ACCEL_HELP = "accelerator: auto (probe: KVM, HVF, else TCG), kvm, hvf or tcg"
-
 
 def load_config(c: Context) -> Config:
     """The validated configuration of this invocation (invoke.yaml, -f, INVOKE_* merged)."""
@@ -66,17 +64,6 @@ def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
     helps = {k: v for k, v in (target.help or {}).items() if k not in bound}
     return Task(call, name=name, help=helps, positional=[p for p in (target.positional or []) if p not in bound],
                 iterable=list(target.iterable or []), optional=list(target.optional or []))
-
-
-def whole_number(value: str | int, flag: str) -> int:
-    """A non-negative integer option. Such options are declared as strings, because Invoke's own
-    int parsing ends in a traceback on `--limit x`; this gives a one-line error instead."""
-    from pipeline.errors import UsageError
-
-    text = str(value).strip()
-    if not text.isdigit():
-        raise UsageError(f"{flag} expects a whole number (0 or more), got {text!r}")
-    return int(text)
 
 
 def say(message: str) -> None:

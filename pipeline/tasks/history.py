@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from invoke import Context
 
-from pipeline.tasks.common import ACCEL_HELP, load_config, say, task, whole_number
+from pipeline.tasks.common import load_config, say, task
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option, whole_number
 
 if TYPE_CHECKING:
     from pipeline.history import Build
@@ -114,27 +115,21 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
     "remote": "run the rebuild on this builder (from invoke.yaml builders) instead of here",
     "json": "one JSON object per event on stdout (for timers and scripts)",
     "force": "build even when the inputs did not change",
-    "accel": ACCEL_HELP,
+    "accel": LOCAL_ACCEL_HELP + "; with --remote it is sent to the builder only when given",
     "default_schedule": "with --all: only images without their own `schedule:` (those have their own timer)",
 }, iterable=["image"])
 def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remote: str = "", json: bool = False,
-            force: bool = False, accel: str = "auto", default_schedule: bool = False) -> None:
+            force: bool = False, accel: str = "", default_schedule: bool = False) -> None:
     """Rebuild what changed (the timer's job): refresh ISO pins, build, test, publish, record, prune."""
     from pipeline import rebuild as rb
-    from pipeline.config import Accel, _enum
-    from pipeline.errors import UsageError
 
     cfg = load_config(c)
     images = rb.select(cfg, image or [], all, default_schedule)
-    try:
-        requested = _enum(Accel)(accel)
-    except Exception as exc:
-        raise UsageError(f"--accel: {exc}") from None
     if remote:
         from pipeline.remote import ssh_config_path
 
-        outcomes = rb.delegate_remote(cfg, remote, images, json, accel=requested,
+        outcomes = rb.delegate_remote(cfg, remote, images, json, accel=remote_accel_option(accel),
                                       ssh_config=ssh_config_path(c.config))
     else:
-        outcomes = rb.rebuild(cfg, images, accel=requested, json_lines=json, force=force)
+        outcomes = rb.rebuild(cfg, images, accel=accel_option(accel, cfg), json_lines=json, force=force)
     rb.check(outcomes)

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
-    from pipeline.config import Arch, Distro
+    from pipeline import distros
+    from pipeline.config import Arch
     from pipeline.errors import UsageError
 
     cfg = load_config(c)
@@ -24,28 +25,30 @@ def _image(c: Context, name: str | None) -> tuple[Config, Image]:
         import platform
 
         arch = Arch.from_machine(platform.machine())
-        found = next((i for _, i in sorted(cfg.images.items()) if i.distro is Distro.ALMALINUX and i.arch is arch), None)
+        found = next((i for _, i in sorted(cfg.images.items()) if distros.profile(i).lima and i.arch is arch), None)
         if found is None:
             raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration", "name one: invoke lima-start -i IMAGE")
         image = found
-    if image.distro is not Distro.ALMALINUX:
-        raise UsageError(f"{image.name} is a {image.distro.value} image: Lima runs the AlmaLinux cloud image")
+    if not distros.profile(image).lima:
+        raise UsageError(f"{image.name} is a {image.distro} image: Lima runs the AlmaLinux cloud image")
     return cfg, image
 
 
 @task(help={"image": "AlmaLinux image whose cpus/memory/disk to use (default: the one for this host's arch)"})
 def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
-    from pipeline.iso import Mirrors
+    import platform
+
+    from pipeline.iso import Mirrors, cloud_image
     from pipeline.render import lima
     from pipeline.render.files import write_if_changed
     from pipeline.run import stream, which
 
     cfg, img = _image(c, image)
     which("limactl")  # before any download: a missing tool is the first thing to say
-    cloud = lima.cloud_image(img, Mirrors.from_env())
+    cloud = cloud_image(img, Mirrors.from_env())
     path = cfg.output_dir / "lima" / f"{lima.instance_name(img)}.yaml"
-    if write_if_changed(path, lima.render(img, cloud, lima.host_vm_type())):
+    if write_if_changed(path, lima.render(img, cloud, lima.vm_type(platform.system().lower(), platform.mac_ver()[0]))):
         say(f"wrote {path}")
     stream(["limactl", "start", f"--name={lima.instance_name(img)}", "--tty=false", str(path)], on_line=say)
     say(f"started: invoke lima-shell {img.name}")

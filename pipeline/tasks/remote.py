@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from invoke import Context
 
-from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task
+from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.options import REMOTE_ACCEL_HELP, remote_accel_option
 
 HOST_HELP = "builder: a name under `builders:` in invoke.yaml, or an SSH host alias from your ssh config"
 ACCEPT_HELP = "trust the builder's host key if it is not known yet and add it to known_hosts (a changed key is always refused)"
@@ -18,19 +19,9 @@ def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
     return cfg, remote.resolve(cfg, host, remote.ssh_config_path(c.config))
 
 
-def _check_accel(accel: str) -> str:
-    from pipeline.config import Accel, Invalid, _enum
-    from pipeline.errors import UsageError
-
-    try:
-        return _enum(Accel)(accel).value
-    except Invalid as exc:
-        raise UsageError(f"--accel: {exc}") from None
-
-
 @task(help={"host": HOST_HELP, "image": "image to build there (default: almalinux10-x86_64)",
-            "accel": ACCEL_HELP + " (probed on the builder)", "accept_new_host_key": ACCEPT_HELP})
-def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", accel: str = "auto",
+            "accel": REMOTE_ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP})
+def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", accel: str = "",
                       accept_new_host_key: bool = False) -> None:
     """Sync the project to a builder and build an image there (streamed, exits with its status)."""
     from invoke import Exit
@@ -39,7 +30,7 @@ def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", 
 
     cfg, target = _target(c, host)
     cfg.image(image)
-    rows = dispatch.sync_and_build(cfg, target, [image], _check_accel(accel), accept_new_host_key, say)
+    rows = dispatch.sync_and_build(cfg, target, [image], remote_accel_option(accel), accept_new_host_key, say)
     if rows[0].exit_code != 0:
         raise Exit(f"{image} on {target.name}: {rows[0].status} (exit {rows[0].exit_code})",
                    code=rows[0].exit_code)
@@ -56,8 +47,8 @@ remote_build_nixos_arm = alias(remote_sync_build, "remote-build-nixos-arm",
 @task(iterable=["image"], help={
     "host": "builder for every image (default: spread the images over the configured builders by arch)",
     "image": "an image to build (repeat for several; default: every configured image)",
-    "accel": ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP})
-def remote_build(c: Context, host: str = "", image: list[str] | None = None, accel: str = "auto",
+    "accel": REMOTE_ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP})
+def remote_build(c: Context, host: str = "", image: list[str] | None = None, accel: str = "",
                  accept_new_host_key: bool = False) -> None:
     """Build several images on builders in parallel (per-builder output, then a summary table)."""
     from invoke import Exit
@@ -71,7 +62,7 @@ def remote_build(c: Context, host: str = "", image: list[str] | None = None, acc
     targets = {name: remote.resolve(cfg, name, ssh_config) for name in plan}
     for name, names in plan.items():
         say(f"{targets[name].prefix}will build: {', '.join(names)}")
-    rows = dispatch.run_parallel(cfg, plan, targets, _check_accel(accel), accept_new_host_key, say)
+    rows = dispatch.run_parallel(cfg, plan, targets, remote_accel_option(accel), accept_new_host_key, say)
     print(dispatch.summary(rows))
     failed = [r for r in rows if r.exit_code != 0]
     if failed:

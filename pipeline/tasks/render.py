@@ -20,25 +20,18 @@ def render(c: Context, image: str | None = None) -> None:
     say(f"{len(written)} of {len(files)} generated files changed" if written else f"all {len(files)} generated files up to date")
 
 
-@task(help={"image": "pin only this AlmaLinux image (default: all of them)"})
+@task(help={"image": "pin only this image (default: every image whose distro pins an input)"})
 def update_iso(c: Context, image: str | None = None) -> None:
     """Resolve AlmaLinux versions to point releases and pin URL + sha256 in iso.lock.json."""
-    from pipeline import iso
-    from pipeline.config import Distro
+    from pipeline import distros
     from pipeline.errors import UsageError
 
     cfg = load_config(c)
-    names = [image] if image else sorted(n for n, i in cfg.images.items() if i.distro is Distro.ALMALINUX)
-    mirrors = iso.Mirrors.from_env()
-    entries = iso.read_lock(cfg.root)
+    names = [image] if image else sorted(n for n, i in cfg.images.items() if distros.profile(i).pin)
     for name in names:
         img = cfg.image(name)
-        if img.distro is not Distro.ALMALINUX:
-            raise UsageError(f"{name} is a {img.distro.value} image: only AlmaLinux images use an installer ISO")
-        entry = iso.resolve(img, mirrors)
-        before = entries.get(name)
-        entries[name] = entry
-        change = "unchanged" if before == entry else f"was {before.version}" if before else "new"
-        say(f"{name}: {img.version} -> {entry.version} ({entry.source}) sha256 {entry.sha256[:16]}... [{change}]")
-    changed = iso.write_lock(cfg.root, entries)
-    say(f"{'wrote' if changed else 'unchanged:'} {iso.LOCK_FILE}")
+        profile = distros.profile(img)
+        if profile.pin is None:
+            raise UsageError(f"{name} is a {img.distro} image: it pins no installer ISO",
+                             "update-iso pins the installer ISO of AlmaLinux images")
+        say(f"{name}: {profile.refresh_pin(cfg.root, img)}")

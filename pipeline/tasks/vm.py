@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
-from pipeline.tasks.common import ACCEL_HELP, alias, load_config, say, task, whole_number
-
-if TYPE_CHECKING:
-    from pipeline.config import Accel
+from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, whole_number
 
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
 TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
-
-
-def _accel(value: str) -> Accel | None:
-    """--accel value → Accel (empty: defaults.accel from invoke.yaml)."""
-    from pipeline.config import Accel, Invalid, _enum
-    from pipeline.errors import UsageError
-
-    if not value:
-        return None
-    try:
-        return _enum(Accel)(value)
-    except Invalid as exc:
-        raise UsageError(f"--accel: {exc}") from None
 
 
 def remainder(argv: Sequence[str] | None = None) -> list[str]:
@@ -42,7 +26,7 @@ def remainder(argv: Sequence[str] | None = None) -> list[str]:
 
 @task(help={
     "image": IMAGE_HELP,
-    "accel": ACCEL_HELP + " (default: defaults.accel)",
+    "accel": LOCAL_ACCEL_HELP,
     "snapshot": "write to a temporary overlay: the image file stays untouched",
     "foreground": "attach the serial console to this terminal (Ctrl-A X quits) instead of detaching",
     "gui": "open a display window instead of running headless",
@@ -50,14 +34,16 @@ def remainder(argv: Sequence[str] | None = None) -> list[str]:
 def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foreground: bool = False,
         gui: bool = False) -> None:
     """Boot a published image in QEMU (detached; SSH forwarded on 127.0.0.1)."""
-    from pipeline import vm
+    from pipeline.vm.argv import RunOptions
+    from pipeline.vm.lifecycle import run_image
+    from pipeline.vm.state import state_paths
 
     cfg = load_config(c)
     img = cfg.image(image)
-    opts = vm.RunOptions(snapshot=snapshot, gui=gui, foreground=foreground)
-    st = vm.run_image(cfg, img, _accel(accel), opts, say=say)
+    opts = RunOptions(snapshot=snapshot, gui=gui, foreground=foreground)
+    st = run_image(cfg, img, accel_option(accel, cfg), opts, say=say)
     if st.state == "running":
-        state = vm.state_paths(cfg.output_dir, img.name)
+        state = state_paths(cfg.output_dir, img.name)
         say(f"{img.name}: running, pid {st.pid}, ssh on 127.0.0.1:{st.ssh_port}")
         say(f"  console log: {state.console}")
         say(f"  log in:      invoke ssh {img.name}      stop: invoke stop {img.name}")
@@ -73,10 +59,10 @@ run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
 def ssh(c: Context, image: str, timeout: str = "0") -> None:
     """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
-    from pipeline import vm
+    from pipeline.vm.ssh import ssh_session
 
     cfg = load_config(c)
-    code = vm.ssh_session(cfg, cfg.image(image), remainder(), deadline=whole_number(timeout, "--timeout") or None)
+    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=whole_number(timeout, "--timeout") or None)
     if code != 0:
         raise Exit(code=code)
 
@@ -92,10 +78,10 @@ def status(c: Context, json: bool = False) -> None:
     import json as json_mod
     import time
 
-    from pipeline import vm
+    from pipeline.vm.lifecycle import statuses
 
     cfg = load_config(c)
-    rows = vm.statuses(cfg)
+    rows = statuses(cfg)
     now = time.time()
     if json:
         print(json_mod.dumps({"images": [r.as_json(now) for r in rows]}, indent=2))
@@ -114,21 +100,23 @@ def status(c: Context, json: bool = False) -> None:
 })
 def stop(c: Context, image: str, force: bool = False, timeout: str = "60") -> None:
     """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
-    from pipeline import vm
+    from pipeline.vm import lifecycle
+    from pipeline.vm.state import state_paths
 
     cfg = load_config(c)
     img = cfg.image(image)
-    say(vm.stop(img.name, vm.state_paths(cfg.output_dir, img.name), force=force, grace=whole_number(timeout, "--timeout"), say=say))
+    grace = whole_number(timeout, "--timeout")
+    say(lifecycle.stop(img.name, state_paths(cfg.output_dir, img.name), force=force, grace=grace, say=say))
 
 
-@task(help={"image": IMAGE_HELP, "accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
+@task(help={"image": IMAGE_HELP, "accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
 def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> None:
     """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
-    from pipeline import vm
     from pipeline.errors import VerifyFailed
+    from pipeline.vm.boottest import boot_test_published
 
     cfg = load_config(c)
-    result = vm.boot_test_published(cfg, cfg.image(image), _accel(accel), whole_number(timeout, "--timeout") or None, say=say)
+    result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), whole_number(timeout, "--timeout") or None, say=say)
     if result.result == "not built":
         from pipeline.errors import UsageError
 
@@ -138,21 +126,21 @@ def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> N
     say(f"{image}: boot test passed in {result.seconds:.1f}s ({result.detail})")
 
 
-@task(help={"accel": ACCEL_HELP + " (default: defaults.accel)", "timeout": TIMEOUT_HELP})
+@task(help={"accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
 def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
-    from pipeline import vm
     from pipeline.errors import UsageError, VerifyFailed
+    from pipeline.vm.boottest import boot_test_published, results_table
 
     cfg = load_config(c)
-    requested = _accel(accel)
+    requested = accel_option(accel, cfg)
     rows = []
     for name in sorted(cfg.images):
-        row = vm.boot_test_published(cfg, cfg.images[name], requested, whole_number(timeout, "--timeout") or None, say=say)
+        row = boot_test_published(cfg, cfg.images[name], requested, whole_number(timeout, "--timeout") or None, say=say)
         if row.result == "failed":
             say(f"{name}: FAILED\n{row.detail}")
         rows.append(row)
-    print(vm.results_table(rows))
+    print(results_table(rows))
     if all(r.result == "not built" for r in rows):
         raise UsageError("no image has been built yet: nothing to test", "build one first, e.g. invoke build-demo")
     failed = [r.image for r in rows if r.result == "failed"]

@@ -10,11 +10,12 @@ import pytest
 
 from pipeline import iso
 from pipeline.config import Accel, Arch, load_file
+from pipeline.distros import almalinux as alma_profile
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.errors import UsageError
 from pipeline.host import find_firmware, local_descriptors
-from pipeline.plan import AccelChoice, BuildPlan, template_path
+from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
-from pipeline.render.kickstart import kickstart_path
 from tests.almalinux_support import ROOT, closed_port_url
 
 CFG = load_file(ROOT / "invoke.yaml")
@@ -27,14 +28,19 @@ def plan_for(name: str, tmp: Path, **changes: object) -> BuildPlan:
     out = tmp / "output" / image.name
     return BuildPlan(image=image, build_id="20261123T000000Z-test", root=ROOT, accel=AccelChoice(Accel.TCG, "test"),
                      firmware=fw, image_dir=out, staging=out / ".staging" / "b", log_dir=out / "logs" / "b",
-                     template=template_path(ROOT, image), ssh_key=tmp / "key", host_os="linux", host_machine="x86_64")
+                     template=alma_profile.PROFILE.template(ROOT, image), ssh_key=tmp / "key", host_os="linux",
+                     host_machine="x86_64", profile=alma_profile.PROFILE)
+
+
+def prepare(plan: BuildPlan, stage: Path, report=lambda _line: None):  # type: ignore[no-untyped-def]
+    return alma_profile.PROFILE.prepare(plan, stage, report)
 
 
 def test_no_network_and_no_iso_is_one_line_naming_url_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(iso.MIRROR_ENV, closed_port_url() + "/almalinux")
     monkeypatch.setenv(iso.VAULT_ENV, closed_port_url())
     with pytest.raises(iso.IsoUnavailable) as err:
-        almalinux.prepare(plan_for("almalinux10-x86_64", tmp_path), tmp_path / "stage")
+        prepare(plan_for("almalinux10-x86_64", tmp_path), tmp_path / "stage")
     text = err.value.render()
     assert "\n" not in text and "http://127.0.0.1:" in text and "iso:" in text
 
@@ -46,11 +52,11 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     local.write_bytes(b"an installer\n")
     plan = plan_for(name, tmp_path, iso=str(local))
     notes: list[str] = []
-    inputs = almalinux.prepare(plan, tmp_path / "stage", report=notes.append)
+    inputs = prepare(plan, tmp_path / "stage", report=notes.append)
     v = inputs.variables
     assert notes == [], "the committed kickstart is what the config renders"
     staged = Path(v["kickstart_dir"], "ks.cfg")
-    assert staged.read_text() == kickstart_path(ROOT, plan.image).read_text()
+    assert staged.read_text() == ALMA.kickstart_path(ROOT, plan.image).read_text()
     assert v["iso_url"] == str(local) and v["iso_checksum"] == "sha256:" + iso.sha256_file(local)
     assert Path(v["kickstart_dir"], "ks.cfg").is_file()
     assert Path(v["efi_firmware_code"]) == Path(plan.firmware.code)
@@ -67,7 +73,7 @@ def test_changed_config_builds_with_the_rendered_kickstart_and_says_so(tmp_path:
     local.write_bytes(b"an installer\n")
     plan = plan_for("almalinux10-x86_64", tmp_path, iso=str(local), timezone="Europe/Berlin")
     notes: list[str] = []
-    v = almalinux.prepare(plan, tmp_path / "stage", report=notes.append).variables
+    v = prepare(plan, tmp_path / "stage", report=notes.append).variables
     assert "timezone Europe/Berlin --utc" in Path(v["kickstart_dir"], "ks.cfg").read_text()
     assert len(notes) == 1 and "invoke render" in notes[0]
 
@@ -79,5 +85,5 @@ def test_no_login_possible_fails_before_any_download(tmp_path: Path, monkeypatch
     users = tuple(dataclasses.replace(u, password_hash=other) for u in image.users)
     monkeypatch.setenv(iso.MIRROR_ENV, closed_port_url())
     with pytest.raises(UsageError, match="cannot log in"):
-        almalinux.prepare(plan_for("almalinux10-x86_64", tmp_path, users=users), tmp_path / "stage")
+        prepare(plan_for("almalinux10-x86_64", tmp_path, users=users), tmp_path / "stage")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import host
+from pipeline import distros, host, lint_nix
 from pipeline.build import BuildOptions, build_image
 from pipeline.config import Accel, Config, load
 from pipeline.drivers import nix
@@ -29,6 +29,7 @@ from pipeline.progress import Event, Progress
 from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
+FACTS = host.probe(tools=["nix"])
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +92,7 @@ def test_drive_builds_the_image_and_copies_it_out_of_the_store(tmp_path, caplog)
     plan, _ = project(tmp_path)
     progress = Recorder()
     with caplog.at_level(logging.DEBUG, logger="imagepipe.run"):
-        result = nix.drive(plan, plan.staging, progress, timeout=300)
+        result = nix.NixDriver().drive(plan, FACTS, plan.staging, progress, timeout=300)
     assert result == plan.staging / "nixos.qcow2"
     info = qemu_img_info(result)
     assert info["format"] == "qcow2" and info["virtual-size"] == 64 * 1024 * 1024
@@ -115,11 +116,11 @@ def test_drive_accepts_a_result_that_is_the_image_file(tmp_path):
     plan, root = project(tmp_path, attribute="packages.x86_64-linux.bare-image")
     lock = '{"nodes": {"root": {}}, "root": "root", "version": 7}\n'
     (root / "fixture" / "flake.lock").write_text(lock)
-    result = nix.drive(plan, plan.staging, Recorder(), timeout=300)
+    result = nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert qemu_img_info(result)["virtual-size"] == 32 * 1024 * 1024
     # The lock the image was built from travels with it (the manifest hashes it as an input).
     assert (plan.staging / "flake.lock").read_text() == lock
-    assert nix.plan_nixpkgs_revision(plan) is None  # this lock pins no nixpkgs
+    assert plan.profile.manifest_extra(plan) == {"nixpkgs": None}  # this lock pins no nixpkgs
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_failing_build_reports_nix_error_tail_and_leaves_published_image_alone(t
     published.write_bytes(b"last good image")
     progress = Recorder()
     with pytest.raises(CommandFailed) as err:
-        nix.drive(plan, plan.staging, progress, timeout=300)
+        nix.NixDriver().drive(plan, FACTS, plan.staging, progress, timeout=300)
     assert "--impure" not in err.value.argv and "build" in err.value.argv
     assert "cptofs failed" in err.value.tail
     assert "failed with exit code 1" in err.value.tail
@@ -144,7 +145,7 @@ def test_failing_build_reports_nix_error_tail_and_leaves_published_image_alone(t
 def test_missing_attribute_is_a_clear_failure(tmp_path):
     plan, _ = project(tmp_path, attribute="packages.x86_64-linux.nope")
     with pytest.raises(CommandFailed) as err:
-        nix.drive(plan, plan.staging, Recorder(), timeout=300)
+        nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert "does not provide attribute" in err.value.tail
     assert "attribute" in (err.value.hint or "")
 
@@ -153,7 +154,7 @@ def test_missing_attribute_is_a_clear_failure(tmp_path):
 def test_result_without_an_image_fails_and_stages_nothing(tmp_path):
     plan, _ = project(tmp_path, attribute="packages.x86_64-linux.no-image")
     with pytest.raises(BuildFailed) as err:
-        nix.drive(plan, plan.staging, Recorder(), timeout=300)
+        nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert "readme.txt" in err.value.message
     assert list(plan.staging.iterdir()) == []
 
@@ -170,15 +171,16 @@ def test_arch_guard_on_this_host_refuses_the_foreign_image():
     }, root=ROOT)
     native = cfg.image(f"nixos-{facts.arch.value}")
     foreign = cfg.image("nixos-aarch64" if native.name == "nixos-x86_64" else "nixos-x86_64")
-    nix.check_can_build(native, facts, cfg)
-    with pytest.raises(HostUnsuitable) as err:
-        nix.check_can_build(foreign, facts, cfg)
-    assert f"invoke remote-build-nixos-{foreign.arch.short} HOST" in err.value.render()
-    assert ("rpi" if foreign.arch.value == "aarch64" else "hal9000") in err.value.render()
+    profile = distros.get("nixos")
+    assert profile.host_problem(native, facts, cfg) is None
+    err = profile.host_problem(foreign, facts, cfg)
+    assert isinstance(err, HostUnsuitable)
+    assert f"invoke remote-build-nixos-{foreign.arch.short} HOST" in err.render()
+    assert ("rpi" if foreign.arch.value == "aarch64" else "hal9000") in err.render()
 
 
 def test_every_nix_file_parses():
-    files = nix.nix_files(ROOT)
+    files = lint_nix.nix_files(ROOT)
     assert ROOT / "nixos" / "flake.nix" in files and FIXTURE / "flake.nix" in files
     assert len([f for f in files if f.parent.name == "modules"]) >= 5
     for path in files:
@@ -188,7 +190,7 @@ def test_every_nix_file_parses():
 
 def test_lint_passes_the_project_and_notes_that_evaluation_needs_the_network():
     notes: list[str] = []
-    assert nix.lint_problems(ROOT, on_note=notes.append) == []
+    assert lint_nix.lint_problems(ROOT, on_note=notes.append) == []
     if not (ROOT / "nixos" / "flake.lock").exists():
         assert len(notes) == 1 and "nix flake lock" in notes[0], notes
 
@@ -196,7 +198,7 @@ def test_lint_passes_the_project_and_notes_that_evaluation_needs_the_network():
 def test_lint_evaluates_a_flake_that_needs_no_network(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "nixos")
     notes: list[str] = []
-    assert nix.lint_problems(tmp_path, on_note=notes.append) == []
+    assert lint_nix.lint_problems(tmp_path, on_note=notes.append) == []
     assert notes == []
 
 
@@ -204,14 +206,14 @@ def test_lint_reports_a_file_that_does_not_parse(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "nixos")
     (tmp_path / "nixos" / "modules").mkdir()
     (tmp_path / "nixos" / "modules" / "bad.nix").write_text("{ a = ; }\n")
-    (problem,) = nix.lint_problems(tmp_path)
+    (problem,) = lint_nix.lint_problems(tmp_path)
     assert problem.startswith("nixos/modules/bad.nix:") and "syntax error" in problem
 
 
 def test_lint_reports_a_flake_that_does_not_evaluate(tmp_path):
     (tmp_path / "nixos").mkdir()
     (tmp_path / "nixos" / "flake.nix").write_text('{ outputs = { self }: { packages = builtins.throw "fixture: broken outputs"; }; }\n')
-    (problem,) = nix.lint_problems(tmp_path)
+    (problem,) = lint_nix.lint_problems(tmp_path)
     assert problem.startswith("nixos: nix flake show failed") and "fixture: broken outputs" in problem
 
 

@@ -39,22 +39,23 @@ def test_refresh_pins_a_new_release_and_offline_keeps_the_pin(tmp_path, monkeypa
     with serve(site) as (base, _hits):
         monkeypatch.setenv("IMAGEPIPE_ALMA_MIRROR", f"{base}/almalinux")
         monkeypatch.setenv("IMAGEPIPE_ALMA_VAULT", f"{base}/vault")
-        rebuild.refresh_iso(cfg, alma, emit)
-        assert events[-1] == ("iso", "10.1 (repo) pinned")
+        rebuild.refresh_pin(cfg, alma, emit)
+        assert events[-1][0] == "pin" and events[-1][1].startswith("installer ISO: 10.1 (repo, sha256 ")
+        assert events[-1][1].endswith(") pinned")
         pinned = inputs.compute(cfg, alma, VERSIONS)
         assert pinned.changed_parts(unpinned.parts) == ["iso.lock"]
-        rebuild.refresh_iso(cfg, alma, emit)
-        assert events[-1] == ("iso", "10.1 (repo) unchanged")
+        rebuild.refresh_pin(cfg, alma, emit)
+        assert events[-1][1].startswith("installer ISO: 10.1 (repo") and events[-1][1].endswith(") unchanged")
         # AlmaLinux ships 10.2: the next timer run pins it and the hash says "rebuild"
         write_release(site / "almalinux", "10.2", "x86_64", b"iso 10.2\n" * 50)
         shutil.rmtree(site / "almalinux/10")
         shutil.copytree(site / "almalinux/10.2", site / "almalinux/10")
-        rebuild.refresh_iso(cfg, alma, emit)
-        assert events[-1] == ("iso", "10.2 (repo) updated from 10.1")
+        rebuild.refresh_pin(cfg, alma, emit)
+        assert events[-1][1].startswith("installer ISO: 10.2 (repo") and events[-1][1].endswith(") updated from 10.1")
         assert inputs.compute(cfg, alma, VERSIONS).changed_parts(pinned.parts) == ["iso.lock"]
     lock_before = (cfg.root / "iso.lock.json").read_text()
     monkeypatch.setenv("IMAGEPIPE_ALMA_MIRROR", closed_port_url())
-    rebuild.refresh_iso(cfg, alma, emit)
-    assert events[-1][1].startswith("kept the pinned ISO (could not check for updates:")
+    rebuild.refresh_pin(cfg, alma, emit)
+    assert events[-1][1].startswith("kept the pinned installer ISO (could not check for updates:")
     assert (cfg.root / "iso.lock.json").read_text() == lock_before
     assert json.loads(lock_before)["images"]["almalinux10-x86_64"]["version"] == "10.2"

@@ -18,12 +18,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts, vm
-from pipeline.config import Accel, Arch, Config, Distro, Firmware, Image, load
+from pipeline import artifacts, procs
+from pipeline.config import Accel, Arch, Config, Firmware, Image, load
 from pipeline.errors import VerifyFailed
 from pipeline.host import probe
 from pipeline.plan import AccelChoice
 from pipeline.run import run
+from pipeline.vm import boottest, lifecycle, ssh
+from pipeline.vm import state as vmstate
+from pipeline.vm.argv import RunOptions, qemu_argv
+from pipeline.vm.qmp import Qmp
 from tests.conftest import ROOT, invoke, require_tool
 
 pytestmark = pytest.mark.slow
@@ -56,8 +60,8 @@ def demo(demo_build):
     """The published demo build; whatever a test does, its VMs are gone afterwards."""
     yield demo_build
     _, out = demo_build
-    for kind in (vm.STATE_DIR, vm.BOOT_TEST_DIR):
-        vm.stop(DEMO, vm.state_paths(out, DEMO, kind), force=True, say=lambda _m: None)
+    for kind in (vmstate.STATE_DIR, vmstate.BOOT_TEST_DIR):
+        lifecycle.stop(DEMO, vmstate.state_paths(out, DEMO, kind), force=True, say=lambda _m: None)
 
 
 def test_run_ssh_status_stop(demo):
@@ -65,10 +69,10 @@ def test_run_ssh_status_stop(demo):
     res = invoke(["run-demo", "--snapshot"], cfg, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "accelerator tcg" in res.stderr and "running, pid" in res.stderr
-    state = vm.state_paths(out, DEMO)
+    state = vmstate.state_paths(out, DEMO)
     port = int(state.ssh_port.read_text())
     pid = int(state.pid.read_text())
-    assert vm.is_our_qemu(vm.process_cmdline(pid), state)
+    assert vmstate.is_our_qemu(procs.cmdline(pid), state)
 
     again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr
@@ -86,7 +90,7 @@ def test_run_ssh_status_stop(demo):
 
     # the host key was pinned in this VM's own known_hosts, under the image's alias
     pinned = state.known_hosts.read_text().splitlines()
-    assert pinned and all(line.startswith(vm.host_key_alias(DEMO) + " ") for line in pinned)
+    assert pinned and all(line.startswith(ssh.host_key_alias(DEMO) + " ") for line in pinned)
     assert any(line.split()[1] == "ssh-ed25519" for line in pinned)
 
     st = status_of(cfg)
@@ -110,10 +114,10 @@ def test_busy_port_picks_another_and_ssh_works(demo):
     except OSError:
         pass  # someone else holds the port already: it is just as busy
     try:
-        assert not vm.port_free(2224)
+        assert not vmstate.port_free(2224)
         res = invoke(["run", DEMO, "--snapshot"], cfg, timeout=120)
         assert res.returncode == 0, res.stderr
-        state = vm.state_paths(out, DEMO)
+        state = vmstate.state_paths(out, DEMO)
         port = int(state.ssh_port.read_text())
         assert port != 2224
         assert f"ssh on 127.0.0.1:{port}" in res.stderr
@@ -131,7 +135,7 @@ def test_busy_port_picks_another_and_ssh_works(demo):
 def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
     cfg, out = demo
     assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
-    state = vm.state_paths(out, DEMO)
+    state = vmstate.state_paths(out, DEMO)
     pid = int(state.pid.read_text())
     argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "stop", DEMO, "--timeout", "120"]
     proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -153,7 +157,7 @@ def test_foreground_console(demo):
     """--foreground: the serial console on our stdio (logged too); status sees the VM meanwhile;
     `poweroff` typed on the console ends QEMU and the task."""
     cfg, out = demo
-    state = vm.state_paths(out, DEMO)
+    state = vmstate.state_paths(out, DEMO)
     state.console.unlink(missing_ok=True)  # an earlier test's log must not look like this boot
     argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "run-demo", "--foreground", "--snapshot"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -197,10 +201,12 @@ def test_boot_test_function_on_the_staged_layout(demo):
     assert build is not None
     boot = {"kernel": str(build / "vmlinuz"), "initrd": str(build / "initrd.img"),
             "append": json.loads((build / "manifest.json").read_text())["boot"]["append"]}
+    target = lifecycle.staged_target(cfg.images[DEMO], build / f"{DEMO}.qcow2", boot)
+    assert target.boot is not None and target.boot.kernel == build / "vmlinuz"
     started = time.monotonic()
-    vm.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2", boot, out, Accel.AUTO, deadline=120)
+    boottest.boot_test(cfg, target, out, Accel.AUTO, deadline=120)
     assert time.monotonic() - started < 150
-    state = vm.state_paths(out, DEMO, vm.BOOT_TEST_DIR)
+    state = vmstate.state_paths(out, DEMO, vmstate.BOOT_TEST_DIR)
     assert not state.pid.exists() and "up" in state.console.read_text()
     # -snapshot: the published image still matches its manifest
     assert artifacts.verify_published(out / DEMO)
@@ -220,15 +226,16 @@ def test_boot_test_fails_with_a_wrong_key_within_the_deadline(demo, tmp_path):
     assert build is not None
     started = time.monotonic()
     with pytest.raises(VerifyFailed) as err:
-        vm.boot_test(cfg, cfg.images[DEMO], build / f"{DEMO}.qcow2",
-                     {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0,115200n8 panic=-1"},
-                     out, Accel.TCG, deadline=15)
+        boottest.boot_test(cfg, lifecycle.staged_target(
+            cfg.images[DEMO], build / f"{DEMO}.qcow2",
+            {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0,115200n8 panic=-1"}),
+            out, Accel.TCG, deadline=15)
     elapsed = time.monotonic() - started
     assert elapsed < 15 + 90, f"took {elapsed:.0f}s"
     text = err.value.render()
     assert "cannot log in as root" in text and "within 15s" in text
     assert "console log (last lines)" in text and "  | " in text
-    state = vm.state_paths(out, DEMO, vm.BOOT_TEST_DIR)
+    state = vmstate.state_paths(out, DEMO, vmstate.BOOT_TEST_DIR)
     assert not state.pid.exists()
     # the same through the task: exit != 0 and the console tail on stderr
     res = invoke(["test-image", DEMO, "--timeout", "10"], bad_cfg, timeout=200)
@@ -244,27 +251,27 @@ def test_uefi_command_line_accepted_by_qemu(arch, tmp_path):
     facts = probe(tools=())
     fw = facts.firmware.get(arch)
     assert fw is not None and fw.vars, f"no UEFI firmware for {arch.value}: apt-get install qemu-efi-aarch64 ovmf"
-    image = Image(name=f"uefi-{arch.value}", distro=Distro.ALMALINUX, arch=arch, firmware=Firmware.UEFI,
+    image = Image(name=f"uefi-{arch.value}", distro="almalinux", arch=arch, firmware=Firmware.UEFI,
                   memory=256, cpus=1)
     disk = tmp_path / "disk.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], timeout=30)
-    state = vm.StatePaths(tmp_path / "run")
-    target = vm.Target(image, disk, "qcow2", "b1")
-    vm.prepare_state(state, target, fw, vm.RunOptions())
+    state = vmstate.StatePaths(tmp_path / "run")
+    target = lifecycle.BootTarget(image, disk, "qcow2", "b1")
+    lifecycle.prepare_state(state, target, fw, RunOptions())
     assert state.efivars.stat().st_size == Path(fw.vars).stat().st_size
-    argv = vm.qemu_argv(image, AccelChoice(Accel.TCG, "test"), fw, disk, state, vm.free_port())
+    argv = qemu_argv(image, AccelChoice(Accel.TCG, "test"), fw, disk, state, vmstate.free_port())
     if arch is Arch.AARCH64:
         assert "/AAVMF/" in fw.code and ["-boot", "strict=on"] == argv[argv.index("-boot"):argv.index("-boot") + 2]
     run(argv + ["-S"], timeout=60)
     pid = int(state.pid.read_text())
     try:
-        with vm.Qmp(state.qmp) as qmp:
+        with Qmp(state.qmp) as qmp:
             status = qmp.execute("query-status")
             assert status["running"] is False and status["status"] in ("prelaunch", "paused")
             target_arch = qmp.execute("query-target")["arch"]
             assert target_arch == arch.value
             qmp.quit()
-        assert vm.wait_gone(pid, state, 20)
+        assert vmstate.wait_gone(pid, state, 20)
     finally:
         if not qemu_gone(pid):
             os.kill(pid, signal.SIGKILL)

@@ -6,15 +6,15 @@ import json
 import subprocess
 import sys
 
-from pipeline import vm
+from pipeline.vm.state import StatePaths, state_paths
 from tests.conftest import invoke, write_config
 
 DEMO = "demo-x86_64"
 
 
-def seed_state(out, pid: int) -> vm.StatePaths:
+def seed_state(out, pid: int) -> StatePaths:
     """A state folder as a VM leaves it, claiming `pid`."""
-    state = vm.state_paths(out, DEMO)
+    state = state_paths(out, DEMO)
     state.root.mkdir(parents=True)
     for name, value in (("pid", str(pid)), ("ssh_port", "2224"), ("accel", "tcg\nwhy"),
                         ("started_at", "1"), ("build_id", "b1")):

@@ -9,8 +9,10 @@ import hcl2
 import pytest
 
 from pipeline.config import Firmware, load_file
+from pipeline.config import load as load_config
 from pipeline.errors import ConfigError, UsageError
 from pipeline.lint import QEMU_PLUGIN_ARGS
+from pipeline.distros import almalinux as alma_profile
 from pipeline.render import almalinux
 from pipeline.render.packer import COMMON_VARIABLES, render_text
 
@@ -107,19 +109,21 @@ def test_bios_x86_has_no_uefi_parts() -> None:
         assert "efi_firmware" not in text and "pflash" not in text
 
 
-def test_aarch64_bios_is_refused() -> None:
-    with pytest.raises(ConfigError, match="UEFI only"):
-        render_text(dataclasses.replace(ARM, firmware=Firmware.BIOS))
+@pytest.mark.parametrize("distro", ["almalinux", "nixos"])
+def test_aarch64_bios_is_refused_when_the_config_loads(distro: str) -> None:
+    raw = {"images": {"arm": {"distro": distro, "arch": "aarch64", "firmware": "bios"}}}
+    with pytest.raises(ConfigError, match="images.arm.firmware: aarch64 machines boot with UEFI only"):
+        load_config(raw, ROOT)
 
 
 def test_build_password_comes_from_env_defaults_or_keys() -> None:
-    assert almalinux.ssh_password(X86, env={}) == "admin"
-    assert almalinux.ssh_password(X86, env={almalinux.PASSWORD_ENV: "s3cret"}) == "s3cret"
+    assert alma_profile.ssh_password(X86, env={}) == "admin"
+    assert alma_profile.ssh_password(X86, env={almalinux.PASSWORD_ENV: "s3cret"}) == "s3cret"
     other = "$6$saltsalt$" + "b" * 86
     changed = dataclasses.replace(X86, users=tuple(dataclasses.replace(u, password_hash=other) for u in X86.users))
     with pytest.raises(UsageError) as err:
-        almalinux.ssh_password(changed, env={})
+        alma_profile.ssh_password(changed, env={})
     assert almalinux.PASSWORD_ENV in err.value.render()
     keyed = dataclasses.replace(changed, users=tuple(
         dataclasses.replace(u, public_keys=("ssh-ed25519 AAAAC3Nza",)) for u in changed.users))
-    assert almalinux.ssh_password(keyed, env={}) == ""
+    assert alma_profile.ssh_password(keyed, env={}) == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import history
+from pipeline import procs
 from pipeline.errors import LockBusy
 from pipeline.history import History, image_lock, is_locked
 
@@ -65,11 +65,11 @@ def test_a_running_row_whose_process_is_gone_becomes_abandoned(tmp_path):
         assert h.reap() == []
 
 
-def test_process_start_of_a_live_and_a_dead_process():
-    assert history.process_start(os.getpid())
+def test_start_time_of_a_live_and_a_dead_process():
+    assert procs.start_time(os.getpid())
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    assert history.process_start(proc.pid) is None
+    assert procs.start_time(proc.pid) is None
 
 
 def test_lock_is_exclusive_and_no_wait_fails_with_exit_75(tmp_path):

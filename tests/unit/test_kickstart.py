@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 from pykickstart.parser import KickstartParser
 from pykickstart.version import RHEL10, makeVersion
 
 from pipeline.config import Arch, Firmware, load_file
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.lint import kickstart_problems
 from pipeline.render import kickstart
 
@@ -103,7 +105,7 @@ def test_root_without_hash_is_locked() -> None:
 
 
 def test_paths_and_quoting() -> None:
-    assert kickstart.kickstart_path(Path("/p"), ARM) == Path("/p/kickstart/almalinux10/aarch64/almalinux10-aarch64/ks.cfg")
+    assert ALMA.kickstart_path(Path("/p"), ARM) == Path("/p/kickstart/almalinux10/aarch64/almalinux10-aarch64/ks.cfg")
     assert kickstart.ksquote("a b") == "'a b'"
     try:
         kickstart.ksquote("x\n--plaintext")
@@ -113,3 +115,105 @@ def test_paths_and_quoting() -> None:
         raise AssertionError("a line break must not reach a kickstart line")
     assert kickstart.console_arg(Arch.AARCH64) == "console=ttyAMA0"
     assert X86.firmware is Firmware.UEFI
+
+
+# --- image hygiene, boot loaders and root over SSH (issue 11 B, as the official images do) ---
+
+def post_scripts(text: str) -> list[str]:
+    """The bodies of the %post sections of a rendered kickstart."""
+    from pykickstart.constants import KS_SCRIPT_POST
+
+    return [s.script for s in parse(text).scripts if s.type == KS_SCRIPT_POST]
+
+
+def heredoc(script: str, marker: str) -> str:
+    """The text of the quoted here-document `<<'marker'` inside a %post body."""
+    start = script.index(f"<<'{marker}'\n") + len(f"<<'{marker}'\n")
+    return script[start:script.index(f"\n{marker}\n", start)] + "\n"
+
+
+def with_root_ssh(image, value: bool):  # type: ignore[no-untyped-def]
+    """`image` with a per-image root_ssh (a config field the lead adds; set directly until then)."""
+    if "root_ssh" in {f.name for f in dataclasses.fields(image)}:
+        return dataclasses.replace(image, root_ssh=value)
+    copy = dataclasses.replace(image)
+    object.__setattr__(copy, "root_ssh", value)
+    return copy
+
+
+def test_generic_initramfs_no_rescue_kernel_and_growpart() -> None:
+    for image in (X86, ARM):
+        h = parse(kickstart.render(image))
+        assert {"dracut-config-generic", "cloud-utils-growpart"} <= set(h.packages.packageList)
+        assert "dracut-config-rescue" in h.packages.excludedList
+
+
+def test_kdump_is_disabled_through_the_anaconda_addon() -> None:
+    for image in (X86, ARM):
+        lines = kickstart.render(image).splitlines()
+        at = lines.index("%addon com_redhat_kdump --disable")
+        assert lines[at + 1] == "%end"
+
+
+def test_post_grows_the_root_file_system_at_boot() -> None:
+    (post,) = post_scripts(kickstart.render(X86))
+    script = heredoc(post, "GROWROOT")
+    assert script.startswith("#!/bin/bash\n") and 'growpart "$disk" "$part"' in script
+    assert script.rstrip().endswith("xfs_growfs /")
+    unit = heredoc(post, "UNIT")
+    assert "ExecStart=/usr/local/sbin/imagepipe-growroot" in unit and "WantedBy=multi-user.target" in unit
+    assert "systemctl enable imagepipe-growroot.service" in post
+
+
+def test_post_cleans_caches_then_trims_free_space_last() -> None:
+    (post,) = post_scripts(kickstart.render(ARM))
+    lines = [line.strip() for line in post.strip().splitlines()]
+    assert "dnf clean all" in lines
+    trim = next(i for i, line in enumerate(lines) if line.startswith("for fs in /boot /; do"))
+    assert lines.index("dnf clean all") < trim and 'fstrim -v "$fs" ||' in lines[trim + 1]
+    assert lines[-1] == "done", "trimming is the last thing the install does"
+
+
+def test_post_scripts_are_valid_bash() -> None:
+    bash = require_bash()
+    for image in (X86, ARM, dataclasses.replace(X86, firmware=Firmware.BIOS)):
+        for post in post_scripts(kickstart.render(image)):
+            for body in (post, heredoc(post, "GROWROOT")):
+                res = subprocess.run([bash, "-n"], input=body, text=True, capture_output=True, timeout=30, check=False)
+                assert res.returncode == 0, f"{image.name}: {res.stderr}"
+
+
+def test_x86_uefi_install_adds_the_bios_boot_loader() -> None:
+    text = kickstart.render(X86)
+    assert X86.firmware is Firmware.UEFI and "the disk boots under BIOS and UEFI" in text
+    assert "grub2-pc" in parse(text).packages.packageList
+    (post,) = post_scripts(text)
+    assert 'grub2-install --target=i386-pc "$boot_disk"' in post
+    assert "boot_disk=$(grub2-probe --target=disk /boot/grub2)" in post
+
+
+def test_only_hybrid_disks_claim_bios_and_uefi() -> None:
+    bios = kickstart.render(dataclasses.replace(X86, firmware=Firmware.BIOS))
+    assert "the disk boots under BIOS." in bios and "BIOS and UEFI" not in bios
+    assert "grub2-pc" not in parse(bios).packages.packageList and "grub2-install" not in bios
+    arm = kickstart.render(ARM)
+    assert "the disk boots under UEFI." in arm and "grub2" not in arm
+
+
+def test_root_password_over_ssh_follows_root_ssh() -> None:
+    h = parse(kickstart.render(X86))
+    assert h.rootpw.allow_ssh, "shipped images keep the original tooling's root login"
+    off = parse(kickstart.render(with_root_ssh(X86, False)))
+    assert not off.rootpw.allow_ssh and off.rootpw.isCrypted
+    assert kickstart.context(with_root_ssh(ARM, False))["root_ssh"] is False
+    users = tuple(dataclasses.replace(u, password_hash=None) if u.name == "root" else u for u in X86.users)
+    locked = kickstart.render(dataclasses.replace(X86, users=users))
+    assert "rootpw --lock" in locked and "--allow-ssh" not in locked
+
+
+def require_bash() -> str:
+    import shutil
+
+    path = shutil.which("bash")
+    assert path, "bash not found: install it with `sudo apt-get install bash`"
+    return path

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Accel, load
-from pipeline.drivers import nix
+from pipeline.distros import nixos
+from pipeline.drivers import nix, nixlog
 from pipeline.errors import HostUnsuitable
-from pipeline.host import FirmwareInfo, HostFacts, KvmFacts
+from pipeline.host import FirmwareInfo, HostFacts, KvmFacts, parse_nix_config
 
 ROOT = Path("/srv/project")
 
@@ -98,7 +99,7 @@ def test_installable_honours_own_flake_path_url_and_attribute():
 
 
 def test_log_parser_turns_internal_json_into_events():
-    parser = nix.LogParser()
+    parser = nixlog.LogParser()
     events = [e for e in (parser.feed(line) for line in RECORDED) if e is not None]
     kinds = [(e.kind, e.message) for e in events]
     assert kinds == [
@@ -118,7 +119,7 @@ def test_log_parser_turns_internal_json_into_events():
 def test_guard_refuses_foreign_arch_and_names_remote_task_and_fitting_builders():
     cfg = config({"pi": {"host": "pi.lan", "arch": "aarch64"}, "box": {"arch": "x86_64"}, "old": {}})
     with pytest.raises(HostUnsuitable) as err:
-        nix.check_can_build(cfg.image("nixos-aarch64"), facts(), cfg)
+        check_can_build(cfg.image("nixos-aarch64"), facts(), cfg)
     text = err.value.render()
     assert "aarch64" in err.value.message and "cross-built" in err.value.message
     assert "invoke remote-build-nixos-arm HOST" in text
@@ -130,7 +131,7 @@ def test_guard_refuses_foreign_arch_and_names_remote_task_and_fitting_builders()
 def test_guard_without_builders_says_how_to_add_one():
     cfg = config()
     with pytest.raises(HostUnsuitable) as err:
-        nix.check_can_build(cfg.image("nixos-x86_64"), facts(machine="aarch64"), cfg)
+        check_can_build(cfg.image("nixos-x86_64"), facts(machine="aarch64"), cfg)
     assert "invoke remote-build-nixos-x86 HOST" in err.value.render()
     assert "no builder with `arch: x86_64`" in err.value.render()
 
@@ -138,18 +139,25 @@ def test_guard_without_builders_says_how_to_add_one():
 def test_guard_refuses_macos_even_on_the_same_arch():
     cfg = config()
     with pytest.raises(HostUnsuitable) as err:
-        nix.check_can_build(cfg.image("nixos-aarch64"), facts("darwin", "arm64"), cfg)
+        check_can_build(cfg.image("nixos-aarch64"), facts("darwin", "arm64"), cfg)
     assert "macOS" in err.value.message and "remote-build-nixos-arm" in err.value.render()
 
 
 def test_guard_accepts_a_linux_host_of_the_same_arch():
     cfg = config()
-    assert nix.check_can_build(cfg.image("nixos-x86_64"), facts(), cfg) is None
-    assert nix.check_can_build(cfg.image("nixos-aarch64"), facts(machine="aarch64"), cfg) is None
+    assert check_can_build(cfg.image("nixos-x86_64"), facts(), cfg) is None
+    assert check_can_build(cfg.image("nixos-aarch64"), facts(machine="aarch64"), cfg) is None
 
 
 def test_custom_image_names_the_generic_remote_task():
-    assert nix.remote_task(config().image("edge")) == "invoke remote-sync-build HOST --image edge"
+    assert nixos.remote_task(config().image("edge")) == "invoke remote-sync-build HOST --image edge"
+
+
+def check_can_build(image, host, cfg) -> None:
+    """The NixOS profile's verdict on this host, raised as the build raises it."""
+    problem = nixos.PROFILE.host_problem(image, host, cfg)
+    if problem is not None:
+        raise problem
 
 
 SHOW_CONFIG = """\
@@ -161,18 +169,21 @@ system-features = benchmark big-parallel kvm nixos-test
 
 
 def test_parse_nix_config():
-    settings = nix.parse_nix_config(SHOW_CONFIG + "sandbox-paths = \n")
+    settings = parse_nix_config(SHOW_CONFIG + "sandbox-paths = \n")
     assert settings["system-features"] == "benchmark big-parallel kvm nixos-test"
     assert settings["sandbox"] == "false" and settings["sandbox-paths"] == ""
 
 
 def test_kvm_warnings():
-    assert nix.kvm_warnings(SHOW_CONFIG) == []
-    assert nix.kvm_warnings(SHOW_CONFIG, facts()) == []
-    without = SHOW_CONFIG.replace(" kvm", "")
+    settings = parse_nix_config(SHOW_CONFIG)
+    assert nix.kvm_warnings(settings) == []
+    assert nix.kvm_warnings(settings, facts()) == []
+    without = parse_nix_config(SHOW_CONFIG.replace(" kvm", ""))
     (warning,) = nix.kvm_warnings(without)
     assert "`kvm` system feature" in warning and "extra-system-features = kvm" in warning
-    (unusable,) = nix.kvm_warnings(SHOW_CONFIG, facts(usable=False))
+    (missing,) = nix.kvm_warnings(None)
+    assert "none" in missing
+    (unusable,) = nix.kvm_warnings(settings, facts(usable=False))
     assert "KVM is not usable" in unusable
 
 

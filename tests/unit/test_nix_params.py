@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.config import Distro, load, load_file
+from pipeline.config import load, load_file
 from pipeline.render import nix as render_nix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,10 +16,11 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFixtureKeyFixtureKeyFixtureKeyFixtur
 HASH = "$6$salt$" + "a" * 86
 
 # How the modules name things (documented in nixos/modules/base.nix): params.<key> is a top-level
-# key of the JSON, user.<key> a key of one entry of params.users.
+# key of the JSON, user.<key> a key of one entry of params.users. A key read with a default
+# (`params.<key> or <default>`) is optional and not required in the JSON.
 ACCESS_RE = {
-    "params": re.compile(r"\bparams\.([A-Za-z_][A-Za-z0-9_-]*)"),
-    "user": re.compile(r"\buser\.([A-Za-z_][A-Za-z0-9_-]*)"),
+    "params": re.compile(r"\bparams\.([A-Za-z_][A-Za-z0-9_-]*)(?![A-Za-z0-9_-])(?!\s+or\b)"),
+    "user": re.compile(r"\buser\.([A-Za-z_][A-Za-z0-9_-]*)(?![A-Za-z0-9_-])(?!\s+or\b)"),
 }
 
 
@@ -55,9 +56,16 @@ def sample_config(tmp_path: Path):
     return load(raw, root=tmp_path)
 
 
+def params_files(cfg):
+    """Every nixos/params/<image>.json the configuration renders (through the distro profiles)."""
+    from pipeline.render.files import rendered_files
+
+    return {path: text for path, text in rendered_files(cfg).items() if path.suffix == ".json"}
+
+
 def test_committed_params_match_the_configuration():
     cfg = project_config()
-    files = render_nix.render_files(cfg)
+    files = params_files(cfg)
     assert files, "the catalogue has NixOS images, so there must be params files"
     for path, text in files.items():
         assert path.parent == NIXOS / "params"
@@ -87,7 +95,7 @@ def test_params_round_trip_from_config(tmp_path):
 
 def test_render_files_covers_only_images_of_the_project_flake(tmp_path):
     cfg = sample_config(tmp_path)
-    files = render_nix.render_files(cfg)
+    files = params_files(cfg)
     assert list(files) == [tmp_path / "nixos" / "params" / "nixos_web.example.json"]
 
 
@@ -112,7 +120,7 @@ def test_every_attribute_the_modules_read_exists_in_every_params_file():
 
 def test_params_carry_no_plaintext_passwords():
     for image in project_config().images.values():
-        if image.distro is not Distro.NIXOS:
+        if image.distro != "nixos":
             continue
         text = render_nix.dumps(render_nix.params(image))
         for user in json.loads(text)["users"]:
@@ -127,7 +135,7 @@ def test_hostname_and_state_version_rules():
     cfg = project_config()
     latest = cfg.image("nixos-x86_64").__class__(**{**cfg.image("nixos-x86_64").__dict__, "version": "latest"})
     assert render_nix.state_version(latest) == render_nix.NIXOS_RELEASE
-    assert render_nix.state_version(cfg.image("nixos-x86_64")) == "25.05"
+    assert render_nix.state_version(cfg.image("nixos-x86_64")) == "26.05"
 
 
 def test_flake_pins_the_stable_release_the_renderer_assumes():
@@ -136,10 +144,11 @@ def test_flake_pins_the_stable_release_the_renderer_assumes():
 
 
 def test_the_distro_module_exposes_files_for_the_generic_renderer(tmp_path):
-    from pipeline.render import nixos
+    from pipeline import distros
 
     cfg = sample_config(tmp_path)
-    assert nixos.files(cfg.image("own-flake"), tmp_path) == {}
-    (path, text), = nixos.files(cfg.image("nixos_web.example"), tmp_path, cfg.source).items()
+    nixos = distros.get("nixos")
+    assert nixos.rendered_files(cfg.image("own-flake"), tmp_path, cfg.source) == {}
+    (path, text), = nixos.rendered_files(cfg.image("nixos_web.example"), tmp_path, cfg.source).items()
     assert path == tmp_path / "nixos" / "params" / "nixos_web.example.json"
     assert json.loads(text)["disk_size"] == 4096

@@ -102,13 +102,6 @@ def test_known_hosts_files_from_ssh_config():
     assert remote.known_hosts_files({}) == [Path("~/.ssh/known_hosts").expanduser()]
 
 
-def test_event_from_json():
-    ev = remote.event_from_json('{"image": "d", "kind": "step", "message": "verify", "source": "imagepipe", '
-                                '"ts": 5.0, "data": ["a"]}')
-    assert ev is not None and (ev.kind, ev.message, ev.ts, ev.data) == ("step", "verify", 5.0, ("a",))
-    assert remote.event_from_json("plain text") is None and remote.event_from_json("[1]") is None
-
-
 def test_line_sink_splits_lines():
     got = []
     sink = remote.LineSink(got.append)
@@ -128,7 +121,7 @@ def test_parse_sums_refuses_paths():
 
 
 def _img(name: str, arch: str):
-    return load({"images": {name: {"distro": "demo", "arch": arch}}}, Path("/")).images[name]
+    return load({"images": {name: {"distro": "almalinux", "arch": arch}}}, Path("/")).images[name]
 
 
 def test_assign_spreads_by_arch_and_load():
@@ -172,8 +165,8 @@ Host key verification failed.
 
 @pytest.mark.parametrize("stderr,kind,words", [
     (SSH_CHANGED, HostKeyChanged, "CHANGED"),
-    ("No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\n"
-     "Host key verification failed.\n", HostKeyUnknown, "not in known_hosts"),
+    (("No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\n"
+      "Host key verification failed.\n"), HostKeyUnknown, "not in known_hosts"),
     ("root@127.0.0.1: Permission denied (publickey).\n", BuilderUnreachable, "authentication"),
     ("ssh: connect to host 127.0.0.1 port 9: Connection refused\n", BuilderUnreachable, "Connection refused"),
     ("", BuilderUnreachable, "without a message"),

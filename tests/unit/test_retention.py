@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 from pipeline import retention
@@ -78,6 +79,12 @@ def test_clean_stale_removes_staging_and_stops_its_processes(tmp_path):
     stage.mkdir(parents=True)
     # a process still running "in" the staging folder, like an orphaned packer after kill -9
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(stage / "template.pkr.hcl")])
+    # wait until the child has exec'd (before that, /proc shows the parent's command line)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    while str(stage).encode() not in cmdline.read_bytes():
+        assert time.monotonic() < deadline, f"child never showed {stage} in {cmdline}: {cmdline.read_bytes()!r}"
+        time.sleep(0.01)
     (tmp_path / "demo" / ".current.tmp123").symlink_to("builds/x")
     said = []
     removed = retention.clean_stale(tmp_path / "demo", said.append)

@@ -1,18 +1,19 @@
-"""The pure parts of pipeline.vm: the QEMU command line, ports, host keys, ssh argv, tables."""
+"""The pure parts of pipeline.vm.*: the QEMU command line, ports, host keys, ssh argv, tables."""
 
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import Accel, Arch, Distro, Firmware, Image
+from pipeline.config import Accel, Arch, Firmware, Image
 from pipeline.errors import UsageError
 from pipeline.host import FirmwareInfo
 from pipeline.plan import AccelChoice
 from pipeline.tasks.vm import remainder
-from pipeline.vm import (
-    UNIX_PATH_MAX, BootSpec, RunOptions, StatePaths, BootTestResult, boot_spec, host_key_alias,
-    is_our_qemu, parse_keyscan, pick_port, qemu_argv, reset_known_hosts, results_table, ssh_argv,
-)
+from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
+from pipeline.vm.boottest import BootTestResult, results_table
+from pipeline.vm.lifecycle import BootTarget, boot_spec, reset_known_hosts, staged_target
+from pipeline.vm.ssh import host_key_alias, parse_keyscan, ssh_argv
+from pipeline.vm.state import UNIX_PATH_MAX, StatePaths, is_our_qemu, pick_port
 
 STATE = StatePaths(Path("/out/img/run"))
 DISK = Path("/out/img/builds/1/img.qcow2")
@@ -22,7 +23,7 @@ FW = {
 }
 
 
-def image(arch=Arch.X86_64, firmware=Firmware.UEFI, distro=Distro.ALMALINUX, **kw):
+def image(arch=Arch.X86_64, firmware=Firmware.UEFI, distro="almalinux", **kw):
     return Image(name=f"img-{arch.value}", distro=distro, arch=arch, firmware=firmware, memory=256, cpus=1, **kw)
 
 
@@ -75,7 +76,7 @@ def test_every_forward_is_loopback_only():
 
 def test_direct_kernel_boot_needs_no_firmware():
     boot = BootSpec(Path("/b/vmlinuz"), Path("/b/initrd.img"), "console=ttyS0 quiet")
-    img = image(distro=Distro.DEMO, firmware=Firmware.BIOS)
+    img = image(distro="demo", firmware=Firmware.BIOS)
     argv = qemu_argv(img, AccelChoice(Accel.TCG, "t"), None, DISK, STATE, 2224, boot=boot)
     assert after(argv, "-kernel") == ["/b/vmlinuz"] and after(argv, "-initrd") == ["/b/initrd.img"]
     assert after(argv, "-append") == ["console=ttyS0 quiet"]
@@ -163,6 +164,17 @@ def test_boot_spec_resolves_relative_to_build():
     absolute = boot_spec({"kernel": "/s/vmlinuz", "initrd": "/s/initrd.img", "append": ""}, Path("/b/1"))
     assert absolute is not None and absolute.kernel == Path("/s/vmlinuz")
     assert boot_spec(None, Path("/b")) is None
+
+
+def test_staged_target_keeps_the_boot_spec():
+    img = image(distro="demo", firmware=Firmware.BIOS)
+    boot = {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "quiet"}
+    beside = staged_target(img, Path("/stage/img.qcow2"), boot, "b7")
+    assert beside == BootTarget(img, Path("/stage/img.qcow2"), "qcow2", "b7",
+                                BootSpec(Path("/stage/vmlinuz"), Path("/stage/initrd.img"), "quiet"))
+    elsewhere = staged_target(img, Path("/stage/out/img.qcow2"), boot, base=Path("/stage"))
+    assert elsewhere.boot is not None and elsewhere.boot.initrd == Path("/stage/initrd.img")
+    assert staged_target(image(), DISK, None).boot is None
 
 
 def test_results_table():

@@ -1,0 +1,183 @@
+"""Distro profiles: everything that differs between distros, behind one small interface.
+
+Generic code (config, plan, build, inputs, doctor, lint, vm, rebuild, render) asks the image's
+profile and never branches on the distro. A profile says:
+
+    driver                  which engine builds it (a `pipeline.drivers.Driver`: packer or nix)
+    family(image)           the folder its committed files live under (packer/<family>/..., ...)
+    artifact_name(image)    the published image file's name
+    template(root, image)   what the driver builds from (a Packer template, a flake.nix)
+    rendered_files(...)     the generated, committed files it owns (what `invoke render` writes)
+    input_files / input_parts / hash_tools
+                            what goes into the input hash (files, pins, tool versions)
+    needed_tools(image, facts)
+                            tools this host needs for it (doctor, pre-flight)
+    host_problem(image, facts, cfg)
+                            why this host cannot build it, with where else it can be built
+    prepare(plan, stage, report)
+                            host-side preparation of one build (downloads, blank disks, firmware
+                            copies) and the values the driver passes on
+    boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
+    ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
+    manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
+    pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
+
+Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
+invoke.yaml and tests (README: "Adding a distro"). Tests and plugins can `register()` a profile
+at run time. Profile modules import heavy libraries (jinja2, hcl2) inside methods only: the
+input hash and `invoke --list` must stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.drivers import Prepared
+
+if TYPE_CHECKING:
+    from pipeline.config import Config, Image
+    from pipeline.drivers import Driver
+    from pipeline.errors import HostUnsuitable
+    from pipeline.host import HostFacts
+    from pipeline.plan import BuildPlan
+
+# name -> module holding its PROFILE (imported on first use).
+BUILTIN: dict[str, str] = {
+    "almalinux": "pipeline.distros.almalinux",
+    "nixos": "pipeline.distros.nixos",
+    "demo": "pipeline.distros.demo",
+}
+_registered: dict[str, Profile] = {}
+
+Report = Callable[[str], None]
+__all__ = ["BootInfo", "Prepared", "Profile", "Report", "get", "names", "profile", "register"]
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """Direct kernel boot: files published next to the image (relative names) and the command line."""
+
+    kernel: str
+    initrd: str
+    append: str
+
+    def as_manifest(self) -> dict[str, str]:
+        return {"kernel": self.kernel, "initrd": self.initrd, "append": self.append}
+
+
+class Profile:
+    """The base of every distro profile; the defaults fit a distro with nothing special."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""                 # "AlmaLinux", shown to people
+    image_defaults: ClassVar[Mapping[str, Any]] = {}  # config values for keys an image leaves out
+    ephemeral_root: ClassVar[bool] = False
+    pin: ClassVar[str | None] = None          # what refresh_pin pins ("installer ISO"), if anything
+    lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
+
+    @property
+    def driver(self) -> Driver:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ files and paths
+
+    def family(self, image: Image) -> str:
+        """The folder name of this image's committed files (e.g. almalinux10, demo)."""
+        return self.name
+
+    def artifact_name(self, image: Image) -> str:
+        return f"{image.name}.{image.format.value}"
+
+    def template(self, root: Path, image: Image) -> Path:
+        """What the driver builds from."""
+        raise NotImplementedError
+
+    def rendered_files(self, image: Image, root: Path, source: str) -> dict[Path, str]:
+        """path -> content of every generated, committed file this image owns."""
+        return {}
+
+    def input_files(self, root: Path, image: Image) -> list[Path]:
+        """The committed files that define the image (existing or not: the hash keeps existing ones)."""
+        return [self.template(root, image)]
+
+    def input_parts(self, root: Path, image: Image) -> dict[str, str]:
+        """Further named input-hash parts (e.g. a pinned ISO), values already hashed or short."""
+        return {}
+
+    def hash_tools(self, image: Image) -> list[str]:
+        """Host tools whose version can change what a build produces."""
+        return []
+
+    # ------------------------------------------------------------------ this host
+
+    def needed_tools(self, image: Image, facts: HostFacts | None = None) -> dict[str, str]:
+        """tool -> why, for building `image` on a host with these facts."""
+        return {}
+
+    def host_problem(self, image: Image, facts: HostFacts, cfg: Config) -> HostUnsuitable | None:
+        """Why this host cannot build `image` (with where it can), or None."""
+        return None
+
+    # ------------------------------------------------------------------ one build
+
+    def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
+        """Host-side preparation of one build inside `stage`."""
+        return Prepared()
+
+    def prepared_variables(self, image: Image) -> list[str]:
+        """Names of the values `prepare` supplies (the dry run shows them as placeholders)."""
+        return []
+
+    def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
+        return {}
+
+    def boot_info(self, image: Image) -> BootInfo | None:
+        return None
+
+    def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
+        """One line said before the build starts (the accelerator, a warning), or None."""
+        return f"accelerator {plan.accel.accel.value} ({plan.accel.reason})"
+
+    # ------------------------------------------------------------------ pins
+
+    def refresh_pin(self, root: Path, image: Image) -> str:
+        """Re-resolve the pinned input (network); returns a one-line summary of what changed."""
+        raise NotImplementedError(f"{self.name} pins nothing")
+
+    def uses_configured_input(self, image: Image) -> str | None:
+        """When the image names its input itself (so nothing is pinned): a line saying so."""
+        return None
+
+
+def names() -> list[str]:
+    """Every distro name the configuration may use."""
+    return sorted({*BUILTIN, *_registered})
+
+
+def register(profile: Profile) -> Profile:
+    """Make `profile` available under its name (tests, plugins); returns it."""
+    if not profile.name:
+        raise ValueError("a profile needs a name")
+    _registered[profile.name] = profile
+    return profile
+
+
+def unregister(name: str) -> None:
+    _registered.pop(name, None)
+
+
+def get(name: str) -> Profile:
+    """The profile called `name` (KeyError when there is none)."""
+    if name not in _registered:
+        module = importlib.import_module(BUILTIN[name])
+        _registered[name] = module.PROFILE
+    return _registered[name]
+
+
+def profile(image: Image) -> Profile:
+    """The profile of `image`'s distro."""
+    return get(image.distro)

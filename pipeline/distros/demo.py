@@ -1,0 +1,72 @@
+"""The offline demo guest: a few-MB Linux from Debian packages, built by a real `packer build`.
+
+Packer boots the demo kernel + initramfs directly (no installer, no ISO) with a blank disk; the
+profile's prepare step assembles the guest (pipeline.demo, cached) with the build key baked in
+and makes that blank disk. The kernel and initramfs are published next to the image: `run` and
+the boot test boot them directly (`boot_info`). The guest's root is an initramfs, so its SSH
+host keys are new on every boot (`ephemeral_root`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.config import Firmware, Image
+from pipeline.distros import BootInfo, Report
+from pipeline.distros.packer_base import PackerProfile
+from pipeline.drivers import Prepared
+
+if TYPE_CHECKING:
+    from pipeline.plan import BuildPlan
+    from pipeline.render.hcl import Block
+
+
+class Demo(PackerProfile):
+    name = "demo"
+    title = "demo guest"
+    image_defaults = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware needed
+    ephemeral_root = True
+
+    def blocks(self, image: Image, legacy: bool) -> list[Block]:
+        from pipeline.render import demo
+
+        return demo.blocks(image, legacy)
+
+    def prepared_variables(self, image: Image) -> list[str]:
+        return ["base_disk", "kernel", "initrd"]
+
+    def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
+        """Assemble (or reuse) the demo guest with the login key baked in, and a blank base disk."""
+        from pipeline import demo, keys
+        from pipeline.run import run
+
+        image = plan.image
+        authorized = [keys.public_key(plan.ssh_key)] + [k for u in image.users if u.name == "root" for k in u.public_keys]
+        root = image.user("root")
+        guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None)
+        kernel, initrd = stage / "vmlinuz", stage / "initrd.img"
+        for src, dst in ((guest.kernel, kernel), (guest.initrd, initrd)):
+            dst.write_bytes(src.read_bytes())
+        base = stage / "inputs" / "base.qcow2"  # the driver removes stage/inputs before publishing
+        base.parent.mkdir(exist_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", base, f"{image.disk_size}M"])
+        return Prepared(
+            variables={
+                "base_disk": str(base),
+                "kernel": str(kernel),
+                "initrd": str(initrd),
+                "kernel_append": guest.append,
+                "build_id": plan.build_id,
+            },
+            extra_files=(kernel, initrd),
+        )
+
+    def boot_info(self, image: Image) -> BootInfo:
+        """Direct kernel boot with the files published next to the image."""
+        from pipeline import demo
+
+        return BootInfo("vmlinuz", "initrd.img", demo.APPEND)
+
+
+PROFILE = Demo()

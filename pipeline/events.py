@@ -1,0 +1,84 @@
+"""The one event schema: what happened during a build, and the JSON line every `--json` writer
+prints for it (build progress, the rebuild report, a skipped build) and remote builds read back.
+
+A JSON event is one object per line:
+
+    {"image": "demo-x86_64", "kind": "step", "message": "verify", "source": "imagepipe",
+     "ts": 1767225600.0, "elapsed": 12.3, "data": [], ...named fields}
+
+`elapsed` (seconds since the build started) only where a build's progress is shown; `data` holds
+a tool's raw fields (Packer's artifact line); named fields (build_id, sha256, the summary counts)
+sit at the top level. Kinds: step, say, message, error, artifact, done (a build's progress);
+start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report);
+skipped (`build --if-changed`). `parse` also reads lines of older imagepipe versions (no source,
+no data): a builder may run an older release than this host.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+# Keys of the record itself; named fields cannot shadow them.
+CORE_KEYS = ("image", "kind", "message", "source", "ts", "elapsed", "data")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened: kind is step | say | message | error | artifact | done | ...
+
+    `data` keeps a tool's own fields in order; `fields` are named values for scripts
+    (build_id, sha256, counts).
+    """
+
+    kind: str
+    message: str
+    source: str = ""
+    ts: float = field(default_factory=time.time)
+    data: tuple[str, ...] = ()
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+def to_record(ev: Event, image: str, *, elapsed: float | None = None) -> dict[str, Any]:
+    """The JSON object for `ev` about `image` (pure)."""
+    record: dict[str, Any] = {"image": image, "kind": ev.kind, "message": ev.message, "source": ev.source,
+                              "ts": ev.ts}
+    if elapsed is not None:
+        record["elapsed"] = round(elapsed, 3)
+    record["data"] = list(ev.data)
+    record.update({k: v for k, v in ev.fields.items() if k not in CORE_KEYS})
+    return record
+
+
+def dumps(ev: Event, image: str, *, elapsed: float | None = None) -> str:
+    """One JSON line (no newline) for `ev`."""
+    return json.dumps(to_record(ev, image, elapsed=elapsed))
+
+
+def write(ev: Event, image: str, *, elapsed: float | None = None, stream: TextIO | None = None) -> None:
+    """Print `ev` as one JSON line (stdout unless told otherwise), flushed at once for pipes."""
+    print(dumps(ev, image, elapsed=elapsed), file=stream or sys.stdout, flush=True)
+
+
+def parse(line: str) -> tuple[str, Event] | None:
+    """A JSON event line (this version's or an older one's) → (image, Event); None for any other
+    line (a tool's own output on the same stream)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or "kind" not in record:
+        return None
+    raw_data = record.get("data")
+    data = tuple(str(d) for d in raw_data) if isinstance(raw_data, list) else ()
+    try:
+        ts = float(record.get("ts") or time.time())
+    except (TypeError, ValueError):
+        ts = time.time()
+    ev = Event(str(record["kind"]), str(record.get("message", "")), str(record.get("source") or ""), ts, data,
+               {k: v for k, v in record.items() if k not in CORE_KEYS})
+    return str(record.get("image", "")), ev

@@ -1,0 +1,113 @@
+"""Processes that are not our children: is a pid still the process we think, what does it run,
+and stopping what a killed build left behind.
+
+Linux answers from /proc; where there is no /proc (macOS) `ps` or `kill(pid, 0)` stand in. A
+zombie counts as gone everywhere: it runs nothing and only waits for its parent to reap it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pipeline.run import run
+
+PROC = Path("/proc")
+# What start_time() says where there is no /proc: the process exists, its start is unknown.
+ALIVE = "alive"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces or parentheses);
+    [0] is the state, [19] the start time. None when the process is gone or a zombie."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    if not fields or fields[0] == "Z":
+        return None
+    return fields
+
+
+def have_proc() -> bool:
+    """True when this system has a Linux-style /proc."""
+    return (PROC / "self" / "stat").exists()
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line of `pid` with NULs as spaces; None when it is gone or a zombie."""
+    if have_proc():
+        if _stat_fields(pid) is None:
+            return None
+        try:
+            return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return None
+    if sys.platform.startswith("linux"):
+        return None
+    res = run(["ps", "-p", str(pid), "-o", "stat=", "-o", "command="], check=False)
+    out = res.stdout.strip()
+    if not res.ok or not out or out.startswith("Z"):
+        return None
+    return out.partition(" ")[2]
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of `pid` (field 22 of /proc/PID/stat, in clock ticks since boot), None if
+    it is gone. Without /proc, `ALIVE` when the pid exists: the best that can be said there."""
+    if have_proc():
+        fields = _stat_fields(pid)
+        return fields[19] if fields is not None and len(fields) > 19 else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ALIVE
+
+
+def is_alive(pid: int | None, start: str | None) -> bool:
+    """True when `pid` still runs and is the process whose start time was recorded (a reused
+    pid has another start time); `start` None: any live process with that pid."""
+    if pid is None:
+        return False
+    now = start_time(pid)
+    return now is not None and (start is None or now == start or now == ALIVE)
+
+
+def pids_mentioning(needle: str) -> list[int]:
+    """This user's processes (not this one) whose command line contains `needle`. /proc only;
+    elsewhere an empty list."""
+    found = []
+    raw = needle.encode()
+    for entry in PROC.iterdir() if PROC.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid == os.getuid() and raw in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def kill_and_wait(pids: list[int], grace: float = 5.0, interval: float = 0.05) -> None:
+    """SIGKILL `pids` and poll until they are gone or `grace` seconds have passed."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(start_time(p) for p in pids):
+        time.sleep(interval)
+
+
+def stop_processes_in(folder: Path, grace: float = 5.0) -> list[int]:
+    """SIGKILL this user's processes whose command line names `folder` (an orphaned packer or
+    QEMU of a killed build keeps running otherwise); returns their pids. /proc only."""
+    pids = pids_mentioning(str(folder))
+    kill_and_wait(pids, grace)
+    return pids

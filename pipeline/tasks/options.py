@@ -1,0 +1,55 @@
+"""Options several tasks share, parsed in one place: --accel and whole numbers (--limit, --timeout).
+
+Invoke hands every option over as the string the user typed; these turn it into a value or a
+one-line UsageError (exit 2) naming the option, never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import Accel, Config
+
+ACCEL_HELP = "accelerator: auto (probe: KVM, HVF, else TCG), kvm, hvf or tcg"
+LOCAL_ACCEL_HELP = ACCEL_HELP + " (default: defaults.accel in invoke.yaml, itself auto by default)"
+REMOTE_ACCEL_HELP = ACCEL_HELP + " (probed on the builder; default: the builder's own defaults.accel)"
+
+
+def parse_accel(value: str) -> Accel | None:
+    """--accel VALUE → Accel; an empty value (the option not given) → None."""
+    from pipeline.config import Accel, did_you_mean
+    from pipeline.errors import UsageError
+
+    text = str(value).strip().lower()
+    if not text:
+        return None
+    try:
+        return Accel(text)
+    except ValueError:
+        choices = [a.value for a in Accel]
+        raise UsageError(f"--accel: expected one of {', '.join(choices)}, got {value!r}"
+                         f"{did_you_mean(text, choices)}") from None
+
+
+def accel_option(value: str, cfg: Config) -> Accel:
+    """The accelerator a local task uses: --accel when given, else defaults.accel of invoke.yaml."""
+    return parse_accel(value) or cfg.defaults.accel
+
+
+def remote_accel_option(value: str) -> str | None:
+    """--accel for a builder: checked here, sent only when given (else the builder's own
+    defaults.accel applies there)."""
+    accel = parse_accel(value)
+    return accel.value if accel is not None else None
+
+
+def whole_number(value: str | int, flag: str) -> int:
+    """A non-negative integer option. Such options are declared as strings, because Invoke's own
+    int parsing ends in a traceback on `--limit x`; this gives a one-line error instead."""
+    from pipeline.errors import UsageError
+
+    text = str(value).strip()
+    if not text.isdigit():
+        raise UsageError(f"{flag} expects a whole number (0 or more), got {text!r}")
+    return int(text)

@@ -1,0 +1,119 @@
+"""The QEMU command line: a pure function of the image, the accelerator choice, the firmware,
+the disk, the state folder and the SSH port (the same inputs give the same argv)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Arch, Firmware, Image
+from pipeline.errors import UsageError
+from pipeline.host import FirmwareInfo
+from pipeline.plan import AccelChoice
+from pipeline.vm.state import StatePaths
+
+GUEST_SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Direct kernel boot (the demo image): no firmware, the kernel and initrd beside the disk."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: overlay, display, attached console."""
+
+    snapshot: bool = False     # writes go to a temporary overlay: the image file stays untouched
+    gui: bool = False          # a display window instead of -display none
+    foreground: bool = False   # console on this terminal instead of -daemonize
+
+
+def _opt(value: Path | str) -> str:
+    """A value inside a QEMU `key=value,...` option: commas are doubled."""
+    return os.fspath(value).replace(",", ",,")
+
+
+def qemu_argv(
+    image: Image,
+    accel: AccelChoice,
+    firmware: FirmwareInfo | None,
+    disk: Path,
+    state: StatePaths,
+    port: int,
+    *,
+    disk_format: str = "qcow2",
+    boot: BootSpec | None = None,
+    opts: RunOptions = RunOptions(),
+) -> list[str]:
+    """The full QEMU command line for `image` (pure: the same inputs give the same argv)."""
+    argv = [image.arch.qemu_binary, "-name", image.name]
+    argv += _machine(image.arch, accel)
+    argv += ["-smp", str(image.cpus), "-m", str(image.memory)]
+    argv += _boot_args(image, firmware, state, boot)
+    argv += ["-drive", f"if=virtio,format={disk_format},file={_opt(disk)}"]
+    if opts.snapshot:
+        argv.append("-snapshot")
+    argv += [
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_SSH_PORT}",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",  # entropy: sshd key generation does not stall at boot
+    ]
+    argv += _console_args(state, opts.foreground)
+    argv += ["-chardev", f"socket,id=qmp,path={_opt(state.qmp)},server=on,wait=off",
+             "-mon", "chardev=qmp,mode=control"]
+    argv += _display_args(image.arch, opts.gui)
+    argv += ["-pidfile", os.fspath(state.pid)]
+    if not opts.foreground:
+        argv.append("-daemonize")
+    return argv
+
+
+def _machine(arch: Arch, accel: AccelChoice) -> list[str]:
+    machine = arch.machine
+    if arch is Arch.AARCH64:
+        # gic-version=max: the host's GIC under KVM/HVF (GICv3-only hosts reject the default v2)
+        machine += ",gic-version=max"
+    argv = ["-machine", machine, "-accel", accel.accel.value, "-cpu", accel.cpu_model]
+    if arch is Arch.AARCH64:
+        argv += ["-boot", "strict=on"]  # UEFI must not fall through to PXE
+    return argv
+
+
+def _boot_args(image: Image, firmware: FirmwareInfo | None, state: StatePaths, boot: BootSpec | None) -> list[str]:
+    if boot is not None:
+        return ["-kernel", os.fspath(boot.kernel), "-initrd", os.fspath(boot.initrd), "-append", boot.append]
+    if image.firmware is Firmware.BIOS:
+        if image.arch is Arch.AARCH64:
+            raise UsageError(f"{image.name}: aarch64 guests have no BIOS", "set firmware: uefi for this image in invoke.yaml")
+        return []  # SeaBIOS, QEMU's default on q35
+    if firmware is None:
+        raise UsageError(f"{image.name}: UEFI firmware is required but none was given")
+    if firmware.vars is None:
+        return ["-bios", os.fspath(firmware.code)]  # a code-only build (e.g. QEMU_EFI_AARCH64)
+    return [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(firmware.code)}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={_opt(state.efivars)}",
+    ]
+
+
+def _console_args(state: StatePaths, foreground: bool) -> list[str]:
+    if foreground:
+        # the console on this terminal (Ctrl-A X quits, Ctrl-C goes to the guest), logged too
+        return ["-chardev", f"stdio,id=console,mux=on,signal=off,logfile={_opt(state.console)}",
+                "-serial", "chardev:console", "-mon", "chardev=console,mode=readline"]
+    return ["-chardev", f"file,id=console,path={_opt(state.console)}", "-serial", "chardev:console",
+            "-monitor", "none"]
+
+
+def _display_args(arch: Arch, gui: bool) -> list[str]:
+    if not gui:
+        return ["-display", "none"]
+    if arch is Arch.AARCH64:  # virt has no default display or input devices
+        return ["-device", "virtio-gpu-pci", "-device", "qemu-xhci", "-device", "usb-kbd", "-device", "usb-tablet"]
+    return []

@@ -1,0 +1,275 @@
+"""A VM's life: what to boot (a published or a staged build), start it detached or attached,
+stop it (ACPI power-off over QMP, then quit), and the accelerator + firmware it runs with."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import artifacts, distros
+from pipeline.config import Accel, Config, Image
+from pipeline.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
+from pipeline.fsutil import atomic_copy
+from pipeline.host import FirmwareInfo, HostFacts, probe
+from pipeline.plan import AccelChoice, choose_accel, firmware_for
+from pipeline.run import interactive, run
+from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
+from pipeline.vm.qmp import Qmp, QmpError
+from pipeline.vm.state import (
+    StatePaths,
+    VmStatus,
+    alive,
+    clear_live_state,
+    console_tail,
+    free_port,
+    pick_port,
+    read_status,
+    read_value,
+    state_paths,
+    wait_gone,
+    write_value,
+)
+
+# ------------------------------------------------------------------------------ targets
+
+
+@dataclass(frozen=True)
+class BootTarget:
+    """What to boot: one image file of one build (and its kernel + initrd for a direct boot)."""
+
+    image: Image
+    disk: Path
+    format: str
+    build_id: str
+    boot: BootSpec | None = None
+
+
+def boot_spec(boot: dict[str, Any] | None, base: Path) -> BootSpec | None:
+    """A manifest's "boot" entry → BootSpec (relative kernel/initrd paths are under `base`)."""
+    if not boot:
+        return None
+    return BootSpec(base / boot["kernel"], base / boot["initrd"], str(boot.get("append", "")))
+
+
+def published_target(cfg: Config, image: Image) -> BootTarget:
+    """The published build of `image`, resolved to builds/<id>/ (a later publish cannot swap it)."""
+    image_dir = cfg.output_dir / image.name
+    manifest = artifacts.read_manifest(image_dir)
+    disk = artifacts.published_image(image_dir)
+    build = artifacts.current_build(image_dir)
+    if manifest is None or disk is None or build is None:
+        raise UsageError(f"{image.name} has not been built yet (nothing published under {image_dir})",
+                         f"build it first: invoke build {image.name}")
+    boot = boot_spec(manifest.get("boot"), build)
+    if boot is None and distros.profile(image).boot_info(image) is not None:
+        raise VerifyFailed(f"{image_dir / artifacts.MANIFEST}: {image.name} boots its kernel directly, "
+                           "but the manifest has no boot entry", f"rebuild it: invoke build {image.name}")
+    return BootTarget(image, disk, manifest["artifact"].get("format", image.format.value), manifest["build_id"], boot)
+
+
+def staged_target(image: Image, image_file: Path, boot_info: dict[str, Any] | None, build_id: str = "staged",
+                  *, base: Path | None = None) -> BootTarget:
+    """An explicit image file (a build not yet published) with its boot info; relative kernel
+    and initrd paths are under `base` (default: the image file's folder)."""
+    image_file = Path(image_file)
+    return BootTarget(image, image_file, image.format.value, build_id,
+                      boot_spec(boot_info, image_file.parent if base is None else base))
+
+
+# ---------------------------------------------------------------------------------- start
+
+
+def ephemeral_root(image: Image) -> bool:
+    """Guests whose root file system (and so their SSH host keys) is new on every boot."""
+    return distros.profile(image).ephemeral_root
+
+
+def reset_known_hosts(previous_build: str | None, build_id: str, snapshot: bool, ephemeral: bool) -> bool:
+    """Forget pinned host keys when the guest cannot have kept them: a new build, a throw-away
+    overlay (-snapshot) or a guest that makes new keys on every boot."""
+    return previous_build != build_id or snapshot or ephemeral
+
+
+def prepare_state(state: StatePaths, target: BootTarget, firmware: FirmwareInfo | None, opts: RunOptions) -> None:
+    """Create the folder, the UEFI variables copy, a fresh console log; reset known_hosts if due."""
+    state.root.mkdir(parents=True, exist_ok=True)
+    previous = read_value(state.build_id)
+    if previous != target.build_id:
+        state.efivars.unlink(missing_ok=True)  # boot entries of the old disk mean nothing to a new one
+    if firmware is not None and firmware.vars and target.boot is None and not state.efivars.exists():
+        atomic_copy(Path(firmware.vars), state.efivars)
+    if reset_known_hosts(previous, target.build_id, opts.snapshot, ephemeral_root(target.image)):
+        state.known_hosts.write_text("", encoding="utf-8")
+    write_value(state.build_id, target.build_id)
+    state.console.write_text("", encoding="utf-8")
+    state.known_hosts.touch()
+
+
+def _record(state: StatePaths, port: int, accel: AccelChoice, opts: RunOptions) -> None:
+    """What status, ssh and stop read back: the port, the accelerator (and why), the start time."""
+    write_value(state.ssh_port, str(port))
+    write_value(state.accel, f"{accel.accel.value}\n{accel.reason}")
+    write_value(state.started_at, f"{time.time():.3f}")
+    if opts.snapshot:
+        write_value(state.snapshot, "1")
+
+
+PORT_RACE = "Could not set up host forwarding rule"
+
+
+def start(
+    target: BootTarget, state: StatePaths, accel: AccelChoice, firmware: FirmwareInfo | None,
+    opts: RunOptions | None = None, *, port: int | None = None, say: Callable[[str], None] = print,
+) -> VmStatus:
+    """Boot `target` detached (or attached with opts.foreground); returns its status.
+
+    The configured port is used when free, else another free one; it is recorded in the state
+    folder, where every other task reads it.
+    """
+    opts = opts or RunOptions()
+    current = read_status(target.image.name, state)
+    if current.state == "running":
+        raise UsageError(f"{target.image.name} is already running (pid {current.pid}, ssh port {current.ssh_port})",
+                         f"invoke ssh {target.image.name}, or invoke stop {target.image.name}")
+    prepare_state(state, target, firmware, opts)
+    chosen = pick_port(port if port is not None else target.image.ssh_port)
+    for attempt in range(3):
+        argv = qemu_argv(target.image, accel, firmware, target.disk, state, chosen, disk_format=target.format,
+                         boot=target.boot, opts=opts)
+        _record(state, chosen, accel, opts)
+        if opts.foreground:
+            return _foreground(target, state, argv, chosen, say)
+        try:
+            _launch(argv, state)
+            break
+        except CommandFailed as exc:
+            clear_live_state(state)
+            if PORT_RACE not in exc.tail or attempt == 2:
+                raise
+            chosen = free_port()  # someone took the port between our check and QEMU's bind
+    return read_status(target.image.name, state)
+
+
+def _launch(argv: list[str], state: StatePaths) -> None:
+    """qemu -daemonize: the parent returns once the VM is set up; the pidfile holds the real pid.
+
+    The daemon is re-parented to init (no zombie of ours) and is in its own session, so a
+    Ctrl-C in this terminal later does not reach it. Ctrl-C during start-up stops it again.
+    """
+    try:
+        run(argv, timeout=60, hint=f"serial console: {state.console}")
+        pid = read_value(state.pid)
+        if not pid or not alive(int(pid), state):
+            raise CommandFailed(argv, 0, console_tail(state), hint="QEMU exited right after starting")
+    except (KeyboardInterrupt, Interrupted):
+        _kill_from_pidfile(state)
+        clear_live_state(state)
+        raise Interrupted("interrupted while starting the VM: it was stopped again") from None
+
+
+def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: int, say: Callable[[str], None]) -> VmStatus:
+    """Run QEMU attached to this terminal until it quits; the state is cleared afterwards."""
+    say(f"{target.image.name}: console attached (Ctrl-A X quits QEMU, Ctrl-A C toggles the monitor); "
+        f"ssh on 127.0.0.1:{port}")
+    try:
+        code = interactive(argv)
+    finally:
+        clear_live_state(state)
+    if code != 0:
+        raise CommandFailed(argv, code, console_tail(state))
+    return VmStatus(target.image.name, "stopped")
+
+
+def _kill_from_pidfile(state: StatePaths) -> None:
+    """SIGKILL the pidfile's process if it is still this VM's QEMU."""
+    pid = read_value(state.pid)
+    if pid and pid.isdigit() and alive(int(pid), state):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------- stop
+
+
+def stop(image: str, state: StatePaths, *, force: bool = False, grace: float = 60.0,
+         say: Callable[[str], None] = print) -> str:
+    """Power the VM off: ACPI power button over QMP, wait `grace` s, then `quit`; --force: quit now.
+
+    Ctrl-C while waiting ends the VM at once (quit, then SIGKILL), so it is never left half-stopped.
+    Returns a one-line description of what happened.
+    """
+    st = read_status(image, state)
+    if st.state != "running" or st.pid is None:
+        return f"{image} is not running" + (" (removed a stale pidfile)" if st.stale_cleaned else "")
+    try:
+        if force:
+            _hard_stop(st.pid, state)
+            how = "stopped at once (quit)"
+        else:
+            how = _graceful_stop(st.pid, state, grace, say)
+    except (KeyboardInterrupt, Interrupted):
+        _hard_stop(st.pid, state)
+        clear_live_state(state)
+        raise Interrupted(f"interrupted: {image} was stopped at once (quit)") from None
+    clear_live_state(state)
+    return f"{image}: {how}"
+
+
+def _graceful_stop(pid: int, state: StatePaths, grace: float, say: Callable[[str], None]) -> str:
+    """ACPI power button, then quit after `grace` seconds; returns what happened."""
+    try:
+        with Qmp(state.qmp) as qmp:
+            qmp.execute("system_powerdown")
+    except (QmpError, OSError, EOFError) as exc:
+        say(f"QMP unavailable ({exc}); stopping the process")
+        _hard_stop(pid, state)
+        return "stopped (QMP unavailable)"
+    say(f"sent the ACPI power button; waiting up to {grace:.0f}s for the guest to power off")
+    if wait_gone(pid, state, grace):
+        return "powered off"
+    _hard_stop(pid, state)
+    return f"did not power off within {grace:.0f}s: stopped with quit"
+
+
+def _hard_stop(pid: int, state: StatePaths) -> None:
+    """QMP quit, and SIGKILL if the process is still there a few seconds later."""
+    with contextlib.suppress(QmpError, OSError, EOFError), Qmp(state.qmp, timeout=5) as qmp:
+        qmp.quit()
+    if not wait_gone(pid, state, 10):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, state, 5)
+
+
+# ------------------------------------------------------------------------ decisions + run
+
+
+def decide(cfg: Config, image: Image, requested: Accel | None, facts: HostFacts | None = None,
+           needs_firmware: bool = True) -> tuple[AccelChoice, FirmwareInfo | None]:
+    """Accelerator and firmware for running `image` here."""
+    facts = facts or probe(tools=())
+    accel = choose_accel(requested or cfg.defaults.accel, facts, image.arch, purpose="run")
+    firmware = firmware_for(image, facts) if needs_firmware else None
+    return accel, firmware
+
+
+def run_image(cfg: Config, image: Image, requested: Accel | None, opts: RunOptions,
+              say: Callable[[str], None] = print) -> VmStatus:
+    """`invoke run`: boot the published image."""
+    target = published_target(cfg, image)
+    accel, firmware = decide(cfg, image, requested, needs_firmware=target.boot is None)
+    say(f"{image.name}: accelerator {accel.accel.value} ({accel.reason})")
+    if not opts.snapshot:
+        say(f"{image.name}: writes go to {target.disk} (use --snapshot to leave the image untouched)")
+    return start(target, state_paths(cfg.output_dir, image.name), accel, firmware, opts, say=say)
+
+
+def statuses(cfg: Config) -> list[VmStatus]:
+    """Every configured image's VM state (stale pidfiles are cleaned on the way)."""
+    return [read_status(name, state_paths(cfg.output_dir, name)) for name in sorted(cfg.images)]

@@ -1,0 +1,124 @@
+"""SSH into a running VM: wait for a real key exchange, pin the guest's host keys in its state
+folder, and ssh with strict checking against that file only (~/.ssh/known_hosts is never used)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import keys
+from pipeline.config import Accel, Config, Image
+from pipeline.errors import UsageError, VerifyFailed
+from pipeline.run import interactive, run
+from pipeline.vm.state import (
+    StatePaths,
+    alive,
+    console_tail,
+    read_status,
+    read_value,
+    state_paths,
+    write_value,
+)
+
+SSH_DEADLINE = {Accel.TCG: 120.0, Accel.KVM: 60.0, Accel.HVF: 60.0}
+KEYSCAN_TYPES = "ed25519,ecdsa"  # every current sshd has one; RSA keygen in a TCG guest is slow
+
+
+def host_key_alias(image: str) -> str:
+    """known_hosts entries are keyed by image, not by port: a changed port keeps the pin."""
+    return f"imagepipe-{image}"
+
+
+def parse_keyscan(out: str, alias: str) -> list[str]:
+    """ssh-keyscan output → known_hosts lines under `alias` (comments dropped)."""
+    lines = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and not line.startswith("#"):
+            lines.append(" ".join([alias, parts[1], parts[2]]))
+    return lines
+
+
+def keyscan(port: int, timeout: int = 5) -> str:
+    """ssh-keyscan of 127.0.0.1:`port` (empty when sshd does not answer yet)."""
+    res = run(["ssh-keyscan", "-T", str(timeout), "-t", KEYSCAN_TYPES, "-p", str(port), "127.0.0.1"],
+              check=False, timeout=timeout * 3 + 5)
+    return res.stdout
+
+
+def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
+                 pid: int | None = None, interval: float = 1.0) -> list[str]:
+    """Wait until the guest's sshd completes a key exchange (a forward accepts TCP long before).
+
+    Returns the host keys as known_hosts lines; VerifyFailed with the console tail on timeout
+    or when QEMU dies meanwhile.
+    """
+    end = time.monotonic() + deadline
+    alias = host_key_alias(image)
+    while True:
+        found = parse_keyscan(keyscan(port), alias)
+        if found:
+            return found
+        if pid is not None and not alive(pid, state):
+            raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
+                               f"serial console: {state.console}")
+        if time.monotonic() >= end:
+            raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n{tail_block(state)}",
+                               f"serial console: {state.console}")
+        time.sleep(interval)
+
+
+def tail_block(state: StatePaths) -> str:
+    """The console tail as an indented block for an error message."""
+    tail = console_tail(state)
+    return "console log (last lines):\n" + "\n".join(f"  | {line}" for line in tail.splitlines()) if tail else "console log is empty"
+
+
+def pin_host_keys(state: StatePaths, found: Sequence[str]) -> None:
+    """First contact with this boot: pin the keys (accept-new, for this file only)."""
+    current = read_value(state.known_hosts)
+    if not current:
+        write_value(state.known_hosts, "\n".join(found))
+
+
+def ssh_argv(image: str, state: StatePaths, key: Path, user: str, port: int,
+             command: Sequence[str] = (), *, batch: bool = False) -> list[str]:
+    """ssh with this VM's own known_hosts, strict checking and only the given key (pure)."""
+    argv = [
+        "ssh", "-F", "none",  # the user's ~/.ssh/config must not redirect or multiplex this
+        "-o", f"UserKnownHostsFile={state.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"HostKeyAlias={host_key_alias(image)}",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "ConnectTimeout=10",
+        "-o", "LogLevel=ERROR",
+        "-i", os.fspath(key), "-p", str(port),
+    ]
+    if batch:
+        argv += ["-o", "BatchMode=yes"]
+    return argv + [f"{user}@127.0.0.1", *command]
+
+
+def login_key(cfg: Config) -> Path:
+    """defaults.ssh_key, else the project key (created on first use)."""
+    return keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
+
+
+def ensure_reachable(image: Image, state: StatePaths, deadline: float | None = None) -> int:
+    """The running VM's port, once sshd answers and its keys are pinned."""
+    st = read_status(image.name, state)
+    if st.state != "running" or st.ssh_port is None:
+        raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
+    wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), 120.0)
+    pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
+    return st.ssh_port
+
+
+def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: float | None = None) -> int:
+    """`invoke ssh`: wait for sshd, then ssh attached to this terminal; returns ssh's exit code."""
+    state = state_paths(cfg.output_dir, image.name)
+    port = ensure_reachable(image, state, deadline)
+    return interactive(ssh_argv(image.name, state, login_key(cfg), image.ssh_user, port, command))

@@ -1,0 +1,227 @@
+"""One VM's state folder, its QEMU process and its SSH port.
+
+Everything about one running VM lives in its state folder, output/<image>/run/ (the boot test
+uses output/<image>/boot-test/):
+
+    pid          the real QEMU pid (QEMU writes it itself: -daemonize + -pidfile, so no zombie)
+    qmp.sock     the QMP control socket (stop, status)
+    ssh_port     the host port forwarded to the guest's port 22 on 127.0.0.1
+    console.log  the serial console
+    known_hosts  the guest's host keys (first contact pins them; reset on a new build)
+    accel        accelerator name, then why it was chosen
+    started_at   epoch seconds
+    snapshot     present while the VM writes to a temporary overlay (-snapshot)
+    build_id     the build that was booted (a new one resets known_hosts)
+    efivars.fd   this image's writable copy of the UEFI variables
+
+A state folder whose pid is gone (or is not this VM's QEMU any more) is stale and is cleaned up
+by the next command that looks at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import procs
+from pipeline.fsutil import atomic_write
+
+STATE_DIR = "run"
+BOOT_TEST_DIR = "boot-test"
+UNIX_PATH_MAX = 100  # sockaddr_un.sun_path is 104 (macOS) / 108 (Linux) bytes with the NUL
+# Files that describe a live VM (removed on stop); console.log, known_hosts, efivars.fd, build_id stay.
+LIVE_FILES = ("pid", "qmp.sock", "ssh_port", "accel", "started_at", "snapshot")
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Where one VM's state lives."""
+
+    root: Path
+
+    @property
+    def pid(self) -> Path:
+        return self.root / "pid"
+
+    @property
+    def qmp(self) -> Path:
+        """qmp.sock in the folder, or a short path under the temp dir when that is too long."""
+        sock = self.root / "qmp.sock"
+        if len(os.fsencode(sock)) <= UNIX_PATH_MAX:
+            return sock
+        digest = hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}-{digest}.qmp"
+
+    @property
+    def ssh_port(self) -> Path:
+        return self.root / "ssh_port"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def accel(self) -> Path:
+        return self.root / "accel"
+
+    @property
+    def started_at(self) -> Path:
+        return self.root / "started_at"
+
+    @property
+    def build_id(self) -> Path:
+        return self.root / "build_id"
+
+    @property
+    def efivars(self) -> Path:
+        return self.root / "efivars.fd"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.root / "snapshot"
+
+
+def state_paths(output_dir: Path, image: str, kind: str = STATE_DIR) -> StatePaths:
+    """output/<image>/run (or output/<image>/boot-test for the boot-test gate)."""
+    return StatePaths(output_dir / image / kind)
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """What `invoke status` reports about one image."""
+
+    image: str
+    state: str                 # running | stopped
+    pid: int | None = None
+    ssh_port: int | None = None
+    accelerator: str | None = None
+    accel_reason: str | None = None
+    started_at: float | None = None
+    snapshot: bool = False
+    stale_cleaned: bool = False
+
+    def uptime(self, now: float | None = None) -> float | None:
+        if self.started_at is None or self.state != "running":
+            return None
+        return max(0.0, (now if now is not None else time.time()) - self.started_at)
+
+    def as_json(self, now: float | None = None) -> dict[str, Any]:
+        up = self.uptime(now)
+        return {
+            "image": self.image, "state": self.state, "pid": self.pid, "ssh_port": self.ssh_port,
+            "accelerator": self.accelerator, "accelerator_reason": self.accel_reason,
+            "started_at": self.started_at, "uptime_s": round(up, 1) if up is not None else None,
+            "snapshot": self.snapshot,
+        }
+
+
+# ------------------------------------------------------------------------- files + process
+
+
+def read_value(path: Path) -> str | None:
+    """The value a state file holds (stripped); None when there is none."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def write_value(path: Path, text: str) -> None:
+    """One value per file, written atomically: a reader never sees half a value."""
+    atomic_write(path, text + "\n")
+
+
+def is_our_qemu(cmdline: str | None, state: StatePaths) -> bool:
+    """A live process is this VM when it is a qemu-system binary writing this state folder."""
+    if not cmdline:
+        return False
+    first = cmdline.split(" ", 1)[0]
+    return "qemu-system" in Path(first).name and os.fspath(state.console) in cmdline
+
+
+def alive(pid: int, state: StatePaths) -> bool:
+    """True when `pid` is still this VM's QEMU (a reused pid is not)."""
+    return is_our_qemu(procs.cmdline(pid), state)
+
+
+def read_status(image: str, state: StatePaths) -> VmStatus:
+    """running/stopped from the state folder; a stale pidfile is cleaned up on the way."""
+    pid_text = read_value(state.pid)
+    if pid_text is None:
+        return VmStatus(image, "stopped")
+    pid = int(pid_text) if pid_text.isdigit() else None
+    if pid is None or not alive(pid, state):
+        clear_live_state(state)
+        return VmStatus(image, "stopped", stale_cleaned=True)
+    accel = (read_value(state.accel) or "").split("\n", 1)
+    port = read_value(state.ssh_port)
+    started = read_value(state.started_at)
+    return VmStatus(
+        image, "running", pid=pid, ssh_port=int(port) if port and port.isdigit() else None,
+        accelerator=accel[0] or None, accel_reason=accel[1] if len(accel) > 1 else None,
+        started_at=float(started) if started else None, snapshot=state.snapshot.exists(),
+    )
+
+
+def clear_live_state(state: StatePaths) -> None:
+    """Remove what describes a live VM; keep the console log, host keys and UEFI variables."""
+    for name in LIVE_FILES:
+        (state.root / name).unlink(missing_ok=True)
+    state.qmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- ports
+
+
+def port_free(port: int) -> bool:
+    """True when 127.0.0.1:`port` can be bound (as QEMU's forward will, with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port the kernel considers free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pick_port(preferred: int, is_free: Callable[[int], bool] = port_free,
+              fallback: Callable[[], int] = free_port) -> int:
+    """The configured port when it is free, else any free one."""
+    return preferred if is_free(preferred) else fallback()
+
+
+# -------------------------------------------------------------------------------- waiting
+
+
+def wait_gone(pid: int, state: StatePaths, timeout: float, interval: float = 0.2) -> bool:
+    """Poll until the VM's process has ended (it is not our child: no wait() possible)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid, state):
+            return True
+        time.sleep(interval)
+    return not alive(pid, state)
+
+
+def console_tail(state: StatePaths, lines: int = 30) -> str:
+    """The last `lines` lines of the serial console."""
+    text = read_value(state.console) or ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -318,9 +318,10 @@ def probe_tools(runner: Runner, tools: Iterable[str] = TOOL_VERSION_ARGS) -> dic
     return out
 
 
-def cached_tools(tools: Iterable[str], cache_file: Path | None) -> dict[str, ToolInfo]:
+def cached_tools(tools: Iterable[str], cache_file: Path | None, save: bool = True) -> dict[str, ToolInfo]:
     """Local tools' versions from a cache keyed by the binary's path, size and mtime, so a version
-    command runs only after a tool was installed or upgraded (cache_file None: always ask)."""
+    command runs only after a tool was installed or upgraded (cache_file None: always ask;
+    save=False: read it, never write it — a dry run writes nothing)."""
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file else {}
     except (OSError, ValueError):
@@ -338,7 +339,7 @@ def cached_tools(tools: Iterable[str], cache_file: Path | None) -> dict[str, Too
             cache[key] = parse_version(tool, res.stdout + res.stderr) if res.ok else None
             dirty = True
         out[tool] = ToolInfo(tool, True, cache[key] if isinstance(cache[key], str) else None)
-    if dirty and cache_file is not None:
+    if dirty and cache_file is not None and save:
         _save_cache(cache_file, cache)
     return out
 
@@ -359,6 +360,8 @@ def _save_cache(path: Path, data: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
     from pipeline.fsutil import atomic_write
 
+    if path.parent.is_symlink():  # never write through a link imagepipe did not make
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
@@ -390,6 +393,7 @@ def probe(
     env: Mapping[str, str] | None = None,
     local: bool = True,
     version_cache: Path | None = None,
+    save_cache: bool = True,
 ) -> HostFacts:
     """Probe a host through `runner` (firmware is looked up on the local filesystem only).
 
@@ -409,7 +413,7 @@ def probe(
             if fw:
                 firmware[arch] = fw
     free = parse_df(runner(("df", "-Pk", disk_path)).stdout) if disk_path else None
-    tool_info = cached_tools(tools, version_cache) if local and runner is local_runner else probe_tools(runner, tools)
+    tool_info = cached_tools(tools, version_cache, save_cache) if local and runner is local_runner else probe_tools(runner, tools)
     return HostFacts(
         os=os_name,
         machine=machine,

@@ -1,18 +1,36 @@
-"""What every task module shares: config loading, the one error → exit-code mapping, aliases."""
+"""What every task module shares: config loading, the one error → exit-code mapping, aliases.
+
+No traceback reaches a user: `guard` maps ImagepipeError to its one-line message and exit code,
+a disk error to a line naming the path and the free space, and anything unexpected (a bug) to
+one line saying where the full trace was kept (output/.logs/, printed as well with --debug or
+IMAGEPIPE_DEBUG=1). `guard_invoke_config` does the same for what goes wrong inside Invoke before
+any task runs: a YAML syntax error in invoke.yaml or the -f file (`FILE:LINE:COL: problem`,
+exit 2), an INVOKE_* variable that is not of its key's type (named, exit 2).
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from invoke import Context, Exit, Task
 from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
-from pipeline.errors import ImagepipeError
+from pipeline.errors import ImagepipeError, InternalError
+from pipeline.text import visible, visible_lines
+
+DEBUG_ENV = "IMAGEPIPE_DEBUG"
+TRACE_DIR = ".logs"  # under the output folder: traces of unexpected errors
 
 
 def load_config(c: Context) -> Config:
@@ -21,18 +39,195 @@ def load_config(c: Context) -> Config:
 
 
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map ImagepipeError to `Exit(message, code)`; Ctrl-C to exit 130 with one line."""
+    """Map ImagepipeError to `Exit(message, code)`; Ctrl-C to exit 130 with one line; a disk error
+    to one line with the path and free space; any other exception to one line plus where its
+    trace was kept (exit 70)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Exit:
+            raise
         except ImagepipeError as exc:
-            raise Exit(f"error: {exc.render()}", code=exc.exit_code) from None
+            raise Exit(f"error: {visible_lines(exc.render())}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
+        except BrokenPipeError:  # `invoke ... | head`: the reader has all it wanted
+            _quiet_stdout()
+            raise Exit(code=141) from None
+        except Exception as exc:  # noqa: BLE001 - the one place where anything else becomes one line
+            err = _as_user_error(exc, args, fn.__name__)
+            raise Exit(f"error: {visible_lines(err.render())}", code=err.exit_code) from None
 
     return wrapper
+
+
+def _as_user_error(exc: Exception, args: tuple[Any, ...], where: str) -> ImagepipeError:
+    """A disk error as StorageError (path, free space); anything else as an InternalError."""
+    from pipeline.fsutil import is_storage_error, storage_error
+
+    if isinstance(exc, OSError) and is_storage_error(exc):
+        return storage_error(exc)
+    return unexpected(exc, _output_dir(args), where)
+
+
+def debugging() -> bool:
+    """--debug (Invoke's own flag: it turns on debug logging) or IMAGEPIPE_DEBUG=1."""
+    return (os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+            or logging.getLogger().isEnabledFor(logging.DEBUG))
+
+
+def unexpected(exc: BaseException, output_dir: Path | None, where: str) -> InternalError:
+    """An exception nobody expected: its trace goes to a file (and to stderr when debugging);
+    the returned error is the one line to show."""
+    trace = "".join(traceback.format_exception(exc))
+    if debugging():
+        print(trace, file=sys.stderr, end="", flush=True)
+    kept = keep_trace(trace, output_dir, where)
+    saved = f"the full trace is in {kept}" if kept else "the trace could not be saved"
+    return InternalError(f"internal error in {where}: {visible(type(exc).__name__)}: "
+                         f"{visible(str(exc))[:300]} ({saved})",
+                         f"run again with --debug (or {DEBUG_ENV}=1) to print it; please report it")
+
+
+def keep_trace(trace: str, output_dir: Path | None, where: str) -> Path | None:
+    """Write `trace` to <output>/.logs/ (else a per-user temp folder); the file, or None."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{stamp}-{os.getpid()}-{where.replace('_', '-')}.trace"
+    folders = [output_dir / TRACE_DIR] if output_dir else []
+    folders.append(Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}")
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = folder / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(trace)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _output_dir(args: tuple[Any, ...]) -> Path | None:
+    """The configured output folder, if the task's config can still be read (it may be what failed)."""
+    try:
+        out = from_invoke(args[0].config).output_dir
+    except Exception:  # noqa: BLE001 - only a place for a trace file; the temp folder will do
+        return None
+    return out if out.is_dir() else None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit flush does not fail again on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# ----------------------------------------------------------------------- Invoke's own loading
+
+
+def guard_invoke_config() -> None:
+    """Make Invoke's config loading fail with one line instead of a traceback (it runs before any
+    task, so `guard` cannot see it): YAML errors in invoke.yaml / -f FILE, INVOKE_* variables of
+    the wrong type, and, as a last resort, any exception escaping Invoke's program (a line plus
+    a trace file, through sys.excepthook)."""
+    from invoke import config as invoke_config
+    from invoke import env as invoke_env
+
+    cls = invoke_config.Config
+    if not getattr(cls, "_imagepipe_guarded", False):
+        original = cls._load_yaml
+
+        def _load_yaml(self: Any, path: Any) -> Any:
+            return load_yaml_file(original, self, path)
+
+        cls._load_yaml = _load_yaml  # type: ignore[method-assign]
+        cls._load_yml = _load_yaml  # type: ignore[attr-defined]
+        cls._imagepipe_guarded = True  # type: ignore[attr-defined]
+    env_cls = invoke_env.Environment
+    if not getattr(env_cls, "_imagepipe_guarded", False):
+        original_set, original_load = env_cls._path_set, env_cls.load
+
+        def _path_set(self: Any, key_path: Any, value: str) -> None:
+            set_env_value(original_set, self, key_path, value)
+
+        def load(self: Any) -> Any:
+            from invoke.exceptions import AmbiguousEnvVar
+
+            try:
+                return original_load(self)
+            except AmbiguousEnvVar as exc:
+                raise Exit(f"error: {visible(str(exc))}: two configuration keys map to the same INVOKE_* "
+                           "variable; rename one of them", code=2) from None
+
+        env_cls._path_set = _path_set  # type: ignore[method-assign]
+        env_cls.load = load  # type: ignore[method-assign]
+        env_cls._imagepipe_guarded = True  # type: ignore[attr-defined]
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _last_resort
+
+
+def load_yaml_file(original: Callable[[Any, Any], Any], config: Any, path: Any) -> Any:
+    """Invoke's YAML loading with its errors as `Exit("FILE:LINE:COL: problem", 2)`."""
+    from invoke.util import yaml
+
+    try:
+        data = original(config, path)
+    except yaml.YAMLError as exc:
+        raise Exit(f"error: {yaml_problem(str(path), exc)}", code=2) from None
+    except UnicodeDecodeError as exc:
+        raise Exit(f"error: {path}: not UTF-8 text (byte {exc.start})", code=2) from None
+    if data is not None and not isinstance(data, dict):
+        raise Exit(f"error: {path}:1:1: expected a mapping of keys (defaults:, images:, ...) at the top, "
+                   f"got a {type(data).__name__}", code=2)
+    return data
+
+
+def yaml_problem(path: str, exc: Exception) -> str:
+    """`FILE:LINE:COL: problem` for a YAML error (the mark of the problem, else of its context)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    context = getattr(exc, "context", None)
+    return visible(f"{where}: {problem}" + (f" ({context})" if context and context not in problem else ""))
+
+
+def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value: str) -> None:
+    """Invoke's INVOKE_* casting, strict for numbers, with errors naming the variable (exit 2)."""
+    from invoke.exceptions import UncastableEnvVar
+
+    from pipeline.numbers import NumberError, parse_decimal, parse_int
+
+    var = (env._prefix or "") + env._to_env_var(key_path)
+    try:
+        old = env._path_get(key_path)
+    except (KeyError, TypeError):
+        old = None
+    try:
+        if isinstance(old, int) and not isinstance(old, bool):
+            parse_int(value, signed=True, what="a whole number")
+        elif isinstance(old, float):
+            parse_decimal(value, what="a number")
+        original(env, key_path, value)
+    except (NumberError, ValueError, TypeError) as exc:
+        raise Exit(f"error: {var}={visible(repr(value))[:60]}: {visible(str(exc))} "
+                   f"(it sets {'.'.join(map(str, key_path))})", code=2) from None
+    except UncastableEnvVar as exc:  # a list or mapping cannot come from a string
+        raise Exit(f"error: {var}: {'.'.join(map(str, key_path))} is a {type(old).__name__} in the "
+                   f"configuration and cannot be set from an environment variable ({visible(str(exc))}); "
+                   "unset it", code=2) from None
+
+
+def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """sys.excepthook: one line and a trace file instead of a traceback (exit status stays 1)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return
+    print(f"error: {unexpected(exc.with_traceback(tb), None, 'invoke').render()}", file=sys.stderr, flush=True)
 
 
 def task(*args: Any, **kwargs: Any) -> Any:

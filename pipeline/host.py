@@ -42,7 +42,7 @@ TOOL_VERSION_ARGS: dict[str, tuple[str, ...]] = {
     "python3": ("python3", "--version"),
 }
 
-VERSION_RE = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:p\d+)?)")
+VERSION_RE = re.compile(r"([0-9]{1,9}\.[0-9]{1,9}(?:\.[0-9]{1,9})?(?:p[0-9]{1,9})?)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ToolInfo:
     def major_minor(self) -> tuple[int, int] | None:
         if not self.version:
             return None
-        m = re.match(r"(\d+)\.(\d+)", self.version)
+        m = re.match(r"([0-9]{1,9})\.([0-9]{1,9})", self.version)
         return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -112,7 +112,7 @@ class HostFacts:
     def version(self, name: str) -> tuple[int, ...] | None:
         """A probed tool's version as numbers, e.g. (1, 6, 6); None when missing or unreadable."""
         text = self.tool(name).version
-        m = re.match(r"(\d+(?:\.\d+)*)", text or "")
+        m = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,9})*)", text or "")
         return tuple(int(p) for p in m.group(1).split(".")) if m else None
 
 
@@ -178,10 +178,10 @@ def parse_df(out: str) -> int | None:
     if len(lines) < 2:
         return None
     cols = lines[-1].split()
-    try:
-        return int(cols[3]) * 1024
-    except (IndexError, ValueError):
-        return None
+    from pipeline.numbers import int_or_none
+
+    free = int_or_none(cols[3]) if len(cols) > 3 else None
+    return free * 1024 if free is not None else None
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,12 @@ def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = 
 def up_to_date(image_dir: Path, input_hash: str) -> str | None:
     """"up to date: built <when>, <sha>" when the published build has this input hash, else None."""
     from pipeline import artifacts
+    from pipeline.errors import CorruptState
 
-    manifest = artifacts.read_manifest(image_dir)
+    try:
+        manifest = artifacts.read_manifest(image_dir)
+    except CorruptState:  # a damaged published record is not "up to date": building replaces it
+        return None
     if not manifest or manifest.get("input_hash") != input_hash:
         return None
     build = artifacts.current_build(image_dir)

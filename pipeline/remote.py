@@ -170,7 +170,7 @@ def _dir_problem(raw: str) -> str | None:
 
 def check_name(value: str, what: str) -> str:
     """A file or build name read from a builder: one plain path component."""
-    if not SAFE_NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise BuildFailed(f"the builder's {what} {value!r} is not a plain file name; refusing to use it")
     return value
 

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import keys
+from pipeline import keys, procs
 from pipeline.config import Accel, Arch, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.host import HostFacts
-from pipeline.run import run
+from pipeline.run import run, tie_to_us
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.ssh import SSH_DEADLINE, pin_host_keys, ssh_argv, tail_block, wait_for_ssh
@@ -91,14 +91,16 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
         raise VerifyFailed(f"{image.name}: QEMU did not start: {exc.message}", exc.hint) from None
     if st.pid is None or st.ssh_port is None:
         raise VerifyFailed(f"{image.name}: QEMU exited right after starting\n{tail_block(state)}")
-    try:
-        pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
-        check_guest(image, state, key, st.ssh_port, wait)
-        _power_off(image, state, key, st.ssh_port, st.pid)
-    finally:
-        if read_status(image.name, state).state == "running":
-            stop(image.name, state, force=True, say=lambda _m: None)
-        clear_live_state(state)
+    # QEMU daemonizes (it is not our child): tie it to us, so it dies if imagepipe is killed
+    with tie_to_us(st.pid, procs.start_time(st.pid)):
+        try:
+            pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
+            check_guest(image, state, key, st.ssh_port, wait)
+            _power_off(image, state, key, st.ssh_port, st.pid)
+        finally:
+            if read_status(image.name, state).state == "running":
+                stop(image.name, state, force=True, say=lambda _m: None)
+            clear_live_state(state)
 
 
 @dataclass(frozen=True)

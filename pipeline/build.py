@@ -89,6 +89,8 @@ def check_layout(output_dir: Path, image_dir: Path, image: Image) -> None:
     """Before a build starts: the image's folders are real folders inside the output folder and
     its stable paths are links imagepipe made (UnsafePath naming what to move away otherwise)."""
     check_dir(image_dir, output_dir)
+    for shared in (".cache", ".keys"):  # caches and the key are written during the build too
+        check_dir(output_dir / shared, output_dir)
     for name in (".staging", "builds", "logs"):
         check_dir(image_dir / name, image_dir)
     for name in (image.artifact_name, artifacts.MANIFEST, artifacts.SUMS, artifacts.CURRENT):
@@ -189,7 +191,11 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
             raise
         art = (result.manifest or {}).get("artifact", {})
         _pause("published")
-        hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
+        try:
+            hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
+        except ImagepipeError as err:  # the build is published; only its record is missing
+            print(f"{image.name}: warning: published, but the history could not record it: {err.message}",
+                  file=sys.stderr, flush=True)
     return result
 
 

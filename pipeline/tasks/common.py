@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import os
 import sys
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +22,9 @@ from invoke import Context, Exit, Task
 from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
-from pipeline.errors import ImagepipeError, InternalError
+from pipeline.crash import unexpected
+from pipeline.errors import ImagepipeError
 from pipeline.text import visible, visible_lines
-
-DEBUG_ENV = "IMAGEPIPE_DEBUG"
-TRACE_DIR = ".logs"  # under the output folder: traces of unexpected errors
 
 
 def load_config(c: Context) -> Config:
@@ -70,44 +64,6 @@ def _as_user_error(exc: Exception, args: tuple[Any, ...], where: str) -> Imagepi
     if isinstance(exc, OSError) and is_storage_error(exc):
         return storage_error(exc)
     return unexpected(exc, _output_dir(args), where)
-
-
-def debugging() -> bool:
-    """--debug (Invoke's own flag: it turns on debug logging) or IMAGEPIPE_DEBUG=1."""
-    return (os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
-            or logging.getLogger().isEnabledFor(logging.DEBUG))
-
-
-def unexpected(exc: BaseException, output_dir: Path | None, where: str) -> InternalError:
-    """An exception nobody expected: its trace goes to a file (and to stderr when debugging);
-    the returned error is the one line to show."""
-    trace = "".join(traceback.format_exception(exc))
-    if debugging():
-        print(trace, file=sys.stderr, end="", flush=True)
-    kept = keep_trace(trace, output_dir, where)
-    saved = f"the full trace is in {kept}" if kept else "the trace could not be saved"
-    return InternalError(f"internal error in {where}: {visible(type(exc).__name__)}: "
-                         f"{visible(str(exc))[:300]} ({saved})",
-                         f"run again with --debug (or {DEBUG_ENV}=1) to print it; please report it")
-
-
-def keep_trace(trace: str, output_dir: Path | None, where: str) -> Path | None:
-    """Write `trace` to <output>/.logs/ (else a per-user temp folder); the file, or None."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = f"{stamp}-{os.getpid()}-{where.replace('_', '-')}.trace"
-    folders = [output_dir / TRACE_DIR] if output_dir else []
-    folders.append(Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}")
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = folder / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(trace)
-            return path
-        except OSError:
-            continue
-    return None
 
 
 def _output_dir(args: tuple[Any, ...]) -> Path | None:

@@ -156,6 +156,7 @@ class History:
             db.row_factory = sqlite3.Row
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise _Unreadable("sqlite's quick_check found damage")
+            self._check_shape(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
@@ -172,12 +173,18 @@ class History:
                 raise _Unreadable(str(exc)) from None
             raise self._storage(exc) from None
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        """Add the columns of later versions; a `builds` table of another shape is not ours."""
+    @staticmethod
+    def _check_shape(db: sqlite3.Connection) -> None:
+        """A `builds` table of another shape (someone else's database) is not ours to use."""
         have = {row[1] for row in db.execute("PRAGMA table_info(builds)")}
         missing = set(Build.__dataclass_fields__) - have - set(LATER_COLUMNS)
-        if missing:
+        if have and missing:
             raise _Unreadable(f"its builds table lacks {', '.join(sorted(missing))}")
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Add the columns of later versions."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(builds)")}
         for column, kind in LATER_COLUMNS.items():
             if column not in have:
                 db.execute(f"ALTER TABLE builds ADD COLUMN {column} {kind}")

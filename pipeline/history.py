@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import sys
@@ -68,7 +69,7 @@ LATER_COLUMNS = {
     "boot_id": "TEXT",         # the boot the build ran in (pids mean nothing after a reboot)
 }
 # sqlite result codes (primary)
-SQLITE_READONLY, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 11, 14, 13, 26
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
 UNREADABLE = {SQLITE_CORRUPT, SQLITE_NOTADB}
 
 
@@ -111,6 +112,14 @@ def _code(exc: sqlite3.Error) -> int:
     return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
 
 
+def _nearly_full(path: Path) -> bool:
+    """sqlite reports a full disk while growing its shared-memory file as an I/O error."""
+    try:
+        return shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
 class _Unreadable(Exception):
     """The file is not a usable history database (the reason is the message)."""
 
@@ -125,6 +134,7 @@ class History:
     def __init__(self, output_dir: Path, *, create: bool = True,
                  say: Callable[[str], None] | None = None) -> None:
         self.path = Path(output_dir) / DB_NAME
+        self.readonly = False
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
             if (Path(output_dir) / name).is_symlink():
@@ -140,6 +150,10 @@ class History:
         except _Unreadable as why:
             self._move_aside(str(why))
             self.db = self._open()
+        except StorageError:
+            if create:
+                raise
+            self.db = self._open_readonly()  # a read-only disk can still be read
 
     def _connect(self, target: str) -> sqlite3.Connection:
         db = sqlite3.connect(target, timeout=30, isolation_level=None)
@@ -173,6 +187,19 @@ class History:
                 raise _Unreadable(str(exc)) from None
             raise self._storage(exc) from None
 
+    def _open_readonly(self) -> sqlite3.Connection:
+        """The database as it is on a disk we cannot write (no WAL replay, nothing changed)."""
+        try:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+            db.row_factory = sqlite3.Row
+            self._check_shape(db)
+            db.execute("SELECT count(*) FROM builds").fetchone()
+        except (sqlite3.Error, _Unreadable) as exc:
+            raise CorruptState(f"{self.path} cannot be read: {visible(str(exc))}",
+                               "check the disk and the file's permissions") from None
+        self.readonly = True
+        return db
+
     @staticmethod
     def _check_shape(db: sqlite3.Connection) -> None:
         """A `builds` table of another shape (someone else's database) is not ours to use."""
@@ -202,7 +229,7 @@ class History:
     def _storage(self, exc: sqlite3.Error) -> Exception:
         """A sqlite error about the disk as a StorageError (path, free space), else CorruptState."""
         code = _code(exc)
-        if code == SQLITE_FULL:
+        if code == SQLITE_FULL or (code == SQLITE_IOERR and _nearly_full(self.path)):
             return StorageError(f"writing {self.path}: the disk is full ({free_space(self.path)})",
                                 "free some space (invoke gc removes old builds) or move defaults.output_dir")
         if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
@@ -267,6 +294,8 @@ class History:
     def reap(self, alive: Callable[[int | None, str | None], bool] = is_alive) -> list[str]:
         """Mark `running` rows of this host whose process is gone as `abandoned`, and stop what is
         left of their tools' process groups (same boot only); returns their ids."""
+        if self.readonly:
+            return []
         host, boot = socket.gethostname(), boot_id()
         rows = self._sql("SELECT * FROM builds WHERE status = 'running'")
         gone = [b for b in map(_build, rows) if b.hostname == host and not alive(b.pid, b.pid_start)]

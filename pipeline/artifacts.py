@@ -132,6 +132,8 @@ def discard(stage: Path) -> None:
 def current_build(image_dir: Path) -> Path | None:
     """builds/<id> of the published build, or None."""
     link = image_dir / CURRENT
+    if image_dir.is_symlink() or (image_dir / "builds").is_symlink():
+        return None  # folders imagepipe did not make hold no build of its own
     if not link.is_symlink() or not resolves_inside(link, image_dir / "builds"):
         return None  # a `current` pointing anywhere else is not a build of this image
     target = link.resolve()

@@ -127,11 +127,13 @@ class _Unreadable(Exception):
 class History:
     """The build history of one output folder.
 
-    create=False (read-only commands, dry runs): when there is no history.db yet, nothing is
-    created; the object reads as an empty history.
+    create=False (read-only commands): when there is no history.db yet, nothing is created; the
+    object reads as an empty history. readonly=True (dry runs): not a byte is written, not even
+    sqlite's -wal/-shm files (the file is read as it is on disk, without a build's changes that
+    are still in its WAL).
     """
 
-    def __init__(self, output_dir: Path, *, create: bool = True,
+    def __init__(self, output_dir: Path, *, create: bool = True, readonly: bool = False,
                  say: Callable[[str], None] | None = None) -> None:
         self.path = Path(output_dir) / DB_NAME
         self.readonly = False
@@ -140,8 +142,11 @@ class History:
             if (Path(output_dir) / name).is_symlink():
                 raise CorruptState(f"{Path(output_dir) / name} is a symbolic link; imagepipe does not write through "
                                    "links it did not make", "move it away (or replace it with the file it points to)")
-        if not create and not self.path.exists():
+        if (readonly or not create) and not self.path.exists():
             self.db = self._connect(":memory:")
+            return
+        if readonly:
+            self.db = self._open_readonly()
             return
         if create:
             Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
 
 def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> GcPlan:
     """Remove what `plan` names (the caller holds the image lock) and note it in the history."""
-    with history.History(output_dir, create=not dry_run) as hist:
+    with history.History(output_dir, readonly=dry_run) as hist:
         statuses = {b.id: b.status for b in hist.builds(image)}
         gc = plan(output_dir, image, keep, statuses)
         if dry_run:

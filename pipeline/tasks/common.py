@@ -101,8 +101,17 @@ def guard_invoke_config() -> None:
         def _load_yaml(self: Any, path: Any) -> Any:
             return load_yaml_file(original, self, path)
 
+        original_merge = cls.merge
+
+        def merge(self: Any) -> None:
+            try:
+                original_merge(self)
+            except invoke_config.AmbiguousMergeError:
+                raise Exit(f"error: {merge_clash(self)}", code=2) from None
+
         cls._load_yaml = _load_yaml  # type: ignore[method-assign]
         cls._load_yml = _load_yaml  # type: ignore[attr-defined]
+        cls.merge = merge  # type: ignore[method-assign]
         cls._imagepipe_guarded = True  # type: ignore[attr-defined]
     env_cls = invoke_env.Environment
     if not getattr(env_cls, "_imagepipe_guarded", False):
@@ -150,6 +159,48 @@ def yaml_problem(path: str, exc: Exception) -> str:
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
     context = getattr(exc, "context", None)
     return visible(f"{where}: {problem}" + (f" ({context})" if context and context not in problem else ""))
+
+
+def merge_clash(config: Any) -> str:
+    """Where two configuration layers disagree about a value's type (a mapping in one, a list or
+    text in the other), which Invoke cannot merge: `FILE: KEY is a list here, a mapping in FILE`."""
+    def layer(name: str) -> Any:
+        try:
+            return object.__getattribute__(config, name)
+        except AttributeError:
+            return None
+
+    base_label = str(layer("_project_path") or "invoke.yaml")
+    upper = [(str(layer("_runtime_path") or "the -f file"), layer("_runtime")), ("INVOKE_* variables", layer("_env"))]
+    for label, data in upper:
+        found = _clash(layer("_project") or {}, data or {}, "")
+        if found:
+            key, here, there = found
+            return visible(f"{label}: {key} is a {here} here but a {there} in {base_label}; "
+                           "Invoke cannot merge the two: make them the same kind")
+    return "two configuration files disagree about the type of a value (a mapping in one, not in the other)"
+
+
+def _clash(base: Any, update: Any, path: str) -> tuple[str, str, str] | None:
+    """The first key (dotted) that is a mapping on one side and not on the other."""
+    if not isinstance(base, dict) or not isinstance(update, dict):
+        return None
+    for key, value in update.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in base and isinstance(base[key], dict) != isinstance(value, dict):
+            return where, _kind(value), _kind(base[key])
+        found = _clash(base.get(key), value, where)
+        if found:
+            return found
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    return "true/false value" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "text"
 
 
 def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value: str) -> None:

@@ -143,8 +143,8 @@ def read_value(path: Path) -> str | None:
 
 
 def ensure_state_dir(state: StatePaths) -> None:
-    """The state folder, created as a real folder inside the image folder (links refused)."""
-    ensure_dir(state.root, state.root.parent)
+    """The state folder, created as a real folder inside a real image folder (links refused)."""
+    ensure_dir(state.root, state.root.parent.parent)
 
 
 def write_value(path: Path, text: str) -> None:
@@ -167,6 +167,8 @@ def alive(pid: int, state: StatePaths) -> bool:
 
 def read_status(image: str, state: StatePaths) -> VmStatus:
     """running/stopped from the state folder; a stale pidfile is cleaned up on the way."""
+    if state.root.is_symlink():  # not a folder imagepipe made: nothing of ours runs from it
+        return VmStatus(image, "stopped")
     pid_text = read_value(state.pid)
     if pid_text is None:
         return VmStatus(image, "stopped")
@@ -185,7 +187,10 @@ def read_status(image: str, state: StatePaths) -> VmStatus:
 
 
 def clear_live_state(state: StatePaths) -> None:
-    """Remove what describes a live VM; keep the console log, host keys and UEFI variables."""
+    """Remove what describes a live VM; keep the console log, host keys and UEFI variables.
+    Never inside a state folder that is a link (its files are not imagepipe's)."""
+    if state.root.is_symlink():
+        return
     for name in LIVE_FILES:
         (state.root / name).unlink(missing_ok=True)
     state.qmp.unlink(missing_ok=True)

@@ -204,9 +204,17 @@ def existing_parent(path: Path) -> Path:
     return p
 
 
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    p = existing_parent(path)
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
 def free_space(path: Path) -> str:
-    """"12.3 MiB free on /mnt/out" for the file system holding `path` (or its nearest parent)."""
-    where = existing_parent(path)
+    """"12.3 MiB free on /mnt" for the file system holding `path` (named by its mount point)."""
+    where = mount_point(path)
     try:
         usage = shutil.disk_usage(where)
     except OSError:
@@ -227,8 +235,10 @@ def is_storage_error(exc: BaseException) -> bool:
 
 def storage_error(exc: OSError, path: Path | str | None = None, doing: str = "writing") -> StorageError:
     """One clear line for a disk error: what, which path, how much is free."""
-    where = Path(path or exc.filename or ".")
     why = STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
+    if not (path or exc.filename):  # the OS did not say which file: say what we know
+        return StorageError(f"{doing} failed: {why}", "check the free space and permissions of defaults.output_dir")
+    where = Path(path or exc.filename)
     hint = {
         errno.ENOSPC: "free some space (invoke gc removes old builds) or point defaults.output_dir at a bigger disk",
         errno.EDQUOT: "free some space or raise your quota",

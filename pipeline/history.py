@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from pipeline.artifacts import utc_stamp
 from pipeline.errors import CorruptState, LockBusy, StorageError
-from pipeline.fsutil import check_dir, ensure_dir, free_space, open_nofollow
+from pipeline.fsutil import check_dir, ensure_dir, free_space, open_nofollow, storage_error
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.procs import boot_id, is_alive, start_time, stop_group_leftovers
 from pipeline.text import visible
@@ -433,8 +433,11 @@ def image_lock(image_dir: Path, *, build_id: str | None = None, wait: bool = Tru
             if say:
                 say(f"{image_dir.name}: waiting for the build held by {holder.describe()} to finish…")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "build_id": build_id, "since": time.time()}).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "build_id": build_id, "since": time.time()}).encode(), 0)
+        except OSError as exc:
+            raise storage_error(exc, path) from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock

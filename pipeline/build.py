@@ -37,6 +37,7 @@ from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.procs import start_time
 from pipeline.progress import Event, Progress
 from pipeline.run import install_hint, interrupt_guard, tool_groups
+from pipeline.text import visible_lines
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,12 @@ def _record_failure(hist: history.History, plan: BuildPlan, status: str, exc: Ba
 
 
 def describe_failure(exc: BaseException, driver: Driver | None = None) -> str:
-    """A short account of a failure (history, rebuild report): a tool's own error lines, not its argv."""
+    """A short account of a failure (history, rebuild report): a tool's own error lines, not its
+    argv; what the tool printed has its control characters made visible."""
+    return visible_lines(_failure_text(exc, driver))
+
+
+def _failure_text(exc: BaseException, driver: Driver | None) -> str:
     if isinstance(exc, OSError) and is_storage_error(exc):
         return storage_error(exc).message
     if isinstance(exc, CommandFailed):

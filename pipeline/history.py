@@ -36,7 +36,7 @@ from pipeline.errors import CorruptState, LockBusy, StorageError
 from pipeline.fsutil import check_dir, ensure_dir, free_space, open_nofollow, storage_error
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.procs import boot_id, is_alive, start_time, stop_group_leftovers
-from pipeline.text import visible
+from pipeline.text import visible, visible_lines
 
 DB_NAME = "history.db"
 LOCK_NAME = ".lock"
@@ -357,6 +357,7 @@ def _build(row: sqlite3.Row) -> Build:
             out[f.name] = int_or_none(value)
         else:
             out[f.name] = decimal_or_none(value, hi=1e11)
+    out["error"] = visible_lines(out["error"]) if out["error"] else None  # shown in tables: text from tools
     out["id"] = out["id"] or "?"
     out["image"] = out["image"] or "?"
     out["location"] = out["location"] or "?"

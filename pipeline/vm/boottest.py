@@ -14,6 +14,7 @@ from pipeline.config import Accel, Arch, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.host import HostFacts
 from pipeline.run import run, tie_to_us
+from pipeline.text import visible_lines
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.ssh import SSH_DEADLINE, pin_host_keys, ssh_argv, tail_block, wait_for_ssh
@@ -33,7 +34,7 @@ def _guest(image: Image, state: StatePaths, key: Path, port: int, command: Seque
     res = run(ssh_argv(image.name, state, key, image.ssh_user, port, command, batch=True), check=False, timeout=60)
     if not res.ok:
         raise VerifyFailed(f"{image.name}: `{' '.join(command)}` failed in the guest (exit {res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-300:]}")
+                           f"{visible_lines((res.stderr or res.stdout).strip()[-300:])}")
     return res.stdout.strip()
 
 

@@ -325,6 +325,16 @@ def test_hostile_config_values_are_refused_with_their_key(tmp_path, extra, expec
     assert "\x1b" not in res.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_config_path_with_a_newline_never_reaches_a_unit_or_crontab_line(tmp_path):
+    cfg = write_config(tmp_path / "c\nExecStartPre=touch owned\n.yaml", tmp_path / "out")
+    units = tmp_path / "units"
+    for args in (["schedule-install", "--unit-dir", str(units)], ["schedule-install", "--cron"]):
+        res = invoke(args, cfg, timeout=120)
+        assert res.returncode == 2 and "holds a line break" in no_traceback(res), res.stderr
+        assert not res.stdout.strip()
+    assert not units.exists() or not list(units.iterdir())
+
+
 # ------------------------------------------------------------------------------ YAML and INVOKE_*
 
 

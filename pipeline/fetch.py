@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import artifacts, manifest_check, rsync
 from pipeline.config import Config, Image
 from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
+from pipeline.fsutil import ensure_dir
 from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
 from pipeline.run import stream
 from pipeline.text import visible
@@ -110,8 +111,7 @@ def fetch(conn: Any, target: Target, cfg: Config, image: Image, say: Callable[[s
         say(f"{target.prefix}{image.name}: local image already has sha256 {manifest['artifact']['sha256'][:12]}…, "
             "nothing to fetch")
         return FetchResult(image.name, build_id, True, None, None)
-    stage = image_dir / ".staging" / f"fetch-{build_id}"
-    stage.mkdir(parents=True, exist_ok=True)
+    stage = ensure_dir(image_dir / ".staging" / f"fetch-{build_id}", image_dir)  # never through a planted link
     remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
     started = time.monotonic()
     stats = _transfer(target, remote_dir, sorted(sums), stage, resume=True)

@@ -22,6 +22,7 @@ from pipeline.vm.state import (
     BOOT_TEST_DIR,
     StatePaths,
     clear_live_state,
+    ensure_state_dir,
     free_port,
     read_status,
     state_paths,
@@ -83,6 +84,7 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
+    ensure_state_dir(state)  # a real folder of ours (a planted link is refused) before anything goes
     state.efivars.unlink(missing_ok=True)  # every boot test starts from the firmware's own variables
     key = keys.project_key(output_dir, cfg.defaults.ssh_key)
     say(f"{image.name}: boot test ({accel_choice.accel.value}), waiting up to {wait:.0f}s for SSH")

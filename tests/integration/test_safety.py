@@ -175,7 +175,7 @@ def _plant(out: Path, sentinel: Path, kind: str) -> None:
     if kind == "image-dir":
         shutil.rmtree(image_dir)
         image_dir.symlink_to(sentinel)
-    elif kind in (".staging", "logs", "run", "builds"):
+    elif kind in (".staging", "logs", "run", "builds", "boot-test"):
         if (image_dir / kind).exists():
             shutil.move(str(image_dir / kind), str(out / f"moved-{kind}"))
         (image_dir / kind).symlink_to(sentinel)
@@ -211,6 +211,7 @@ PLANTS = {
     ".lock": [(["gc"], 1), (["build-demo"], 1)],
     "image-dir": [(["gc"], 1), (["build-demo"], 1), (["run-demo"], 2), (["status"], 0)],
     "run": [(["run-demo", "--snapshot"], 1), (["status"], 0), (["stop", IMAGE], 0)],
+    "boot-test": [(["test-image", IMAGE], 1)],
     "current": [(["run-demo"], 2), (["test-image", IMAGE], 2), (["gc"], 0)],
     "history.db": [(["history"], 1), (["gc"], 1), (["build-demo"], 1)],
     ".keys": [(["build-demo"], 1), (["build-demo", "--dry-run"], 0)],

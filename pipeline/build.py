@@ -1,5 +1,5 @@
 """One image build as named steps: probe → plan → lock → [input-hash check] → drive → verify
-→ [boot test] → publish → history → retention.
+→ [boot test] → other formats → package list + SBOM → publish → history → retention.
 
 Every step is announced on the progress view. Whatever happens after staging starts (a tool
 failure, a failed check, Ctrl-C, SIGTERM), the staging folder is removed and the published
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -20,7 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, artifacts, distros, history, inputs, keys, retention
+from pipeline import (
+    __version__,
+    artifacts,
+    distros,
+    history,
+    inputs,
+    keys,
+    packages,
+    retention,
+    sbom,
+)
 from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
 from pipeline.errors import (
@@ -86,20 +97,20 @@ def probe_for_build(cfg: Config, images: Iterable[Image] | None = None, *, save_
                  version_cache=cfg.output_dir / inputs.VERSION_CACHE, save_cache=save_cache)
 
 
-def check_layout(output_dir: Path, image_dir: Path, image: Image) -> None:
+def check_layout(output_dir: Path, image_dir: Path) -> None:
     """Before a build starts: the image's folders are real folders inside the output folder and
-    its stable paths are links imagepipe made (UnsafePath naming what to move away otherwise)."""
+    `current` is a link (UnsafePath naming what to move away otherwise). A real file at a stable
+    path (`<image>.qcow2`, ...) is not ours and is left alone by publish."""
     check_dir(image_dir, output_dir)
     for shared in (".cache", ".keys"):  # caches and the key are written during the build too
         check_dir(output_dir / shared, output_dir)
     for name in (".staging", "builds", "logs"):
         check_dir(image_dir / name, image_dir)
-    for name in (image.artifact_name, artifacts.MANIFEST, artifacts.SUMS, artifacts.CURRENT):
-        path = image_dir / name
-        if path.exists() and not path.is_symlink():
-            raise UnsafePath(f"{path} is a real {'folder' if path.is_dir() else 'file'} where imagepipe keeps a "
-                             "link to the published build; publishing would replace it",
-                             f"move {path} away and build again")
+    current = image_dir / artifacts.CURRENT
+    if current.exists() and not current.is_symlink():
+        raise UnsafePath(f"{current} is a real {'folder' if current.is_dir() else 'file'} where imagepipe keeps "
+                         "the link to the published build; publishing would have to replace it",
+                         f"move {current} away and build again")
 
 
 def build_image(
@@ -112,13 +123,13 @@ def build_image(
     with `opts.if_changed` nothing is built when the inputs equal the published build's.
     """
     # Whether this host can build the image is decided before anything is created or locked.
-    facts, driver, plan = _decide(cfg, image, opts, facts)
+    facts, driver, plan = decide(cfg, image, opts, facts)
     if opts.dry_run:  # nothing is written: no key, no cache, no history, no folder
         _announce(plan, facts, say)
         _print_plan(plan, driver, say)
         say(f"  {'input hash':12} {inputs.compute(cfg, image, save_cache=False).value}")
         return BuildResult(image.name, plan.build_id, None, None)
-    check_layout(cfg.output_dir, plan.image_dir, image)
+    check_layout(cfg.output_dir, plan.image_dir)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
@@ -142,10 +153,10 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
         say(f"{plan.image.name}: {part}")
 
 
-def _decide(cfg: Config, image: Image, opts: BuildOptions,
-            facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
+def decide(cfg: Config, image: Image, opts: BuildOptions,
+           facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
-    but the project key."""
+    but the project key and the tool-version cache (a dry run writes neither)."""
     facts = facts or probe_for_build(cfg, [image], save_cache=not opts.dry_run)
     profile = distros.profile(image)
     problem = profile.host_problem(image, facts, cfg)
@@ -200,31 +211,72 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
     return result
 
 
+@dataclass(frozen=True)
+class Produced:
+    """A complete build in its staging folder, not yet published."""
+
+    manifest: dict[str, Any]
+    sums: dict[str, str]           # SHA256SUMS: every file of the build but itself and the manifest
+    primary: artifacts.Verified
+
+
 def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
            opts: BuildOptions, progress: Progress | None) -> BuildResult:
-    """drive → verify → [boot test] → publish, in a staging folder that vanishes on failure."""
+    """produce → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
     with progress, _staging(plan) as stage:
-        started = time.time()
-        produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
-        progress.step_event("verify (qemu-img check, sha256)")
-        _pause("verify")
-        verified = artifacts.verify(produced, image.format.value)
-        if opts.boot_test:
-            progress.step_event("boot test")
-            _boot_test(cfg, plan, facts, produced, opts)
+        done = produce(cfg, plan, driver, facts, ihash, opts, progress, stage)
         progress.step_event("publish")
-        manifest = _manifest(plan, facts, verified, stage, started)
-        manifest["input_hash"] = ihash.value
-        manifest["input_parts"] = ihash.parts
-        sums = {verified.file: verified.sha256, **manifest["inputs"]}
-        artifacts.write_build_files(stage, manifest, sums)
+        artifacts.write_build_files(stage, done.manifest, done.sums)
         _pause("publish")
-        final = artifacts.publish(stage, plan.image_dir, plan.build_id, image.artifact_name)
+        final = artifacts.publish(stage, plan.image_dir, plan.build_id)
+        others = len(done.manifest["artifacts"]) - 1
         progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
-                                    f"({verified.size / 1e6:.1f} MB, sha256 {verified.sha256[:12]}…)"))
-    return BuildResult(image.name, plan.build_id, final, manifest)
+                                    f"({done.primary.size / 1e6:.1f} MB, sha256 {done.primary.sha256[:12]}…)"
+                                    + (f" and {others} more format(s)" if others else "")))
+    return BuildResult(image.name, plan.build_id, final, done.manifest)
+
+
+def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
+            opts: BuildOptions, progress: Progress, stage: Path) -> Produced:
+    """drive → verify → [boot test] → other formats → package list + SBOM → manifest: a complete
+    build inside `stage` (publishing it is the caller's step; check-reproducible never does)."""
+    image = plan.image
+    started = time.time()
+    produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
+    progress.step_event("verify (qemu-img check, sha256)")
+    _pause("verify")
+    compressed = image.compress_qcow2 and image.format.value == "qcow2"  # the engine compressed it
+    primary = artifacts.verify(produced, image.format.value, compressed=compressed)
+    if opts.boot_test:
+        progress.step_event("boot test")
+        _boot_test(cfg, plan, facts, produced, opts)
+    files = [primary, *_other_formats(image, primary, stage, progress)]
+    progress.step_event("package list and SBOM")
+    found = plan.profile.packages(plan, stage, progress.info)
+    shutil.rmtree(stage / packages.COLLECTED, ignore_errors=True)  # recorded in the manifest now
+    manifest = _manifest(plan, facts, files, started)
+    manifest["input_hash"] = ihash.value
+    manifest["input_parts"] = ihash.parts
+    manifest["packages"] = packages.to_manifest(found)
+    manifest["sbom"] = sbom.FILE_NAME
+    (stage / sbom.FILE_NAME).write_text(sbom.dumps(sbom.document(manifest, found)), encoding="utf-8")
+    image_names = {v.file for v in files}
+    manifest["files"] = {p.name: artifacts.sha256_file(p) for p in sorted(stage.iterdir())
+                         if p.is_file() and p.name not in image_names}
+    sums = {**{v.file: v.sha256 for v in files}, **manifest["files"]}
+    return Produced(manifest, sums, primary)
+
+
+def _other_formats(image: Image, primary: artifacts.Verified, stage: Path,
+                   progress: Progress) -> list[artifacts.Verified]:
+    """The image's further formats, converted from the verified primary file and verified."""
+    out = []
+    for fmt in image.formats[1:]:
+        progress.step_event(f"convert to {fmt.value} (qemu-img convert, verify)")
+        out.append(artifacts.convert(primary, stage, fmt.value, compress=image.compress_qcow2))
+    return out
 
 
 def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> None:
@@ -321,11 +373,11 @@ def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, o
     boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
 
 
-def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: Path, started: float) -> dict[str, Any]:
-    """What was built, where, how and from what — never a secret."""
+def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified], started: float) -> dict[str, Any]:
+    """What was built, where, how and from what — never a secret. `artifact` is the primary image
+    file (what `run` boots), `artifacts` every image file, the primary first."""
     image = plan.image
     finished = time.time()
-    inputs = {p.name: artifacts.sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file() and p.name != v.file}
     manifest: dict[str, Any] = {
         "image": image.name,
         "build_id": plan.build_id,
@@ -339,16 +391,14 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
         "accelerator": {"name": plan.accel.accel.value, "reason": plan.accel.reason},
         "tools": {n: t.version for n, t in sorted(facts.tools.items()) if t.found},
         "imagepipe": __version__,
-        "inputs": inputs,
-        "artifact": {"file": v.file, "format": v.format, "size": v.size,
-                     "virtual_size": v.virtual_size, "sha256": v.sha256},
+        "artifact": files[0].as_manifest(),
+        "artifacts": [v.as_manifest() for v in files],
     }
     boot = plan.profile.boot_info(image)
     if boot:
         manifest["boot"] = boot.as_manifest()
     manifest.update(plan.profile.manifest_extra(plan))
     return manifest
-
 
 
 def _print_plan(plan: BuildPlan, driver: Driver, say: Callable[[str], None]) -> None:
@@ -362,7 +412,8 @@ def _print_plan(plan: BuildPlan, driver: Driver, say: Callable[[str], None]) -> 
         ("firmware", plan.firmware.code if plan.firmware else "BIOS / direct kernel boot"),
         ("template", str(plan.template)),
         ("staging", str(plan.staging)),
-        ("publishes", str(plan.image_dir / image.artifact_name)),
+        ("publishes", ", ".join(str(plan.image_dir / artifacts.format_file(image.artifact_name, f.value))
+                                for f in image.formats)),
         ("logs", str(plan.log_dir)),
     ):
         say(f"  {label:12} {value}")

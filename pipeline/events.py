@@ -9,9 +9,11 @@ A JSON event is one object per line:
 `elapsed` (seconds since the build started) only where a build's progress is shown; `data` holds
 a tool's raw fields (Packer's artifact line); named fields (build_id, sha256, the summary counts)
 sit at the top level. Kinds: step, say, message, error, artifact, done (a build's progress);
-start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report);
-skipped (`build --if-changed`). `parse` also reads lines of older imagepipe versions (no source,
-no data): a builder may run an older release than this host.
+start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report; a
+`built` event carries `changes`, pipeline.diff.summary against the build published before);
+skipped (`build --if-changed`); check (`check-reproducible --json`: the report). `parse` also
+reads lines of older imagepipe versions (no source, no data): a builder may run an older release
+than this host.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ profile and never branches on the distro. A profile says:
     boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
     ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
     manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
+    packages(plan, stage, report)
+                            what the built image holds (RPMs, the Nix closure, Debian packages):
+                            the manifest's package list and the SBOM (pipeline.packages)
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
 
 Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
@@ -32,15 +35,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
     from pipeline.config import Config, Image
     from pipeline.drivers import Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 # name -> module holding its PROFILE (imported on first use).
@@ -52,6 +58,7 @@ BUILTIN: dict[str, str] = {
 _registered: dict[str, Profile] = {}
 
 Report = Callable[[str], None]
+__all__ = ["BootInfo", "Prepared", "Profile", "Report", "get", "names", "profile", "register"]
 
 
 @dataclass(frozen=True)
@@ -64,20 +71,6 @@ class BootInfo:
 
     def as_manifest(self) -> dict[str, str]:
         return {"kernel": self.kernel, "initrd": self.initrd, "append": self.append}
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What a profile's prepare step made for one build.
-
-    `variables` are passed to the engine on its command line (logged); `secret_env` only ever
-    through the environment (never logged); `extra_files` are staged files published next to the
-    image (kernel, initrd).
-    """
-
-    variables: dict[str, str] = field(default_factory=dict)
-    secret_env: dict[str, str] = field(default_factory=dict)
-    extra_files: tuple[Path, ...] = ()
 
 
 class Profile:
@@ -148,6 +141,11 @@ class Profile:
 
     def boot_info(self, image: Image) -> BootInfo | None:
         return None
+
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The packages inside the image just built into `stage` (files the build handed back
+        wait in <stage>/collected/). Runs after verification, before publishing."""
+        return []
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
         """One line said before the build starts (the accelerator, a warning), or None."""

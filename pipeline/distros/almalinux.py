@@ -13,26 +13,28 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Arch, Image
-from pipeline.distros import Prepared, Report
+from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
+from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable, UsageError
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
 ISO_LOCK = "iso.lock.json"
-DEFAULT_MAJOR = "10"  # what `latest` means for the template and kickstart folders
 
 
 def major(image: Image) -> str:
-    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest."""
-    head = image.version.split(".")[0]
-    return head if head.isdigit() else DEFAULT_MAJOR
+    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest (iso.major_of)."""
+    from pipeline.iso import major_of
+
+    return major_of(image.version)
 
 
 class AlmaLinux(PackerProfile):
@@ -40,6 +42,8 @@ class AlmaLinux(PackerProfile):
     title = "AlmaLinux"
     pin = "installer ISO"
     lima = True
+    # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
+    image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
 
     def family(self, image: Image) -> str:
         """almalinux<major>: the folder of the template (packer/) and the kickstart (kickstart/)."""
@@ -90,7 +94,7 @@ class AlmaLinux(PackerProfile):
         return need
 
     def prepared_variables(self, image: Image) -> list[str]:
-        names = ["iso_url", "iso_checksum", "kickstart_dir"]
+        names = ["iso_url", "iso_checksum", "kickstart_dir", "packages_file"]
         from pipeline.render.almalinux import uses_uefi
 
         return names + (["efi_firmware_code", "efi_firmware_vars"] if uses_uefi(image) else [])
@@ -111,6 +115,7 @@ class AlmaLinux(PackerProfile):
             "iso_checksum": f"sha256:{local.sha256}",
             "kickstart_dir": str(self.stage_kickstart(image, plan.root, inputs, report)),
             "ssh_username": image.ssh_user,
+            "packages_file": str(collected_file(stage)),
         }
         if uses_uefi(image):
             values.update(firmware_vars(plan, inputs))
@@ -131,6 +136,12 @@ class AlmaLinux(PackerProfile):
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
 
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """Every RPM of the image, as the guest listed it (downloaded by the template)."""
+        from pipeline import packages
+
+        return packages.read_rpm_list(stage)
+
     def uses_configured_input(self, image: Image) -> str | None:
         return f"uses the configured iso {image.iso}: nothing to refresh" if image.iso else None
 
@@ -145,6 +156,15 @@ class AlmaLinux(PackerProfile):
         iso.write_lock(root, entries)
         change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
         return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}"
+
+
+def collected_file(stage: Path) -> Path:
+    """Where Packer downloads the guest's package list (the folder exists before Packer runs)."""
+    from pipeline import packages
+
+    folder = stage / packages.COLLECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / packages.RPM_LIST
 
 
 def _tree(folder: Path) -> list[Path]:

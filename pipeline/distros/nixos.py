@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, Image
-from pipeline.distros import Profile
+from pipeline.distros import Profile, Report
 from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 
@@ -75,6 +76,12 @@ class NixOS(Profile):
 
         warnings = kvm_warnings(facts.nix_config, facts)
         return "\n".join(f"warning: {w}" for w in warnings) or None
+
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The runtime closure of the image's system (store paths, names, versions)."""
+        from pipeline.drivers.nix import closure_packages
+
+        return closure_packages(plan.image, plan.root, report)
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from pipeline.config import Arch, Firmware, Image, User
+from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
 
 TEMPLATES = Path(__file__).parent / "templates"
 KICKSTART_TEMPLATE = "almalinux-ks.cfg.j2"
@@ -27,16 +28,9 @@ DEVELOPMENT_HASHES: dict[str, str] = {
 
 def major(image: Image) -> str:
     """The AlmaLinux major release of an image (`10` for 10, 10.1 and latest)."""
-    from pipeline.distros import almalinux
+    from pipeline.iso import major_of
 
-    return almalinux.major(image)
-
-
-def kickstart_path(root: Path, image: Image) -> Path:
-    """Where the image's committed ks.cfg lives (the AlmaLinux profile decides the folder)."""
-    from pipeline.distros import almalinux
-
-    return almalinux.PROFILE.kickstart_path(root, image)
+    return major_of(image.version)
 
 
 def console_arg(arch: Arch) -> str:
@@ -92,6 +86,9 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "root_ssh": bool(getattr(image, "root_ssh", True)),
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
+        # the package list (pipeline.packages): written in %post, downloaded by Packer
+        "rpm_list": GUEST_RPM_LIST,
+        "rpm_queryformat": RPM_QUERYFORMAT,
     }
 
 

@@ -249,16 +249,6 @@ def test_links_planted_in_the_vm_state_folder_are_replaced_not_written_through(d
         assert invoke(["stop", IMAGE, "--force"], cfg, timeout=120).returncode == 0
 
 
-def test_a_file_of_the_users_at_a_stable_path_is_never_replaced(demo_build, tmp_path, sentinel):
-    cfg, out = published_copy(demo_build, tmp_path)
-    stable = out / IMAGE / "demo-x86_64.qcow2"
-    stable.unlink()
-    stable.write_text("my own notes, not a link")
-    res = invoke(["build-demo"], cfg, timeout=120)
-    assert res.returncode == 1 and "move" in no_traceback(res) and str(stable) in res.stderr
-    assert stable.read_text() == "my own notes, not a link"
-
-
 # ------------------------------------------------------------------------------ dry runs
 
 

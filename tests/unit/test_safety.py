@@ -231,6 +231,22 @@ def test_current_pointing_outside_builds_is_not_a_build(tmp_path):
     assert artifacts.current_build(img) == (img / "builds" / "b1").resolve()
 
 
+def test_publish_replaces_links_that_do_not_point_into_current_and_leaves_real_files_alone(tmp_path):
+    v = victim(tmp_path)
+    img = tmp_path / "out" / "demo"
+    stage = img / ".staging" / "b1"
+    stage.mkdir(parents=True)
+    for name in ("demo.qcow2", "manifest.json", "SHA256SUMS", "vmlinuz"):
+        (stage / name).write_text(name)
+    (img / "demo.qcow2").symlink_to(v / "keep.txt")         # planted: replaced, target untouched
+    (img / "vmlinuz").write_text("a file of the user's")      # a real file: left alone
+    (img / "current").symlink_to(v)                            # planted `current`: replaced
+    artifacts.publish(stage, img, "b1")
+    assert os.readlink(img / "demo.qcow2") == "current/demo.qcow2" and os.readlink(img / "current") == "builds/b1"
+    assert (img / "vmlinuz").read_text() == "a file of the user's" and intact(v)
+    assert (img / "demo.qcow2").read_text() == "demo.qcow2"
+
+
 GOOD = {"image": "demo-x86_64", "build_id": "20260101T000000Z-abcd",
         "artifact": {"file": "demo-x86_64.qcow2", "format": "qcow2", "size": 3, "sha256": "a" * 64},
         "boot": {"kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0"}}
@@ -244,6 +260,9 @@ GOOD = {"image": "demo-x86_64", "build_id": "20260101T000000Z-abcd",
     (lambda m: m["boot"].update(kernel="/boot/vmlinuz"), "boot.kernel"),
     (lambda m: m["boot"].update(append="a\nb"), "boot.append"),
     (lambda m: m.update(build_id="x\n"), "build_id"),
+    (lambda m: m.update(artifacts=[m["artifact"], {"file": "a/b.vmdk", "format": "vmdk", "size": 1,
+                                                   "sha256": "b" * 64}]), "artifacts[1].file"),
+    (lambda m: m.update(artifacts="x.vmdk"), "artifacts: expected a list"),
 ])
 def test_bad_manifests_are_refused_with_what_is_wrong(change, complaint):
     m = json.loads(json.dumps(GOOD))

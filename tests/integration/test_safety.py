@@ -364,8 +364,8 @@ def test_yaml_errors_are_one_line_for_every_command(tmp_path, text, where, probl
     ("INVOKE_DEFAULTS_RETENTION", "x", "INVOKE_DEFAULTS_RETENTION='x': expected a whole number"),
     ("INVOKE_DEFAULTS_RETENTION", "٣", "INVOKE_DEFAULTS_RETENTION='٣': expected a whole number"),
     ("INVOKE_DEFAULTS_RETENTION", "9" * 25, "INVOKE_DEFAULTS_RETENTION"),
-    ("INVOKE_DEFAULTS_RETENTION", "5000", "INVOKE_DEFAULTS_RETENTION: 1 problem in the configuration:\n"
-                                          "  defaults.retention: expected a build count between 1 and 1000"),
+    ("INVOKE_DEFAULTS_RETENTION", "5000", ("INVOKE_DEFAULTS_RETENTION: 1 problem in the configuration:\n"
+                                           "  defaults.retention: expected a build count between 1 and 1000")),
     ("INVOKE_DEFAULTS_ACCEL", "kvmm", "INVOKE_DEFAULTS_ACCEL: 1 problem"),
     ("INVOKE_IMAGES_DEMO-X86_64_USERS", "root", "cannot be set from an environment variable"),
 ])

@@ -22,7 +22,6 @@ from invoke import Context, Exit, Task
 from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
-from pipeline.crash import unexpected
 from pipeline.errors import ImagepipeError
 from pipeline.text import visible, visible_lines
 
@@ -59,6 +58,7 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _as_user_error(exc: Exception, args: tuple[Any, ...], where: str) -> ImagepipeError:
     """A disk error as StorageError (path, free space); anything else as an InternalError."""
+    from pipeline.crash import unexpected
     from pipeline.fsutil import is_storage_error, storage_error
 
     if isinstance(exc, OSError) and is_storage_error(exc):
@@ -231,6 +231,8 @@ def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value:
 
 def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
     """sys.excepthook: one line and a trace file instead of a traceback (exit status stays 1)."""
+    from pipeline.crash import unexpected
+
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 from pipeline.tasks import collection
+from pipeline.tasks.common import guard_invoke_config
 
+guard_invoke_config()  # before Invoke reads invoke.yaml: a YAML error is one line, not a traceback
 ns = collection()
 ns.configure({"project_root": str(Path(__file__).resolve().parent)})

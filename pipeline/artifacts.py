@@ -21,14 +21,17 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import VerifyFailed
+from pipeline import manifest_check
+from pipeline.errors import CorruptState, VerifyFailed
+from pipeline.fsutil import ensure_dir, replace_link, resolves_inside, safe_rmtree
+from pipeline.numbers import int_or_none
 from pipeline.run import run
+from pipeline.text import visible
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -87,15 +90,22 @@ def verify(path: Path, fmt: str, *, compressed: bool = False) -> Verified:
 
 def _qemu_img_checks(path: Path, fmt: str) -> int:
     """Format agrees and `qemu-img check` passes; returns the virtual size. qemu-img probes the
-    format itself (with `-f` it would only echo what it was told)."""
-    info = json.loads(run(["qemu-img", "info", "--output=json", path]).stdout)
+    format itself (with `-f` it would only echo what it was told); output that is not JSON is
+    shown as text (the check cannot go on without it)."""
+    out = run(["qemu-img", "info", "--output=json", path]).stdout
+    try:
+        info = json.loads(out)
+    except (ValueError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        raise VerifyFailed(f"{path.name}: qemu-img info did not print a JSON object: {visible(out.strip()[:300])!r}")
     if info.get("format") != fmt:
         raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
     if fmt in CHECKABLE:
         res = run(["qemu-img", "check", "-q", "-f", fmt, path], check=False)
         if res.returncode != 0:
             raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
-    return int(info.get("virtual-size", 0))
+    return int_or_none(info.get("virtual-size", 0)) or 0
 
 
 def format_file(primary: str, fmt: str) -> str:
@@ -127,23 +137,20 @@ def write_build_files(stage: Path, manifest: dict[str, Any], sums: dict[str, str
 
 
 def _atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    """Point `link` at `target` atomically; a real file or folder there is refused (UnsafePath)."""
+    replace_link(link, target, inside=link.parent)
 
 
 def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str | None = None) -> Path:
     """Move the verified staging folder into builds/<id>, point `current` at it atomically, then
     give every file of the build its fixed link `<name> -> current/<name>` (and drop the links of
     files the new build does not have). `artifact_name` is accepted for older callers; every file
-    is linked anyway."""
-    builds = image_dir / "builds"
-    builds.mkdir(parents=True, exist_ok=True)
+    is linked anyway. Links are replaced, never written through (pipeline.fsutil)."""
+    builds = ensure_dir(image_dir / "builds", image_dir)
     final = builds / build_id
     os.rename(stage, final)
     _fsync_dir(builds)
-    _atomic_symlink(f"builds/{build_id}", image_dir / CURRENT)
+    replace_link(image_dir / CURRENT, f"builds/{build_id}", inside=image_dir)
     link_files(image_dir, final)
     _fsync_dir(image_dir)
     return final
@@ -151,12 +158,16 @@ def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str | No
 
 def link_files(image_dir: Path, build: Path) -> None:
     """The fixed links of output/<image>/: one per file of `build`; links of ours (`current/<name>`)
-    whose file the build lacks are removed. Anything else found under a wanted name is left alone."""
+    whose file the build lacks are removed. A link under a wanted name that points anywhere else
+    (planted, or left by hand) is replaced, never followed; a real file or folder there is
+    someone else's and is left alone."""
     names = {p.name for p in build.iterdir() if p.is_file() and not p.is_symlink()} - RESERVED
     for name in sorted(names):
         link = image_dir / name
-        if not link.is_symlink() and not link.exists():
-            _atomic_symlink(f"{CURRENT}/{name}", link)
+        if link.is_symlink() and os.readlink(link) == f"{CURRENT}/{name}":
+            continue
+        if link.is_symlink() or not link.exists():
+            replace_link(link, f"{CURRENT}/{name}", inside=image_dir)
     for link in image_dir.iterdir():
         if link.name not in names and link.is_symlink() and os.readlink(link) == f"{CURRENT}/{link.name}":
             link.unlink()
@@ -171,9 +182,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def discard(stage: Path) -> None:
-    """Remove a staging folder (failed or interrupted build)."""
-    shutil.rmtree(stage, ignore_errors=True)
+    """Remove a staging folder (failed or interrupted build); never through a link."""
     parent = stage.parent
+    safe_rmtree(stage, parent.parent if parent.name == ".staging" else parent, ignore_errors=True)
     if parent.name == ".staging" and parent.exists() and not any(parent.iterdir()):
         parent.rmdir()
 
@@ -181,7 +192,12 @@ def discard(stage: Path) -> None:
 def current_build(image_dir: Path) -> Path | None:
     """builds/<id> of the published build, or None."""
     link = image_dir / CURRENT
-    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+    if image_dir.is_symlink() or (image_dir / "builds").is_symlink():
+        return None  # folders imagepipe did not make hold no build of its own
+    if not link.is_symlink() or not resolves_inside(link, image_dir / "builds"):
+        return None  # a `current` pointing anywhere else is not a build of this image
+    target = link.resolve()
+    return target if target.is_dir() and target.parent == (image_dir / "builds").resolve() else None
 
 
 def read_manifest(image_dir: Path) -> dict[str, Any] | None:
@@ -189,7 +205,13 @@ def read_manifest(image_dir: Path) -> dict[str, Any] | None:
     build = current_build(image_dir)
     if build is None or not (build / MANIFEST).exists():
         return None
-    return json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+    path = build / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptState(f"{path} cannot be read ({exc})", "rebuild the image (invoke build IMAGE)") from None
+    return manifest_check.parse(text, str(path), f"rebuild the image (invoke build {image_dir.name}), or move "
+                                                  f"{image_dir / CURRENT} away to unpublish the damaged build")
 
 
 def image_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,21 @@ from pipeline import (
 )
 from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
-from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, ToolMissing
+from pipeline.errors import (
+    CommandFailed,
+    ImagepipeError,
+    Interrupted,
+    StorageError,
+    ToolMissing,
+    UnsafePath,
+)
+from pipeline.fsutil import check_dir, ensure_dir, free_space, is_storage_error, storage_error
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
+from pipeline.procs import start_time
 from pipeline.progress import Event, Progress
-from pipeline.run import install_hint, interrupt_guard
+from pipeline.run import install_hint, interrupt_guard, tool_groups
+from pipeline.text import visible_lines
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,11 @@ class BuildResult:
 
 
 # Test hook: IMAGEPIPE_TEST_PAUSE_AT=<point> makes the build sleep at that point so a test can
-# kill it there (points: verify, publish, published). Never set it outside tests.
+# kill it there (points: verify, publish, published); with IMAGEPIPE_TEST_RESUME_FILE=<path> it
+# goes on once that file exists (a test changes the world meanwhile, e.g. fills the disk).
+# Never set them outside tests.
 PAUSE_ENV = "IMAGEPIPE_TEST_PAUSE_AT"
+RESUME_ENV = "IMAGEPIPE_TEST_RESUME_FILE"
 
 
 def build_tools(images: Iterable[Image]) -> list[str]:
@@ -75,12 +89,28 @@ def build_tools(images: Iterable[Image]) -> list[str]:
     return sorted(tools)
 
 
-def probe_for_build(cfg: Config, images: Iterable[Image] | None = None) -> HostFacts:
+def probe_for_build(cfg: Config, images: Iterable[Image] | None = None, *, save_cache: bool = True) -> HostFacts:
     """Local host facts for building `images` (default: all), probed once for the whole command:
     the tools those builds need (versions from a stat-keyed cache) and the output dir's free disk."""
     wanted = build_tools(images if images is not None else cfg.images.values())
     return probe(disk_path=str(existing_parent(cfg.output_dir)), tools=wanted,
-                 version_cache=cfg.output_dir / inputs.VERSION_CACHE)
+                 version_cache=cfg.output_dir / inputs.VERSION_CACHE, save_cache=save_cache)
+
+
+def check_layout(output_dir: Path, image_dir: Path) -> None:
+    """Before a build starts: the image's folders are real folders inside the output folder and
+    `current` is a link (UnsafePath naming what to move away otherwise). A real file at a stable
+    path (`<image>.qcow2`, ...) is not ours and is left alone by publish."""
+    check_dir(image_dir, output_dir)
+    for shared in (".cache", ".keys"):  # caches and the key are written during the build too
+        check_dir(output_dir / shared, output_dir)
+    for name in (".staging", "builds", "logs"):
+        check_dir(image_dir / name, image_dir)
+    current = image_dir / artifacts.CURRENT
+    if current.exists() and not current.is_symlink():
+        raise UnsafePath(f"{current} is a real {'folder' if current.is_dir() else 'file'} where imagepipe keeps "
+                         "the link to the published build; publishing would have to replace it",
+                         f"move {current} away and build again")
 
 
 def build_image(
@@ -94,11 +124,12 @@ def build_image(
     """
     # Whether this host can build the image is decided before anything is created or locked.
     facts, driver, plan = decide(cfg, image, opts, facts)
-    if opts.dry_run:
+    if opts.dry_run:  # nothing is written: no key, no cache, no history, no folder
         _announce(plan, facts, say)
         _print_plan(plan, driver, say)
-        say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
+        say(f"  {'input hash':12} {inputs.compute(cfg, image, save_cache=False).value}")
         return BuildResult(image.name, plan.build_id, None, None)
+    check_layout(cfg.output_dir, plan.image_dir)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
@@ -125,13 +156,13 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
 def decide(cfg: Config, image: Image, opts: BuildOptions,
            facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
-    but the project key."""
-    facts = facts or probe_for_build(cfg, [image])
+    but the project key and the tool-version cache (a dry run writes neither)."""
+    facts = facts or probe_for_build(cfg, [image], save_cache=not opts.dry_run)
     profile = distros.profile(image)
     problem = profile.host_problem(image, facts, cfg)
     if problem is not None:
         raise problem
-    key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)
+    key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
     plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
     driver = profile.driver
     driver.check(plan, facts)
@@ -155,15 +186,28 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
     with history.History(cfg.output_dir) as hist:
         hist.start(plan.build_id, image.name, location=opts.location, input_hash=ihash.value,
                    log_path=plan.log_dir)
+
+        def on_group(pgid: int) -> None:  # so the next command can stop what a killed build left
+            with contextlib.suppress(ImagepipeError):
+                hist.set_tool_group(plan.build_id, pgid, start_time(pgid))
+
         try:
-            result = _steps(cfg, plan, driver, facts, ihash, opts, progress)
+            with tool_groups(on_group):
+                result = _steps(cfg, plan, driver, facts, ihash, opts, progress)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed"
-            hist.finish(plan.build_id, status, error=describe_failure(exc, driver))
+            failure = _as_storage_error(exc, plan)
+            _record_failure(hist, plan, status, failure or exc, driver)
+            if failure is not None:
+                raise failure from exc
             raise
         art = (result.manifest or {}).get("artifact", {})
         _pause("published")
-        hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
+        try:
+            hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
+        except ImagepipeError as err:  # the build is published; only its record is missing
+            print(f"{image.name}: warning: published, but the history could not record it: {err.message}",
+                  file=sys.stderr, flush=True)
     return result
 
 
@@ -246,8 +290,41 @@ def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> N
         say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
 
 
+def _as_storage_error(exc: BaseException, plan: BuildPlan) -> StorageError | None:
+    """A build that failed because the disk is full or read-only, as one clear StorageError (the
+    path and the free space); None for any other failure."""
+    if isinstance(exc, OSError) and is_storage_error(exc):
+        return storage_error(exc, exc.filename or plan.staging)
+    if isinstance(exc, CommandFailed) and "No space left on device" in exc.tail:
+        return StorageError(f"{Path(exc.argv[0]).name if exc.argv else 'a tool'} ran out of disk space writing "
+                            f"{plan.staging} ({free_space(plan.staging)})",
+                            f"free some space (invoke gc removes old builds) or move defaults.output_dir; "
+                            f"full log: {plan.build_log}")
+    return None
+
+
+def _record_failure(hist: history.History, plan: BuildPlan, status: str, exc: BaseException,
+                    driver: Driver) -> None:
+    """Record how the build ended where the database still can; a bug's trace goes to the build log."""
+    if not isinstance(exc, (ImagepipeError, KeyboardInterrupt, OSError)):
+        with contextlib.suppress(OSError), open(plan.build_log, "a", encoding="utf-8") as log:
+            log.write("imagepipe: unexpected error\n" + "".join(traceback.format_exception(exc)))
+    try:
+        hist.finish(plan.build_id, status, error=describe_failure(exc, driver))
+    except ImagepipeError as err:
+        print(f"{plan.image.name}: warning: the build could not be recorded as {status} in the history: "
+              f"{err.message}", file=sys.stderr, flush=True)
+
+
 def describe_failure(exc: BaseException, driver: Driver | None = None) -> str:
-    """A short account of a failure (history, rebuild report): a tool's own error lines, not its argv."""
+    """A short account of a failure (history, rebuild report): a tool's own error lines, not its
+    argv; what the tool printed has its control characters made visible."""
+    return visible_lines(_failure_text(exc, driver))
+
+
+def _failure_text(exc: BaseException, driver: Driver | None) -> str:
+    if isinstance(exc, OSError) and is_storage_error(exc):
+        return storage_error(exc).message
     if isinstance(exc, CommandFailed):
         tool = Path(exc.argv[0]).name if exc.argv else "command"
         if driver is not None and tool == driver.name:
@@ -266,14 +343,18 @@ def _pause(point: str) -> None:
     """The test hook (see PAUSE_ENV): announce the pause on stderr and sleep until killed."""
     if os.environ.get(PAUSE_ENV) == point:
         print(f"imagepipe test hook: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        time.sleep(3600)
+        resume = os.environ.get(RESUME_ENV)
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def _staging(plan: BuildPlan) -> Iterator[Path]:
     """The staging folder; removed on any failure or interrupt (publish moves it away on success)."""
-    plan.log_dir.mkdir(parents=True, exist_ok=True)
-    plan.staging.mkdir(parents=True)
+    ensure_dir(plan.log_dir, plan.image_dir)
+    ensure_dir(plan.staging.parent, plan.image_dir)
+    plan.staging.mkdir()
     try:
         yield plan.staging
     except BaseException:

@@ -8,7 +8,6 @@ and raises one `ConfigError`; unknown keys get a "did you mean".
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, UsageError
+from pipeline.validate import (  # noqa: F401  (re-exported: pipeline.config is where callers look)
+    HOST_RE,
+    LOCALE_RE,
+    NAME_RE,
+    PUBKEY_RE,
+    SHA512_CRYPT_RE,
+    USER_RE,
+    Collector,
+    Invalid,
+    Origins,
+    boolean,
+    calendar,
+    did_you_mean,
+    enum_of,
+    host,
+    host_problem,
+    integer,
+    line,
+    local_path,
+    optional,
+    output_dir_problem,
+    password_hash,
+    pubkey,
+    shown,
+    string,
+)
 
 
 class Arch(StrEnum):
@@ -85,16 +110,6 @@ class Format(StrEnum):
     def bootable(self) -> bool:
         """Formats the engines write and `invoke run` boots (the others are converted from it)."""
         return self in (Format.QCOW2, Format.RAW)
-
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-PUBKEY_RE = re.compile(
-    r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+( [ -~]*)?$"
-)
-HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(@[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@/+-]+$")
-SHA512_CRYPT_RE = re.compile(r"^\$6\$(rounds=[0-9]{4,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$")
 
 
 @dataclass(frozen=True)
@@ -202,59 +217,22 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: small parsers that raise Invalid, and a collector that keeps going.
+# Validation: the parsers and the collector live in pipeline.validate (short names kept here).
+
+_int = integer
+_bool = boolean
+_str = string
+_enum = enum_of
+_optional = optional
+_password_hash = password_hash
+_pubkey = pubkey
+_calendar = calendar
+_Collector = Collector
 
 
-class Invalid(Exception):
-    """One problem with one value (the collector adds the key path)."""
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _int(unit: str, lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise Invalid(f"expected {unit} as an integer, got {v!r}")
-        if not lo <= v <= hi:
-            raise Invalid(f"expected {unit} between {lo} and {hi}, got {v}")
-        return v
-
-    return parse
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise Invalid(f"expected true or false, got {v!r}")
-    return v
-
-
-def _str(pattern: re.Pattern[str] | None = None, what: str = "a string") -> Callable[[Any], str]:
-    def parse(v: Any) -> str:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
-        if not isinstance(v, str) or not v:
-            raise Invalid(f"expected {what}, got {v!r}")
-        if pattern is not None and not pattern.match(v):
-            raise Invalid(f"expected {what}, got {v!r}")
-        return v
-
-    return parse
-
-
-def _enum(kind: type[StrEnum]) -> Callable[[Any], Any]:
-    def parse(v: Any) -> Any:
-        try:
-            return kind(str(v).lower())
-        except ValueError:
-            choices = [m.value for m in kind]  # type: ignore[attr-defined]
-            raise Invalid(
-                f"expected one of {', '.join(choices)}, got {v!r}{did_you_mean(str(v), choices)}"
-            ) from None
-
-    return parse
+def _no_newline(v: Any) -> str:
+    """A one-line string (no control characters at all: see pipeline.validate.line)."""
+    return line(v)
 
 
 def _formats(v: Any) -> tuple[Format, ...]:
@@ -279,78 +257,8 @@ def _distro(v: Any) -> str:
     known = distros.names()
     name = str(v).lower() if isinstance(v, str) else v
     if name not in known:
-        raise Invalid(f"expected one of {', '.join(known)}, got {v!r}{did_you_mean(str(v), known)}")
+        raise Invalid(f"expected one of {', '.join(known)}, got {shown(v)}{did_you_mean(str(v), known)}")
     return str(name)
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda v: None if v is None else parse(v)
-
-
-def _no_newline(v: Any) -> str:
-    s = _str(what="a string")(v)
-    if any(c in s for c in "\n\r\0"):
-        raise Invalid("must not contain newlines or NUL bytes")
-    return s
-
-
-def _password_hash(v: Any) -> str:
-    s = _no_newline(v)
-    if not SHA512_CRYPT_RE.match(s):  # the full shape: nothing else can reach a kickstart line
-        raise Invalid("expected a SHA-512 crypt hash ($6$salt$86 characters; make one: invoke hash-password)")
-    return s
-
-
-def _pubkey(v: Any) -> str:
-    if not isinstance(v, str) or not PUBKEY_RE.match(v.strip()) or "\n" in v.strip():
-        shown = v if not isinstance(v, str) else v[:40] + ("..." if len(v) > 40 else "")
-        raise Invalid(f"expected one OpenSSH public key on one line (ssh-ed25519 AAAA...), got {shown!r}")
-    return v.strip()
-
-
-def _calendar(v: Any) -> str:
-    s = _no_newline(v)
-    if not re.match(r"^[A-Za-z0-9 *:,./~+-]+$", s):
-        raise Invalid(f"expected a systemd OnCalendar expression, got {s!r}")
-    return s
-
-
-class _Collector:
-    """Walks raw data, applies parsers, and records every problem with its key path."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(self, path: str, raw: Any) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, Mapping):
-            self.problem(path, f"expected a mapping, got {type(raw).__name__}")
-            return {}
-        return dict(raw)
-
-    def fields(
-        self, path: str, raw: Mapping[str, Any], spec: Mapping[str, Callable[[Any], Any]]
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            where = f"{path}.{key}"
-            if key not in spec:
-                extra = (
-                    " (plaintext passwords are not stored: use password_hash, see invoke hash-password)"
-                    if key == "password"
-                    else did_you_mean(str(key), spec)
-                )
-                self.problem(where, f"unknown key{extra}")
-                continue
-            try:
-                out[key] = spec[key](value)
-            except Invalid as exc:
-                self.problem(where, str(exc))
-        return out
 
 
 USER_SPEC: dict[str, Callable[[Any], Any]] = {
@@ -375,7 +283,7 @@ IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
     "ssh_user": _str(USER_RE, "a user name"),
     "headless": _bool,
     "users": lambda v: v,  # checked item by item below
-    "iso": _optional(_no_newline),
+    "iso": _optional(lambda v: line(v) if "://" in str(v) else local_path(v, "an ISO path")),
     "flake": _optional(_no_newline),
     "attribute": _optional(_str(re.compile(r"^[A-Za-z0-9_.\"-]+$"), "a flake attribute path")),
     "schedule": _optional(_calendar),
@@ -389,7 +297,7 @@ IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
 
 DEFAULTS_SPEC: dict[str, Callable[[Any], Any]] = {
     "accel": _enum(Accel),
-    "output_dir": _no_newline,
+    "output_dir": lambda v: local_path(v, "a folder"),  # and output_dir_problem, in load()
     "retention": _int("a build count", 1, 1000),
     "ssh_key": _optional(_no_newline),
     "schedule": _calendar,
@@ -401,7 +309,7 @@ DEFAULTS_SPEC: dict[str, Callable[[Any], Any]] = {
 }
 
 BUILDER_SPEC: dict[str, Callable[[Any], Any]] = {
-    "host": _str(HOST_RE, "an SSH host alias or hostname (letters, digits, . _ -; no leading -)"),
+    "host": host,
     "dir": _no_newline,
     "arch": _optional(_enum(Arch)),
 }
@@ -415,14 +323,18 @@ FOREIGN_KEYS = {
 SECTIONS = ("defaults", "images", "builders")
 
 
-def load(raw: Mapping[str, Any], root: Path, source: str = "invoke.yaml") -> Config:
-    """Validate raw configuration data (a parsed invoke.yaml) into a frozen Config."""
+def load(raw: Mapping[str, Any], root: Path, source: str = "invoke.yaml", origins: Origins | None = None) -> Config:
+    """Validate raw configuration data (a parsed invoke.yaml) into a frozen Config.
+
+    `origins` (from `from_invoke`) says which file or INVOKE_* variable set each key, so a
+    problem names what to fix."""
     c = _Collector()
     for key in raw:
         if key not in SECTIONS and key not in FOREIGN_KEYS and not str(key).startswith("_"):
             c.problem(str(key), f"unknown top-level key{did_you_mean(str(key), SECTIONS)}")
     dflt_raw = c.fields("defaults", c.mapping("defaults", raw.get("defaults")), DEFAULTS_SPEC)
     defaults = Defaults(**{k: v for k, v in dflt_raw.items() if k in Defaults.__dataclass_fields__})
+    _check_output_dir(c, defaults, root)
     image_defaults = {k: v for k, v in dflt_raw.items() if k in ("lang", "keyboard", "timezone", "headless")}
     image_defaults["retention"] = defaults.retention
     images = {
@@ -443,21 +355,44 @@ def load(raw: Mapping[str, Any], root: Path, source: str = "invoke.yaml") -> Con
         if b is not None
     }
     if c.problems:
-        raise ConfigError(source, c.problems)
+        raise _config_error(c, source, origins)
     return Config(root=root, source=source, defaults=defaults, images=images, builders=builders)
+
+
+def _check_output_dir(c: _Collector, defaults: Defaults, root: Path) -> None:
+    """The output folder is imagepipe's to fill and prune: not /, ~, the project, a file."""
+    out = Path(defaults.output_dir).expanduser()
+    problem = output_dir_problem(out if out.is_absolute() else root / out, root)
+    if problem:
+        c.problem("defaults.output_dir", f"{problem}: choose a folder of its own, e.g. output")
+
+
+def _config_error(c: _Collector, source: str, origins: Origins | None) -> ConfigError:
+    """Every problem, each naming the file or INVOKE_* variable that set it when that is not
+    `source` (the heading names `source`, or the one origin all problems share)."""
+    found = [origins.of(path) if origins else None for path in c.paths]
+    labels = {o for o in found if o}
+    heading = labels.pop() if len(labels) == 1 and all(found) else source
+    lines = [p if not o or o == heading else f"{path} (set by {o}):{p[len(path) + 1:]}"
+             for p, path, o in zip(c.problems, c.paths, found)]
+    err = ConfigError(heading, lines)
+    if any(o and o.startswith("INVOKE_") for o in found):
+        err.hint = "fix the keys above (an INVOKE_* variable named there overrides invoke.yaml: unset or correct it)"
+    return err
 
 
 def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> tuple[str, Image | None]:
     path = f"images.{name}"
     before = len(c.problems)
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         c.problem(path, "image names may hold letters, digits, '.', '_' and '-' only (no '/', '..', spaces)")
+    body_map = body if isinstance(body, Mapping) else {}
     values = {**defaults, **c.fields(path, c.mapping(path, body), IMAGE_SPEC)}
     for required in ("distro", "arch"):
-        if required not in values and required not in (body or {}):
+        if required not in values and required not in body_map:
             c.problem(f"{path}.{required}", "missing (required)")
     _primary_format(c, path, values)
-    values["users"] = _users(c, path, (body or {}).get("users", []))
+    values["users"] = _users(c, path, body_map.get("users", []))
     if "ssh_user" in values and values["users"] and values["ssh_user"] not in {u.name for u in values["users"]}:
         c.problem(f"{path}.ssh_user", f"{values['ssh_user']!r} is not one of this image's users")
     if len(c.problems) != before:
@@ -532,8 +467,8 @@ def _users(c: _Collector, path: str, raw: Any) -> tuple[User, ...]:
 def _builder(c: _Collector, name: str, body: Any) -> tuple[str, Builder | None]:
     path = f"builders.{name}"
     before = len(c.problems)
-    if not HOST_RE.match(name):
-        c.problem(path, "builder names may hold letters, digits, '.', '_' and '-' only")
+    if host_problem(name):
+        c.problem(path, f"a builder name is used as an SSH host: {host_problem(name)}")
     vals = c.fields(path, c.mapping(path, body), BUILDER_SPEC)
     vals.setdefault("host", name)
     if len(c.problems) != before:
@@ -559,7 +494,7 @@ def load_file(path: Path) -> Config:
 def plain(data: Any) -> Any:
     """Invoke's DataProxy (and nested proxies) → plain dicts and lists."""
     if isinstance(data, Mapping) or hasattr(data, "keys"):
-        return {str(k): plain(data[k]) for k in data.keys()}
+        return {str(k): plain(data[k]) for k in data.keys()}  # noqa: SIM118 (DataProxy)
     if isinstance(data, (list, tuple)):
         return [plain(v) for v in data]
     return data
@@ -570,4 +505,4 @@ def from_invoke(config: Any) -> Config:
     raw = plain(config)
     root = Path(raw.get("project_root") or Path.cwd())
     source = str(getattr(config, "_runtime_path", None) or getattr(config, "_project_path", None) or root / "invoke.yaml")
-    return load(raw, root=root, source=source)
+    return load(raw, root=root, source=source, origins=Origins.from_invoke(config))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pipeline import remote
 from pipeline.config import Builder, Config, Image
+from pipeline.crash import unexpected
 from pipeline.errors import HostUnsuitable, ImagepipeError
 
 
@@ -65,8 +65,9 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
         say(f"{target.prefix}error: {exc.render()}")
         rows += _not_run(images, rows, target.name, exc.exit_code, exc.message.splitlines()[0])
     except Exception as exc:  # noqa: BLE001 — a bug must not silently drop this builder's rows from the summary
-        say(f"{target.prefix}unexpected error:\n{traceback.format_exc()}")
-        rows += _not_run(images, rows, target.name, 1, f"unexpected error: {exc!r}")
+        err = unexpected(exc, cfg.output_dir if cfg.output_dir.is_dir() else None, f"builder-{target.name}")
+        say(f"{target.prefix}error: {err.message}")
+        rows += _not_run(images, rows, target.name, 1, err.message)
     return rows
 
 

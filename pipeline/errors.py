@@ -104,3 +104,29 @@ class LockBusy(ImagepipeError):
     """Another process holds the lock for this image."""
 
     exit_code = 75
+
+
+class UnsafePath(ImagepipeError):
+    """A path imagepipe would write or delete is not its own (a planted link, a foreign file, a
+    folder outside its output): refused, nothing touched."""
+
+    exit_code = 1
+
+
+class StorageError(ImagepipeError):
+    """The disk said no: full, read-only, or not writable for us (the message names the path and
+    the free space)."""
+
+    exit_code = 1
+
+
+class CorruptState(ImagepipeError):
+    """A file imagepipe wrote earlier (manifest, history, state) cannot be read back."""
+
+    exit_code = 1
+
+
+class InternalError(ImagepipeError):
+    """A bug: an exception nobody expected. The message says where the full trace was kept."""
+
+    exit_code = 70

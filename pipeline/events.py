@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from pipeline.numbers import decimal_or_none
+
 # Keys of the record itself; named fields cannot shadow them.
 CORE_KEYS = ("image", "kind", "message", "source", "ts", "elapsed", "data")
 
@@ -66,21 +68,36 @@ def write(ev: Event, image: str, *, elapsed: float | None = None, stream: TextIO
     print(dumps(ev, image, elapsed=elapsed), file=stream or sys.stdout, flush=True)
 
 
+# A builder's `ts` outside this range (or not a number) is replaced by the time it arrived here:
+# it is shown as a clock time, which an absurd or non-finite value cannot be.
+TS_RANGE = (0.0, 2.0**35)
+
+
 def parse(line: str) -> tuple[str, Event] | None:
     """A JSON event line (this version's or an older one's) → (image, Event); None for any other
-    line (a tool's own output on the same stream)."""
+    line (a tool's own output on the same stream, or something that only looks like an event).
+    Never raises: the text comes from another machine."""
+    if not line.lstrip().startswith("{"):
+        return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(record, dict) or "kind" not in record:
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
         return None
     raw_data = record.get("data")
-    data = tuple(str(d) for d in raw_data) if isinstance(raw_data, list) else ()
+    data = tuple(_text(d) for d in raw_data) if isinstance(raw_data, list) else ()
+    ts = decimal_or_none(record.get("ts"), lo=TS_RANGE[0], hi=TS_RANGE[1]) or time.time()
+    ev = Event(record["kind"], _text(record.get("message", "")), _text(record.get("source") or ""), ts, data,
+               {str(k): v for k, v in record.items() if k not in CORE_KEYS})
+    return _text(record.get("image", "")), ev
+
+
+def _text(value: Any) -> str:
+    """A field as text (a nested value as its JSON)."""
+    if isinstance(value, str):
+        return value
     try:
-        ts = float(record.get("ts") or time.time())
-    except (TypeError, ValueError):
-        ts = time.time()
-    ev = Event(str(record["kind"]), str(record.get("message", "")), str(record.get("source") or ""), ts, data,
-               {k: v for k, v in record.items() if k not in CORE_KEYS})
-    return str(record.get("image", "")), ev
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)

@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, follow, openssh, rsync
+from pipeline import artifacts, follow, manifest_check, openssh, rsync
 from pipeline.config import Config, Image
-from pipeline.errors import BuildFailed, CommandFailed, VerifyFailed
+from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
+from pipeline.fsutil import ensure_dir
 from pipeline.host import Runner
 from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
 from pipeline.run import run, stream
+from pipeline.text import visible
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -55,31 +57,33 @@ def parse_sums(text: str) -> dict[str, str]:
             continue
         digest, sep, name = line.partition("  ")
         name = name.lstrip("*")
-        if not sep or not SHA_RE.match(digest):
-            raise BuildFailed(f"the builder's SHA256SUMS has a malformed line: {line[:120]!r}")
+        if not sep or not SHA_RE.fullmatch(digest):
+            raise BuildFailed(f"the builder's SHA256SUMS has a malformed line: {visible(line[:120])!r}")
         sums[check_name(name, "file name")] = digest
     return sums
 
 
-def check_manifest(manifest: Any, image: Image) -> dict[str, Any]:
-    """The fields of a builder's manifest that a fetch relies on, validated."""
+def check_manifest(manifest: Any, image: Image, source: str = "the builder's manifest") -> dict[str, Any]:
+    """The builder's manifest, checked in full (pipeline.manifest_check: every field a fetch
+    reads, with what is wrong named) and checked to be a manifest of `image`."""
+    hint = f"rebuild on the builder (invoke remote-sync-build HOST --image {image.name})"
     try:
-        art = manifest["artifact"]
-        ok = (manifest["image"] == image.name and SHA_RE.match(art["sha256"])
-              and art["format"] == image.format.value and isinstance(art["size"], int))
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise BuildFailed(f"the builder's manifest for {image.name} is not a manifest of that image",
-                          hint="rebuild on the builder (invoke remote-sync-build HOST --image IMAGE)")
+        manifest = manifest_check.check(manifest, source, hint)
+    except CorruptState as exc:
+        raise BuildFailed(exc.message, hint) from None
+    art = manifest["artifact"]
+    if manifest["image"] != image.name or art["format"] != image.format.value:
+        raise BuildFailed(f"{source} is for {manifest['image']} ({art['format']}), not {image.name} "
+                          f"({image.format.value})", hint)
     check_name(manifest["build_id"], "build id")
     for entry in artifacts.image_files(manifest):
         try:
-            ok = bool(SHA_RE.match(entry["sha256"])) and isinstance(entry["format"], str) and isinstance(entry["size"], int)
+            ok = bool(SHA_RE.fullmatch(entry["sha256"])) and isinstance(entry["format"], str) and isinstance(entry["size"], int)
         except (KeyError, TypeError):
             ok = False
         if not ok:
-            raise BuildFailed(f"the builder's manifest for {image.name} lists a malformed image file: {str(entry)[:120]}")
+            raise BuildFailed(f"the builder's manifest for {image.name} lists a malformed image file: "
+                              f"{visible(str(entry)[:120])}")
         check_name(entry["file"], "image file name")
     return manifest
 
@@ -94,9 +98,11 @@ def read_remote(run_remote: Runner, target: Target, image: Image) -> tuple[dict[
     try:
         # manifest.json, then SHA256SUMS: the JSON document ends where the sums begin
         data, end = json.JSONDecoder().raw_decode(res.stdout)
-    except ValueError:
-        raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON") from None
-    manifest = check_manifest(data, image)
+    except (ValueError, RecursionError):
+        raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON (truncated or damaged)",
+                          hint=f"rebuild on the builder (invoke remote-sync-build {target.name} --image {image.name})"
+                          ) from None
+    manifest = check_manifest(data, image, f"builder {target.name}: {image.name}'s manifest.json")
     sums = parse_sums(res.stdout[end:])
     for art in artifacts.image_files(manifest):
         if sums.get(art["file"]) != art["sha256"]:
@@ -109,8 +115,11 @@ def up_to_date(image_dir: Path, manifest: dict[str, Any], sums: dict[str, str] |
     """True when the locally published build is the builder's: the same image (sha256, size) and,
     when the builder's SHA256SUMS is given, the same files with the same hashes (a reproducible
     image can stay the same while its other formats or boot files changed)."""
-    local = artifacts.read_manifest(image_dir)
-    path = artifacts.published_image(image_dir)
+    try:
+        local = artifacts.read_manifest(image_dir)
+        path = artifacts.published_image(image_dir)
+    except CorruptState:  # a damaged local record: fetching replaces it
+        return False
     art = manifest["artifact"]
     if local is None or path is None or local["artifact"]["sha256"] != art["sha256"] or path.stat().st_size != art["size"]:
         return False
@@ -158,8 +167,7 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
             say(f"{target.prefix}{image.name}: local image already has sha256 "
                 f"{manifest['artifact']['sha256'][:12]}…, nothing to fetch")
             return FetchResult(image.name, build_id, True, None, None)
-        stage = image_dir / ".staging" / f"fetch-{build_id}"
-        stage.mkdir(parents=True, exist_ok=True)
+        stage = ensure_dir(image_dir / ".staging" / f"fetch-{build_id}", image_dir)  # never through a link
         remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
         started = time.monotonic()
         got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)

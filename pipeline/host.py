@@ -42,7 +42,7 @@ TOOL_VERSION_ARGS: dict[str, tuple[str, ...]] = {
     "python3": ("python3", "--version"),
 }
 
-VERSION_RE = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:p\d+)?)")
+VERSION_RE = re.compile(r"([0-9]{1,9}\.[0-9]{1,9}(?:\.[0-9]{1,9})?(?:p[0-9]{1,9})?)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ToolInfo:
     def major_minor(self) -> tuple[int, int] | None:
         if not self.version:
             return None
-        m = re.match(r"(\d+)\.(\d+)", self.version)
+        m = re.match(r"([0-9]{1,9})\.([0-9]{1,9})", self.version)
         return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -118,7 +118,7 @@ class HostFacts:
     def version(self, name: str) -> tuple[int, ...] | None:
         """A probed tool's version as numbers, e.g. (1, 6, 6); None when missing or unreadable."""
         text = self.tool(name).version
-        m = re.match(r"(\d+(?:\.\d+)*)", text or "")
+        m = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,9})*)", text or "")
         return tuple(int(p) for p in m.group(1).split(".")) if m else None
 
 
@@ -238,10 +238,10 @@ def parse_df(out: str) -> int | None:
     if len(lines) < 2:
         return None
     cols = lines[-1].split()
-    try:
-        return int(cols[3]) * 1024
-    except (IndexError, ValueError):
-        return None
+    from pipeline.numbers import int_or_none
+
+    free = int_or_none(cols[3]) if len(cols) > 3 else None
+    return free * 1024 if free is not None else None
 
 
 @dataclass(frozen=True)
@@ -391,9 +391,10 @@ def probe_tools(runner: Runner, tools: Iterable[str] = TOOL_VERSION_ARGS) -> dic
     return out
 
 
-def cached_tools(tools: Iterable[str], cache_file: Path | None) -> dict[str, ToolInfo]:
+def cached_tools(tools: Iterable[str], cache_file: Path | None, save: bool = True) -> dict[str, ToolInfo]:
     """Local tools' versions from a cache keyed by the binary's path, size and mtime, so a version
-    command runs only after a tool was installed or upgraded (cache_file None: always ask)."""
+    command runs only after a tool was installed or upgraded (cache_file None: always ask;
+    save=False: read it, never write it — a dry run writes nothing)."""
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file else {}
     except (OSError, ValueError):
@@ -411,7 +412,7 @@ def cached_tools(tools: Iterable[str], cache_file: Path | None) -> dict[str, Too
             cache[key] = parse_version(tool, res.stdout + res.stderr) if res.ok else None
             dirty = True
         out[tool] = ToolInfo(tool, True, cache[key] if isinstance(cache[key], str) else None)
-    if dirty and cache_file is not None:
+    if dirty and cache_file is not None and save:
         _save_cache(cache_file, cache)
     return out
 
@@ -432,6 +433,8 @@ def _save_cache(path: Path, data: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
     from pipeline.fsutil import atomic_write
 
+    if path.parent.is_symlink():  # never write through a link imagepipe did not make
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
@@ -463,6 +466,7 @@ def probe(
     env: Mapping[str, str] | None = None,
     local: bool = True,
     version_cache: Path | None = None,
+    save_cache: bool = True,
 ) -> HostFacts:
     """Probe a host through `runner` (firmware is looked up on the local filesystem only).
 
@@ -486,7 +490,7 @@ def probe(
             if fw:
                 firmware[arch] = fw
     free = parse_df(runner(("df", "-Pk", disk_path)).stdout) if disk_path else None
-    tool_info = cached_tools(tools, version_cache) if local and runner is local_runner else probe_tools(runner, tools)
+    tool_info = cached_tools(tools, version_cache, save_cache) if local and runner is local_runner else probe_tools(runner, tools)
     return HostFacts(
         os=os_name,
         machine=machine,

@@ -82,21 +82,24 @@ def feature_version(tool: str, version: str | None) -> str:
     return parts[0] if tool.startswith("qemu") else ".".join(parts[:2])
 
 
-def tool_versions(tools: list[str], cache_dir: Path) -> dict[str, str | None]:
-    """Version strings of `tools`, from the stat-keyed cache or by running `TOOL --version`."""
+def tool_versions(tools: list[str], cache_dir: Path, save: bool = True) -> dict[str, str | None]:
+    """Version strings of `tools`, from the stat-keyed cache or by running `TOOL --version`
+    (save=False: the cache is read, never written)."""
     from pipeline.host import cached_tools
 
-    return {name: info.version for name, info in cached_tools(tools, cache_dir / VERSION_CACHE).items()}
+    return {name: info.version for name, info in cached_tools(tools, cache_dir / VERSION_CACHE, save).items()}
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = None) -> InputHash:
-    """The input hash of `image` under `cfg` (versions: tool -> version, looked up if omitted)."""
+def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = None, *,
+            save_cache: bool = True) -> InputHash:
+    """The input hash of `image` under `cfg` (versions: tool -> version, looked up if omitted;
+    save_cache=False: the version cache is not written, as in a dry run)."""
     if versions is None:
-        versions = tool_versions(tools_for(image), cfg.output_dir)
+        versions = tool_versions(tools_for(image), cfg.output_dir, save_cache)
     parts: dict[str, str] = {}
     for path in input_files(cfg.root, image):
         parts[f"file:{path.relative_to(cfg.root) if path.is_relative_to(cfg.root) else path}"] = _sha(path.read_bytes())
@@ -112,8 +115,12 @@ def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = 
 def up_to_date(image_dir: Path, input_hash: str) -> str | None:
     """"up to date: built <when>, <sha>" when the published build has this input hash, else None."""
     from pipeline import artifacts
+    from pipeline.errors import CorruptState
 
-    manifest = artifacts.read_manifest(image_dir)
+    try:
+        manifest = artifacts.read_manifest(image_dir)
+    except CorruptState:  # a damaged published record is not "up to date": building replaces it
+        return None
     if not manifest or manifest.get("input_hash") != input_hash:
         return None
     build = artifacts.current_build(image_dir)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import UnsafePath
+from pipeline.fsutil import check_dir, ensure_dir
 from pipeline.run import run
 
 KEY_NAME = "imagepipe_ed25519"
 
 
-def project_key(output_dir: Path, configured: str | None = None) -> Path:
+def project_key(output_dir: Path, configured: str | None = None, *, create: bool = True) -> Path:
     """The private key to use: `defaults.ssh_key` if configured, else <output>/.keys/imagepipe_ed25519
-    (created once with ssh-keygen; never committed, output/ is ignored)."""
+    (created once with ssh-keygen; never committed, output/ is ignored). create=False (a dry
+    run): the path it has or would have, nothing written.
+
+    The key folder must be a real folder inside the output folder (a planted link is refused),
+    and the key is written to a temp name first, then renamed into place."""
     if configured:
         path = Path(configured).expanduser()
         if not path.exists():
@@ -20,8 +26,13 @@ def project_key(output_dir: Path, configured: str | None = None) -> Path:
             raise ConfigError("invoke.yaml", [f"defaults.ssh_key: {path} does not exist"])
         return path
     key = output_dir / ".keys" / KEY_NAME
+    if not create:
+        return key
+    check_dir(key.parent, output_dir)
+    if key.is_symlink() and not key.exists():
+        raise UnsafePath(f"{key} is a dangling symbolic link", f"move {key} away; a new key is then created")
     if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(key.parent, output_dir, mode=0o700)
         tmp = key.with_name(KEY_NAME + ".tmp")
         for stale in (tmp, tmp.with_suffix(".tmp.pub")):
             stale.unlink(missing_ok=True)

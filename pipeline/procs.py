@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.numbers import int_or_none
 from pipeline.run import run
 
 PROC = Path("/proc")
@@ -81,13 +82,60 @@ def is_alive(pid: int | None, start: str | None) -> bool:
     return now is not None and (start is None or now == start or now == ALIVE)
 
 
+def process_group(pid: int) -> int | None:
+    """The process group of `pid` (field 5 of /proc/PID/stat); None when gone or unknown."""
+    fields = _stat_fields(pid) if have_proc() else None
+    return int_or_none(fields[2]) if fields is not None and len(fields) > 2 else None
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux): a pid recorded before a reboot means nothing after it."""
+    try:
+        return (PROC / "sys" / "kernel" / "random" / "boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """This user's live processes (not this one) in process group `pgid`. /proc only."""
+    found = []
+    for entry in PROC.iterdir() if PROC.is_dir() else []:
+        pid = int_or_none(entry.name)
+        if pid is None or pid == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid == os.getuid() and process_group(pid) == pgid:
+                found.append(pid)
+    return found
+
+
+def stop_group_leftovers(pgid: int, leader_start: str | None, grace: float = 5.0) -> list[int]:
+    """SIGKILL what is left of a tool's process group that a killed build started (packer's
+    QEMU outlives packer, for example); returns the pids stopped.
+
+    Only when the group is still that build's: its leader is gone or has the recorded start
+    time, and every member started no earlier than the leader did (a later process group with
+    the same id would have a leader of its own). The kernel keeps a group's id from being
+    reused while a member lives, so members found this way are the build's.
+    """
+    start = int_or_none(leader_start)
+    if start is None:
+        return []
+    now = start_time(pgid)
+    if now is not None and now != leader_start:
+        return []
+    members = [p for p in group_members(pgid) if (int_or_none(start_time(p)) or -1) >= start]
+    kill_and_wait(members, grace)
+    return members
+
+
 def pids_mentioning(needle: str) -> list[int]:
     """This user's processes (not this one) whose command line contains `needle`. /proc only;
     elsewhere an empty list."""
     found = []
     raw = needle.encode()
     for entry in PROC.iterdir() if PROC.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if int_or_none(entry.name) in (None, os.getpid()):
             continue
         with contextlib.suppress(OSError):
             if entry.stat().st_uid == os.getuid() and raw in (entry / "cmdline").read_bytes():

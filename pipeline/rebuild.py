@@ -111,8 +111,13 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
 
         summary = describe_failure(exc, distros.profile(image).driver)
         return Outcome(image.name, "failed", summary + (f" ({exc.hint})" if exc.hint else ""))
-    except Exception as exc:  # a bug in one image's build must not stop the timer's other images
-        return Outcome(image.name, "failed", f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug in one image's build must not stop the timer's other images
+        from pipeline.crash import unexpected
+        from pipeline.fsutil import is_storage_error, storage_error
+
+        if isinstance(exc, OSError) and is_storage_error(exc):
+            return Outcome(image.name, "failed", storage_error(exc).message)
+        return Outcome(image.name, "failed", unexpected(exc, cfg.output_dir, f"rebuild-{image.name}").message)
     if result.skipped:
         return Outcome(image.name, "up-to-date", result.skipped)
     art = (result.manifest or {}).get("artifact", {})

@@ -8,6 +8,11 @@ against that config's known_hosts instead of Fabric's default of trusting any ke
 
 Commands on the builder are argv lists joined with `shlex.join`; where a command must run in a
 directory, a constant `sh -c` script receives the directory as a positional argument.
+
+The builder dir is mirrored with `rsync --delete`, so it must be imagepipe's own: the first sync
+claims an empty (or new) folder by writing a marker file into it; `/`, the home folder (or one
+above it) and a non-empty folder without the marker are refused before rsync runs. What the
+builder prints reaches this terminal with control characters made visible (pipeline.text).
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline import events, rsync
-from pipeline.config import HOST_RE, Arch, Config
-from pipeline.errors import BuildFailed, ImagepipeError, UsageError
+from pipeline.config import Arch, Config
+from pipeline.errors import BuildFailed, ImagepipeError, UnsafePath, UsageError
 from pipeline.host import HostFacts, Runner, find_firmware, probe
 from pipeline.progress import Progress
 from pipeline.run import Result, stream
+from pipeline.text import visible
+from pipeline.validate import host_problem
 
 # Runs argv in directory $1 (no config value is ever part of the script text itself).
 IN_DIR = 'cd -- "$1" && shift && exec "$@"'
@@ -44,6 +51,26 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --disable-pip-version-check -q -e .
 printf '%s\n' "$2" > .venv/imagepipe-pyproject.sha256
 echo "venv created"
+"""
+MARKER = rsync.BUILDER_MARKER
+# Decides whether the builder dir ($1) may be mirrored with rsync --delete and claims a new or
+# empty one with the marker file ($2); prints one word (no config value is part of the script).
+CLAIM_DIR = r"""set -eu
+d=$1
+if [ -e "$d" ] && [ ! -d "$d" ]; then echo not-a-folder; exit 0; fi
+mkdir -p -- "$d"
+real=$(cd -- "$d" && pwd -P)
+home=$(cd && pwd -P)
+if [ "$real" = / ]; then echo root; exit 0; fi
+if [ "$real" = "$home" ]; then echo home; exit 0; fi
+case "$home/" in "$real"/*) echo above-home; exit 0;; esac
+if [ -f "$d/$2" ] && [ ! -L "$d/$2" ]; then echo ours; exit 0; fi
+if [ -z "$(ls -A -- "$d")" ]; then
+  printf '%s
+' "imagepipe builder folder: the project is mirrored here (rsync --delete)" > "$d/$2"
+  echo claimed; exit 0
+fi
+echo foreign
 """
 # Builds on a builder publish here (relative to its dir), whatever its invoke.yaml says.
 REMOTE_OUTPUT = "output"
@@ -111,7 +138,7 @@ def _host_problem(host: str) -> str | None:
         (any(ch in host for ch in ";&|<>"), "it contains a shell operator (; & | < >)"),
         (any(ch in host for ch in "'\"\\"), "it contains a quote or backslash"),
         (":" in host or "/" in host, "it contains ':' or '/' (rsync would read a path)"),
-        (not HOST_RE.match(host), "only letters, digits, '.', '_', '-' (and one user@) are allowed"),
+        (host_problem(host) is not None, host_problem(host) or ""),
     ]
     return next((why for bad, why in checks if bad), None)
 
@@ -143,7 +170,7 @@ def _dir_problem(raw: str) -> str | None:
 
 def check_name(value: str, what: str) -> str:
     """A file or build name read from a builder: one plain path component."""
-    if not SAFE_NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise BuildFailed(f"the builder's {what} {value!r} is not a plain file name; refusing to use it")
     return value
 
@@ -294,11 +321,36 @@ def builder_facts(conn: Any, target: Target) -> HostFacts:
 # --------------------------------------------------------------------------------- sync + venv
 
 
+def claim_dir(conn: Any, target: Target) -> str:
+    """Make sure the builder dir is imagepipe's before anything is deleted there: returns "ours"
+    or "claimed" (a new or empty folder, now marked); UnsafePath for anything else."""
+    res = runner_for(conn)(("sh", "-c", CLAIM_DIR, "imagepipe", target.dir, MARKER))
+    verdict = res.stdout.strip().splitlines()[-1] if res.ok and res.stdout.strip() else ""
+    if verdict in ("ours", "claimed"):
+        return verdict
+    where = f"builder {target.name}: {target.dir!r} on {target.host}"
+    fix = (f"set builders.{target.name}.dir in invoke.yaml to a folder of its own (new or empty), "
+           "e.g. ~/imagepipe")
+    problems = {
+        "not-a-folder": "exists and is not a folder",
+        "root": "is the root folder /",
+        "home": "is the home folder",
+        "above-home": "is a folder above the home folder",
+        "foreign": f"is not empty and has no {MARKER} marker, so it is not imagepipe's",
+    }
+    if verdict not in problems:
+        raise BuildFailed(f"{where}: cannot check or create it: {visible((res.stderr or res.stdout).strip()[-300:])}")
+    if verdict == "foreign":
+        fix += (f"; if it holds only an earlier imagepipe sync, mark it as imagepipe's: "
+                f"ssh {target.host} touch {shlex.quote(target.path(MARKER))}")
+    raise UnsafePath(f"{where} {problems[verdict]}: syncing with rsync --delete would remove what else is "
+                     "there; nothing was changed", fix)
+
+
 def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = ()) -> rsync.Stats:
-    """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats."""
-    res = runner_for(conn)(("mkdir", "-p", "--", target.dir))
-    if not res.ok:
-        raise BuildFailed(f"builder {target.name}: cannot create {target.dir}: {res.stderr.strip()}")
+    """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats.
+    The dir must be imagepipe's (`claim_dir`) before rsync --delete runs against it."""
+    claim_dir(conn, target)
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
                            (*rsync.SYNC_EXCLUDES, *extra_excludes))
     result = stream(argv, timeout=main_thread_timeout(3600),
@@ -327,7 +379,7 @@ def pyproject_hash(root: Path) -> str:
 def ensure_venv(conn: Any, target: Target, root: Path, say: Callable[[str], None]) -> None:
     """A venv with this project installed in the builder dir; recreated only when pyproject changes."""
     argv = ["sh", "-c", ENSURE_VENV, "imagepipe", target.dir, pyproject_hash(root)]
-    sink = LineSink(lambda line: say(target.prefix + line))
+    sink = LineSink(lambda line: say(target.prefix + visible(line)))
     res = conn.run(shlex.join(argv), warn=True, hide=False, out_stream=sink, err_stream=sink,
                    in_stream=False, timeout=1800)
     sink.close()
@@ -379,9 +431,9 @@ def remote_build(conn: Any, target: Target, image: str, accel: str | None, say: 
             _, ev = parsed
             # one line per event, so every line of a multi-line message carries the prefix
             for part in ev.message.splitlines() or [""]:
-                progress.emit(replace(ev, message=part))
+                progress.emit(replace(ev, message=visible(part), source=visible(ev.source)))
         elif line.strip():
-            say(target.prefix + line)
+            say(target.prefix + visible(line))
 
     out = LineSink(on_stdout)
     # A pty: Ctrl-C here is forwarded as ^C, which the builder's terminal turns into SIGINT for the

@@ -11,12 +11,14 @@ Everything here runs while the image's lock is held, so no build of that image i
 
 from __future__ import annotations
 
-import shutil
+import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts, history
+from pipeline.fsutil import check_dir, safe_rmtree
 from pipeline.procs import stop_processes_in
 
 
@@ -67,6 +69,8 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
     """What `apply` would remove for `image` (nothing is touched)."""
     image_dir = output_dir / image
     builds_dir, logs_dir = image_dir / "builds", image_dir / "logs"
+    for folder in (image_dir, builds_dir, logs_dir):  # a planted link is refused, never followed
+        check_dir(folder, output_dir)
     build_ids = _children(builds_dir)
     log_ids = _children(logs_dir)
     current = artifacts.current_build(image_dir)
@@ -81,13 +85,13 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
 
 def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> GcPlan:
     """Remove what `plan` names (the caller holds the image lock) and note it in the history."""
-    with history.History(output_dir) as hist:
+    with history.History(output_dir, readonly=dry_run) as hist:
         statuses = {b.id: b.status for b in hist.builds(image)}
         gc = plan(output_dir, image, keep, statuses)
         if dry_run:
             return gc
         for path in gc.paths:
-            shutil.rmtree(path)
+            safe_rmtree(path, output_dir / image)
         hist.mark_removed(gc.removed)
     return gc
 
@@ -97,10 +101,17 @@ def _children(folder: Path) -> list[str]:
 
 
 def du(path: Path) -> int:
-    """Bytes used by the files under `path` (apparent size)."""
+    """Bytes used by the files under `path` (apparent size; links are not followed)."""
+    if path.is_symlink():
+        return 0
     if path.is_file():
         return path.stat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    total = 0
+    for folder, _dirs, files in os.walk(path):  # os.walk does not descend into linked folders
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 # --------------------------------------------------------------------------------- after a kill
@@ -111,12 +122,14 @@ def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None) -> li
     staging folders (after stopping any tool still running in them) and half-made symlinks."""
     removed: list[Path] = []
     staging = image_dir / ".staging"
+    check_dir(image_dir, image_dir.parent)
+    check_dir(staging, image_dir)  # `.staging -> /home/me` is refused, never emptied
     for stage in sorted(staging.iterdir()) if staging.is_dir() else []:
-        stopped = stop_processes_in(stage)
+        stopped = stop_processes_in(stage) if stage.is_dir() and not stage.is_symlink() else []
         if say:
             extra = f", stopped {len(stopped)} leftover process(es)" if stopped else ""
             say(f"{image_dir.name}: removing {stage.name} left by an interrupted build{extra}")
-        shutil.rmtree(stage, ignore_errors=True)
+        safe_rmtree(stage, image_dir, ignore_errors=True)
         removed.append(stage)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()

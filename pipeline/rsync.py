@@ -13,11 +13,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.numbers import int_or_none
+
+# The file that makes a builder dir imagepipe's (remote.claim_dir); excluded, so --delete keeps it.
+BUILDER_MARKER = ".imagepipe-builder"
 # What never goes to a builder: outputs, VCS data, virtualenvs and caches. ("/.git" without a
 # slash: in a git worktree .git is a file.)
 SYNC_EXCLUDES: tuple[str, ...] = (
     "/output/", "/.git", ".venv/", "/venv/", "__pycache__/", "*.pyc", "*.egg-info/",
     ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/", "/build/", "/result",
+    f"/{BUILDER_MARKER}",
 )
 
 
@@ -92,7 +97,7 @@ _STAT_KEYS = {
     "Total bytes sent": "sent",
     "Total bytes received": "received",
 }
-_STAT_RE = re.compile(r"^\s*([A-Za-z ]+?):\s+([\d,.]+)")
+_STAT_RE = re.compile(r"^\s*([A-Za-z ]+?):\s+([0-9,.]+)")
 
 
 def parse_stats(output: str) -> Stats:
@@ -101,7 +106,7 @@ def parse_stats(output: str) -> Stats:
     for line in output.splitlines():
         m = _STAT_RE.match(line)
         if m and m.group(1) in _STAT_KEYS:
-            digits = re.sub(r"[,.]", "", m.group(2))
-            if digits.isdigit():
-                values[_STAT_KEYS[m.group(1)]] = int(digits)
+            number = int_or_none(re.sub(r"[,.]", "", m.group(2)))
+            if number is not None:
+                values[_STAT_KEYS[m.group(1)]] = number
     return Stats(**values)

@@ -3,17 +3,36 @@
 argv lists in, `shlex.join` in the log, a pinned environment, a typed failure out. Long-running
 tools (packer, nix, qemu) go through `stream()`, which puts them in their own process group so
 that an interrupt can stop them *and everything they started* (packer's qemu) before cleanup.
+
+When imagepipe itself dies (kill -9, the OOM killer, a closed terminal) what it started dies too:
+
+- `stream()` starts the tool under a tiny leash process (LEASH below: a few lines of Python,
+  stdlib only) that leads the tool's process group. The leash asks the kernel for a signal when
+  its parent dies (Linux: prctl PR_SET_PDEATHSIG; elsewhere it polls getppid) and then SIGKILLs
+  the whole group — the tool and everything it started, such as packer's QEMU, which the
+  tool's own parent-death signal would not reach (the setting is not inherited over fork).
+  Otherwise the leash only waits: signals meant for the tool (Ctrl-C, SIGTERM) reach it through
+  the group, and the leash exits with the tool's status.
+- `run()` children get PR_SET_PDEATHSIG=SIGKILL set between fork and exec (Linux).
+- `tie_to_us(pid)` watches a process that is not our child (the boot test's daemonized QEMU)
+  the same way, for as long as the block runs.
+
+The kernel sends the parent-death signal when the *thread* that started the child ends, not the
+process: every caller here blocks in the thread that started the child until the child is done
+(`tie_to_us` is used from the main thread), so the two coincide.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -49,6 +68,70 @@ INSTALL_HINTS: dict[str, str] = {
 
 # Variables that would change a tool's behaviour or output behind our back.
 PINNED_ENV = {"LC_ALL": "C.UTF-8", "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
+
+PR_SET_PDEATHSIG = 1
+# The leash (see the module docstring), run as `python -I -S -c LEASH MODE PARENT ...`:
+#   group PARENT ARGV...   fork+exec ARGV in our process group; SIGKILL the group if PARENT dies
+#   watch PARENT PID START SIGKILL process PID (if it still has start time START) if PARENT dies
+LEASH = r"""
+import os, signal, sys, time
+mode, parent, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def start_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+def orphaned(*_):
+    try:
+        if mode == "group":
+            os.killpg(0, signal.SIGKILL)
+        elif start_of(int(rest[0])) == rest[1]:
+            os.kill(int(rest[0]), signal.SIGKILL)
+    finally:
+        os._exit(137)
+signal.signal(signal.SIGUSR2, orphaned)
+linux = sys.platform.startswith("linux")
+if linux:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR2, 0, 0, 0)
+if os.getppid() != parent:
+    orphaned()
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, lambda *_: None)
+if mode == "watch":
+    while True:
+        if linux:
+            signal.pause()
+        else:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                orphaned()
+child = os.fork()
+if child == 0:
+    try:
+        os.execv(rest[0], rest)
+    except OSError as exc:
+        os.write(2, ("cannot run %s: %s\n" % (rest[0], exc.strerror)).encode())
+    os._exit(127)
+while True:
+    done, status = os.waitpid(child, 0 if linux else os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.5)
+    if os.getppid() != parent:
+        orphaned()
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+os._exit(code & 0xFF)
+"""
+
+# Told about every process group stream() starts (build.py records them in the history, so the
+# next command can stop what a killed build left behind).
+_on_group: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "imagepipe_on_group", default=None)
 
 
 @dataclass(frozen=True)
@@ -117,7 +200,7 @@ def run(
     try:
         proc = subprocess.run(
             args, cwd=cwd, env=environment(env), input=input, capture_output=True,
-            text=True, timeout=timeout, check=False,
+            text=True, errors="replace", timeout=timeout, check=False, preexec_fn=_die_with_us(),
         )
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -130,6 +213,55 @@ def run(
 
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _die_with_us() -> Callable[[], None] | None:
+    """A preexec function (Linux): the child gets SIGKILL when this process dies; if we died
+    before it was set, the child ends at once. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(137)
+
+    return preexec
+
+
+def leashed(args: Sequence[str]) -> list[str]:
+    """`args` run under the leash (its own process group, SIGKILLed with us)."""
+    return [sys.executable, "-I", "-S", "-c", LEASH, "group", str(os.getpid()), *args]
+
+
+@contextlib.contextmanager
+def tool_groups(on_group: Callable[[int], None]) -> Iterator[None]:
+    """Call `on_group(pgid)` for every process group stream() starts within the block."""
+    token = _on_group.set(on_group)
+    try:
+        yield
+    finally:
+        _on_group.reset(token)
+
+
+@contextlib.contextmanager
+def tie_to_us(pid: int, start: str | None) -> Iterator[None]:
+    """While the block runs, SIGKILL process `pid` (still with start time `start`) if this
+    process dies: for processes that are not our children (a daemonized QEMU)."""
+    if start is None:
+        yield
+        return
+    watcher = subprocess.Popen([sys.executable, "-I", "-S", "-c", LEASH, "watch", str(os.getpid()), str(pid), start],
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield
+    finally:
+        watcher.kill()
+        watcher.wait()
 
 
 def stream(
@@ -156,11 +288,14 @@ def stream(
     tail: deque[str] = deque(maxlen=40)
     logf = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
     proc = subprocess.Popen(
-        args, cwd=cwd, env=environment(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        leashed(args), cwd=cwd, env=environment(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
     )
     deadline = time.monotonic() + timeout if timeout else None
     try:
+        on_group = _on_group.get()
+        if on_group is not None:
+            on_group(proc.pid)
         with _alarm_at(deadline):
             assert proc.stdout is not None
             for raw in proc.stdout:
@@ -178,6 +313,9 @@ def stream(
     except (KeyboardInterrupt, Interrupted) as exc:
         stop_group(proc, grace)
         raise Interrupted(f"interrupted: stopped {Path(args[0]).name} and its children") from exc
+    except BaseException:
+        stop_group(proc, grace)
+        raise
     finally:
         if logf:
             logf.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import UsageError
 from pipeline.fsutil import atomic_write
+from pipeline.text import has_control, visible
 
 PREFIX = "imagepipe-rebuild"
 LOCK_FILE = ".rebuild.lock"
@@ -67,10 +68,22 @@ def invoke_argv(root: Path, config_file: Path | None = None) -> list[str]:
 
 
 def command(cfg: Config, job: Job, flock: str, config_file: Path | None = None) -> list[str]:
-    """flock --nonblock ... invoke [-f CONFIG] rebuild ...: the job's full argv."""
+    """flock --nonblock ... invoke [-f CONFIG] rebuild ...: the job's full argv (every word
+    checked: a unit file or a crontab line cannot carry a line break or a control character)."""
     lock = cfg.output_dir / LOCK_FILE
-    return [flock, "--nonblock", "--conflict-exit-code", str(BUSY_EXIT), str(lock),
+    argv = [flock, "--nonblock", "--conflict-exit-code", str(BUSY_EXIT), str(lock),
             *invoke_argv(cfg.root, config_file), *job.args]
+    renderable([*argv, str(cfg.root), str(cfg.output_dir)])
+    return argv
+
+
+def renderable(words: list[str]) -> None:
+    """UsageError when a word would break the unit or crontab line it is written into."""
+    for word in words:
+        if has_control(word):
+            raise UsageError(f"cannot schedule: the path {visible(word)!r} holds a line break or another control "
+                             "character, which would end the systemd unit line or crontab line early",
+                             "move the project (or the -f config file) to a path without such characters")
 
 
 def systemd_quote(arg: str) -> str:

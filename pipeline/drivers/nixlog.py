@@ -7,7 +7,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.numbers import int_or_none
 from pipeline.progress import Event
+from pipeline.text import visible
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STORE_NAME_RE = re.compile(r"^/nix/store/[0-9a-z]{32}-(.+?)(\.drv)?$")
@@ -23,8 +25,14 @@ LEVEL_INFO = 3
 
 
 def clean(text: str) -> str:
-    """A nix message without its colour codes."""
-    return ANSI_RE.sub("", text).strip()
+    """A nix message without its colour codes, any other control character made visible."""
+    return visible(ANSI_RE.sub("", text).strip())
+
+
+def _int(value: Any, default: int) -> int:
+    """A number field of nix's log (anything else: `default`)."""
+    parsed = int_or_none(value, signed=True)
+    return default if parsed is None else parsed
 
 
 def store_name(path: str) -> str:
@@ -46,37 +54,41 @@ class LogParser:
             return Event("message", text, source="nix") if text else None
         try:
             record = json.loads(line[5:])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return Event("message", clean(line), source="nix")
         if not isinstance(record, dict):
             return None
-        handler = {"start": self._start, "result": self._result, "msg": self._msg}.get(record.get("action", ""))
+        action = record.get("action")
+        handler = {"start": self._start, "result": self._result, "msg": self._msg}.get(action) \
+            if isinstance(action, str) else None
         return handler(record) if handler else None
 
     def _start(self, r: Mapping[str, Any]) -> Event | None:
         kind, text = r.get("type"), clean(str(r.get("text", "")))
         if kind == ACT_BUILD:
-            fields = r.get("fields") or [""]
-            name = store_name(str(fields[0]))
-            self.builds[int(r.get("id", 0))] = name
+            raw = r.get("fields")
+            fields: list[Any] = raw if isinstance(raw, list) and raw else [""]
+            name = visible(store_name(str(fields[0])))
+            self.builds[_int(r.get("id"), 0)] = name
             return Event("step", f"building {name}", source="nix", data=(str(fields[0]),))
-        if text and (kind in (ACT_SUBSTITUTE, ACT_FILE_TRANSFER) or int(r.get("level", 9)) <= LEVEL_INFO):
+        if text and (kind in (ACT_SUBSTITUTE, ACT_FILE_TRANSFER) or _int(r.get("level"), 9) <= LEVEL_INFO):
             return Event("message", text, source="nix")
         return None
 
     def _result(self, r: Mapping[str, Any]) -> Event | None:
-        kind, fields = r.get("type"), r.get("fields") or []
-        name = self.builds.get(int(r.get("id", 0)), "")
+        kind = r.get("type")
+        fields = r.get("fields") if isinstance(r.get("fields"), list) else []
+        name = self.builds.get(_int(r.get("id"), 0), "")
         source = f"nix:{name}" if name else "nix"
         if kind in (RES_BUILD_LOG_LINE, RES_POST_BUILD_LOG_LINE) and fields:
             text = clean(str(fields[0]))
             return Event("message", text, source=source) if text else None
         if kind == RES_SET_PHASE and fields:
-            return Event("message", f"{name or 'build'}: phase {fields[0]}", source=source)
+            return Event("message", f"{name or 'build'}: phase {clean(str(fields[0]))}", source=source)
         return None
 
     def _msg(self, r: Mapping[str, Any]) -> Event | None:
-        text, level = clean(str(r.get("msg", ""))), int(r.get("level", 9))
+        text, level = clean(str(r.get("msg", ""))), _int(r.get("level"), 9)
         if not text or level > LEVEL_INFO:
             return None
         return Event("error" if level == 0 else "message", text, source="nix")

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 
 from pipeline.drivers import PackerSource, Prepared
 from pipeline.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.numbers import int_or_none
 from pipeline.progress import Event, Progress
 from pipeline.render.packer import supports_plugins
 from pipeline.run import install_hint, run, stream
+from pipeline.text import visible
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
@@ -29,11 +31,17 @@ STEP_RE = re.compile(r"^==> [^:]+: (.*)$")
 
 
 def parse_machine_line(line: str) -> Event | None:
-    """One `-machine-readable` line (`ts,target,type,data...`) → an Event (None: not for people)."""
+    """One `-machine-readable` line (`ts,target,type,data...`) → an Event (None: not for people).
+
+    Never raises: a line that does not parse is shown as it is (as text, control characters made
+    visible) and the build goes on. The event's text is always made visible here: it is what a
+    guest or a tool printed."""
     parts = line.split(",")
-    if len(parts) < 3 or not parts[0].isdigit():
-        return Event("message", line) if line.strip() else None
-    ts, target, kind, data = float(parts[0]), parts[1], parts[2], [_unescape(p) for p in parts[3:]]
+    ts_value = int_or_none(parts[0], hi=2**35) if len(parts) >= 3 else None  # a sane epoch second
+    if ts_value is None:
+        return Event("message", visible(line)) if line.strip() else None
+    ts, target, kind = float(ts_value), visible(parts[1]), parts[2]
+    data = [visible(_unescape(p)) for p in parts[3:]]
     if kind == "ui" and len(data) >= 2:
         level, text = data[0], ",".join(data[1:]).rstrip()
         step = STEP_RE.match(text.strip())

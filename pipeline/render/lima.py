@@ -21,8 +21,9 @@ def instance_name(image: Image) -> str:
 def vm_type(os_name: str, mac_release: str = "") -> str:
     """vz on macOS >= 13 (Virtualization.framework), qemu everywhere else."""
     if os_name == "darwin":
-        head = mac_release.split(".")[0]
-        if head.isdigit() and int(head) >= 13:
+        from pipeline.numbers import int_or_none
+
+        if (int_or_none(mac_release.split(".")[0], hi=1000) or 0) >= 13:
             return "vz"
     return "qemu"
 

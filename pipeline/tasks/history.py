@@ -27,7 +27,7 @@ def history(c: Context, image: str = "", limit: str = "20", json: bool = False) 
     cfg = load_config(c)
     if image:
         cfg.image(image)  # unknown names fail with the list of valid ones
-    with History(cfg.output_dir) as hist:
+    with History(cfg.output_dir, create=False) as hist:  # reading creates nothing
         hist.reap()
         rows = hist.builds(image or None, whole_number(limit, "--limit") or None)
     if json:
@@ -74,6 +74,7 @@ def _when(ts: float) -> str:
 })
 def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -> None:
     """Apply retention now: keep each image's last N builds (never the published one)."""
+    import contextlib
     import json as json_mod
 
     from pipeline import retention
@@ -83,14 +84,15 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
     cfg = load_config(c)
     names = [cfg.image(image).name] if image else sorted(cfg.images)
     total = 0
-    with History(cfg.output_dir) as hist:
-        hist.reap()
+    if not dry_run:  # a dry run writes nothing
+        with History(cfg.output_dir) as hist:
+            hist.reap()
     for name in names:
         img = cfg.images[name]
         if not (cfg.output_dir / name).is_dir():
             continue
         try:
-            with image_lock(cfg.output_dir / name, wait=False):
+            with contextlib.nullcontext() if dry_run else image_lock(cfg.output_dir / name, wait=False):
                 if not dry_run:
                     retention.clean_stale(cfg.output_dir / name, say)
                 plan = retention.apply(cfg.output_dir, name, img.retention, dry_run=dry_run)

@@ -44,12 +44,14 @@ def remote_accel_option(value: str) -> str | None:
     return accel.value if accel is not None else None
 
 
-def whole_number(value: str | int, flag: str) -> int:
-    """A non-negative integer option. Such options are declared as strings, because Invoke's own
-    int parsing ends in a traceback on `--limit x`; this gives a one-line error instead."""
+def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
+    """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.numbers). Such
+    options are declared as strings, because Invoke's own int parsing ends in a traceback on
+    `--limit x`; this gives a one-line error instead."""
     from pipeline.errors import UsageError
+    from pipeline.numbers import NumberError, parse_int
 
-    text = str(value).strip()
-    if not text.isdigit():
-        raise UsageError(f"{flag} expects a whole number (0 or more), got {text!r}")
-    return int(text)
+    try:
+        return parse_int(value, lo=0, hi=hi, what="a whole number (0 or more)")
+    except NumberError as exc:
+        raise UsageError(f"{flag} expects a whole number (0 to {hi}), got {value!r}", str(exc)) from None

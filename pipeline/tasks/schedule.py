@@ -99,7 +99,7 @@ def schedule_status(c: Context, user: bool = False, system: bool = False, unit_d
     for missing in sorted(wanted - {t.name for t in timers}):
         if timers:
             print(f"{missing}: configured in invoke.yaml but not installed (run: invoke schedule-install)")
-    with History(cfg.output_dir) as hist:
+    with History(cfg.output_dir, create=False) as hist:
         hist.reap()
         for name in sorted(cfg.images):
             last = hist.last(name)

@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import contract, distros, keys
+from pipeline import contract, distros, keys, procs
 from pipeline.config import Accel, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.host import HostFacts
-from pipeline.run import run
+from pipeline.run import run, tie_to_us
+from pipeline.text import visible_lines
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.qmp import Qmp, QmpError
@@ -26,6 +27,7 @@ from pipeline.vm.state import (
     BOOT_TEST_DIR,
     StatePaths,
     clear_live_state,
+    ensure_state_dir,
     free_port,
     read_status,
     state_paths,
@@ -127,7 +129,7 @@ def _await_login(guest: SshGuest, deadline: float) -> None:
         if time.monotonic() >= end:
             image = guest.image
             raise VerifyFailed(f"{image.name}: cannot log in as {image.ssh_user} with {guest.key} within "
-                               f"{deadline:.0f}s ({out.strip()[-300:]})\n{tail_block(guest.state)}",
+                               f"{deadline:.0f}s ({visible_lines(out.strip()[-300:])})\n{tail_block(guest.state)}",
                                "check defaults.ssh_key / the image's public_keys")
         time.sleep(2)
 
@@ -144,6 +146,7 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
+    ensure_state_dir(state)  # a real folder of ours (a planted link is refused) before anything goes
     state.efivars.unlink(missing_ok=True)  # every boot test starts from the firmware's own variables
     key = keys.project_key(output_dir, cfg.defaults.ssh_key)
     say(f"{image.name}: boot test ({accel_choice.accel.value}), waiting up to {wait:.0f}s for SSH")
@@ -153,18 +156,21 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
         raise VerifyFailed(f"{image.name}: QEMU did not start: {exc.message}", exc.hint) from None
     if st.pid is None or st.ssh_port is None:
         raise VerifyFailed(f"{image.name}: QEMU exited right after starting\n{tail_block(state)}")
-    try:
-        pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
-        guest = SshGuest(image, state, key, st.ssh_port, st.pid, wait)
-        _await_login(guest, wait)
-        problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
-        if problems:
-            raise VerifyFailed(f"{image.name} breaks the guest contract:\n" + "\n".join(f"  {p}" for p in problems)
-                               + f"\n{tail_block(state)}", "README: The guest contract")
-    finally:
-        if read_status(image.name, state).state == "running":
-            stop(image.name, state, force=True, say=lambda _m: None)
-        clear_live_state(state)
+    # QEMU daemonizes (it is not our child): tie it to us, so it dies if imagepipe is killed
+    with tie_to_us(st.pid, procs.start_time(st.pid)):
+        try:
+            pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
+            guest = SshGuest(image, state, key, st.ssh_port, st.pid, wait)
+            _await_login(guest, wait)
+            problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
+            if problems:
+                raise VerifyFailed(f"{image.name} breaks the guest contract:\n"
+                                   + "\n".join(f"  {visible_lines(p)}" for p in problems)
+                                   + f"\n{tail_block(state)}", "README: The guest contract")
+        finally:
+            if read_status(image.name, state).state == "running":
+                stop(image.name, state, force=True, say=lambda _m: None)
+            clear_live_state(state)
 
 
 @dataclass(frozen=True)

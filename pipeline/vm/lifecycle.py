@@ -15,8 +15,9 @@ from typing import Any
 from pipeline import artifacts, distros
 from pipeline.config import Accel, Config, Image
 from pipeline.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
-from pipeline.fsutil import atomic_copy
+from pipeline.fsutil import atomic_copy, atomic_write
 from pipeline.host import FirmwareInfo, HostFacts, probe
+from pipeline.numbers import int_or_none
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
 from pipeline.run import interactive, run
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
@@ -27,6 +28,7 @@ from pipeline.vm.state import (
     alive,
     clear_live_state,
     console_tail,
+    ensure_state_dir,
     free_port,
     pick_port,
     read_status,
@@ -97,18 +99,23 @@ def reset_known_hosts(previous_build: str | None, build_id: str, snapshot: bool,
 
 
 def prepare_state(state: StatePaths, target: BootTarget, firmware: FirmwareInfo | None, opts: RunOptions) -> None:
-    """Create the folder, the UEFI variables copy, a fresh console log; reset known_hosts if due."""
-    state.root.mkdir(parents=True, exist_ok=True)
+    """Create the folder, the UEFI variables copy, a fresh console log; reset known_hosts if due.
+
+    Every file is replaced, never written through: a link planted in the state folder is
+    replaced by a real file (QEMU then opens that file, not the link's target)."""
+    ensure_state_dir(state)
+    clear_live_state(state)  # not running (start checked): whatever is there is stale
     previous = read_value(state.build_id)
     if previous != target.build_id:
         state.efivars.unlink(missing_ok=True)  # boot entries of the old disk mean nothing to a new one
     if firmware is not None and firmware.vars and target.boot is None and not state.efivars.exists():
         atomic_copy(Path(firmware.vars), state.efivars)
     if reset_known_hosts(previous, target.build_id, opts.snapshot, ephemeral_root(target.image)):
-        state.known_hosts.write_text("", encoding="utf-8")
+        atomic_write(state.known_hosts, "")
     write_value(state.build_id, target.build_id)
-    state.console.write_text("", encoding="utf-8")
-    state.known_hosts.touch()
+    atomic_write(state.console, "")
+    if state.known_hosts.is_symlink() or not state.known_hosts.is_file():
+        atomic_write(state.known_hosts, "")
 
 
 def _record(state: StatePaths, port: int, accel: AccelChoice, opts: RunOptions) -> None:
@@ -164,8 +171,8 @@ def _launch(argv: list[str], state: StatePaths) -> None:
     """
     try:
         run(argv, timeout=60, hint=f"serial console: {state.console}")
-        pid = read_value(state.pid)
-        if not pid or not alive(int(pid), state):
+        pid = int_or_none(read_value(state.pid), lo=1, hi=2**31)
+        if pid is None or not alive(pid, state):
             raise CommandFailed(argv, 0, console_tail(state), hint="QEMU exited right after starting")
     except (KeyboardInterrupt, Interrupted):
         _kill_from_pidfile(state)
@@ -188,10 +195,10 @@ def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: in
 
 def _kill_from_pidfile(state: StatePaths) -> None:
     """SIGKILL the pidfile's process if it is still this VM's QEMU."""
-    pid = read_value(state.pid)
-    if pid and pid.isdigit() and alive(int(pid), state):
+    pid = int_or_none(read_value(state.pid), lo=1, hi=2**31)
+    if pid is not None and alive(pid, state):
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------- stop

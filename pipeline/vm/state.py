@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import procs
-from pipeline.fsutil import atomic_write
+from pipeline.fsutil import atomic_write, ensure_dir
+from pipeline.numbers import decimal_or_none, int_or_none
+from pipeline.text import visible_lines
 
 STATE_DIR = "run"
 BOOT_TEST_DIR = "boot-test"
@@ -139,11 +141,19 @@ class VmStatus:
 
 
 def read_value(path: Path) -> str | None:
-    """The value a state file holds (stripped); None when there is none."""
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, NotADirectoryError):
+    """The value a state file holds (stripped); None when there is none (or it is not a file
+    imagepipe wrote: a link, a folder, unreadable bytes)."""
+    if path.is_symlink():
         return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def ensure_state_dir(state: StatePaths) -> None:
+    """The state folder, created as a real folder inside a real image folder (links refused)."""
+    ensure_dir(state.root, state.root.parent.parent)
 
 
 def write_value(path: Path, text: str) -> None:
@@ -166,10 +176,12 @@ def alive(pid: int, state: StatePaths) -> bool:
 
 def read_status(image: str, state: StatePaths) -> VmStatus:
     """running/stopped from the state folder; a stale pidfile is cleaned up on the way."""
+    if state.root.is_symlink():  # not a folder imagepipe made: nothing of ours runs from it
+        return VmStatus(image, "stopped")
     pid_text = read_value(state.pid)
     if pid_text is None:
         return VmStatus(image, "stopped")
-    pid = int(pid_text) if pid_text.isdigit() else None
+    pid = int_or_none(pid_text, lo=1, hi=2**31)
     if pid is None or not alive(pid, state):
         clear_live_state(state)
         return VmStatus(image, "stopped", stale_cleaned=True)
@@ -177,14 +189,17 @@ def read_status(image: str, state: StatePaths) -> VmStatus:
     port = read_value(state.ssh_port)
     started = read_value(state.started_at)
     return VmStatus(
-        image, "running", pid=pid, ssh_port=int(port) if port and port.isdigit() else None,
+        image, "running", pid=pid, ssh_port=int_or_none(port, lo=1, hi=65535),
         accelerator=accel[0] or None, accel_reason=accel[1] if len(accel) > 1 else None,
-        started_at=float(started) if started else None, snapshot=state.snapshot.exists(),
+        started_at=decimal_or_none(started, hi=1e11), snapshot=state.snapshot.exists(),
     )
 
 
 def clear_live_state(state: StatePaths) -> None:
-    """Remove what describes a live VM; keep the console log, host keys and UEFI variables."""
+    """Remove what describes a live VM; keep the console log, host keys and UEFI variables.
+    Never inside a state folder that is a link (its files are not imagepipe's)."""
+    if state.root.is_symlink():
+        return
     for name in LIVE_FILES:
         (state.root / name).unlink(missing_ok=True)
     state.qmp.unlink(missing_ok=True)
@@ -232,6 +247,6 @@ def wait_gone(pid: int, state: StatePaths, timeout: float, interval: float = 0.2
 
 
 def console_tail(state: StatePaths, lines: int = 30) -> str:
-    """The last `lines` lines of the serial console."""
+    """The last `lines` lines of the serial console (a guest's escape sequences made visible)."""
     text = read_value(state.console) or ""
-    return "\n".join(text.splitlines()[-lines:])
+    return visible_lines("\n".join(text.splitlines()[-lines:]))

@@ -33,12 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
+from pipeline import openssh
 from pipeline.config import Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
 from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
 from pipeline.remote import Target
 
 SSHOPTS = "NIX_SSHOPTS"
+# One round trip to a builder: exit 127 without nix, 126 without nix-daemon (what ssh-ng runs);
+# else nix's version line, then its settings (`config show`, or `show-config` before nix 2.20).
+BUILDER_PROBE = (
+    "command -v nix >/dev/null || exit 127; command -v nix-daemon >/dev/null || exit 126; nix --version; "
+    "nix --extra-experimental-features nix-command config show 2>/dev/null "
+    "|| nix --extra-experimental-features nix-command show-config"
+)
 # Prints "dir" and the entries of directory $1, or "file" when $1 is a file (exit 3: missing).
 LIST_OUT = '[ -e "$1" ] || exit 3; if [ -d "$1" ]; then echo dir; ls -1A -- "$1"; else echo file; fi'
 
@@ -78,6 +86,9 @@ class SshNg:
     eval_store: str = "auto"          # the local store nix evaluates into (nix.conf `store`)
     nix_version: str | None = None
     user_sshopts: str = field(default="", compare=False)
+    # the OpenSSH master opened to check the host key: nix's ssh, rsync and the package list
+    # ride on it (one handshake); it ends when imagepipe exits (or 30 s after it was killed)
+    conn: openssh.Connection | None = field(default=None, compare=False, repr=False)
     kind: ClassVar[str] = "ssh-ng"
 
     @property
@@ -107,7 +118,9 @@ class SshNg:
         return ["--eval-store", self.eval_store, "--store", self.store_uri]
 
     def env(self) -> dict[str, str]:
-        return {SSHOPTS: nix_sshopts(self.target.ssh_config, self.user_sshopts)}
+        """NIX_SSHOPTS for nix's own ssh (on the open master when there is one)."""
+        reuse = self.conn.rsync_ssh_options() if self.conn is not None and self.conn.socket.exists() else []
+        return {SSHOPTS: nix_sshopts(self.target.ssh_config, " ".join([*reuse, self.user_sshopts]))}
 
 
 Route = NixBuilders | SshNg
@@ -153,24 +166,33 @@ def parse_builder_nix(settings: Mapping[str, str]) -> tuple[tuple[str, ...], fro
 def for_builder(target: Target, image: Image, *, accept_new_host_key: bool = False,
                 eval_store: str = "auto") -> SshNg:
     """Connect to `target` (host key checked, or pinned when asked), read its nix's settings and
-    refuse a builder that cannot build the image's system. Nothing is built yet."""
-    from pipeline import openssh
-    from pipeline.host import probe_nix_config, probe_tools
+    refuse a builder that cannot build the image's system. Nothing is built yet; the connection
+    stays open for the build (closed when imagepipe exits)."""
+    import atexit
 
-    with openssh.Connection(target, accept_new_host_key=accept_new_host_key) as conn:
-        settings = probe_nix_config(conn.run)
-        daemon = conn.run(("sh", "-c", "command -v nix-daemon"))
-        version = probe_tools(conn.run, ["nix"])["nix"].version if settings else None
-    if settings is None or not daemon.ok:
-        missing = "nix" if settings is None else "nix-daemon"
+    from pipeline.host import parse_nix_config, parse_version
+
+    conn = openssh.Connection(target, accept_new_host_key=accept_new_host_key)
+    atexit.register(conn.close)
+    try:
+        res = conn.run(("sh", "-c", BUILDER_PROBE))
+    except BaseException:
+        conn.close()
+        raise
+    settings = parse_nix_config(res.stdout) if res.ok else None
+    version = parse_version("nix", res.stdout) if res.ok else None
+    if settings is None or "system" not in settings:
+        conn.close()
+        missing = "nix-daemon" if res.returncode == 126 else "nix"
         raise HostUnsuitable(
             f"builder {target.name} has no {missing} on the PATH of a non-interactive SSH session",
             hint=f"install nix there (nix's remote builds run `nix-daemon --stdio` over ssh), or use "
                  f"the project-sync route: invoke remote-sync-build {target.name} --image {image.name}")
     systems, features = parse_builder_nix(settings)
-    route = SshNg(target, systems, features, eval_store, version, os.environ.get(SSHOPTS, ""))
+    route = SshNg(target, systems, features, eval_store, version, os.environ.get(SSHOPTS, ""), conn)
     system = image.arch.nix_system
     if system not in systems:
+        conn.close()
         raise HostUnsuitable(
             f"builder {target.name} cannot build {image.name}: its nix builds {', '.join(systems) or 'nothing'}, "
             f"not {system}",
@@ -248,15 +270,18 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any)
     """rsync the image file inside the builder's store path `out` into `stage` (named as the
     image's artifact), over one OpenSSH connection with imagepipe's host-key policy.
     `pick(names, image)`: which entry of a folder output is the image (drivers.nix.pick_image)."""
+    import contextlib
     import time
 
-    from pipeline import openssh, rsync
+    from pipeline import rsync
     from pipeline.remote import main_thread_timeout
     from pipeline.run import stream
 
     target = route.target
     started = time.monotonic()
-    with openssh.Connection(target) as conn:
+    reuse = route.conn is not None and route.conn.socket.exists()
+    with contextlib.nullcontext(route.conn) if reuse else openssh.Connection(target) as conn:
+        assert conn is not None
         listing = conn.run(("sh", "-c", LIST_OUT, "imagepipe", out))
         if not listing.ok:
             raise BuildFailed(f"nix built {out} on {target.name}, but it is not in its store any more",

@@ -110,8 +110,8 @@ class NixOS(Profile):
             return f"nix builds it on {plan.route.describe()}"
         warnings = kvm_warnings(facts.nix_config, facts)
         builders = for_configured(plan.image, facts.nix_builders)
-        if warnings and builders is not None:  # nix sends it to them rather than building here
-            return f"nix builds it here or on {builders.describe()}"
+        if warnings and builders is not None:  # nix tries its builders before building here
+            return f"nix may send it to one of {builders.describe()}"
         return "\n".join(f"warning: {w}" for w in warnings) or None
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
@@ -199,9 +199,12 @@ def remote_hint(image: Image, cfg: Config, facts: HostFacts | None = None) -> st
     fitting = [b.name for b in cfg.builders.values() if b.arch is image.arch]
     unknown = [b.name for b in cfg.builders.values() if b.arch is None]
     lines = [f"build it on a Linux {arch} machine: {remote_task(image)}"]
+    nix_here = facts is not None and facts.tool("nix").found
+    if nix_here and image.name != f"nixos-{image.arch.value}":
+        lines.append(f"or, nix building it on an SSH host: invoke build {image.name} --builder HOST")
     if facts is not None and facts.nix_builders:
         lines.append(f"nix's configured builders cannot: {not_fitting(image, facts.nix_builders)}")
-    elif facts is not None and facts.tool("nix").found:
+    elif nix_here:
         lines.append(f"or give nix a Linux {arch} builder with kvm (`builders` in nix.conf or /etc/nix/machines)")
     if fitting:
         lines.append(f"configured {arch} builders: {', '.join(fitting)}")

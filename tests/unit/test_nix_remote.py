@@ -308,3 +308,9 @@ def test_the_describe_lines_stay_short():
     m = parse_line("ssh-ng://h x86_64-linux,i686-linux - 4 1 kvm", "")
     assert m.describe() == "ssh-ng://h (x86_64-linux, i686-linux; kvm; 4 jobs)"
     assert shlex.split(route().env()["NIX_SSHOPTS"])[0] == "-F"
+
+
+def test_a_custom_image_is_pointed_at_the_builder_option():
+    cfg = load({"images": {"edge": {"distro": "nixos", "arch": "aarch64", "flake": "./infra"}}}, root=ROOT)
+    problem = nixos.PROFILE.host_problem(cfg.image("edge"), facts(), cfg)
+    assert problem is not None and "invoke build edge --builder HOST" in problem.render()

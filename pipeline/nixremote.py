@@ -27,7 +27,6 @@ evaluate another nixpkgs than a local one (the builder only ever receives deriva
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -274,7 +273,7 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any)
     import time
 
     from pipeline import rsync
-    from pipeline.remote import main_thread_timeout
+    from pipeline.remote import check_name, main_thread_timeout
     from pipeline.run import stream
 
     target = route.target
@@ -287,9 +286,8 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any)
             raise BuildFailed(f"nix built {out} on {target.name}, but it is not in its store any more",
                               hint="the builder's nix garbage collector may have removed it: build again")
         kind, *names = listing.stdout.splitlines()
-        source = out if kind == "file" else str(PurePosixPath(out, pick(names, image, out)))
-        if shlex.quote(source) != source:  # store paths and make-disk-image's names need no quoting
-            raise BuildFailed(f"refusing to copy {source!r} from {target.name}: not a plain path")
+        # `out` is a checked store path; a name found in it must be one plain file name
+        source = out if kind == "file" else str(PurePosixPath(out, check_name(pick(names, image, out), "image file")))
         argv = rsync.pull_argv(target.host, [source], stage, target.ssh_config, resume=False,
                                ssh_extra=conn.rsync_ssh_options())
         res = stream(argv, timeout=main_thread_timeout(6 * 3600),

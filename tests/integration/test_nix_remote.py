@@ -302,3 +302,25 @@ def test_without_nix_here_the_project_sync_route_runs_and_the_builders_lock_come
     assert "wrap/flake.lock written from the lock the builder's nix wrote" in fetched.stderr
     assert "commit it" in fetched.stderr
     assert (wrap / "flake.lock").read_text() == builder_lock.read_text()
+
+
+def test_builder_option_dry_run_and_an_output_that_is_the_image_file(builders, tmp_path):
+    b = builders
+    cfg, out = _project(b, tmp_path)
+    env = {"NIX_CONFIG": b["nix_config"]}
+    before = _marks(b)
+    dry = invoke(["build-nixos-x86", "--builder", "hal9000", "--dry-run"], cfg, timeout=300, env=env)
+    assert dry.returncode == 0, _out(dry)
+    (command,) = [line for line in dry.stderr.splitlines() if line.strip().startswith("command")]
+    assert "--store ssh-ng://hal9000" in command and "--eval-store" in command and "--out-link" not in command
+    assert _marks(b) == before and not (out / "nixos-x86_64" / "builds").exists()
+
+    data = yaml.safe_load(cfg.read_text())
+    data["images"]["nixos-x86_64"]["attribute"] = "packages.x86_64-linux.image-file"
+    cfg.write_text(yaml.safe_dump(data))
+    res = invoke(["build-nixos-x86", "--builder", "hal9000"], cfg, timeout=600, env=env)
+    assert res.returncode == 0, _out(res)
+    assert "needs x86_64-linux:" in res.stderr  # this output requires no feature
+    store_out = _store_path(_out(res), "fixture-image-file")
+    assert artifacts.verify_published(out / "nixos-x86_64") == _sha256(Path(store_out))
+    assert (out / "nixos-x86_64" / "nixos.qcow2").resolve().is_file()

@@ -40,6 +40,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     nix_builders: list[dict[str, Any]] = field(default_factory=list)  # nix's remote builders and what they can build
+    cpu_level: str | None = None  # "x86-64-v3" (x86 hosts whose flags were read)
 
     @property
     def ok(self) -> bool:
@@ -97,12 +98,14 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
         if img.firmware is Firmware.UEFI and facts.firmware.get(img.arch) is None and img.arch is host_arch:
             problems.append(f"no UEFI firmware for {img.arch.value} (needed by {img.name}): "
                             f"sudo apt-get install {'ovmf' if img.arch is Arch.X86_64 else 'qemu-efi-aarch64'}")
+    warnings += cpu_level_warnings(cfg, facts)
     if facts.free_disk is not None and facts.free_disk < LOW_DISK:
         warnings.append(f"only {facts.free_disk / 1024**3:.1f} GiB free under {cfg.output_dir}")
     if facts.nix_builders_error:
         warnings.append(f"nix's builders cannot be read: {facts.nix_builders_error}")
     return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
-                  facts.free_disk, problems, warnings, nix_builders(cfg, facts))
+                  facts.free_disk, problems, warnings, nix_builders(cfg, facts),
+                  f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
 
 
 def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
@@ -120,6 +123,20 @@ def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_level_warnings(cfg: Config, facts: HostFacts) -> list[str]:
+    """Images whose guest needs a higher x86-64 level than this CPU: a KVM/HVF build is refused."""
+    out = []
+    for img in sorted(cfg.images.values(), key=lambda i: i.name):
+        need = distros.profile(img).cpu_level(img)
+        if need is not None and img.arch is facts.arch and facts.cpu_level is not None and facts.cpu_level < need:
+            from pipeline.host import missing_for
+
+            out.append(f"{img.name} needs an x86-64-v{need} CPU and this one is x86-64-v{facts.cpu_level} "
+                       f"(lacks {' '.join(missing_for(facts.cpu_flags or (), need))}): build it under TCG "
+                       "(--accel tcg, QEMU >= 7.2), on another host, or as `variant: x86_64_v2`")
+    return out
+
+
 def format_text(r: Report) -> str:
     """The human-readable doctor output."""
     out = [f"imagepipe doctor — {r.host}", "", "tools:"]
@@ -129,7 +146,10 @@ def format_text(r: Report) -> str:
         out.append(f"  {'✔' if t.found else ('✘' if t.required else '-')} {t.name:20} {state:12} {need}")
         if not t.found and t.hint:
             out.append(f"      {t.hint}")
-    out += ["", f"accelerator: {r.accel} — {r.accel_reason}", "", "UEFI firmware:"]
+    out += ["", f"accelerator: {r.accel} — {r.accel_reason}"]
+    if r.cpu_level:
+        out.append(f"CPU level:   {r.cpu_level}")
+    out += ["", "UEFI firmware:"]
     out += [f"  {arch:8} {path or 'not found'}" for arch, path in r.firmware.items()]
     free = f"{r.free_disk / 1024**3:.1f} GiB" if r.free_disk is not None else "unknown"
     out += ["", f"free disk under output/: {free}"]

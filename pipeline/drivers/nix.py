@@ -79,11 +79,11 @@ def installable(image: Image, root: Path) -> str:
     return f"{flake_ref(image, root)}#{attribute(image)}"
 
 
-def toplevel(image: Image, root: Path) -> str:
+def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
     """flake#nixosConfigurations.<image>.config.system.build.toplevel: the system whose runtime
-    closure is the image's package list."""
+    closure is the image's package list (`flake`: the copy the build ran on, else the image's)."""
     name = image.name if image.name.replace("-", "").replace("_", "").isalnum() else f'"{image.name}"'
-    return f"{flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
+    return f"{flake or flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
 
 
 def path_info_argv(target: str, store_args: Sequence[str] = ()) -> list[str]:
@@ -91,26 +91,28 @@ def path_info_argv(target: str, store_args: Sequence[str] = ()) -> list[str]:
     return nix_argv("path-info", "-r", "--json", *store_args, target)
 
 
-def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None, *,
-                     store_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> list[Package]:
+def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None,
+                     flake: str | None = None, *, store_args: Sequence[str] = (),
+                     env: Mapping[str, str] | None = None) -> list[Package]:
     """The runtime closure of the image's system (its toplevel, built with the image), one
     Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
-    image output itself (said through `report`). `store_args`/`env`: the store it was built in
-    (a builder's, over ssh-ng)."""
+    image output itself (said through `report`). `flake`: the staged copy the build ran on;
+    `store_args`/`env`: the store it was built in (a builder's, over ssh-ng)."""
     from pipeline.packages import parse_path_info
     from pipeline.run import run
 
-    res = run(path_info_argv(toplevel(image, root), store_args), check=False, timeout=900, env=env)
+    res = run(path_info_argv(toplevel(image, root, flake), store_args), check=False, timeout=900, env=env)
     if not res.ok and "does not provide attribute" in res.stderr:
         if report:
             report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
                    f"{attribute(image)} instead")
-        res = run(path_info_argv(installable(image, root), store_args), check=False, timeout=900, env=env)
+        target = f"{flake}#{attribute(image)}" if flake else installable(image, root)
+        res = run(path_info_argv(target, store_args), check=False, timeout=900, env=env)
     if not res.ok:
         errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
         raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
                           hint="the system's toplevel must be in the store after the image build: "
-                               "nix path-info -r " + toplevel(image, root))
+                               "nix path-info -r " + toplevel(image, root, flake))
     return parse_path_info(res.stdout)
 
 
@@ -131,12 +133,19 @@ def remote_build_argv(target: str, store_args: Sequence[str], keep_failed: bool 
     return argv + ["--keep-failed"] if keep_failed else argv
 
 
-def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup") -> list[str]:
+def build_target(plan: BuildPlan, flake: str | None = None) -> str:
+    """flake#attribute of plan.image: `flake` is the flake the profile prepared for this build
+    (a staged copy), else the image's own."""
+    return f"{flake}#{attribute(plan.image)}" if flake else installable(plan.image, plan.root)
+
+
+def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: str | None = None) -> list[str]:
     """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
-    over ssh-ng (plan.route) it builds in the builder's store instead."""
+    `flake`: the flake the profile prepared for this build (a staged copy), else the image's.
+    Over ssh-ng (plan.route) the same flake is evaluated here and built in the builder's store."""
     from pipeline.nixremote import SshNg
 
-    target = installable(plan.image, plan.root)
+    target = build_target(plan, flake)
     if isinstance(plan.route, SshNg):
         return remote_build_argv(target, plan.route.store_args(), keep_failed=on_error == "abort")
     return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
@@ -250,7 +259,9 @@ class NixDriver:
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
     def command(self, plan: BuildPlan, stage: Path) -> list[str]:
-        return build_argv(plan, stage)
+        """The build command; a flake the profile prepares at build time is a placeholder."""
+        staged = "flake" in plan.profile.prepared_variables(plan.image)
+        return build_argv(plan, stage, flake="<prepared at build time: flake>" if staged else None)
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""
@@ -273,9 +284,10 @@ class NixDriver:
         stage.mkdir(parents=True, exist_ok=True)
         plan.build_log.parent.mkdir(parents=True, exist_ok=True)
         out_link = stage / OUT_LINK
-        argv = build_argv(plan, stage, on_error)
+        flake = plan.profile.prepare(plan, stage, progress.info).variables.get("flake")
+        argv = build_argv(plan, stage, on_error, flake)
         if plan.route is not None:
-            _check_route(plan, progress)
+            _check_route(plan, build_target(plan, flake), progress)
         progress.step_event(f"nix build {argv[4]}" + (f" on {plan.route.where}" if plan.route else ""))
         env = plan.route.env() if isinstance(plan.route, SshNg) else None
         result, tail, built = _run_build(argv, progress, plan.build_log, timeout, env)
@@ -286,19 +298,19 @@ class NixDriver:
             dest = _copy_from_builder(plan.route, built, image, stage, progress)
         else:
             dest = _copy_from_store(out_link, image, stage, (facts.nix_config or {}).get("store"), plan.build_log)
-        keep_lock(flake_dir(image, plan.root), stage)
+        keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
 
 
-def _check_route(plan: BuildPlan, progress: Progress) -> None:
-    """The image derivation's real needs (system, requiredSystemFeatures) against the builders
-    of plan.route, before anything is copied to them."""
+def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
+    """The image derivation's (`target`: the flake#attribute built) real needs (system,
+    requiredSystemFeatures) against the builders of plan.route, before anything is copied."""
     from pipeline.nixremote import check_fit, derivation_needs
 
     assert plan.route is not None
     progress.step_event("evaluate the image derivation (system, required features)")
-    needs = derivation_needs(installable(plan.image, plan.root))
+    needs = derivation_needs(target)
     check_fit(plan.route, needs, plan.image)  # type: ignore[arg-type]
     progress.info(f"{plan.image.name} needs {needs.describe()}: {plan.route.describe()}")
 

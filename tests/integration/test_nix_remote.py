@@ -324,3 +324,66 @@ def test_builder_option_dry_run_and_an_output_that_is_the_image_file(builders, t
     store_out = _store_path(_out(res), "fixture-image-file")
     assert artifacts.verify_published(out / "nixos-x86_64") == _sha256(Path(store_out))
     assert (out / "nixos-x86_64" / "nixos.qcow2").resolve().is_file()
+
+
+def _own_project(tmp_path: Path) -> Path:
+    """A project whose nixos/ is the fixture flake (new nonce), so builds go through the staged
+    copy of nixos/ with the build key, as builds of the real flake do."""
+    root = tmp_path / "proj"
+    shutil.copytree(FIXTURE, root / "nixos")
+    (root / "nixos" / "nonce").write_text(uuid.uuid4().hex)
+    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, root / name)
+    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.mark.slow
+def test_ssh_ng_builds_the_same_staged_flake_with_the_build_key_as_a_local_build(builders, tmp_path):
+    """The project's own nixos/ (here the fixture): the copy staged for the build, holding this
+    image's params with the build key, is what nix evaluates here and builds on hal9000; the
+    builder's name comes from `builders:` in invoke.yaml."""
+    b = builders
+    root = _own_project(tmp_path)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", out, {
+        "ssh_config_path": str(b["ssh_config"]),
+        "builders": {"big-iron": {"host": "hal9000", "arch": "x86_64"}}})
+    before = _marks(b)
+    res = invoke(["build-nixos-x86", "--builder", "big-iron"], cfg, timeout=600, cwd=root,
+                 env={"NIX_CONFIG": b["nix_config"]})
+    text = _out(res)
+    assert res.returncode == 0, text
+    assert "nix builds it on builder big-iron over ssh-ng" in text
+    build_key = (out / ".keys" / "imagepipe_ed25519.pub").read_text().strip()
+    assert f"fixture: authorized keys: {build_key}" in text  # the builder ran the staged params
+    assert any(m.endswith("-fixture-nixos-image.drv") for m in _marks(b) if m not in before)
+    (line,) = [s for s in text.splitlines() if "nix build path:" in s]
+    assert "/collected/flake#packages.x86_64-linux.nixos-x86_64-image on big-iron" in line
+    assert not (root / "nixos" / "params").exists(), "nothing is written into the project's flake"
+    manifest = artifacts.read_manifest(out / "nixos-x86_64")
+    assert manifest is not None and manifest["host"]["where"] == "big-iron"
+    assert {p["name"] for p in manifest["packages"]} >= {"hello", "openssh"}  # the staged system's closure
+    assert artifacts.verify_published(out / "nixos-x86_64")
+
+
+@pytest.mark.slow
+def test_build_nixos_x86_goes_to_a_configured_builder_when_this_nix_lacks_kvm(builders, tmp_path):
+    """The issue's "done when": a host with nix and a configured Linux builder; the plain
+    `invoke build-nixos-x86` builds through it (this side's nix has no kvm)."""
+    b = builders
+    cfg, out = _project(b, tmp_path)
+    machines = tmp_path / "machines"
+    machines.write_text("ssh-ng://hal9000 x86_64-linux - 1 1 kvm,big-parallel\n")
+    env = {"NIX_CONFIG": b["nix_config"] + f"\nbuilders = @{machines}",
+           "NIX_SSHOPTS": f"-F {b['ssh_config']} -o BatchMode=yes"}
+    before = _marks(b)
+    res = invoke(["build-nixos-x86"], cfg, timeout=600, env=env)
+    text = _out(res)
+    assert res.returncode == 0, text
+    assert "nix builds it on nix's configured builders: ssh-ng://hal9000" in text
+    assert any(m.endswith("-fixture-kvm-image.drv") for m in _marks(b) if m not in before)
+    manifest = artifacts.read_manifest(out / "nixos-x86_64")
+    assert manifest is not None and manifest["host"]["where"] == "ssh-ng://hal9000"
+    assert manifest["built_by"]["route"] == "nix-builders"
+    assert artifacts.verify_published(out / "nixos-x86_64")

@@ -36,11 +36,15 @@ ROOT = Path("/srv/project")
 HAL = Target("hal9000", "hal9000", "imagepipe", None, Path("/cfg/ssh_config"))
 
 
+# someone other than the build key can log in (the guest contract, checked at config load)
+LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
+
+
 def config():
     return load({"images": {
-        "nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios"},
-        "nixos-aarch64": {"distro": "nixos", "arch": "aarch64"},
-        "demo-x86_64": {"distro": "demo", "arch": "x86_64"},
+        "nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "users": LOGIN},
+        "nixos-aarch64": {"distro": "nixos", "arch": "aarch64", "users": LOGIN},
+        "demo-x86_64": {"distro": "demo", "arch": "x86_64", "users": LOGIN},
     }}, root=ROOT)
 
 
@@ -177,15 +181,19 @@ def test_ssh_ng_build_argv_evaluates_here_and_builds_there(tmp_path):
     cfg = config()
     plan = make_build_plan(cfg, cfg.image("nixos-aarch64"), facts(), Accel.AUTO, tmp_path / "k",
                            route=route(systems=("aarch64-linux",)))
-    argv = nix.build_argv(plan, tmp_path / "stage")
+    # the same staged copy of nixos/ (with the build key) as a local build: evaluated here
+    staged = f"path:{nixos.staged_flake(tmp_path / 'stage')}"
+    argv = nix.build_argv(plan, tmp_path / "stage", flake=staged)
     assert argv[:5] == ["nix", "--extra-experimental-features", "nix-command flakes", "build",
-                        f"{ROOT}/nixos#packages.aarch64-linux.nixos-aarch64-image"]
+                        f"{staged}#packages.aarch64-linux.nixos-aarch64-image"]
     i = argv.index("--store")
     assert argv[i + 1] == "ssh-ng://hal9000" and argv[argv.index("--eval-store") + 1] == "auto"
     assert "--no-link" in argv and "--json" in argv and "--out-link" not in argv and "--impure" not in argv
     # a foreign-arch image built elsewhere is planned, not refused; its accelerator is only a boot test's
     assert plan.accel.accel is Accel.TCG and plan.route is not None
-    assert nix.NixDriver().command(plan, tmp_path / "stage") == argv
+    shown = nix.NixDriver().command(plan, tmp_path / "stage")
+    assert shown[4] == "<prepared at build time: flake>#packages.aarch64-linux.nixos-aarch64-image"
+    assert shown[:4] + shown[5:] == argv[:4] + argv[5:]
 
 
 def test_result_line_of_nix_build_json():
@@ -222,6 +230,22 @@ def test_a_foreign_image_goes_to_a_fitting_configured_builder_instead_of_being_r
     assert got.as_manifest()["route"] == "nix-builders"
     # the host can build it itself: nix builds here (and uses its builders as it sees fit)
     assert profile.engine_route(cfg.image("nixos-x86_64"), facts(builders=(ARM,)), cfg, None) is None
+
+
+X86_KVM = parse_line("ssh-ng://hal9000 x86_64-linux - 2 1 kvm,big-parallel", "")
+
+
+def test_a_host_whose_nix_lacks_kvm_hands_its_own_arch_to_a_configured_builder():
+    cfg = config()
+    x86 = cfg.image("nixos-x86_64")
+    no_kvm = facts(builders=(X86_NO_KVM, X86_KVM), features="big-parallel")
+    got = nixos.PROFILE.engine_route(x86, no_kvm, cfg, None)
+    assert isinstance(got, nixremote.NixBuilders) and got.machines == (X86_KVM,)
+    # no builder with kvm: nix builds here, with the kvm warning
+    assert nixos.PROFILE.engine_route(x86, facts(builders=(X86_NO_KVM,), features=""), cfg, None) is None
+    plan = make_build_plan(cfg, x86, no_kvm, Accel.AUTO, Path("/k"), route=got)
+    assert nixos.PROFILE.announce(plan, no_kvm).splitlines()[0] == (  # type: ignore[union-attr]
+        "nix builds it on nix's configured builders: " + X86_KVM.describe())
 
 
 def test_macos_with_a_linux_builder():

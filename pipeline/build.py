@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import (
     __version__,
@@ -50,6 +50,9 @@ from pipeline.progress import Event, Progress
 from pipeline.run import install_hint, interrupt_guard, tool_groups
 from pipeline.text import visible_lines
 
+if TYPE_CHECKING:
+    from pipeline.remote import Target
+
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -61,6 +64,8 @@ class BuildOptions:
     if_changed: bool = False       # skip when the input hash equals the published build's
     wait: bool = True              # another build of the image holds the lock: wait (or LockBusy)
     location: str = "local"        # where the build runs, for the history (local or a builder host)
+    builder: Target | None = None  # a builder the engine drives itself (NixOS: nix over ssh-ng)
+    accept_new_host_key: bool = False  # with `builder`: pin its host key if none is known yet
 
 
 @dataclass(frozen=True)
@@ -159,11 +164,13 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     but the project key and the tool-version cache (a dry run writes neither)."""
     facts = facts or probe_for_build(cfg, [image], save_cache=not opts.dry_run)
     profile = distros.profile(image)
-    problem = profile.host_problem(image, facts, cfg)
+    # an engine that builds elsewhere itself (nix's remote builds) answers for that machine
+    route = profile.engine_route(image, facts, cfg, opts.builder, opts.accept_new_host_key)
+    problem = profile.host_problem(image, facts, cfg) if route is None else None
     if problem is not None:
         raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id())
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route)
     driver = profile.driver
     driver.check(plan, facts)
     preflight(image, facts)
@@ -184,7 +191,8 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
     """Run the build's steps with a history row from start to end."""
     image = plan.image
     with history.History(cfg.output_dir) as hist:
-        hist.start(plan.build_id, image.name, location=opts.location, input_hash=ihash.value,
+        location = plan.route.where if plan.route is not None else opts.location
+        hist.start(plan.build_id, image.name, location=location, input_hash=ihash.value,
                    log_path=plan.log_dir)
 
         def on_group(pgid: int) -> None:  # so the next command can stop what a killed build left
@@ -387,7 +395,8 @@ def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified]
         "started": artifacts.utc_stamp(started),
         "finished": artifacts.utc_stamp(finished),
         "duration_s": round(finished - started, 1),
-        "host": {"name": socket.gethostname(), "os": facts.os, "machine": facts.machine, "where": "local"},
+        "host": {"name": socket.gethostname(), "os": facts.os, "machine": facts.machine,
+                 "where": plan.route.where if plan.route is not None else "local"},
         "accelerator": {"name": plan.accel.accel.value, "reason": plan.accel.reason},
         "tools": {n: t.version for n, t in sorted(facts.tools.items()) if t.found},
         "imagepipe": __version__,

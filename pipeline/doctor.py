@@ -39,6 +39,7 @@ class Report:
     free_disk: int | None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    nix_builders: list[dict[str, Any]] = field(default_factory=list)  # nix's remote builders and what they can build
     cpu_level: str | None = None  # "x86-64-v3" (x86 hosts whose flags were read)
 
     @property
@@ -100,9 +101,26 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
     warnings += cpu_level_warnings(cfg, facts)
     if facts.free_disk is not None and facts.free_disk < LOW_DISK:
         warnings.append(f"only {facts.free_disk / 1024**3:.1f} GiB free under {cfg.output_dir}")
+    if facts.nix_builders_error:
+        warnings.append(f"nix's builders cannot be read: {facts.nix_builders_error}")
     return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
-                  facts.free_disk, problems, warnings,
+                  facts.free_disk, problems, warnings, nix_builders(cfg, facts),
                   f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
+
+
+def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
+    """nix's configured remote builders, each with the images nix builds that it can take (their
+    system, with what make-disk-image.nix needs: kvm)."""
+    from pipeline.nixmachines import DISK_IMAGE_FEATURES
+
+    nixos = sorted((i for i in cfg.images.values() if distros.profile(i).driver.name == "nix"), key=lambda i: i.name)
+    rows = []
+    for m in facts.nix_builders:
+        usable = [i.name for i in nixos if m.can_build(i.arch.nix_system, DISK_IMAGE_FEATURES)]
+        rows.append({**m.as_json(), "usable_for": usable,
+                     "not_usable": {i.name: m.lacks(i.arch.nix_system, DISK_IMAGE_FEATURES)
+                                    for i in nixos if i.name not in usable}})
+    return rows
 
 
 def cpu_level_warnings(cfg: Config, facts: HostFacts) -> list[str]:
@@ -135,6 +153,14 @@ def format_text(r: Report) -> str:
     out += [f"  {arch:8} {path or 'not found'}" for arch, path in r.firmware.items()]
     free = f"{r.free_disk / 1024**3:.1f} GiB" if r.free_disk is not None else "unknown"
     out += ["", f"free disk under output/: {free}"]
+    out += ["", "nix's remote builders:" if r.nix_builders else "nix's remote builders: none configured"]
+    for b in r.nix_builders:
+        feats = ", ".join(b["supported_features"]) or "no features"
+        if b["mandatory_features"]:
+            feats += f" (mandatory: {', '.join(b['mandatory_features'])})"
+        out.append(f"  {b['uri']}  {', '.join(b['systems'])}; {feats}  [{b['source']}]")
+        out.append(f"      usable for: {', '.join(b['usable_for']) or 'none of the configured NixOS images'}")
+        out += [f"      not for {name}: {why}" for name, why in b["not_usable"].items()]
     if r.warnings:
         out += ["", "warnings:"] + [f"  ! {w}" for w in r.warnings]
     out += ["", "problems:" if r.problems else "everything the configured images need is here."]

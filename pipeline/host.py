@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Arch
+from pipeline.nixmachines import Machine, MachinesError, configured
 from pipeline.run import Result
 
 Runner = Callable[[Sequence[str]], Result]
@@ -101,6 +102,8 @@ class HostFacts:
     firmware: Mapping[Arch, FirmwareInfo] = field(default_factory=dict)
     free_disk: int | None = None  # bytes free under the output dir
     nix_config: Mapping[str, str] | None = None  # `nix config show` (None: not probed / no nix)
+    nix_builders: tuple[Machine, ...] = ()       # nix's remote builders (`builders`, machines files)
+    nix_builders_error: str | None = None        # why they could not be read (a line nix rejects)
     cpu_flags: frozenset[str] | None = None      # x86 CPU flags, /proc/cpuinfo names (None: unknown / not x86)
 
     @property
@@ -457,6 +460,20 @@ def probe_nix_config(runner: Runner) -> dict[str, str] | None:
     return None
 
 
+def probe_nix_builders(runner: Runner, settings: Mapping[str, str] | None) -> tuple[tuple[Machine, ...], str | None]:
+    """nix's configured remote builders: the `builders` setting with its machines files read
+    through `runner` (a missing file counts as empty, as for nix), or why they cannot be read."""
+
+    def read(path: str) -> str | None:
+        res = runner(("cat", "--", path))
+        return res.stdout if res.ok else None
+
+    try:
+        return tuple(configured(settings, read)), None
+    except MachinesError as exc:
+        return (), str(exc)
+
+
 def probe(
     runner: Runner = local_runner,
     *,
@@ -491,6 +508,8 @@ def probe(
                 firmware[arch] = fw
     free = parse_df(runner(("df", "-Pk", disk_path)).stdout) if disk_path else None
     tool_info = cached_tools(tools, version_cache, save_cache) if local and runner is local_runner else probe_tools(runner, tools)
+    nix_config = probe_nix_config(runner) if tool_info.get("nix", ToolInfo("nix", False)).found else None
+    builders, builders_error = probe_nix_builders(runner, nix_config)
     return HostFacts(
         os=os_name,
         machine=machine,
@@ -499,7 +518,9 @@ def probe(
         tools=tool_info,
         firmware=firmware,
         free_disk=free,
-        nix_config=probe_nix_config(runner) if tool_info.get("nix", ToolInfo("nix", False)).found else None,
+        nix_config=nix_config,
+        nix_builders=builders,
+        nix_builders_error=builders_error,
         cpu_flags=cpu_flags,
     )
 

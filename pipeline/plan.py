@@ -17,6 +17,7 @@ from pipeline.host import FirmwareInfo, HostFacts
 
 if TYPE_CHECKING:
     from pipeline.distros import Profile
+    from pipeline.drivers import Delegated
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,14 @@ def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
     return fw
 
 
+def _firmware(image: Image, facts: HostFacts, *, elsewhere: bool) -> FirmwareInfo | None:
+    """firmware_for, except that an image built elsewhere is not refused for firmware missing
+    here (only a boot test here needs it, and that refuses on its own)."""
+    if not elsewhere:
+        return firmware_for(image, facts)
+    return None if image.firmware is Firmware.BIOS else facts.firmware.get(image.arch)
+
+
 def new_build_id(now: float | None = None) -> str:
     """Sortable, unique: 20261123T210000Z-1a2b."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
@@ -167,6 +176,7 @@ class BuildPlan:
     host_os: str
     host_machine: str
     profile: Profile   # the image's distro profile (driver, prepare, boot info)
+    route: Delegated | None = None  # the engine builds it on another machine (nix's remote builds)
 
     @property
     def cpu_model(self) -> str:
@@ -188,16 +198,20 @@ class BuildPlan:
 
 
 def make_build_plan(
-    cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None
+    cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None,
+    route: Delegated | None = None,
 ) -> BuildPlan:
-    """Decide accelerator, firmware and paths for building `image` on this host."""
+    """Decide accelerator, firmware and paths for building `image` on this host (or, with a
+    `route`, through an engine that builds it elsewhere: the accelerator is then only the one a
+    boot test here would use, so a foreign arch falls back to TCG instead of being refused)."""
     from pipeline import distros
 
     profile = distros.profile(image)
     bid = build_id or new_build_id()
     image_dir = cfg.output_dir / image.name
-    accel = choose_accel(requested, facts, image.arch, purpose="build")
-    problem = cpu_level_problem(image, profile.cpu_model(image, accel.accel), accel, facts)
+    accel = choose_accel(requested, facts, image.arch, purpose="run" if route else "build")
+    # no build VM runs here when the engine builds elsewhere: the CPU level is the builder's business
+    problem = None if route else cpu_level_problem(image, profile.cpu_model(image, accel.accel), accel, facts)
     if problem is not None:
         raise problem
     return BuildPlan(
@@ -205,7 +219,7 @@ def make_build_plan(
         build_id=bid,
         root=cfg.root,
         accel=accel,
-        firmware=firmware_for(image, facts),
+        firmware=_firmware(image, facts, elsewhere=route is not None),
         image_dir=image_dir,
         staging=image_dir / ".staging" / bid,
         log_dir=image_dir / "logs" / bid,
@@ -214,4 +228,5 @@ def make_build_plan(
         host_os=facts.os,
         host_machine=facts.machine,
         profile=profile,
+        route=route,
     )

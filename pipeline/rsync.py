@@ -25,6 +25,11 @@ SYNC_EXCLUDES: tuple[str, ...] = (
     f"/{BUILDER_MARKER}",
 )
 
+# What `--delete` must never remove on a builder although it is missing here: a flake.lock the
+# builder's nix wrote (nixos/flake.lock before it is committed). One that exists here is still
+# sent and replaces the builder's, so both sides evaluate the same nixpkgs.
+SYNC_PROTECT: tuple[str, ...] = ("flake.lock",)
+
 
 def ssh_argv(ssh_config: Path | None, extra: Sequence[str] = ()) -> list[str]:
     """The ssh command rsync uses: our ssh_config (if any), never a prompt, never an unknown key.
@@ -41,11 +46,13 @@ def ssh_argv(ssh_config: Path | None, extra: Sequence[str] = ()) -> list[str]:
 
 def push_argv(src: Path, host: str, dest: str, ssh_config: Path | None,
               excludes: Iterable[str] = SYNC_EXCLUDES) -> list[str]:
-    """Mirror the directory `src` into `host:dest` (deleting what is gone here, keeping excludes)."""
+    """Mirror the directory `src` into `host:dest` (deleting what is gone here, keeping excludes
+    and the builder's own flake.lock files)."""
     return [
         "rsync", "--recursive", "--links", "--perms", "--times", "--delete", "--stats",
         "--protect-args", "-e", shlex.join(ssh_argv(ssh_config)),
         *(f"--exclude={e}" for e in excludes),
+        *(f"--filter=P {p}" for p in SYNC_PROTECT),
         f"{src}/", f"{host}:{dest}/",
     ]
 

@@ -39,6 +39,7 @@ class SshHost:
     base: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    extra_config: tuple[str, ...] = ()   # more sshd_config lines (e.g. `SetEnv NIX_CONF_DIR=...`)
 
     @property
     def host_key(self) -> Path:
@@ -69,7 +70,7 @@ class SshHost:
             f"AuthorizedKeysFile {self.base / 'authorized_keys'}", f"PidFile {self.base / 'sshd.pid'}",
             "StrictModes no", "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password", "MaxStartups 50", "MaxSessions 50",
-            "Subsystem sftp internal-sftp", "",
+            "Subsystem sftp internal-sftp", *self.extra_config, "",
         ]))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         self.proc = subprocess.Popen([SSHD, "-D", "-f", str(cfg), "-E", str(self.log)])

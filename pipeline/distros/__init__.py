@@ -14,12 +14,18 @@ profile and never branches on the distro. A profile says:
                             tools this host needs for it (doctor, pre-flight)
     host_problem(image, facts, cfg)
                             why this host cannot build it, with where else it can be built
+    engine_route(image, facts, cfg, builder, accept_new_host_key)
+                            when its engine builds it on another machine itself (NixOS: nix's
+                            remote builds), that route; None: it is built here
     prepare(plan, stage, report)
                             host-side preparation of one build (downloads, blank disks, firmware
                             copies) and the values the driver passes on
     boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
     ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
     manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
+    fetched(root, image, build, report)
+                            what a build fetched from a builder brings back for the project
+                            (NixOS: the flake.lock the builder's nix wrote)
     packages(plan, stage, report)
                             what the built image holds (RPMs, the Nix closure, Debian packages):
                             the manifest's package list and the SBOM (pipeline.packages)
@@ -51,11 +57,12 @@ from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
     from pipeline.config import Accel, Arch, Config, Image
-    from pipeline.drivers import Driver
+    from pipeline.drivers import Delegated, Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
+    from pipeline.remote import Target
 
 # name -> module holding its PROFILE (imported on first use).
 BUILTIN: dict[str, str] = {
@@ -135,6 +142,18 @@ class Profile:
         """Why this host cannot build `image` (with where it can), or None."""
         return None
 
+    def engine_route(self, image: Image, facts: HostFacts, cfg: Config, builder: Target | None,
+                     accept_new_host_key: bool = False) -> Delegated | None:
+        """The machine the engine itself builds `image` on (`builder`: one named on the command
+        line), or None to build here. Only engines with remote builds of their own have one."""
+        if builder is not None:
+            from pipeline.errors import UsageError
+
+            raise UsageError(f"--builder: {self.title} images are not built by an engine with remote builds of "
+                             f"its own", hint=f"build on a builder with: invoke remote-sync-build {builder.name} "
+                                              f"--image {image.name}")
+        return None
+
     # ------------------------------------------------------------------ one build
 
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
@@ -150,6 +169,9 @@ class Profile:
 
     def boot_info(self, image: Image) -> BootInfo | None:
         return None
+
+    def fetched(self, root: Path, image: Image, build: Path, report: Report) -> None:
+        """A build of `image` fetched from a builder was published in `build` (nothing by default)."""
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The packages inside the image just built into `stage` (files the build handed back

@@ -2,14 +2,17 @@
 
 The flake is hand-written; each image's parameters are rendered into nixos/params/<image>.json
 (pipeline.render.nix). make-disk-image.nix builds the disk inside a Linux VM of the image's
-architecture, so only a Linux host of that arch can build it here; anything else gets a hint
-naming the remote task and the configured builders that fit.
+architecture (and a nix with `kvm`), so only a Linux host of that arch can build it here.
+Elsewhere nix's own remote builds take it (pipeline.nixremote): a builder nix already knows that
+offers the image's system with `kvm`, or one named with `--builder HOST` (ssh-ng); without
+either, a hint names the remote tasks and the builders that fit.
 
 A build of the project's flake runs on a copy of nixos/ in the staging folder whose only params
 file is this image's, with the build's SSH key added for ssh_user (the guest contract): the
 committed params stay key-free and nix still evaluates purely (`path:` flake, no --impure). The
 copy keeps nixos/flake.lock, so the pinned nixpkgs is the one built from; without a lock nix
 resolves nixpkgs itself and the build says to run `invoke update-flake` and commit the lock.
+Remote builds use the same staged copy: it is evaluated here, only derivations leave.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
+    from pipeline.drivers import Delegated
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
+    from pipeline.remote import Target
 
 
 class NixOS(Profile):
@@ -77,22 +82,70 @@ class NixOS(Profile):
         return {"nix": f"building {image.name}", "qemu-img": "verifying images"}
 
     def host_problem(self, image: Image, facts: HostFacts, cfg: Config) -> HostUnsuitable | None:
+        """This host cannot build it and none of nix's configured builders can either."""
+        from pipeline.nixremote import for_configured
+
         problem = build_host_problem(image, facts)
-        return HostUnsuitable(problem, remote_hint(image, cfg)) if problem else None
+        if problem is None or for_configured(image, facts.nix_builders) is not None:
+            return None
+        return HostUnsuitable(problem, remote_hint(image, cfg, facts))
+
+    def engine_route(self, image: Image, facts: HostFacts, cfg: Config, builder: Target | None,
+                     accept_new_host_key: bool = False) -> Delegated | None:
+        """`--builder HOST`: nix builds it there over ssh-ng. Else, where this host cannot build
+        it (another OS or arch, or a nix without `kvm`), nix's configured builders that fit. Else
+        None: nix builds here."""
+        from pipeline import nixremote
+
+        if builder is not None:
+            if not facts.tool("nix").found:
+                from pipeline.errors import ToolMissing
+                from pipeline.run import install_hint
+
+                raise ToolMissing(f"--builder needs nix here (it evaluates {image.name} and drives the builder's nix)",
+                                  f"{install_hint('nix')}; without nix here use the project-sync route: "
+                                  f"invoke remote-sync-build {builder.name} --image {image.name}")
+            nixremote.need_local_tools()
+            store = (facts.nix_config or {}).get("store") or "auto"
+            return nixremote.for_builder(builder, image, accept_new_host_key=accept_new_host_key, eval_store=store)
+        if build_host_problem(image, facts) is None and nix_has_kvm(facts):
+            return None
+        return nixremote.for_configured(image, facts.nix_builders)
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The runtime closure of the image's system (store paths, names, versions), evaluated
-        from the staged copy the build ran on (its system is the one in the image)."""
+        from the staged copy the build ran on (its system is the one in the image); over ssh-ng
+        it is read from the builder's store, where the system was built."""
         from pipeline.drivers.nix import closure_packages
+        from pipeline.nixremote import SshNg
 
         copy = staged_flake(stage)
-        return closure_packages(plan.image, plan.root, report, f"path:{copy}" if copy.is_dir() else None)
+        flake = f"path:{copy}" if copy.is_dir() else None
+        route = plan.route
+        if isinstance(route, SshNg):
+            return closure_packages(plan.image, plan.root, report, flake, store_args=route.store_args(), env=route.env())
+        return closure_packages(plan.image, plan.root, report, flake)
+
+    def fetched(self, root: Path, image: Image, build: Path, report: Report) -> None:
+        """The flake.lock a builder's nix wrote comes back with its build: it becomes the
+        project's lock when there is none yet (nix writes locks, never imagepipe by hand), so
+        the next builds here and there evaluate the same nixpkgs; a different one is reported."""
+        from pipeline.drivers.nix import flake_dir
+
+        directory = flake_dir(image, root)
+        report_line = adopt_lock(build / "flake.lock", directory / "flake.lock", root) if directory else None
+        if report_line:
+            report(report_line)
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision
 
         # None until the flake has a flake.lock
-        return {"nixpkgs": nixpkgs_revision(self.flake_dir(plan.root, plan.image))}
+        extra: dict[str, Any] = {"nixpkgs": nixpkgs_revision(self.flake_dir(plan.root, plan.image))}
+        if plan.route is not None:
+            extra["built_by"] = plan.route.as_manifest()
+        return extra
+
 
     def accounts_from_config(self, image: Image) -> bool:
         """The project's flake makes its accounts from invoke.yaml; an own `flake:` its own."""
@@ -127,14 +180,49 @@ class NixOS(Profile):
         return Prepared(variables={"flake": f"path:{copy}"})
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
-        """Warnings: no flake.lock (nixpkgs unpinned), nix's `kvm` feature."""
+        """Where nix builds it; warnings: no flake.lock (nixpkgs unpinned, on every route: the
+        evaluation is here), nix's `kvm` feature (make-disk-image's VM crawls without KVM) when
+        it builds here."""
         from pipeline.drivers.nix import kvm_warnings
+        from pipeline.nixremote import for_configured
 
-        warnings = kvm_warnings(facts.nix_config, facts)
         flake = self.flake_dir(plan.root, plan.image)
-        if plan.image.flake is None and not (flake / "flake.lock").is_file():
-            warnings.insert(0, lock_warning(flake.relative_to(plan.root)))
-        return "\n".join(f"warning: {w}" for w in warnings) or None
+        lock = [lock_warning(flake.relative_to(plan.root))] if plan.image.flake is None and not (
+            flake / "flake.lock").is_file() else []
+        if plan.route is not None:
+            return "\n".join([f"nix builds it on {plan.route.describe()}", *(f"warning: {w}" for w in lock)])
+        lines = [f"warning: {w}" for w in lock]
+        warnings = kvm_warnings(facts.nix_config, facts)
+        builders = for_configured(plan.image, facts.nix_builders)
+        if warnings and builders is not None:  # nix tries its builders before building here
+            lines.append(f"nix may send it to one of {builders.describe()}")
+        else:
+            lines += [f"warning: {w}" for w in warnings]
+        return "\n".join(lines) or None
+
+
+def adopt_lock(fetched: Path, local: Path, root: Path) -> str | None:
+    """Copy a fetched build's flake.lock to the flake's `local` lock when that does not exist yet
+    (never through a link); returns what to tell the user (None: nothing to say)."""
+    from pipeline.drivers.nix import parse_nixpkgs_revision
+    from pipeline.fsutil import atomic_write
+
+    if not fetched.is_file():
+        return None
+    text = fetched.read_text(encoding="utf-8")
+    rev = parse_nixpkgs_revision(text)
+    pinned = f"nixpkgs {rev[:12]}" if rev else "its inputs"
+    shown = local.relative_to(root) if local.is_relative_to(root) else local
+    if local.is_symlink() or (local.exists() and not local.is_file()):
+        return f"warning: {shown} is not a regular file; the builder's lock was left in {fetched}"
+    if not local.exists():
+        atomic_write(local, text)
+        return f"{shown} written from the lock the builder's nix wrote ({pinned}): commit it"
+    if local.read_text(encoding="utf-8") != text:
+        here = parse_nixpkgs_revision(local.read_text(encoding="utf-8"))
+        return (f"warning: the builder built from another flake.lock than {shown} ({pinned} there, "
+                f"nixpkgs {(here or '?')[:12]} here): sync again so both use the committed lock")
+    return None
 
 
 STAGED_FLAKE = "flake"
@@ -225,6 +313,12 @@ def build_host_problem(image: Image, facts: HostFacts) -> str | None:
     return None
 
 
+def nix_has_kvm(facts: HostFacts) -> bool:
+    """This host's nix offers `kvm` (make-disk-image needs it); without it, nix's configured
+    builders that fit take the build. Pure."""
+    return "kvm" in (facts.nix_config or {}).get("system-features", "").split()
+
+
 def remote_task(image: Image) -> str:
     """The task that builds `image` on a remote builder."""
     if image.name == f"nixos-{image.arch.value}":
@@ -232,12 +326,22 @@ def remote_task(image: Image) -> str:
     return f"invoke remote-sync-build HOST --image {image.name}"
 
 
-def remote_hint(image: Image, cfg: Config) -> str:
-    """Where else `image` can be built: the remote task and the configured builders that fit."""
+def remote_hint(image: Image, cfg: Config, facts: HostFacts | None = None) -> str:
+    """Where else `image` can be built: the remote task, nix's own builders, and the configured
+    builders that fit."""
+    from pipeline.nixremote import not_fitting
+
     arch = image.arch.value
     fitting = [b.name for b in cfg.builders.values() if b.arch is image.arch]
     unknown = [b.name for b in cfg.builders.values() if b.arch is None]
     lines = [f"build it on a Linux {arch} machine: {remote_task(image)}"]
+    nix_here = facts is not None and facts.tool("nix").found
+    if nix_here and image.name != f"nixos-{image.arch.value}":
+        lines.append(f"or, nix building it on an SSH host: invoke build {image.name} --builder HOST")
+    if facts is not None and facts.nix_builders:
+        lines.append(f"nix's configured builders cannot: {not_fitting(image, facts.nix_builders)}")
+    elif nix_here:
+        lines.append(f"or give nix a Linux {arch} builder with kvm (`builders` in nix.conf or /etc/nix/machines)")
     if fitting:
         lines.append(f"configured {arch} builders: {', '.join(fitting)}")
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from pipeline.config import Image
@@ -41,6 +41,20 @@ class Prepared:
     variables: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict)
     extra_files: tuple[Path, ...] = ()
+
+
+class Delegated(Protocol):
+    """The engine builds the image on another machine it drives itself (NixOS: nix's remote
+    builds, pipeline.nixremote); the plan carries it, the manifest and history name it."""
+
+    kind: ClassVar[str]
+
+    @property
+    def where(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def as_manifest(self) -> dict[str, Any]: ...
 
 
 class PackerSource(Protocol):

@@ -28,6 +28,7 @@ from pipeline.run import Result, stream
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.nixremote import SshNg
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
@@ -85,26 +86,28 @@ def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
     return f"{flake or flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
 
 
-def path_info_argv(target: str) -> list[str]:
+def path_info_argv(target: str, store_args: Sequence[str] = ()) -> list[str]:
     """Every store path `target` needs at run time, as JSON (it must be in the store already)."""
-    return nix_argv("path-info", "-r", "--json", target)
+    return nix_argv("path-info", "-r", "--json", *store_args, target)
 
 
 def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None,
-                     flake: str | None = None) -> list[Package]:
+                     flake: str | None = None, *, store_args: Sequence[str] = (),
+                     env: Mapping[str, str] | None = None) -> list[Package]:
     """The runtime closure of the image's system (its toplevel, built with the image), one
     Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
-    image output itself (said through `report`). `flake`: the staged copy the build ran on."""
+    image output itself (said through `report`). `flake`: the staged copy the build ran on;
+    `store_args`/`env`: the store it was built in (a builder's, over ssh-ng)."""
     from pipeline.packages import parse_path_info
     from pipeline.run import run
 
-    res = run(path_info_argv(toplevel(image, root, flake)), check=False, timeout=900)
+    res = run(path_info_argv(toplevel(image, root, flake), store_args), check=False, timeout=900, env=env)
     if not res.ok and "does not provide attribute" in res.stderr:
         if report:
             report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
                    f"{attribute(image)} instead")
         target = f"{flake}#{attribute(image)}" if flake else installable(image, root)
-        res = run(path_info_argv(target), check=False, timeout=900)
+        res = run(path_info_argv(target, store_args), check=False, timeout=900, env=env)
     if not res.ok:
         errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
         raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
@@ -123,10 +126,28 @@ def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> li
     return argv + ["--keep-failed"] if keep_failed else argv
 
 
+def remote_build_argv(target: str, store_args: Sequence[str], keep_failed: bool = False) -> list[str]:
+    """The nix build on a builder's store (`store_args`: --eval-store here, --store there): no
+    out-link (it would point into the builder's store), the result path as JSON on stdout."""
+    argv = nix_argv("build", target, *store_args, "--no-link", "--json", "-L", "--log-format", "internal-json")
+    return argv + ["--keep-failed"] if keep_failed else argv
+
+
+def build_target(plan: BuildPlan, flake: str | None = None) -> str:
+    """flake#attribute of plan.image: `flake` is the flake the profile prepared for this build
+    (a staged copy), else the image's own."""
+    return f"{flake}#{attribute(plan.image)}" if flake else installable(plan.image, plan.root)
+
+
 def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: str | None = None) -> list[str]:
     """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
-    `flake`: the flake the profile prepared for this build (a staged copy), else the image's."""
-    target = f"{flake}#{attribute(plan.image)}" if flake else installable(plan.image, plan.root)
+    `flake`: the flake the profile prepared for this build (a staged copy), else the image's.
+    Over ssh-ng (plan.route) the same flake is evaluated here and built in the builder's store."""
+    from pipeline.nixremote import SshNg
+
+    target = build_target(plan, flake)
+    if isinstance(plan.route, SshNg):
+        return remote_build_argv(target, plan.route.store_args(), keep_failed=on_error == "abort")
     return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
 
 
@@ -161,9 +182,15 @@ def failure_hint(tail: str, image: Image, log: Path) -> str:
     if "cptofs failed" in tail or "No space left on device" in tail:
         why = (f"the disk is too small for the system: raise images.{image.name}.disk_size "
                f"(now {image.disk_size} MiB) in invoke.yaml")
-    elif "required system or feature not available" in tail:
+    elif "required system or feature not available" in tail or "is required to build" in tail:
         why = (f"this nix cannot build {image.arch.nix_system} with `kvm`: use a Linux "
                f"{image.arch.value} host whose nix has `kvm` in system-features")
+    elif "unable to start any build" in tail:
+        why = "none of nix's builders can take it (and nix may not build here): see `invoke doctor`"
+    elif "Host key verification failed" in tail or "Permission denied" in tail:
+        why = "nix's ssh to the builder was refused: check `ssh HOST` with the same ssh config and known_hosts"
+    elif "lacks a valid signature" in tail:
+        why = "the local store refused unsigned paths from the builder (add yourself to trusted-users)"
     elif "does not provide attribute" in tail:
         why = (f"the flake has no output {attribute(image)}: check images.{image.name}.flake / "
                "attribute (`nix flake show FLAKE` lists the outputs)")
@@ -174,24 +201,35 @@ def failure_hint(tail: str, image: Image, log: Path) -> str:
     return f"{why}; full log: {log}"
 
 
-def find_image(out: Path, image: Image) -> Path:
-    """The image file inside a build result (the file itself, or nixos.qcow2 in a folder)."""
-    target = out.resolve()
-    if target.is_file():
-        return target
+def pick_image(names: Sequence[str], image: Image, where: str | Path) -> str:
+    """Which entry of a folder output `where` is the image: make-disk-image's name for the
+    format, else the one file with the format's suffix. Pure (the builder's store is listed over
+    ssh, the local one here)."""
     fmt = image.format.value
     for name in IMAGE_NAMES.get(fmt, ()):
-        if (target / name).is_file():
-            return target / name
-    found = sorted(p for p in target.glob(f"*.{fmt}") if p.is_file()) if target.is_dir() else []
+        if name in names:
+            return name
+    found = sorted(n for n in names if n.endswith(f".{fmt}"))
     if len(found) == 1:
         return found[0]
-    listing = ", ".join(sorted(p.name for p in target.iterdir())) if target.is_dir() else "nothing"
     raise BuildFailed(
-        f"nix built {target}, but it holds no single {fmt} image (found: {listing or 'nothing'})",
+        f"nix built {where}, but it holds no single {fmt} image (found: {', '.join(sorted(names)) or 'nothing'})",
         hint=f"point images.{image.name}.attribute at a derivation whose output is the image "
         f"or a folder with {IMAGE_NAMES.get(fmt, ('nixos.' + fmt,))[0]}",
     )
+
+
+def find_image(out: Path, image: Image, store: str | None = None) -> Path:
+    """The image file inside a build result (the file itself, or nixos.qcow2 in a folder);
+    `store`: nix's `store` setting, whose files a chroot store keeps under its root."""
+    from pipeline.nixmachines import physical
+
+    target = physical(os.readlink(out), store) if out.is_symlink() else out
+    target = target.resolve()
+    if target.is_file():
+        return target
+    names = [p.name for p in target.iterdir() if p.is_file()] if target.is_dir() else []
+    return target / pick_image(names, image, target)
 
 
 def copy_out(src: Path, dest: Path) -> Path:
@@ -240,28 +278,65 @@ class NixDriver:
         nothing of this build is left in `stage` then. The raw internal-json log goes to
         plan.build_log. on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
+        from pipeline.nixremote import SshNg
+
         image = plan.image
         stage.mkdir(parents=True, exist_ok=True)
         plan.build_log.parent.mkdir(parents=True, exist_ok=True)
         out_link = stage / OUT_LINK
         flake = plan.profile.prepare(plan, stage, progress.info).variables.get("flake")
         argv = build_argv(plan, stage, on_error, flake)
-        progress.step_event(f"nix build {argv[4]}")
-        result, tail = _run_build(argv, progress, plan.build_log, timeout)
+        if plan.route is not None:
+            _check_route(plan, build_target(plan, flake), progress)
+        progress.step_event(f"nix build {argv[4]}" + (f" on {plan.route.where}" if plan.route else ""))
+        env = plan.route.env() if isinstance(plan.route, SshNg) else None
+        result, tail, built = _run_build(argv, progress, plan.build_log, timeout, env)
         if not result.ok:
             out_link.unlink(missing_ok=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))
-        try:
-            if not out_link.is_symlink():
-                raise BuildFailed(f"nix build succeeded but left no result at {out_link}",
-                                  hint=f"full log: {plan.build_log}")
-            dest = copy_out(find_image(out_link, image), stage / image.artifact_name)
-        finally:
-            # The out-link is a GC root into the store; the copy in staging is what we keep.
-            out_link.unlink(missing_ok=True)
+        if isinstance(plan.route, SshNg):
+            dest = _copy_from_builder(plan.route, built, image, stage, progress)
+        else:
+            dest = _copy_from_store(out_link, image, stage, (facts.nix_config or {}).get("store"), plan.build_log)
         keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
+
+
+def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
+    """The image derivation's (`target`: the flake#attribute built) real needs (system,
+    requiredSystemFeatures) against the builders of plan.route, before anything is copied."""
+    from pipeline.nixremote import check_fit, derivation_needs
+
+    assert plan.route is not None
+    progress.step_event("evaluate the image derivation (system, required features)")
+    needs = derivation_needs(target)
+    check_fit(plan.route, needs, plan.image)  # type: ignore[arg-type]
+    progress.info(f"{plan.image.name} needs {needs.describe()}: {plan.route.describe()}")
+
+
+def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | None, log: Path) -> Path:
+    """The image out of the local store into `stage`; the out-link (a GC root) goes either way."""
+    try:
+        if not out_link.is_symlink():
+            raise BuildFailed(f"nix build succeeded but left no result at {out_link}", hint=f"full log: {log}")
+        return copy_out(find_image(out_link, image, store), stage / image.artifact_name)
+    finally:
+        # The out-link is a GC root into the store; the copy in staging is what we keep.
+        out_link.unlink(missing_ok=True)
+
+
+def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Path, progress: Progress) -> Path:
+    """The image file out of the builder's store, over rsync with imagepipe's SSH settings."""
+    from pipeline.nixremote import fetch_image
+
+    if built is None:
+        raise BuildFailed(f"nix built {image.name} on {route.where} but did not say where the result is",
+                          hint="nix build --json printed no result line; see the build log")
+    progress.step_event(f"copy the image from {route.where} ({built})")
+    copied = fetch_image(route, built, image, stage, pick=pick_image)
+    progress.info(f"copied {copied.path.name} from {route.where}: {copied.sent} bytes in {copied.seconds:.1f}s")
+    return copied.path
 
 
 def keep_lock(directory: Path | None, stage: Path) -> None:
@@ -271,19 +346,28 @@ def keep_lock(directory: Path | None, stage: Path) -> None:
         copy_out(lock, stage / "flake.lock")
 
 
-def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: float | None) -> tuple[Result, str]:
-    """Stream nix build, emitting events; returns the Result and the last human-readable lines."""
+def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: float | None,
+               env: Mapping[str, str] | None = None) -> tuple[Result, str, str | None]:
+    """Stream nix build, emitting events; returns the Result, the last human-readable lines and
+    the result path `--json` printed (None without --json)."""
+    from pipeline.nixremote import out_path
+
     parser = LogParser()
     tail: deque[str] = deque(maxlen=25)
+    built: list[str] = []
 
     def on_line(line: str) -> None:
+        path = out_path(line)
+        if path is not None:
+            built.append(path)
+            return
         event = parser.feed(line)
         if event is not None:
             tail.append(event.message)
             progress.emit(event)
 
-    result = stream(argv, on_line=on_line, log_path=log, timeout=timeout, check=False)
-    return result, "\n".join(tail)
+    result = stream(argv, on_line=on_line, log_path=log, timeout=timeout, check=False, env=env)
+    return result, "\n".join(tail), (built[-1] if built else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Context
 
 from pipeline.config import Config, Image
 from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
+
+if TYPE_CHECKING:
+    from pipeline.remote import Target
 
 BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
@@ -18,13 +23,17 @@ BUILD_HELP = {
     "if_changed": "build only when the input hash differs from the published build's (else say 'up to date')",
     "force": "build even when nothing changed (overrides --if-changed)",
     "no_wait": "fail at once (exit 75) when another build of this image holds its lock, instead of waiting",
+    "builder": "NixOS: build on this SSH host with nix's own remote builds (ssh-ng; nix needed here), "
+               "then copy, verify and publish the image here",
+    "accept_new_host_key": "with --builder: trust the builder's host key if it is not known yet and add it to "
+                           "known_hosts (a changed key is always refused)",
 }
 
 
 @task(help=BUILD_HELP)
 def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dry_run: bool = False,
           boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
-          no_wait: bool = False) -> None:
+          no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
     """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
     from pipeline.errors import UsageError
 
@@ -33,15 +42,26 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     if on_error not in ("cleanup", "abort"):
         raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
     requested = accel_option(accel, cfg)
+    target = _builder(c, cfg, builder)  # a hostile name is refused before anything connects
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
     from pipeline.build import BuildOptions, build_image
 
     opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json,
-                        if_changed=if_changed and not force, wait=not no_wait)
+                        if_changed=if_changed and not force, wait=not no_wait, builder=target,
+                        accept_new_host_key=accept_new_host_key)
     result = build_image(cfg, img, opts, say=say)
     if result.skipped and json:
         _print_skip(img.name, result.skipped)
+
+
+def _builder(c: Context, cfg: Config, name: str) -> Target | None:
+    """--builder NAME as a validated remote.Target (None when not given)."""
+    if not name:
+        return None
+    from pipeline import remote
+
+    return remote.resolve(cfg, name, remote.ssh_config_path(c.config))
 
 
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:

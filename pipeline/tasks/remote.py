@@ -36,12 +36,47 @@ def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", 
                    code=rows[0].exit_code)
 
 
-remote_build_nixos_x86 = alias(remote_sync_build, "remote-build-nixos-x86",
-                               "Sync the project to a builder and build NixOS x86_64 (nixos-x86_64) there.",
-                               image="nixos-x86_64")
-remote_build_nixos_arm = alias(remote_sync_build, "remote-build-nixos-arm",
-                               "Sync the project to an aarch64 builder and build NixOS aarch64 (nixos-aarch64) there.",
-                               image="nixos-aarch64")
+NIXOS_REMOTE_HELP = {
+    "host": HOST_HELP, "accel": REMOTE_ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP,
+    "sync": "take the project-sync route even when nix is installed here (rsync the project, build with the "
+            "builder's own imagepipe, publish there; fetch with remote-fetch-nixos-*)",
+}
+
+
+def _remote_nixos(c: Context, host: str, image: str, accel: str, accept_new_host_key: bool, sync: bool) -> None:
+    """nix installed here: nix's remote build over ssh-ng (evaluated here, built there, published
+    here). Else, or with --sync: the project-sync route."""
+    import shutil
+
+    cfg, target = _target(c, host)
+    img = cfg.image(image)
+    if sync or shutil.which("nix") is None:
+        why = "--sync" if sync else "nix is not installed here"
+        say(f"{target.prefix}project-sync route ({why}): the project is synced and {image} is built and "
+            f"published on {target.name}; fetch it with invoke remote-fetch {target.name} {image}")
+        remote_sync_build.body(c, host, image=image, accel=accel, accept_new_host_key=accept_new_host_key)
+        return
+    from pipeline.build import BuildOptions, build_image
+    from pipeline.tasks.options import accel_option
+
+    say(f"{target.prefix}ssh-ng route (nix is installed here): nix evaluates {image} here against the local "
+        f"flake.lock, builds it in {target.name}'s store, and the image is copied back and published here")
+    opts = BuildOptions(accel=accel_option(accel, cfg), builder=target, accept_new_host_key=accept_new_host_key)
+    build_image(cfg, img, opts, say=say)
+
+
+@task(help=NIXOS_REMOTE_HELP)
+def remote_build_nixos_x86(c: Context, host: str, accel: str = "", accept_new_host_key: bool = False,
+                           sync: bool = False) -> None:
+    """Build NixOS x86_64 on a builder (nix over ssh-ng if nix is here, else project sync)."""
+    _remote_nixos(c, host, "nixos-x86_64", accel, accept_new_host_key, sync)
+
+
+@task(help=NIXOS_REMOTE_HELP)
+def remote_build_nixos_arm(c: Context, host: str, accel: str = "", accept_new_host_key: bool = False,
+                           sync: bool = False) -> None:
+    """Build NixOS aarch64 on a builder (nix over ssh-ng if nix is here, else project sync)."""
+    _remote_nixos(c, host, "nixos-aarch64", accel, accept_new_host_key, sync)
 
 
 @task(iterable=["image"], help={

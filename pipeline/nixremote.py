@@ -1,0 +1,311 @@
+"""NixOS images built on another machine by Nix's own remote builds.
+
+Two routes, both evaluated HERE against the local flake.lock, so a remote build can never
+evaluate another nixpkgs than a local one (the builder only ever receives derivations):
+
+`NixBuilders` - builders nix already knows (`builders` in nix.conf, /etc/nix/machines; what
+    nix-darwin's linux-builder registers). When this host cannot build an image (another OS or
+    arch), imagepipe checks that one of them fits and runs the ordinary `nix build`: nix sends
+    the derivations there itself, with its own credentials (often root's, e.g. the
+    linux-builder's key) and its own host-key pins. imagepipe does not touch that SSH.
+
+`SshNg` - a builder named on the command line (`--builder HOST`, `remote-build-nixos-x86 HOST`):
+    `nix build --eval-store <local store> --store ssh-ng://HOST --no-link --json`. The local
+    nix evaluates and copies the derivations to the builder's store, the builder's nix-daemon
+    builds them there, and imagepipe rsyncs only the image file out of the builder's store.
+    Chosen over `--builders 'ssh-ng://HOST ...' --max-jobs 0` because with a store URI the
+    local nix client runs ssh itself, so NIX_SSHOPTS (imagepipe's ssh_config, strict host-key
+    checking, BatchMode) applies even where a nix-daemon does the local building - a daemon
+    ignores `--builders` from untrusted users and would connect as root with root's
+    known_hosts; and it needs no trusted user on the builder (only .drv files are built there).
+    Chosen over `nix copy --from` for the way back because a local store accepts unsigned
+    paths only from trusted users (nix 2.8 here: "lacks a valid signature"), and imagepipe
+    needs the image file, not the path in its store. The builder's host key is checked (or
+    pinned with --accept-new-host-key) by OpenSSH before nix connects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+from pipeline import openssh
+from pipeline.config import Image
+from pipeline.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
+from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
+from pipeline.remote import Target
+
+SSHOPTS = "NIX_SSHOPTS"
+# One round trip to a builder: exit 127 without nix, 126 without nix-daemon (what ssh-ng runs);
+# else nix's version line, then its settings (`config show`, or `show-config` before nix 2.20).
+BUILDER_PROBE = (
+    "command -v nix >/dev/null || exit 127; command -v nix-daemon >/dev/null || exit 126; nix --version; "
+    "nix --extra-experimental-features nix-command config show 2>/dev/null "
+    "|| nix --extra-experimental-features nix-command show-config"
+)
+# Prints "dir" and the entries of directory $1, or "file" when $1 is a file (exit 3: missing).
+LIST_OUT = '[ -e "$1" ] || exit 3; if [ -d "$1" ]; then echo dir; ls -1A -- "$1"; else echo file; fi'
+
+
+# --------------------------------------------------------------------------------- routes
+
+
+@dataclass(frozen=True)
+class NixBuilders:
+    """nix's configured builders that can take the image (nix picks among them itself)."""
+
+    machines: tuple[Machine, ...]
+    kind: ClassVar[str] = "nix-builders"
+
+    @property
+    def where(self) -> str:
+        return ", ".join(m.uri for m in self.machines)
+
+    def describe(self) -> str:
+        return "nix's configured builders: " + "; ".join(m.describe() for m in self.machines)
+
+    def as_manifest(self) -> dict[str, Any]:
+        return {"route": self.kind, "machines": [m.as_json() for m in self.machines]}
+
+    def lacks(self, needs: Needs) -> str | None:
+        whys = [f"{m.uri} {why}" for m in self.machines if (why := m.lacks(needs.system, needs.features))]
+        return None if len(whys) < len(self.machines) else "; ".join(whys)
+
+
+@dataclass(frozen=True)
+class SshNg:
+    """A builder reached over ssh-ng with imagepipe's SSH settings; nix builds in its store."""
+
+    target: Target
+    systems: tuple[str, ...]
+    features: frozenset[str]
+    eval_store: str = "auto"          # the local store nix evaluates into (nix.conf `store`)
+    nix_version: str | None = None
+    user_sshopts: str = field(default="", compare=False)
+    # the OpenSSH master opened to check the host key: nix's ssh, rsync and the package list
+    # ride on it (one handshake); it ends when imagepipe exits (or 30 s after it was killed)
+    conn: openssh.Connection | None = field(default=None, compare=False, repr=False)
+    kind: ClassVar[str] = "ssh-ng"
+
+    @property
+    def store_uri(self) -> str:
+        return f"ssh-ng://{self.target.host}"
+
+    @property
+    def where(self) -> str:
+        return self.target.name
+
+    def machine(self) -> Machine:
+        return Machine(self.store_uri, self.systems, supported=self.features, source="--builder")
+
+    def describe(self) -> str:
+        return f"builder {self.target.name} over ssh-ng: {self.machine().describe()}"
+
+    def as_manifest(self) -> dict[str, Any]:
+        return {"route": self.kind, "builder": self.target.name, "store": self.store_uri,
+                "systems": list(self.systems), "features": sorted(self.features), "nix": self.nix_version}
+
+    def lacks(self, needs: Needs) -> str | None:
+        why = self.machine().lacks(needs.system, needs.features)
+        return f"{self.target.name}'s nix {why}" if why else None
+
+    def store_args(self) -> list[str]:
+        """Where nix evaluates (here) and where it builds (the builder)."""
+        return ["--eval-store", self.eval_store, "--store", self.store_uri]
+
+    def env(self) -> dict[str, str]:
+        """NIX_SSHOPTS for nix's own ssh (on the open master when there is one)."""
+        reuse = self.conn.rsync_ssh_options() if self.conn is not None and self.conn.socket.exists() else []
+        return {SSHOPTS: nix_sshopts(self.target.ssh_config, " ".join([*reuse, self.user_sshopts]))}
+
+
+Route = NixBuilders | SshNg
+
+
+def nix_sshopts(ssh_config: Path | None, existing: str = "") -> str:
+    """NIX_SSHOPTS for nix's own ssh: imagepipe's ssh_config, strict host keys, never a prompt.
+
+    nix splits the value on whitespace, so a config path with spaces cannot be passed; ours come
+    first (ssh keeps the first value of an option), the user's own follow.
+    """
+    opts = []
+    if ssh_config is not None:
+        if any(ch.isspace() for ch in str(ssh_config)):
+            raise UsageError(f"ssh_config_path {str(ssh_config)!r} contains whitespace, which nix's "
+                             "NIX_SSHOPTS cannot carry", hint="move the ssh_config to a path without spaces")
+        opts += ["-F", str(ssh_config)]
+    opts += ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
+    return " ".join([*opts, existing]).strip()
+
+
+# --------------------------------------------------------------------------------- choosing
+
+
+def for_configured(image: Image, machines: Sequence[Machine]) -> NixBuilders | None:
+    """nix's builders that offer the image's system with what make-disk-image needs (`kvm`);
+    None when none does. The derivation's real needs are checked again before the build."""
+    found = fitting(machines, image.arch.nix_system, DISK_IMAGE_FEATURES)
+    return NixBuilders(tuple(found)) if found else None
+
+
+def not_fitting(image: Image, machines: Sequence[Machine]) -> str:
+    """One line per configured builder saying why it cannot build `image`."""
+    return "; ".join(f"{m.uri} {m.lacks(image.arch.nix_system, DISK_IMAGE_FEATURES)}" for m in machines)
+
+
+def parse_builder_nix(settings: Mapping[str, str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The systems (system + extra-platforms) and system-features a builder's nix offers."""
+    systems = [settings.get("system", ""), *settings.get("extra-platforms", "").split()]
+    return tuple(dict.fromkeys(s for s in systems if s)), frozenset(settings.get("system-features", "").split())
+
+
+def for_builder(target: Target, image: Image, *, accept_new_host_key: bool = False,
+                eval_store: str = "auto") -> SshNg:
+    """Connect to `target` (host key checked, or pinned when asked), read its nix's settings and
+    refuse a builder that cannot build the image's system. Nothing is built yet; the connection
+    stays open for the build (closed when imagepipe exits)."""
+    import atexit
+
+    from pipeline.host import parse_nix_config, parse_version
+
+    conn = openssh.Connection(target, accept_new_host_key=accept_new_host_key)
+    atexit.register(conn.close)
+    try:
+        res = conn.run(("sh", "-c", BUILDER_PROBE))
+    except BaseException:
+        conn.close()
+        raise
+    settings = parse_nix_config(res.stdout) if res.ok else None
+    version = parse_version("nix", res.stdout) if res.ok else None
+    if settings is None or "system" not in settings:
+        conn.close()
+        missing = "nix-daemon" if res.returncode == 126 else "nix"
+        raise HostUnsuitable(
+            f"builder {target.name} has no {missing} on the PATH of a non-interactive SSH session",
+            hint=f"install nix there (nix's remote builds run `nix-daemon --stdio` over ssh), or use "
+                 f"the project-sync route: invoke remote-sync-build {target.name} --image {image.name}")
+    systems, features = parse_builder_nix(settings)
+    route = SshNg(target, systems, features, eval_store, version, os.environ.get(SSHOPTS, ""), conn)
+    system = image.arch.nix_system
+    if system not in systems:
+        conn.close()
+        raise HostUnsuitable(
+            f"builder {target.name} cannot build {image.name}: its nix builds {', '.join(systems) or 'nothing'}, "
+            f"not {system}",
+            hint=f"name a Linux {image.arch.value} builder (its nix `system` or `extra-platforms` must list {system})")
+    return route
+
+
+def check_fit(route: Route, needs: Needs, image: Image) -> None:
+    """Refuse a route none of whose machines can build the derivation (nix would stop with
+    'required system or feature not available' after copying everything)."""
+    why = route.lacks(needs)
+    if why:
+        raise HostUnsuitable(
+            f"{image.name}'s derivation needs {needs.describe()}: {why}",
+            hint="give the builder's nix that system and `system-features` (make-disk-image.nix needs kvm "
+                 "on a host where /dev/kvm works), or name another builder")
+
+
+# --------------------------------------------------------------------------------- nix calls
+
+
+def show_derivation_argvs(installable: str, store_args: Sequence[str] = ()) -> list[list[str]]:
+    """`nix derivation show` (nix >= 2.15), else `nix show-derivation` (nix 2.8 here)."""
+    from pipeline.drivers.nix import nix_argv
+
+    return [nix_argv("derivation", "show", *store_args, installable),
+            nix_argv("show-derivation", *store_args, installable)]
+
+
+def derivation_needs(installable: str, store_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Needs:
+    """The image derivation's system and requiredSystemFeatures (evaluates it, nothing built)."""
+    from pipeline.run import run
+
+    newer, older = show_derivation_argvs(installable, store_args)
+    res = run(newer, check=False, timeout=1800, env=env)
+    if not res.ok and "is not a recognised command" in res.stderr:
+        res = run(older, check=False, timeout=1800, env=env)
+    if not res.ok:
+        errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
+        raise BuildFailed(f"nix cannot evaluate {installable}: {'; '.join(errors) or res.stderr.strip()[-300:]}",
+                          hint="the same evaluation runs before a local build: fix the flake first")
+    try:
+        return parse_show_derivation(res.stdout)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildFailed(f"cannot read nix's description of {installable}: {exc}") from None
+
+
+def out_path(line: str) -> str | None:
+    """The `out` path from `nix build --json`'s line ([{"drvPath": ..., "outputs": {...}}])."""
+    import json
+
+    from pipeline.nixmachines import check_store_path
+
+    if not line.startswith('[{"drvPath"'):
+        return None
+    try:
+        outputs = json.loads(line)[0]["outputs"]
+        path = outputs.get("out") or next(iter(outputs.values()))
+        return check_store_path(str(path))
+    except (ValueError, KeyError, IndexError, StopIteration, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------------- the image back
+
+
+@dataclass(frozen=True)
+class Copied:
+    path: Path
+    sent: int            # bytes that crossed the wire
+    seconds: float
+
+
+def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any) -> Copied:
+    """rsync the image file inside the builder's store path `out` into `stage` (named as the
+    image's artifact), over one OpenSSH connection with imagepipe's host-key policy.
+    `pick(names, image)`: which entry of a folder output is the image (drivers.nix.pick_image)."""
+    import contextlib
+    import time
+
+    from pipeline import rsync
+    from pipeline.remote import check_name, main_thread_timeout
+    from pipeline.run import stream
+
+    target = route.target
+    started = time.monotonic()
+    reuse = route.conn is not None and route.conn.socket.exists()
+    with contextlib.nullcontext(route.conn) if reuse else openssh.Connection(target) as conn:
+        assert conn is not None
+        listing = conn.run(("sh", "-c", LIST_OUT, "imagepipe", out))
+        if not listing.ok:
+            raise BuildFailed(f"nix built {out} on {target.name}, but it is not in its store any more",
+                              hint="the builder's nix garbage collector may have removed it: build again")
+        kind, *names = listing.stdout.splitlines()
+        # `out` is a checked store path; a name found in it must be one plain file name
+        source = out if kind == "file" else str(PurePosixPath(out, check_name(pick(names, image, out), "image file")))
+        argv = rsync.pull_argv(target.host, [source], stage, target.ssh_config, resume=False,
+                               ssh_extra=conn.rsync_ssh_options())
+        res = stream(argv, timeout=main_thread_timeout(6 * 3600),
+                     hint=f"check that rsync is installed on {target.name}")
+    arrived = stage / PurePosixPath(source).name
+    dest = stage / image.artifact_name
+    os.chmod(arrived, 0o644)  # store files are read-only
+    os.replace(arrived, dest)
+    return Copied(dest, rsync.parse_stats(res.stdout).received, time.monotonic() - started)
+
+
+def need_local_tools() -> None:
+    """The ssh-ng route's local tools: ssh for nix and for the copy, rsync for the copy."""
+    import shutil
+
+    from pipeline.run import install_hint
+
+    for tool in ("ssh", "rsync"):
+        if shutil.which(tool) is None:
+            raise ToolMissing(f"{tool} not found on PATH (needed to build on a builder over ssh-ng)",
+                              install_hint(tool))

@@ -70,12 +70,17 @@ def build_argv(template: Path, variables: Mapping[str, str], on_error: str = "cl
 
 
 def render_for(plan: BuildPlan, profile: PackerSource, stage: Path, packer_version: tuple[int, ...]) -> Path:
-    """Write the template for the installed Packer into the staging folder."""
-    from pipeline.render.hcl import dumps
+    """Write the template for the installed Packer into the staging folder.
+
+    Serialising HCL (python-hcl2 and its lark grammar) costs ~0.5 s per build, more than the
+    rest of imagepipe's own work around Packer, so the text is kept in a cache keyed by the
+    template's data and the serialiser's code: the same blocks give the same text."""
+    from pipeline.render.hcl import cached_dumps
 
     legacy = not supports_plugins(packer_version[:2])
     path = stage / "template.pkr.hcl"
-    path.write_text(dumps(profile.blocks(plan.image, legacy)), encoding="utf-8")
+    text = cached_dumps(profile.blocks(plan.image, legacy), plan.image_dir.parent / ".cache" / "render")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -133,6 +138,9 @@ class PackerDriver:
         """Run the whole Packer build into `stage`; returns the image file inside `stage`."""
         ver = facts.version("packer") or (0,)
         prepared = self.profile.prepare(plan, stage, progress.info)
+        from pipeline.artifacts import hash_ahead
+
+        hash_ahead(prepared.extra_files)  # published as they are: hashed while Packer works
         variables = {**host_variables(plan, stage), **prepared.variables}
         template = render_for(plan, self.profile, stage, ver)
         if supports_plugins(ver[:2]):

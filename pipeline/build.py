@@ -271,7 +271,7 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
     manifest["sbom"] = sbom.FILE_NAME
     (stage / sbom.FILE_NAME).write_text(sbom.dumps(sbom.document(manifest, found)), encoding="utf-8")
     image_names = {v.file for v in files}
-    manifest["files"] = {p.name: artifacts.sha256_file(p) for p in sorted(stage.iterdir())
+    manifest["files"] = {p.name: artifacts.sha256_known(p) for p in sorted(stage.iterdir())
                          if p.is_file() and p.name not in image_names}
     sums = {**{v.file: v.sha256 for v in files}, **manifest["files"]}
     return Produced(manifest, sums, primary)

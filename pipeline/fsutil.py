@@ -59,6 +59,21 @@ def atomic_copy(src: Path, dest: Path, *, mode: int = DEFAULT_MODE) -> None:
         shutil.copyfileobj(source, out)
 
 
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Make `dest` (a new name) hold `src`'s bytes: a hard link where the file system allows it
+    (no bytes copied), else a copy. Only for a `src` that is never written in place afterwards
+    (imagepipe's own caches, which are replaced by rename), since both names share the file."""
+    try:
+        os.link(src, dest, follow_symlinks=False)
+        if not stat.S_ISREG(os.lstat(dest).st_mode):  # a link to a symlink: copy the bytes instead
+            os.unlink(dest)
+            raise OSError(errno.EINVAL, "not a regular file", str(src))
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise
+        shutil.copyfile(src, dest)
+
+
 # --------------------------------------------------------------------------------- ownership
 
 

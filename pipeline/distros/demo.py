@@ -44,6 +44,7 @@ class Demo(PackerProfile):
         """Assemble (or reuse) the demo guest with the build key baked in for root (the guest
         contract; the demo has only root), and a blank base disk."""
         from pipeline import contract, demo, keys, packages
+        from pipeline.fsutil import link_or_copy
         from pipeline.run import run
 
         image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key))
@@ -53,7 +54,7 @@ class Demo(PackerProfile):
                               contract.root_password_ssh(image))
         kernel, initrd = stage / "vmlinuz", stage / "initrd.img"
         for src, dst in ((guest.kernel, kernel), (guest.initrd, initrd)):
-            dst.write_bytes(src.read_bytes())
+            link_or_copy(src, dst)  # the cached files are never written again: a link is a copy
         base = stage / "inputs" / "base.qcow2"  # the driver removes stage/inputs before publishing
         base.parent.mkdir(exist_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", base, f"{image.disk_size}M"])

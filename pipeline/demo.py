@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -215,23 +216,29 @@ def cache_dir(output_dir: Path) -> Path:
 def download(packages: list[str], debs: Path) -> dict[str, Path]:
     """`apt-get download` what is not cached yet; returns package → .deb path."""
     debs.mkdir(parents=True, exist_ok=True)
-    found = {p: _cached_deb(debs, p) for p in packages}
-    missing = [p for p, path in found.items() if path is None]
+    found = _cached_debs(debs, packages)
+    missing = [p for p in packages if p not in found]
     if missing:
         run(["apt-get", "download", *missing], cwd=debs, timeout=600,
             hint="the demo guest needs Debian's package lists: run `sudo apt-get update`")
+        found = _cached_debs(debs, packages)
     out = {}
     for p in packages:
-        path = _cached_deb(debs, p)
-        if path is None:
+        if p not in found:
             raise BuildFailed(f"apt-get download did not produce a .deb for {p}")
-        out[p] = path
+        out[p] = found[p]
     return out
 
 
-def _cached_deb(debs: Path, package: str) -> Path | None:
-    hits = sorted(debs.glob(f"{package}_*.deb"))
-    return hits[-1] if hits else None
+def _cached_debs(debs: Path, packages: Iterable[str]) -> dict[str, Path]:
+    """package → its newest-named `<package>_*.deb` in `debs` (the folder is listed once)."""
+    names = sorted(n for n in os.listdir(debs) if n.endswith(".deb"))
+    out = {}
+    for package in packages:
+        hits = [n for n in names if n.startswith(f"{package}_")]
+        if hits:
+            out[package] = debs / hits[-1]
+    return out
 
 
 def resolve_kernel_package() -> str:

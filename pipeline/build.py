@@ -36,6 +36,7 @@ from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
 from pipeline.errors import (
     CommandFailed,
+    HostUnsuitable,
     ImagepipeError,
     Interrupted,
     StorageError,
@@ -164,9 +165,7 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     but the project key and the tool-version cache (a dry run writes neither)."""
     facts = facts or probe_for_build(cfg, [image], save_cache=not opts.dry_run)
     profile = distros.profile(image)
-    # an engine that builds elsewhere itself (nix's remote builds) answers for that machine
-    route = profile.engine_route(image, facts, cfg, opts.builder, opts.accept_new_host_key)
-    problem = profile.host_problem(image, facts, cfg) if route is None else None
+    route, problem = _route(cfg, image, facts, opts.builder, opts.accept_new_host_key)
     if problem is not None:
         raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
@@ -175,6 +174,29 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     driver.check(plan, facts)
     preflight(image, facts)
     return facts, driver, plan
+
+
+def _route(cfg: Config, image: Image, facts: HostFacts, builder: Target | None = None,
+           accept_new_host_key: bool = False) -> tuple[Any, HostUnsuitable | None]:
+    """Where the engine builds `image` (None: here) and, when nowhere it knows, why not."""
+    profile = distros.profile(image)
+    # an engine that builds elsewhere itself (nix's remote builds) answers for that machine
+    route = profile.engine_route(image, facts, cfg, builder, accept_new_host_key)
+    return route, profile.host_problem(image, facts, cfg) if route is None else None
+
+
+def host_refusal(cfg: Config, image: Image, facts: HostFacts, accel: Accel = Accel.AUTO) -> HostUnsuitable | None:
+    """Why neither this host nor a builder its engine knows can build `image`: the refusal
+    build_image would raise before creating anything (the engine's route, then the plan's
+    accelerator, CPU level and firmware), or None. Nothing is written."""
+    route, problem = _route(cfg, image, facts)
+    if problem is not None:
+        return problem
+    try:
+        make_build_plan(cfg, image, facts, accel, cfg.output_dir / ".keys" / "unused", build_id="check", route=route)
+    except HostUnsuitable as exc:
+        return exc
+    return None
 
 
 def preflight(image: Image, facts: HostFacts) -> None:

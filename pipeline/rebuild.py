@@ -77,13 +77,12 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
     outcomes = []
     for image in images:
         emit("start", image.name, "checking")
-        refresh_pin(cfg, image, emit)
         if facts is None:
             from pipeline.build import probe_for_build
 
             facts = probe_for_build(cfg, images)
-        outcome = _one(cfg, image, facts, accel=accel, json_lines=json_lines, force=force,
-                       boot_test=boot_test, emit=emit)
+        outcome = _decided_early(cfg, image, facts, accel, force, emit) or _one(
+            cfg, image, facts, accel=accel, json_lines=json_lines, force=force, boot_test=boot_test, emit=emit)
         emit(outcome.status, image.name, _with_changes(outcome, json_lines),
              **{k: v for k, v in (("build_id", outcome.build_id), ("sha256", outcome.sha256),
                                   ("changes", outcome.changes)) if v})
@@ -91,6 +90,29 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
     counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "up-to-date", "skipped", "failed")}
     emit("summary", "*", ", ".join(f"{n} {s}" for s, n in counts.items()), **counts)
     return outcomes
+
+
+def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: bool, emit: Emit) -> Outcome | None:
+    """What needs no build step at all: `skipped` when this host cannot build the image (decided
+    before its pin is refreshed: an image skipped here needs no network), else, after the pin's
+    refresh, `up-to-date` when the published build has the current input hash (the same check
+    build_image makes, without its lock and history: a no-op run stays well under a second).
+    None: build_image decides (and re-checks under the image's lock)."""
+    from pipeline.build import host_refusal
+
+    try:
+        refusal = host_refusal(cfg, image, facts, accel)
+    except ImagepipeError:
+        return None  # build_image meets the same error and reports it as this image's failure
+    if refusal is not None:
+        return Outcome(image.name, "skipped", refusal.message)
+    refresh_pin(cfg, image, emit)
+    if force:
+        return None
+    from pipeline import inputs
+
+    fresh = inputs.up_to_date(cfg.output_dir / image.name, inputs.compute(cfg, image).value)
+    return Outcome(image.name, "up-to-date", fresh) if fresh else None
 
 
 def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,

@@ -4,6 +4,7 @@ folder, and ssh with strict checking against that file only (~/.ssh/known_hosts 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,39 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
         time.sleep(interval)
 
 
+def sshd_banner(port: int, timeout: float = 3.0) -> bool:
+    """True when an SSH server's banner (`SSH-2.0-...`) comes from 127.0.0.1:`port`. QEMU's
+    user-mode network accepts the forwarded connection before the guest does, so only the
+    banner (sent by the guest's sshd) says it listens; read here without starting a process."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            data = b""
+            while len(data) < 4:
+                chunk = conn.recv(256)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
+                    pid: int | None = None, interval: float = 0.1) -> None:
+    """Wait until the guest's sshd sends its banner (polled every `interval` s, in-process);
+    VerifyFailed with the console tail on timeout or when QEMU dies meanwhile."""
+    end = time.monotonic() + deadline
+    while not sshd_banner(port):
+        if pid is not None and not alive(pid, state):
+            raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
+                               f"serial console: {state.console}")
+        if time.monotonic() >= end:
+            raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n{tail_block(state)}",
+                               f"serial console: {state.console}")
+        time.sleep(interval)
+
+
 def tail_block(state: StatePaths) -> str:
     """The console tail as an indented block for an error message."""
     tail = console_tail(state)
@@ -84,13 +118,15 @@ def pin_host_keys(state: StatePaths, found: Sequence[str]) -> None:
 
 
 def ssh_argv(image: str, state: StatePaths, key: Path, user: str, port: int,
-             command: Sequence[str] = (), *, batch: bool = False) -> list[str]:
-    """ssh with this VM's own known_hosts, strict checking and only the given key (pure)."""
+             command: Sequence[str] = (), *, batch: bool = False, first_contact: bool = False) -> list[str]:
+    """ssh with this VM's own known_hosts, strict checking and only the given key (pure).
+    `first_contact` (nothing pinned for this boot yet): ssh pins the key the guest presents
+    into that file (accept-new), and checks strictly against it from then on."""
     argv = [
         "ssh", "-F", "none",  # the user's ~/.ssh/config must not redirect or multiplex this
         "-o", f"UserKnownHostsFile={state.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"StrictHostKeyChecking={'accept-new' if first_contact else 'yes'}",
         "-o", f"HostKeyAlias={host_key_alias(image)}",
         "-o", "IdentitiesOnly=yes",
         "-o", "ConnectTimeout=10",
@@ -118,7 +154,18 @@ def ensure_reachable(image: Image, state: StatePaths, deadline: float | None = N
 
 
 def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: float | None = None) -> int:
-    """`invoke ssh`: wait for sshd, then ssh attached to this terminal; returns ssh's exit code."""
+    """`invoke ssh`: wait for sshd's banner, then ssh attached to this terminal; returns ssh's
+    exit code. On the first contact with this boot (nothing pinned yet) that ssh pins the
+    guest's key itself (the same trust-on-first-use as a keyscan, without a second key
+    exchange: under TCG each one costs the guest about half a second)."""
     state = state_paths(cfg.output_dir, image.name)
-    port = ensure_reachable(image, state, deadline)
-    return interactive(ssh_argv(image.name, state, login_key(cfg), image.ssh_user, port, command))
+    st = read_status(image.name, state)
+    if st.state != "running" or st.ssh_port is None:
+        raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
+    wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), 120.0)
+    key = login_key(cfg)
+    wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
+    first = not read_value(state.known_hosts)
+    if first:  # ssh appends the key to this file: a real file of ours, never a link's target
+        write_value(state.known_hosts, "")
+    return interactive(ssh_argv(image.name, state, key, image.ssh_user, st.ssh_port, command, first_contact=first))

@@ -5,7 +5,8 @@ Alternates the two (≥ 3 pairs), medians, ratio (goal ≤ 1.05). Setup, outside
 demo image is built into a temporary output folder and booted once by `invoke run`, whose QEMU
 command line (read from /proc) is what the raw side starts; every VM is stopped (QMP quit)
 after its measurement, outside the timing. The raw side's ssh loop tries `ssh ... true` with
-the project key every 0.1 s (host keys not checked: the floor, not a safe login).
+the project key every 0.1 s, each waiting at most 1 s for the banner (QEMU holds a connection the
+guest cannot answer yet); host keys are not checked: the floor, not a safe login.
 Usage: python3 bench/boot_ssh.py [PAIRS] [--json]
 """
 
@@ -97,7 +98,7 @@ try:
     stop_vm()
     say("raw QEMU: " + " ".join(qemu))
     ssh_true = ["ssh", "-F", "none", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "IdentitiesOnly=yes",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=1", "-o", "IdentitiesOnly=yes",
                 "-i", str(keys.project_key(output)), "-p", str(port), "root@127.0.0.1", "true"]
     t = alternate(pairs, {"run + ssh": ours, "raw qemu + ssh loop": raw}, "boot ")
 finally:

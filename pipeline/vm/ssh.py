@@ -4,6 +4,7 @@ folder, and ssh with strict checking against that file only (~/.ssh/known_hosts 
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import time
 from collections.abc import Sequence
@@ -71,37 +72,81 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
         time.sleep(interval)
 
 
-def sshd_banner(port: int, timeout: float = 3.0) -> bool:
-    """True when an SSH server's banner (`SSH-2.0-...`) comes from 127.0.0.1:`port`. QEMU's
-    user-mode network accepts the forwarded connection before the guest does, so only the
-    banner (sent by the guest's sshd) says it listens; read here without starting a process."""
+def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
+                    pid: int | None = None, interval: float = 0.2, patience: float = 3.0) -> None:
+    """Wait until the guest's sshd sends its banner (`SSH-...`) on 127.0.0.1:`port`, in-process.
+
+    QEMU's user network accepts a forwarded connection at once and then holds it while the
+    guest cannot answer yet (no address, no sshd), and such a held connection is not completed
+    when sshd comes up. So a new connection is opened every `interval` s and each one waits up to
+    `patience` s for the banner (a slow guest still answers one); a connection the guest closes
+    (nothing listening yet) is dropped at once. VerifyFailed with the console tail on timeout
+    or when QEMU dies meanwhile."""
+    end = time.monotonic() + deadline
+    sel = selectors.DefaultSelector()
+    opened: dict[socket.socket, tuple[float, bytearray]] = {}
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-            conn.settimeout(timeout)
-            data = b""
-            while len(data) < 4:
-                chunk = conn.recv(256)
-                if not chunk:
-                    return False
-                data += chunk
-            return data.startswith(b"SSH-")
+        next_try = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_try:
+                if pid is not None and not alive(pid, state):
+                    raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
+                                       f"serial console: {state.console}")
+                if now >= end:
+                    raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n"
+                                       f"{tail_block(state)}", f"serial console: {state.console}")
+                _connect(sel, opened, port, now)
+                next_try = now + interval
+            for key, _events in sel.select(timeout=max(0.0, next_try - time.monotonic())):
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                answer = _banner(conn, opened[conn][1])
+                if answer is True:
+                    return
+                if answer is False:
+                    _close(sel, opened, conn)
+            for conn, (since, _got) in list(opened.items()):
+                if time.monotonic() - since > patience:
+                    _close(sel, opened, conn)
+    finally:
+        for conn in list(opened):
+            _close(sel, opened, conn)
+        sel.close()
+
+
+def _connect(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, bytearray]], port: int,
+             now: float) -> None:
+    """Start one non-blocking connection to the forwarded port (watched for its first bytes)."""
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    conn.setblocking(False)
+    conn.connect_ex(("127.0.0.1", port))  # in progress, refused or done: the selector tells
+    sel.register(conn, selectors.EVENT_READ)
+    opened[conn] = (now, bytearray())
+
+
+def _banner(conn: socket.socket, got: bytearray) -> bool | None:
+    """True: an SSH banner arrived; False: this connection is over (closed, refused, not SSH);
+    None: not enough bytes yet (`got` keeps what came so far)."""
+    try:
+        data = conn.recv(256)
+    except (BlockingIOError, InterruptedError):
+        return None
     except OSError:
         return False
+    if not data:
+        return False
+    got += data
+    if len(got) < 4:
+        return None
+    return got.startswith(b"SSH-")
 
 
-def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
-                    pid: int | None = None, interval: float = 0.1) -> None:
-    """Wait until the guest's sshd sends its banner (polled every `interval` s, in-process);
-    VerifyFailed with the console tail on timeout or when QEMU dies meanwhile."""
-    end = time.monotonic() + deadline
-    while not sshd_banner(port):
-        if pid is not None and not alive(pid, state):
-            raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
-                               f"serial console: {state.console}")
-        if time.monotonic() >= end:
-            raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n{tail_block(state)}",
-                               f"serial console: {state.console}")
-        time.sleep(interval)
+def _close(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, bytearray]],
+           conn: socket.socket) -> None:
+    sel.unregister(conn)
+    opened.pop(conn, None)
+    conn.close()
 
 
 def tail_block(state: StatePaths) -> str:

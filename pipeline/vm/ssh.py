@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import keys
 from pipeline.config import Accel, Config, Image
 from pipeline.errors import UsageError, VerifyFailed
+from pipeline.fsutil import atomic_write
 from pipeline.run import interactive, run
 from pipeline.vm.state import (
     StatePaths,
@@ -73,14 +74,16 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
 
 
 def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
-                    pid: int | None = None, interval: float = 0.2, patience: float = 3.0) -> None:
+                    pid: int | None = None, interval: float = 0.5, patience: float = 1.0) -> None:
     """Wait until the guest's sshd sends its banner (`SSH-...`) on 127.0.0.1:`port`, in-process.
 
     QEMU's user network accepts a forwarded connection at once and then holds it while the
     guest cannot answer yet (no address, no sshd), and such a held connection is not completed
     when sshd comes up. So a new connection is opened every `interval` s and each one waits up to
     `patience` s for the banner (a slow guest still answers one); a connection the guest closes
-    (nothing listening yet) is dropped at once. VerifyFailed with the console tail on timeout
+    (nothing listening yet) is dropped at once. At most patience/interval + 1 are open at once:
+    sshd refuses a client's connections beyond a few unauthenticated ones (dropbear: 5), and the
+    login that follows must not be one too many. VerifyFailed with the console tail on timeout
     or when QEMU dies meanwhile."""
     end = time.monotonic() + deadline
     sel = selectors.DefaultSelector()
@@ -211,6 +214,6 @@ def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: flo
     key = login_key(cfg)
     wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
     first = not read_value(state.known_hosts)
-    if first:  # ssh appends the key to this file: a real file of ours, never a link's target
-        write_value(state.known_hosts, "")
+    if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):
+        atomic_write(state.known_hosts, "")  # ssh appends the key here: a real file, never a link's target
     return interactive(ssh_argv(image.name, state, key, image.ssh_user, st.ssh_port, command, first_contact=first))

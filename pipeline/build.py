@@ -66,6 +66,7 @@ class BuildOptions:
     location: str = "local"        # where the build runs, for the history (local or a builder host)
     builder: Target | None = None  # a builder the engine drives itself (NixOS: nix over ssh-ng)
     accept_new_host_key: bool = False  # with `builder`: pin its host key if none is known yet
+    authorize: tuple[str, ...] = ()  # further public keys for ssh_user (a remote build: the asker's key)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     if problem is not None:
         raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route)
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route,
+                           extra_keys=opts.authorize)
     driver = profile.driver
     driver.check(plan, facts)
     preflight(image, facts)

@@ -177,6 +177,9 @@ class BuildPlan:
     host_machine: str
     profile: Profile   # the image's distro profile (driver, prepare, boot info)
     route: Delegated | None = None  # the engine builds it on another machine (nix's remote builds)
+    # further keys for ssh_user in the staged files: on a builder, the key of the machine that
+    # asked for the build, so the image it fetches logs in with its own key (`invoke ssh`, run)
+    extra_keys: tuple[str, ...] = ()
 
     @property
     def cpu_model(self) -> str:
@@ -199,7 +202,7 @@ class BuildPlan:
 
 def make_build_plan(
     cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None,
-    route: Delegated | None = None,
+    route: Delegated | None = None, extra_keys: tuple[str, ...] = (),
 ) -> BuildPlan:
     """Decide accelerator, firmware and paths for building `image` on this host (or, with a
     `route`, through an engine that builds it elsewhere: the accelerator is then only the one a
@@ -229,4 +232,5 @@ def make_build_plan(
         host_machine=facts.machine,
         profile=profile,
         route=route,
+        extra_keys=extra_keys,
     )

@@ -147,7 +147,8 @@ class AlmaLinux(PackerProfile):
             report(f"note: {note}")
         inputs = stage / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
-        staged = self.stage_kickstart(image, plan.root, inputs, report, keys.public_key(plan.ssh_key), guest_url(repo))
+        staged = self.stage_kickstart(image, plan.root, inputs, report, keys.public_key(plan.ssh_key), guest_url(repo),
+                                      also=plan.extra_keys)
         values = {
             "iso_url": str(local.path),
             "iso_checksum": f"sha256:{local.sha256}",
@@ -160,7 +161,7 @@ class AlmaLinux(PackerProfile):
         return Prepared(variables=values, secret_env={"ssh_password": password})
 
     def stage_kickstart(self, image: Image, root: Path, inputs: Path, report: Report, build_key: str,
-                        repo_base: str) -> Path:
+                        repo_base: str, also: tuple[str, ...] = ()) -> Path:
         """The kickstart of this build in its own folder: rendered from the config (as the
         template is) with the build's SSH key for ssh_user and the build's package repo. A
         committed copy that differs from the config's rendering is pointed out (users read it)."""
@@ -173,7 +174,7 @@ class AlmaLinux(PackerProfile):
                    " rendered one): run invoke render and commit it")
         folder = inputs / "kickstart"
         folder.mkdir(parents=True, exist_ok=True)
-        text = kickstart.render(with_build_key(image, build_key), repo_base=repo_base)
+        text = kickstart.render(with_build_key(image, build_key, *also), repo_base=repo_base)
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
 

@@ -46,7 +46,7 @@ class Demo(PackerProfile):
         from pipeline import contract, demo, keys, packages
         from pipeline.run import run
 
-        image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key))
+        image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key), *plan.extra_keys)
         root = image.user("root")
         authorized = list(root.public_keys) if root else []
         guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None,

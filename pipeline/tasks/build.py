@@ -27,13 +27,16 @@ BUILD_HELP = {
                "then copy, verify and publish the image here",
     "accept_new_host_key": "with --builder: trust the builder's host key if it is not known yet and add it to "
                            "known_hosts (a changed key is always refused)",
+    "authorize_key": "also let this OpenSSH public key (one line) log in as the image's ssh_user, in the staged "
+                     "files only (repeatable; remote builds pass the asking machine's key this way)",
 }
 
 
-@task(help=BUILD_HELP)
+@task(help=BUILD_HELP, iterable=["authorize_key"])
 def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dry_run: bool = False,
           boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
-          no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
+          no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False,
+          authorize_key: list[str] | None = None) -> None:
     """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
     from pipeline.errors import UsageError
 
@@ -42,6 +45,7 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     if on_error not in ("cleanup", "abort"):
         raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
     requested = accel_option(accel, cfg)
+    authorize = _authorize(authorize_key or [])
     target = _builder(c, cfg, builder)  # a hostile name is refused before anything connects
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
@@ -49,10 +53,22 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
 
     opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json,
                         if_changed=if_changed and not force, wait=not no_wait, builder=target,
-                        accept_new_host_key=accept_new_host_key)
+                        accept_new_host_key=accept_new_host_key, authorize=authorize)
     result = build_image(cfg, img, opts, say=say)
     if result.skipped and json:
         _print_skip(img.name, result.skipped)
+
+
+def _authorize(values: list[str]) -> tuple[str, ...]:
+    """--authorize-key values, each one OpenSSH public key line."""
+    from pipeline.errors import UsageError
+    from pipeline.validate import Invalid, pubkey
+
+    try:
+        return tuple(pubkey(v) for v in values)
+    except Invalid as exc:
+        raise UsageError(f"--authorize-key: {exc}", hint="pass the contents of a .pub file, e.g. "
+                         "\"$(cat ~/.ssh/id_ed25519.pub)\"") from None
 
 
 def _builder(c: Context, cfg: Config, name: str) -> Target | None:

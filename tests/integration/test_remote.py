@@ -80,6 +80,14 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     for boot_file in ("vmlinuz", "initrd.img"):
         assert artifacts.sha256_file(current / boot_file) == sums[boot_file]
 
+    # The builder baked this machine's key in too (remote-sync-build passed it): the fetched image
+    # boots here and this machine's own key logs in (the builder's key stays on the builder).
+    mine = (hal9000["base"] / "output" / ".keys" / "imagepipe_ed25519.pub").read_text().split()[:2]
+    theirs = (builder / "output" / ".keys" / "imagepipe_ed25519.pub").read_text().split()[:2]
+    assert mine != theirs
+    booted = invoke(["test-image", "demo-x86_64"], hal9000["config"], timeout=600)
+    assert booted.returncode == 0, _out(booted)
+
     again = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=120)
     assert again.returncode == 0 and "nothing to fetch" in _out(again), _out(again)
     assert artifacts.current_build(image_dir) == current

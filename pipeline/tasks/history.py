@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from invoke import Context
 
 from pipeline.tasks.common import load_config, say, task
-from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option, whole_number
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option
 
 if TYPE_CHECKING:
     from pipeline.history import Build
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     "limit": "at most this many rows (newest first; default 20, 0 = all)",
     "json": "one JSON object per build on stdout",
 })
-def history(c: Context, image: str = "", limit: str = "20", json: bool = False) -> None:
+def history(c: Context, image: str = "", limit: int = 20, json: bool = False) -> None:
     """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
     import json as json_mod
 
@@ -29,7 +29,7 @@ def history(c: Context, image: str = "", limit: str = "20", json: bool = False) 
         cfg.image(image)  # unknown names fail with the list of valid ones
     with History(cfg.output_dir) as hist:
         hist.reap()
-        rows = hist.builds(image or None, whole_number(limit, "--limit") or None)
+        rows = hist.builds(image or None, limit or None)
     if json:
         try:
             for row in rows:

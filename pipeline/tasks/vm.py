@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from invoke import Context, Exit
 
 from pipeline.tasks.common import alias, load_config, say, task
-from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, whole_number
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
 TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
@@ -57,12 +57,12 @@ run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", 
 
 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
-def ssh(c: Context, image: str, timeout: str = "0") -> None:
+def ssh(c: Context, image: str, timeout: int = 0) -> None:
     """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
     from pipeline.vm.ssh import ssh_session
 
     cfg = load_config(c)
-    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=whole_number(timeout, "--timeout") or None)
+    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
     if code != 0:
         raise Exit(code=code)
 
@@ -98,25 +98,25 @@ def status(c: Context, json: bool = False) -> None:
     "force": "end QEMU at once (QMP quit) instead of an ACPI power-off",
     "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
 })
-def stop(c: Context, image: str, force: bool = False, timeout: str = "60") -> None:
+def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
     """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
     from pipeline.vm import lifecycle
     from pipeline.vm.state import state_paths
 
     cfg = load_config(c)
     img = cfg.image(image)
-    grace = whole_number(timeout, "--timeout")
+    grace = timeout
     say(lifecycle.stop(img.name, state_paths(cfg.output_dir, img.name), force=force, grace=grace, say=say))
 
 
 @task(help={"image": IMAGE_HELP, "accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
-def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> None:
+def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> None:
     """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
     from pipeline.errors import VerifyFailed
     from pipeline.vm.boottest import boot_test_published
 
     cfg = load_config(c)
-    result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), whole_number(timeout, "--timeout") or None, say=say)
+    result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), timeout or None, say=say)
     if result.result == "not built":
         from pipeline.errors import UsageError
 
@@ -127,7 +127,7 @@ def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> N
 
 
 @task(help={"accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
-def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
+def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
     from pipeline.errors import UsageError, VerifyFailed
     from pipeline.vm.boottest import boot_test_published, results_table
@@ -136,7 +136,7 @@ def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
     requested = accel_option(accel, cfg)
     rows = []
     for name in sorted(cfg.images):
-        row = boot_test_published(cfg, cfg.images[name], requested, whole_number(timeout, "--timeout") or None, say=say)
+        row = boot_test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
         if row.result == "failed":
             say(f"{name}: FAILED\n{row.detail}")
         rows.append(row)

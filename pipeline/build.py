@@ -26,6 +26,7 @@ from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, ToolMiss
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
+from pipeline.units import clock, mib
 from pipeline.run import install_hint, interrupt_guard
 
 
@@ -161,8 +162,11 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
     """drive → verify → [boot test] → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
+    progress.attach(total=len(step_names(driver, plan, facts, opts)), console_log=plan.console_log,
+                    log_path=plan.build_log)
     with progress, _staging(plan) as stage:
         started = time.time()
+        _log_header(progress, plan, driver, facts)
         produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
         progress.step_event("verify (qemu-img check, sha256)")
         _pause("verify")
@@ -179,8 +183,25 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
         _pause("publish")
         final = artifacts.publish(stage, plan.image_dir, plan.build_id, image.artifact_name)
         progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
-                                    f"({verified.size / 1e6:.1f} MB, sha256 {verified.sha256[:12]}…)"))
+                                    f"({mib(verified.size)}, sha256 {verified.sha256[:12]}…) "
+                                    f"in {clock(time.time() - started)}"))
     return BuildResult(image.name, plan.build_id, final, manifest)
+
+
+def step_names(driver: Driver, plan: BuildPlan, facts: HostFacts, opts: BuildOptions) -> list[str]:
+    """The build's steps in order, as the progress view counts them (N/M)."""
+    own = driver.steps(plan, facts) if hasattr(driver, "steps") else []
+    return [*own, "verify", *(["boot test"] if opts.boot_test else []), "publish"]
+
+
+def _log_header(progress: Progress, plan: BuildPlan, driver: Driver, facts: HostFacts) -> None:
+    """The first lines of build.log: what is built, where, how (never a secret)."""
+    image = plan.image
+    progress.log_only(f"imagepipe {__version__}: build {plan.build_id} of {image.name} "
+                      f"({image.distro} {image.version} {image.arch.value}) on {socket.gethostname()} "
+                      f"({facts.os} {facts.machine})")
+    progress.log_only(f"accelerator {plan.accel.accel.value}: {plan.accel.reason}")
+    progress.log_only(f"engine {driver.name}; raw tool output: {plan.raw_log}; guest console: {plan.console_log}")
 
 
 def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> None:
@@ -191,7 +212,7 @@ def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> N
         say(f"{image.name}: warning: retention could not remove old builds: {exc}")
         return
     if freed.removed:
-        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
+        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
 
 
 def describe_failure(exc: BaseException, driver: Driver | None = None) -> str:

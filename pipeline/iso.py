@@ -13,14 +13,17 @@ with IMAGEPIPE_ALMA_MIRROR and IMAGEPIPE_ALMA_VAULT.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import sha256_file
 from pipeline.config import Image
@@ -134,13 +137,13 @@ def offline_message(url: str, reason: str, image: Image) -> str:
 # --------------------------------------------------------------------------------- network
 
 
-def open_url(url: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
+def open_url(url: str | urllib.request.Request, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
     """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
     try:
         return urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
-            raise NotFound(url) from None
+            raise NotFound(getattr(url, "full_url", url)) from None
         raise
 
 
@@ -157,6 +160,8 @@ def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str]
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"the connection closed with {exc.expected} bytes still to come"
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code}"
     if isinstance(exc, urllib.error.URLError):
@@ -260,27 +265,25 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str, image: Image, report: Report | None = None) -> Path:
-    """Fetch `url` to `dest` (via dest.part), verify sha256, then rename; mismatch refuses."""
+    """Fetch `url` to `dest` via dest.part, verify sha256, then rename; mismatch refuses.
+
+    A .part left by an earlier, interrupted download is resumed with an HTTP Range request (a
+    server that ignores Range sends the whole file, which then starts from zero); it is kept
+    when the download fails again and removed only when the finished file does not verify.
+    Progress (bytes, speed, ETA) goes to `report.transfer` when the reporter has it (the build's
+    progress view), else to `report` as a line at most every few seconds.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
     try:
-        with open_url(url) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done, shown = 0, -1
-            while chunk := resp.read(CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if report and total and (pct := done * 10 // total) != shown:
-                    shown = pct
-                    report(f"downloading {dest.name}: {pct * 10}%")
+        _fetch_into(url, part, h, dest.name, report)
     except NotFound:
-        part.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        part.unlink(missing_ok=True)
-        raise IsoUnavailable(offline_message(url, _reason(exc), image)) from None
+        raise  # the point release moved: the caller tries the vault (the .part stays for it)
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+        kept = part.stat().st_size if part.exists() else 0
+        why = _reason(exc) + (f"; {kept / 1024**2:.1f} MiB kept in {part.name}, resumed next time" if kept else "")
+        raise IsoUnavailable(offline_message(url, why, image)) from None
     if h.hexdigest() != sha256.lower():
         part.unlink(missing_ok=True)
         raise VerifyFailed(
@@ -289,6 +292,85 @@ def download(url: str, dest: Path, sha256: str, image: Image, report: Report | N
         )
     part.replace(dest)
     return dest
+
+
+def _fetch_into(url: str, part: Path, h: Any, name: str, report: Report | None) -> None:
+    """Download `url` into `part` (resuming what it holds), feeding every byte to `h`."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = open_url(request)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not have:  # 416: nothing left after `have`: the .part is complete
+            raise
+        _hash_file(part, h)
+        return
+    with resp:
+        resumed = have and resp.status == 206 and _range_start(resp.headers.get("Content-Range")) == have
+        if resumed:
+            _hash_file(part, h)
+        else:
+            have = 0  # the server sent the whole file
+        length = int(resp.headers.get("Content-Length") or 0)
+        meter = _Meter(name, have + length if length else None, have, report)
+        got = 0
+        with open(part, "ab" if resumed else "wb") as out:
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+                meter.add(len(chunk))
+        if length and got < length:  # read(n) ends quietly when the connection drops early
+            raise http.client.IncompleteRead(b"", length - got)
+        meter.finish()
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """`bytes 100-999/1000` -> 100 (None when absent or not understood)."""
+    m = re.match(r"bytes (\d+)-\d+/(?:\d+|\*)$", (content_range or "").strip())
+    return int(m.group(1)) if m else None
+
+
+def _hash_file(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+
+
+class _Meter:
+    """Bytes, speed and ETA of one download, reported through the build's progress view."""
+
+    def __init__(self, name: str, total: int | None, start: int, report: Report | None) -> None:
+        self.name, self.total, self.start, self.done = name, total, start, start
+        self.report = report
+        self.began = time.monotonic()
+        self.shown = 0.0
+
+    def rate(self) -> float:
+        took = time.monotonic() - self.began
+        return (self.done - self.start) / took if took > 0 else 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self._send(final=False)
+
+    def finish(self) -> None:
+        self._send(final=True)
+
+    def _send(self, *, final: bool) -> None:
+        if self.report is None:
+            return
+        transfer = getattr(self.report, "transfer", None)
+        if transfer is not None:  # the progress view throttles and places it itself
+            transfer(self.name, self.done, self.total, self.rate(), final=final, resumed_at=self.start)
+            return
+        now = time.monotonic()
+        if final or now - self.shown >= 5.0:
+            from pipeline.progress import transfer_text
+
+            self.shown = now
+            self.report(transfer_text(self.name, self.done, self.total, self.rate(), final=final,
+                                      resumed_at=self.start))
 
 
 def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None,

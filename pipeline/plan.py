@@ -125,7 +125,13 @@ class BuildPlan:
 
     @property
     def build_log(self) -> Path:
+        """The readable log: timestamp + text of every event shown during the build."""
         return self.log_dir / "build.log"
+
+    @property
+    def raw_log(self) -> Path:
+        """The tool's own output, unchanged (Packer's machine-readable lines, nix's internal-json)."""
+        return self.log_dir / "build.raw.log"
 
 
 def make_build_plan(

@@ -183,7 +183,11 @@ class NixDriver:
 
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
-    def command(self, plan: BuildPlan, stage: Path) -> list[str]:
+    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
+        """The steps drive() announces (the build shows them as N/M)."""
+        return ["nix build"]
+
+    def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
         return build_argv(plan, stage)
 
     def describe_failure(self, exc: CommandFailed) -> str:
@@ -199,7 +203,7 @@ class NixDriver:
         The flake.lock the image was built from (if any) is copied next to it, so the build's
         inputs are recorded. Raises CommandFailed (nix's last messages, and a hint) when nix fails;
         nothing of this build is left in `stage` then. The raw internal-json log goes to
-        plan.build_log. on_error="abort" passes --keep-failed (nix says where it kept the build).
+        plan.raw_log (the readable one, plan.build_log, is written by the progress view). on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
         image = plan.image
         stage.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,7 @@ class NixDriver:
         out_link = stage / OUT_LINK
         argv = build_argv(plan, stage, on_error)
         progress.step_event(f"nix build {argv[4]}")
-        result, tail = _run_build(argv, progress, plan.build_log, timeout)
+        result, tail = _run_build(argv, progress, plan.raw_log, timeout)
         if not result.ok:
             out_link.unlink(missing_ok=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))

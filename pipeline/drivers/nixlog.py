@@ -59,7 +59,7 @@ class LogParser:
             fields = r.get("fields") or [""]
             name = store_name(str(fields[0]))
             self.builds[int(r.get("id", 0))] = name
-            return Event("step", f"building {name}", source="nix", data=(str(fields[0]),))
+            return Event("say", f"building {name}", source="nix", data=(str(fields[0]),))
         if text and (kind in (ACT_SUBSTITUTE, ACT_FILE_TRANSFER) or int(r.get("level", 9)) <= LEVEL_INFO):
             return Event("message", text, source="nix")
         return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import socket
 import sys
 import time
@@ -19,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, artifacts, distros, history, inputs, keys, retention
+from pipeline import __version__, artifacts, distros, history, inputs, keys, retention, summary
 from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
 from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, ToolMissing
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
-from pipeline.units import clock, mib
 from pipeline.run import install_hint, interrupt_guard
+from pipeline.units import clock, mib
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,14 @@ def build_image(
     The whole build holds the image's lock; it is recorded in the history from start to end;
     with `opts.if_changed` nothing is built when the inputs equal the published build's.
     """
+    if opts.dry_run:
+        s = dry_run(cfg, image, opts, facts)
+        say(summary.format_text(s))
+        if s.problems:
+            raise s.problems[0].error()
+        return BuildResult(image.name, summary.BUILD_ID, None, None)
     # Whether this host can build the image is decided before anything is created or locked.
     facts, driver, plan = _decide(cfg, image, opts, facts)
-    if opts.dry_run:
-        _announce(plan, facts, say)
-        _print_plan(plan, driver, say)
-        say(f"  {'input hash':12} {inputs.compute(cfg, image).value}")
-        return BuildResult(image.name, plan.build_id, None, None)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
@@ -291,19 +291,9 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
 
 
 
-def _print_plan(plan: BuildPlan, driver: Driver, say: Callable[[str], None]) -> None:
-    """--dry-run: the plan and the exact command, with prepared inputs named."""
-    image = plan.image
-    say(f"plan for {image.name} (build {plan.build_id}):")
-    for label, value in (
-        ("distro", f"{image.distro} {image.version} {image.arch.value}"),
-        ("accelerator", f"{plan.accel.accel.value}: {plan.accel.reason}"),
-        ("cpu model", plan.cpu_model),
-        ("firmware", plan.firmware.code if plan.firmware else "BIOS / direct kernel boot"),
-        ("template", str(plan.template)),
-        ("staging", str(plan.staging)),
-        ("publishes", str(plan.image_dir / image.artifact_name)),
-        ("logs", str(plan.log_dir)),
-    ):
-        say(f"  {label:12} {value}")
-    say("  command      " + shlex.join(driver.command(plan, plan.staging)))
+def dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None = None) -> summary.Summary:
+    """--dry-run: what a build would do (pipeline.summary); writes nothing, not even the
+    tool-version cache or the project key."""
+    if facts is None:
+        facts = probe(disk_path=str(existing_parent(cfg.output_dir)), tools=build_tools([image]), version_cache=None)
+    return summary.summarize(cfg, image, facts, accel=opts.accel, boot_test=opts.boot_test)

@@ -397,6 +397,65 @@ def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = 
     raise IsoUnavailable(f"{entry.name} is gone from {entry.url} and {vault_url}: run invoke update-iso {image.name}")
 
 
+def describe(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None) -> dict[str, Any]:
+    """Which ISO a build of `image` would use, without any network or write (the dry run).
+
+    Keys: summary (one line), source, version, url, path, sha256, cached, note, and `problem`
+    (message, hint, exit_code) when a build could not start (a configured file that is missing).
+    """
+    mirrors = mirrors or Mirrors.from_env()
+    if image.iso and "://" not in image.iso:
+        path = Path(image.iso).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            return {"summary": f"configured file {path} is MISSING", "source": "images.iso", "path": str(path),
+                    "problem": {"message": f"images.{image.name}.iso: {path} does not exist",
+                                "hint": "point iso: at a downloaded AlmaLinux boot ISO", "exit_code": 2}}
+        known = _indexed_sha256(path, cache_dir)
+        return {"summary": f"configured file {path.name} (images.{image.name}.iso)", "source": "images.iso",
+                "path": str(path), "sha256": known or "computed at build time (not hashed yet)"}
+    try:
+        pinned = read_lock(root).get(image.name)
+    except UsageError as exc:
+        return {"summary": f"{LOCK_FILE} is unreadable", "problem": {"message": exc.message, "hint": exc.hint,
+                                                                     "exit_code": exc.exit_code}}
+    if image.iso:
+        if pinned and pinned.url == image.iso:
+            return _pinned(pinned, cache_dir, f"configured URL, sha256 pinned in {LOCK_FILE}")
+        return {"summary": f"configured URL {image.iso}", "source": "images.iso", "url": image.iso,
+                "note": "sha256 read from the CHECKSUM file beside it when the build starts"}
+    if pinned and pinned.requested == image.version and pinned.arch == image.arch.value:
+        return _pinned(pinned, cache_dir, f"pinned in {LOCK_FILE}")
+    why = "no ISO pinned" if pinned is None else f"the pin is for version {pinned.requested}"
+    return {"summary": f"NOT PINNED ({why} in {LOCK_FILE})", "source": "unpinned", "version": image.version,
+            "note": (f"the build would resolve {image.version!r} to the newest point release on {mirrors.repo} "
+                     f"when it starts and download that; pin it first with `invoke update-iso {image.name}` "
+                     f"(resolves now and records the URL and sha256 in {LOCK_FILE}, for reproducible builds)")}
+
+
+def _pinned(entry: LockEntry, cache_dir: Path, source: str) -> dict[str, Any]:
+    cached = cache_dir / entry.sha256[:16] / entry.name
+    part = cached.with_name(cached.name + ".part")
+    state = (f"yes: {cached}" if cached.is_file() else
+             f"partly ({part.stat().st_size / 1024**2:.1f} MiB in {part.name}): the download resumes" if part.is_file()
+             else "no: downloaded (and verified) when the build starts")
+    return {"summary": f"{entry.name} (AlmaLinux {entry.version}, {source})", "source": source,
+            "version": entry.version, "url": entry.url, "sha256": entry.sha256, "cached": state}
+
+
+def _indexed_sha256(path: Path, cache_dir: Path) -> str | None:
+    """The sha256 `cached_sha256` remembered for this file (same size and mtime), read only."""
+    try:
+        index = json.loads((cache_dir / "sha256-index.json").read_text(encoding="utf-8"))
+        hit = index.get(str(path.resolve()))
+        st = path.stat()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return str(hit.get("sha256"))
+    return None
+
+
 def pinned_or_resolved(image: Image, root: Path, mirrors: Mirrors, report: Report | None = None) -> LockEntry:
     """The lock's entry; without a (current) one, resolve from the mirror now and say how to pin."""
     try:

@@ -31,7 +31,7 @@ from pipeline import events
 from pipeline.events import Event
 from pipeline.units import MIB, clock, mib
 
-__all__ = ["Event", "Progress", "console_last_line", "mib", "clock"]
+__all__ = ["Event", "Progress", "clock", "console_last_line", "mib"]
 
 HEARTBEAT = 15.0                 # seconds of silence before a plain-mode heartbeat line
 TRANSFER_EVERY = 5.0             # plain/JSON mode: at most one download line per this many seconds

@@ -6,7 +6,7 @@ from __future__ import annotations
 MIB = 1024**2
 
 
-def mib(n: int | float) -> str:
+def mib(n: float) -> str:
     """A size in MiB: `2.9 MiB`, `1024.0 MiB` (one unit, so sizes compare at a glance)."""
     return f"{n / MIB:.1f} MiB"
 

@@ -20,6 +20,9 @@ profile and never branches on the distro. A profile says:
     boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
     ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
     manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
+    summary(image, root, output_dir)
+                            distro facts for the dry run (the kickstart, the resolved ISO), read
+                            without network or writes
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
 
 Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
@@ -89,6 +92,7 @@ class Profile:
     ephemeral_root: ClassVar[bool] = False
     pin: ClassVar[str | None] = None          # what refresh_pin pins ("installer ISO"), if anything
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
+    tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)
 
     @property
     def driver(self) -> Driver:
@@ -148,6 +152,15 @@ class Profile:
 
     def boot_info(self, image: Image) -> BootInfo | None:
         return None
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """What the dry run shows about this distro's inputs, found without network or writes.
+
+        Plain keys are shown as they are (a path, a nested dict as lines); three are special:
+        `variables` (values the dry-run command can show instead of placeholders), `notes`
+        (said loudly) and `problems` ({message, hint, exit_code}: a real build could not start).
+        """
+        return {}
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
         """One line said before the build starts (the accelerator, a warning), or None."""

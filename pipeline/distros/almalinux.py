@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Arch, Image
 from pipeline.distros import Prepared, Report
@@ -38,6 +38,7 @@ def major(image: Image) -> str:
 class AlmaLinux(PackerProfile):
     name = "almalinux"
     title = "AlmaLinux"
+    tcg_duration = "An AlmaLinux installation takes hours this way"
     pin = "installer ISO"
     lima = True
 
@@ -130,6 +131,18 @@ class AlmaLinux(PackerProfile):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The kickstart and the ISO a build would use (iso.lock.json / iso:, never downloaded)."""
+        from pipeline import iso
+
+        kickstart = self.kickstart_path(root, image)
+        found = iso.describe(image, root, output_dir / ".cache" / "iso")
+        problem = found.pop("problem", None)
+        variables = ({"iso_url": found.get("url") or found.get("path"), "iso_checksum": f"sha256:{found['sha256']}"}
+                     if len(str(found.get("sha256", ""))) == 64 else {})
+        return {"kickstart": str(kickstart) + ("" if kickstart.is_file() else " (MISSING: run invoke render)"),
+                "iso": found, "variables": variables, "problems": [problem] if problem else []}
 
     def uses_configured_input(self, image: Image) -> str | None:
         return f"uses the configured iso {image.iso}: nothing to refresh" if image.iso else None

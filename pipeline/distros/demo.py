@@ -10,7 +10,7 @@ host keys are new on every boot (`ephemeral_root`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Firmware, Image
 from pipeline.distros import BootInfo, Prepared, Report
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class Demo(PackerProfile):
     name = "demo"
     title = "demo guest"
+    tcg_duration = "The demo guest is tiny: about a minute even so"
     image_defaults = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware needed
     ephemeral_root = True
 
@@ -60,6 +61,16 @@ class Demo(PackerProfile):
             },
             extra_files=(kernel, initrd),
         )
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """Where the guest comes from and whether its Debian packages are cached already."""
+        from pipeline import demo
+
+        debs = demo.cache_dir(output_dir) / "debs"
+        count = len(list(debs.glob("*.deb"))) if debs.is_dir() else 0
+        return {"guest": "Debian kernel + busybox + dropbear, assembled into an initramfs"
+                         + (f" ({count} packages cached in {debs})" if count else
+                            " (packages fetched with apt-get download on the first build)")}
 
     def boot_info(self, image: Image) -> BootInfo:
         """Direct kernel boot with the files published next to the image."""

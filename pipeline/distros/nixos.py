@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class NixOS(Profile):
     name = "nixos"
     title = "NixOS"
+    tcg_duration = "make-disk-image's VM crawls without KVM: hours"
 
     @property
     def driver(self) -> NixDriver:
@@ -75,6 +76,17 @@ class NixOS(Profile):
 
         warnings = kvm_warnings(facts.nix_config, facts)
         return "\n".join(f"warning: {w}" for w in warnings) or None
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The flake output that is built and the nixpkgs it is pinned to."""
+        from pipeline.drivers.nix import installable, nixpkgs_revision
+
+        flake = self.flake_dir(root, image)
+        lock = flake / "flake.lock"
+        pinned = (f"nixpkgs {nixpkgs_revision(flake) or '?'} ({lock})" if lock.is_file() else
+                  f"NOT PINNED: no {lock} (nix resolves nixpkgs when the build starts; "
+                  "run `nix flake lock` there and commit it)")
+        return {"flake output": installable(image, root), "nixpkgs": pinned}
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Context
 
-from pipeline.config import Config, Image
+from pipeline.config import Accel, Config, Image
 from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
@@ -12,7 +12,8 @@ BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
     "accel": LOCAL_ACCEL_HELP,
     "on_error": "what Packer does on failure: cleanup (default) or abort (keep the VM's disk for debugging)",
-    "dry_run": "print the plan and the exact command, build nothing",
+    "dry_run": "print what the build would do (accelerator, firmware, ISO, tools, command) and build nothing;"
+               " exit != 0 when a real build could not start",
     "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
     "json": "one JSON object per event on stdout (for scripts and timers)",
     "if_changed": "build only when the input hash differs from the published build's (else say 'up to date')",
@@ -33,6 +34,9 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     if on_error not in ("cleanup", "abort"):
         raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
     requested = accel_option(accel, cfg)
+    if dry_run:
+        _dry_run(cfg, img, requested, boot_test, json)
+        return
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
     from pipeline.build import BuildOptions, build_image
@@ -42,6 +46,23 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     result = build_image(cfg, img, opts, say=say)
     if result.skipped and json:
         _print_skip(img.name, result.skipped)
+
+
+def _dry_run(cfg: Config, img: Image, accel: Accel, boot_test: bool, json: bool) -> None:
+    """The summary on stdout (text, or one JSON object); then the first problem, if any, as the
+    error a real build would have stopped with (its exit code)."""
+    from pipeline import summary
+    from pipeline.build import BuildOptions, dry_run
+
+    s = dry_run(cfg, img, BuildOptions(accel=accel, boot_test=boot_test, dry_run=True))
+    if json:
+        import json as json_mod
+
+        print(json_mod.dumps(s.as_json(), indent=2))
+    else:
+        print(summary.format_text(s))
+    if s.problems:
+        raise s.problems[0].error()
 
 
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:

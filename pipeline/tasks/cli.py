@@ -246,7 +246,7 @@ def install() -> bool:
     if not hasattr(machine.error, "__wrapped__"):
         machine.error = _friendly_error(machine.error)
     if not hasattr(ParserContext.help_for, "__wrapped__"):
-        ParserContext.help_for = _help_for(ParserContext.help_for)  # type: ignore[method-assign]
+        ParserContext.help_for = _help_for(ParserContext.help_for)  # type: ignore[method-assign,assignment]
     return True
 
 

@@ -14,7 +14,14 @@ from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
 from pipeline.errors import ImagepipeError
-from pipeline.tasks.cli import HELP_TOKENS, METAVARS, ImagepipeTask, print_task_help, task_name, usage_line
+from pipeline.tasks.cli import (
+    HELP_TOKENS,
+    METAVARS,
+    ImagepipeTask,
+    print_task_help,
+    task_name,
+    usage_line,
+)
 
 
 def load_config(c: Context) -> Config:

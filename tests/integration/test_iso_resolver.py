@@ -152,7 +152,7 @@ def test_interrupted_download_keeps_the_part_and_resumes_with_range(tmp_path: Pa
     path = f"/almalinux/10.1/isos/x86_64/{name}"
     ranges: list[str | None] = []
     dest = tmp_path / "cache" / name
-    with serve(site, ranges=ranges, cut_once={path: 300_000}) as (base, hits):
+    with serve(site, ranges=ranges, cut_once={path: 300_000}) as (base, _hits):
         with pytest.raises(iso.IsoUnavailable) as err:
             iso.download(base + path, dest, sha, X86)
         part = dest.with_name(name + ".part")

@@ -270,7 +270,8 @@ def test_cli_dry_run_shows_the_pure_nix_command(tmp_path):
     out = tmp_path / "out"
     res = invoke(["build-nixos-x86", "--dry-run"], write_config(tmp_path / "c.yaml", out), timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    (command,) = [line for line in res.stderr.splitlines() if "command" in line and "nix" in line]
-    assert f"{ROOT}/nixos#packages.x86_64-linux.nixos-x86_64-image" in command
-    assert "--impure" not in command and "template" in res.stderr and f"{ROOT}/nixos/flake.nix" in res.stderr
+    lines = res.stdout.splitlines()
+    command = lines[lines.index("  command") + 1]
+    assert command.strip().startswith("nix ") and f"{ROOT}/nixos#packages.x86_64-linux.nixos-x86_64-image" in command
+    assert "--impure" not in command and "template" in res.stdout and f"{ROOT}/nixos/flake.nix" in res.stdout
     assert not (out / "nixos-x86_64" / "builds").exists()

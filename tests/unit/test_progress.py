@@ -106,7 +106,7 @@ def test_downloads_show_bytes_speed_and_eta():
 def test_plain_downloads_are_throttled():
     out = io.StringIO()
     with Progress("demo", stream=out, heartbeat=0) as p:
-        for done in range(0, 100):
+        for done in range(100):
             p.transfer("x.iso", done * 1024**2, 100 * 1024**2, 1024**2)
         p.transfer("x.iso", 100 * 1024**2, 100 * 1024**2, 1024**2, final=True)
     lines = out.getvalue().splitlines()

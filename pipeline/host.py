@@ -101,6 +101,7 @@ class HostFacts:
     firmware: Mapping[Arch, FirmwareInfo] = field(default_factory=dict)
     free_disk: int | None = None  # bytes free under the output dir
     nix_config: Mapping[str, str] | None = None  # `nix config show` (None: not probed / no nix)
+    package_manager: str | None = None  # apt, dnf, brew, nix: what install hints name
 
     @property
     def arch(self) -> Arch | None:
@@ -170,6 +171,19 @@ def parse_nix_config(text: str) -> dict[str, str]:
         if sep and key.strip():
             settings[key.strip()] = value.strip()
     return settings
+
+
+# Programs whose presence tells the package manager (see pipeline.run.MANAGERS).
+MANAGER_PROGRAMS = ("apt-get", "dnf", "yum", "brew", "nix-env")
+MANAGER_ARGV = ("sh", "-c", "command -v apt-get dnf yum brew nix-env")  # a constant: nothing is interpolated
+
+
+def parse_package_manager(os_name: str, out: str) -> str | None:
+    """`command -v apt-get dnf ...` output (found programs' paths) -> apt, dnf, brew, nix or None."""
+    from pipeline.run import package_manager
+
+    found = {line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if line.strip()}
+    return package_manager(os_name, on_path=lambda prog: prog in found)
 
 
 def parse_df(out: str) -> int | None:
@@ -419,6 +433,7 @@ def probe(
         firmware=firmware,
         free_disk=free,
         nix_config=probe_nix_config(runner) if tool_info.get("nix", ToolInfo("nix", False)).found else None,
+        package_manager=parse_package_manager(os_name, runner(MANAGER_ARGV).stdout),
     )
 
 

@@ -111,3 +111,13 @@ def test_number_options_are_typed_in_every_task():
 def test_parser_hooks_are_installed():
     collection()
     assert cli.installed()
+
+
+def test_not_built_foreign_arch_points_to_a_builder_not_a_refused_build(cfg):
+    res = invoke(["run-nixos-arm"], cfg)
+    assert res.returncode == 2, res.stderr
+    assert "nixos-aarch64 has not been built yet" in res.stderr
+    assert "invoke build nixos-aarch64" not in res.stderr  # this x86_64 host refuses that build
+    assert "invoke remote-sync-build HOST --image nixos-aarch64 && invoke remote-fetch HOST nixos-aarch64" in res.stderr
+    res = invoke(["run-nixos-x86"], cfg)
+    assert res.returncode == 2 and "build it first: invoke build nixos-x86_64" in res.stderr

@@ -165,7 +165,8 @@ class Progress:
         self._quiet_since = time.monotonic()
         if self._live is not None:
             if ev.kind != "transfer":  # a download shows in the footer only
-                self._live.console.print(self._styled(ev))
+                # soft_wrap: the terminal wraps long lines (paths stay whole when copied)
+                self._live.console.print(self._styled(ev), soft_wrap=True)
             self._live.refresh()
             return
         print(self._line(ev), file=self.stream, flush=True)

@@ -258,7 +258,7 @@ def library_packages(packages: Iterable[str]) -> list[str]:
     todo = list(packages)
     while todo:
         out = run(["apt-cache", "depends", "--no-recommends", "--no-suggests", *todo]).stdout
-        found = set(re.findall(r"^\s+(?:\|)?Depends: ((?:lib|zlib)[\w.+-]+)$", out, re.M))
+        found = set(re.findall(r"^\s+(?:\|)?Depends: ((?:lib|zlib)[\w.+-]+)$", out, re.MULTILINE))
         todo = sorted(found - seen)
         seen |= found
     return sorted(seen - set(packages))
@@ -282,7 +282,7 @@ def _needed_libs(root: Path, binaries: Iterable[Path]) -> dict[str, Path]:
     libs: dict[str, Path] = {str(ldso.relative_to(root)): ldso}
     for b in binaries:
         out = run([ldso, "--library-path", libdirs, "--list", b]).stdout
-        missing = re.findall(r"^\s*(\S+) => not found", out, re.M)
+        missing = re.findall(r"^\s*(\S+) => not found", out, re.MULTILINE)
         if missing:
             raise BuildFailed(f"demo guest: {b.name} needs {', '.join(missing)}, not in the downloaded packages")
         for m in re.finditer(r"=> (\S+) \(", out):

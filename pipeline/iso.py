@@ -117,6 +117,7 @@ def is_point_release(version: str) -> bool:
 
 
 def major_of(version: str) -> str:
+    """The AlmaLinux major release of a configured version: `10` for 10, 10.1 and latest."""
     head = version.split(".")[0]
     return head if head.isdigit() else "10"
 

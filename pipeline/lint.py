@@ -245,12 +245,12 @@ def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem
 
 def dummy_values(image: Image, parsed: dict, folder: Path, ctx: LintContext) -> dict[str, str]:
     """A value for every variable without a default: plausible, and existing where Packer checks."""
-    from pipeline.render.kickstart import kickstart_path
-
     iso = folder / "installer.iso"
     iso.write_bytes(b"imagepipe lint placeholder\n")
     key = _lint_key(ctx.scratch)
-    ks = kickstart_path(ctx.cfg.root, image).parent
+    ks = folder / "kickstart"  # what a kickstart_dir holds: the file Anaconda reads
+    ks.mkdir(exist_ok=True)
+    (ks / "ks.cfg").write_text("# imagepipe lint placeholder\n")
     known = {
         "accelerator": "tcg",
         "cpu_model": "max",
@@ -259,7 +259,7 @@ def dummy_values(image: Image, parsed: dict, folder: Path, ctx: LintContext) -> 
         "ssh_private_key_file": str(key),
         "iso_url": str(iso),
         "iso_checksum": "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest(),
-        "kickstart_dir": str(ks if ks.is_dir() else folder),
+        "kickstart_dir": str(ks),
     }
     values = {}
     for block in parsed.get("variable", []):

@@ -151,7 +151,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
 
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)
-    say = lambda line: emit("message", "*", line)  # noqa: E731
+    say = lambda line: emit("message", "*", line)
     conn = remote.connect(target)
     outcomes: list[Outcome] = []
     try:

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
     from pipeline.config import Config, Image
@@ -55,6 +57,7 @@ BUILTIN: dict[str, str] = {
 _registered: dict[str, Profile] = {}
 
 Report = Callable[[str], None]
+__all__ = ["BootInfo", "Prepared", "Profile", "Report", "get", "names", "profile", "register"]
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,6 @@ class BootInfo:
 
     def as_manifest(self) -> dict[str, str]:
         return {"kernel": self.kernel, "initrd": self.initrd, "append": self.append}
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What a profile's prepare step made for one build.
-
-    `variables` are passed to the engine on its command line (logged); `secret_env` only ever
-    through the environment (never logged); `extra_files` are staged files published next to the
-    image (kernel, initrd).
-    """
-
-    variables: dict[str, str] = field(default_factory=dict)
-    secret_env: dict[str, str] = field(default_factory=dict)
-    extra_files: tuple[Path, ...] = ()
 
 
 class Profile:

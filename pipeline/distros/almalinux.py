@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Arch, Image
-from pipeline.distros import Prepared, Report
+from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
+from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable, UsageError
 
 if TYPE_CHECKING:
@@ -26,13 +27,13 @@ if TYPE_CHECKING:
     from pipeline.render.hcl import Block
 
 ISO_LOCK = "iso.lock.json"
-DEFAULT_MAJOR = "10"  # what `latest` means for the template and kickstart folders
 
 
 def major(image: Image) -> str:
-    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest."""
-    head = image.version.split(".")[0]
-    return head if head.isdigit() else DEFAULT_MAJOR
+    """The AlmaLinux major release of an image: `10` for 10, 10.1 and latest (iso.major_of)."""
+    from pipeline.iso import major_of
+
+    return major_of(image.version)
 
 
 class AlmaLinux(PackerProfile):

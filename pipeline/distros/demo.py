@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Firmware, Image
-from pipeline.distros import BootInfo, Prepared, Report
+from pipeline.distros import BootInfo, Report
 from pipeline.distros.packer_base import PackerProfile
+from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
     from pipeline.plan import BuildPlan

@@ -17,15 +17,42 @@ Host facts are probed once per command and passed in; a driver never probes on i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pipeline.config import Image
     from pipeline.errors import CommandFailed
     from pipeline.host import HostFacts
     from pipeline.plan import BuildPlan
     from pipeline.progress import Progress
+    from pipeline.render.hcl import Block
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a distro's prepare step made for one build (the engine's host-side inputs).
+
+    `variables` are passed to the engine on its command line (logged); `secret_env` only ever
+    through the environment (never logged); `extra_files` are staged files published next to the
+    image (kernel, initrd).
+    """
+
+    variables: dict[str, str] = field(default_factory=dict)
+    secret_env: dict[str, str] = field(default_factory=dict)
+    extra_files: tuple[Path, ...] = ()
+
+
+class PackerSource(Protocol):
+    """What the Packer driver needs from a distro profile (pipeline.distros.packer_base.PackerProfile)."""
+
+    def blocks(self, image: Image, legacy: bool) -> list[Block]: ...
+
+    def prepare(self, plan: BuildPlan, stage: Path, report: Callable[[str], None]) -> Prepared: ...
+
+    def prepared_variables(self, image: Image) -> list[str]: ...
 
 
 class Driver(Protocol):

@@ -15,14 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.distros import Prepared
+from pipeline.drivers import PackerSource, Prepared
 from pipeline.errors import BuildFailed, CommandFailed, ToolMissing
 from pipeline.progress import Event, Progress
 from pipeline.render.packer import supports_plugins
 from pipeline.run import install_hint, run, stream
 
 if TYPE_CHECKING:
-    from pipeline.distros.packer_base import PackerProfile
     from pipeline.host import HostFacts
     from pipeline.plan import BuildPlan
 
@@ -74,7 +73,7 @@ def build_argv(template: Path, variables: Mapping[str, str], on_error: str = "cl
     return argv + [str(template)]
 
 
-def render_for(plan: BuildPlan, profile: PackerProfile, stage: Path, packer_version: tuple[int, ...]) -> Path:
+def render_for(plan: BuildPlan, profile: PackerSource, stage: Path, packer_version: tuple[int, ...]) -> Path:
     """Write the template for the installed Packer into the staging folder."""
     from pipeline.render.hcl import dumps
 
@@ -108,7 +107,7 @@ class PackerDriver:
     name = "packer"
     tools: tuple[str, ...] = ("packer",)
 
-    def __init__(self, profile: PackerProfile) -> None:
+    def __init__(self, profile: PackerSource) -> None:
         self.profile = profile
 
     def check(self, plan: BuildPlan, facts: HostFacts) -> None:

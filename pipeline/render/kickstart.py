@@ -27,16 +27,9 @@ DEVELOPMENT_HASHES: dict[str, str] = {
 
 def major(image: Image) -> str:
     """The AlmaLinux major release of an image (`10` for 10, 10.1 and latest)."""
-    from pipeline.distros import almalinux
+    from pipeline.iso import major_of
 
-    return almalinux.major(image)
-
-
-def kickstart_path(root: Path, image: Image) -> Path:
-    """Where the image's committed ks.cfg lives (the AlmaLinux profile decides the folder)."""
-    from pipeline.distros import almalinux
-
-    return almalinux.PROFILE.kickstart_path(root, image)
+    return major_of(image.version)
 
 
 def console_arg(arch: Arch) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_file
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.host import find_firmware, local_descriptors
-from pipeline.render.kickstart import kickstart_path
 from pipeline.render.packer import render_text
 from tests.almalinux_support import ROOT
 
@@ -54,7 +54,7 @@ def values(name: str, tmp: Path) -> dict[str, str]:
         "accelerator": "tcg", "cpu_model": "max", "output_dir": str(tmp / f"{name}-out"),
         "console_log": str(tmp / f"{name}-console.log"), "ssh_private_key_file": str(key),
         "iso_url": str(iso), "iso_checksum": "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest(),
-        "kickstart_dir": str(kickstart_path(ROOT, image).parent),
+        "kickstart_dir": str(ALMA.kickstart_path(ROOT, image).parent),
         "efi_firmware_code": fw.code, "efi_firmware_vars": str(store),
     }
 
@@ -100,7 +100,7 @@ def test_committed_templates_are_packer_fmt_clean(name: str) -> None:
 def test_oemdrv_cd_built_like_packer_holds_the_kickstart(tmp_path: Path) -> None:
     """Packer's cd_files with xorriso: genisoimage mode, Rock Ridge + Joliet, volume id = cd_label."""
     xorriso = need("xorriso", "sudo apt-get install xorriso")
-    ks = kickstart_path(ROOT, CFG.image("almalinux10-aarch64"))
+    ks = ALMA.kickstart_path(ROOT, CFG.image("almalinux10-aarch64"))
     staged = tmp_path / "cd"
     staged.mkdir()
     shutil.copy(ks, staged / ks.name)  # cd_files copies each file to the CD's root

@@ -10,12 +10,12 @@ import pytest
 
 from pipeline import iso
 from pipeline.config import Accel, Arch, load_file
+from pipeline.distros import almalinux as alma_profile
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.errors import UsageError
 from pipeline.host import find_firmware, local_descriptors
-from pipeline.distros import almalinux as alma_profile
 from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
-from pipeline.render.kickstart import kickstart_path
 from tests.almalinux_support import ROOT, closed_port_url
 
 CFG = load_file(ROOT / "invoke.yaml")
@@ -56,7 +56,7 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     v = inputs.variables
     assert notes == [], "the committed kickstart is what the config renders"
     staged = Path(v["kickstart_dir"], "ks.cfg")
-    assert staged.read_text() == kickstart_path(ROOT, plan.image).read_text()
+    assert staged.read_text() == ALMA.kickstart_path(ROOT, plan.image).read_text()
     assert v["iso_url"] == str(local) and v["iso_checksum"] == "sha256:" + iso.sha256_file(local)
     assert Path(v["kickstart_dir"], "ks.cfg").is_file()
     assert Path(v["efi_firmware_code"]) == Path(plan.firmware.code)

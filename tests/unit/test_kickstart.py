@@ -10,6 +10,7 @@ from pykickstart.parser import KickstartParser
 from pykickstart.version import RHEL10, makeVersion
 
 from pipeline.config import Arch, Firmware, load_file
+from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.lint import kickstart_problems
 from pipeline.render import kickstart
 
@@ -104,7 +105,7 @@ def test_root_without_hash_is_locked() -> None:
 
 
 def test_paths_and_quoting() -> None:
-    assert kickstart.kickstart_path(Path("/p"), ARM) == Path("/p/kickstart/almalinux10/aarch64/almalinux10-aarch64/ks.cfg")
+    assert ALMA.kickstart_path(Path("/p"), ARM) == Path("/p/kickstart/almalinux10/aarch64/almalinux10-aarch64/ks.cfg")
     assert kickstart.ksquote("a b") == "'a b'"
     try:
         kickstart.ksquote("x\n--plaintext")

@@ -222,8 +222,8 @@ def format_text(s: Summary) -> str:
     _section(out, "image", [
         ("image", img.name), ("distro", f"{distros.profile(img).title or img.distro} {img.version}"),
         ("arch", img.arch.value),
-        ("format", f"{img.format.value}, {img.disk_size} MiB disk, {img.memory} MiB RAM, "
-                   f"{img.cpus} CPU{'s' if img.cpus != 1 else ''}"),
+        ("format", (f"{img.format.value}, {img.disk_size} MiB disk, {img.memory} MiB RAM, "
+                    f"{img.cpus} CPU{'s' if img.cpus != 1 else ''}")),
     ])
     fw = s.firmware
     fw_line = (f"{fw['mode']}: {fw['code']}" + (f" (vars {fw['vars']})" if fw.get("vars") else "")

@@ -91,6 +91,7 @@ class Progress:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._log: TextIO | None = None
+        self._closed: set[Any] = set()  # streams whose reader went away
 
     def attach(self, *, total: int, console_log: Path | None, log_path: Path | None) -> None:
         """What a build tells its progress view before it starts: the number of steps, the guest
@@ -138,7 +139,7 @@ class Progress:
         with self._lock:
             ev = self._record(ev)
             if self.json_lines:
-                events.write(ev, self.label, elapsed=self.elapsed())
+                self._out(lambda: events.write(ev, self.label, elapsed=self.elapsed()), sys.stdout)
             elif ev.kind not in HIDDEN:
                 self._show(ev)
             if ev.kind not in HIDDEN and ev.kind != "heartbeat":
@@ -169,7 +170,21 @@ class Progress:
                 self._live.console.print(self._styled(ev), soft_wrap=True)
             self._live.refresh()
             return
-        print(self._line(ev), file=self.stream, flush=True)
+        self._out(lambda: print(self._line(ev), file=self.stream, flush=True), self.stream)
+
+    def _out(self, write: Any, stream: TextIO) -> None:
+        """Write to the screen or a pipe; a reader that went away (`| head`) must not stop the
+        build: its stream is pointed at /dev/null and the build goes on (build.log keeps all)."""
+        if stream in self._closed:
+            return
+        try:
+            write()
+        except BrokenPipeError:
+            self._closed.add(stream)
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def counter(self) -> str:
         """`[2/5]` (or `[2]` when the total is unknown)."""
@@ -252,9 +267,9 @@ class Progress:
                    fields={"step": self.steps, "step_elapsed": round(now - self.step_started, 1),
                            "console": console})
         if self.json_lines:
-            events.write(ev, self.label, elapsed=self.elapsed())
+            self._out(lambda: events.write(ev, self.label, elapsed=self.elapsed()), sys.stdout)
         else:
-            print(self._line(ev), file=self.stream, flush=True)
+            self._out(lambda: print(self._line(ev), file=self.stream, flush=True), self.stream)
         self._quiet_since = now
 
     # ------------------------------------------------------------------ helpers for drivers

@@ -121,3 +121,18 @@ def test_not_built_foreign_arch_points_to_a_builder_not_a_refused_build(cfg):
     assert "invoke remote-sync-build HOST --image nixos-aarch64 && invoke remote-fetch HOST nixos-aarch64" in res.stderr
     res = invoke(["run-nixos-x86"], cfg)
     assert res.returncode == 2 and "build it first: invoke build nixos-x86_64" in res.stderr
+
+
+def test_every_tasks_help_names_values_by_meaning():
+    """In every task's --help (Invoke's own help_tuples, as `invoke TASK --help` prints them) a value
+    is shown as IMAGE, HOST, N, SECONDS...; never as Invoke's STRING or INT, and every value option
+    shows one (also the repeatable ones, which Invoke would show as bare flags)."""
+    import re
+
+    for ctx in collection().to_contexts():
+        for spec, _help in ctx.help_tuples():
+            assert "STRING" not in spec and not re.search(r"\bINT\b", spec), (ctx.name, spec)
+        for arg in ctx.args.values():
+            if arg.takes_value:
+                spec, _ = ctx.help_for("--" + arg.name.replace("_", "-"))
+                assert f"={arg.metavar}" in spec, (ctx.name, spec)

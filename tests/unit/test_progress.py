@@ -111,3 +111,19 @@ def test_plain_downloads_are_throttled():
         p.transfer("x.iso", 100 * 1024**2, 100 * 1024**2, 1024**2, final=True)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "downloading x.iso: 0.0 of 100.0 MiB" in lines[0] and "downloaded" in lines[1]
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_build(tmp_path):
+    """`invoke build ... 2>&1 | head -3`: once the pipe is closed, the build goes on (its log too)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone
+    stream = os.fdopen(write_end, "w")
+    log = tmp_path / "build.log"
+    with Progress("demo", stream=stream, log_path=log, heartbeat=0, total=2) as p:
+        p.emit(Event("step", "packer build"))
+        p.emit(Event("say", "still going"))
+        p.emit(Event("step", "verify"))
+    assert "==> [2/2] verify" in log.read_text()
+    stream.close()

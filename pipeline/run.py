@@ -49,7 +49,8 @@ INSTALL_HINTS: dict[str, dict[str, str]] = {
     "rsync": {"apt": "sudo apt-get install rsync", "dnf": "sudo dnf install rsync", "brew": "brew install rsync",
               "nix": "nix profile install nixpkgs#rsync"},
     "limactl": {"brew": "brew install lima", "nix": "nix profile install nixpkgs#lima",
-                "*": "Lima is the macOS route (https://lima-vm.io); on Linux, invoke run boots images in QEMU"},
+                "*": "install Lima from https://lima-vm.io/docs/installation/ (apt and dnf do not package it);"
+                     " on Linux, invoke run boots the images in QEMU without it"},
     "openssl": {"apt": "sudo apt-get install openssl", "dnf": "sudo dnf install openssl",
                 "brew": "brew install openssl", "nix": "nix profile install nixpkgs#openssl"},
     "apt-get": {"*": "the demo guest is assembled from Debian packages: build it on Debian or Ubuntu"},

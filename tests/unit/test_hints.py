@@ -28,7 +28,7 @@ def test_install_hint_names_the_hosts_manager(manager, want):
 
 
 def test_no_brew_on_linux_and_firmware_per_manager():
-    assert "brew" not in install_hint("limactl", "apt") and "lima-vm.io" in install_hint("limactl", "apt")
+    assert "brew" not in install_hint("limactl", "apt") and "lima-vm.io/docs/installation" in install_hint("limactl", "dnf")
     assert install_hint("limactl", "brew") == "install with: brew install lima"
     assert install_hint("uefi-x86_64", "dnf") == "install with: sudo dnf install edk2-ovmf"
     assert install_hint("qemu-img", "apt") == "install with: sudo apt-get install qemu-utils"

@@ -1,18 +1,16 @@
-"""CLI start: median wall time of `invoke --list` (goal ≤ 0.25 s), vs bare `python -c pass`.
+"""CLI start: median wall time of `invoke --list` (goal ≤ 0.25 s), next to bare `import invoke`.
 
 Heavy libraries (fabric, paramiko, jinja2, hcl2, rich) must be imported lazily for this to hold.
-Usage: python3 bench/cli_start.py [RUNS]
+Usage: python3 bench/cli_start.py [RUNS] [--json]
 """
 
 from __future__ import annotations
 
 import sys
 
-from _common import report, timed
+from _common import alternate, count, figure, finish, timed
 
-runs = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-ours, raw = [], []
-for _ in range(runs):  # alternate so machine noise hits both alike
-    ours.append(timed([sys.executable, "-m", "invoke", "--list"]))
-    raw.append(timed([sys.executable, "-c", "import invoke"]))
-report("invoke --list", ours, raw, "median ≤ 0.25 s")
+runs = count(15)
+t = alternate(runs, {"invoke --list": lambda: timed([sys.executable, "-m", "invoke", "--list"]),
+                     "import invoke": lambda: timed([sys.executable, "-c", "import invoke"])}, "cli ")
+finish([figure("invoke --list", t["invoke --list"], t["import invoke"], ratio_of="", op="<=", limit=0.25)])

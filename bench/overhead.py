@@ -3,7 +3,7 @@
 Alternates task and raw runs (≥ 3 pairs), prints both medians and the ratio (goal ≤ 1.03).
 The raw side gets exactly what the task gives packer: same template, same variables, same
 prepared inputs; the task adds probing, planning, verification and publishing.
-Usage: python3 bench/overhead.py [PAIRS]
+Usage: python3 bench/overhead.py [PAIRS] [--json]
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _common import ROOT, report, timed
+from _common import ROOT, alternate, count, figure, finish, timed
 
-from pipeline import config, keys
+from pipeline import config, distros, keys
 from pipeline.build import probe_for_build
 from pipeline.config import Accel
 from pipeline.drivers import packer
 from pipeline.plan import make_build_plan
 
-pairs = max(3, int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+pairs = count(3, minimum=3)
 work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
 cfg_file = work / "bench.yaml"
 cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(work / "output")}}))
@@ -31,21 +31,28 @@ raw_cfg["defaults"]["output_dir"] = str(work / "output")
 cfg = config.load(raw_cfg, ROOT)
 image = cfg.image("demo-x86_64")
 task = [sys.executable, "-m", "invoke", "-f", str(cfg_file), "build-demo"]
-timed(task)  # warm the package and guest caches for both sides
 
-ours, raw = [], []
-try:
-    for i in range(pairs):
-        ours.append(timed(task))
-        facts = probe_for_build(cfg)
-        plan = make_build_plan(cfg, image, facts, Accel.AUTO, keys.project_key(cfg.output_dir))
-        plan.log_dir.mkdir(parents=True, exist_ok=True)
-        plan.staging.mkdir(parents=True)
-        _, variables = packer.prepare(plan, plan.staging)
-        template = packer.render_for(plan, plan.staging, packer.version())
-        raw.append(timed(packer.build_argv(template, variables), cwd=plan.staging))
+
+def raw_packer() -> float:
+    """The same packer build the task runs, prepared outside the timing."""
+    facts = probe_for_build(cfg, [image])
+    plan = make_build_plan(cfg, image, facts, Accel.AUTO, keys.project_key(cfg.output_dir))
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    plan.staging.mkdir(parents=True)
+    profile = distros.profile(image)
+    prepared = profile.prepare(plan, plan.staging, lambda _line: None)
+    variables = {**packer.host_variables(plan, plan.staging), **prepared.variables}
+    template = packer.render_for(plan, profile, plan.staging, facts.version("packer") or (0,))
+    try:
+        return timed(packer.build_argv(template, variables), cwd=plan.staging,
+                     env=packer.packer_env(plan, prepared))
+    finally:
         shutil.rmtree(plan.staging)
-        print(f"pair {i + 1}: task {ours[-1]:.2f}s, raw packer {raw[-1]:.2f}s", flush=True)
+
+
+try:
+    timed(task)  # warm the package and guest caches for both sides
+    t = alternate(pairs, {"task": lambda: timed(task), "raw packer": raw_packer}, "build ")
 finally:
     shutil.rmtree(work, ignore_errors=True)
-report("demo build", ours, raw, "ratio ≤ 1.03")
+finish([figure("demo build vs raw packer build", t["task"], t["raw packer"], op="<=", limit=1.03)])

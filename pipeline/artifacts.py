@@ -3,11 +3,16 @@
 Layout of output/<image>/ (the published build is whatever `current` points to):
 
     .staging/<id>/            a build in progress (removed on failure)
-    builds/<id>/              finished builds: the image, manifest.json, SHA256SUMS (+ boot files)
+    builds/<id>/              finished builds: the image in every configured format, manifest.json,
+                              SHA256SUMS, sbom.cdx.json (+ boot files, the template or flake.lock)
     logs/<id>/                build.log and console.log of every build, failed ones included
     current -> builds/<id>    swapped with one atomic rename: publishing is all-or-nothing
-    <artifact> -> current/<artifact>, manifest.json -> current/manifest.json,
-    SHA256SUMS -> current/SHA256SUMS   (fixed links, so the stable paths never dangle mid-publish)
+    <file> -> current/<file>  one fixed link per file of the published build (image files,
+                              manifest.json, SHA256SUMS, ...), so the stable paths never dangle
+                              mid-publish and `sha256sum -c SHA256SUMS` works here as in current/
+
+SHA256SUMS names every file of the build (but itself and manifest.json) relative to the build
+folder, which is why every one of them has its link here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from pipeline.run import run
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 CURRENT = "current"
+# Names inside output/<image>/ that are folders of imagepipe's own, never a build file's link.
+RESERVED = frozenset({CURRENT, "builds", "logs", "run", ".staging"})
+# Formats `qemu-img check` can check (raw has no metadata to check).
+CHECKABLE = frozenset({"qcow2", "vdi", "vhdx", "vmdk"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,15 @@ class Verified:
     size: int
     virtual_size: int
     sha256: str
+    compressed: bool = False
+
+    def as_manifest(self) -> dict[str, Any]:
+        """The manifest's record of this file."""
+        record: dict[str, Any] = {"file": self.file, "format": self.format, "size": self.size,
+                                  "virtual_size": self.virtual_size, "sha256": self.sha256}
+        if self.compressed:
+            record["compressed"] = True
+        return record
 
 
 def utc_stamp(ts: float | None = None) -> str:
@@ -54,8 +72,9 @@ def sha256_file(path: Path, bufsize: int = 4 << 20) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path, fmt: str) -> Verified:
-    """`qemu-img info` must agree on the format, `qemu-img check` must pass (qcow2), then sha256."""
+def verify(path: Path, fmt: str, *, compressed: bool = False) -> Verified:
+    """`qemu-img info` must agree on the format, `qemu-img check` must pass (qcow2, vdi, vhdx,
+    vmdk), then sha256."""
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyFailed(f"no image produced at {path}")
     # hash while qemu-img reads: hashlib drops the GIL on large buffers, so the two overlap
@@ -63,19 +82,42 @@ def verify(path: Path, fmt: str) -> Verified:
         digest = pool.submit(sha256_file, path)
         virtual_size = _qemu_img_checks(path, fmt)
         sha = digest.result()
-    return Verified(path.name, fmt, path.stat().st_size, virtual_size, sha)
+    return Verified(path.name, fmt, path.stat().st_size, virtual_size, sha, compressed)
 
 
 def _qemu_img_checks(path: Path, fmt: str) -> int:
-    """Format agrees and `qemu-img check` passes; returns the virtual size."""
-    info = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, path]).stdout)
+    """Format agrees and `qemu-img check` passes; returns the virtual size. qemu-img probes the
+    format itself (with `-f` it would only echo what it was told)."""
+    info = json.loads(run(["qemu-img", "info", "--output=json", path]).stdout)
     if info.get("format") != fmt:
         raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
-    if fmt == "qcow2":
+    if fmt in CHECKABLE:
         res = run(["qemu-img", "check", "-q", "-f", fmt, path], check=False)
         if res.returncode != 0:
             raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
     return int(info.get("virtual-size", 0))
+
+
+def format_file(primary: str, fmt: str) -> str:
+    """The file name of the image in another format: demo-x86_64.qcow2 → demo-x86_64.vmdk."""
+    return f"{Path(primary).stem}.{fmt}"
+
+
+def convert(source: Verified, folder: Path, fmt: str, *, compress: bool = False,
+            timeout: float = 4 * 3600) -> Verified:
+    """Write the verified image `source` (in `folder`) as `fmt` with `qemu-img convert`, then verify
+    the new file as any image is (format, check, sha256). compress: a compressed qcow2 (-c)."""
+    dest = folder / format_file(source.file, fmt)
+    part = dest.with_name(dest.name + ".part")
+    compressed = compress and fmt == "qcow2"
+    argv: list[str | Path] = ["qemu-img", "convert", "-f", source.format, "-O", fmt]
+    argv += ["-c"] if compressed else []
+    try:
+        run([*argv, folder / source.file, part], timeout=timeout)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return verify(dest, fmt, compressed=compressed)
 
 
 def write_build_files(stage: Path, manifest: dict[str, Any], sums: dict[str, str]) -> None:
@@ -91,20 +133,33 @@ def _atomic_symlink(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str) -> Path:
-    """Move the verified staging folder into builds/<id> and point `current` at it atomically."""
+def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str | None = None) -> Path:
+    """Move the verified staging folder into builds/<id>, point `current` at it atomically, then
+    give every file of the build its fixed link `<name> -> current/<name>` (and drop the links of
+    files the new build does not have). `artifact_name` is accepted for older callers; every file
+    is linked anyway."""
     builds = image_dir / "builds"
     builds.mkdir(parents=True, exist_ok=True)
     final = builds / build_id
     os.rename(stage, final)
     _fsync_dir(builds)
     _atomic_symlink(f"builds/{build_id}", image_dir / CURRENT)
-    for name in (artifact_name, MANIFEST, SUMS):
-        link = image_dir / name
-        if not link.is_symlink():
-            _atomic_symlink(f"{CURRENT}/{name}", link)
+    link_files(image_dir, final)
     _fsync_dir(image_dir)
     return final
+
+
+def link_files(image_dir: Path, build: Path) -> None:
+    """The fixed links of output/<image>/: one per file of `build`; links of ours (`current/<name>`)
+    whose file the build lacks are removed. Anything else found under a wanted name is left alone."""
+    names = {p.name for p in build.iterdir() if p.is_file() and not p.is_symlink()} - RESERVED
+    for name in sorted(names):
+        link = image_dir / name
+        if not link.is_symlink() and not link.exists():
+            _atomic_symlink(f"{CURRENT}/{name}", link)
+    for link in image_dir.iterdir():
+        if link.name not in names and link.is_symlink() and os.readlink(link) == f"{CURRENT}/{link.name}":
+            link.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,6 +190,15 @@ def read_manifest(image_dir: Path) -> dict[str, Any] | None:
     if build is None or not (build / MANIFEST).exists():
         return None
     return json.loads((build / MANIFEST).read_text(encoding="utf-8"))
+
+
+def image_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every image file a manifest records, the primary first (manifests older than the
+    `artifacts` list hold only `artifact`)."""
+    files = manifest.get("artifacts")
+    if isinstance(files, list) and files:
+        return files
+    return [manifest["artifact"]]
 
 
 def published_image(image_dir: Path) -> Path | None:

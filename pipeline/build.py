@@ -1,5 +1,5 @@
 """One image build as named steps: probe → plan → lock → [input-hash check] → drive → verify
-→ [boot test] → publish → history → retention.
+→ [boot test] → other formats → package list + SBOM → publish → history → retention.
 
 Every step is announced on the progress view. Whatever happens after staging starts (a tool
 failure, a failed check, Ctrl-C, SIGTERM), the staging folder is removed and the published
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
 import time
@@ -18,7 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, artifacts, distros, history, inputs, keys, retention, summary
+from pipeline import (
+    __version__,
+    artifacts,
+    distros,
+    history,
+    inputs,
+    keys,
+    packages,
+    retention,
+    sbom,
+    summary,
+)
 from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
 from pipeline.errors import CommandFailed, ImagepipeError, Interrupted, ToolMissing
@@ -88,7 +100,7 @@ def build_image(
             raise s.problems[0].error()
         return BuildResult(image.name, summary.BUILD_ID, None, None)
     # Whether this host can build the image is decided before anything is created or locked.
-    facts, driver, plan = _decide(cfg, image, opts, facts)
+    facts, driver, plan = decide(cfg, image, opts, facts)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
             hist.reap()
@@ -112,8 +124,8 @@ def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> 
         say(f"{plan.image.name}: {part}")
 
 
-def _decide(cfg: Config, image: Image, opts: BuildOptions,
-            facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
+def decide(cfg: Config, image: Image, opts: BuildOptions,
+           facts: HostFacts | None) -> tuple[HostFacts, Driver, BuildPlan]:
     """Probe (unless given), refuse what this host cannot build, and plan: nothing is written
     but the project key."""
     facts = facts or probe_for_build(cfg, [image])
@@ -157,41 +169,77 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
     return result
 
 
+@dataclass(frozen=True)
+class Produced:
+    """A complete build in its staging folder, not yet published."""
+
+    manifest: dict[str, Any]
+    sums: dict[str, str]           # SHA256SUMS: every file of the build but itself and the manifest
+    primary: artifacts.Verified
+
+
 def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
            opts: BuildOptions, progress: Progress | None) -> BuildResult:
-    """drive → verify → [boot test] → publish, in a staging folder that vanishes on failure."""
+    """produce → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
-    progress.attach(total=len(step_names(driver, plan, facts, opts)), console_log=plan.console_log,
-                    log_path=plan.build_log)
+    progress.attach(total=len(summary.step_names(driver, plan, facts, opts.boot_test)),
+                    console_log=plan.console_log, log_path=plan.build_log)
     with progress, _staging(plan) as stage:
         started = time.time()
         _log_header(progress, plan, driver, facts)
-        produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
-        progress.step_event("verify (qemu-img check, sha256)")
-        _pause("verify")
-        verified = artifacts.verify(produced, image.format.value)
-        if opts.boot_test:
-            progress.step_event("boot test")
-            _boot_test(cfg, plan, facts, produced, opts)
+        done = produce(cfg, plan, driver, facts, ihash, opts, progress, stage)
         progress.step_event("publish")
-        manifest = _manifest(plan, facts, verified, stage, started)
-        manifest["input_hash"] = ihash.value
-        manifest["input_parts"] = ihash.parts
-        sums = {verified.file: verified.sha256, **manifest["inputs"]}
-        artifacts.write_build_files(stage, manifest, sums)
+        artifacts.write_build_files(stage, done.manifest, done.sums)
         _pause("publish")
-        final = artifacts.publish(stage, plan.image_dir, plan.build_id, image.artifact_name)
+        final = artifacts.publish(stage, plan.image_dir, plan.build_id)
+        others = len(done.manifest["artifacts"]) - 1
         progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
-                                    f"({mib(verified.size)}, sha256 {verified.sha256[:12]}…) "
-                                    f"in {clock(time.time() - started)}"))
-    return BuildResult(image.name, plan.build_id, final, manifest)
+                                    f"({mib(done.primary.size)}, sha256 {done.primary.sha256[:12]}…)"
+                                    + (f" and {others} more format(s)" if others else "")
+                                    + f" in {clock(time.time() - started)}"))
+    return BuildResult(image.name, plan.build_id, final, done.manifest)
 
 
-def step_names(driver: Driver, plan: BuildPlan, facts: HostFacts, opts: BuildOptions) -> list[str]:
-    """The build's steps in order, as the progress view counts them (N/M)."""
-    own = driver.steps(plan, facts) if hasattr(driver, "steps") else []
-    return [*own, "verify", *(["boot test"] if opts.boot_test else []), "publish"]
+def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash: inputs.InputHash,
+            opts: BuildOptions, progress: Progress, stage: Path) -> Produced:
+    """drive → verify → [boot test] → other formats → package list + SBOM → manifest: a complete
+    build inside `stage` (publishing it is the caller's step; check-reproducible never does)."""
+    image = plan.image
+    started = time.time()
+    produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
+    progress.step_event("verify (qemu-img check, sha256)")
+    _pause("verify")
+    compressed = image.compress_qcow2 and image.format.value == "qcow2"  # the engine compressed it
+    primary = artifacts.verify(produced, image.format.value, compressed=compressed)
+    if opts.boot_test:
+        progress.step_event("boot test")
+        _boot_test(cfg, plan, facts, produced, opts)
+    files = [primary, *_other_formats(image, primary, stage, progress)]
+    progress.step_event("package list and SBOM")
+    found = plan.profile.packages(plan, stage, progress.info)
+    shutil.rmtree(stage / packages.COLLECTED, ignore_errors=True)  # recorded in the manifest now
+    manifest = _manifest(plan, facts, files, started)
+    manifest["input_hash"] = ihash.value
+    manifest["input_parts"] = ihash.parts
+    manifest["packages"] = packages.to_manifest(found)
+    manifest["sbom"] = sbom.FILE_NAME
+    (stage / sbom.FILE_NAME).write_text(sbom.dumps(sbom.document(manifest, found)), encoding="utf-8")
+    image_names = {v.file for v in files}
+    manifest["files"] = {p.name: artifacts.sha256_file(p) for p in sorted(stage.iterdir())
+                         if p.is_file() and p.name not in image_names}
+    sums = {**{v.file: v.sha256 for v in files}, **manifest["files"]}
+    return Produced(manifest, sums, primary)
+
+
+def _other_formats(image: Image, primary: artifacts.Verified, stage: Path,
+                   progress: Progress) -> list[artifacts.Verified]:
+    """The image's further formats, converted from the verified primary file and verified."""
+    out = []
+    for fmt in image.formats[1:]:
+        progress.step_event(f"convert to {fmt.value} (qemu-img convert, verify)")
+        out.append(artifacts.convert(primary, stage, fmt.value, compress=image.compress_qcow2))
+    return out
 
 
 def _log_header(progress: Progress, plan: BuildPlan, driver: Driver, facts: HostFacts) -> None:
@@ -261,11 +309,11 @@ def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, o
     boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
 
 
-def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: Path, started: float) -> dict[str, Any]:
-    """What was built, where, how and from what — never a secret."""
+def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified], started: float) -> dict[str, Any]:
+    """What was built, where, how and from what — never a secret. `artifact` is the primary image
+    file (what `run` boots), `artifacts` every image file, the primary first."""
     image = plan.image
     finished = time.time()
-    inputs = {p.name: artifacts.sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file() and p.name != v.file}
     manifest: dict[str, Any] = {
         "image": image.name,
         "build_id": plan.build_id,
@@ -279,16 +327,14 @@ def _manifest(plan: BuildPlan, facts: HostFacts, v: artifacts.Verified, stage: P
         "accelerator": {"name": plan.accel.accel.value, "reason": plan.accel.reason},
         "tools": {n: t.version for n, t in sorted(facts.tools.items()) if t.found},
         "imagepipe": __version__,
-        "inputs": inputs,
-        "artifact": {"file": v.file, "format": v.format, "size": v.size,
-                     "virtual_size": v.virtual_size, "sha256": v.sha256},
+        "artifact": files[0].as_manifest(),
+        "artifacts": [v.as_manifest() for v in files],
     }
     boot = plan.profile.boot_info(image)
     if boot:
         manifest["boot"] = boot.as_manifest()
     manifest.update(plan.profile.manifest_extra(plan))
     return manifest
-
 
 
 def dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None = None) -> summary.Summary:

@@ -77,6 +77,14 @@ class Firmware(StrEnum):
 class Format(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
+    VMDK = "vmdk"
+    VHDX = "vhdx"
+    VDI = "vdi"
+
+    @property
+    def bootable(self) -> bool:
+        """Formats the engines write and `invoke run` boots (the others are converted from it)."""
+        return self in (Format.QCOW2, Format.RAW)
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -107,7 +115,9 @@ class Image:
     distro: str        # a distro profile's name (pipeline.distros: almalinux, nixos, demo, ...)
     arch: Arch
     version: str = "latest"
-    format: Format = Format.QCOW2
+    format: Format = Format.QCOW2      # the primary format: the engine writes it, `run` boots it
+    formats: tuple[Format, ...] = ()   # every published format, the primary first (() = (format,))
+    compress_qcow2: bool = False       # qcow2 files are written compressed (qemu-img convert -c)
     firmware: Firmware = Firmware.UEFI
     disk_size: int = 20480
     memory: int = 2048
@@ -124,6 +134,13 @@ class Image:
     lang: str = "en_US.UTF-8"
     keyboard: str = "us"
     timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        # `formats` wins: its first entry is the primary format; without it, just `format`.
+        if self.formats:
+            object.__setattr__(self, "format", self.formats[0])
+        else:
+            object.__setattr__(self, "formats", (self.format,))
 
     @property
     def artifact_name(self) -> str:
@@ -238,6 +255,21 @@ def _enum(kind: type[StrEnum]) -> Callable[[Any], Any]:
     return parse
 
 
+def _formats(v: Any) -> tuple[Format, ...]:
+    """A non-empty list of formats without repeats, the first one bootable (qcow2 or raw)."""
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        raise Invalid(f"expected a list of formats such as [qcow2, vmdk], got {v!r}")
+    out = tuple(_enum(Format)(item) for item in v)
+    if len(set(out)) != len(out):
+        raise Invalid(f"lists a format twice: {', '.join(f.value for f in out)}")
+    if not out[0].bootable:
+        raise Invalid(f"the first format is the one built and booted, so it must be qcow2 or raw, got {out[0].value}"
+                      " (list vmdk, vhdx or vdi after it)")
+    return out
+
+
 def _distro(v: Any) -> str:
     """A distro with a profile (pipeline.distros)."""
     from pipeline import distros
@@ -331,6 +363,8 @@ IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
     "arch": _enum(Arch),
     "version": _str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
     "format": _enum(Format),
+    "formats": _formats,
+    "compress_qcow2": _bool,
     "firmware": _enum(Firmware),
     "disk_size": _int("MiB", 16, 16 * 1024 * 1024),
     "memory": _int("MiB", 64, 1024 * 1024),
@@ -418,6 +452,7 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
     for required in ("distro", "arch"):
         if required not in values and required not in (body or {}):
             c.problem(f"{path}.{required}", "missing (required)")
+    _primary_format(c, path, values)
     values["users"] = _users(c, path, (body or {}).get("users", []))
     if "ssh_user" in values and values["users"] and values["ssh_user"] not in {u.name for u in values["users"]}:
         c.problem(f"{path}.ssh_user", f"{values['ssh_user']!r} is not one of this image's users")
@@ -431,6 +466,17 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
         c.problem(f"{path}.firmware", "aarch64 machines boot with UEFI only (QEMU's virt has no BIOS): use uefi")
         return name, None
     return name, Image(name=name, **values)
+
+
+def _primary_format(c: _Collector, path: str, values: dict[str, Any]) -> None:
+    """`format` (the older key) is the primary format; with `formats` it must name its first."""
+    fmt, fmts = values.get("format"), values.get("formats")
+    if fmts and fmt is not None and fmt is not fmts[0]:
+        c.problem(f"{path}.format", f"{fmt.value} is not the first of formats ({fmts[0].value}): drop format,"
+                  " formats[0] is the format built and booted")
+    elif fmt is not None and not fmt.bootable:
+        c.problem(f"{path}.format", f"{fmt.value} cannot be built or booted directly: use qcow2 or raw, and"
+                  f" formats: [qcow2, {fmt.value}] to publish a {fmt.value} copy too")
 
 
 def _users(c: _Collector, path: str, raw: Any) -> tuple[User, ...]:

@@ -1,9 +1,16 @@
 """The offline demo guest: a few-MB Linux assembled from Debian packages, no ISO download.
 
 Kernel from `linux-image-*-cloud-amd64`, userland from `busybox-static`, sshd from `dropbear-bin`
-(+ `sftp-server` so Packer can upload provisioner scripts). The initramfs is a deterministic
-newc cpio (fixed owners and mtimes, sorted, gzip without a timestamp), so the same packages and
-keys give the same bytes. Everything is cached under `<output>/.cache/`.
+(+ `sftp-server` so Packer can upload provisioner scripts), and e2fsprogs' `mke2fs` and `debugfs`,
+with which the build's provisioner writes a reproducible file system (fixed UUID, hash seed and
+timestamps; busybox's mke2fs can fix none of them). The initramfs is a deterministic newc cpio
+(fixed owners and mtimes, sorted, gzip without a timestamp), so the same packages and keys give
+the same bytes. Everything is cached under `<output>/.cache/`.
+
+The guest also knows what it is made of: its Debian packages (name, version, architecture, read
+from each .deb) and SOURCE_DATE_EPOCH for the build, the newest file time inside those packages
+(Debian clamps them to each package's changelog date), so the timestamps written into the disk
+follow the inputs and never the clock.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -18,14 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import BuildFailed
+from pipeline.packages import Package, deb_package
 from pipeline.run import run
 
 # Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
-USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server")
+USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server", "e2fsprogs")
+E2FSPROGS = ("sbin/mke2fs", "sbin/debugfs")  # copied to the same paths: busybox --install keeps them
 KERNEL_META = "linux-image-cloud-amd64"
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "button", "evdev")
 APPEND = "console=ttyS0,115200n8 quiet panic=-1"
-RECIPE_VERSION = "2"  # bump when the guest layout below changes
+RECIPE_VERSION = "3"  # bump when the guest layout below changes
+GUEST_RECORD = "guest.json"  # beside the cached kernel + initramfs: packages, source date
 
 INITTAB = """\
 ::sysinit:/etc/init.d/rcS
@@ -81,6 +92,8 @@ class DemoGuest:
     kernel: Path
     initrd: Path
     append: str
+    packages: tuple[Package, ...] = ()
+    source_date_epoch: int = 0
 
 
 # ------------------------------------------------------------------------- cpio (pure)
@@ -166,6 +179,7 @@ def rootfs_entries(
         ("etc/group", f, b"root:x:0:\n"),
         ("etc/shadow", 0o100600, f"root:{shadow_hash}:19000:0:99999:7:::\n".encode()),
         ("etc/shells", f, b"/bin/sh\n"),
+        ("etc/mtab", lnk, b"/proc/mounts"),  # where e2fsprogs asks whether the disk is mounted
         ("etc/modules", f, "".join(f"{m}\n" for m in module_list).encode()),
         ("root/.ssh/authorized_keys", 0o100600, "".join(k.strip() + "\n" for k in authorized_keys).encode()),
     ]
@@ -258,7 +272,7 @@ def library_packages(packages: Iterable[str]) -> list[str]:
     todo = list(packages)
     while todo:
         out = run(["apt-cache", "depends", "--no-recommends", "--no-suggests", *todo]).stdout
-        found = set(re.findall(r"^\s+(?:\|)?Depends: ((?:lib|zlib)[\w.+-]+)$", out, re.MULTILINE))
+        found = set(re.findall(r"^\s+(?:\|)?(?:Pre)?Depends: ((?:lib|zlib)[\w.+-]+)$", out, re.MULTILINE))
         todo = sorted(found - seen)
         seen |= found
     return sorted(seen - set(packages))
@@ -303,9 +317,8 @@ def assemble(
         "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or ""]).encode()
     ).hexdigest()[:16]
     out = cache / "demo" / key
-    guest = DemoGuest(out / "vmlinuz", out / "initrd.img", APPEND)
-    if guest.initrd.exists() and guest.kernel.exists():
-        return guest
+    if (out / "initrd.img").exists() and (out / "vmlinuz").exists() and (out / GUEST_RECORD).exists():
+        return _guest(out)
     root = cache / "root"
     trees = {p: extract(deb, root / deb.stem) for p, deb in debs.items()}
     merged = _merge(trees.values(), cache / "merged" / key)
@@ -321,10 +334,51 @@ def assemble(
     tmp.mkdir(parents=True)
     (tmp / "initrd.img").write_bytes(gzip_n(cpio_newc(entries)))
     shutil.copyfile(next(kdir.glob("boot/vmlinuz-*")), tmp / "vmlinuz")
+    record = {"packages": [p.as_manifest() for p in sorted(deb_packages(debs.values()))],
+              "source_date_epoch": source_date_epoch(trees.values())}
+    (tmp / GUEST_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(merged, ignore_errors=True)
-    return guest
+    return _guest(out)
+
+
+def _guest(folder: Path) -> DemoGuest:
+    """The assembled guest in `folder` (kernel, initramfs and its record)."""
+    from pipeline.packages import from_manifest
+
+    record = json.loads((folder / GUEST_RECORD).read_text(encoding="utf-8"))
+    return DemoGuest(folder / "vmlinuz", folder / "initrd.img", APPEND, tuple(from_manifest(record["packages"])),
+                     int(record["source_date_epoch"]))
+
+
+def deb_packages(debs: Iterable[Path]) -> list[Package]:
+    """Name, version and architecture of each .deb, from its control file (`dpkg-deb -f`)."""
+    out = []
+    for deb in debs:
+        text = run(["dpkg-deb", "-f", deb, "Package", "Version", "Architecture"]).stdout
+        out.append(deb_package(parse_control(text)))
+    return out
+
+
+def parse_control(text: str) -> dict[str, str]:
+    """`Field: value` lines (as `dpkg-deb -f` prints them) → {field: value}."""
+    fields = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not line.startswith((" ", "\t")):
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def source_date_epoch(trees: Iterable[Path]) -> int:
+    """The newest modification time of any file in the extracted packages (whole seconds)."""
+    newest = 0
+    for tree in trees:
+        for path in tree.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                newest = max(newest, int(path.stat().st_mtime))
+    return newest
 
 
 def _modules(kdir: Path) -> dict[str, bytes]:
@@ -354,12 +408,22 @@ def _merge(trees: Iterable[Path], into: Path) -> Path:
 def _userland_files(merged: Path) -> dict[str, tuple[int, bytes]]:
     dropbear = merged / "usr/sbin/dropbear"
     sftp = merged / "usr/lib/openssh/sftp-server"
+    e2fs = [_first(merged, rel) for rel in E2FSPROGS]
     files: dict[str, tuple[int, bytes]] = {
         "usr/sbin/dropbear": (0o100755, dropbear.read_bytes()),
         "usr/lib/sftp-server": (0o100755, sftp.read_bytes()),
+        **{rel: (0o100755, path.read_bytes()) for rel, path in zip(E2FSPROGS, e2fs, strict=True)},
     }
-    for rel, path in _needed_libs(merged, [dropbear, sftp]).items():
+    for rel, path in _needed_libs(merged, [dropbear, sftp, *e2fs]).items():
         files[rel] = (0o100755, path.resolve().read_bytes())
         if rel.endswith("ld-linux-x86-64.so.2"):  # the interpreter path baked into binaries
             files["lib64/ld-linux-x86-64.so.2"] = (0o120777, f"/{rel}".encode())
     return files
+
+
+def _first(merged: Path, rel: str) -> Path:
+    """A packaged binary at its path or its merged-/usr path."""
+    for candidate in (merged / rel, merged / "usr" / rel):
+        if candidate.is_file():
+            return candidate
+    raise BuildFailed(f"demo guest: {rel} is not in the downloaded packages")

@@ -12,9 +12,11 @@ sit at the top level. Kinds: step (imagepipe's own steps, with `step`/`total`), 
 own progress inside a step: Packer's `==>` lines, nix's builds), message, error, artifact (JSON
 only, never shown to people), transfer (a download: bytes, total_bytes, rate), heartbeat (a
 quiet step: step_elapsed, console), done (a build's progress);
-start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report);
-skipped (`build --if-changed`). `parse` also reads lines of older imagepipe versions (no source,
-no data): a builder may run an older release than this host.
+start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report; a
+`built` event carries `changes`, pipeline.diff.summary against the build published before);
+skipped (`build --if-changed`); check (`check-reproducible --json`: the report). `parse` also
+reads lines of older imagepipe versions (no source, no data): a builder may run an older release
+than this host.
 """
 
 from __future__ import annotations

@@ -2,25 +2,38 @@
 
 The builder's manifest is the source of truth for what the image must hash to; the local
 published image changes only after every fetched file matched it, through the same atomic
-publish as a local build. An interrupted transfer leaves its staging folder in place, so the
-next fetch sends only the rest; a file that does not match is never published.
+publish as a local build. Every file SHA256SUMS lists is fetched (each image format, boot files,
+the SBOM); every image file the manifest lists is checked for its format, every file by its
+sha256. An interrupted transfer leaves its staging folder in place, so the next fetch sends only
+the rest; a file that does not match is never published.
+
+What it costs on top of the transfer itself, and why it is small:
+- one SSH connection: `invoke remote-fetch` opens an OpenSSH master for the manifest read and
+  rsync's ssh rides on it (pipeline.openssh) - no Python SSH stack to import, no 2nd handshake;
+- sha256 as the bytes land: a follower thread per file hashes what rsync writes while it
+  writes it (pipeline.follow); its digest counts only when rsync's stats show one front-to-back
+  pass over exactly the file there now, else (or on a mismatch) the file is read again;
+- no `qemu-img check` here: a sha256 equal to the builder's manifest proves these are the bytes
+  the builder checked before it published them; a `qemu-img info` format check stays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, rsync
+from pipeline import artifacts, follow, openssh, rsync
 from pipeline.config import Config, Image
 from pipeline.errors import BuildFailed, CommandFailed, VerifyFailed
+from pipeline.host import Runner
 from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
-from pipeline.run import stream
+from pipeline.run import run, stream
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -60,14 +73,21 @@ def check_manifest(manifest: Any, image: Image) -> dict[str, Any]:
         raise BuildFailed(f"the builder's manifest for {image.name} is not a manifest of that image",
                           hint="rebuild on the builder (invoke remote-sync-build HOST --image IMAGE)")
     check_name(manifest["build_id"], "build id")
-    check_name(art["file"], "image file name")
+    for entry in artifacts.image_files(manifest):
+        try:
+            ok = bool(SHA_RE.match(entry["sha256"])) and isinstance(entry["format"], str) and isinstance(entry["size"], int)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise BuildFailed(f"the builder's manifest for {image.name} lists a malformed image file: {str(entry)[:120]}")
+        check_name(entry["file"], "image file name")
     return manifest
 
 
-def read_remote(conn: Any, target: Target, image: Image) -> tuple[dict[str, Any], dict[str, str]]:
+def read_remote(run_remote: Runner, target: Target, image: Image) -> tuple[dict[str, Any], dict[str, str]]:
     """The builder's published manifest and SHA256SUMS for `image` (one round trip)."""
     image_dir = target.path(REMOTE_OUTPUT, image.name)
-    res = runner_for(conn)(("cat", "--", f"{image_dir}/{artifacts.MANIFEST}", f"{image_dir}/{artifacts.SUMS}"))
+    res = run_remote(("cat", "--", f"{image_dir}/{artifacts.MANIFEST}", f"{image_dir}/{artifacts.SUMS}"))
     if not res.ok:
         raise BuildFailed(f"builder {target.name} has no published {image.name} under {target.path(REMOTE_OUTPUT)}",
                           hint=f"build it there first: invoke remote-sync-build {target.name} --image {image.name}")
@@ -78,78 +98,178 @@ def read_remote(conn: Any, target: Target, image: Image) -> tuple[dict[str, Any]
         raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON") from None
     manifest = check_manifest(data, image)
     sums = parse_sums(res.stdout[end:])
-    art = manifest["artifact"]
-    if sums.get(art["file"]) != art["sha256"]:
-        raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
-                           "(a publish in progress? try again)")
+    for art in artifacts.image_files(manifest):
+        if sums.get(art["file"]) != art["sha256"]:
+            raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
+                               "(a publish in progress? try again)")
     return manifest, sums
 
 
-def up_to_date(image_dir: Path, manifest: dict[str, Any]) -> bool:
-    """True when the locally published image is the builder's (same sha256 and size)."""
+def up_to_date(image_dir: Path, manifest: dict[str, Any], sums: dict[str, str] | None = None) -> bool:
+    """True when the locally published build is the builder's: the same image (sha256, size) and,
+    when the builder's SHA256SUMS is given, the same files with the same hashes (a reproducible
+    image can stay the same while its other formats or boot files changed)."""
     local = artifacts.read_manifest(image_dir)
     path = artifacts.published_image(image_dir)
     art = manifest["artifact"]
-    return (local is not None and path is not None and local["artifact"]["sha256"] == art["sha256"]
-            and path.stat().st_size == art["size"])
-
-
-def fetch(conn: Any, target: Target, cfg: Config, image: Image, say: Callable[[str], None]) -> FetchResult:
-    """Fetch, verify and publish the builder's image (skipped when already published here)."""
-    manifest, sums = read_remote(conn, target, image)
-    build_id = manifest["build_id"]
-    image_dir = cfg.output_dir / image.name
-    if up_to_date(image_dir, manifest):
-        say(f"{target.prefix}{image.name}: local image already has sha256 {manifest['artifact']['sha256'][:12]}…, "
-            "nothing to fetch")
-        return FetchResult(image.name, build_id, True, None, None)
-    stage = image_dir / ".staging" / f"fetch-{build_id}"
-    stage.mkdir(parents=True, exist_ok=True)
-    remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
-    started = time.monotonic()
-    stats = _transfer(target, remote_dir, sorted(sums), stage, resume=True)
+    if local is None or path is None or local["artifact"]["sha256"] != art["sha256"] or path.stat().st_size != art["size"]:
+        return False
+    if sums is None:
+        return True
+    build = artifacts.current_build(image_dir)
+    local_sums = build / artifacts.SUMS if build is not None else None
     try:
-        _verify(stage, image, manifest, sums)
-    except VerifyFailed:
-        # What we kept may be what broke: one clean re-transfer before blaming the builder.
-        say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
-        for name in sums:
-            (stage / name).unlink(missing_ok=True)
-        stats = _transfer(target, remote_dir, sorted(sums), stage, resume=False)
+        return local_sums is not None and parse_sums(local_sums.read_text(encoding="utf-8")) == sums
+    except (OSError, BuildFailed):
+        return False
+
+
+@dataclass(frozen=True)
+class Link:
+    """How one fetch reaches the builder: a runner for commands, extra ssh options for rsync."""
+
+    run: Runner
+    rsync_ssh: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def link_to(conn: Any | None, target: Target, accept_new_host_key: bool = False) -> Iterator[Link]:
+    """Through an open Fabric connection when the caller has one (a remote build just ran on
+    it), else through one OpenSSH connection shared by the manifest read and rsync."""
+    if conn is not None:
+        yield Link(runner_for(conn))
+        return
+    with openssh.Connection(target, accept_new_host_key=accept_new_host_key) as ssh:
+        yield Link(ssh.run, tuple(ssh.rsync_ssh_options()))
+
+
+def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Callable[[str], None], *,
+          accept_new_host_key: bool = False) -> FetchResult:
+    """Fetch, verify and publish the builder's image (skipped when already published here).
+
+    `conn` is an open Fabric connection to reuse, or None to open an OpenSSH one
+    (`accept_new_host_key`: trust the builder's key if known_hosts has none yet).
+    """
+    with link_to(conn, target, accept_new_host_key) as link:
+        manifest, sums = read_remote(link.run, target, image)
+        build_id = manifest["build_id"]
+        image_dir = cfg.output_dir / image.name
+        if up_to_date(image_dir, manifest, sums):
+            say(f"{target.prefix}{image.name}: local image already has sha256 "
+                f"{manifest['artifact']['sha256'][:12]}…, nothing to fetch")
+            return FetchResult(image.name, build_id, True, None, None)
+        stage = image_dir / ".staging" / f"fetch-{build_id}"
+        stage.mkdir(parents=True, exist_ok=True)
+        remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
+        started = time.monotonic()
+        got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
         try:
-            _verify(stage, image, manifest, sums)
-        except VerifyFailed as exc:
-            artifacts.discard(stage)
-            raise VerifyFailed(f"builder {target.name}: {exc.message}; the builder's copy does not match "
-                               "its manifest, refusing it (the local image is unchanged)",
-                               hint=f"rebuild on the builder: invoke remote-sync-build {target.name} "
-                                    f"--image {image.name}") from None
+            how = _verify(stage, image, manifest, sums, got.digests)
+        except VerifyFailed:
+            # What we kept may be what broke: one clean re-transfer before blaming the builder.
+            say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
+            for name in sums:
+                (stage / name).unlink(missing_ok=True)
+            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
+            try:
+                how = _verify(stage, image, manifest, sums, got.digests)
+            except VerifyFailed as exc:
+                artifacts.discard(stage)
+                raise VerifyFailed(f"builder {target.name}: {exc.message}; the builder's copy does not match "
+                                   "its manifest, refusing it (the local image is unchanged)",
+                                   hint=f"rebuild on the builder: invoke remote-sync-build {target.name} "
+                                        f"--image {image.name}") from None
+    stats = got.stats
     say(f"{target.prefix}{image.name}: received {stats.received} bytes "
-        f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified")
+        f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified {how}")
     final = _publish(stage, image_dir, image, manifest, sums, target)
     say(f"{target.prefix}{image.name}: published {image_dir / image.artifact_name} (built on {target.name})")
     return FetchResult(image.name, build_id, False, stats, final)
 
 
-def _transfer(target: Target, remote_dir: str, names: list[str], stage: Path, *, resume: bool) -> rsync.Stats:
+@dataclass(frozen=True)
+class Received:
+    """One rsync run: its stats, and the sha256 of each file whose digest covers the final file."""
+
+    stats: rsync.Stats
+    digests: dict[str, str]
+
+
+def _receive(link: Link, target: Target, remote_dir: str, names: list[str], stage: Path, *,
+             resume: bool) -> Received:
+    """rsync `names` into `stage` (resuming what is there when `resume`) while hashing them."""
+    kept = {n: _size(stage / n) for n in names}
     argv = rsync.pull_argv(target.host, [f"{remote_dir}/{n}" for n in names], stage, target.ssh_config,
-                           resume=resume)
+                           resume=resume and any(kept.values()), ssh_extra=link.rsync_ssh)
+    followers = {n: follow.Follower(stage / n).start() for n in names}
     try:
         res = stream(argv, timeout=main_thread_timeout(6 * 3600))
-    except CommandFailed as exc:
-        exc.hint = "the partial transfer is kept: run the same fetch again to resume"
+    except BaseException as exc:
+        for f in followers.values():
+            f.finish(cancel=True)
+        if isinstance(exc, CommandFailed):
+            exc.hint = "the partial transfer is kept: run the same fetch again to resume"
         raise
-    return rsync.parse_stats(res.stdout)
+    stats = rsync.parse_stats(res.stdout)
+    seen = {n: f.finish() for n, f in followers.items()}
+    final = {n: _size(stage / n) for n in names}
+    digests = {}
+    if one_pass(stats, kept, final):
+        digests = {n: d.sha256 for n, d in seen.items() if d is not None and d.covers(stage / n)}
+    return Received(stats, digests)
 
 
-def _verify(stage: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str]) -> None:
-    art = manifest["artifact"]
-    verified = artifacts.verify(stage / art["file"], image.format.value)
-    if verified.sha256 != art["sha256"]:
-        raise VerifyFailed(f"{art['file']}: sha256 {verified.sha256} does not match the manifest ({art['sha256']})")
-    for name, digest in sums.items():
-        if name != art["file"] and artifacts.sha256_file(stage / name) != digest:
-            raise VerifyFailed(f"{name}: sha256 does not match SHA256SUMS")
+def one_pass(stats: rsync.Stats, kept: Mapping[str, int], final: Mapping[str, int]) -> bool:
+    """True when rsync received each file's new bytes exactly once, front to back.
+
+    In our modes (whole-file, or append) a single pass receives exactly the bytes each file
+    grew by; a second pass over a file whose checksum failed (rsync's "redo") receives more,
+    as literal or matched data, and may rewrite bytes a follower has already hashed.
+    """
+    grown = sum(final[n] - kept.get(n, 0) for n in final)
+    return stats.matched == 0 and stats.literal == grown
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _verify(stage: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str],
+            digests: Mapping[str, str]) -> str:
+    """Every file's sha256 equals SHA256SUMS (each image file's equals the manifest) and every
+    image file is of the manifest's format. A digest taken while receiving is accepted when it
+    matches; anything else is decided by reading the file. Returns how the hashes were taken."""
+    images = {art["file"]: art for art in artifacts.image_files(manifest)}
+    primary = manifest["artifact"]["file"]
+    reread = []
+    for name in [primary, *sorted((set(sums) | set(images)) - {primary})]:
+        expected = images[name]["sha256"] if name in images else sums[name]
+        got = digests.get(name)
+        if got != expected:
+            reread.append(name)
+            got = artifacts.sha256_file(stage / name) if (stage / name).is_file() else "(missing)"
+        if got != expected:
+            what = "the manifest" if name in images else "SHA256SUMS"
+            raise VerifyFailed(f"{name}: sha256 {got} does not match {what} ({expected})")
+    for art in images.values():
+        _check_format(stage / art["file"], art["format"])
+    if not reread:
+        return "while receiving"
+    return f"(re-read after the transfer: {', '.join(reread)})"
+
+
+def _check_format(path: Path, fmt: str) -> None:
+    """`qemu-img info` agrees with the manifest about the format (cheap: reads the header). It
+    probes the format itself: with `-f` it would only echo what it was told."""
+    res = run(["qemu-img", "info", "--output=json", path], check=False, timeout=60)
+    if not res.ok:
+        raise VerifyFailed(f"{path.name}: qemu-img cannot read it as {fmt}: {res.stderr.strip()[-300:]}")
+    info = json.loads(res.stdout)
+    if info.get("format") != fmt:
+        raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
 
 
 def _publish(stage: Path, image_dir: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str],
@@ -163,6 +283,6 @@ def _publish(stage: Path, image_dir: Path, image: Image, manifest: dict[str, Any
     while (image_dir / "builds" / local_id).exists():  # e.g. fetched before, then replaced
         n += 1
         local_id = f"{build_id}.{n}"
-    final = artifacts.publish(stage, image_dir, local_id, image.artifact_name)
+    final = artifacts.publish(stage, image_dir, local_id)
     artifacts.discard(stage)  # moved away by publish: this only tidies an empty .staging/
     return final

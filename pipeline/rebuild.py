@@ -31,6 +31,7 @@ class Outcome:
     message: str
     build_id: str | None = None
     sha256: str | None = None
+    changes: dict[str, Any] | None = None   # pipeline.diff.summary against the build published before
 
 
 def available(module: str) -> bool:
@@ -83,8 +84,9 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
             facts = probe_for_build(cfg, images)
         outcome = _one(cfg, image, facts, accel=accel, json_lines=json_lines, force=force,
                        boot_test=boot_test, emit=emit)
-        emit(outcome.status, image.name, outcome.message,
-             **{k: v for k, v in (("build_id", outcome.build_id), ("sha256", outcome.sha256)) if v})
+        emit(outcome.status, image.name, _with_changes(outcome, json_lines),
+             **{k: v for k, v in (("build_id", outcome.build_id), ("sha256", outcome.sha256),
+                                  ("changes", outcome.changes)) if v})
         outcomes.append(outcome)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "up-to-date", "skipped", "failed")}
     emit("summary", "*", ", ".join(f"{n} {s}" for s, n in counts.items()), **counts)
@@ -93,9 +95,11 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
 
 def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,
          boot_test: bool, emit: Emit) -> Outcome:
+    from pipeline import artifacts
     from pipeline.build import BuildOptions, build_image
 
     opts = BuildOptions(accel=accel, json=json_lines, if_changed=not force, boot_test=boot_test)
+    before = artifacts.read_manifest(cfg.output_dir / image.name)
     try:
         result = build_image(cfg, image, opts, facts=facts, say=lambda m: _relay(emit, image, m))
     except HostUnsuitable as exc:
@@ -114,7 +118,25 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
     art = (result.manifest or {}).get("artifact", {})
     tested = " (boot-tested)" if boot_test else ""
     return Outcome(image.name, "built", f"published build {result.build_id}{tested}", result.build_id,
-                   art.get("sha256"))
+                   art.get("sha256"), changes(before, result.manifest))
+
+
+def changes(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a new build changed against the one published before it (None when there was none)."""
+    from pipeline import diff
+
+    if before is None or after is None or before.get("build_id") == after.get("build_id"):
+        return None
+    return diff.summary(diff.compare(before, after))
+
+
+def _with_changes(outcome: Outcome, json_lines: bool) -> str:
+    """The outcome's message; the text report adds the changes on the same line."""
+    if json_lines or not outcome.changes:
+        return outcome.message
+    from pipeline import diff
+
+    return f"{outcome.message}; {diff.summary_line(outcome.changes)}"
 
 
 def _relay(emit: Emit, image: Image, message: str) -> None:
@@ -147,7 +169,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
-    from pipeline import dispatch, fetch, remote
+    from pipeline import artifacts, dispatch, fetch, remote
 
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)
@@ -163,6 +185,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
                 outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
                 emit("failed", image.name, outcomes[-1].message)
                 continue
+            before = artifacts.read_manifest(cfg.output_dir / image.name)
             try:
                 got = fetch.fetch(conn, target, cfg, image, say)
             except ImagepipeError as exc:
@@ -170,8 +193,11 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
                 emit("failed", image.name, outcomes[-1].message)
                 continue
             status = "up-to-date" if got.skipped else "built"
-            outcomes.append(Outcome(image.name, status, f"{status} on {target.name}", got.build_id))
-            emit(status, image.name, outcomes[-1].message)
+            after = artifacts.read_manifest(cfg.output_dir / image.name) if not got.skipped else None
+            outcomes.append(Outcome(image.name, status, f"{status} on {target.name}", got.build_id,
+                                    changes=changes(before, after)))
+            emit(status, image.name, _with_changes(outcomes[-1], json_lines),
+                 **({"changes": outcomes[-1].changes} if outcomes[-1].changes else {}))
     finally:
         conn.close()
     return outcomes

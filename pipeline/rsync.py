@@ -21,14 +21,17 @@ SYNC_EXCLUDES: tuple[str, ...] = (
 )
 
 
-def ssh_argv(ssh_config: Path | None) -> list[str]:
-    """The ssh command rsync uses: our ssh_config (if any), never a prompt, never an unknown key."""
+def ssh_argv(ssh_config: Path | None, extra: Sequence[str] = ()) -> list[str]:
+    """The ssh command rsync uses: our ssh_config (if any), never a prompt, never an unknown key.
+
+    `extra` are further `-o` options (e.g. the ControlPath of an open connection to reuse).
+    """
     argv = ["ssh"]
     if ssh_config is not None:
         argv += ["-F", str(ssh_config)]
     # BatchMode: fail instead of prompting (we run unattended and in threads).
     # StrictHostKeyChecking=yes: the key was checked (or explicitly accepted) before rsync runs.
-    return argv + ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+    return argv + ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", *extra]
 
 
 def push_argv(src: Path, host: str, dest: str, ssh_config: Path | None,
@@ -43,17 +46,21 @@ def push_argv(src: Path, host: str, dest: str, ssh_config: Path | None,
 
 
 def pull_argv(host: str, sources: Sequence[str], dest: Path, ssh_config: Path | None, *,
-              resume: bool = True) -> list[str]:
-    """Copy remote files into the folder `dest`, resuming a partial transfer.
+              resume: bool = True, ssh_extra: Sequence[str] = ()) -> list[str]:
+    """Copy remote files into the folder `dest`, writing each file front to back in place.
 
     --inplace writes straight into the destination file, so whatever arrived before an
-    interruption (even SIGKILL or a dropped link) stays; --append-verify then sends only the
-    rest and checks the whole file's checksum, re-sending it if the kept part was wrong.
+    interruption (even SIGKILL or a dropped link) stays. Fresh (`resume=False`) files come
+    --whole-file; with `resume`, --append-verify sends only the rest and checks the whole
+    file's checksum, re-sending what differs in a second pass (seen as extra data in --stats).
+    Either way rsync writes each file sequentially and never seeks over data it skips, which
+    lets pipeline.follow hash the bytes as they land. No --sparse for that reason (a seeked-
+    over run of zeros would only show up at the end); the follower punches the holes instead.
     """
-    mode = ["--inplace", "--append-verify"] if resume else ["--inplace", "--whole-file"]
+    mode = ["--append-verify"] if resume else ["--whole-file"]
     return [
-        "rsync", "--times", "--sparse", "--stats", "--protect-args", *mode,
-        "-e", shlex.join(ssh_argv(ssh_config)),
+        "rsync", "--times", "--stats", "--protect-args", "--inplace", *mode,
+        "-e", shlex.join(ssh_argv(ssh_config, ssh_extra)),
         *(f"{host}:{s}" for s in sources),
         f"{dest}/",
     ]
@@ -67,6 +74,7 @@ class Stats:
     transferred: int = 0         # regular files that were (re)sent
     total_size: int = 0          # bytes of all files
     literal: int = 0             # file data actually sent (not matched from the other side)
+    matched: int = 0             # file data the receiver found in its basis file (not sent)
     sent: int = 0                # bytes on the wire, sender side
     received: int = 0            # bytes on the wire, receiver side
 
@@ -80,6 +88,7 @@ _STAT_KEYS = {
     "Number of regular files transferred": "transferred",
     "Total file size": "total_size",
     "Literal data": "literal",
+    "Matched data": "matched",
     "Total bytes sent": "sent",
     "Total bytes received": "received",
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import distros, inputs
+from pipeline import artifacts, distros, inputs
 from pipeline.config import Accel, Config, Image
 from pipeline.errors import ImagepipeError, ToolMissing
 from pipeline.host import HostFacts
@@ -28,6 +28,13 @@ from pipeline.plan import AccelChoice, choose_accel, firmware_for, make_build_pl
 from pipeline.run import install_hint
 
 BUILD_ID = "<build-id>"  # decided when a real build starts
+
+
+@dataclass(frozen=True)
+class _ImageOnly:
+    """Stands in for a plan where only the image is needed (no plan: the build could not start)."""
+
+    image: Image
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     log_dir = image_dir / "logs" / BUILD_ID
     versions = {t: facts.tool(t).version for t in inputs.tools_for(image)}
     ihash = inputs.compute(cfg, image, versions).value
-    steps = _steps(driver, plan, facts, boot_test)
+    steps = step_names(driver, plan, facts, boot_test) if plan is not None else \
+        step_names(driver, _ImageOnly(image), facts, boot_test)
     announced = (profile.announce(plan, facts) or "") if plan is not None else ""
     notes += [line.removeprefix("warning: ") for line in announced.splitlines() if line.startswith("warning:")]
     warnings = notes + _warnings(choice, image, facts)
@@ -131,7 +139,8 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
         firmware=firmware, engine=driver.name, template=str(profile.template(cfg.root, image)),
         distro=facts_of_distro, tools=tools, steps=steps, input_hash=ihash,
         up_to_date=inputs.up_to_date(image_dir, ihash),
-        outputs={"publishes": str(image_dir / image.artifact_name),
+        outputs={"publishes": ", ".join(str(image_dir / artifacts.format_file(image.artifact_name, f.value))
+                                        for f in image.formats),
                  "staging": str(image_dir / ".staging" / BUILD_ID),
                  "build_log": str(log_dir / "build.log"), "raw_log": str(log_dir / "build.raw.log"),
                  "console_log": str(log_dir / "console.log")},
@@ -192,9 +201,14 @@ def _ssh_key(cfg: Config, problems: list[Problem]) -> dict[str, Any]:
     return {"path": str(path), "exists": path.exists(), "configured": False}
 
 
-def _steps(driver: Any, plan: Any, facts: HostFacts, boot_test: bool) -> list[str]:
+def step_names(driver: Any, plan: Any, facts: HostFacts, boot_test: bool) -> list[str]:
+    """A build's steps in order, as its progress view counts them (N/M) and the dry run lists
+    them: the engine's own, verify, [boot test], a conversion per further format, the package
+    list and SBOM, publish (pipeline.build.produce announces each)."""
+    image = plan.image if plan is not None else None
     own = driver.steps(plan, facts) if hasattr(driver, "steps") else []  # Packer's and nix's need facts only
-    return [*own, "verify", *(["boot test"] if boot_test else []), "publish"]
+    formats = [f"convert to {f.value}" for f in image.formats[1:]] if image is not None else []
+    return [*own, "verify", *(["boot test"] if boot_test else []), *formats, "package list and SBOM", "publish"]
 
 
 def _warnings(choice: AccelChoice | None, image: Image, facts: HostFacts) -> list[str]:

@@ -23,6 +23,9 @@ profile and never branches on the distro. A profile says:
     summary(image, root, output_dir)
                             distro facts for the dry run (the kickstart, the resolved ISO), read
                             without network or writes
+    packages(plan, stage, report)
+                            what the built image holds (RPMs, the Nix closure, Debian packages):
+                            the manifest's package list and the SBOM (pipeline.packages)
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
 
 Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from pipeline.drivers import Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 # name -> module holding its PROFILE (imported on first use).
@@ -150,6 +154,11 @@ class Profile:
         (said loudly) and `problems` ({message, hint, exit_code}: a real build could not start).
         """
         return {}
+
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The packages inside the image just built into `stage` (files the build handed back
+        wait in <stage>/collected/). Runs after verification, before publishing."""
+        return []
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
         """One line said before the build starts (the accelerator, a warning), or None."""

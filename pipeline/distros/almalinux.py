@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Arch, Image
 from pipeline.distros import Report
@@ -23,6 +23,7 @@ from pipeline.errors import HostUnsuitable, UsageError
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
@@ -42,6 +43,8 @@ class AlmaLinux(PackerProfile):
     tcg_duration = "An AlmaLinux installation takes hours this way"
     pin = "installer ISO"
     lima = True
+    # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
+    image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
 
     def family(self, image: Image) -> str:
         """almalinux<major>: the folder of the template (packer/) and the kickstart (kickstart/)."""
@@ -92,7 +95,7 @@ class AlmaLinux(PackerProfile):
         return need
 
     def prepared_variables(self, image: Image) -> list[str]:
-        names = ["iso_url", "iso_checksum", "kickstart_dir"]
+        names = ["iso_url", "iso_checksum", "kickstart_dir", "packages_file"]
         from pipeline.render.almalinux import uses_uefi
 
         return names + (["efi_firmware_code", "efi_firmware_vars"] if uses_uefi(image) else [])
@@ -113,6 +116,7 @@ class AlmaLinux(PackerProfile):
             "iso_checksum": f"sha256:{local.sha256}",
             "kickstart_dir": str(self.stage_kickstart(image, plan.root, inputs, report)),
             "ssh_username": image.ssh_user,
+            "packages_file": str(collected_file(stage)),
         }
         if uses_uefi(image):
             values.update(firmware_vars(plan, inputs))
@@ -133,17 +137,11 @@ class AlmaLinux(PackerProfile):
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
 
-    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
-        """The kickstart and the ISO a build would use (iso.lock.json / iso:, never downloaded)."""
-        from pipeline import iso
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """Every RPM of the image, as the guest listed it (downloaded by the template)."""
+        from pipeline import packages
 
-        kickstart = self.kickstart_path(root, image)
-        found = iso.describe(image, root, output_dir / ".cache" / "iso")
-        problem = found.pop("problem", None)
-        variables = ({"iso_url": found.get("url") or found.get("path"), "iso_checksum": f"sha256:{found['sha256']}"}
-                     if len(str(found.get("sha256", ""))) == 64 else {})
-        return {"kickstart": str(kickstart) + ("" if kickstart.is_file() else " (MISSING: run invoke render)"),
-                "iso": found, "variables": variables, "problems": [problem] if problem else []}
+        return packages.read_rpm_list(stage)
 
     def uses_configured_input(self, image: Image) -> str | None:
         return f"uses the configured iso {image.iso}: nothing to refresh" if image.iso else None
@@ -159,6 +157,15 @@ class AlmaLinux(PackerProfile):
         iso.write_lock(root, entries)
         change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
         return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}"
+
+
+def collected_file(stage: Path) -> Path:
+    """Where Packer downloads the guest's package list (the folder exists before Packer runs)."""
+    from pipeline import packages
+
+    folder = stage / packages.COLLECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / packages.RPM_LIST
 
 
 def _tree(folder: Path) -> list[Path]:

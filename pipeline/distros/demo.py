@@ -18,6 +18,7 @@ from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
@@ -35,11 +36,11 @@ class Demo(PackerProfile):
         return demo.blocks(image, legacy)
 
     def prepared_variables(self, image: Image) -> list[str]:
-        return ["base_disk", "kernel", "initrd"]
+        return ["base_disk", "kernel", "initrd", "source_date_epoch"]
 
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
         """Assemble (or reuse) the demo guest with the login key baked in, and a blank base disk."""
-        from pipeline import demo, keys
+        from pipeline import demo, keys, packages
         from pipeline.run import run
 
         image = plan.image
@@ -52,13 +53,14 @@ class Demo(PackerProfile):
         base = stage / "inputs" / "base.qcow2"  # the driver removes stage/inputs before publishing
         base.parent.mkdir(exist_ok=True)
         run(["qemu-img", "create", "-q", "-f", "qcow2", base, f"{image.disk_size}M"])
+        packages.write_deb_list(stage, guest.packages)  # read back by packages() below
         return Prepared(
             variables={
                 "base_disk": str(base),
                 "kernel": str(kernel),
                 "initrd": str(initrd),
                 "kernel_append": guest.append,
-                "build_id": plan.build_id,
+                "source_date_epoch": str(guest.source_date_epoch),
             },
             extra_files=(kernel, initrd),
         )
@@ -72,6 +74,12 @@ class Demo(PackerProfile):
         return {"guest": "Debian kernel + busybox + dropbear, assembled into an initramfs"
                          + (f" ({count} packages cached in {debs})" if count else
                             " (packages fetched with apt-get download on the first build)")}
+
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The Debian packages the guest was assembled from (recorded by prepare)."""
+        from pipeline import packages
+
+        return packages.read_deb_list(stage)
 
     def boot_info(self, image: Image) -> BootInfo:
         """Direct kernel boot with the files published next to the image."""

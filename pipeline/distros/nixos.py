@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, Image
-from pipeline.distros import Profile
+from pipeline.distros import Profile, Report
 from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 
@@ -87,6 +88,12 @@ class NixOS(Profile):
                   f"NOT PINNED: no {lock} (nix resolves nixpkgs when the build starts; "
                   "run `nix flake lock` there and commit it)")
         return {"flake output": installable(image, root), "nixpkgs": pinned}
+
+    def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
+        """The runtime closure of the image's system (store paths, names, versions)."""
+        from pipeline.drivers.nix import closure_packages
+
+        return closure_packages(plan.image, plan.root, report)
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision

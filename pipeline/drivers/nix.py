@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from pipeline.run import Result, stream
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 FEATURES = ("--extra-experimental-features", "nix-command flakes")
@@ -75,6 +76,39 @@ def attribute(image: Image) -> str:
 def installable(image: Image, root: Path) -> str:
     """flake#attribute, as nix build takes it."""
     return f"{flake_ref(image, root)}#{attribute(image)}"
+
+
+def toplevel(image: Image, root: Path) -> str:
+    """flake#nixosConfigurations.<image>.config.system.build.toplevel: the system whose runtime
+    closure is the image's package list."""
+    name = image.name if image.name.replace("-", "").replace("_", "").isalnum() else f'"{image.name}"'
+    return f"{flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
+
+
+def path_info_argv(target: str) -> list[str]:
+    """Every store path `target` needs at run time, as JSON (it must be in the store already)."""
+    return nix_argv("path-info", "-r", "--json", target)
+
+
+def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None) -> list[Package]:
+    """The runtime closure of the image's system (its toplevel, built with the image), one
+    Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
+    image output itself (said through `report`)."""
+    from pipeline.packages import parse_path_info
+    from pipeline.run import run
+
+    res = run(path_info_argv(toplevel(image, root)), check=False, timeout=900)
+    if not res.ok and "does not provide attribute" in res.stderr:
+        if report:
+            report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
+                   f"{attribute(image)} instead")
+        res = run(path_info_argv(installable(image, root)), check=False, timeout=900)
+    if not res.ok:
+        errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
+        raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
+                          hint="the system's toplevel must be in the store after the image build: "
+                               "nix path-info -r " + toplevel(image, root))
+    return parse_path_info(res.stdout)
 
 
 def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> list[str]:

@@ -35,6 +35,7 @@ VARIABLES: dict[str, str] = {
     "iso_checksum": "sha256:<hex> of the ISO, from the mirror's CHECKSUM file (iso.lock.json)",
     "kickstart_dir": "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)",
     "ssh_username": "account Packer logs in with once the installed system has rebooted",
+    "packages_file": "where the guest's package list is downloaded to (imagepipe: the build's staging folder)",
 }
 UEFI_VARIABLES: dict[str, str] = {
     "efi_firmware_code": "UEFI firmware code for this host (OVMF, AAVMF or Homebrew edk2)",
@@ -104,7 +105,7 @@ def source(image: Image, legacy: bool) -> Block:
         "disk_size": f"{image.disk_size}M",
         "disk_interface": "virtio",
         "disk_discard": "unmap",
-        "disk_compression": True,
+        "disk_compression": image.compress_qcow2,
         "format": image.format.value,
         "net_device": "virtio-net",
         "headless": image.headless,
@@ -151,5 +152,16 @@ def source(image: Image, legacy: bool) -> Block:
 def blocks(image: Image, legacy: bool) -> list[Block]:
     """The whole template for `image` (legacy=True: Packer < 1.7)."""
     head = [] if legacy else [packer_block()]
-    build = Block("build", body={"sources": [f"source.qemu.{SOURCE}"]})
+    build = Block("build", body={"sources": [f"source.qemu.{SOURCE}"], "provisioner": [package_list()]})
     return head + variables(image) + [source(image, legacy), build]
+
+
+def package_list() -> Block:
+    """Download the package list the kickstart's %post wrote (pipeline.packages: manifest, SBOM)."""
+    from pipeline.packages import GUEST_RPM_LIST
+
+    return Block("provisioner", ("file",), {
+        "direction": "download",
+        "source": GUEST_RPM_LIST,
+        "destination": Expr("var.packages_file"),
+    })

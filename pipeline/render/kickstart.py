@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from pipeline.config import Arch, Firmware, Image, User
+from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
 
 TEMPLATES = Path(__file__).parent / "templates"
 KICKSTART_TEMPLATE = "almalinux-ks.cfg.j2"
@@ -85,6 +86,9 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "root_ssh": bool(getattr(image, "root_ssh", True)),
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
+        # the package list (pipeline.packages): written in %post, downloaded by Packer
+        "rpm_list": GUEST_RPM_LIST,
+        "rpm_queryformat": RPM_QUERYFORMAT,
     }
 
 

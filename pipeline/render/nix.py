@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Firmware, Image
+from pipeline.config import Firmware, Format, Image
 
 # The NixOS release nixos/flake.nix pins; the stateVersion of images whose version is not X.Y.
 NIXOS_RELEASE = "26.05"
@@ -39,6 +39,14 @@ def state_version(image: Image) -> str:
     return image.version if STATE_VERSION_RE.match(image.version) else NIXOS_RELEASE
 
 
+def disk_format(image: Image) -> str:
+    """make-disk-image's `format` for the image's primary format (its own qcow2-compressed when
+    compress_qcow2 is set); other formats are converted from it after the build (pipeline.build)."""
+    if image.compress_qcow2 and image.format is Format.QCOW2:
+        return "qcow2-compressed"
+    return image.format.value
+
+
 def params(image: Image) -> dict[str, Any]:
     """The parameters the flake's modules read for `image` (plain JSON data)."""
     return {
@@ -48,7 +56,7 @@ def params(image: Image) -> dict[str, Any]:
         "system": image.arch.nix_system,
         "firmware": image.firmware.value,
         "partition_table": PARTITION_TABLE[image.firmware],
-        "format": image.format.value,
+        "format": disk_format(image),
         "disk_size": image.disk_size,
         "console": image.arch.console,
         "ssh_port": image.ssh_port,

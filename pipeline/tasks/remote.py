@@ -73,15 +73,12 @@ def remote_build(c: Context, host: str = "", image: list[str] | None = None, acc
             "accept_new_host_key": ACCEPT_HELP})
 def remote_fetch(c: Context, host: str, image: str, accept_new_host_key: bool = False) -> None:
     """Fetch a builder's published image: rsync (resumable), verify sha256, publish in output/."""
-    from pipeline import fetch, remote
+    from pipeline import fetch
 
     cfg, target = _target(c, host)
     img = cfg.image(image)
-    conn = remote.connect(target, accept_new_host_key=accept_new_host_key)
-    try:
-        fetch.fetch(conn, target, cfg, img, say)
-    finally:
-        conn.close()
+    # no Fabric connection: the fetch opens one OpenSSH connection for the manifest and rsync
+    fetch.fetch(None, target, cfg, img, say, accept_new_host_key=accept_new_host_key)
 
 
 remote_fetch_x86 = alias(remote_fetch, "remote-fetch-x86",

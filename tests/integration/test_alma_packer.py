@@ -56,6 +56,7 @@ def values(name: str, tmp: Path) -> dict[str, str]:
         "iso_url": str(iso), "iso_checksum": "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest(),
         "kickstart_dir": str(ALMA.kickstart_path(ROOT, image).parent),
         "efi_firmware_code": fw.code, "efi_firmware_vars": str(store),
+        "packages_file": str(tmp / f"{name}-packages.tsv"),
     }
 
 

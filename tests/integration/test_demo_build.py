@@ -23,14 +23,16 @@ def test_published_image_verifies_and_holds_the_marker(demo_build, tmp_path):
     assert "vmx/svm" in manifest["accelerator"]["reason"]
     assert manifest["tools"]["packer"] and manifest["artifact"]["format"] == "qcow2"
     assert verify_published(image_dir) == manifest["artifact"]["sha256"]
-    # SHA256SUMS works with the standard tool, from the published folder
-    subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir / "current", check=True, capture_output=True)
+    # SHA256SUMS works with the standard tool, in the build folder and in output/<image>/ (#13)
+    for where in (image_dir / "current", image_dir):
+        subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=where, check=True, capture_output=True)
     # read the provisioner's marker back from the ext filesystem on the disk
     require_tool("debugfs", "e2fsprogs")
     raw = tmp_path / "disk.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(published), str(raw)], check=True)
     marker = subprocess.run(["debugfs", "-R", "cat /imagepipe-marker", str(raw)], capture_output=True, text=True)
-    assert marker.stdout.strip() == f"imagepipe demo build {manifest['build_id']}"
+    # the marker names the image, never the build or a date: the image is reproducible
+    assert marker.stdout.strip() == "imagepipe demo image demo-x86_64"
 
 
 def test_manifest_and_logs_hold_no_secrets(demo_build):
@@ -50,6 +52,8 @@ def test_build_folder_layout(demo_build):
     image_dir = out / "demo-x86_64"
     current = (image_dir / "current").resolve()
     assert current.parent == (image_dir / "builds").resolve()
-    assert {"vmlinuz", "initrd.img", "manifest.json", "SHA256SUMS", "template.pkr.hcl"} <= {p.name for p in current.iterdir()}
+    assert {"vmlinuz", "initrd.img", "manifest.json", "SHA256SUMS", "template.pkr.hcl", "sbom.cdx.json"} <= {
+        p.name for p in current.iterdir()}
+    assert not (current / "collected").exists()
     assert not (image_dir / ".staging").exists()
     assert not (current / "packer_cache").exists() and not (current / "inputs").exists()

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts, remote
+from pipeline import artifacts, follow, remote, rsync
+from pipeline.fetch import one_pass
 from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost, dense_qcow2, fake_published
+from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,8 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     assert res.returncode == 0, _out(res)
     received = int(_out(res).split("received ")[1].split(" bytes")[0])
     assert received < size * 0.97, f"did not resume: received {received} of {size}"
+    # the kept part and the rest were hashed as they were read/arrived: no second read
+    assert "sha256 verified while receiving" in _out(res), _out(res)
     assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(
         builder / "output/demo-x86_64/current/demo-x86_64.qcow2")
     good = artifacts.current_build(out / "demo-x86_64")
@@ -245,6 +248,197 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     assert artifacts.current_build(out / "demo-x86_64") == good
     assert not (out / "demo-x86_64" / ".staging" / "fetch-20261123T010000Z-bad1").exists()
     assert artifacts.verify_published(out / "demo-x86_64")
+
+
+def _fetch_setup(hal9000: dict, tmp_path: Path, name: str, image: Path) -> tuple[Path, Path, Path]:
+    """`image` published on a builder of its own; returns (config, output dir, builder's file)."""
+    builder = hal9000["base"] / f"{name}-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / f"{name}.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+    })
+    fake_published(builder, f"20261124T000000Z-{name}", image)
+    return cfg, out, (builder / "output/demo-x86_64/current/demo-x86_64.qcow2").resolve()
+
+
+def _ssh_gone(text: str, within: float = 10) -> bool:
+    """No ssh process with `text` in its command line, polled until `within` seconds pass."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"ssh") and text.encode() in b" ".join(args):
+                alive.append(args)
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            print("still running:", alive)
+            return False
+        time.sleep(0.1)
+
+
+def _short_tmpdir() -> Path:
+    """A short private TMPDIR (the ssh control socket path must stay short), to watch what is left."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ipt-", dir="/tmp"))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_fetch_hashes_while_receiving_one_connection_nothing_left(hal9000, tmp_path, kind):
+    """Dense and holey images: the digest taken as the bytes arrived is the file's sha256, the holes
+    stay holes here, one SSH connection carries manifest + rsync, and nothing of it outlives the fetch."""
+    require_tool("qemu-io", "qemu-utils")
+    qcow2 = tmp_path / f"{kind}.qcow2"
+    if kind == "dense":
+        dense_qcow2(qcow2, "48M")
+    else:  # data at the start, one cluster run in the middle, then a long run of zeros to the end
+        sparse_qcow2(qcow2, "160M")
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 64M 1M", str(qcow2)], check=True,
+                       stdout=subprocess.DEVNULL, timeout=120)
+    cfg, out, remote_file = _fetch_setup(hal9000, tmp_path, f"follow-{kind}", qcow2)
+    sshd_log = hal9000["host"].log
+    logins_before = sshd_log.read_text().count("Accepted publickey")
+    tmpdir = _short_tmpdir()
+    try:
+        res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600, env={"TMPDIR": str(tmpdir)})
+        assert res.returncode == 0, _out(res)
+        assert "sha256 verified while receiving" in _out(res), _out(res)
+        assert list(tmpdir.iterdir()) == [], "the control socket folder was left behind"
+        assert _ssh_gone(str(tmpdir)), "an ssh master outlived the fetch"
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    assert sshd_log.read_text().count("Accepted publickey") - logins_before == 1
+    image_dir = out / "demo-x86_64"
+    assert artifacts.verify_published(image_dir) == artifacts.sha256_file(remote_file)
+    fetched = artifacts.published_image(image_dir)
+    assert fetched is not None and fetched.stat().st_size == remote_file.stat().st_size
+    if kind == "sparse":  # the zero runs were punched out again: far less on disk than the size
+        assert fetched.stat().st_blocks * 512 < 8 << 20, fetched.stat()
+
+
+def test_a_corrupt_kept_part_is_repaired_and_read_again(hal9000, tmp_path):
+    """A partial file whose kept bytes are wrong: rsync's second pass mends it in place, which the
+    follower cannot vouch for, so the final file is read again before it is trusted."""
+    require_tool("qemu-io", "qemu-utils")
+    cfg, out, remote_file = _fetch_setup(hal9000, tmp_path, "mend", dense_qcow2(tmp_path / "m.qcow2", "32M"))
+    stage = out / "demo-x86_64" / ".staging" / "fetch-20261124T000000Z-mend"
+    stage.mkdir(parents=True)
+    kept = remote_file.read_bytes()[: 12 << 20]
+    (stage / "demo-x86_64.qcow2").write_bytes(kept[: 1 << 20] + b"CORRUPT!" + kept[(1 << 20) + 8:])
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode == 0, _out(res)
+    assert "re-read after the transfer" in _out(res), _out(res)
+    assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(remote_file)
+
+
+def _local_rsync(src: Path, dest_dir: Path, *, resume: bool, bwlimit: str = "") -> rsync.Stats:
+    """pipeline.rsync.pull_argv's transfer modes, run between two local folders."""
+    argv = rsync.pull_argv("unused", [], dest_dir, None, resume=resume)
+    argv = [a for a in argv if a not in ("-e", argv[argv.index("-e") + 1])][:-1]  # local: no ssh
+    extra = [f"--bwlimit={bwlimit}"] if bwlimit else []
+    res = subprocess.run([*argv, *extra, str(src), f"{dest_dir}/"], check=True, capture_output=True, text=True,
+                         timeout=300)
+    return rsync.parse_stats(res.stdout)
+
+
+def _holey_file(path: Path) -> Path:
+    """Random data, a 6 MiB run of zeros, data again, then 5 MiB of zeros up to the end."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 << 20))
+        f.seek(9 << 20)
+        f.write(os.urandom((2 << 20) + 123))
+        f.truncate((16 << 20) + 123)
+    return path
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_follower_digest_is_the_sha256_of_the_final_file(tmp_path, resume):
+    """Against real rsync (rate-limited so it writes while the follower reads): fresh and resumed,
+    the digest equals sha256 of the final file, covers it, and the zero runs became holes."""
+    require_tool("rsync", "rsync")
+    src = _holey_file(tmp_path / "src.img")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    kept = 0
+    if resume:  # an interrupted earlier transfer left the first 5 MiB
+        kept = 5 << 20
+        (dest / "src.img").write_bytes(src.read_bytes()[:kept])
+    follower = follow.Follower(dest / "src.img").start()
+    stats = _local_rsync(src, dest, resume=resume, bwlimit="8m")
+    seen = follower.finish()
+    final = dest / "src.img"
+    assert seen is not None and seen.sha256 == artifacts.sha256_file(final) == artifacts.sha256_file(src)
+    assert seen.covers(final) and seen.length == final.stat().st_size
+    assert seen.caught_up > 0, "the follower never waited for rsync: it did not hash while receiving"
+    assert one_pass(stats, {"src.img": kept}, {"src.img": final.stat().st_size})
+    assert seen.punched >= 10 << 20  # 6 MiB inside + 5 MiB at the end, in whole 64 KiB segments
+    assert final.stat().st_blocks * 512 <= (6 << 20), final.stat()
+
+
+def test_rsync_redo_is_not_one_pass_and_a_replaced_file_is_not_covered(tmp_path):
+    """What makes fetch distrust a follower: rsync's second pass over a file (a kept part that did
+    not verify) shows as extra data in --stats; a file replaced or cut short is not `covered`."""
+    require_tool("rsync", "rsync")
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(6 << 20))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "src.img").write_bytes(b"X" * 100 + src.read_bytes()[100:3 << 20])  # kept part, corrupt
+    follower = follow.Follower(dest / "src.img").start()
+    stats = _local_rsync(src, dest, resume=True)
+    seen = follower.finish()
+    final = dest / "src.img"
+    assert artifacts.sha256_file(final) == artifacts.sha256_file(src)  # rsync mended it
+    assert not one_pass(stats, {"src.img": 3 << 20}, {"src.img": 6 << 20}), stats
+    assert seen is not None and seen.covers(final)  # same file, same length: only the stats tell
+
+    final.rename(tmp_path / "old.img")  # kept, so its inode number is not reused at once
+    final.write_bytes(src.read_bytes())  # same bytes, another file: the digest does not cover it
+    assert not seen.covers(final)
+    with open(final, "r+b") as f:
+        f.truncate(1 << 20)
+    assert not seen.covers(final)
+
+
+def test_fetch_checks_host_keys_through_openssh(hal9000, tmp_path):
+    """The fetch's own OpenSSH connection: unknown key refused, --accept-new-host-key records it,
+    a changed key is refused even then, and the published image stays as it was."""
+    require_tool("qemu-io", "qemu-utils")
+    host: SshHost = hal9000["host"]
+    known = tmp_path / "known_hosts"
+    ssh_config = host.client_config(tmp_path / "ssh_config", known)
+    builder = hal9000["base"] / "hostkey-builder"
+    fake_published(builder, "20261124T000000Z-keys", dense_qcow2(tmp_path / "k.qcow2", "8M"))
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "k.yaml", out, {
+        "ssh_config_path": str(ssh_config), "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}}})
+
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=120)
+    assert res.returncode == 4, _out(res)
+    assert "not in known_hosts" in res.stderr and "--accept-new-host-key" in res.stderr, res.stderr
+    assert not known.exists() or known.read_text() == ""
+    assert not (out / "demo-x86_64").exists()
+
+    res = invoke(["remote-fetch-demo", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 0, _out(res)
+    assert host.known_hosts_line().split()[2] in known.read_text()
+    good = artifacts.current_build(out / "demo-x86_64")
+    assert good is not None
+
+    from tests.sshd_host import keygen
+
+    known.write_text(host.known_hosts_line(keygen(tmp_path / "other_host_key", "impostor")))
+    before = known.read_text()
+    res = invoke(["remote-fetch-demo", "hal9000", "--accept-new-host-key"], cfg, timeout=120)
+    assert res.returncode == 4 and "CHANGED" in res.stderr, _out(res)
+    assert known.read_text() == before
+    assert artifacts.current_build(out / "demo-x86_64") == good
 
 
 def test_unknown_host_key_refused_then_accepted_changed_key_refused(hal9000, tmp_path):

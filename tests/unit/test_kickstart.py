@@ -156,7 +156,7 @@ def test_kdump_is_disabled_through_the_anaconda_addon() -> None:
 
 
 def test_post_grows_the_root_file_system_at_boot() -> None:
-    (post,) = post_scripts(kickstart.render(X86))
+    post = post_scripts(kickstart.render(X86))[0]
     script = heredoc(post, "GROWROOT")
     assert script.startswith("#!/bin/bash\n") and 'growpart "$disk" "$part"' in script
     assert script.rstrip().endswith("xfs_growfs /")
@@ -166,7 +166,7 @@ def test_post_grows_the_root_file_system_at_boot() -> None:
 
 
 def test_post_cleans_caches_then_trims_free_space_last() -> None:
-    (post,) = post_scripts(kickstart.render(ARM))
+    post = post_scripts(kickstart.render(ARM))[0]
     lines = [line.strip() for line in post.strip().splitlines()]
     assert "dnf clean all" in lines
     trim = next(i for i, line in enumerate(lines) if line.startswith("for fs in /boot /; do"))
@@ -177,17 +177,17 @@ def test_post_cleans_caches_then_trims_free_space_last() -> None:
 def test_post_scripts_are_valid_bash() -> None:
     bash = require_bash()
     for image in (X86, ARM, dataclasses.replace(X86, firmware=Firmware.BIOS)):
-        for post in post_scripts(kickstart.render(image)):
-            for body in (post, heredoc(post, "GROWROOT")):
-                res = subprocess.run([bash, "-n"], input=body, text=True, capture_output=True, timeout=30, check=False)
-                assert res.returncode == 0, f"{image.name}: {res.stderr}"
+        first, *others = post_scripts(kickstart.render(image))
+        for body in (first, heredoc(first, "GROWROOT"), *others):
+            res = subprocess.run([bash, "-n"], input=body, text=True, capture_output=True, timeout=30, check=False)
+            assert res.returncode == 0, f"{image.name}: {res.stderr}"
 
 
 def test_x86_uefi_install_adds_the_bios_boot_loader() -> None:
     text = kickstart.render(X86)
     assert X86.firmware is Firmware.UEFI and "the disk boots under BIOS and UEFI" in text
     assert "grub2-pc" in parse(text).packages.packageList
-    (post,) = post_scripts(text)
+    post = post_scripts(text)[0]
     assert 'grub2-install --target=i386-pc "$boot_disk"' in post
     assert "boot_disk=$(grub2-probe --target=disk /boot/grub2)" in post
 
@@ -217,3 +217,18 @@ def require_bash() -> str:
     path = shutil.which("bash")
     assert path, "bash not found: install it with `sudo apt-get install bash`"
     return path
+
+
+def test_a_separate_post_lists_every_rpm_for_the_manifest() -> None:
+    """The last %post writes `rpm -qa` in the format pipeline.packages parses, where the template's
+    file provisioner downloads it from (both read the same constants)."""
+    from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
+    from pipeline.render.almalinux import package_list
+
+    for image in (X86, ARM):
+        *_, last = post_scripts(kickstart.render(image))
+        lines = [line.strip() for line in last.strip().splitlines()]
+        assert lines[0] == "set -e"
+        assert f"rpm -qa --qf '{RPM_QUERYFORMAT}' > {GUEST_RPM_LIST}" in lines
+        assert "grub2" not in last and "fstrim" not in last  # its own block, nothing else in it
+        assert package_list().body["source"] == GUEST_RPM_LIST

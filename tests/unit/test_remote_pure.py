@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dispatch, fetch, remote, rsync
+from pipeline import dispatch, fetch, openssh, remote, rsync
 from pipeline.config import Arch, Builder, load
 from pipeline.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown
 
 STATS = """
 Number of files: 57 (reg: 45, dir: 12)
@@ -29,6 +30,7 @@ sent 1,903 bytes  received 35 bytes  3,876.00 bytes/sec
 def test_parse_stats():
     s = rsync.parse_stats(STATS)
     assert (s.files, s.transferred, s.total_size, s.literal, s.sent, s.received) == (57, 1, 1 << 30, 1234, 1903, 35)
+    assert s.matched == 1111
     assert s.wire == 1938
     assert rsync.parse_stats("garbage") == rsync.Stats()
 
@@ -39,7 +41,11 @@ def test_ssh_command_for_rsync_is_a_quoted_argv():
     assert shlex.split(e) == ["ssh", "-F", "/cfg/my ssh config", "-o", "BatchMode=yes",
                               "-o", "StrictHostKeyChecking=yes"]
     assert "hal9000:dir with space/x.qcow2" in argv and "--append-verify" in argv and "--inplace" in argv
-    assert "--append-verify" not in rsync.pull_argv("h", ["x"], Path("/d"), None, resume=False)
+    fresh = rsync.pull_argv("h", ["x"], Path("/d"), None, resume=False, ssh_extra=["-o", "ControlPath=/t/cm"])
+    assert "--append-verify" not in fresh and "--whole-file" in fresh and "--inplace" in fresh
+    assert shlex.split(fresh[fresh.index("-e") + 1])[-2:] == ["-o", "ControlPath=/t/cm"]
+    # a follower hashes what rsync writes in order: nothing may be seeked over (see pipeline.follow)
+    assert not any(a.startswith(("--sparse", "-S", "--preallocate")) for a in argv + fresh)
     push = rsync.push_argv(Path("/src"), "hal9000", "imagepipe", None)
     assert push[-2:] == ["/src/", "hal9000:imagepipe/"] and "--delete" in push and "--exclude=/.git" in push
     assert "-F" not in shlex.split(push[push.index("-e") + 1])
@@ -137,3 +143,36 @@ def test_summary_table():
     assert lines[0].split() == ["image", "builder", "status", "exit", "time"]
     assert lines[2].split() == ["demo-x86_64", "hal9000", "ok", "0", "31s"]
     assert "nixos-aarch64 on arm: cannot connect" in text
+
+
+def test_one_pass_accepts_exactly_the_new_bytes_once():
+    grown = {"img": 100, "vmlinuz": 10}
+    assert fetch.one_pass(rsync.Stats(literal=110), {}, grown)
+    assert fetch.one_pass(rsync.Stats(literal=60), {"img": 50}, grown)        # resumed after 50 bytes
+    assert fetch.one_pass(rsync.Stats(), {"img": 100, "vmlinuz": 10}, grown)  # nothing to send
+    assert not fetch.one_pass(rsync.Stats(literal=60, matched=100), {"img": 50}, grown)  # a second pass
+    assert not fetch.one_pass(rsync.Stats(literal=170), {"img": 50}, grown)
+    assert not fetch.one_pass(rsync.Stats(literal=100), {}, grown)
+
+
+SSH_CHANGED = """@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+Host key for [127.0.0.1]:2222 has changed and you have requested strict checking.
+Host key verification failed.
+"""
+
+
+@pytest.mark.parametrize("stderr,kind,words", [
+    (SSH_CHANGED, HostKeyChanged, "CHANGED"),
+    (("No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\n"
+      "Host key verification failed.\n"), HostKeyUnknown, "not in known_hosts"),
+    ("root@127.0.0.1: Permission denied (publickey).\n", BuilderUnreachable, "authentication"),
+    ("ssh: connect to host 127.0.0.1 port 9: Connection refused\n", BuilderUnreachable, "Connection refused"),
+    ("", BuilderUnreachable, "without a message"),
+])
+def test_ssh_failures_become_typed_errors(stderr, kind, words):
+    target = remote.Target("hal9000", "hal9000", "imagepipe")
+    err = openssh.connection_error(target, stderr)
+    assert type(err) is kind and words in err.message and err.hint and err.exit_code == 4
+    assert "\n" not in err.message  # one line

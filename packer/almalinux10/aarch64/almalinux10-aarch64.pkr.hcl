@@ -47,6 +47,11 @@ variable "kickstart_dir" {
   description = "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)"
 }
 
+variable "packages_file" {
+  type        = string
+  description = "where the guest's package list is downloaded to (imagepipe: the build's staging folder)"
+}
+
 variable "ssh_username" {
   type        = string
   description = "account Packer logs in with once the installed system has rebooted"
@@ -128,4 +133,10 @@ build {
   sources = [
     "source.qemu.almalinux",
   ]
+
+  provisioner "file" {
+    direction   = "download"
+    source      = "/var/lib/imagepipe/rpm-packages.tsv"
+    destination = var.packages_file
+  }
 }

@@ -53,10 +53,10 @@ variable "kernel_append" {
   default     = "console=ttyS0,115200n8 quiet panic=-1"
 }
 
-variable "build_id" {
+variable "source_date_epoch" {
   type        = string
-  description = "imagepipe build id, written into the marker file"
-  default     = "manual"
+  description = "every timestamp on the disk (seconds since 1970; imagepipe: from the guest's packages)"
+  default     = "0"
 }
 
 source "qemu" "demo-x86_64" {
@@ -110,7 +110,8 @@ source "qemu" "demo-x86_64" {
   boot_wait                = "2s"
   shutdown_command         = "shutdown -P now"
   shutdown_timeout         = "2m"
-  skip_compaction          = true
+  skip_compaction          = false
+  disk_compression         = false
 }
 
 build {
@@ -120,15 +121,19 @@ build {
 
   provisioner "shell" {
     environment_vars = [
-      "IMAGEPIPE_BUILD_ID=${var.build_id}",
+      "SOURCE_DATE_EPOCH=${var.source_date_epoch}",
     ]
     inline = [
       "set -e",
-      "mke2fs -q -L imagepipe /dev/vda",
-      "mount -t ext4 /dev/vda /mnt",
-      "echo \"imagepipe demo build $IMAGEPIPE_BUILD_ID\" > /mnt/imagepipe-marker",
-      "uname -a > /mnt/imagepipe-kernel",
-      "umount /mnt",
+      "export E2FSPROGS_FAKE_TIME=\"$SOURCE_DATE_EPOCH\"",
+      "root=/tmp/imagepipe-root",
+      "rm -rf \"$root\"",
+      "mkdir \"$root\"",
+      "echo \"imagepipe demo image demo-x86_64\" > \"$root/imagepipe-marker\"",
+      "uname -a > \"$root/imagepipe-kernel\"",
+      "/sbin/mke2fs -q -F -t ext4 -T default -L imagepipe -U d6a5c73a-690b-5343-9db2-9e6eba128bb4 -E hash_seed=d6a5c73a-690b-5343-9db2-9e6eba128bb4,root_owner=0:0,nodiscard -d \"$root\" /dev/vda",
+      "for f in / /imagepipe-marker /imagepipe-kernel; do for t in atime mtime ctime crtime; do echo \"sif $f $t @$SOURCE_DATE_EPOCH\"; done; done | /sbin/debugfs -w -f - /dev/vda >/dev/null 2>/tmp/debugfs.err",
+      "if grep -v '^debugfs [0-9]' /tmp/debugfs.err >&2; then exit 1; fi",
       "sync",
     ]
   }

@@ -1,0 +1,107 @@
+"""One OpenSSH connection to a builder, shared by short commands and rsync (ControlMaster).
+
+A fetch needs the builder's manifest and then an rsync: through Fabric that was a Python SSH
+stack to import and a second handshake for rsync's own ssh. Here the first command opens the
+connection as a master (`ControlMaster=auto`) on a socket in a private temporary folder; later
+commands and rsync's ssh ride on it (`ControlMaster=no`), and `close()` ends it. If we die
+before that, the master ends itself once idle (`ControlPersist`).
+
+Host keys are checked by OpenSSH against the ssh_config's known_hosts with
+StrictHostKeyChecking=yes (or accept-new when the user asked to trust a new key; a changed
+key is refused either way), BatchMode never prompts, and remote commands are argv lists
+joined with `shlex.join` at the last moment.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+from pipeline.errors import ImagepipeError
+from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
+from pipeline.run import Result, run
+
+PERSIST = "30"          # seconds an orphaned master stays up with no client before it exits
+CONNECT_TIMEOUT = "20"
+# A unix socket path must fit in sun_path (108 bytes on Linux, 104 on macOS).
+MAX_SOCKET_PATH = 100
+
+
+def private_dir() -> Path:
+    """A new 0700 folder for the control socket (short path; no '%', which ssh would expand)."""
+    base = tempfile.gettempdir()
+    if len(base) > 60 or "%" in base or any(ch.isspace() for ch in base):
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="imagepipe-ssh-", dir=base))
+
+
+def connection_error(target: Target, stderr: str) -> ImagepipeError:
+    """ssh's exit-255 complaint → the same typed errors the Fabric connection raises."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else "ssh exited 255 without a message"
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key for" in text and "has changed" in text:
+        return HostKeyChanged(
+            f"builder {target.name}: the host key of {target.host} CHANGED; refusing to connect",
+            hint="if the builder was reinstalled, remove its old line from known_hosts (ssh-keygen -R) "
+                 "after checking the new fingerprint; otherwise someone may be intercepting")
+    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
+        return HostKeyUnknown(
+            f"builder {target.name}: the host key of {target.host} is not in known_hosts ({last})",
+            hint="check the fingerprint with the builder's admin, then re-run with --accept-new-host-key "
+                 f"(or connect once with ssh {target.host})")
+    if "Permission denied" in text:
+        return BuilderUnreachable(f"builder {target.name}: authentication to {target.host} failed: {last}",
+                                  hint="check IdentityFile/User in your ssh config or load the key into ssh-agent")
+    return BuilderUnreachable(f"builder {target.name}: cannot connect to {target.host}: {last}",
+                              hint=f"check that `ssh {target.host}` works (HostName, Port, ProxyJump)")
+
+
+class Connection:
+    """OpenSSH to `target`, opened by the first `run()`; use as a context manager."""
+
+    def __init__(self, target: Target, *, accept_new_host_key: bool = False, timeout: float = 60) -> None:
+        self.target = target
+        self.accept_new = accept_new_host_key
+        self.timeout = timeout
+        self.dir = private_dir()
+        self.socket = self.dir / "cm"
+        if len(str(self.socket)) > MAX_SOCKET_PATH:  # pragma: no cover - /tmp is short
+            raise ImagepipeError(f"temporary folder path too long for an ssh control socket: {self.dir}")
+
+    def _base(self, *options: str) -> list[str]:
+        argv = ["ssh"]
+        if self.target.ssh_config is not None:
+            argv += ["-F", str(self.target.ssh_config)]
+        return argv + ["-o", "BatchMode=yes", "-o", f"ControlPath={self.socket}", *options]
+
+    def run(self, argv: Sequence[str]) -> Result:
+        """Run argv on the builder (a pipeline.host.Runner). Exit 255 = ssh failed: raised typed."""
+        checking = "accept-new" if self.accept_new else "yes"
+        ssh = self._base("-o", f"StrictHostKeyChecking={checking}", "-o", "ControlMaster=auto",
+                         "-o", f"ControlPersist={PERSIST}", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}")
+        res = run([*ssh, "--", self.target.host, shlex.join(argv)], check=False, timeout=self.timeout)
+        if res.returncode == 255:
+            raise connection_error(self.target, res.stderr)
+        return res
+
+    def rsync_ssh_options(self) -> list[str]:
+        """`-o` options that make rsync's ssh (pipeline.rsync.ssh_argv) reuse this connection."""
+        return ["-o", f"ControlPath={self.socket}", "-o", "ControlMaster=no"]
+
+    def close(self) -> None:
+        """End the master (if one was started) and remove the socket folder."""
+        if self.socket.exists():
+            run([*self._base(), "-O", "exit", "--", self.target.host], check=False, timeout=20)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -35,7 +35,7 @@ def test_demo_summary_on_stdout_writes_nothing(tmp_path):
         assert f"\n{section}\n" in text, section
     assert "accelerator  tcg (falling back to TCG: " in text and "vmx/svm" in text  # which and why
     assert "firmware  bios (no UEFI firmware needed)" in text and "cpu model  max" in text
-    assert "steps  prepare inputs -> packer build -> verify -> publish" in text
+    assert "steps  prepare inputs -> packer build -> verify -> package list and SBOM -> publish" in text
     assert "!! TCG: no hardware acceleration" in text and "10-20x slower" in text  # the loud note
     assert command_of(text)[:3] == ["packer", "build", "-machine-readable"]
     assert "ready: invoke build demo-x86_64" in text and res.stderr == ""
@@ -49,7 +49,7 @@ def test_json_is_one_object_with_the_same_facts(tmp_path):
     doc = json.loads(res.stdout)  # exactly one JSON document
     assert doc["image"] == "demo-x86_64" and doc["ok"] is True and doc["exit_code"] == 0
     assert doc["accelerator"]["name"] == "tcg" and doc["accelerator"]["fallback"] is True
-    assert doc["steps"] == ["prepare inputs", "packer build", "verify", "boot test", "publish"]
+    assert doc["steps"] == ["prepare inputs", "packer build", "verify", "boot test", "package list and SBOM", "publish"]
     assert {t["name"] for t in doc["tools"] if t["found"]} >= {"packer", "qemu-img", "qemu-system-x86_64"}
     assert doc["command"][:2] == ["packer", "build"] and doc["warnings"] and doc["problems"] == []
     assert doc["outputs"]["build_log"].endswith("/logs/<build-id>/build.log")
@@ -125,5 +125,5 @@ def test_the_profile_hook_feeds_the_text(tmp_path):
     s = summary.summarize(CFG, CFG.image("nixos-x86_64"), NO_FIRMWARE)
     text = summary.format_text(s)
     assert "flake output" in text and "#packages.x86_64-linux.nixos-x86_64-image" in text
-    assert s.ok and s.exit_code == 0 and s.steps == ["nix build", "verify", "publish"]
+    assert s.ok and s.exit_code == 0 and s.steps == ["nix build", "verify", "package list and SBOM", "publish"]
     assert Path(s.template).name == "flake.nix"

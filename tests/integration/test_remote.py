@@ -61,7 +61,7 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     out = _out(res)
     assert res.returncode == 0, out
     assert "[hal9000] synced" in out and "[hal9000] venv created" in out
-    assert "[hal9000]" in out and "==> [2/4] packer build" in out and "published" in out  # the builder's N/M
+    assert "[hal9000]" in out and "==> [2/5] packer build" in out and "published" in out  # the builder's N/M
     assert (builder / ".venv" / "bin" / "invoke").exists()
     assert (builder / "tasks.py").exists() and not (builder / ".git").exists()
     remote_manifest = json.loads((builder / "output" / "demo-x86_64" / "manifest.json").read_text())

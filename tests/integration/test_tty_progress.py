@@ -151,13 +151,14 @@ def test_a_real_demo_build_in_a_terminal(demo_build, tmp_path):
         frames = pane.watch(lambda screen: "published" in screen, timeout=600)
     final = plain(frames[-1])
     seen = "".join(plain(f) for f in frames)
-    for step in ("[1/4] prepare inputs", "[2/4] packer build", "[3/4] verify", "[4/4] publish"):
+    for step in ("[1/5] prepare inputs", "[2/5] packer build", "[3/5] verify", "[4/5] package list and SBOM",
+                 "[5/5] publish"):
         assert step in final, step
     assert re.search(r"published .*demo-x86_64\.qcow2 \(\d+\.\d MiB, sha256 [0-9a-f]{12}…\) in 0:0\d:\d\d", final)
     for noise in ("builder-id", "files-count", "transcend.qemu", "qemu.demo-x86_64:", "PACKER_COMMA"):
         assert noise not in seen, noise
     assert not any(line.strip() == "end" for line in final.splitlines())
     assert COLOUR.search(frames[-1])
-    assert any("demo-x86_64 [2/4] packer build" in plain(f) and CLOCK.search(plain(f)) for f in frames), "footer"
+    assert any("demo-x86_64 [2/5] packer build" in plain(f) and CLOCK.search(plain(f)) for f in frames), "footer"
     log = next((out / "demo-x86_64" / "logs").glob("*/build.log")).read_text()
-    assert "==> [2/4] packer build" in log and "\x1b[" not in log and "builder-id" not in log
+    assert "==> [2/5] packer build" in log and "\x1b[" not in log and "builder-id" not in log

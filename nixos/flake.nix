@@ -9,8 +9,8 @@
 # Disk images are built inside a Linux VM, so a package can only be built on a Linux host of the same
 # architecture with the `kvm` system feature (imagepipe checks this before it calls nix build).
 #
-# nixpkgs is pinned through flake.lock: create or refresh it with `nix flake lock` (or
-# `nix flake update`) in this directory on a machine with network access, then commit flake.lock.
+# nixpkgs is pinned through flake.lock, which nix writes (never by hand): create or refresh it with
+# `invoke update-flake` (`nix flake update` here) on a machine with network access, then commit it.
 {
   description = "imagepipe: NixOS VM images (qcow2) from make-disk-image.nix";
 

@@ -134,6 +134,8 @@ class Image:
     lang: str = "en_US.UTF-8"
     keyboard: str = "us"
     timezone: str = "UTC"
+    root_ssh: bool = False      # root may log in over SSH with its password (pipeline.contract)
+    variant: str | None = None  # a build of the distro for other CPUs (AlmaLinux 10: x86_64_v2)
 
     def __post_init__(self) -> None:
         # `formats` wins: its first entry is the primary format; without it, just `format`.
@@ -381,6 +383,8 @@ IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
     "lang": _str(LOCALE_RE, "a locale such as en_US.UTF-8"),
     "keyboard": _str(LOCALE_RE, "a keyboard layout such as us"),
     "timezone": _str(LOCALE_RE, "a timezone such as UTC or Europe/Berlin"),
+    "root_ssh": _bool,
+    "variant": _optional(_str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name such as x86_64_v2")),
 }
 
 DEFAULTS_SPEC: dict[str, Callable[[Any], Any]] = {
@@ -465,7 +469,30 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
     if values["arch"] is Arch.AARCH64 and values.get("firmware", Firmware.UEFI) is Firmware.BIOS:
         c.problem(f"{path}.firmware", "aarch64 machines boot with UEFI only (QEMU's virt has no BIOS): use uefi")
         return name, None
-    return name, Image(name=name, **values)
+    image = Image(name=name, **values)
+    for key, message in _guest_problems(image):
+        c.problem(f"{path}.{key}", message)
+    return name, None if len(c.problems) != before else image
+
+
+def _guest_problems(image: Image) -> list[tuple[str, str]]:
+    """What the guest contract (pipeline.contract) refuses at load time: an unknown variant, an
+    SSH user that cannot become root, and an image no person could log in to."""
+    from pipeline import distros
+
+    profile = distros.get(image.distro)
+    problems = []
+    offered = profile.variants.get(image.arch, ())
+    if image.variant is not None and image.variant not in offered:
+        choice = f"one of {', '.join(offered)}" if offered else "none"
+        message = (f"{profile.title or image.distro} {image.arch.value} offers {choice}, got "
+                   f"{image.variant!r}{did_you_mean(image.variant, offered)}")
+        problems.append(("variant", message))
+    if profile.accounts_from_config(image):
+        from pipeline.contract import login_problems
+
+        problems += login_problems(image)
+    return problems
 
 
 def _primary_format(c: _Collector, path: str, values: dict[str, Any]) -> None:

@@ -33,9 +33,10 @@ from pipeline.run import run
 USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server", "e2fsprogs")
 E2FSPROGS = ("sbin/mke2fs", "sbin/debugfs")  # copied to the same paths: busybox --install keeps them
 KERNEL_META = "linux-image-cloud-amd64"
-MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "button", "evdev")
+# virtio_console: the guest sees the agent's virtio-serial port (the guest contract's check)
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "virtio_console", "button", "evdev")
 APPEND = "console=ttyS0,115200n8 quiet panic=-1"
-RECIPE_VERSION = "3"  # bump when the guest layout below changes
+RECIPE_VERSION = "4"  # bump when the guest layout below changes
 GUEST_RECORD = "guest.json"  # beside the cached kernel + initramfs: packages, source date
 
 INITTAB = """\
@@ -63,7 +64,8 @@ udhcpc -i eth0 -n -q -t 10 -T 1 -s /etc/udhcpc.script || {
 # ACPI power button (QMP system_powerdown) → clean poweroff; busybox acpid needs /var/log.
 mkdir -p /var/log /var/run
 acpid
-/usr/sbin/dropbear -R -E -s -p 22
+# /etc/dropbear/flags: -s (no password logins) unless the image allows root's password over SSH
+/usr/sbin/dropbear -R -E $(cat /etc/dropbear/flags) -p 22
 echo "imagepipe demo guest: up"
 """
 
@@ -155,6 +157,7 @@ def rootfs_entries(
     password_hash: str | None,
     modules: Mapping[str, bytes],
     module_list: list[str],
+    root_password_ssh: bool = False,
 ) -> list[tuple[str, int, bytes]]:
     """Every file of the demo initramfs (pure: bytes in, entries out)."""
     d, f, x, lnk = 0o040755, 0o100644, 0o100755, 0o120777
@@ -179,6 +182,7 @@ def rootfs_entries(
         ("etc/group", f, b"root:x:0:\n"),
         ("etc/shadow", 0o100600, f"root:{shadow_hash}:19000:0:99999:7:::\n".encode()),
         ("etc/shells", f, b"/bin/sh\n"),
+        ("etc/dropbear/flags", f, b"\n" if root_password_ssh else b"-s\n"),
         ("etc/mtab", lnk, b"/proc/mounts"),  # where e2fsprogs asks whether the disk is mounted
         ("etc/modules", f, "".join(f"{m}\n" for m in module_list).encode()),
         ("root/.ssh/authorized_keys", 0o100600, "".join(k.strip() + "\n" for k in authorized_keys).encode()),
@@ -307,14 +311,16 @@ def _needed_libs(root: Path, binaries: Iterable[Path]) -> dict[str, Path]:
 
 
 def assemble(
-    output_dir: Path, authorized_keys: list[str], password_hash: str | None = None
+    output_dir: Path, authorized_keys: list[str], password_hash: str | None = None, root_password_ssh: bool = False
 ) -> DemoGuest:
-    """Build (or reuse from cache) the demo kernel + initramfs with these keys baked in."""
+    """Build (or reuse from cache) the demo kernel + initramfs with these keys baked in
+    (`root_password_ssh`: dropbear lets root in with its password)."""
     cache = cache_dir(output_dir)
     kernel_pkg, *rest = resolve_packages(cache)
     debs = download([kernel_pkg, *rest], cache / "debs")
     key = hashlib.sha256(
-        "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or ""]).encode()
+        "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or "",
+                   str(root_password_ssh)]).encode()
     ).hexdigest()[:16]
     out = cache / "demo" / key
     if (out / "initrd.img").exists() and (out / "vmlinuz").exists() and (out / GUEST_RECORD).exists():
@@ -327,7 +333,7 @@ def assemble(
     files = _userland_files(merged)
     entries = rootfs_entries(
         (trees["busybox-static"] / "bin/busybox").read_bytes(), files, authorized_keys, password_hash,
-        modules, module_order(sorted(modules), {n: module_depends(b) for n, b in modules.items()}),
+        modules, module_order(sorted(modules), {n: module_depends(b) for n, b in modules.items()}), root_password_ssh,
     )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

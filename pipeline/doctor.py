@@ -46,6 +46,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     exit_code: int = 0                 # 127 a required tool is missing, else 3 the host cannot do it
     package_manager: str | None = None
+    cpu_level: str | None = None       # "x86-64-v3" (x86 hosts whose flags were read)
 
     @property
     def ok(self) -> bool:
@@ -107,10 +108,26 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
             problems.append(f"no UEFI firmware for {img.arch.value} (needed by {img.name}): "
                             f"{install_hint('uefi-' + img.arch.value, manager)}")
             codes.append(3)
+    warnings += cpu_level_warnings(cfg, facts)
     if facts.free_disk is not None and facts.free_disk < LOW_DISK:
         warnings.append(f"only {mib(facts.free_disk)} free under {cfg.output_dir}")
     return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
-                  facts.free_disk, problems, warnings, exit_code=max(codes, default=0), package_manager=manager)
+                  facts.free_disk, problems, warnings, exit_code=max(codes, default=0), package_manager=manager,
+                  cpu_level=f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
+
+
+def cpu_level_warnings(cfg: Config, facts: HostFacts) -> list[str]:
+    """Images whose guest needs a higher x86-64 level than this CPU: a KVM/HVF build is refused."""
+    out = []
+    for img in sorted(cfg.images.values(), key=lambda i: i.name):
+        need = distros.profile(img).cpu_level(img)
+        if need is not None and img.arch is facts.arch and facts.cpu_level is not None and facts.cpu_level < need:
+            from pipeline.host import missing_for
+
+            out.append(f"{img.name} needs an x86-64-v{need} CPU and this one is x86-64-v{facts.cpu_level} "
+                       f"(lacks {' '.join(missing_for(facts.cpu_flags or (), need))}): build it under TCG "
+                       "(--accel tcg, QEMU >= 7.2), on another host, or as `variant: x86_64_v2`")
+    return out
 
 
 def format_text(r: Report) -> str:
@@ -123,7 +140,10 @@ def format_text(r: Report) -> str:
         out.append(f"  {'✔' if t.found else ('✘' if t.required else '-')} {t.name:20} {state:12} {need}")
         if not t.found and t.hint:
             out.append(f"      {t.hint}")
-    out += ["", f"accelerator: {r.accel} — {r.accel_reason}", "", "UEFI firmware:"]
+    out += ["", f"accelerator: {r.accel} — {r.accel_reason}"]
+    if r.cpu_level:
+        out.append(f"CPU level:   {r.cpu_level}")
+    out += ["", "UEFI firmware:"]
     out += [f"  {arch:8} {path or 'not found'}" for arch, path in r.firmware.items()]
     free = mib(r.free_disk) if r.free_disk is not None else "unknown"
     out += ["", f"free disk under output/: {free}"]

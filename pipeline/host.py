@@ -102,6 +102,12 @@ class HostFacts:
     free_disk: int | None = None  # bytes free under the output dir
     nix_config: Mapping[str, str] | None = None  # `nix config show` (None: not probed / no nix)
     package_manager: str | None = None  # apt, dnf, brew, nix: what install hints name
+    cpu_flags: frozenset[str] | None = None      # x86 CPU flags, /proc/cpuinfo names (None: unknown / not x86)
+
+    @property
+    def cpu_level(self) -> int | None:
+        """The host CPU's x86-64 microarchitecture level (1-4); None when unknown or not x86."""
+        return x86_level(self.cpu_flags) if self.cpu_flags is not None else None
 
     @property
     def arch(self) -> Arch | None:
@@ -137,6 +143,60 @@ def parse_cpu_virt(cpuinfo: str, machine: str) -> bool | None:
             flags = set(line.partition(":")[2].split())
             return bool(flags & {"vmx", "svm"})
     return False if cpuinfo.strip() else None
+
+
+# The x86-64 psABI levels as /proc/cpuinfo names them (SSE3 is `pni`, LZCNT is `abm`); each
+# level also needs everything of the ones below. The same list as glibc's get-isa-level.h.
+X86_LEVELS: dict[int, frozenset[str]] = {
+    1: frozenset({"lm", "cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "sse", "sse2"}),
+    2: frozenset({"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"}),
+    3: frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+    4: frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+}
+
+# macOS names (sysctl machdep.cpu.features, leaf7_features, extfeatures) -> /proc/cpuinfo names
+DARWIN_FLAGS = {
+    "SSE": "sse", "SSE2": "sse2", "SSE3": "pni", "SSSE3": "ssse3", "SSE4.1": "sse4_1", "SSE4.2": "sse4_2",
+    "CX8": "cx8", "CX16": "cx16", "CMOV": "cmov", "FPU": "fpu", "FXSR": "fxsr", "MMX": "mmx",
+    "SYSCALL": "syscall", "EM64T": "lm", "LAHF": "lahf_lm", "POPCNT": "popcnt", "AVX1.0": "avx",
+    "AVX2": "avx2", "BMI1": "bmi1", "BMI2": "bmi2", "F16C": "f16c", "FMA": "fma", "LZCNT": "abm",
+    "MOVBE": "movbe", "XSAVE": "xsave", "AVX512F": "avx512f", "AVX512BW": "avx512bw",
+    "AVX512CD": "avx512cd", "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl",
+}
+
+
+def x86_level(flags: Iterable[str]) -> int:
+    """The highest x86-64 level whose flags (and all lower levels' flags) are present; 0: none."""
+    have = set(flags)
+    level = 0
+    for n in sorted(X86_LEVELS):
+        if not X86_LEVELS[n] <= have:
+            break
+        level = n
+    return level
+
+
+def missing_for(flags: Iterable[str], level: int) -> list[str]:
+    """The flags `flags` lacks to reach `level`, sorted."""
+    have = set(flags)
+    return sorted(f for n in range(1, level + 1) for f in X86_LEVELS[n] - have)
+
+
+def parse_cpu_flags(cpuinfo: str, machine: str) -> frozenset[str] | None:
+    """The first `flags` line of /proc/cpuinfo on x86 (None elsewhere or when absent)."""
+    if Arch.from_machine(machine) is not Arch.X86_64:
+        return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def parse_darwin_cpu_flags(sysctl: str) -> frozenset[str] | None:
+    """`sysctl -n machdep.cpu.features machdep.cpu.leaf7_features machdep.cpu.extfeatures` on an
+    Intel Mac -> /proc/cpuinfo-style flags (None when the output holds none: Apple Silicon)."""
+    flags = frozenset(DARWIN_FLAGS[t] for t in sysctl.upper().split() if t in DARWIN_FLAGS)
+    return flags or None
 
 
 def parse_kvm_open(out: str) -> tuple[bool, bool, str]:
@@ -289,10 +349,23 @@ def find_firmware(
     return None
 
 
-def local_descriptors() -> list[tuple[str, Descriptor]]:
-    """Every QEMU firmware descriptor on this host, parsed."""
+def qemu_firmware_dirs(which: Callable[[str], str | None] = shutil.which) -> list[str]:
+    """share/qemu/firmware beside each QEMU binary in use (realpath(qemu-system-*)/../../share):
+    where a Nix or Homebrew QEMU keeps the descriptors of the firmware it ships."""
+    dirs = []
+    for arch in Arch:
+        found = which(arch.qemu_binary)
+        if found:
+            prefix = Path(os.path.realpath(found)).parent.parent
+            dirs.append(str(prefix / "share" / "qemu" / "firmware"))
+    return list(dict.fromkeys(dirs))
+
+
+def local_descriptors(dirs: Iterable[str] | None = None) -> list[tuple[str, Descriptor]]:
+    """Every QEMU firmware descriptor on this host, parsed (default: the fixed folders and the
+    ones beside the QEMU binaries on PATH)."""
     found = []
-    for d in DESCRIPTOR_DIRS:
+    for d in dict.fromkeys(dirs if dirs is not None else (*DESCRIPTOR_DIRS, *qemu_firmware_dirs())):
         p = Path(d)
         if not p.is_dir():
             continue
@@ -415,6 +488,10 @@ def probe(
     cpu = runner(("cat", "/proc/cpuinfo")) if os_name == "linux" else Result((), 1, "")
     device, rw, detail = parse_kvm_open(runner((python, "-c", KVM_SNIPPET)).stdout) if os_name == "linux" else (False, False, "")
     hv = runner(("sysctl", "-n", "kern.hv_support")) if os_name == "darwin" else Result((), 1, "")
+    cpu_flags = parse_cpu_flags(cpu.stdout, machine) if cpu.ok else None
+    if os_name == "darwin" and Arch.from_machine(machine) is Arch.X86_64:
+        feats = runner(("sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features", "machdep.cpu.extfeatures"))
+        cpu_flags = parse_darwin_cpu_flags(feats.stdout) if feats.ok else None
     firmware = {}
     if local:
         descs = local_descriptors()
@@ -434,6 +511,7 @@ def probe(
         free_disk=free,
         nix_config=probe_nix_config(runner) if tool_info.get("nix", ToolInfo("nix", False)).found else None,
         package_manager=parse_package_manager(os_name, runner(MANAGER_ARGV).stdout),
+        cpu_flags=cpu_flags,
     )
 
 

@@ -82,6 +82,14 @@ class LockEntry:
 class LocalIso:
     path: Path
     sha256: str
+    version: str | None = None  # the point release (None: unknown, e.g. a renamed local file)
+    source: str | None = None   # repo, vault or url: where it came from
+
+
+def iso_arch(image: Image) -> str:
+    """The folder and file-name arch of the image's media and packages: its variant
+    (AlmaLinux 10's x86_64_v2) or its arch."""
+    return image.variant or image.arch.value
 
 
 # --------------------------------------------------------------------------------- pure parts
@@ -130,7 +138,7 @@ def offline_message(url: str, reason: str, image: Image) -> str:
     """The one line shown when a download cannot start."""
     return (
         f"cannot download {url} ({reason}); to build without network set "
-        f"`iso: /path/to/{iso_name(major_of(image.version) + '.x', image.arch.value)}` "
+        f"`iso: /path/to/{iso_name(major_of(image.version) + '.x', iso_arch(image))}` "
         f"under images.{image.name} in invoke.yaml"
     )
 
@@ -172,7 +180,7 @@ def _reason(exc: BaseException) -> str:
 
 def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
     """Version (10 / latest / 10.1) -> the concrete point release, URL and sha256."""
-    arch = image.arch.value
+    arch = iso_arch(image)
     if is_point_release(image.version):
         return _resolve_point(image, image.version, mirrors)
     url = folder(mirrors.repo, major_of(image.version), arch) + "/CHECKSUM"
@@ -187,7 +195,7 @@ def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
 
 
 def _resolve_point(image: Image, version: str, mirrors: Mirrors) -> LockEntry:
-    arch = image.arch.value
+    arch = iso_arch(image)
     name = iso_name(version, arch)
     for source, base in (("repo", mirrors.repo), ("vault", mirrors.vault)):
         url = folder(base, version, arch)
@@ -234,7 +242,7 @@ def write_lock(root: Path, entries: Mapping[str, LockEntry]) -> bool:
 def locked(image: Image, root: Path) -> LockEntry:
     """The pinned ISO for `image`, or a UsageError saying how to pin it."""
     entry = read_lock(root).get(image.name)
-    if entry is None or entry.requested != image.version or entry.arch != image.arch.value:
+    if entry is None or entry.requested != image.version or entry.arch != iso_arch(image):
         state = "no ISO pinned" if entry is None else f"the pinned ISO is for version {entry.requested}"
         raise UsageError(
             f"{image.name}: {state} in {LOCK_FILE} (config says version {image.version})",
@@ -383,16 +391,18 @@ def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = 
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise UsageError(f"images.{image.name}.iso: {path} does not exist", "point iso: at a downloaded AlmaLinux boot ISO")
-        return LocalIso(path, cached_sha256(path, cache_dir))
+        named = re.match(r"AlmaLinux-(\d+\.\d+)-", path.name)
+        return LocalIso(path, cached_sha256(path, cache_dir), named.group(1) if named else None, None)
     entry = _entry_for_url(image, root, mirrors) if image.iso else pinned_or_resolved(image, root, mirrors, report)
     dest = cache_dir / entry.sha256[:16] / entry.name
     if dest.is_file() and cached_sha256(dest, cache_dir) == entry.sha256:
-        return LocalIso(dest, entry.sha256)
+        return LocalIso(dest, entry.sha256, entry.version, entry.source)
     vault_url = f"{folder(mirrors.vault, entry.version, entry.arch)}/{entry.name}"
     urls = (entry.url, vault_url) if entry.source in ("repo", "vault") else (entry.url,)
     for url in dict.fromkeys(urls):
         try:
-            return LocalIso(download(url, dest, entry.sha256, image, report), entry.sha256)
+            got = download(url, dest, entry.sha256, image, report)
+            return LocalIso(got, entry.sha256, entry.version, "vault" if url == vault_url else entry.source)
         except NotFound:
             continue  # the point release moved to the vault after it was pinned
     raise IsoUnavailable(f"{entry.name} is gone from {entry.url} and {vault_url}: run invoke update-iso {image.name}")
@@ -425,7 +435,7 @@ def describe(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None 
             return _pinned(pinned, cache_dir, f"configured URL, sha256 pinned in {LOCK_FILE}")
         return {"summary": f"configured URL {image.iso}", "source": "images.iso", "url": image.iso,
                 "note": "sha256 read from the CHECKSUM file beside it when the build starts"}
-    if pinned and pinned.requested == image.version and pinned.arch == image.arch.value:
+    if pinned and pinned.requested == image.version and pinned.arch == iso_arch(image):
         return _pinned(pinned, cache_dir, f"pinned in {LOCK_FILE}")
     why = "no ISO pinned" if pinned is None else f"the pin is for version {pinned.requested}"
     return {"summary": f"NOT PINNED ({why} in {LOCK_FILE})", "source": "unpinned", "version": image.version,
@@ -482,6 +492,56 @@ def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:
     if name not in sums:
         raise IsoUnavailable(f"no CHECKSUM beside {url} lists {name}: download it and set iso: to the local path")
     return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url")
+
+
+# --------------------------------------------------------------------------------- package repos
+
+
+def repo_base(version: str, source: str | None, mirrors: Mirrors) -> str:
+    """<base>/<point release>: where BaseOS and AppStream of that release live (a release that
+    left repo.almalinux.org is on the vault, under the same layout)."""
+    return f"{mirrors.vault if source == 'vault' else mirrors.repo}/{version}"
+
+
+def committed_repo_base(image: Image, root: Path) -> str:
+    """The package repo the committed kickstart names: the pinned point release of the committed
+    iso.lock.json when it pins this image, else the major release; never a host's mirror."""
+    try:
+        entry = locked(image, root)
+    except UsageError:
+        return f"{REPO}/{major_of(image.version)}"
+    return repo_base(entry.version, entry.source, Mirrors())
+
+
+def repo_answers(base: str, arch: str, timeout: float = 15.0) -> bool | None:
+    """True when <base>/BaseOS/<arch>/os/repodata/repomd.xml is there, False on 404/410, None
+    when the mirror cannot be asked (offline)."""
+    try:
+        with open_url(f"{base}/BaseOS/{arch}/os/repodata/repomd.xml", timeout=timeout):
+            return True
+    except NotFound:
+        return False
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return None
+
+
+def staged_repo_base(image: Image, local: LocalIso, mirrors: Mirrors) -> tuple[str, str | None]:
+    """The package repo for this build: the ISO's point release on the (possibly overridden)
+    mirror, or on the vault when it has left the mirror; and a note when it is only a guess."""
+    arch = iso_arch(image)
+    if local.version is None:
+        base = f"{mirrors.repo}/{major_of(image.version)}"
+        return base, f"the ISO's point release is unknown: packages come from {base} (the newest release)"
+    bases = [repo_base(local.version, local.source, mirrors)]
+    if local.source != "vault":
+        bases.append(repo_base(local.version, "vault", mirrors))
+    for base in bases:
+        answer = repo_answers(base, arch)
+        if answer:
+            return base, None
+        if answer is None:
+            return base, f"cannot reach {base} to check it: the installer will try it"
+    return bases[0], f"AlmaLinux {local.version} packages are on neither {' nor '.join(bases)}"
 
 
 # --------------------------------------------------------------------------------- cloud images

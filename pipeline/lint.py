@@ -71,6 +71,7 @@ class LintContext:
     files: dict[Path, str]
     scratch: Path
     notes: list[str] = field(default_factory=list)  # said to the user, not failures
+    unchecked: list[str] = field(default_factory=list)  # checks that could not run here (never "clean")
 
     def rel(self, path: Path) -> str:
         try:
@@ -302,5 +303,6 @@ def check_nix(ctx: LintContext) -> list[Problem]:
     nix_built = any(distros.profile(i).driver.name == "nix" for i in ctx.cfg.images.values())
     if not nix_built and not (ctx.cfg.root / "nixos").is_dir():
         return []
-    return [Problem("nix", "nixos/", message) for message in lint_nix.lint_problems(ctx.cfg.root, ctx.notes.append)]
+    problems = lint_nix.lint_problems(ctx.cfg.root, ctx.notes.append, ctx.unchecked.append)
+    return [Problem("nix", "nixos/", message) for message in problems]
 

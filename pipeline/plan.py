@@ -76,6 +76,59 @@ def choose_accel(requested: Accel, facts: HostFacts, guest: Arch, *, purpose: st
     return AccelChoice(Accel.TCG, f"falling back to TCG: no known accelerator on {facts.os}", fallback=True)
 
 
+def machine_type(arch: Arch) -> str:
+    """The QEMU machine type, the same for the build (Packer) and for run / boot test: q35, or
+    virt with gic-version=max (the host's GIC under KVM/HVF, GICv3 under TCG; GICv2 caps a guest
+    at 8 vCPUs and GICv3-only hosts refuse it)."""
+    return arch.machine + (",gic-version=max" if arch is Arch.AARCH64 else "")
+
+
+# How long Packer waits for the installed system's sshd: an AlmaLinux install takes minutes
+# with KVM/HVF (the official templates allow an hour) and hours under TCG.
+SSH_TIMEOUT = {Accel.KVM: "1h", Accel.HVF: "1h", Accel.TCG: "4h"}
+
+# QEMU's TCG emulates AVX, AVX2, FMA and F16C since 7.2: `-cpu max` is x86-64-v3 from then on
+# (measured here on 7.2 with QMP query-cpu-model-expansion), v2 before.
+TCG_V3_SINCE = (7, 2)
+NAMED_MODEL_LEVEL = {"Nehalem": 2}  # named CPU models a build may ask for, and their level
+
+
+def build_cpu_level(cpu_model: str, accel: Accel, facts: HostFacts) -> tuple[int | None, str]:
+    """The x86-64 level the build VM's CPU offers, and where that comes from (pure)."""
+    if cpu_model in NAMED_MODEL_LEVEL:
+        return NAMED_MODEL_LEVEL[cpu_model], f"QEMU CPU model {cpu_model}"
+    if accel is Accel.TCG:
+        qemu = facts.version(Arch.X86_64.qemu_binary)
+        if qemu is None:
+            return None, "the installed QEMU's version is unknown"
+        shown = ".".join(map(str, qemu))
+        return (3 if qemu[:2] >= TCG_V3_SINCE else 2), f"QEMU {shown}'s TCG `-cpu max`"
+    return facts.cpu_level, "this host's CPU"
+
+
+def cpu_level_problem(image: Image, cpu_model: str, accel: AccelChoice, facts: HostFacts) -> HostUnsuitable | None:
+    """Refuse a build whose guest needs a higher x86-64 level than the build VM gets: the
+    installer would not even start and Packer would wait for SSH for hours."""
+    from pipeline import distros
+
+    need = distros.profile(image).cpu_level(image)
+    if need is None or image.arch is not Arch.X86_64:
+        return None
+    have, source = build_cpu_level(cpu_model, accel.accel, facts)
+    if cpu_model in NAMED_MODEL_LEVEL and accel.accel is not Accel.TCG and (facts.cpu_level or 0) < (have or 0):
+        have, source = facts.cpu_level, f"this host's CPU (under the {cpu_model} model)"
+    if have is None or have >= need:
+        return None
+    from pipeline.host import missing_for
+
+    lacking = f" (lacks {' '.join(missing_for(facts.cpu_flags, need))})" if source == "this host's CPU" and facts.cpu_flags else ""
+    hint = ("build on a newer host (invoke remote-sync-build HOST)" if accel.accel is not Accel.TCG
+            else f"install QEMU >= {'.'.join(map(str, TCG_V3_SINCE))}")
+    if need == 3:
+        hint += f", or build the x86_64_v2 variant: `variant: x86_64_v2` under images.{image.name}"
+    return HostUnsuitable(f"{image.name} needs an x86-64-v{need} CPU, but {source} is x86-64-v{have}{lacking}", hint)
+
+
 def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
     """The UEFI firmware an image needs here (None for BIOS), or HostUnsuitable with a hint."""
     if image.firmware is Firmware.BIOS:
@@ -119,7 +172,13 @@ class BuildPlan:
 
     @property
     def cpu_model(self) -> str:
-        return self.accel.cpu_model
+        """The build VM's QEMU CPU model (the profile's choice for this accelerator)."""
+        return self.profile.cpu_model(self.image, self.accel.accel)
+
+    @property
+    def ssh_timeout(self) -> str:
+        """How long the build waits for the guest's SSH, from the accelerator."""
+        return SSH_TIMEOUT[self.accel.accel]
 
     @property
     def console_log(self) -> Path:
@@ -146,6 +205,9 @@ def make_build_plan(
     bid = build_id or new_build_id()
     image_dir = cfg.output_dir / image.name
     accel = choose_accel(requested, facts, image.arch, purpose="build")
+    problem = cpu_level_problem(image, profile.cpu_model(image, accel.accel), accel, facts)
+    if problem is not None:
+        raise problem
     return BuildPlan(
         image=image,
         build_id=bid,

@@ -24,7 +24,13 @@ from pipeline.config import Accel, Config, Image
 from pipeline.errors import ImagepipeError, ToolMissing
 from pipeline.host import HostFacts
 from pipeline.keys import KEY_NAME
-from pipeline.plan import AccelChoice, choose_accel, firmware_for, make_build_plan
+from pipeline.plan import (
+    AccelChoice,
+    choose_accel,
+    cpu_level_problem,
+    firmware_for,
+    make_build_plan,
+)
 from pipeline.run import install_hint
 
 BUILD_ID = "<build-id>"  # decided when a real build starts
@@ -112,6 +118,10 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     if (unfit := profile.host_problem(image, facts, cfg)) is not None:
         problems.append(Problem.of(unfit))
     choice = _accel(accel, facts, image, problems)
+    cpu_model, cpu_fits = None, True
+    if choice is not None:  # a variant may ask for a named model (Nehalem); the guest's level must fit it
+        cpu_model = profile.cpu_model(image, choice.accel)
+        cpu_fits = _cpu_level(image, cpu_model, choice, facts, problems)
     firmware = _firmware(image, facts, problems)
     tools = _tools(image, facts, problems)
     facts_of_distro = profile.summary(image, cfg.root, cfg.output_dir)
@@ -121,7 +131,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     notes = list(facts_of_distro.pop("notes", []))
     key = _ssh_key(cfg, problems)
     plan = None
-    if choice is not None and not firmware.get("error"):
+    if choice is not None and cpu_fits and not firmware.get("error"):
         plan = make_build_plan(cfg, image, facts, accel, Path(key["path"]), build_id=BUILD_ID)
     command = driver.command(plan, plan.staging, known) if plan is not None else None
     image_dir = cfg.output_dir / image.name
@@ -135,7 +145,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     warnings = notes + _warnings(choice, image, facts)
     return Summary(
         image=image, host=f"{facts.os} {facts.machine}",
-        accelerator=_accel_json(accel, choice, problems), cpu_model=choice.cpu_model if choice else None,
+        accelerator=_accel_json(accel, choice, problems), cpu_model=cpu_model,
         firmware=firmware, engine=driver.name, template=str(profile.template(cfg.root, image)),
         distro=facts_of_distro, tools=tools, steps=steps, input_hash=ihash,
         up_to_date=inputs.up_to_date(image_dir, ihash),
@@ -155,6 +165,15 @@ def _accel(requested: Accel, facts: HostFacts, image: Image, problems: list[Prob
         if not any(p.message == exc.message for p in problems):
             problems.append(Problem.of(exc))
         return None
+
+
+def _cpu_level(image: Image, cpu_model: str, choice: AccelChoice, facts: HostFacts,
+               problems: list[Problem]) -> bool:
+    """False (and the problem listed) when the guest needs a higher x86-64 level than the build VM gets."""
+    problem = cpu_level_problem(image, cpu_model, choice, facts)
+    if problem is not None:
+        problems.append(Problem.of(problem))
+    return problem is None
 
 
 def _accel_json(requested: Accel, choice: AccelChoice | None, problems: list[Problem]) -> dict[str, Any]:

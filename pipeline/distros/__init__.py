@@ -27,6 +27,14 @@ profile and never branches on the distro. A profile says:
                             what the built image holds (RPMs, the Nix closure, Debian packages):
                             the manifest's package list and the SBOM (pipeline.packages)
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
+    variants                builds of the distro for other CPUs, per arch (AlmaLinux 10: x86_64_v2)
+    cpu_level(image) / cpu_model(image, accel)
+                            the x86-64 level the guest needs (checked before a build) and the QEMU
+                            CPU model its build runs on
+    plan_variables(plan)    engine variables decided by the plan (a Packer ssh_timeout), not prepared
+    accounts_from_config / guest_agent
+                            the guest contract (pipeline.contract): whether invoke.yaml's users make
+                            the image's accounts, and whether it runs qemu-guest-agent
 
 Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
 invoke.yaml and tests (README: "Adding a distro"). Tests and plugins can `register()` a profile
@@ -45,7 +53,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
-    from pipeline.config import Config, Image
+    from pipeline.config import Accel, Arch, Config, Image
     from pipeline.drivers import Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
@@ -86,6 +94,7 @@ class Profile:
     pin: ClassVar[str | None] = None          # what refresh_pin pins ("installer ISO"), if anything
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
     tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)
+    variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {}  # arch -> builds for other CPUs
 
     @property
     def driver(self) -> Driver:
@@ -159,6 +168,28 @@ class Profile:
         """The packages inside the image just built into `stage` (files the build handed back
         wait in <stage>/collected/). Runs after verification, before publishing."""
         return []
+
+    def plan_variables(self, plan: BuildPlan) -> dict[str, str]:
+        """Engine variables the plan decides (shown by the dry run, passed to the build)."""
+        return {}
+
+    def cpu_level(self, image: Image) -> int | None:
+        """The x86-64 microarchitecture level (2, 3, ...) the guest needs; None: no requirement."""
+        return None
+
+    def cpu_model(self, image: Image, accel: Accel) -> str:
+        """The QEMU CPU model the build runs on: the host's under KVM/HVF, `max` under TCG."""
+        return accel.cpu_model
+
+    # ------------------------------------------------------------------ the guest contract
+
+    def accounts_from_config(self, image: Image) -> bool:
+        """True when invoke.yaml's `users` make the image's accounts (config load checks them)."""
+        return True
+
+    def guest_agent(self, image: Image) -> bool:
+        """True when the image runs qemu-guest-agent (the boot test then expects it to answer)."""
+        return False
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
         """One line said before the build starts (the accelerator, a warning), or None."""

@@ -2,32 +2,43 @@
 
 The template is rendered by pipeline.render.almalinux, the kickstart by pipeline.render.kickstart;
 both land under one folder per major release (`family`: almalinux10), computed only here. The
-prepare step resolves, fetches and verifies the ISO, stages the kickstart and a writable UEFI
-variable store, and names the build login's password (environment only, never argv).
+committed kickstart installs packages from the point release iso.lock.json pins (else the major
+release). The prepare step resolves, fetches and verifies the ISO, stages the kickstart (with the
+build's SSH key, and packages from the ISO's point release on the mirror in use) and a writable
+UEFI variable store, and names the build login's password (environment only, never argv).
+
+AlmaLinux 10 x86_64 needs an x86-64-v3 CPU; `variant: x86_64_v2` builds its x86_64_v2 edition
+(media and packages under x86_64_v2/), on QEMU's Nehalem model as the official images do, so the
+build itself proves the image runs on a v2 CPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.config import Arch, Image
+from pipeline.config import Accel, Arch, Image
 from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
-from pipeline.errors import HostUnsuitable, UsageError
+from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
+    from pipeline.contract import GuestView
     from pipeline.host import HostFacts
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
 ISO_LOCK = "iso.lock.json"
+V2 = "x86_64_v2"
+V2_CPU_MODEL = "Nehalem"  # x86-64-v2, as AlmaLinux's own x86_64_v2 image builds use
+SLIRP_HOST = "10.0.2.2"   # the host's loopback as the build VM (QEMU user networking) sees it
 
 
 def major(image: Image) -> str:
@@ -43,6 +54,7 @@ class AlmaLinux(PackerProfile):
     tcg_duration = "An AlmaLinux installation takes hours this way"
     pin = "installer ISO"
     lima = True
+    variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {Arch.X86_64: (V2,)}
     # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
     image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
 
@@ -61,10 +73,30 @@ class AlmaLinux(PackerProfile):
         return almalinux.blocks(image, legacy)
 
     def rendered_files(self, image: Image, root: Path, source: str) -> dict[Path, str]:
+        return {**super().rendered_files(image, root, source),
+                self.kickstart_path(root, image): self.committed_kickstart(image, root, source)}
+
+    def committed_kickstart(self, image: Image, root: Path, source: str = "invoke.yaml") -> str:
+        """The kickstart as committed: no build key, packages from the pinned point release."""
+        from pipeline import iso
         from pipeline.render import kickstart
 
-        return {**super().rendered_files(image, root, source),
-                self.kickstart_path(root, image): kickstart.render(image, source)}
+        return kickstart.render(image, source, iso.committed_repo_base(image, root))
+
+    def cpu_level(self, image: Image) -> int | None:
+        """x86_64: v3 for AlmaLinux 10, v2 for its x86_64_v2 variant (aarch64: no levels)."""
+        if image.arch is not Arch.X86_64:
+            return None
+        return 2 if image.variant == V2 else 3
+
+    def cpu_model(self, image: Image, accel: Accel) -> str:
+        return V2_CPU_MODEL if image.variant == V2 else accel.cpu_model
+
+    def plan_variables(self, plan: BuildPlan) -> dict[str, str]:
+        return {"ssh_timeout": plan.ssh_timeout}
+
+    def guest_agent(self, image: Image) -> bool:
+        return True  # qemu-guest-agent is installed and enabled by the kickstart
 
     def input_files(self, root: Path, image: Image) -> list[Path]:
         folder = self.kickstart_path(root, image).parent
@@ -103,18 +135,24 @@ class AlmaLinux(PackerProfile):
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
         """Resolve, fetch and verify the ISO, stage the kickstart and a UEFI variable store under
         <stage>/inputs, and name the build login's password (environment only, never argv)."""
-        from pipeline import iso
+        from pipeline import iso, keys
         from pipeline.render.almalinux import uses_uefi
 
         image = plan.image
-        password = ssh_password(image)  # fails before any download when no login is possible
-        local = iso.ensure(image, plan.root, cache_dir=plan.image_dir.parent / ".cache" / "iso", report=report)
+        password = ssh_password(image)
+        mirrors = iso.Mirrors.from_env()
+        local = iso.ensure(image, plan.root, cache_dir=plan.image_dir.parent / ".cache" / "iso", mirrors=mirrors,
+                           report=report)
+        repo, note = iso.staged_repo_base(image, local, mirrors)
+        if note:
+            report(f"note: {note}")
         inputs = stage / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
+        staged = self.stage_kickstart(image, plan.root, inputs, report, keys.public_key(plan.ssh_key), guest_url(repo))
         values = {
             "iso_url": str(local.path),
             "iso_checksum": f"sha256:{local.sha256}",
-            "kickstart_dir": str(self.stage_kickstart(image, plan.root, inputs, report)),
+            "kickstart_dir": str(staged),
             "ssh_username": image.ssh_user,
             "packages_file": str(collected_file(stage)),
         }
@@ -122,20 +160,38 @@ class AlmaLinux(PackerProfile):
             values.update(firmware_vars(plan, inputs))
         return Prepared(variables=values, secret_env={"ssh_password": password})
 
-    def stage_kickstart(self, image: Image, root: Path, inputs: Path, report: Report) -> Path:
-        """The kickstart rendered from the config (as the template is), in its own folder; a
-        committed copy that differs is pointed out, since users read that one."""
+    def stage_kickstart(self, image: Image, root: Path, inputs: Path, report: Report, build_key: str,
+                        repo_base: str) -> Path:
+        """The kickstart of this build in its own folder: rendered from the config (as the
+        template is) with the build's SSH key for ssh_user and the build's package repo. A
+        committed copy that differs from the config's rendering is pointed out (users read it)."""
+        from pipeline.contract import with_build_key
         from pipeline.render import kickstart
 
-        text = kickstart.render(image)
         committed = self.kickstart_path(root, image)
-        if not committed.is_file() or committed.read_text(encoding="utf-8") != text:
+        if not committed.is_file() or committed.read_text(encoding="utf-8") != self.committed_kickstart(image, root):
             report(f"note: {committed.relative_to(root)} is not what invoke.yaml renders (building with the"
                    " rendered one): run invoke render and commit it")
         folder = inputs / "kickstart"
         folder.mkdir(parents=True, exist_ok=True)
+        text = kickstart.render(with_build_key(image, build_key), repo_base=repo_base)
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The kickstart, the ISO a build would use (iso.lock.json / iso:, never downloaded) and
+        the package repo of the committed kickstart (a build stages its own: the ISO's release)."""
+        from pipeline import iso
+
+        kickstart = self.kickstart_path(root, image)
+        found = iso.describe(image, root, output_dir / ".cache" / "iso")
+        problem = found.pop("problem", None)
+        variables = ({"iso_url": found.get("url") or found.get("path"), "iso_checksum": f"sha256:{found['sha256']}"}
+                     if len(str(found.get("sha256", ""))) == 64 else {})
+        return {"kickstart": str(kickstart) + ("" if kickstart.is_file() else " (MISSING: run invoke render)"),
+                "iso": found, "package repo": f"{iso.committed_repo_base(image, root)} (the committed kickstart's; a build"
+                                " uses the ISO's point release, on the vault once it left the mirror)",
+                "variables": variables, "problems": [problem] if problem else []}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """Every RPM of the image, as the guest listed it (downloaded by the template)."""
@@ -149,6 +205,7 @@ class AlmaLinux(PackerProfile):
     def refresh_pin(self, root: Path, image: Image) -> str:
         """Re-resolve the ISO (10 / latest / 10.1 -> a point release) and pin it in iso.lock.json."""
         from pipeline import iso
+        from pipeline.render.files import write_if_changed
 
         entry = iso.resolve(image, iso.Mirrors.from_env())
         entries = iso.read_lock(root)
@@ -156,7 +213,11 @@ class AlmaLinux(PackerProfile):
         entries[image.name] = entry
         iso.write_lock(root, entries)
         change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
-        return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}"
+        # The committed kickstart installs packages of the pinned point release: it follows the pin.
+        path = self.kickstart_path(root, image)
+        rewrote = write_if_changed(path, self.committed_kickstart(image, root))
+        also = f"; {path.relative_to(root)} follows it" if rewrote else ""
+        return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}{also}"
 
 
 def collected_file(stage: Path) -> Path:
@@ -173,8 +234,8 @@ def _tree(folder: Path) -> list[Path]:
 
 
 def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
-    """The build login's password: $IMAGEPIPE_SSH_PASSWORD, else the well-known development
-    password when the account still has the shipped hash, else "" when it has public keys."""
+    """A password Packer may also try (the build key, which the staged kickstart authorizes, is
+    what logs in): $IMAGEPIPE_SSH_PASSWORD, else the development default of a shipped hash, else ""."""
     from pipeline.render.almalinux import PASSWORD_ENV
     from pipeline.render.kickstart import DEVELOPMENT_HASHES
 
@@ -182,15 +243,42 @@ def ssh_password(image: Image, env: Mapping[str, str] | None = None) -> str:
     if PASSWORD_ENV in env:
         return env[PASSWORD_ENV]
     user = image.user(image.ssh_user)
-    if user is not None and user.password_hash in DEVELOPMENT_HASHES:
-        return DEVELOPMENT_HASHES[user.password_hash]
-    if user is not None and user.public_keys:
-        return ""  # key login: the private key must match one of the user's public_keys
-    raise UsageError(
-        f"cannot log in as {image.ssh_user!r} during the build of {image.name}: its password is not a"
-        " development default and it has no public keys",
-        f"export {PASSWORD_ENV}=<its password> (kept out of argv and logs), or add the build key's"
-        f" public key to images.{image.name}.users[].public_keys",
+    return DEVELOPMENT_HASHES.get(user.password_hash or "", "") if user is not None else ""
+
+
+def guest_url(url: str) -> str:
+    """`url` as the build VM reaches it: a mirror on the host's loopback is 10.0.2.2 to a guest
+    on QEMU's user network (the installer runs there)."""
+    return re.sub(r"^(\w+://)(127\.0\.0\.1|localhost)(?=[:/]|$)", rf"\g<1>{SLIRP_HOST}", url)
+
+
+def guest_view(kickstart_text: str) -> GuestView:
+    """What a rendered kickstart gives the guest contract (pipeline.contract), read back with
+    pykickstart (the test extra): keys, sudo drop-ins, root over SSH, console, power, agent."""
+    from pykickstart.constants import KS_SCRIPT_POST
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import RHEL10, makeVersion
+
+    from pipeline.contract import GuestView
+
+    handler = makeVersion(RHEL10)
+    KickstartParser(handler).readKickstartFromString(kickstart_text)
+    keys: dict[str, set[str]] = {}
+    for entry in handler.sshkey.sshUserList:
+        keys.setdefault(entry.username, set()).add(entry.key)
+    post = "\n".join(s.script for s in handler.scripts if s.type == KS_SCRIPT_POST)
+    sudo = set(re.findall(r"^printf '%s\\n' '?(\S+) ALL=\(ALL\) NOPASSWD: ALL'? > /etc/sudoers\.d/", post, re.MULTILINE))
+    consoles = re.findall(r"console=(\w+)", handler.bootloader.appendLine or "")
+    root = handler.rootpw
+    return GuestView(
+        keys={user: frozenset(k) for user, k in keys.items()},
+        passwordless_sudo=frozenset(sudo),
+        root_password_ssh=bool(root.password and not root.lock and root.allow_ssh),
+        console=consoles[-1] if consoles else None,
+        # systemd-logind powers off on the power key unless told otherwise (HandlePowerKey)
+        power_button="HandlePowerKey" not in kickstart_text,
+        guest_agent="qemu-guest-agent" in handler.packages.packageList
+        and "qemu-guest-agent" in handler.services.enabled,
     )
 
 

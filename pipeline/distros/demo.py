@@ -9,8 +9,10 @@ host keys are new on every boot (`ephemeral_root`).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Firmware, Image
 from pipeline.distros import BootInfo, Report
@@ -18,6 +20,7 @@ from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
+    from pipeline.contract import GuestView
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
@@ -27,7 +30,7 @@ class Demo(PackerProfile):
     name = "demo"
     title = "demo guest"
     tcg_duration = "The demo guest is tiny: about a minute even so"
-    image_defaults = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware needed
+    image_defaults: ClassVar[Mapping[str, Any]] = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware
     ephemeral_root = True
 
     def blocks(self, image: Image, legacy: bool) -> list[Block]:
@@ -39,14 +42,16 @@ class Demo(PackerProfile):
         return ["base_disk", "kernel", "initrd", "source_date_epoch"]
 
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
-        """Assemble (or reuse) the demo guest with the login key baked in, and a blank base disk."""
-        from pipeline import demo, keys, packages
+        """Assemble (or reuse) the demo guest with the build key baked in for root (the guest
+        contract; the demo has only root), and a blank base disk."""
+        from pipeline import contract, demo, keys, packages
         from pipeline.run import run
 
-        image = plan.image
-        authorized = [keys.public_key(plan.ssh_key)] + [k for u in image.users if u.name == "root" for k in u.public_keys]
+        image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key))
         root = image.user("root")
-        guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None)
+        authorized = list(root.public_keys) if root else []
+        guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None,
+                              contract.root_password_ssh(image))
         kernel, initrd = stage / "vmlinuz", stage / "initrd.img"
         for src, dst in ((guest.kernel, kernel), (guest.initrd, initrd)):
             dst.write_bytes(src.read_bytes())
@@ -86,6 +91,27 @@ class Demo(PackerProfile):
         from pipeline import demo
 
         return BootInfo("vmlinuz", "initrd.img", demo.APPEND)
+
+
+def guest_view(entries: Iterable[tuple[str, int, bytes]], append: str) -> GuestView:
+    """What the demo initramfs (its entries, pipeline.demo.rootfs_entries) and its kernel command
+    line give the guest contract."""
+    from pipeline.contract import GuestView
+
+    files = {path: data for path, _mode, data in entries}
+    text = {p: files.get(p, b"").decode() for p in ("root/.ssh/authorized_keys", "etc/dropbear/flags",
+                                                    "etc/shadow", "etc/init.d/rcS", "etc/modules")}
+    root_hash = text["etc/shadow"].split(":")[1] if text["etc/shadow"].startswith("root:") else "*"
+    consoles = re.findall(r"console=(\w+)", append)
+    return GuestView(
+        keys={"root": frozenset(k for k in text["root/.ssh/authorized_keys"].splitlines() if k)},
+        passwordless_sudo=frozenset(),  # only root: nobody needs sudo
+        root_password_ssh=root_hash not in ("*", "!", "") and not {"-s", "-g"} & set(text["etc/dropbear/flags"].split()),
+        console=consoles[-1] if consoles else None,
+        power_button="etc/acpi/PWRF/00000080" in files and "\nacpid\n" in text["etc/init.d/rcS"]
+        and "button" in text["etc/modules"].split(),
+        guest_agent="usr/bin/qemu-ga" in files,
+    )
 
 
 PROFILE = Demo()

@@ -4,18 +4,28 @@ The flake is hand-written; each image's parameters are rendered into nixos/param
 (pipeline.render.nix). make-disk-image.nix builds the disk inside a Linux VM of the image's
 architecture, so only a Linux host of that arch can build it here; anything else gets a hint
 naming the remote task and the configured builders that fit.
+
+A build of the project's flake runs on a copy of nixos/ in the staging folder whose only params
+file is this image's, with the build's SSH key added for ssh_user (the guest contract): the
+committed params stay key-free and nix still evaluates purely (`path:` flake, no --impure). The
+copy keeps nixos/flake.lock, so the pinned nixpkgs is the one built from; without a lock nix
+resolves nixpkgs itself and the build says to run `invoke update-flake` and commit the lock.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, Image
 from pipeline.distros import Profile, Report
+from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable
 
 if TYPE_CHECKING:
+    from pipeline.contract import GuestView
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
     from pipeline.packages import Package
@@ -71,13 +81,6 @@ class NixOS(Profile):
         problem = build_host_problem(image, facts)
         return HostUnsuitable(problem, remote_hint(image, cfg)) if problem else None
 
-    def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
-        """Warnings about nix's `kvm` feature; make-disk-image's VM crawls without KVM."""
-        from pipeline.drivers.nix import kvm_warnings
-
-        warnings = kvm_warnings(facts.nix_config, facts)
-        return "\n".join(f"warning: {w}" for w in warnings) or None
-
     def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
         """The flake output that is built and the nixpkgs it is pinned to."""
         from pipeline.drivers.nix import installable, nixpkgs_revision
@@ -86,20 +89,142 @@ class NixOS(Profile):
         lock = flake / "flake.lock"
         pinned = (f"nixpkgs {nixpkgs_revision(flake) or '?'} ({lock})" if lock.is_file() else
                   f"NOT PINNED: no {lock} (nix resolves nixpkgs when the build starts; "
-                  "run `nix flake lock` there and commit it)")
-        return {"flake output": installable(image, root), "nixpkgs": pinned}
+                  "run `invoke update-flake` and commit the lock)")
+        output = installable(image, root)
+        if image.flake is None:  # prepare() builds a copy with this image's params and the build key
+            output += " (built from a staged copy of nixos/ with the build key)"
+        return {"flake output": output, "nixpkgs": pinned}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
-        """The runtime closure of the image's system (store paths, names, versions)."""
+        """The runtime closure of the image's system (store paths, names, versions), evaluated
+        from the staged copy the build ran on (its system is the one in the image)."""
         from pipeline.drivers.nix import closure_packages
 
-        return closure_packages(plan.image, plan.root, report)
+        copy = staged_flake(stage)
+        return closure_packages(plan.image, plan.root, report, f"path:{copy}" if copy.is_dir() else None)
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         from pipeline.drivers.nix import nixpkgs_revision
 
         # None until the flake has a flake.lock
         return {"nixpkgs": nixpkgs_revision(self.flake_dir(plan.root, plan.image))}
+
+    def accounts_from_config(self, image: Image) -> bool:
+        """The project's flake makes its accounts from invoke.yaml; an own `flake:` its own."""
+        return image.flake is None
+
+    def guest_agent(self, image: Image) -> bool:
+        return image.flake is None  # modules/qemu-guest.nix enables services.qemuGuest
+
+    def prepared_variables(self, image: Image) -> list[str]:
+        return ["flake"] if image.flake is None else []
+
+    def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
+        """A copy of nixos/ for this build with only this image's params, the build key added
+        for ssh_user; the driver builds `path:<copy>` (an own `flake:` is built as it is)."""
+        from pipeline import keys
+        from pipeline.contract import with_build_key
+        from pipeline.render import nix
+
+        image = plan.image
+        if image.flake is not None:
+            return Prepared()
+        source = plan.root / "nixos"
+        committed = nix.params_path(plan.root, image)
+        if not committed.is_file() or committed.read_text(encoding="utf-8") != nix.dumps(nix.params(image)):
+            report(f"note: {committed.relative_to(plan.root)} is not what invoke.yaml renders (building with the"
+                   " rendered one): run invoke render and commit it")
+        copy = staged_flake(stage)
+        shutil.copytree(source, copy, ignore=lambda folder, names: _not_copied(Path(folder) == source, names))
+        params = copy / "params" / f"{image.name}.json"
+        params.parent.mkdir(exist_ok=True)
+        params.write_text(nix.dumps(nix.params(with_build_key(image, keys.public_key(plan.ssh_key)))), encoding="utf-8")
+        return Prepared(variables={"flake": f"path:{copy}"})
+
+    def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
+        """Warnings: no flake.lock (nixpkgs unpinned), nix's `kvm` feature."""
+        from pipeline.drivers.nix import kvm_warnings
+
+        warnings = kvm_warnings(facts.nix_config, facts)
+        flake = self.flake_dir(plan.root, plan.image)
+        if plan.image.flake is None and not (flake / "flake.lock").is_file():
+            warnings.insert(0, lock_warning(flake.relative_to(plan.root)))
+        return "\n".join(f"warning: {w}" for w in warnings) or None
+
+
+STAGED_FLAKE = "flake"
+
+
+def staged_flake(stage: Path) -> Path:
+    """Where a build's copy of nixos/ lives: with the files the package list reads after the
+    build (<stage>/collected/, removed by the build once the manifest has them)."""
+    from pipeline.packages import COLLECTED
+
+    return stage / COLLECTED / STAGED_FLAKE
+
+
+def _not_copied(top: bool, names: list[str]) -> list[str]:
+    """What the staged copy of nixos/ leaves out: other images' params, result links, .git."""
+    return [n for n in names if n == ".git" or n.startswith("result") or (top and n == "params")]
+
+
+def lock_warning(flake: Path) -> str:
+    return (f"{flake}/flake.lock is missing: nix resolves nixpkgs itself for this build, so builds differ "
+            f"between machines and days. Run `invoke update-flake` and commit {flake}/flake.lock")
+
+
+def update_flake(root: Path) -> str:
+    """`nix flake update` in nixos/ (nix writes flake.lock); a one-line summary of the change."""
+    from pipeline.drivers.nix import nix_argv, nixpkgs_revision
+    from pipeline.run import run
+
+    flake = root / "nixos"
+    lock = flake / "flake.lock"
+    before = lock.read_bytes() if lock.is_file() else None
+    run(nix_argv("flake", "update"), cwd=flake, timeout=900,
+        hint="nix flake update needs the network to fetch nixpkgs")
+    after = lock.read_bytes() if lock.is_file() else None
+    rev = nixpkgs_revision(flake)
+    pinned = f"nixpkgs {rev[:12]}" if rev else "nixpkgs"
+    if after == before:
+        return f"nixos/flake.lock unchanged ({pinned})"
+    return f"nixos/flake.lock {'updated' if before else 'written'} by nix ({pinned}): commit it"
+
+
+# What the guest contract reads from an evaluated NixOS configuration (`nix eval --apply` on
+# nixosConfigurations.<image>.config); `guest_view` turns the result into a GuestView.
+CONTRACT_APPLY = """c: {
+  keys = builtins.mapAttrs (n: u: u.openssh.authorizedKeys.keys) c.users.users;
+  groups = builtins.mapAttrs (n: u: u.extraGroups or [ ]) c.users.users;
+  rootHash = c.users.users.root.hashedPassword or null;
+  sudoRules = c.security.sudo.extraRules;
+  wheelNeedsPassword = c.security.sudo.wheelNeedsPassword;
+  permitRootLogin = c.services.openssh.settings.PermitRootLogin;
+  passwordAuthentication = c.services.openssh.settings.PasswordAuthentication;
+  kernelParams = c.boot.kernelParams;
+  powerKey = c.services.logind.settings.Login.HandlePowerKey or "poweroff";
+  agent = c.services.qemuGuest.enable;
+}"""
+
+
+def guest_view(data: Mapping[str, Any]) -> GuestView:
+    """The GuestView of an evaluated NixOS configuration (the output of CONTRACT_APPLY)."""
+    from pipeline.contract import GuestView
+
+    sudo = {u for rule in data["sudoRules"] for u in rule.get("users", [])
+            if any(c.get("command") == "ALL" and "NOPASSWD" in c.get("options", []) for c in rule.get("commands", []))}
+    if not data["wheelNeedsPassword"]:
+        sudo |= {n for n, groups in data["groups"].items() if "wheel" in groups}
+    consoles = [p.split("=", 1)[1].split(",")[0] for p in data["kernelParams"] if p.startswith("console=")]
+    return GuestView(
+        keys={n: frozenset(k) for n, k in data["keys"].items()},
+        passwordless_sudo=frozenset(sudo),
+        root_password_ssh=data["permitRootLogin"] == "yes" and bool(data["passwordAuthentication"])
+        and data["rootHash"] is not None,
+        console=consoles[-1] if consoles else None,
+        power_button=data["powerKey"] == "poweroff",
+        guest_agent=bool(data["agent"]),
+    )
 
 
 def build_host_problem(image: Image, facts: HostFacts) -> str | None:

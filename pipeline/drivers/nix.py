@@ -78,11 +78,11 @@ def installable(image: Image, root: Path) -> str:
     return f"{flake_ref(image, root)}#{attribute(image)}"
 
 
-def toplevel(image: Image, root: Path) -> str:
+def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
     """flake#nixosConfigurations.<image>.config.system.build.toplevel: the system whose runtime
-    closure is the image's package list."""
+    closure is the image's package list (`flake`: the copy the build ran on, else the image's)."""
     name = image.name if image.name.replace("-", "").replace("_", "").isalnum() else f'"{image.name}"'
-    return f"{flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
+    return f"{flake or flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
 
 
 def path_info_argv(target: str) -> list[str]:
@@ -90,24 +90,26 @@ def path_info_argv(target: str) -> list[str]:
     return nix_argv("path-info", "-r", "--json", target)
 
 
-def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None) -> list[Package]:
+def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None,
+                     flake: str | None = None) -> list[Package]:
     """The runtime closure of the image's system (its toplevel, built with the image), one
     Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
-    image output itself (said through `report`)."""
+    image output itself (said through `report`). `flake`: the staged copy the build ran on."""
     from pipeline.packages import parse_path_info
     from pipeline.run import run
 
-    res = run(path_info_argv(toplevel(image, root)), check=False, timeout=900)
+    res = run(path_info_argv(toplevel(image, root, flake)), check=False, timeout=900)
     if not res.ok and "does not provide attribute" in res.stderr:
         if report:
             report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
                    f"{attribute(image)} instead")
-        res = run(path_info_argv(installable(image, root)), check=False, timeout=900)
+        target = f"{flake}#{attribute(image)}" if flake else installable(image, root)
+        res = run(path_info_argv(target), check=False, timeout=900)
     if not res.ok:
         errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
         raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
                           hint="the system's toplevel must be in the store after the image build: "
-                               "nix path-info -r " + toplevel(image, root))
+                               "nix path-info -r " + toplevel(image, root, flake))
     return parse_path_info(res.stdout)
 
 
@@ -121,9 +123,10 @@ def nix_build_argv(target: str, out_link: Path, keep_failed: bool = False) -> li
     return argv + ["--keep-failed"] if keep_failed else argv
 
 
-def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup") -> list[str]:
-    """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder)."""
-    target = installable(plan.image, plan.root)
+def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: str | None = None) -> list[str]:
+    """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
+    `flake`: the flake the profile prepared for this build (a staged copy), else the image's."""
+    target = f"{flake}#{attribute(plan.image)}" if flake else installable(plan.image, plan.root)
     return nix_build_argv(target, stage / OUT_LINK, keep_failed=on_error == "abort")
 
 
@@ -222,7 +225,11 @@ class NixDriver:
         return ["nix build"]
 
     def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
-        return build_argv(plan, stage)
+        """The build command; a flake the profile prepares at build time comes from `known`,
+        else shows as a placeholder."""
+        staged = "flake" in plan.profile.prepared_variables(plan.image)
+        flake = (known or {}).get("flake", "<prepared at build time: flake>") if staged else None
+        return build_argv(plan, stage, flake=flake)
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""
@@ -243,7 +250,8 @@ class NixDriver:
         stage.mkdir(parents=True, exist_ok=True)
         plan.build_log.parent.mkdir(parents=True, exist_ok=True)
         out_link = stage / OUT_LINK
-        argv = build_argv(plan, stage, on_error)
+        flake = plan.profile.prepare(plan, stage, progress.info).variables.get("flake")
+        argv = build_argv(plan, stage, on_error, flake)
         progress.step_event(f"nix build {argv[4]}")
         result, tail = _run_build(argv, progress, plan.raw_log, timeout)
         if not result.ok:
@@ -257,7 +265,7 @@ class NixDriver:
         finally:
             # The out-link is a GC root into the store; the copy in staging is what we keep.
             out_link.unlink(missing_ok=True)
-        keep_lock(flake_dir(image, plan.root), stage)
+        keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
 

@@ -84,13 +84,15 @@ def render_for(plan: BuildPlan, profile: PackerSource, stage: Path, packer_versi
 
 
 def host_variables(plan: BuildPlan, stage: Path) -> dict[str, str]:
-    """The variables every template declares, from the plan (host choices)."""
+    """The variables every template declares, from the plan (host choices), and the ones the
+    profile derives from the plan (e.g. AlmaLinux's ssh_timeout)."""
     return {
         "accelerator": plan.accel.accel.value,
         "cpu_model": plan.cpu_model,
         "output_dir": str(stage / "packer-out"),
         "console_log": str(plan.console_log),
         "ssh_private_key_file": str(plan.ssh_key),
+        **plan.profile.plan_variables(plan),
     }
 
 

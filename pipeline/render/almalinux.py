@@ -21,13 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Arch, Firmware, Image
+from pipeline.plan import machine_type
 from pipeline.render import kickstart
 from pipeline.render.hcl import Block, Expr
 from pipeline.render.packer import common_variables, packer_block, variable
 
 SOURCE = "almalinux"
 PASSWORD_ENV = "IMAGEPIPE_SSH_PASSWORD"
-SSH_TIMEOUT = "4h"  # a TCG installation of AlmaLinux takes hours; KVM/HVF minutes
+# The default for a plain `packer build`; imagepipe passes the plan's value (1h with KVM/HVF,
+# 4h under TCG, pipeline.plan.SSH_TIMEOUT).
+SSH_TIMEOUT = "4h"
 BOOT_WAIT = "30s"   # GRUB's menu waits 60 s; firmware under TCG needs ~15 s to reach it
 
 VARIABLES: dict[str, str] = {
@@ -35,6 +38,7 @@ VARIABLES: dict[str, str] = {
     "iso_checksum": "sha256:<hex> of the ISO, from the mirror's CHECKSUM file (iso.lock.json)",
     "kickstart_dir": "folder holding this image's ks.cfg (as committed under kickstart/almalinux<major>/<arch>/<image>)",
     "ssh_username": "account Packer logs in with once the installed system has rebooted",
+    "ssh_timeout": "how long Packer waits for the installed system's SSH (imagepipe: 1h with KVM/HVF, 4h with TCG)",
     "packages_file": "where the guest's package list is downloaded to (imagepipe: the build's staging folder)",
 }
 UEFI_VARIABLES: dict[str, str] = {
@@ -52,8 +56,9 @@ def uses_uefi(image: Image) -> bool:
 def variables(image: Image) -> list[Block]:
     """Every variable the template reads (host-specific values have no default)."""
     blocks = common_variables()
-    blocks += [variable(n, d) for n, d in VARIABLES.items() if n != "ssh_username"]
+    blocks += [variable(n, d) for n, d in VARIABLES.items() if n not in ("ssh_username", "ssh_timeout")]
     blocks.append(variable("ssh_username", VARIABLES["ssh_username"], default=image.ssh_user))
+    blocks.append(variable("ssh_timeout", VARIABLES["ssh_timeout"], default=SSH_TIMEOUT))
     if uses_uefi(image):
         blocks += [variable(n, d) for n, d in UEFI_VARIABLES.items()]
     blocks.append(variable("ssh_password", SECRET_DESCRIPTION, default="", sensitive=True))
@@ -81,7 +86,7 @@ def qemuargs(image: Image, legacy: bool) -> list[list[str]]:
     if image.arch is Arch.AARCH64:
         args.append(["-boot", "strict=on"])
     if legacy and uses_uefi(image):
-        machine = f"type={image.arch.machine},accel=${{var.accelerator}},pflash0=fw-code,pflash1=fw-vars"
+        machine = f"type={machine_type(image.arch)},accel=${{var.accelerator}},pflash0=fw-code,pflash1=fw-vars"
         args += [
             ["-machine", machine],
             ["-blockdev", "node-name=fw-code,driver=file,filename=${var.efi_firmware_code},read-only=on"],
@@ -98,7 +103,9 @@ def source(image: Image, legacy: bool) -> Block:
         "iso_url": Expr("var.iso_url"),
         "iso_checksum": Expr("var.iso_checksum"),
         "qemu_binary": image.arch.qemu_binary,
-        "machine_type": image.arch.machine,
+        # the same machine as `invoke run` (plan.machine_type); the plugin writes
+        # -machine type=<this>,accel=<accelerator>
+        "machine_type": machine_type(image.arch),
         "accelerator": Expr("var.accelerator"),
         "cpus": image.cpus,
         "memory": image.memory,
@@ -141,7 +148,7 @@ def source(image: Image, legacy: bool) -> Block:
         ssh_username=Expr("var.ssh_username"),
         ssh_password=Expr("var.ssh_password"),
         ssh_private_key_file=Expr("var.ssh_private_key_file"),
-        ssh_timeout=SSH_TIMEOUT,
+        ssh_timeout=Expr("var.ssh_timeout"),
         shutdown_command=shutdown,
         shutdown_timeout="15m",
         qemuargs=qemuargs(image, legacy),

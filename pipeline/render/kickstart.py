@@ -58,8 +58,12 @@ def ksquote(value: object) -> str:
     return shlex.quote(text)
 
 
-def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
-    """Everything the template reads, derived from the image alone (host-independent)."""
+def context(image: Image, source: str = "invoke.yaml", repo_base: str | None = None) -> dict[str, object]:
+    """Everything the template reads, derived from the image and the package repo
+    (`repo_base`: <mirror>/<release>; default: the major release on AlmaLinux's mirror)."""
+    from pipeline.iso import iso_arch
+
+    base = repo_base or f"{MIRROR}/{major(image)}"
     others: list[User] = [u for u in image.users if u.name != "root"]
     bios = image.arch is Arch.X86_64  # x86_64 disks get a biosboot partition next to the ESP
     # Installed under UEFI, the x86_64 disk also gets the BIOS GRUB (as the official images do),
@@ -70,7 +74,9 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "image": image,
         "arch": image.arch.value,
         "major": major(image),
-        "repo_base": f"{MIRROR}/{major(image)}",
+        "repo_base": base,
+        "repo_arch": iso_arch(image),
+        "release": base.rstrip("/").rsplit("/", 1)[-1],
         "root": image.user("root"),
         "users": others,
         "key_users": [u for u in image.users if u.public_keys],
@@ -81,9 +87,9 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
         "bios": bios,
         "hybrid": hybrid,
         "boots": "BIOS and UEFI" if hybrid else ("BIOS" if bios else "UEFI"),
-        # Root's password works over SSH (the original tooling's dev images log in as root).
-        # Until the config carries a per-image `root_ssh`, every image keeps that behaviour.
-        "root_ssh": bool(getattr(image, "root_ssh", True)),
+        # Root's password works over SSH only when the image says so (the shipped AlmaLinux
+        # entries do: the original tooling's dev images log in as root).
+        "root_ssh": image.root_ssh,
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
         # the package list (pipeline.packages): written in %post, downloaded by Packer
@@ -92,7 +98,7 @@ def context(image: Image, source: str = "invoke.yaml") -> dict[str, object]:
     }
 
 
-def render(image: Image, source: str = "invoke.yaml") -> str:
+def render(image: Image, source: str = "invoke.yaml", repo_base: str | None = None) -> str:
     """The ks.cfg text for `image` (undefined template names are errors, not blanks)."""
     import jinja2
 
@@ -103,4 +109,4 @@ def render(image: Image, source: str = "invoke.yaml") -> str:
         autoescape=False,
     )
     env.filters["ksquote"] = ksquote
-    return env.get_template(KICKSTART_TEMPLATE).render(**context(image, source))
+    return env.get_template(KICKSTART_TEMPLATE).render(**context(image, source, repo_base))

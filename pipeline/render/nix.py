@@ -66,6 +66,7 @@ def params(image: Image) -> dict[str, Any]:
         "keyboard": image.keyboard,
         "timezone": image.timezone,
         "cloud_init": False,
+        "root_ssh": image.root_ssh,
         "users": [
             {
                 "name": u.name,

@@ -27,8 +27,14 @@ def lint(c: Context, check: list[str] | None = None) -> None:
     for note in ctx.notes:
         say(f"note: {note}")
     ran = ", ".join(n for n in checks.CHECKS if not check or n in check)
+    for what in ctx.unchecked:
+        say(f"not checked: {what}")
     if problems:
         raise ImagepipeError(f"lint: {len(problems)} problem(s) ({ran}):\n" + "\n".join(f"  {p}" for p in problems))
+    if ctx.unchecked:  # something could not run: never call that clean
+        say(f"lint: no problems in what ran ({ran}; {len(ctx.files)} generated files), "
+            f"but {len(ctx.unchecked)} check(s) could not run (above)")
+        return
     say(f"lint: clean ({ran}; {len(ctx.files)} generated files)")
 
 

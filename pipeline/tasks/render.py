@@ -1,4 +1,5 @@
-"""Generated files: `invoke render` (templates, kickstarts) and `invoke update-iso` (ISO pins)."""
+"""Generated files: `invoke render` (templates, kickstarts), `invoke update-iso` (ISO pins) and
+`invoke update-flake` (the NixOS flake's lock, written by nix)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,12 @@ def update_iso(c: Context, image: str | None = None) -> None:
             raise UsageError(f"{name} is a {img.distro} image: it pins no installer ISO",
                              "update-iso pins the installer ISO of AlmaLinux images")
         say(f"{name}: {profile.refresh_pin(cfg.root, img)}")
+
+
+@task
+def update_flake(c: Context) -> None:
+    """Run `nix flake update` in nixos/: nix (re)writes flake.lock, the nixpkgs pin; commit it."""
+    from pipeline.distros.nixos import update_flake as refresh
+
+    cfg = load_config(c)
+    say(refresh(cfg.root))

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Arch, Firmware, Image
+from pipeline.contract import AGENT_PORT
 from pipeline.errors import UsageError
 from pipeline.host import FirmwareInfo
-from pipeline.plan import AccelChoice
+from pipeline.plan import AccelChoice, machine_type
 from pipeline.vm.state import StatePaths
 
 GUEST_SSH_PORT = 22
@@ -67,6 +68,7 @@ def qemu_argv(
     argv += _console_args(state, opts.foreground)
     argv += ["-chardev", f"socket,id=qmp,path={_opt(state.qmp)},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control"]
+    argv += agent_channel(state)
     argv += _display_args(image.arch, opts.gui)
     argv += ["-pidfile", os.fspath(state.pid)]
     if not opts.foreground:
@@ -74,12 +76,21 @@ def qemu_argv(
     return argv
 
 
+def agent_channel(state: StatePaths) -> list[str]:
+    """The guest agent's virtio-serial port, a socket in the state folder (the guest contract:
+    qemu-guest-agent starts only when this port exists)."""
+    return ["-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=qga,path={_opt(state.qga)},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT}"]
+
+
+def has_agent_channel(argv: list[str]) -> bool:
+    """True when a QEMU command line gives the guest the agent's port (the contract's check)."""
+    return any(a.startswith("virtserialport,") and f"name={AGENT_PORT}" in a.split(",") for a in argv)
+
+
 def _machine(arch: Arch, accel: AccelChoice) -> list[str]:
-    machine = arch.machine
-    if arch is Arch.AARCH64:
-        # gic-version=max: the host's GIC under KVM/HVF (GICv3-only hosts reject the default v2)
-        machine += ",gic-version=max"
-    argv = ["-machine", machine, "-accel", accel.accel.value, "-cpu", accel.cpu_model]
+    argv = ["-machine", machine_type(arch), "-accel", accel.accel.value, "-cpu", accel.cpu_model]
     if arch is Arch.AARCH64:
         argv += ["-boot", "strict=on"]  # UEFI must not fall through to PXE
     return argv

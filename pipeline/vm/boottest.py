@@ -1,21 +1,26 @@
 """The boot test: boot an image (published, or staged by a build before it is published) with
--snapshot, wait for SSH, check `uname -m` and root access, power it off; and the summary table
-of `invoke test-all`."""
+-snapshot, wait for SSH, and check the guest contract on it (pipeline.contract: build-key login
+and arch, sudo, root over SSH, serial console, guest agent, ACPI power-off, in that order); and
+the summary table of `invoke test-all`."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import keys
-from pipeline.config import Accel, Arch, Config, Image
+from pipeline import contract, distros, keys
+from pipeline.config import Accel, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.host import HostFacts
 from pipeline.run import run
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
+from pipeline.vm.qmp import Qmp, QmpError
 from pipeline.vm.ssh import SSH_DEADLINE, pin_host_keys, ssh_argv, tail_block, wait_for_ssh
 from pipeline.vm.state import (
     BOOT_TEST_DIR,
@@ -28,55 +33,112 @@ from pipeline.vm.state import (
 )
 
 
-def _guest(image: Image, state: StatePaths, key: Path, port: int, command: Sequence[str]) -> str:
-    """Run `command` in the guest over ssh (batch mode); its stdout, or VerifyFailed."""
-    res = run(ssh_argv(image.name, state, key, image.ssh_user, port, command, batch=True), check=False, timeout=60)
-    if not res.ok:
-        raise VerifyFailed(f"{image.name}: `{' '.join(command)}` failed in the guest (exit {res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-300:]}")
-    return res.stdout.strip()
+class SshGuest:
+    """A booted guest as the guest contract's live checks reach it (pipeline.contract.LiveGuest):
+    SSH with the build key and the pinned host keys, the console log, QMP and the agent socket."""
+
+    def __init__(self, image: Image, state: StatePaths, key: Path, port: int, pid: int, deadline: float) -> None:
+        self.image, self.state, self.key, self.port, self.pid, self.deadline = image, state, key, port, pid, deadline
+
+    def run(self, command: Sequence[str]) -> tuple[int, str]:
+        """`command` (an argv) as ssh_user over SSH in batch mode: (exit code, stdout or the error).
+        ssh hands the remote shell one string: the argv is quoted into it, so it arrives intact."""
+        remote = [shlex.join(command)]
+        res = run(ssh_argv(self.image.name, self.state, self.key, self.image.ssh_user, self.port, remote, batch=True),
+                  check=False, timeout=60)
+        return res.returncode, res.stdout if res.ok else (res.stderr or res.stdout)
+
+    def password_login(self, user: str, password: str) -> bool | None:
+        """Log in as `user` with `password` only (no key offered); the password travels through
+        SSH_ASKPASS and the environment, never argv. None when this ssh cannot be made to take a
+        password without a terminal (SSH_ASKPASS_REQUIRE needs OpenSSH 8.4)."""
+        if not _askpass_forced():
+            return None
+        askpass = self.state.root / "askpass"
+        askpass.write_text('#!/bin/sh\nprintf \'%s\\n\' "$IMAGEPIPE_ASKPASS"\n', encoding="utf-8")
+        askpass.chmod(0o700)
+        argv = ssh_argv(self.image.name, self.state, self.key, user, self.port, ["true"])
+        at = argv.index(f"{user}@127.0.0.1")
+        argv[at:at] = ["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive",
+                       "-o", "NumberOfPasswordPrompts=1"]
+        env = {"SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": "none",
+               "IMAGEPIPE_ASKPASS": password}
+        try:
+            return run(argv, check=False, timeout=60, env=env).ok
+        finally:
+            askpass.unlink(missing_ok=True)
+
+    def console_text(self) -> str:
+        try:
+            return self.state.console.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def agent_ping(self) -> bool:
+        """guest-ping on the agent's socket, retried until the deadline (the agent starts late)."""
+        end = time.monotonic() + self.deadline
+        while time.monotonic() < end:
+            if _agent_answers(self.state.qga):
+                return True
+            time.sleep(2)
+        return False
+
+    def power_off(self) -> bool:
+        """The ACPI power button over QMP, as `invoke stop` presses it; True when QEMU exits."""
+        try:
+            with Qmp(self.state.qmp) as qmp:
+                qmp.execute("system_powerdown")
+        except (QmpError, OSError, EOFError):
+            return False
+        return wait_gone(self.pid, self.state, self.deadline)
 
 
-def _login(image: Image, state: StatePaths, key: Path, port: int, deadline: float) -> str:
-    """Log in (retrying until `deadline`: keys may still be arriving); returns `uname -m`."""
+def _askpass_forced() -> bool:
+    """True when the local ssh honours SSH_ASKPASS_REQUIRE=force (OpenSSH >= 8.4); older ones
+    would prompt on the user's terminal instead."""
+    import re
+
+    res = run(["ssh", "-V"], check=False, timeout=30)
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", res.stderr + res.stdout)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (8, 4)
+
+
+def _agent_answers(sock: Path, timeout: float = 5.0) -> bool:
+    """One guest-ping round trip on the agent's virtio-serial socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(os.fspath(sock))
+            conn.sendall(b'{"execute": "guest-ping"}\n')
+            reply = conn.recv(4096)
+    except OSError:
+        return False
+    return b'"return"' in reply
+
+
+def _await_login(guest: SshGuest, deadline: float) -> None:
+    """Wait until the build key logs in (sshd may answer before the account is ready); without
+    a login within `deadline` nothing else of the contract can be checked."""
     end = time.monotonic() + deadline
     while True:
-        try:
-            return _guest(image, state, key, port, ["uname", "-m"])
-        except VerifyFailed as exc:
-            if time.monotonic() >= end:
-                raise VerifyFailed(f"{image.name}: cannot log in as {image.ssh_user} with {key} within "
-                                   f"{deadline:.0f}s ({exc.message})\n{tail_block(state)}",
-                                   "check defaults.ssh_key / the image's public_keys") from None
-            time.sleep(2)
-
-
-def check_guest(image: Image, state: StatePaths, key: Path, port: int, deadline: float) -> None:
-    """uname -m must be the image's arch; the SSH user must be root or able to sudo."""
-    machine = _login(image, state, key, port, deadline)
-    if Arch.from_machine(machine) is not image.arch:
-        raise VerifyFailed(f"{image.name}: guest reports uname -m = {machine!r}, expected {image.arch.value}")
-    probe_cmd = ["id", "-u"] if image.ssh_user == "root" else ["sudo", "-n", "id", "-u"]
-    uid = _guest(image, state, key, port, probe_cmd)
-    if uid != "0":
-        raise VerifyFailed(f"{image.name}: {' '.join(probe_cmd)} printed {uid!r}, expected 0 "
-                           f"({image.ssh_user} cannot become root)")
-
-
-def _power_off(image: Image, state: StatePaths, key: Path, port: int, pid: int) -> None:
-    """Ask the guest to power off (ssh), fall back to QMP powerdown/quit."""
-    cmd = ["poweroff"] if image.ssh_user == "root" else ["sudo", "-n", "poweroff"]
-    run(ssh_argv(image.name, state, key, image.ssh_user, port, cmd, batch=True), check=False, timeout=30)
-    if not wait_gone(pid, state, 30):
-        stop(image.name, state, grace=10, say=lambda _m: None)
+        rc, out = guest.run(["true"])
+        if rc == 0:
+            return
+        if time.monotonic() >= end:
+            image = guest.image
+            raise VerifyFailed(f"{image.name}: cannot log in as {image.ssh_user} with {guest.key} within "
+                               f"{deadline:.0f}s ({out.strip()[-300:]})\n{tail_block(guest.state)}",
+                               "check defaults.ssh_key / the image's public_keys")
+        time.sleep(2)
 
 
 def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | None = None, *,
               deadline: float | None = None, say: Callable[[str], None] = lambda _m: None,
               facts: HostFacts | None = None) -> None:
-    """Boot `target` (a published build, or one still staged) with -snapshot, check SSH, arch and
-    root access, power it off. Raises VerifyFailed (console tail included) on any failure; the VM
-    is always stopped afterwards. `deadline` bounds the wait for SSH and for the login.
+    """Boot `target` (a published build, or one still staged) with -snapshot and check the guest
+    contract on it, ending with the ACPI power-off. Raises VerifyFailed (console tail included)
+    on any failure; the VM is always stopped afterwards. `deadline` bounds the wait for SSH, the
+    login, the agent and the power-off.
     """
     image = target.image
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
@@ -93,8 +155,12 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
         raise VerifyFailed(f"{image.name}: QEMU exited right after starting\n{tail_block(state)}")
     try:
         pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
-        check_guest(image, state, key, st.ssh_port, wait)
-        _power_off(image, state, key, st.ssh_port, st.pid)
+        guest = SshGuest(image, state, key, st.ssh_port, st.pid, wait)
+        _await_login(guest, wait)
+        problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
+        if problems:
+            raise VerifyFailed(f"{image.name} breaks the guest contract:\n" + "\n".join(f"  {p}" for p in problems)
+                               + f"\n{tail_block(state)}", "README: The guest contract")
     finally:
         if read_status(image.name, state).state == "running":
             stop(image.name, state, force=True, say=lambda _m: None)

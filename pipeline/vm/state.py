@@ -5,6 +5,7 @@ uses output/<image>/boot-test/):
 
     pid          the real QEMU pid (QEMU writes it itself: -daemonize + -pidfile, so no zombie)
     qmp.sock     the QMP control socket (stop, status)
+    qga.sock     the guest agent's virtio-serial channel (org.qemu.guest_agent.0)
     ssh_port     the host port forwarded to the guest's port 22 on 127.0.0.1
     console.log  the serial console
     known_hosts  the guest's host keys (first contact pins them; reset on a new build)
@@ -53,11 +54,19 @@ class StatePaths:
     @property
     def qmp(self) -> Path:
         """qmp.sock in the folder, or a short path under the temp dir when that is too long."""
-        sock = self.root / "qmp.sock"
+        return self._socket("qmp")
+
+    @property
+    def qga(self) -> Path:
+        """The guest agent's socket: qga.sock in the folder (or a short temp path, as qmp)."""
+        return self._socket("qga")
+
+    def _socket(self, name: str) -> Path:
+        sock = self.root / f"{name}.sock"
         if len(os.fsencode(sock)) <= UNIX_PATH_MAX:
             return sock
         digest = hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}-{digest}.qmp"
+        return Path(tempfile.gettempdir()) / f"imagepipe-{os.getuid()}-{digest}.{name}"
 
     @property
     def ssh_port(self) -> Path:
@@ -212,6 +221,7 @@ def clear_live_state(state: StatePaths) -> None:
     for name in LIVE_FILES:
         (state.root / name).unlink(missing_ok=True)
     state.qmp.unlink(missing_ok=True)
+    state.qga.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------- ports

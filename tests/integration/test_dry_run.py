@@ -107,6 +107,19 @@ def test_no_firmware_is_a_problem_with_exit_3():
     assert "apt-get install ovmf" in summary.format_text(s)
 
 
+def test_a_cpu_below_the_guests_level_is_a_problem_and_the_v2_variant_fits():
+    """A v2 host under KVM cannot build AlmaLinux 10 (v3): the dry run says so as a real build
+    would (exit 3, no command); the x86_64_v2 variant runs on the Nehalem model and fits."""
+    nehalem = "fpu cx8 cmov mmx fxsr sse sse2 syscall lm pni ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm"
+    facts = dataclasses.replace(NO_FIRMWARE, firmware=load_facts_firmware(), cpu_flags=frozenset(nehalem.split(" ")))
+    alma = CFG.image("almalinux10-x86_64")
+    s = summary.summarize(CFG, alma, facts)
+    assert s.exit_code == 3 and s.command is None
+    assert "needs an x86-64-v3 CPU, but this host's CPU is x86-64-v2" in s.problems[0].message
+    v2 = summary.summarize(CFG, dataclasses.replace(alma, variant="x86_64_v2"), facts)
+    assert v2.ok and v2.cpu_model == "Nehalem" and "cpu_model=Nehalem" in v2.command
+
+
 def test_a_configured_iso_that_is_missing_is_a_usage_problem(tmp_path):
     image = dataclasses.replace(CFG.image("almalinux10-x86_64"), iso=str(tmp_path / "gone.iso"))
     facts = dataclasses.replace(NO_FIRMWARE, firmware=load_facts_firmware())

@@ -205,7 +205,8 @@ def test_sigterm_is_recorded_as_interrupted(demo_build, tmp_path):
 
 
 BROKEN = {"distro": "demo", "version": "1", "arch": "x86_64", "disk_size": 64, "memory": 256,
-          "cpus": 512, "ssh_user": "root"}  # QEMU refuses 512 CPUs: packer fails in seconds
+          "cpus": 512, "ssh_user": "root",  # QEMU refuses 512 CPUs: packer fails in seconds
+          "users": [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin t"]}]}
 
 
 def test_rebuild_goes_on_after_a_failing_image(demo_build, tmp_path):

@@ -61,6 +61,10 @@ def fixture_copy(where: Path) -> Path:
     return where
 
 
+# someone can log in (config load refuses an image nobody can log in to: pipeline.contract)
+LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
+
+
 def project_config(root: Path, attribute: str | None = None) -> Config:
     """A project whose nixos-x86_64 image comes from the fixture flake (relative `flake:` path)."""
     if not (root / "fixture").exists():
@@ -164,8 +168,8 @@ def test_arch_guard_on_this_host_refuses_the_foreign_image():
     assert facts.arch is not None
     cfg = load({
         "images": {
-            "nixos-x86_64": {"distro": "nixos", "arch": "x86_64"},
-            "nixos-aarch64": {"distro": "nixos", "arch": "aarch64"},
+            "nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "users": LOGIN},
+            "nixos-aarch64": {"distro": "nixos", "arch": "aarch64", "users": LOGIN},
         },
         "builders": {"hal9000": {"arch": "x86_64"}, "rpi": {"host": "rpi", "arch": "aarch64"}},
     }, root=ROOT)
@@ -188,18 +192,19 @@ def test_every_nix_file_parses():
         assert r.returncode == 0, f"{path}: {r.stderr}"
 
 
-def test_lint_passes_the_project_and_notes_that_evaluation_needs_the_network():
-    notes: list[str] = []
-    assert lint_nix.lint_problems(ROOT, on_note=notes.append) == []
+def test_lint_passes_the_project_and_says_evaluation_needs_the_network():
+    unchecked: list[str] = []
+    assert lint_nix.lint_problems(ROOT, on_unchecked=unchecked.append) == []
     if not (ROOT / "nixos" / "flake.lock").exists():
-        assert len(notes) == 1 and "nix flake lock" in notes[0], notes
+        assert len(unchecked) == 1 and "invoke update-flake" in unchecked[0], unchecked
 
 
 def test_lint_evaluates_a_flake_that_needs_no_network(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "nixos")
     notes: list[str] = []
-    assert lint_nix.lint_problems(tmp_path, on_note=notes.append) == []
-    assert notes == []
+    unchecked: list[str] = []
+    assert lint_nix.lint_problems(tmp_path, on_note=notes.append, on_unchecked=unchecked.append) == []
+    assert notes == [] and unchecked == [], "no inputs: nothing to pin, nothing left unchecked"
 
 
 def test_lint_reports_a_file_that_does_not_parse(tmp_path):
@@ -214,7 +219,7 @@ def test_lint_reports_a_flake_that_does_not_evaluate(tmp_path):
     (tmp_path / "nixos").mkdir()
     (tmp_path / "nixos" / "flake.nix").write_text('{ outputs = { self }: { packages = builtins.throw "fixture: broken outputs"; }; }\n')
     (problem,) = lint_nix.lint_problems(tmp_path)
-    assert problem.startswith("nixos: nix flake show failed") and "fixture: broken outputs" in problem
+    assert problem == "nixos: nixosConfigurations and packages do not evaluate: error: fixture: broken outputs"
 
 
 @pytest.mark.slow
@@ -272,6 +277,9 @@ def test_cli_dry_run_shows_the_pure_nix_command(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     command = lines[lines.index("  command") + 1]
-    assert command.strip().startswith("nix ") and f"{ROOT}/nixos#packages.x86_64-linux.nixos-x86_64-image" in command
+    # the build runs on a staged copy of nixos/ (the build key in its params): named, not made
+    assert command.strip().startswith("nix ")
+    assert "'<prepared at build time: flake>#packages.x86_64-linux.nixos-x86_64-image'" in command
     assert "--impure" not in command and "template" in res.stdout and f"{ROOT}/nixos/flake.nix" in res.stdout
+    assert "staged copy of nixos/" in res.stdout
     assert not (out / "nixos-x86_64" / "builds").exists()

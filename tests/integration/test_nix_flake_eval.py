@@ -75,9 +75,9 @@ def test_every_params_file_becomes_a_configuration_and_an_image(flake):
     assert evaluate(flake, "nixosConfigurations", "builtins.attrNames") == sorted(params)
     for name in params:
         assert evaluate(flake, f"nixosConfigurations.{name}.standIn.modules") == IMAGE_MODULES
-        toplevel = evaluate(flake, f"nixosConfigurations.{name}.config.system.build.toplevel")
-        assert toplevel == "stand-in-toplevel"
-    packages = evaluate(flake, "packages")
+        toplevel = evaluate(flake, f"nixosConfigurations.{name}.config.system.build.toplevel.drvPath")
+        assert toplevel.endswith("-stand-in-toplevel.drv")
+    packages = evaluate(flake, "packages", "builtins.mapAttrs (s: ps: builtins.mapAttrs (n: p: p.imageArgs) ps)")
     expected: dict[str, dict] = {"x86_64-linux": {}, "aarch64-linux": {}}
     for name, p in params.items():
         expected[p["system"]][f"{name}-image"] = {
@@ -238,7 +238,7 @@ def evaluate_host(host: Path, attr: str, check: bool = True):
 
 def test_vm_host_module_evaluates_and_keeps_nix_defaults(flake):
     host = host_flake(flake)
-    assert evaluate_host(host, "config.system.build.toplevel") == "stand-in-toplevel"
+    assert evaluate_host(host, "config.system.build.toplevel.drvPath").endswith("-stand-in-toplevel.drv")
     config = evaluate_host(host, "config")
     assert config["users"]["users"]["alice"]["extraGroups"] == ["libvirtd", "kvm"]
     assert config["virtualisation"]["libvirtd"]["enable"] is True
@@ -251,5 +251,5 @@ def test_vm_host_module_evaluates_and_keeps_nix_defaults(flake):
 
 def test_the_removed_ovmf_submodule_fails_like_nixpkgs_26_05(flake):
     edit(flake / "modules" / "vm-host.nix", "swtpm.enable = true;", "swtpm.enable = true;\n        ovmf.enable = true;")
-    failed = evaluate_host(host_flake(flake), "config.system.build.toplevel", check=False)
+    failed = evaluate_host(host_flake(flake), "config.system.build.toplevel.drvPath", check=False)
     assert not failed.ok and "The 'virtualisation.libvirtd.qemu.ovmf' submodule has been removed" in failed.stderr

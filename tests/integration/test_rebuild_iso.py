@@ -13,6 +13,7 @@ from pipeline.config import load
 from tests.almalinux_support import ROOT, closed_port_url, serve, write_release
 
 VERSIONS = {"packer": "1.6.6", "qemu-system-x86_64": "7.2.22"}
+KICKSTART = "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg"
 
 
 def project(tmp_path: Path):  # Config rooted in a copy holding the committed Alma files
@@ -41,9 +42,11 @@ def test_refresh_pins_a_new_release_and_offline_keeps_the_pin(tmp_path, monkeypa
         monkeypatch.setenv("IMAGEPIPE_ALMA_VAULT", f"{base}/vault")
         rebuild.refresh_pin(cfg, alma, emit)
         assert events[-1][0] == "pin" and events[-1][1].startswith("installer ISO: 10.1 (repo, sha256 ")
-        assert events[-1][1].endswith(") pinned")
+        # the committed kickstart installs the pinned point release's packages: it follows the pin
+        assert events[-1][1].endswith(") pinned; kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg follows it")
+        assert "/almalinux/10.1/BaseOS/x86_64/os/" in (cfg.root / KICKSTART).read_text()
         pinned = inputs.compute(cfg, alma, VERSIONS)
-        assert pinned.changed_parts(unpinned.parts) == ["iso.lock"]
+        assert pinned.changed_parts(unpinned.parts) == [f"file:{KICKSTART}", "iso.lock"]
         rebuild.refresh_pin(cfg, alma, emit)
         assert events[-1][1].startswith("installer ISO: 10.1 (repo") and events[-1][1].endswith(") unchanged")
         # AlmaLinux ships 10.2: the next timer run pins it and the hash says "rebuild"
@@ -51,8 +54,9 @@ def test_refresh_pins_a_new_release_and_offline_keeps_the_pin(tmp_path, monkeypa
         shutil.rmtree(site / "almalinux/10")
         shutil.copytree(site / "almalinux/10.2", site / "almalinux/10")
         rebuild.refresh_pin(cfg, alma, emit)
-        assert events[-1][1].startswith("installer ISO: 10.2 (repo") and events[-1][1].endswith(") updated from 10.1")
-        assert inputs.compute(cfg, alma, VERSIONS).changed_parts(pinned.parts) == ["iso.lock"]
+        assert events[-1][1].startswith("installer ISO: 10.2 (repo") and events[-1][1].endswith("follows it")
+        assert ") updated from 10.1;" in events[-1][1]
+        assert inputs.compute(cfg, alma, VERSIONS).changed_parts(pinned.parts) == [f"file:{KICKSTART}", "iso.lock"]
     lock_before = (cfg.root / "iso.lock.json").read_text()
     monkeypatch.setenv("IMAGEPIPE_ALMA_MIRROR", closed_port_url())
     rebuild.refresh_pin(cfg, alma, emit)

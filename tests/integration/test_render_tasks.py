@@ -75,11 +75,14 @@ def test_hostile_values_are_rejected_before_anything_is_written(what: str, spoil
     assert not any((proj / d).exists() for d in GENERATED), f"{what}: something was written"
 
 
-def test_lint_is_clean_and_says_which_rendering_it_validated() -> None:
+def test_lint_passes_and_says_which_rendering_it_validated_and_what_it_could_not_check() -> None:
     res = invoke(["lint"], ROOT, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "packer 1.6.6 predates required_plugins" in res.stderr and "qemu-arguments" in res.stderr
-    assert "lint: clean" in res.stderr
+    # nixos/ has no committed flake.lock and there is no network: that check says it did not run,
+    # so the lint does not call the result clean
+    assert "not checked: nix evaluation of nixos" in res.stderr and "lint: clean" not in res.stderr
+    assert "lint: no problems in what ran" in res.stderr
 
 
 def test_lint_lists_every_failure(tmp_path: Path) -> None:

@@ -38,11 +38,15 @@ RECORDED = [
 ]
 
 
+# someone can log in (config load refuses an image nobody can log in to: pipeline.contract)
+LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
+
+
 def config(builders: dict | None = None):
     raw = {
         "images": {
-            "nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios"},
-            "nixos-aarch64": {"distro": "nixos", "arch": "aarch64"},
+            "nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "users": LOGIN},
+            "nixos-aarch64": {"distro": "nixos", "arch": "aarch64", "users": LOGIN},
             "edge": {"distro": "nixos", "arch": "aarch64", "flake": "./infra", "attribute": "packages.aarch64-linux.edge"},
             "remote": {"distro": "nixos", "arch": "x86_64", "flake": "github:acme/infra?dir=vm"},
         },

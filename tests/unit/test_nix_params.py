@@ -37,6 +37,10 @@ def accessed(kind: str) -> set[str]:
     return names
 
 
+# someone can log in (config load refuses an image nobody can log in to: pipeline.contract)
+LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
+
+
 def sample_config(tmp_path: Path):
     raw = {
         "images": {
@@ -50,7 +54,7 @@ def sample_config(tmp_path: Path):
             },
             "own-flake": {"distro": "nixos", "arch": "x86_64", "flake": "github:me/infra",
                           "attribute": "packages.x86_64-linux.vm"},
-            "alma": {"distro": "almalinux", "arch": "x86_64", "version": "10"},
+            "alma": {"distro": "almalinux", "arch": "x86_64", "version": "10", "users": LOGIN},
         }
     }
     return load(raw, root=tmp_path)

@@ -85,8 +85,12 @@ def test_in_dir_keeps_the_directory_out_of_the_script():
     assert shlex.split(shlex.join(argv)) == argv
 
 
+# someone can log in (config load refuses an image nobody can log in to: pipeline.contract)
+LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
+
+
 def test_resolve_configured_and_alias(tmp_path):
-    raw = {"images": {"demo": {"distro": "demo", "arch": "x86_64"}},
+    raw = {"images": {"demo": {"distro": "demo", "arch": "x86_64", "users": LOGIN}},
            "builders": {"big": {"host": "hal9000", "dir": "~/b", "arch": "aarch64"}}}
     cfg = load(raw, tmp_path)
     t = remote.resolve(cfg, "big")
@@ -121,7 +125,7 @@ def test_parse_sums_refuses_paths():
 
 
 def _img(name: str, arch: str):
-    return load({"images": {name: {"distro": "almalinux", "arch": arch}}}, Path("/")).images[name]
+    return load({"images": {name: {"distro": "almalinux", "arch": arch, "users": LOGIN}}}, Path("/")).images[name]
 
 
 def test_assign_spreads_by_arch_and_load():

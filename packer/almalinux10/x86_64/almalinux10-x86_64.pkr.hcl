@@ -58,6 +58,12 @@ variable "ssh_username" {
   default     = "admin"
 }
 
+variable "ssh_timeout" {
+  type        = string
+  description = "how long Packer waits for the installed system's SSH (imagepipe: 1h with KVM/HVF, 4h with TCG)"
+  default     = "4h"
+}
+
 variable "efi_firmware_code" {
   type        = string
   description = "UEFI firmware code for this host (OVMF, AAVMF or Homebrew edk2)"
@@ -110,7 +116,7 @@ source "qemu" "almalinux" {
   ssh_username         = var.ssh_username
   ssh_password         = var.ssh_password
   ssh_private_key_file = var.ssh_private_key_file
-  ssh_timeout          = "4h"
+  ssh_timeout          = var.ssh_timeout
   shutdown_command     = "sudo -n /sbin/shutdown -P now"
   shutdown_timeout     = "15m"
   qemuargs = [

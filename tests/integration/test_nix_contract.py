@@ -1,0 +1,184 @@
+"""NixOS and the guest contract, with the real nix: the staged flake copy the build uses (build
+key in its params, nothing committed changes), the contract checked on the evaluated NixOS
+configuration (stand-in nixpkgs, see test_nix_flake_eval.py), a real `nix build` through the
+staged copy, `invoke update-flake`, and lint's real evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import contract, host, inputs, keys, lint_nix
+from pipeline.config import Accel, User, load, load_file
+from pipeline.distros import almalinux, nixos
+from pipeline.drivers import nix
+from pipeline.plan import make_build_plan
+from pipeline.render import kickstart
+from pipeline.run import run
+from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
+from tests.integration.test_nix_build import Recorder
+
+CFG = load_file(ROOT / "invoke.yaml")
+HASH = "$6$saltsalt$" + "e" * 86
+FAKE = ROOT / "tests" / "fixtures" / "fakenixpkgs"
+
+
+@pytest.fixture(autouse=True)
+def nix_ready(monkeypatch):
+    require_tool("nix", "nix-bin")
+    monkeypatch.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or NIX_CONFIG)
+
+
+def project(tmp_path: Path, nixos_dir: Path = ROOT / "nixos") -> Path:
+    """A project root holding a copy of `nixos_dir` as its nixos/ (outside git)."""
+    root = tmp_path / "proj"
+    shutil.copytree(nixos_dir, root / "nixos", ignore=shutil.ignore_patterns("result*"))
+    return root
+
+
+def staged_flake(tmp_path: Path, image, root: Path) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    """NixOS.prepare for `image`: the staged flake folder and the build's public key."""
+    facts = host.HostFacts(os="linux", machine=image.arch.value, kvm=host.KvmFacts(True, True, True), hvf=False,
+                           firmware={image.arch: host.FirmwareInfo(image.arch, "/c", "/v", "test")})
+    cfg = dataclasses.replace(CFG, root=root)
+    plan = make_build_plan(cfg, image, facts, Accel.TCG, keys.project_key(tmp_path / "output"), build_id="b")
+    prepared = plan.profile.prepare(plan, tmp_path / "stage", lambda _m: None)
+    return Path(prepared.variables["flake"].removeprefix("path:")), keys.public_key(plan.ssh_key)
+
+
+def view_of(flake: Path, name: str) -> contract.GuestView:
+    """The contract's view of nixosConfigurations.<name>, evaluated on the stand-in nixpkgs."""
+    argv = nix.nix_argv("eval", "--json", "--no-write-lock-file", "--override-input", "nixpkgs", f"path:{FAKE}",
+                        f"path:{flake}#nixosConfigurations.{name}.config", "--apply", nixos.CONTRACT_APPLY)
+    return nixos.guest_view(json.loads(run(argv, timeout=120).stdout))
+
+
+def test_the_staged_copy_holds_this_images_params_with_the_build_key_only(tmp_path):
+    root = project(tmp_path)
+    committed = (root / "nixos/params/nixos-x86_64.json").read_text()
+    flake, key = staged_flake(tmp_path, CFG.image("nixos-x86_64"), root)
+    assert flake == tmp_path / "stage" / "collected" / "flake"  # kept until the package list is read
+    assert sorted(p.name for p in (flake / "params").iterdir()) == ["nixos-x86_64.json"]
+    staged = json.loads((flake / "params/nixos-x86_64.json").read_text())
+    assert [u["public_keys"] for u in staged["users"]] == [[key]]
+    assert (root / "nixos/params/nixos-x86_64.json").read_text() == committed and key not in committed
+    assert (flake / "flake.nix").read_text() == (root / "nixos/flake.nix").read_text()
+    assert sorted(p.name for p in (flake / "modules").iterdir()) == sorted(p.name for p in (root / "nixos/modules").iterdir())
+
+
+@pytest.mark.parametrize("name", ["nixos-x86_64", "nixos-aarch64"])
+def test_the_evaluated_configuration_keeps_the_contract(tmp_path, name):
+    image = CFG.image(name)
+    flake, key = staged_flake(tmp_path, image, project(tmp_path))
+    assert contract.check_rendered(image, key, view_of(flake, name)) == []
+    # the committed params (no build key) would not let imagepipe in
+    assert contract.check_rendered(image, key, view_of(committed_copy(tmp_path), name)) == [
+        "key-login: the build key is not among admin's authorized keys"]
+
+
+def committed_copy(tmp_path: Path) -> Path:
+    """A copy of the committed flake, outside git."""
+    dest = tmp_path / "committed"
+    if not dest.exists():
+        shutil.copytree(ROOT / "nixos", dest, ignore=shutil.ignore_patterns("result*"))
+    return dest
+
+
+def test_root_ssh_and_a_second_sudo_user_match_the_kickstart(tmp_path):
+    """The same accounts rendered both ways give the same sudo and root-over-SSH answers."""
+    base = CFG.image("nixos-x86_64")
+    users = (User("root", password_hash=HASH), *base.users, User("ops", password_hash=HASH, sudo=True))
+    image = dataclasses.replace(base, users=users, root_ssh=True)
+    flake, key = staged_flake(tmp_path, image, project(tmp_path))
+    nix_view = view_of(flake, "nixos-x86_64")
+    assert contract.check_rendered(image, key, nix_view) == []
+    alma = dataclasses.replace(CFG.image("almalinux10-x86_64"), users=users, root_ssh=True)
+    ks_view = almalinux.guest_view(kickstart.render(contract.with_build_key(alma, key)))
+    assert nix_view.passwordless_sudo >= {"admin", "ops"} and ks_view.passwordless_sudo == {"admin", "ops"}
+    assert nix_view.root_password_ssh is ks_view.root_password_ssh is True
+    off = dataclasses.replace(image, root_ssh=False)
+    assert contract.check_rendered(off, key, nix_view) == ["root-ssh: root's password works over SSH (root_ssh: false)"]
+
+
+@pytest.mark.slow
+def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
+    fixture = tmp_path / "fixture"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "nixflake", fixture)
+    (fixture / "nonce").write_text(uuid.uuid4().hex)
+    root = project(tmp_path, fixture)
+    cfg = load({"defaults": {"output_dir": str(tmp_path / "output")},
+                "images": {"nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "ssh_user": "admin",
+                                            "users": [{"name": "admin", "sudo": True, "password_hash": HASH}]}}}, root)
+    image = cfg.image("nixos-x86_64")
+    facts = host.probe(tools=["nix"])
+    plan = make_build_plan(cfg, image, facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
+    assert "lock" in (plan.profile.announce(plan, facts) or ""), "no flake.lock: the build says to commit one"
+    progress = Recorder()
+    result = nix.NixDriver().drive(plan, facts, plan.staging, progress, timeout=300)
+    assert result == plan.staging / "nixos.qcow2"
+    said = [e.message for e in progress.events]
+    assert f"fixture: authorized keys: {keys.public_key(plan.ssh_key)}" in said
+    assert any(m.startswith("nix build path:") for m in said)
+    assert (plan.staging / "collected" / "flake").is_dir(), "the package list reads the system from it"
+    assert sorted(p.name for p in plan.staging.iterdir()) == ["collected", "nixos.qcow2"]
+    assert not (root / "nixos" / "params").exists(), "nothing is written into the project's flake"
+
+
+def locked_project(tmp_path: Path) -> Path:
+    """A project whose nixos/ takes nixpkgs from the stand-in by path; `invoke update-flake`
+    (nix itself) writes its flake.lock."""
+    root = project(tmp_path)
+    shutil.copytree(FAKE, tmp_path / "fake")
+    flake = root / "nixos" / "flake.nix"
+    flake.write_text(flake.read_text().replace('"github:NixOS/nixpkgs/nixos-26.05"', f'"path:{tmp_path / "fake"}"'))
+    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, root / name)
+    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_update_flake_has_nix_write_the_lock_and_the_input_hash_follows(tmp_path):
+    root = locked_project(tmp_path)
+    cfg = dataclasses.replace(CFG, root=root)
+    before = inputs.compute(cfg, cfg.image("nixos-x86_64"), {"nix": "2.8"})
+    config = write_config(tmp_path / "rt.yaml", tmp_path / "output")
+    res = invoke(["update-flake"], config, cwd=root, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lock = json.loads((root / "nixos" / "flake.lock").read_text())
+    assert lock["nodes"]["nixpkgs"]["locked"]["type"] == "path" and lock["nodes"]["nixpkgs"]["locked"]["narHash"]
+    assert "nixos/flake.lock written by nix (nixpkgs): commit it" in res.stderr
+    again = invoke(["update-flake"], config, cwd=root, timeout=300)
+    assert again.returncode == 0 and "nixos/flake.lock unchanged" in again.stderr, again.stderr
+    after = inputs.compute(cfg, cfg.image("nixos-x86_64"), {"nix": "2.8"})
+    assert after.changed_parts(before.parts) == ["file:nixos/flake.lock"]
+
+
+def test_lint_evaluates_for_real_when_the_lock_can_be_had(tmp_path):
+    root = locked_project(tmp_path)
+    run(nix.nix_argv("flake", "lock"), cwd=root / "nixos", timeout=300)
+    unchecked: list[str] = []
+    assert lint_nix.lint_problems(root, on_unchecked=unchecked.append) == [] and unchecked == []
+    disk = root / "nixos" / "modules" / "disk.nix"
+    disk.write_text(disk.read_text().replace("boot.growPartition = true;", "boot.growPartiton = true;"))
+    found = lint_nix.lint_problems(root, on_unchecked=unchecked.append)
+    (problem,) = found
+    assert problem.startswith("nixos: nixosConfigurations and packages do not evaluate: ") and "boot.growPartiton" in problem
+    assert unchecked == []
+
+
+def test_lint_without_a_lock_says_what_it_could_not_check(tmp_path):
+    root = project(tmp_path)
+    unchecked: list[str] = []
+    assert lint_nix.lint_problems(root, on_unchecked=unchecked.append) == []
+    assert unchecked == [("nix evaluation of nixos: it has no flake.lock and its inputs cannot be fetched (no "
+                          "network): run invoke update-flake on a machine with network access and commit the lock")]
+    config = write_config(tmp_path / "rt.yaml", tmp_path / "output")
+    res = invoke(["lint", "--check", "nix"], config, timeout=300)
+    assert res.returncode == 0 and "not checked: nix evaluation of nixos" in res.stderr, res.stderr
+    assert "lint: clean" not in res.stderr and "1 check(s) could not run" in res.stderr

@@ -136,11 +136,13 @@ def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
         return None
     fw = facts.firmware.get(image.arch)
     if fw is None:
-        pkg = "ovmf" if image.arch is Arch.X86_64 else "qemu-efi-aarch64"
+        from pipeline.run import install_hint
+
         raise HostUnsuitable(
             f"no UEFI firmware for {image.arch.value} found (QEMU descriptors, known paths"
             f"{', QEMU_EFI_AARCH64' if image.arch is Arch.AARCH64 else ''})",
-            f"sudo apt-get install {pkg}" + (", or export QEMU_EFI_AARCH64=/path/to/code.fd" if image.arch is Arch.AARCH64 else ""),
+            install_hint(f"uefi-{image.arch.value}", facts.package_manager)
+            + (", or export QEMU_EFI_AARCH64=/path/to/code.fd" if image.arch is Arch.AARCH64 else ""),
         )
     return fw
 
@@ -197,7 +199,13 @@ class BuildPlan:
 
     @property
     def build_log(self) -> Path:
+        """The readable log: timestamp + text of every event shown during the build."""
         return self.log_dir / "build.log"
+
+    @property
+    def raw_log(self) -> Path:
+        """The tool's own output, unchanged (Packer's machine-readable lines, nix's internal-json)."""
+        return self.log_dir / "build.raw.log"
 
 
 def make_build_plan(

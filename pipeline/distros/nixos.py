@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 class NixOS(Profile):
     name = "nixos"
     title = "NixOS"
+    tcg_duration = "make-disk-image's VM crawls without KVM: hours"
 
     @property
     def driver(self) -> NixDriver:
@@ -111,6 +112,20 @@ class NixOS(Profile):
         if build_host_problem(image, facts) is None and nix_has_kvm(facts):
             return None
         return nixremote.for_configured(image, facts.nix_builders)
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The flake output that is built and the nixpkgs it is pinned to."""
+        from pipeline.drivers.nix import installable, nixpkgs_revision
+
+        flake = self.flake_dir(root, image)
+        lock = flake / "flake.lock"
+        pinned = (f"nixpkgs {nixpkgs_revision(flake) or '?'} ({lock})" if lock.is_file() else
+                  f"NOT PINNED: no {lock} (nix resolves nixpkgs when the build starts; "
+                  "run `invoke update-flake` and commit the lock)")
+        output = installable(image, root)
+        if image.flake is None:  # prepare() builds a copy with this image's params and the build key
+            output += " (built from a staged copy of nixos/ with the build key)"
+        return {"flake output": output, "nixpkgs": pinned}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The runtime closure of the image's system (store paths, names, versions), evaluated

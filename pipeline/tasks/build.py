@@ -11,13 +11,15 @@ from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 if TYPE_CHECKING:
+    from pipeline.build import BuildOptions
     from pipeline.remote import Target
 
 BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
     "accel": LOCAL_ACCEL_HELP,
     "on_error": "what Packer does on failure: cleanup (default) or abort (keep the VM's disk for debugging)",
-    "dry_run": "print the plan and the exact command, build nothing",
+    "dry_run": "print what the build would do (accelerator, firmware, ISO, tools, command) and build nothing;"
+               " exit != 0 when a real build could not start",
     "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
     "json": "one JSON object per event on stdout (for scripts and timers)",
     "if_changed": "build only when the input hash differs from the published build's (else say 'up to date')",
@@ -47,6 +49,12 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     requested = accel_option(accel, cfg)
     authorize = _authorize(authorize_key or [])
     target = _builder(c, cfg, builder)  # a hostile name is refused before anything connects
+    if dry_run:
+        from pipeline.build import BuildOptions
+
+        _dry_run(cfg, img, BuildOptions(accel=requested, boot_test=boot_test, dry_run=True, builder=target,
+                                        accept_new_host_key=accept_new_host_key, authorize=authorize), json)
+        return
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
     from pipeline.build import BuildOptions, build_image
@@ -78,6 +86,23 @@ def _builder(c: Context, cfg: Config, name: str) -> Target | None:
     from pipeline import remote
 
     return remote.resolve(cfg, name, remote.ssh_config_path(c.config))
+
+
+def _dry_run(cfg: Config, img: Image, opts: BuildOptions, json: bool) -> None:
+    """The summary on stdout (text, or one JSON object); then the first problem, if any, as the
+    error a real build would have stopped with (its exit code)."""
+    from pipeline import summary
+    from pipeline.build import dry_run
+
+    s = dry_run(cfg, img, opts)
+    if json:
+        import json as json_mod
+
+        print(json_mod.dumps(s.as_json(), indent=2))
+    else:
+        print(summary.format_text(s))
+    if s.problems:
+        raise s.problems[0].error()
 
 
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:

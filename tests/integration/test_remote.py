@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     out = _out(res)
     assert res.returncode == 0, out
     assert "[hal9000] synced" in out and "[hal9000] venv created" in out
-    assert "[hal9000]" in out and "==> packer build" in out and "published" in out
+    assert "[hal9000]" in out and "==> [2/5] packer build" in out and "published" in out  # the builder's N/M
     assert (builder / ".venv" / "bin" / "invoke").exists()
     assert (builder / "tasks.py").exists() and not (builder / ".git").exists()
     remote_manifest = json.loads((builder / "output" / "demo-x86_64" / "manifest.json").read_text())
@@ -149,7 +150,7 @@ def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
     assert proc.stdout is not None
     for line in proc.stdout:
         seen.append(line)
-        if "==> packer build" in line:
+        if "] packer build" in line:
             time.sleep(2)  # let packer start its VM
             proc.send_signal(signal.SIGINT)
             break
@@ -589,7 +590,7 @@ def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
         assert (base / b / "output" / "demo-x86_64" / "manifest.json").exists()
     # The builders worked at the same time: b2 was already busy (sync, venv) before b1 published.
     lines = out.splitlines()
-    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
+    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and re.search(r"✔ +published", line))
     b2_synced = next(i for i, line in enumerate(lines) if line.startswith("[b2] synced"))
     assert b2_synced < b1_done, f"builders did not work in parallel ({took:.0f}s):\n{out}"
 

@@ -21,7 +21,7 @@ from pipeline.numbers import int_or_none
 from pipeline.progress import Event, Progress
 from pipeline.render.packer import supports_plugins
 from pipeline.run import install_hint, run, stream
-from pipeline.text import visible
+from pipeline.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
@@ -49,15 +49,17 @@ def parse_machine_line(line: str) -> Event | None:
     if ts_value is None:
         return Event("message", visible(line)) if line.strip() else None
     ts, target, kind = float(ts_value), visible(parts[1]), parts[2]
-    data = [visible(_unescape(p)) for p in parts[3:]]
-    if kind == "ui" and len(data) >= 2:
-        level, text = data[0], ",".join(data[1:]).strip()
+    raw = [_unescape(p) for p in parts[3:]]
+    data = [visible(p) for p in raw]
+    if kind == "ui" and len(raw) >= 2:
+        # Packer's text may span lines (escaped \n): each line is made visible, the breaks kept
+        level, text = data[0], ",".join(raw[1:]).strip()
         if not text or any(n in text for n in NOISE):
             return None
         step = STEP_RE.match(text)
         if step:
             text = step.group(1).strip()
-        text = PREFIX_RE.sub("", text)
+        text = visible_lines(PREFIX_RE.sub("", text))
         kind_out = "error" if level == "error" else "say" if level == "say" else "message"
         return Event(kind_out, text, source=target or "packer", ts=ts) if text else None
     if kind == "artifact" and len(data) >= 2:

@@ -408,17 +408,17 @@ def kvm_open_here() -> str:
 
 def in_process_runner(argv: Sequence[str]) -> Result:
     """local_runner, with the local probe's fixed questions (uname, /proc/cpuinfo, can /dev/kvm
-    be opened, free disk) answered here: the same text the command would print, the same
+    be opened, free disk, nix's machines files) answered here: the same text the command would print, the same
     parsers read it, and no process is started (each one costs 50-100 ms on a busy host)."""
     args = tuple(argv)
     if args == ("uname", "-sm"):
         u = os.uname()
         return Result(args, 0, f"{u.sysname} {u.machine}\n")
-    if args == ("cat", "/proc/cpuinfo"):
-        try:
-            return Result(args, 0, Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    if args == ("cat", "/proc/cpuinfo") or (len(args) == 3 and args[:2] == ("cat", "--")):
+        try:  # /proc/cpuinfo, and nix's machines files (probe_nix_builders)
+            return Result(args, 0, Path(args[-1]).read_text(encoding="utf-8", errors="replace"))
         except OSError as exc:
-            return Result(args, 1, "", str(exc))
+            return Result(args, 1, "", f"cat: {args[-1]}: {exc.strerror or exc}")
     if len(args) == 3 and args[1:] == ("-c", KVM_SNIPPET):
         return Result(args, 0, kvm_open_here())
     if len(args) == 3 and args[:2] == ("df", "-Pk"):

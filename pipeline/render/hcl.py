@@ -31,7 +31,7 @@ class Block:
 def _value(v: Any) -> Any:
     if isinstance(v, Expr):
         return "${" + v.text + "}" if "." in v.text else v.text
-    if isinstance(v, bool) or isinstance(v, (int, float)) or v is None:
+    if isinstance(v, (bool, int, float)) or v is None:
         return v
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'

@@ -10,6 +10,7 @@ exit 2), an INVOKE_* variable that is not of its key's type (named, exit 2).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -77,10 +78,8 @@ def _output_dir(args: tuple[Any, ...]) -> Path | None:
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null so Python's exit flush does not fail again on the closed pipe."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 # ----------------------------------------------------------------------- Invoke's own loading
@@ -110,7 +109,7 @@ def guard_invoke_config() -> None:
                 raise Exit(f"error: {merge_clash(self)}", code=2) from None
 
         cls._load_yaml = _load_yaml  # type: ignore[method-assign]
-        cls._load_yml = _load_yaml  # type: ignore[attr-defined]
+        cls._load_yml = _load_yaml
         cls.merge = merge  # type: ignore[method-assign]
         cls._imagepipe_guarded = True  # type: ignore[attr-defined]
     env_cls = invoke_env.Environment

@@ -2,12 +2,11 @@
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from pipeline.artifacts import verify_published
-from tests.conftest import ROOT, require_tool
+from tests.conftest import require_tool
 
 pytestmark = pytest.mark.slow
 

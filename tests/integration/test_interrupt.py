@@ -39,7 +39,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_build(demo_build, tmp_path, sig):
-    cfg_src, out_src = demo_build
+    _, out_src = demo_build
     out = tmp_path / "output"
     shutil.copytree(out_src, out, symlinks=True)
     cfg = write_config(tmp_path / "test.yaml", out)

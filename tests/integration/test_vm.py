@@ -266,7 +266,7 @@ def test_uefi_command_line_accepted_by_qemu(arch, tmp_path):
     assert state.efivars.stat().st_size == Path(fw.vars).stat().st_size
     argv = qemu_argv(image, AccelChoice(Accel.TCG, "test"), fw, disk, state, vmstate.free_port())
     if arch is Arch.AARCH64:
-        assert "/AAVMF/" in fw.code and ["-boot", "strict=on"] == argv[argv.index("-boot"):argv.index("-boot") + 2]
+        assert "/AAVMF/" in fw.code and argv[argv.index("-boot"):argv.index("-boot") + 2] == ["-boot", "strict=on"]
     run(argv + ["-S"], timeout=60)
     pid = int(state.pid.read_text())
     try:

@@ -113,7 +113,7 @@ def test_bios_x86_has_no_uefi_parts() -> None:
 @pytest.mark.parametrize("distro", ["almalinux", "nixos"])
 def test_aarch64_bios_is_refused_when_the_config_loads(distro: str) -> None:
     raw = {"images": {"arm": {"distro": distro, "arch": "aarch64", "firmware": "bios"}}}
-    with pytest.raises(ConfigError, match="images.arm.firmware: aarch64 machines boot with UEFI only"):
+    with pytest.raises(ConfigError, match=r"images\.arm\.firmware: aarch64 machines boot with UEFI only"):
         load_config(raw, ROOT)
 
 

@@ -1,14 +1,12 @@
 """Rebuild selection, outcome accounting and failure summaries (pure parts)."""
 
 import json
-
-from pipeline import distros
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import rebuild
+from pipeline import distros, rebuild
 from pipeline.build import describe_failure
 from pipeline.config import load
 from pipeline.errors import BuildFailed, CommandFailed, UsageError

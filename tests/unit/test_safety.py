@@ -201,7 +201,7 @@ def test_clean_stale_refuses_a_planted_staging_link(tmp_path):
     img = tmp_path / "out" / "demo"
     img.mkdir(parents=True)
     (img / ".staging").symlink_to(v)
-    with pytest.raises(UnsafePath, match=".staging"):
+    with pytest.raises(UnsafePath, match=r"\.staging"):
         retention.clean_stale(img)
     assert intact(v)
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Debian's nix-bin as root in a container (see MACHINE.md).
 NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
-os.environ.setdefault("NIX_CONFIG", NIX_CONFIG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nix_config() -> Iterator[None]:
+    """nix in the tests (and in the imagepipe they start) reads NIX_CONFIG unless the caller set
+    their own; set for the session only, never at import time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or NIX_CONFIG)
+        yield
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked needs_root FAILS (never skips) for anyone else, saying why and how to
+    deselect it; the non-root run (.ci/run-unprivileged) deselects them with -m 'not needs_root'."""
+    marker = item.get_closest_marker("needs_root")
+    if marker is not None and os.geteuid() != 0:
+        why = marker.args[0] if marker.args else "it needs root"
+        pytest.fail(f"needs root: {why}. Run it as root (CI does), or deselect it with -m 'not needs_root'",
+                    pytrace=False)
 
 
 def require_tool(name: str, package: str) -> str:

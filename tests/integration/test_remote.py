@@ -591,7 +591,7 @@ def test_proxyjump_alias_is_honoured_with_host_keys_checked_on_both_hops(hal9000
     host: SshHost = hal9000["host"]
     ssh_config = host.client_config(tmp_path / "ssh_config", hal9000["known_hosts"])
     with ssh_config.open("a") as f:
-        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User root\n  ProxyJump hal9000\n"
+        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User {host.user}\n  ProxyJump hal9000\n"
                 f"  IdentityFile {host.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {hal9000['known_hosts']}\n")
     cfg = write_config(tmp_path / "j.yaml", tmp_path / "out", {
         "ssh_config_path": str(ssh_config), "builders": {"inner": {"dir": str(tmp_path / "jump-builder")}}})

@@ -611,16 +611,14 @@ def _parent(pid: int) -> int | None:
 # ------------------------------------------------------------------------------ full and read-only disks
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a small tmpfs (an honest full or read-only disk) and needs root; "
-                    "CI runs as root (MACHINE.md: tmpfs mounts work)")
+# mount(8) of a tmpfs needs root (an unprivileged user namespace would not give the test's real
+# user a full disk); CI runs these as root.
+TMPFS = pytest.mark.needs_root("mounts a small tmpfs (an honest full or read-only disk)")
 
 
 @pytest.fixture
 def tmpfs(tmp_path: Path):
     """mount(size=...) → a fresh tmpfs of that size under tmp_path; unmounted afterwards."""
-    _need_root()
     mounted: list[Path] = []
 
     def mount(size: str, name: str = "disk") -> Path:
@@ -655,8 +653,8 @@ def _fault_copy(demo_build, disk: Path, *, cache: bool) -> tuple[Path, Path]:
     return cfg, out
 
 
-@pytest.mark.root
 @pytest.mark.slow
+@TMPFS
 def test_disk_full_during_a_build_is_one_line_and_keeps_the_last_good_image(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)
@@ -672,8 +670,8 @@ def test_disk_full_during_a_build_is_one_line_and_keeps_the_last_good_image(demo
         assert h.builds(IMAGE)[0].status == "failed"
 
 
-@pytest.mark.root
 @pytest.mark.slow
+@TMPFS
 def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)
@@ -694,7 +692,7 @@ def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_buil
     assert last.status == "failed" and "no space left" in (last.error or ""), last
 
 
-@pytest.mark.root
+@TMPFS
 def test_full_disk_under_the_history_is_one_line(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("64M")
     cfg, out = _fault_copy(demo_build, disk, cache=False)
@@ -708,7 +706,7 @@ def test_full_disk_under_the_history_is_one_line(demo_build, tmp_path, tmpfs, se
     assert read_manifest(out / IMAGE) == before and verify_published(out / IMAGE)
 
 
-@pytest.mark.root
+@TMPFS
 def test_a_read_only_output_folder_is_one_line_per_command(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("64M")
     cfg, out = _fault_copy(demo_build, disk, cache=False)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
+from pipeline.config import Accel, Arch
+from pipeline.errors import AccelUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.plan import AccelChoice
 
 T = TypeVar("T")
 
@@ -36,3 +42,17 @@ def process_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def accel_here(requested: Accel = Accel.AUTO, guest: Arch = Arch.X86_64, *,
+               purpose: str = "run") -> AccelChoice | AccelUnavailable:
+    """What imagepipe's decision function gives on THIS host (probed, not assumed): the choice, or
+    the refusal it raises. Tests compare the CLI's output with this, so they hold on a KVM laptop
+    as on a TCG-only CI box; the table tests in tests/unit cover every host kind by hand."""
+    from pipeline.host import probe
+    from pipeline.plan import choose_accel
+
+    try:
+        return choose_accel(requested, probe(tools=()), guest, purpose=purpose)
+    except AccelUnavailable as exc:
+        return exc

@@ -14,6 +14,7 @@ import pytest
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.history import History, is_locked
 from tests.conftest import NIX_CONFIG, ROOT, invoke, write_config
+from tests.support import live_processes_mentioning, wait_gone, wait_until
 
 pytestmark = pytest.mark.slow
 IMAGE = "demo-x86_64"
@@ -50,18 +51,6 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300)
         assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{log.read_text()}"
         time.sleep(0.1)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_if_changed_skips_fast_when_nothing_changed(demo_build, tmp_path):
@@ -131,9 +120,10 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     env = {} if point == "packer" else {"IMAGEPIPE_TEST_PAUSE_AT": point}
     proc = start(cfg, ["build", IMAGE, "--force"], log, env)
     wait_for(log, "Waiting for SSH" if point == "packer" else f"paused at {point}", proc)
-    if point == "packer":
-        time.sleep(1)
-        assert processes_mentioning(str(image_dir / ".staging")), "packer/qemu should be running"
+    if point == "packer":  # packer and its QEMU run in the staging folder
+        staging = str(image_dir / ".staging")
+        wait_until(lambda: [p for p in live_processes_mentioning(staging) if "qemu" in p], 120,
+                   "packer's QEMU", lambda: "\n".join(live_processes_mentioning(staging)))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
@@ -151,10 +141,7 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     # the next run under the lock clears what the killed build left (an orphaned packer/QEMU included)
     res = invoke(["gc"], cfg)
     assert res.returncode == 0, res.stderr
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(image_dir / ".staging")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_mentioning(str(image_dir / ".staging")) == []
+    wait_gone(str(image_dir / ".staging"), timeout=10)
     assert not (image_dir / ".staging").exists()
     assert invoke(["build", IMAGE, "--if-changed"], cfg).stderr.count("up to date") == 1
 

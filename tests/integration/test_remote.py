@@ -22,6 +22,7 @@ from pipeline import artifacts, follow, remote, rsync
 from pipeline.fetch import one_pass
 from tests.conftest import ROOT, invoke, require_tool, write_config
 from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2
+from tests.support import Background, live_processes_mentioning, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +116,9 @@ def test_rebuild_remote_builds_what_changed_there_and_publishes_here(hal9000):
     assert "up-to-date" in kinds and "built" not in kinds, again.stdout
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in args and ("packer" in args or "qemu-system" in args):
-            found.append(args)
-    return found
+def _build_processes(builder: Path) -> list[str]:
+    """packer and QEMU processes working in the builder's folder."""
+    return [p for p in live_processes_mentioning(str(builder)) if "packer" in p or "qemu-system" in p]
 
 
 @pytest.mark.slow
@@ -134,24 +128,21 @@ def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
     image_dir = builder / "output" / "demo-x86_64"
     before = artifacts.current_build(image_dir)
     assert before is not None, "runs after the full-cycle test, which publishes on the builder"
-    argv = [sys.executable, "-m", "invoke", "-f", str(hal9000["config"]), "remote-sync-build", "hal9000",
-            "--image", "demo-x86_64"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line)
-        if "==> packer build" in line:
-            time.sleep(2)  # let packer start its VM
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=180)
-    out = "".join(seen) + rest
-    assert proc.returncode == 130, out
-    deadline = time.monotonic() + 30
-    while _processes_mentioning(str(builder)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_mentioning(str(builder)) == [], out
+    build = Background(hal9000["config"], ["remote-sync-build", "hal9000", "--image", "demo-x86_64"])
+    try:
+        build.wait_for("==> packer build", timeout=600)
+        # packer on the builder has started its VM (QEMU of the builder's staging)
+        wait_until(lambda: [p for p in _build_processes(builder) if "qemu-system" in p], 180,
+                   "the builder's QEMU", lambda: "\n".join(_build_processes(builder)))
+        build.proc.send_signal(signal.SIGINT)
+        code = build.finish(timeout=180)
+    finally:
+        if build.proc.poll() is None:
+            os.killpg(build.proc.pid, signal.SIGKILL)
+    out = build.output()
+    assert code == 130, out
+    wait_until(lambda: not _build_processes(builder), 30, "no packer/QEMU left on the builder",
+               lambda: "\n".join(_build_processes(builder)))
     staging = image_dir / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
     assert artifacts.current_build(image_dir) == before

@@ -16,7 +16,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +26,10 @@ from pipeline import remote
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.errors import UnsafePath
 from pipeline.history import History
-from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
+from tests.conftest import ROOT, invoke, require_tool, write_config
 from tests.sshd_host import SshHost, fake_published
+from tests.support import Background, wait_gone
+from tests.support import live_processes_mentioning as processes_mentioning
 
 IMAGE = "demo-x86_64"
 
@@ -110,61 +111,6 @@ def no_traceback(res: subprocess.CompletedProcess[str]) -> str:
 
 def error_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in res.stderr.splitlines() if line.startswith("error:")]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes (not zombies) that mention `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{entry.name}: {cmd[:200]}")
-    return found
-
-
-def wait_until_gone(text: str, timeout: float = 30) -> None:
-    """Poll until no process mentions `text`; fail listing what is left."""
-    deadline = time.monotonic() + timeout
-    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, "still running:\n" + "\n".join(left)
-
-
-class Background:
-    """`invoke ...` in its own session (so its whole process group can be killed), output
-    collected line by line by a reader thread."""
-
-    def __init__(self, cfg: Path, args: list[str], env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
-                                     env={**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", start_new_session=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None or any(text in line for line in self.lines), \
-                f"exited {self.proc.returncode} before {text!r}:\n{''.join(self.lines)}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{''.join(self.lines)}"
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 # ------------------------------------------------------------------------------ planted links
@@ -565,8 +511,8 @@ def test_sigkill_leaves_no_process_of_the_build_behind(demo_build, tmp_path, sen
         else:
             os.kill(build.proc.pid, signal.SIGKILL)
         build.proc.wait(timeout=30)
-        wait_until_gone(str(out))  # no packer, no QEMU, no leash: nothing of the build is left
-        wait_until_gone(str(cfg))
+        wait_gone(str(out))  # no packer, no QEMU, no leash: nothing of the build is left
+        wait_gone(str(cfg))
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(build.proc.pid, signal.SIGKILL)
@@ -594,7 +540,7 @@ def test_the_next_command_stops_what_a_killed_build_and_its_leash_left(demo_buil
         assert processes_mentioning(str(out / IMAGE / ".staging")), "packer/QEMU should be orphaned now"
         res = invoke(["history"], cfg)
         assert res.returncode == 0 and "left by the abandoned build" in no_traceback(res), res.stderr
-        wait_until_gone(str(out / IMAGE / ".staging"), timeout=15)
+        wait_gone(str(out / IMAGE / ".staging"), timeout=15)
     finally:
         for line in processes_mentioning(str(out)):
             with contextlib.suppress(ProcessLookupError, PermissionError):

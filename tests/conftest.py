@@ -1,21 +1,14 @@
-"""Shared test helpers: run the real `invoke` CLI against a temporary output folder."""
+"""Fixtures and hooks of the suite; the helpers live in tests/support (one set, imported from there)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# Debian's nix-bin as root in a container (see MACHINE.md).
-NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
+from tests.support import NIX_CONFIG, invoke, require_tool, write_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,34 +28,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         why = marker.args[0] if marker.args else "it needs root"
         pytest.fail(f"needs root: {why}. Run it as root (CI does), or deselect it with -m 'not needs_root'",
                     pytrace=False)
-
-
-def require_tool(name: str, package: str) -> str:
-    """A tool the test needs; missing → the test FAILS with the install hint (never skips)."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install it with `sudo apt-get install {package}` (.ci/run does)")
-    return path
-
-
-def write_config(path: Path, output_dir: Path, extra: dict | None = None) -> Path:
-    """A runtime config (invoke -f) pointing output_dir at a temp folder."""
-    data = {"defaults": {"output_dir": str(output_dir)}}
-    for key, value in (extra or {}).items():
-        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def invoke(args: list[str], config: Path | None = None, *, timeout: float = 600, env: dict | None = None,
-           cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run `python -m invoke [-f config] ARGS` in the project, capturing output."""
-    argv = [sys.executable, "-m", "invoke"] + (["-f", str(config)] if config else []) + args
-    full_env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})}
-    res = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{argv} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 @pytest.fixture(scope="session")

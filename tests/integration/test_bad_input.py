@@ -6,8 +6,7 @@ from pathlib import Path
 
 from pipeline.config import Accel
 from pipeline.errors import AccelUnavailable
-from tests.conftest import invoke, write_config
-from tests.support import accel_here
+from tests.support import accel_here, invoke, write_config
 
 
 def test_unknown_image_lists_the_valid_names(tmp_path):

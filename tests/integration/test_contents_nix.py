@@ -12,8 +12,8 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.build import BuildOptions, build_image
-from tests.conftest import NIX_CONFIG, require_tool
 from tests.integration.test_nix_build import Recorder, project_config
+from tests.support import NIX_CONFIG, require_tool
 from tests.unit.test_packages import validate
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,7 @@ import pytest
 from pipeline.artifacts import verify_published
 from pipeline.config import Accel
 from pipeline.errors import AccelUnavailable
-from tests.conftest import require_tool
-from tests.support import accel_here
+from tests.support import accel_here, require_tool
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,7 @@ import json
 
 from pipeline.config import Accel
 from pipeline.errors import AccelUnavailable
-from tests.conftest import invoke, write_config
-from tests.support import accel_here
+from tests.support import accel_here, invoke, write_config
 
 
 def test_doctor_json_explains_the_accelerator(tmp_path):

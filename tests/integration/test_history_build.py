@@ -13,19 +13,24 @@ import pytest
 
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.history import History, is_locked
-from tests.conftest import NIX_CONFIG, ROOT, invoke, write_config
-from tests.support import live_processes_mentioning, wait_gone, wait_until
+from tests.support import (
+    NIX_CONFIG,
+    ROOT,
+    invoke,
+    live_processes_mentioning,
+    published_copy,
+    wait_gone,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 IMAGE = "demo-x86_64"
 
 
 def copy_output(demo_build, tmp_path: Path, extra: dict | None = None) -> tuple[Path, Path]:
-    """A private copy of the session's demo output (tests must not change the shared one)."""
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    return write_config(tmp_path / "test.yaml", out, extra), out
+    """A private copy of the session's demo output with the guest cache (these tests build)."""
+    return published_copy(demo_build, tmp_path, cache=True, extra=extra)
 
 
 def rows(out: Path, image: str = IMAGE) -> list:

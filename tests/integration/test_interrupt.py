@@ -2,17 +2,16 @@
 
 import hashlib
 import os
-import shutil
 import signal
 
 import pytest
 
-from tests.conftest import write_config
 from tests.support import (
     Background,
     live_pids_mentioning,
     live_processes_mentioning,
     process_gone,
+    published_copy,
     wait_gone,
     wait_until,
 )
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_build(demo_build, tmp_path, sig):
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    cfg = write_config(tmp_path / "test.yaml", out)
+    cfg, out = published_copy(demo_build, tmp_path, cache=True)
     published = out / "demo-x86_64" / "demo-x86_64.qcow2"
     before = hashlib.sha256(published.read_bytes()).hexdigest()
     current_before = os.readlink(out / "demo-x86_64" / "current")

@@ -11,14 +11,8 @@ import pytest
 from pipeline import iso
 from pipeline.config import load_file
 from pipeline.errors import VerifyFailed
-from tests.almalinux_support import (
-    ROOT,
-    closed_port_url,
-    invoke,
-    project_copy,
-    serve,
-    write_release,
-)
+from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.support import ROOT, invoke, project_copy
 
 CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")

@@ -31,8 +31,8 @@ import pytest
 import yaml
 
 from pipeline import artifacts
-from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost
+from tests.support import ROOT, invoke, project_copy, require_tool, write_config
+from tests.support.sshd import SshHost
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
 BASE_NIX = ["build-users-group =", "sandbox = false", "substituters =", "experimental-features = nix-command flakes"]
@@ -332,9 +332,7 @@ def _own_project(tmp_path: Path) -> Path:
     root = tmp_path / "proj"
     shutil.copytree(FIXTURE, root / "nixos")
     (root / "nixos" / "nonce").write_text(uuid.uuid4().hex)
-    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
-        shutil.copy2(ROOT / name, root / name)
-    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    project_copy(root, ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline"))
     return root
 
 

@@ -20,9 +20,16 @@ import yaml
 
 from pipeline import artifacts, follow, remote, rsync
 from pipeline.fetch import one_pass
-from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2
-from tests.support import Background, live_processes_mentioning, wait_until
+from tests.support import (
+    ROOT,
+    Background,
+    invoke,
+    live_processes_mentioning,
+    require_tool,
+    wait_until,
+    write_config,
+)
+from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +428,7 @@ def test_fetch_checks_host_keys_through_openssh(hal9000, tmp_path):
     good = artifacts.current_build(out / "demo-x86_64")
     assert good is not None
 
-    from tests.sshd_host import keygen
+    from tests.support.sshd import keygen
 
     known.write_text(host.known_hosts_line(keygen(tmp_path / "other_host_key", "impostor")))
     before = known.read_text()
@@ -450,7 +457,7 @@ def test_unknown_host_key_refused_then_accepted_changed_key_refused(hal9000, tmp
     subprocess.run(["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                     "hal9000", "true"], check=True, timeout=60)
 
-    from tests.sshd_host import keygen
+    from tests.support.sshd import keygen
 
     other = keygen(tmp_path / "other_host_key", "impostor")
     known.write_text(host.known_hosts_line(other))

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -26,10 +25,17 @@ from pipeline import remote
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.errors import UnsafePath
 from pipeline.history import History
-from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost, fake_published
-from tests.support import Background, wait_gone
+from tests.support import (
+    ROOT,
+    Background,
+    invoke,
+    published_copy,
+    require_tool,
+    wait_gone,
+    write_config,
+)
 from tests.support import live_processes_mentioning as processes_mentioning
+from tests.support.sshd import SshHost, fake_published
 
 IMAGE = "demo-x86_64"
 
@@ -77,29 +83,6 @@ def sentinel(tmp_path: Path):
     before = snapshot(root)
     yield root
     assert snapshot(root) == before, "something outside the output folder changed"
-
-
-def published_copy(demo_build, dest: Path, *, cache: bool = False, extra: dict | None = None) -> tuple[Path, Path]:
-    """The session's published demo build copied into dest/output (+ the guest cache when a test
-    builds again), with a config pointing there."""
-    _, src = demo_build
-    out = dest / "output"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / IMAGE, out / IMAGE, symlinks=True,
-                    ignore=shutil.ignore_patterns("run", "boot-test", ".lock"))
-    shutil.copytree(src / ".keys", out / ".keys")
-    _copy_history(src / "history.db", out / "history.db")
-    if cache:
-        shutil.copytree(src / ".cache", out / ".cache", ignore=shutil.ignore_patterns("root", "merged"))
-    return write_config(dest / "test.yaml", out, extra), out
-
-
-def _copy_history(src: Path, dest: Path) -> None:
-    """A self-contained copy of a WAL database (sqlite's backup API)."""
-    with sqlite3.connect(src) as a, sqlite3.connect(dest) as b:
-        a.backup(b)
-    b.close()
-    a.close()
 
 
 def no_traceback(res: subprocess.CompletedProcess[str]) -> str:
@@ -224,6 +207,8 @@ def test_output_dir_must_be_a_folder_of_its_own(tmp_path, sentinel, where, why):
     top = set(os.listdir("/"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"defaults": {"output_dir": where.format(sentinel=sentinel, tmp=tmp_path)}}))
+    if Path(where).expanduser().resolve() == Path.home().resolve():  # e.g. a checkout at ~/imagepipe
+        why = "your home folder"
     for args in (["build-demo", "--dry-run"], ["gc"], ["history"], ["run-demo"]):
         res = invoke(args, cfg, timeout=120)
         assert res.returncode == 2 and why in no_traceback(res), (args, res.stderr)

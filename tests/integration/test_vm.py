@@ -28,9 +28,7 @@ from pipeline.vm import boottest, lifecycle, ssh
 from pipeline.vm import state as vmstate
 from pipeline.vm.argv import RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp
-from tests.conftest import ROOT, invoke, require_tool
-from tests.sshd_host import keygen
-from tests.support import accel_here
+from tests.support import ROOT, accel_here, invoke, keygen, require_tool
 
 pytestmark = pytest.mark.slow
 DEMO = "demo-x86_64"

@@ -1,7 +1,15 @@
-"""Helpers shared by the tests (imported by tests/conftest.py and by test modules)."""
+"""The one set of helpers the tests share (fixtures live in tests/conftest.py, the test sshd in
+tests/support/sshd.py): the project root, the invoke runner, configs, keys, copies of a published
+output folder and of the project, deadline-bounded waits and the process scan.
+
+Nothing here changes the environment when imported."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +26,93 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the project checkout
+
+# Debian's nix-bin as root in a container (MACHINE.md); conftest's session fixture puts it in the
+# environment unless the caller has their own NIX_CONFIG.
+NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
+
+
+def require_tool(name: str, package: str) -> str:
+    """A tool the test needs; missing → the test FAILS with the install hint (never skips)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install it with `sudo apt-get install {package}` (.ci/run does)")
+    return path
+
+
+def write_config(path: Path, output_dir: Path, extra: dict | None = None) -> Path:
+    """A runtime config (invoke -f) pointing output_dir at a temp folder; `extra` merged in."""
+    import yaml
+
+    data: dict = {"defaults": {"output_dir": str(output_dir)}}
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def invoke(args: list[str], config: Path | None = None, *, timeout: float = 600, env: dict | None = None,
+           cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `python -m invoke [-f config] ARGS` in `cwd` (the project, or a copy of it) as a user
+    would: a separate process, its real exit code, output captured."""
+    argv = [sys.executable, "-m", "invoke", *(["-f", str(config)] if config else []), *args]
+    full_env = {**os.environ, **(env or {})}
+    res = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{argv} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def keygen(path: Path, comment: str = "imagepipe-test") -> Path:
+    """An unencrypted ed25519 key pair at `path` (+ .pub), made by the real ssh-keygen."""
+    require_tool("ssh-keygen", "openssh-client")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True, timeout=30)
+    return path
+
+
+def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = False,
+                   extra: dict | None = None, config: str = "test.yaml") -> tuple[Path, Path]:
+    """A private copy of the session's published demo output in dest/output, and a config
+    pointing there: (config file, output dir). Tests that change an output folder work on this;
+    the session's build stays as built. Links stay links; no VM state or lock is copied; the
+    history through sqlite's backup API (a WAL database is more than its main file); the guest
+    cache (`cache`) for a test that builds again."""
+    import sqlite3
+
+    _, src = demo_build
+    out = dest / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    for image in (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        shutil.copytree(image, out / image.name, symlinks=True,
+                        ignore=shutil.ignore_patterns("run", "boot-test", ".lock"))
+    shutil.copytree(src / ".keys", out / ".keys")
+    if (src / "history.db").exists():
+        with sqlite3.connect(src / "history.db") as a, sqlite3.connect(out / "history.db") as b:
+            a.backup(b)
+        b.close()
+        a.close()
+    if cache and (src / ".cache").exists():
+        shutil.copytree(src / ".cache", out / ".cache", symlinks=True, ignore=shutil.ignore_patterns("root", "merged"))
+    return write_config(dest / config, out, extra), out
+
+
+PROJECT_PARTS = ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline", "packer", "kickstart", "nixos")
+
+
+def project_copy(dest: Path, parts: tuple[str, ...] = PROJECT_PARTS) -> Path:
+    """A throwaway copy of the project (code, tasks.py, invoke.yaml and the generated files)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "result*", ".git"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str,

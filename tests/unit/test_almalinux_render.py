@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import hcl2
 import pytest
@@ -15,8 +14,8 @@ from pipeline.errors import ConfigError
 from pipeline.lint import QEMU_PLUGIN_ARGS
 from pipeline.render import almalinux
 from pipeline.render.packer import COMMON_VARIABLES, render_text
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")
 ARM = CFG.image("almalinux10-aarch64")

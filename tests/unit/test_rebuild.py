@@ -1,7 +1,6 @@
 """Rebuild selection, outcome accounting and failure summaries (pure parts)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,8 +9,7 @@ from pipeline import distros, rebuild
 from pipeline.build import describe_failure
 from pipeline.config import load
 from pipeline.errors import BuildFailed, CommandFailed, UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def cfg(**demo):

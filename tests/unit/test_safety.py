@@ -30,8 +30,7 @@ from pipeline.numbers import NumberError, int_or_none, parse_int
 from pipeline.tasks.common import guard
 from pipeline.text import visible, visible_lines
 from pipeline.vm.state import StatePaths, console_tail, read_status
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def victim(tmp_path: Path) -> Path:

@@ -17,20 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import artifacts
+from pipeline.vm.state import free_port
+from tests.support import keygen
 
 SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def keygen(path: Path, comment: str = "imagepipe-test") -> Path:
-    """An unencrypted ed25519 key pair at `path` (+ .pub)."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
-    return path
 
 
 @dataclass

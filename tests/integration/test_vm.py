@@ -28,7 +28,7 @@ from pipeline.vm import boottest, lifecycle, ssh
 from pipeline.vm import state as vmstate
 from pipeline.vm.argv import RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp
-from tests.support import ROOT, accel_here, invoke, keygen, require_tool
+from tests.support import ROOT, accel_here, invoke, keygen, require_tool, wait_until
 
 pytestmark = pytest.mark.slow
 DEMO = "demo-x86_64"
@@ -165,10 +165,14 @@ def test_foreground_console(demo):
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while "demo guest: up" not in (state.console.read_text() if state.console.exists() else ""):
-            assert time.monotonic() < deadline and proc.poll() is None, "the guest did not come up"
-            time.sleep(0.5)
+        def console() -> str:
+            return state.console.read_text(errors="replace") if state.console.exists() else ""
+
+        def up() -> bool:
+            assert proc.poll() is None, f"run-demo --foreground exited {proc.returncode}:\n{console()[-2000:]}"
+            return "demo guest: up" in console()
+
+        wait_until(up, 120, "the demo guest's 'up' line on its console", lambda: console()[-2000:])
         assert status_of(cfg)["state"] == "running"
         assert proc.stdin is not None
         proc.stdin.write(b"\npoweroff\n")

@@ -22,7 +22,17 @@ from pipeline.plan import make_build_plan
 from pipeline.render import kickstart
 from pipeline.run import run
 from tests.integration.test_nix_build import Recorder
-from tests.support import NIX_CONFIG, ROOT, invoke, project_copy, require_tool, write_config
+from tests.support import (
+    NEEDS_NIX_STORE,
+    NIX_CONFIG,
+    ROOT,
+    invoke,
+    project_copy,
+    require_tool,
+    write_config,
+)
+
+pytestmark = NEEDS_NIX_STORE
 
 CFG = load_file(ROOT / "invoke.yaml")
 HASH = "$6$saltsalt$" + "e" * 86

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_file
 from pipeline.render.files import drift, rendered_files
-from tests.support import ROOT, invoke, project_copy
+from tests.support import NEEDS_NIX_STORE, ROOT, invoke, project_copy
 
 GENERATED = ("packer", "kickstart")
 
@@ -75,6 +75,7 @@ def test_hostile_values_are_rejected_before_anything_is_written(what: str, spoil
     assert not any((proj / d).exists() for d in GENERATED), f"{what}: something was written"
 
 
+@NEEDS_NIX_STORE  # lint parses every .nix file with nix-instantiate
 def test_lint_passes_and_says_which_rendering_it_validated_and_what_it_could_not_check() -> None:
     res = invoke(["lint"], timeout=600)
     assert res.returncode == 0, res.stderr
@@ -85,6 +86,7 @@ def test_lint_passes_and_says_which_rendering_it_validated_and_what_it_could_not
     assert "lint: no problems in what ran" in res.stderr
 
 
+@NEEDS_NIX_STORE  # lint parses every .nix file with nix-instantiate
 def test_lint_lists_every_failure(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
     ks = proj / "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg"

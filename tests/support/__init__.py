@@ -32,6 +32,19 @@ ROOT = Path(__file__).resolve().parent.parent.parent  # the project checkout
 NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
 
 
+def nix_store_writable() -> bool:
+    """Whether nix can write its store for this user: root, a nix daemon to ask, or a store the
+    user owns (a single-user install in their name). Debian's nix-bin as anyone else has none."""
+    return (os.geteuid() == 0 or Path("/nix/var/nix/daemon-socket/socket").exists()
+            or (os.access("/nix/store", os.W_OK) and os.access("/nix/var/nix", os.W_OK)))
+
+
+# Tests that run the local nix: even `nix-instantiate --parse` takes nix's locks under /nix/var.
+NEEDS_NIX_STORE = pytest.mark.needs_root(
+    "runs the local nix, which writes under /nix: root's with a single-user nix and no daemon",
+    unless=nix_store_writable)
+
+
 def require_tool(name: str, package: str) -> str:
     """A tool the test needs; missing → the test FAILS with the install hint (never skips)."""
     path = shutil.which(name)

@@ -170,14 +170,18 @@ def accel_here(requested: Accel = Accel.AUTO, guest: Arch = Arch.X86_64, *,
 
 
 def live_processes_mentioning(text: str) -> list[str]:
-    """`pid: command line` of this user's live processes (zombies left out) whose command line
-    contains `text` - the scan of pipeline.procs, shown for a failure message."""
+    """`pid: command line` (first 200 characters) of the live processes (zombies left out) whose
+    command line, arguments joined by spaces as pipeline.procs.cmdline shows it, contains `text`
+    (so "-I -S -c" matches three arguments)."""
     from pipeline import procs
 
     found = []
-    for pid in procs.pids_mentioning(text):
-        if not process_gone(pid):
-            found.append(f"{pid}: {(procs.cmdline(pid) or '')[:200]}")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        cmd = procs.cmdline(int(entry.name))
+        if cmd is not None and text in cmd:
+            found.append(f"{entry.name}: {cmd[:200]}")
     return found
 
 

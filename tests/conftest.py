@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import NIX_CONFIG, invoke, require_tool, write_config
 
+WITHOUT_ROOT = pytest.StashKey[dict[str, int]]()  # --without-root: reason → tests deselected
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _nix_config() -> Iterator[None]:
@@ -20,15 +22,52 @@ def _nix_config() -> Iterator[None]:
         yield
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--without-root", action="store_true",
+                     help="deselect the tests that need root on this machine (needs_root, unless its "
+                          "check holds here), and say which; for a run as an unprivileged user")
+
+
+def root_needed(item: pytest.Item) -> str | None:
+    """Why `item` needs root here (None: it does not). A needs_root marker with `unless=check`
+    does not apply where check() holds (e.g. a nix daemon, membership of group tty)."""
+    if os.geteuid() == 0:
+        return None
+    for marker in item.iter_markers("needs_root"):
+        unless = marker.kwargs.get("unless")
+        if not (unless and unless()):
+            return marker.args[0] if marker.args else "it needs root"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--without-root: deselect what needs root here, and count it by reason for the summary."""
+    if not config.getoption("--without-root"):
+        return
+    keep, dropped = [], []
+    for item in items:
+        (dropped if root_needed(item) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    reasons: dict[str, int] = {}
+    for item in dropped:
+        why = root_needed(item) or ""
+        reasons[why] = reasons.get(why, 0) + 1
+    config.stash[WITHOUT_ROOT] = reasons
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for why, count in config.stash.get(WITHOUT_ROOT, {}).items():
+        terminalreporter.write_line(f"--without-root: deselected {count} test(s) that need root here: {why}")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A test marked needs_root FAILS (never skips) for anyone else, saying why and how to
-    deselect it; the non-root run (.ci/run-unprivileged) deselects them with -m 'not needs_root'.
-    `unless=check`: the test runs for anyone when check() holds (e.g. a nix daemon to ask)."""
-    marker = item.get_closest_marker("needs_root")
-    unless = marker.kwargs.get("unless") if marker is not None else None
-    if marker is not None and os.geteuid() != 0 and not (unless and unless()):
-        why = marker.args[0] if marker.args else "it needs root"
-        pytest.fail(f"needs root: {why}. Run it as root (CI does), or deselect it with -m 'not needs_root'",
+    """A test that needs root here FAILS (never skips) for anyone else, saying why and how to
+    deselect it (--without-root, which .ci/run-unprivileged uses)."""
+    why = root_needed(item)
+    if why is not None:
+        pytest.fail(f"needs root: {why}. Run it as root (CI does), or deselect it with --without-root",
                     pytrace=False)
 
 

@@ -21,6 +21,7 @@ import yaml
 from pipeline import artifacts, follow, remote, rsync
 from pipeline.fetch import one_pass
 from tests.support import (
+    NEEDS_PTY,
     ROOT,
     Background,
     invoke,
@@ -59,6 +60,7 @@ def _out(res: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_full_cycle_sync_build_fetch_publish(hal9000):
     """sync → remote demo build in the builder's own venv → fetch → sha256 verified → published here."""
     for tool, pkg in (("packer", "packer"), ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
@@ -98,6 +100,7 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_rebuild_remote_builds_what_changed_there_and_publishes_here(hal9000):
     """The timer job with --remote: sync, `build --if-changed` on the builder, fetch, publish here."""
     base = hal9000["base"]
@@ -129,6 +132,7 @@ def _build_processes(builder: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
     """^C during a remote build: the builder's packer and qemu stop, its staging is removed, exit 130."""
     builder = hal9000["base"] / "builder"
@@ -554,6 +558,7 @@ def test_config_rejects_a_hostile_builder_host(tmp_path):
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
     """Two x86_64 builders (same sshd, separate dirs) build at once; an unreachable arm builder fails alone."""
     base = hal9000["base"]

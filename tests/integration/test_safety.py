@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -26,6 +27,7 @@ from pipeline.artifacts import read_manifest, verify_published
 from pipeline.errors import UnsafePath
 from pipeline.history import History
 from tests.support import (
+    NEEDS_PTY,
     ROOT,
     Background,
     invoke,
@@ -380,17 +382,21 @@ def _small_project(tmp_path: Path) -> Path:
     return project
 
 
+# the test sshd logs in the user running the tests: their home is the builder's home
+BUILDER_HOME = pwd.getpwuid(os.geteuid()).pw_dir
+
+
 @pytest.mark.parametrize("raw_dir,why", [("~", "is the home folder"), ("/", "is the root folder /"),
-                                         ("/root", "is the home folder")])
+                                         (BUILDER_HOME, "is the home folder")])
 def test_the_builder_dir_is_never_home_or_root(builder_host, tmp_path, raw_dir, why):
-    home_before = sorted(os.listdir("/root"))
+    home_before = sorted(os.listdir(BUILDER_HOME))
     conn = remote.connect(_target(builder_host, raw_dir))
     try:
         with pytest.raises(UnsafePath, match=why):
             remote.sync(conn, _target(builder_host, raw_dir), _small_project(tmp_path))
     finally:
         conn.close()
-    assert sorted(os.listdir("/root")) == home_before and not Path("/.imagepipe-builder").exists()
+    assert sorted(os.listdir(BUILDER_HOME)) == home_before and not Path("/.imagepipe-builder").exists()
 
 
 def test_a_foreign_builder_dir_is_refused_and_a_new_one_claimed(builder_host, tmp_path, sentinel):
@@ -437,6 +443,7 @@ def test_a_damaged_builder_manifest_is_refused(builder_host, tmp_path):
         assert not (tmp_path / "out" / IMAGE / "current").exists()
 
 
+@NEEDS_PTY
 def test_escape_sequences_from_a_builder_are_shown_not_interpreted(builder_host, tmp_path, capfd):
     """The builder is the attacker here: its `invoke` (a stand-in for a compromised builder,
     labelled as such) prints escape sequences in plain lines and inside JSON events."""

@@ -6,6 +6,7 @@ Nothing here changes the environment when imported."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent  # the project checkout
 NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
 
 
+@functools.cache
 def nix_store_writable() -> bool:
     """Whether nix can write its store for this user: root, a nix daemon to ask, or a store the
     user owns (a single-user install in their name). Debian's nix-bin as anyone else has none."""
@@ -43,6 +45,25 @@ def nix_store_writable() -> bool:
 NEEDS_NIX_STORE = pytest.mark.needs_root(
     "runs the local nix, which writes under /nix: root's with a single-user nix and no daemon",
     unless=nix_store_writable)
+
+
+@functools.cache
+def sshd_gives_pty() -> bool:
+    """Whether the test sshd, started by this user, can give a session a pty: sshd chowns it to
+    group tty, which only root or a member of tty may do ("chown(/dev/pts/N, uid, 5) failed")."""
+    import grp
+
+    try:
+        tty = grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return os.geteuid() == 0
+    return os.geteuid() == 0 or tty in os.getgroups()
+
+
+# Tests whose builder runs a remote build: imagepipe asks for a pty there (^C reaches the build).
+NEEDS_PTY = pytest.mark.needs_root(
+    "the test sshd runs as this user and must give the remote build a pty (needs root or group tty)",
+    unless=sshd_gives_pty)
 
 
 def require_tool(name: str, package: str) -> str:

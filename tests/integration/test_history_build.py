@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.history import History, is_locked
 from tests.support import (
-    NIX_CONFIG,
     ROOT,
+    Background,
     invoke,
     live_processes_mentioning,
     published_copy,
@@ -41,21 +40,6 @@ def rows(out: Path, image: str = IMAGE) -> list:
 def history_json(cfg: Path, *args: str) -> list[dict]:
     res = invoke(["history", "--json", *args], cfg, check=True)
     return [json.loads(line) for line in res.stdout.splitlines()]
-
-
-def start(cfg: Path, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A build in the background, all output into `log` (read by wait_for)."""
-    return subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
-                            env={**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{log.read_text()}"
-        time.sleep(0.1)
 
 
 def test_if_changed_skips_fast_when_nothing_changed(demo_build, tmp_path):
@@ -121,10 +105,10 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     cfg, out = copy_output(demo_build, tmp_path)
     image_dir = out / IMAGE
     published_before = read_manifest(image_dir)
-    log = tmp_path / "build.log"
     env = {} if point == "packer" else {"IMAGEPIPE_TEST_PAUSE_AT": point}
-    proc = start(cfg, ["build", IMAGE, "--force"], log, env)
-    wait_for(log, "Waiting for SSH" if point == "packer" else f"paused at {point}", proc)
+    build = Background(cfg, ["build", IMAGE, "--force"], env)
+    proc = build.proc
+    build.wait_for("Waiting for SSH" if point == "packer" else f"paused at {point}")
     if point == "packer":  # packer and its QEMU run in the staging folder
         staging = str(image_dir / ".staging")
         wait_until(lambda: [p for p in live_processes_mentioning(staging) if "qemu" in p], 120,
@@ -153,18 +137,18 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
 
 def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
-    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start(cfg, ["build", IMAGE, "--force"], first_log)
-    wait_for(first_log, "packer build", first)
-    second = start(cfg, ["build", IMAGE, "--force"], second_log)
-    wait_for(second_log, "waiting for the build held by", second, timeout=60)
-    assert f"pid {first.pid}" in second_log.read_text()
+    first_build = Background(cfg, ["build", IMAGE, "--force"])
+    first = first_build.proc
+    first_build.wait_for("packer build")
+    second_build = Background(cfg, ["build", IMAGE, "--force"])
+    second_build.wait_for("waiting for the build held by", timeout=60)
+    assert f"pid {first.pid}" in second_build.output()
     begin = time.monotonic()
     third = invoke(["build", IMAGE, "--force", "--no-wait"], cfg)
     assert third.returncode == 75 and f"is being built by pid {first.pid}" in third.stderr, third.stderr
     assert time.monotonic() - begin < 10
-    assert first.wait(timeout=600) == 0, first_log.read_text()
-    assert second.wait(timeout=600) == 0, second_log.read_text()
+    assert first_build.finish(timeout=600) == 0, first_build.output()
+    assert second_build.finish(timeout=600) == 0, second_build.output()
     newest, older = rows(out)[:2]
     assert newest.status == older.status == "ok" and newest.started >= older.finished
     assert read_manifest(out / IMAGE)["build_id"] == newest.id
@@ -186,11 +170,10 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
 
 def test_sigterm_is_recorded_as_interrupted(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
-    log = tmp_path / "build.log"
-    proc = start(cfg, ["build", IMAGE, "--force"], log, {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
-    wait_for(log, "paused at verify", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130, log.read_text()
+    build = Background(cfg, ["build", IMAGE, "--force"], {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
+    build.wait_for("paused at verify")
+    build.proc.send_signal(signal.SIGTERM)
+    assert build.finish(timeout=60) == 130, build.output()
     last = history_json(cfg, "--image", IMAGE)[0]
     assert last["status"] == "interrupted" and "SIGTERM" in last["error"]
     assert not (out / IMAGE / ".staging").exists() and not is_locked(out / IMAGE)

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -47,12 +46,13 @@ def test_if_changed_skips_fast_when_nothing_changed(demo_build, tmp_path):
     manifest = read_manifest(out / IMAGE)
     assert manifest["input_hash"] and manifest["input_parts"]["config"]
     builds_before = sorted(os.listdir(out / IMAGE / "builds"))
-    begin = time.monotonic()
+    logs_before = sorted(os.listdir(out / IMAGE / "logs"))
     res = invoke(["build", IMAGE, "--if-changed"], cfg)
-    took = time.monotonic() - begin
     assert res.returncode == 0, res.stderr
     assert f"up to date: built {manifest['finished']}, sha256 {manifest['artifact']['sha256'][:16]}" in res.stderr
-    assert took < 2.0, f"--if-changed took {took:.2f}s"  # the benchmark holds the 0.5 s goal; CI is noisy
+    # fast because nothing ran: no packer log, no staging (the 0.5 s goal is bench/noop_rebuild.py's:
+    # a wall-clock bound here would only measure how busy the machine is)
+    assert sorted(os.listdir(out / IMAGE / "logs")) == logs_before and not (out / IMAGE / ".staging").exists()
     assert sorted(os.listdir(out / IMAGE / "builds")) == builds_before and len(rows(out)) == 1
     as_json = invoke(["build", IMAGE, "--if-changed", "--json"], cfg)
     event = json.loads(as_json.stdout.strip())
@@ -143,10 +143,9 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
     second_build = Background(cfg, ["build", IMAGE, "--force"])
     second_build.wait_for("waiting for the build held by", timeout=60)
     assert f"pid {first.pid}" in second_build.output()
-    begin = time.monotonic()
     third = invoke(["build", IMAGE, "--force", "--no-wait"], cfg)
     assert third.returncode == 75 and f"is being built by pid {first.pid}" in third.stderr, third.stderr
-    assert time.monotonic() - begin < 10
+    assert first.poll() is None, "--no-wait returned while the first build still ran (it did not wait)"
     assert first_build.finish(timeout=600) == 0, first_build.output()
     assert second_build.finish(timeout=600) == 0, second_build.output()
     newest, older = rows(out)[:2]

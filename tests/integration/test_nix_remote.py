@@ -352,6 +352,7 @@ def _own_project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_ssh_ng_builds_the_same_staged_flake_with_the_build_key_as_a_local_build(builders, tmp_path):
     """The project's own nixos/ (here the fixture): the copy staged for the build, holding this
     image's params with the build key, is what nix evaluates here and builds on hal9000; the
@@ -381,6 +382,7 @@ def test_ssh_ng_builds_the_same_staged_flake_with_the_build_key_as_a_local_build
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_build_nixos_x86_goes_to_a_configured_builder_when_this_nix_lacks_kvm(builders, tmp_path):
     """The issue's "done when": a host with nix and a configured Linux builder; the plain
     `invoke build-nixos-x86` builds through it (this side's nix has no kvm)."""

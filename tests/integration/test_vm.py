@@ -28,7 +28,7 @@ from pipeline.vm import boottest, lifecycle, ssh
 from pipeline.vm import state as vmstate
 from pipeline.vm.argv import RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp
-from tests.support import ROOT, accel_here, invoke, keygen, require_tool, wait_until
+from tests.support import ROOT, Background, accel_here, invoke, keygen, require_tool, wait_until
 
 pytestmark = pytest.mark.slow
 DEMO = "demo-x86_64"
@@ -139,18 +139,16 @@ def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
     assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
     state = vmstate.state_paths(out, DEMO)
     pid = int(state.pid.read_text())
-    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "stop", DEMO, "--timeout", "120"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    stopping = Background(cfg, ["stop", DEMO, "--timeout", "120"])
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()  # "sent the ACPI power button; waiting ..."
-        assert "waiting up to 120s" in line
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        stopping.wait_for("waiting up to 120s", timeout=60)  # "sent the ACPI power button; waiting ..."
+        stopping.proc.send_signal(signal.SIGINT)
+        code = stopping.finish(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+        if stopping.proc.poll() is None:
+            stopping.proc.kill()
+    err = stopping.output()
+    assert code == 130, err
     assert "stopped at once" in err
     assert qemu_gone(pid) and not state.pid.exists()
 

@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   packer qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf xorriso
   openssh-server openssh-client rsync sshpass nix-bin e2fsprogs systemd openssl shellcheck
-  python3 python3-venv python3-pip ca-certificates dpkg apt-utils
+  python3 python3-venv python3-pip ca-certificates dpkg apt-utils tmux
 )
 
 echo "==> installing system packages: ${PACKAGES[*]}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import shutil
 import socket
 import sys
@@ -31,6 +30,7 @@ from pipeline import (
     packages,
     retention,
     sbom,
+    summary,
 )
 from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
@@ -49,6 +49,7 @@ from pipeline.procs import start_time
 from pipeline.progress import Event, Progress
 from pipeline.run import install_hint, interrupt_guard, tool_groups
 from pipeline.text import visible_lines
+from pipeline.units import clock, mib
 
 if TYPE_CHECKING:
     from pipeline.remote import Target
@@ -66,6 +67,7 @@ class BuildOptions:
     location: str = "local"        # where the build runs, for the history (local or a builder host)
     builder: Target | None = None  # a builder the engine drives itself (NixOS: nix over ssh-ng)
     accept_new_host_key: bool = False  # with `builder`: pin its host key if none is known yet
+    authorize: tuple[str, ...] = ()  # further public keys for ssh_user (a remote build: the asker's key)
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,14 @@ def build_image(
     The whole build holds the image's lock; it is recorded in the history from start to end;
     with `opts.if_changed` nothing is built when the inputs equal the published build's.
     """
+    if opts.dry_run:
+        s = dry_run(cfg, image, opts, facts)
+        say(summary.format_text(s))
+        if s.problems:
+            raise s.problems[0].error()
+        return BuildResult(image.name, summary.BUILD_ID, None, None)
     # Whether this host can build the image is decided before anything is created or locked.
     facts, driver, plan = decide(cfg, image, opts, facts)
-    if opts.dry_run:  # nothing is written: no key, no cache, no history, no folder
-        _announce(plan, facts, say)
-        _print_plan(plan, driver, say)
-        say(f"  {'input hash':12} {inputs.compute(cfg, image, save_cache=False).value}")
-        return BuildResult(image.name, plan.build_id, None, None)
     check_layout(cfg.output_dir, plan.image_dir)
     with interrupt_guard(), history.image_lock(plan.image_dir, build_id=plan.build_id, wait=opts.wait, say=say):
         with history.History(cfg.output_dir) as hist:
@@ -170,7 +173,8 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     if problem is not None:
         raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route)
+    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route,
+                           extra_keys=opts.authorize)
     driver = profile.driver
     driver.check(plan, facts)
     preflight(image, facts)
@@ -233,7 +237,11 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
     """produce → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
+    progress.attach(total=len(summary.step_names(driver, plan, facts, opts.boot_test)),
+                    console_log=plan.console_log, log_path=plan.build_log)
     with progress, _staging(plan) as stage:
+        started = time.time()
+        _log_header(progress, plan, driver, facts)
         done = produce(cfg, plan, driver, facts, ihash, opts, progress, stage)
         progress.step_event("publish")
         artifacts.write_build_files(stage, done.manifest, done.sums)
@@ -241,8 +249,9 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
         final = artifacts.publish(stage, plan.image_dir, plan.build_id)
         others = len(done.manifest["artifacts"]) - 1
         progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
-                                    f"({done.primary.size / 1e6:.1f} MB, sha256 {done.primary.sha256[:12]}…)"
-                                    + (f" and {others} more format(s)" if others else "")))
+                                    f"({mib(done.primary.size)}, sha256 {done.primary.sha256[:12]}…)"
+                                    + (f" and {others} more format(s)" if others else "")
+                                    + f" in {clock(time.time() - started)}"))
     return BuildResult(image.name, plan.build_id, final, done.manifest)
 
 
@@ -287,6 +296,16 @@ def _other_formats(image: Image, primary: artifacts.Verified, stage: Path,
     return out
 
 
+def _log_header(progress: Progress, plan: BuildPlan, driver: Driver, facts: HostFacts) -> None:
+    """The first lines of build.log: what is built, where, how (never a secret)."""
+    image = plan.image
+    progress.log_only(f"imagepipe {__version__}: build {plan.build_id} of {image.name} "
+                      f"({image.distro} {image.version} {image.arch.value}) on {socket.gethostname()} "
+                      f"({facts.os} {facts.machine})")
+    progress.log_only(f"accelerator {plan.accel.accel.value}: {plan.accel.reason}")
+    progress.log_only(f"engine {driver.name}; raw tool output: {plan.raw_log}; guest console: {plan.console_log}")
+
+
 def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> None:
     """Keep the image's last N builds (never the published one); a failure here is only a warning."""
     try:
@@ -295,7 +314,7 @@ def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> N
         say(f"{image.name}: warning: retention could not remove old builds: {exc}")
         return
     if freed.removed:
-        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {freed.human_bytes}")
+        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
 
 
 def _as_storage_error(exc: BaseException, plan: BuildPlan) -> StorageError | None:
@@ -410,20 +429,10 @@ def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified]
     return manifest
 
 
-def _print_plan(plan: BuildPlan, driver: Driver, say: Callable[[str], None]) -> None:
-    """--dry-run: the plan and the exact command, with prepared inputs named."""
-    image = plan.image
-    say(f"plan for {image.name} (build {plan.build_id}):")
-    for label, value in (
-        ("distro", f"{image.distro} {image.version} {image.arch.value}"),
-        ("accelerator", f"{plan.accel.accel.value}: {plan.accel.reason}"),
-        ("cpu model", plan.cpu_model),
-        ("firmware", plan.firmware.code if plan.firmware else "BIOS / direct kernel boot"),
-        ("template", str(plan.template)),
-        ("staging", str(plan.staging)),
-        ("publishes", ", ".join(str(plan.image_dir / artifacts.format_file(image.artifact_name, f.value))
-                                for f in image.formats)),
-        ("logs", str(plan.log_dir)),
-    ):
-        say(f"  {label:12} {value}")
-    say("  command      " + shlex.join(driver.command(plan, plan.staging)))
+def dry_run(cfg: Config, image: Image, opts: BuildOptions, facts: HostFacts | None = None) -> summary.Summary:
+    """--dry-run: what a build would do (pipeline.summary); writes nothing, not even the
+    tool-version cache or the project key."""
+    if facts is None:
+        facts = probe(disk_path=str(existing_parent(cfg.output_dir)), tools=build_tools([image]), version_cache=None)
+    return summary.summarize(cfg, image, facts, accel=opts.accel, boot_test=opts.boot_test, builder=opts.builder,
+                             accept_new_host_key=opts.accept_new_host_key)

@@ -123,17 +123,18 @@ def login_problems(image: Image) -> list[tuple[str, str]]:
     return problems
 
 
-def with_build_key(image: Image, public_key: str) -> Image:
-    """`image` with the build's public key added to ssh_user's keys (the staged files only)."""
-    key = public_key.strip()
+def with_build_key(image: Image, public_key: str, *also: str) -> Image:
+    """`image` with the build's public key (and `also`: the key of the machine that asked a
+    builder for this build) added to ssh_user's keys (the staged files only)."""
+    added = [k.strip() for k in (public_key, *also)]
     users = list(image.users)
     for i, user in enumerate(users):
         if user.name == image.ssh_user:
-            if key not in user.public_keys:
-                users[i] = dataclasses.replace(user, public_keys=(*user.public_keys, key))
+            new = tuple(k for k in dict.fromkeys(added) if k not in user.public_keys)
+            users[i] = dataclasses.replace(user, public_keys=(*user.public_keys, *new))
             break
     else:
-        users.append(User(image.ssh_user, public_keys=(key,)))
+        users.append(User(image.ssh_user, public_keys=tuple(dict.fromkeys(added))))
     return dataclasses.replace(image, users=tuple(users))
 
 

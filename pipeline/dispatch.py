@@ -54,9 +54,10 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
         conn = remote.connect(target, accept_new_host_key=accept_new_host_key)
         try:
             prepare(conn, target, cfg, say)
+            mine = remote.local_public_key(cfg)
             for name in images:
                 started = time.monotonic()
-                code = remote.remote_build(conn, target, name, accel, say)
+                code = remote.remote_build(conn, target, name, accel, say, authorize=mine)
                 rows.append(Outcome(name, target.name, "ok" if code == 0 else "failed", code,
                                     time.monotonic() - started))
         finally:

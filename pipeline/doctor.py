@@ -1,7 +1,11 @@
 """`invoke doctor`: what this host has, what the configured images need, and what is missing.
 
 `report(cfg, facts)` is a pure function from configuration + host facts to a Report, so the same
-code judges a remote builder's facts.
+code judges a remote builder's facts. Install hints name the host's own package manager (apt,
+dnf, brew, nix: from the facts). The exit code (`Report.exit_code`) follows the README's table:
+127 when a required tool is missing, 3 when the host cannot do it (no UEFI firmware for an
+image of its arch), else 0; a bad configuration (2) or an unreachable builder (4) fails before
+a report exists.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pipeline.errors import ImagepipeError
 from pipeline.host import HostFacts
 from pipeline.plan import choose_accel
 from pipeline.run import install_hint
+from pipeline.units import mib
 
 LOW_DISK = 10 * 1024**3
 
@@ -40,7 +45,9 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     nix_builders: list[dict[str, Any]] = field(default_factory=list)  # nix's remote builders and what they can build
-    cpu_level: str | None = None  # "x86-64-v3" (x86 hosts whose flags were read)
+    exit_code: int = 0                 # 127 a required tool is missing, else 3 the host cannot do it
+    package_manager: str | None = None
+    cpu_level: str | None = None       # "x86-64-v3" (x86 hosts whose flags were read)
 
     @property
     def ok(self) -> bool:
@@ -76,15 +83,18 @@ def needed_tools(cfg: Config, facts: HostFacts) -> dict[str, str]:
 def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
     """Judge `facts` against what the configuration needs."""
     need = needed_tools(cfg, facts)
+    manager = facts.package_manager
     lines = []
     problems: list[str] = []
     warnings: list[str] = []
+    codes: list[int] = []
     for name, tool in sorted(facts.tools.items()):
         required = name in need
         lines.append(ToolLine(name, tool.found, tool.version, required, need.get(name, "optional"),
-                              None if tool.found else install_hint(name)))
+                              None if tool.found else install_hint(name, manager)))
         if required and not tool.found:
-            problems.append(f"{name} is missing (needed for {need[name]}): {install_hint(name)}")
+            problems.append(f"{name} is missing (needed for {need[name]}): {install_hint(name, manager)}")
+            codes.append(127)
     host_arch = facts.arch or Arch.X86_64
     try:
         choice = choose_accel(cfg.defaults.accel, facts, host_arch)
@@ -97,15 +107,17 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
     for img in cfg.images.values():
         if img.firmware is Firmware.UEFI and facts.firmware.get(img.arch) is None and img.arch is host_arch:
             problems.append(f"no UEFI firmware for {img.arch.value} (needed by {img.name}): "
-                            f"sudo apt-get install {'ovmf' if img.arch is Arch.X86_64 else 'qemu-efi-aarch64'}")
+                            f"{install_hint('uefi-' + img.arch.value, manager)}")
+            codes.append(3)
     warnings += cpu_level_warnings(cfg, facts)
     if facts.free_disk is not None and facts.free_disk < LOW_DISK:
-        warnings.append(f"only {facts.free_disk / 1024**3:.1f} GiB free under {cfg.output_dir}")
+        warnings.append(f"only {mib(facts.free_disk)} free under {cfg.output_dir}")
     if facts.nix_builders_error:
         warnings.append(f"nix's builders cannot be read: {facts.nix_builders_error}")
     return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
-                  facts.free_disk, problems, warnings, nix_builders(cfg, facts),
-                  f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
+                  facts.free_disk, problems, warnings, nix_builders(cfg, facts), exit_code=max(codes, default=0),
+                  package_manager=manager,
+                  cpu_level=f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
 
 
 def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
@@ -139,7 +151,8 @@ def cpu_level_warnings(cfg: Config, facts: HostFacts) -> list[str]:
 
 def format_text(r: Report) -> str:
     """The human-readable doctor output."""
-    out = [f"imagepipe doctor — {r.host}", "", "tools:"]
+    managed = f" · installs with {r.package_manager}" if r.package_manager else ""
+    out = [f"imagepipe doctor — {r.host}{managed}", "", "tools:"]
     for t in r.tools:
         state = f"{t.version or 'found'}" if t.found else "MISSING"
         need = f"required: {t.why}" if t.required else "optional"
@@ -151,7 +164,7 @@ def format_text(r: Report) -> str:
         out.append(f"CPU level:   {r.cpu_level}")
     out += ["", "UEFI firmware:"]
     out += [f"  {arch:8} {path or 'not found'}" for arch, path in r.firmware.items()]
-    free = f"{r.free_disk / 1024**3:.1f} GiB" if r.free_disk is not None else "unknown"
+    free = mib(r.free_disk) if r.free_disk is not None else "unknown"
     out += ["", f"free disk under output/: {free}"]
     out += ["", "nix's remote builders:" if r.nix_builders else "nix's remote builders: none configured"]
     for b in r.nix_builders:

@@ -8,7 +8,10 @@ A JSON event is one object per line:
 
 `elapsed` (seconds since the build started) only where a build's progress is shown; `data` holds
 a tool's raw fields (Packer's artifact line); named fields (build_id, sha256, the summary counts)
-sit at the top level. Kinds: step, say, message, error, artifact, done (a build's progress);
+sit at the top level. Kinds: step (imagepipe's own steps, with `step`/`total`), say (a tool's
+own progress inside a step: Packer's `==>` lines, nix's builds), message, error, artifact (JSON
+only, never shown to people), transfer (a download: bytes, total_bytes, rate), heartbeat (a
+quiet step: step_elapsed, console), done (a build's progress);
 start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report; a
 `built` event carries `changes`, pipeline.diff.summary against the build published before);
 skipped (`build --if-changed`); check (`check-reproducible --json`: the report). `parse` also

@@ -104,6 +104,7 @@ class HostFacts:
     nix_config: Mapping[str, str] | None = None  # `nix config show` (None: not probed / no nix)
     nix_builders: tuple[Machine, ...] = ()       # nix's remote builders (`builders`, machines files)
     nix_builders_error: str | None = None        # why they could not be read (a line nix rejects)
+    package_manager: str | None = None  # apt, dnf, brew, nix: what install hints name
     cpu_flags: frozenset[str] | None = None      # x86 CPU flags, /proc/cpuinfo names (None: unknown / not x86)
 
     @property
@@ -233,6 +234,19 @@ def parse_nix_config(text: str) -> dict[str, str]:
         if sep and key.strip():
             settings[key.strip()] = value.strip()
     return settings
+
+
+# Programs whose presence tells the package manager (see pipeline.run.MANAGERS).
+MANAGER_PROGRAMS = ("apt-get", "dnf", "yum", "brew", "nix-env")
+MANAGER_ARGV = ("sh", "-c", "command -v apt-get dnf yum brew nix-env")  # a constant: nothing is interpolated
+
+
+def parse_package_manager(os_name: str, out: str) -> str | None:
+    """`command -v apt-get dnf ...` output (found programs' paths) -> apt, dnf, brew, nix or None."""
+    from pipeline.run import package_manager
+
+    found = {line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if line.strip()}
+    return package_manager(os_name, on_path=lambda prog: prog in found)
 
 
 def parse_df(out: str) -> int | None:
@@ -521,6 +535,7 @@ def probe(
         nix_config=nix_config,
         nix_builders=builders,
         nix_builders_error=builders_error,
+        package_manager=parse_package_manager(os_name, runner(MANAGER_ARGV).stdout),
         cpu_flags=cpu_flags,
     )
 

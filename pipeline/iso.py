@@ -13,14 +13,17 @@ with IMAGEPIPE_ALMA_MIRROR and IMAGEPIPE_ALMA_VAULT.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import sha256_file
 from pipeline.config import Image
@@ -143,13 +146,13 @@ def offline_message(url: str, reason: str, image: Image) -> str:
 # --------------------------------------------------------------------------------- network
 
 
-def open_url(url: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
+def open_url(url: str | urllib.request.Request, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
     """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
     try:
         return urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
-            raise NotFound(url) from None
+            raise NotFound(getattr(url, "full_url", url)) from None
         raise
 
 
@@ -166,6 +169,8 @@ def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str]
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"the connection closed with {exc.expected} bytes still to come"
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code}"
     if isinstance(exc, urllib.error.URLError):
@@ -269,27 +274,25 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str, image: Image, report: Report | None = None) -> Path:
-    """Fetch `url` to `dest` (via dest.part), verify sha256, then rename; mismatch refuses."""
+    """Fetch `url` to `dest` via dest.part, verify sha256, then rename; mismatch refuses.
+
+    A .part left by an earlier, interrupted download is resumed with an HTTP Range request (a
+    server that ignores Range sends the whole file, which then starts from zero); it is kept
+    when the download fails again and removed only when the finished file does not verify.
+    Progress (bytes, speed, ETA) goes to `report.transfer` when the reporter has it (the build's
+    progress view), else to `report` as a line at most every few seconds.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
     try:
-        with open_url(url) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done, shown = 0, -1
-            while chunk := resp.read(CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if report and total and (pct := done * 10 // total) != shown:
-                    shown = pct
-                    report(f"downloading {dest.name}: {pct * 10}%")
+        _fetch_into(url, part, h, dest.name, report)
     except NotFound:
-        part.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        part.unlink(missing_ok=True)
-        raise IsoUnavailable(offline_message(url, _reason(exc), image)) from None
+        raise  # the point release moved: the caller tries the vault (the .part stays for it)
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+        kept = part.stat().st_size if part.exists() else 0
+        why = _reason(exc) + (f"; {kept / 1024**2:.1f} MiB kept in {part.name}, resumed next time" if kept else "")
+        raise IsoUnavailable(offline_message(url, why, image)) from None
     if h.hexdigest() != sha256.lower():
         part.unlink(missing_ok=True)
         raise VerifyFailed(
@@ -298,6 +301,85 @@ def download(url: str, dest: Path, sha256: str, image: Image, report: Report | N
         )
     part.replace(dest)
     return dest
+
+
+def _fetch_into(url: str, part: Path, h: Any, name: str, report: Report | None) -> None:
+    """Download `url` into `part` (resuming what it holds), feeding every byte to `h`."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = open_url(request)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not have:  # 416: nothing left after `have`: the .part is complete
+            raise
+        _hash_file(part, h)
+        return
+    with resp:
+        resumed = have and resp.status == 206 and _range_start(resp.headers.get("Content-Range")) == have
+        if resumed:
+            _hash_file(part, h)
+        else:
+            have = 0  # the server sent the whole file
+        length = int(resp.headers.get("Content-Length") or 0)
+        meter = _Meter(name, have + length if length else None, have, report)
+        got = 0
+        with open(part, "ab" if resumed else "wb") as out:
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+                meter.add(len(chunk))
+        if length and got < length:  # read(n) ends quietly when the connection drops early
+            raise http.client.IncompleteRead(b"", length - got)
+        meter.finish()
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """`bytes 100-999/1000` -> 100 (None when absent or not understood)."""
+    m = re.match(r"bytes (\d+)-\d+/(?:\d+|\*)$", (content_range or "").strip())
+    return int(m.group(1)) if m else None
+
+
+def _hash_file(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+
+
+class _Meter:
+    """Bytes, speed and ETA of one download, reported through the build's progress view."""
+
+    def __init__(self, name: str, total: int | None, start: int, report: Report | None) -> None:
+        self.name, self.total, self.start, self.done = name, total, start, start
+        self.report = report
+        self.began = time.monotonic()
+        self.shown = 0.0
+
+    def rate(self) -> float:
+        took = time.monotonic() - self.began
+        return (self.done - self.start) / took if took > 0 else 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self._send(final=False)
+
+    def finish(self) -> None:
+        self._send(final=True)
+
+    def _send(self, *, final: bool) -> None:
+        if self.report is None:
+            return
+        transfer = getattr(self.report, "transfer", None)
+        if transfer is not None:  # the progress view throttles and places it itself
+            transfer(self.name, self.done, self.total, self.rate(), final=final, resumed_at=self.start)
+            return
+        now = time.monotonic()
+        if final or now - self.shown >= 5.0:
+            from pipeline.progress import transfer_text
+
+            self.shown = now
+            self.report(transfer_text(self.name, self.done, self.total, self.rate(), final=final,
+                                      resumed_at=self.start))
 
 
 def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None,
@@ -324,6 +406,65 @@ def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = 
         except NotFound:
             continue  # the point release moved to the vault after it was pinned
     raise IsoUnavailable(f"{entry.name} is gone from {entry.url} and {vault_url}: run invoke update-iso {image.name}")
+
+
+def describe(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None) -> dict[str, Any]:
+    """Which ISO a build of `image` would use, without any network or write (the dry run).
+
+    Keys: summary (one line), source, version, url, path, sha256, cached, note, and `problem`
+    (message, hint, exit_code) when a build could not start (a configured file that is missing).
+    """
+    mirrors = mirrors or Mirrors.from_env()
+    if image.iso and "://" not in image.iso:
+        path = Path(image.iso).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            return {"summary": f"configured file {path} is MISSING", "source": "images.iso", "path": str(path),
+                    "problem": {"message": f"images.{image.name}.iso: {path} does not exist",
+                                "hint": "point iso: at a downloaded AlmaLinux boot ISO", "exit_code": 2}}
+        known = _indexed_sha256(path, cache_dir)
+        return {"summary": f"configured file {path.name} (images.{image.name}.iso)", "source": "images.iso",
+                "path": str(path), "sha256": known or "computed at build time (not hashed yet)"}
+    try:
+        pinned = read_lock(root).get(image.name)
+    except UsageError as exc:
+        return {"summary": f"{LOCK_FILE} is unreadable", "problem": {"message": exc.message, "hint": exc.hint,
+                                                                     "exit_code": exc.exit_code}}
+    if image.iso:
+        if pinned and pinned.url == image.iso:
+            return _pinned(pinned, cache_dir, f"configured URL, sha256 pinned in {LOCK_FILE}")
+        return {"summary": f"configured URL {image.iso}", "source": "images.iso", "url": image.iso,
+                "note": "sha256 read from the CHECKSUM file beside it when the build starts"}
+    if pinned and pinned.requested == image.version and pinned.arch == iso_arch(image):
+        return _pinned(pinned, cache_dir, f"pinned in {LOCK_FILE}")
+    why = "no ISO pinned" if pinned is None else f"the pin is for version {pinned.requested}"
+    return {"summary": f"NOT PINNED ({why} in {LOCK_FILE})", "source": "unpinned", "version": image.version,
+            "note": (f"the build would resolve {image.version!r} to the newest point release on {mirrors.repo} "
+                     f"when it starts and download that; pin it first with `invoke update-iso {image.name}` "
+                     f"(resolves now and records the URL and sha256 in {LOCK_FILE}, for reproducible builds)")}
+
+
+def _pinned(entry: LockEntry, cache_dir: Path, source: str) -> dict[str, Any]:
+    cached = cache_dir / entry.sha256[:16] / entry.name
+    part = cached.with_name(cached.name + ".part")
+    state = (f"yes: {cached}" if cached.is_file() else
+             f"partly ({part.stat().st_size / 1024**2:.1f} MiB in {part.name}): the download resumes" if part.is_file()
+             else "no: downloaded (and verified) when the build starts")
+    return {"summary": f"{entry.name} (AlmaLinux {entry.version}, {source})", "source": source,
+            "version": entry.version, "url": entry.url, "sha256": entry.sha256, "cached": state}
+
+
+def _indexed_sha256(path: Path, cache_dir: Path) -> str | None:
+    """The sha256 `cached_sha256` remembered for this file (same size and mtime), read only."""
+    try:
+        index = json.loads((cache_dir / "sha256-index.json").read_text(encoding="utf-8"))
+        hit = index.get(str(path.resolve()))
+        st = path.stat()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return str(hit.get("sha256"))
+    return None
 
 
 def pinned_or_resolved(image: Image, root: Path, mirrors: Mirrors, report: Report | None = None) -> LockEntry:

@@ -136,11 +136,13 @@ def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
         return None
     fw = facts.firmware.get(image.arch)
     if fw is None:
-        pkg = "ovmf" if image.arch is Arch.X86_64 else "qemu-efi-aarch64"
+        from pipeline.run import install_hint
+
         raise HostUnsuitable(
             f"no UEFI firmware for {image.arch.value} found (QEMU descriptors, known paths"
             f"{', QEMU_EFI_AARCH64' if image.arch is Arch.AARCH64 else ''})",
-            f"sudo apt-get install {pkg}" + (", or export QEMU_EFI_AARCH64=/path/to/code.fd" if image.arch is Arch.AARCH64 else ""),
+            install_hint(f"uefi-{image.arch.value}", facts.package_manager)
+            + (", or export QEMU_EFI_AARCH64=/path/to/code.fd" if image.arch is Arch.AARCH64 else ""),
         )
     return fw
 
@@ -177,6 +179,9 @@ class BuildPlan:
     host_machine: str
     profile: Profile   # the image's distro profile (driver, prepare, boot info)
     route: Delegated | None = None  # the engine builds it on another machine (nix's remote builds)
+    # further keys for ssh_user in the staged files: on a builder, the key of the machine that
+    # asked for the build, so the image it fetches logs in with its own key (`invoke ssh`, run)
+    extra_keys: tuple[str, ...] = ()
 
     @property
     def cpu_model(self) -> str:
@@ -194,12 +199,18 @@ class BuildPlan:
 
     @property
     def build_log(self) -> Path:
+        """The readable log: timestamp + text of every event shown during the build."""
         return self.log_dir / "build.log"
+
+    @property
+    def raw_log(self) -> Path:
+        """The tool's own output, unchanged (Packer's machine-readable lines, nix's internal-json)."""
+        return self.log_dir / "build.raw.log"
 
 
 def make_build_plan(
     cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None,
-    route: Delegated | None = None,
+    route: Delegated | None = None, extra_keys: tuple[str, ...] = (),
 ) -> BuildPlan:
     """Decide accelerator, firmware and paths for building `image` on this host (or, with a
     `route`, through an engine that builds it elsewhere: the accelerator is then only the one a
@@ -229,4 +240,5 @@ def make_build_plan(
         host_machine=facts.machine,
         profile=profile,
         route=route,
+        extra_keys=extra_keys,
     )

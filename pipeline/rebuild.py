@@ -186,9 +186,11 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
     outcomes: list[Outcome] = []
     try:
         dispatch.prepare(conn, target, cfg, say)
+        mine = remote.local_public_key(cfg)
         for image in images:
             emit("start", image.name, f"building on {target.name} if changed")
-            code = remote.remote_build(conn, target, image.name, accel, say, extra=["--if-changed"])
+            code = remote.remote_build(conn, target, image.name, accel, say, extra=["--if-changed"],
+                                      authorize=mine)
             if code != 0:
                 outcomes.append(Outcome(image.name, "failed", f"remote build on {target.name} exited {code}"))
                 emit("failed", image.name, outcomes[-1].message)

@@ -416,13 +416,24 @@ class LineSink:
             self.on_line(rest)
 
 
+def local_public_key(cfg: Config) -> str:
+    """This machine's project public key (created if needed) as `type base64`: what a remote
+    build adds for ssh_user (the comment stays here)."""
+    from pipeline import keys
+
+    return " ".join(keys.public_key(keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)).split()[:2])
+
+
 def remote_build(conn: Any, target: Target, image: str, accel: str | None, say: Callable[[str], None],
-                 extra: Sequence[str] = ()) -> int:
-    """Run `invoke build IMAGE [--accel A] --json [EXTRA]` in the builder dir, streaming its events;
-    returns its exit code. Without `accel` the builder's own defaults.accel applies."""
+                 extra: Sequence[str] = (), authorize: str | None = None) -> int:
+    """Run `invoke build IMAGE [--accel A] [--authorize-key KEY] --json [EXTRA]` in the builder dir,
+    streaming its events; returns its exit code. Without `accel` the builder's own defaults.accel
+    applies. `authorize`: this machine's public key, so the image fetched back here logs in with
+    the key `invoke ssh` and `run` use here (the builder's own project key is baked in as well)."""
     accel_args = ["--accel", accel] if accel else []
+    key_args = ["--authorize-key", authorize] if authorize else []
     argv = in_dir(target.dir, ["env", f"INVOKE_DEFAULTS_OUTPUT_DIR={REMOTE_OUTPUT}",
-                               f"{VENV}/bin/invoke", "build", image, *accel_args, "--json", *extra])
+                               f"{VENV}/bin/invoke", "build", image, *accel_args, *key_args, "--json", *extra])
     progress = Progress(image, prefix=target.prefix, live=False)
 
     def on_stdout(line: str) -> None:

@@ -44,27 +44,67 @@ from pipeline.errors import CommandFailed, Interrupted, ToolMissing
 
 log = logging.getLogger("imagepipe.run")
 
-# Debian/Ubuntu package names; shown when a tool is missing.
-INSTALL_HINTS: dict[str, str] = {
-    "packer": "sudo apt-get install packer   (or https://developer.hashicorp.com/packer/install)",
-    "qemu-system-x86_64": "sudo apt-get install qemu-system-x86",
-    "qemu-system-aarch64": "sudo apt-get install qemu-system-arm qemu-efi-aarch64",
-    "qemu-img": "sudo apt-get install qemu-utils",
-    "xorriso": "sudo apt-get install xorriso",
-    "nix": "sudo apt-get install nix-bin   (or the installer from nixos.org)",
-    "nix-instantiate": "sudo apt-get install nix-bin",
-    "ssh": "sudo apt-get install openssh-client",
-    "ssh-keygen": "sudo apt-get install openssh-client",
-    "ssh-keyscan": "sudo apt-get install openssh-client",
-    "rsync": "sudo apt-get install rsync",
-    "limactl": "brew install lima   (macOS; see https://lima-vm.io)",
-    "openssl": "sudo apt-get install openssl",
-    "apt-get": "the demo guest is assembled from Debian packages: run it on Debian or Ubuntu",
-    "dpkg-deb": "sudo apt-get install dpkg",
-    "cpio": "sudo apt-get install cpio",
-    "debugfs": "sudo apt-get install e2fsprogs",
-    "systemd-analyze": "sudo apt-get install systemd",
+# How to install each tool, per package manager (apt: Debian/Ubuntu, dnf: Fedora/EL, brew:
+# macOS, nix: any host with Nix). `install_hint` picks the host's manager; "*" is for any.
+HASHICORP = "https://developer.hashicorp.com/packer/install"
+NIX_INSTALLER = "install Nix with the installer from https://nixos.org/download"
+INSTALL_HINTS: dict[str, dict[str, str]] = {
+    "packer": {"apt": f"sudo apt-get install packer   (or {HASHICORP})",
+               "dnf": f"sudo dnf install packer   (from HashiCorp's repository: {HASHICORP})",
+               "brew": "brew install hashicorp/tap/packer", "nix": "nix profile install nixpkgs#packer"},
+    "qemu-system-x86_64": {"apt": "sudo apt-get install qemu-system-x86", "dnf": "sudo dnf install qemu-system-x86",
+                           "brew": "brew install qemu", "nix": "nix profile install nixpkgs#qemu"},
+    "qemu-system-aarch64": {"apt": "sudo apt-get install qemu-system-arm qemu-efi-aarch64",
+                            "dnf": "sudo dnf install qemu-system-aarch64 edk2-aarch64",
+                            "brew": "brew install qemu", "nix": "nix profile install nixpkgs#qemu"},
+    "qemu-img": {"apt": "sudo apt-get install qemu-utils", "dnf": "sudo dnf install qemu-img",
+                 "brew": "brew install qemu", "nix": "nix profile install nixpkgs#qemu"},
+    "xorriso": {"apt": "sudo apt-get install xorriso", "dnf": "sudo dnf install xorriso",
+                "brew": "brew install xorriso", "nix": "nix profile install nixpkgs#xorriso"},
+    "nix": {"apt": f"sudo apt-get install nix-bin   (or {NIX_INSTALLER})", "*": NIX_INSTALLER},
+    "nix-instantiate": {"apt": "sudo apt-get install nix-bin", "*": NIX_INSTALLER},
+    "ssh": {"apt": "sudo apt-get install openssh-client", "dnf": "sudo dnf install openssh-clients",
+            "brew": "brew install openssh", "nix": "nix profile install nixpkgs#openssh"},
+    "rsync": {"apt": "sudo apt-get install rsync", "dnf": "sudo dnf install rsync", "brew": "brew install rsync",
+              "nix": "nix profile install nixpkgs#rsync"},
+    "limactl": {"brew": "brew install lima", "nix": "nix profile install nixpkgs#lima",
+                "*": "install Lima from https://lima-vm.io/docs/installation/ (apt and dnf do not package it);"
+                     " on Linux, invoke run boots the images in QEMU without it"},
+    "openssl": {"apt": "sudo apt-get install openssl", "dnf": "sudo dnf install openssl",
+                "brew": "brew install openssl", "nix": "nix profile install nixpkgs#openssl"},
+    "apt-get": {"*": "the demo guest is assembled from Debian packages: build it on Debian or Ubuntu"},
+    "dpkg-deb": {"apt": "sudo apt-get install dpkg", "dnf": "sudo dnf install dpkg", "brew": "brew install dpkg",
+                 "nix": "nix profile install nixpkgs#dpkg"},
+    "cpio": {"apt": "sudo apt-get install cpio", "dnf": "sudo dnf install cpio", "brew": "brew install cpio",
+             "nix": "nix profile install nixpkgs#cpio"},
+    "debugfs": {"apt": "sudo apt-get install e2fsprogs", "dnf": "sudo dnf install e2fsprogs",
+                "brew": "brew install e2fsprogs", "nix": "nix profile install nixpkgs#e2fsprogs"},
+    "systemd-analyze": {"apt": "sudo apt-get install systemd", "dnf": "sudo dnf install systemd",
+                        "*": "systemd-analyze comes with systemd (Linux only)"},
+    # UEFI firmware (not tools, but installed the same way)
+    "uefi-x86_64": {"apt": "sudo apt-get install ovmf", "dnf": "sudo dnf install edk2-ovmf",
+                    "brew": "brew install qemu   (ships edk2-x86_64-code.fd)", "nix": "nix profile install nixpkgs#OVMF"},
+    "uefi-aarch64": {"apt": "sudo apt-get install qemu-efi-aarch64", "dnf": "sudo dnf install edk2-aarch64",
+                     "brew": "brew install qemu   (ships edk2-aarch64-code.fd; or export QEMU_EFI_AARCH64=...)",
+                     "nix": "nix profile install nixpkgs#OVMF"},
 }
+for _tool in ("ssh-keygen", "ssh-keyscan"):
+    INSTALL_HINTS[_tool] = INSTALL_HINTS["ssh"]
+
+# The first manager found on PATH is the host's (per OS, in this order).
+MANAGERS = {"darwin": (("brew", "brew"), ("nix", "nix-env")),
+            "linux": (("apt", "apt-get"), ("dnf", "dnf"), ("dnf", "yum"), ("nix", "nix-env"))}
+
+
+def package_manager(os_name: str | None = None, on_path: Callable[[str], bool] | None = None) -> str | None:
+    """apt, dnf, brew or nix: how a host installs software (None when none is known); by default
+    this host, else the OS and PATH test given (a builder's, from its probe)."""
+    import platform
+
+    os_name = os_name or platform.system().lower()
+    found = on_path or (lambda prog: shutil.which(prog) is not None)
+    return next((name for name, prog in MANAGERS.get(os_name, ()) if found(prog)), None)
+
 
 # Variables that would change a tool's behaviour or output behind our back.
 PINNED_ENV = {"LC_ALL": "C.UTF-8", "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
@@ -156,9 +196,14 @@ def which(tool: str, hint: str | None = None) -> str:
     return path
 
 
-def install_hint(tool: str) -> str:
-    """How to install `tool` on Debian/Ubuntu (or a generic line)."""
-    return "install with: " + INSTALL_HINTS.get(tool, f"your package manager ({tool})")
+def install_hint(tool: str, manager: str | None = None) -> str:
+    """How to install `tool` with `manager` (default: this host's package manager)."""
+    ways = INSTALL_HINTS.get(tool, {})
+    manager = manager or package_manager()
+    way = ways.get(manager or "") or ways.get("*")
+    if way is None:
+        return f"install {tool} with your package manager" + (f" ({manager})" if manager else "")
+    return "install with: " + way if way.startswith(("sudo ", "brew ", "nix ")) else way
 
 
 def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -26,6 +26,9 @@ profile and never branches on the distro. A profile says:
     fetched(root, image, build, report)
                             what a build fetched from a builder brings back for the project
                             (NixOS: the flake.lock the builder's nix wrote)
+    summary(image, root, output_dir)
+                            distro facts for the dry run (the kickstart, the resolved ISO), read
+                            without network or writes
     packages(plan, stage, report)
                             what the built image holds (RPMs, the Nix closure, Debian packages):
                             the manifest's package list and the SBOM (pipeline.packages)
@@ -97,6 +100,7 @@ class Profile:
     ephemeral_root: ClassVar[bool] = False
     pin: ClassVar[str | None] = None          # what refresh_pin pins ("installer ISO"), if anything
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
+    tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {}  # arch -> builds for other CPUs
 
     @property
@@ -172,6 +176,15 @@ class Profile:
 
     def fetched(self, root: Path, image: Image, build: Path, report: Report) -> None:
         """A build of `image` fetched from a builder was published in `build` (nothing by default)."""
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """What the dry run shows about this distro's inputs, found without network or writes.
+
+        Plain keys are shown as they are (a path, a nested dict as lines); three are special:
+        `variables` (values the dry-run command can show instead of placeholders), `notes`
+        (said loudly) and `problems` ({message, hint, exit_code}: a real build could not start).
+        """
+        return {}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The packages inside the image just built into `stage` (files the build handed back

@@ -51,6 +51,7 @@ def major(image: Image) -> str:
 class AlmaLinux(PackerProfile):
     name = "almalinux"
     title = "AlmaLinux"
+    tcg_duration = "An AlmaLinux installation takes hours this way"
     pin = "installer ISO"
     lima = True
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {Arch.X86_64: (V2,)}
@@ -147,7 +148,8 @@ class AlmaLinux(PackerProfile):
             report(f"note: {note}")
         inputs = stage / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
-        staged = self.stage_kickstart(image, plan.root, inputs, report, keys.public_key(plan.ssh_key), guest_url(repo))
+        staged = self.stage_kickstart(image, plan.root, inputs, report, keys.public_key(plan.ssh_key), guest_url(repo),
+                                      also=plan.extra_keys)
         values = {
             "iso_url": str(local.path),
             "iso_checksum": f"sha256:{local.sha256}",
@@ -160,7 +162,7 @@ class AlmaLinux(PackerProfile):
         return Prepared(variables=values, secret_env={"ssh_password": password})
 
     def stage_kickstart(self, image: Image, root: Path, inputs: Path, report: Report, build_key: str,
-                        repo_base: str) -> Path:
+                        repo_base: str, also: tuple[str, ...] = ()) -> Path:
         """The kickstart of this build in its own folder: rendered from the config (as the
         template is) with the build's SSH key for ssh_user and the build's package repo. A
         committed copy that differs from the config's rendering is pointed out (users read it)."""
@@ -173,9 +175,24 @@ class AlmaLinux(PackerProfile):
                    " rendered one): run invoke render and commit it")
         folder = inputs / "kickstart"
         folder.mkdir(parents=True, exist_ok=True)
-        text = kickstart.render(with_build_key(image, build_key), repo_base=repo_base)
+        text = kickstart.render(with_build_key(image, build_key, *also), repo_base=repo_base)
         (folder / "ks.cfg").write_text(text, encoding="utf-8")
         return folder
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The kickstart, the ISO a build would use (iso.lock.json / iso:, never downloaded) and
+        the package repo of the committed kickstart (a build stages its own: the ISO's release)."""
+        from pipeline import iso
+
+        kickstart = self.kickstart_path(root, image)
+        found = iso.describe(image, root, output_dir / ".cache" / "iso")
+        problem = found.pop("problem", None)
+        variables = ({"iso_url": found.get("url") or found.get("path"), "iso_checksum": f"sha256:{found['sha256']}"}
+                     if len(str(found.get("sha256", ""))) == 64 else {})
+        return {"kickstart": str(kickstart) + ("" if kickstart.is_file() else " (MISSING: run invoke render)"),
+                "iso": found, "package repo": f"{iso.committed_repo_base(image, root)} (the committed kickstart's; a build"
+                                " uses the ISO's point release, on the vault once it left the mirror)",
+                "variables": variables, "problems": [problem] if problem else []}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """Every RPM of the image, as the guest listed it (downloaded by the template)."""

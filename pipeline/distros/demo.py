@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 class Demo(PackerProfile):
     name = "demo"
     title = "demo guest"
+    tcg_duration = "The demo guest is tiny: about a minute even so"
     image_defaults: ClassVar[Mapping[str, Any]] = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware
     ephemeral_root = True
 
@@ -46,7 +47,7 @@ class Demo(PackerProfile):
         from pipeline import contract, demo, keys, packages
         from pipeline.run import run
 
-        image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key))
+        image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key), *plan.extra_keys)
         root = image.user("root")
         authorized = list(root.public_keys) if root else []
         guest = demo.assemble(plan.image_dir.parent, authorized, root.password_hash if root else None,
@@ -68,6 +69,16 @@ class Demo(PackerProfile):
             },
             extra_files=(kernel, initrd),
         )
+
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """Where the guest comes from and whether its Debian packages are cached already."""
+        from pipeline import demo
+
+        debs = demo.cache_dir(output_dir) / "debs"
+        count = len(list(debs.glob("*.deb"))) if debs.is_dir() else 0
+        return {"guest": "Debian kernel + busybox + dropbear, assembled into an initramfs"
+                         + (f" ({count} packages cached in {debs})" if count else
+                            " (packages fetched with apt-get download on the first build)")}
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The Debian packages the guest was assembled from (recorded by prepare)."""

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 class NixOS(Profile):
     name = "nixos"
     title = "NixOS"
+    tcg_duration = "make-disk-image's VM crawls without KVM: hours"
 
     @property
     def driver(self) -> NixDriver:
@@ -112,6 +113,20 @@ class NixOS(Profile):
             return None
         return nixremote.for_configured(image, facts.nix_builders)
 
+    def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
+        """The flake output that is built and the nixpkgs it is pinned to."""
+        from pipeline.drivers.nix import installable, nixpkgs_revision
+
+        flake = self.flake_dir(root, image)
+        lock = flake / "flake.lock"
+        pinned = (f"nixpkgs {nixpkgs_revision(flake) or '?'} ({lock})" if lock.is_file() else
+                  f"NOT PINNED: no {lock} (nix resolves nixpkgs when the build starts; "
+                  "run `invoke update-flake` and commit the lock)")
+        output = installable(image, root)
+        if image.flake is None:  # prepare() builds a copy with this image's params and the build key
+            output += " (built from a staged copy of nixos/ with the build key)"
+        return {"flake output": output, "nixpkgs": pinned}
+
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The runtime closure of the image's system (store paths, names, versions), evaluated
         from the staged copy the build ran on (its system is the one in the image); over ssh-ng
@@ -176,7 +191,7 @@ class NixOS(Profile):
         shutil.copytree(source, copy, ignore=lambda folder, names: _not_copied(Path(folder) == source, names))
         params = copy / "params" / f"{image.name}.json"
         params.parent.mkdir(exist_ok=True)
-        params.write_text(nix.dumps(nix.params(with_build_key(image, keys.public_key(plan.ssh_key)))), encoding="utf-8")
+        params.write_text(nix.dumps(nix.params(with_build_key(image, keys.public_key(plan.ssh_key), *plan.extra_keys))), encoding="utf-8")
         return Prepared(variables={"flake": f"path:{copy}"})
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:

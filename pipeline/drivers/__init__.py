@@ -4,8 +4,10 @@ A distro profile names its driver; `pipeline.build` only ever talks to this prot
 
     check(plan, facts)                  before anything is written: tools present, host fit;
                                         raises ToolMissing / HostUnsuitable with a fix hint
-    command(plan, stage)                the engine's command line for a dry run (values the
-                                        profile prepares at build time shown as placeholders)
+    steps(plan, facts)                  the steps drive() announces, in order (shown as N/M)
+    command(plan, stage, known)         the engine's command line for a dry run (values the
+                                        profile prepares at build time: from `known`, else
+                                        shown as placeholders)
     drive(plan, facts, stage, progress, on_error=...)
                                         the build itself, into `stage`; returns the image file
     describe_failure(exc)               one line for the history and the rebuild report
@@ -15,7 +17,7 @@ Host facts are probed once per command and passed in; a driver never probes on i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -75,7 +77,9 @@ class Driver(Protocol):
 
     def check(self, plan: BuildPlan, facts: HostFacts) -> None: ...
 
-    def command(self, plan: BuildPlan, stage: Path) -> list[str]: ...
+    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]: ...
+
+    def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]: ...
 
     def drive(self, plan: BuildPlan, facts: HostFacts, stage: Path, progress: Progress, *,
               on_error: str = "cleanup") -> Path: ...

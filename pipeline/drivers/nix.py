@@ -258,10 +258,16 @@ class NixDriver:
 
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
-    def command(self, plan: BuildPlan, stage: Path) -> list[str]:
-        """The build command; a flake the profile prepares at build time is a placeholder."""
+    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
+        """The steps drive() announces (the build shows them as N/M)."""
+        return ["nix build"]
+
+    def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
+        """The build command; a flake the profile prepares at build time comes from `known`,
+        else shows as a placeholder."""
         staged = "flake" in plan.profile.prepared_variables(plan.image)
-        return build_argv(plan, stage, flake="<prepared at build time: flake>" if staged else None)
+        flake = (known or {}).get("flake", "<prepared at build time: flake>") if staged else None
+        return build_argv(plan, stage, flake=flake)
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""
@@ -276,7 +282,7 @@ class NixDriver:
         The flake.lock the image was built from (if any) is copied next to it, so the build's
         inputs are recorded. Raises CommandFailed (nix's last messages, and a hint) when nix fails;
         nothing of this build is left in `stage` then. The raw internal-json log goes to
-        plan.build_log. on_error="abort" passes --keep-failed (nix says where it kept the build).
+        plan.raw_log (the readable one, plan.build_log, is written by the progress view). on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
         from pipeline.nixremote import SshNg
 
@@ -290,7 +296,7 @@ class NixDriver:
             _check_route(plan, build_target(plan, flake), progress)
         progress.step_event(f"nix build {argv[4]}" + (f" on {plan.route.where}" if plan.route else ""))
         env = plan.route.env() if isinstance(plan.route, SshNg) else None
-        result, tail, built = _run_build(argv, progress, plan.build_log, timeout, env)
+        result, tail, built = _run_build(argv, progress, plan.raw_log, timeout, env)
         if not result.ok:
             out_link.unlink(missing_ok=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))

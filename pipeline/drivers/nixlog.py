@@ -73,7 +73,7 @@ class LogParser:
             # fields[1]: the remote builder nix sent it to ("" when it builds here)
             machine = visible(str(fields[1])) if len(fields) > 1 and fields[1] else ""
             where = f" on {machine}" if machine else ""
-            return Event("step", f"building {name}{where}", source="nix", data=(str(fields[0]),))
+            return Event("say", f"building {name}{where}", source="nix", data=(str(fields[0]),))
         if text and (kind in (ACT_SUBSTITUTE, ACT_FILE_TRANSFER) or _int(r.get("level"), 9) <= LEVEL_INFO):
             return Event("message", text, source="nix")
         return None

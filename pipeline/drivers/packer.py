@@ -21,13 +21,18 @@ from pipeline.numbers import int_or_none
 from pipeline.progress import Event, Progress
 from pipeline.render.packer import supports_plugins
 from pipeline.run import install_hint, run, stream
-from pipeline.text import visible
+from pipeline.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
     from pipeline.plan import BuildPlan
 
-STEP_RE = re.compile(r"^==> [^:]+: (.*)$")
+STEP_RE = re.compile(r"^(?:==>|-->) (?:[^\s:]+: )?(.*)$")
+PREFIX_RE = re.compile(r"^\s*[a-z0-9_-]+\.[^\s:]+: ", re.MULTILINE)  # a build's name: `qemu.demo-x86_64: `
+# Packer lines that are bookkeeping for people: our demo template boots a blank disk with
+# iso_checksum "none" on purpose (AlmaLinux builds always pass a sha256), so Packer's warning
+# about it is noise; the raw log (build.raw.log) keeps it.
+NOISE = ("A checksum of 'none' was specified",)
 
 
 def parse_machine_line(line: str) -> Event | None:
@@ -35,20 +40,27 @@ def parse_machine_line(line: str) -> Event | None:
 
     Never raises: a line that does not parse is shown as it is (as text, control characters made
     visible) and the build goes on. The event's text is always made visible here: it is what a
-    guest or a tool printed."""
+    guest or a tool printed. Packer's own `==> name: text` lines are kind "say" (progress inside
+    imagepipe's `packer build` step), with the build name removed from every line; artifact lines
+    stay "artifact" (kept for scripts in --json, never shown to people).
+    """
     parts = line.split(",")
     ts_value = int_or_none(parts[0], hi=2**35) if len(parts) >= 3 else None  # a sane epoch second
     if ts_value is None:
         return Event("message", visible(line)) if line.strip() else None
     ts, target, kind = float(ts_value), visible(parts[1]), parts[2]
-    data = [visible(_unescape(p)) for p in parts[3:]]
-    if kind == "ui" and len(data) >= 2:
-        level, text = data[0], ",".join(data[1:]).rstrip()
-        step = STEP_RE.match(text.strip())
-        if step and level == "say":
-            return Event("step", step.group(1), source=target or "packer", ts=ts)
+    raw = [_unescape(p) for p in parts[3:]]
+    data = [visible(p) for p in raw]
+    if kind == "ui" and len(raw) >= 2:
+        # Packer's text may span lines (escaped \n): each line is made visible, the breaks kept
+        level, text = data[0], ",".join(raw[1:]).strip()
+        if not text or any(n in text for n in NOISE):
+            return None
+        step = STEP_RE.match(text)
+        if step:
+            text = step.group(1).strip()
+        text = visible_lines(PREFIX_RE.sub("", text))
         kind_out = "error" if level == "error" else "say" if level == "say" else "message"
-        text = re.sub(r"^\s*[^:\s]+: ", "", text.strip()) if level == "message" else text.strip()
         return Event(kind_out, text, source=target or "packer", ts=ts) if text else None
     if kind == "artifact" and len(data) >= 2:
         return Event("artifact", " ".join(data[1:]), source=target, ts=ts, data=tuple(data))
@@ -116,10 +128,18 @@ class PackerDriver:
             raise BuildFailed("cannot read the installed Packer's version (`packer version`)",
                               "reinstall Packer, or check that `packer version` works")
 
-    def command(self, plan: BuildPlan, stage: Path) -> list[str]:
-        """The build command, with the values prepared at build time as placeholders."""
+    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
+        """The steps drive() announces, in order (the build shows them as N/M)."""
+        ver = facts.version("packer") or (0,)
+        return ["prepare inputs", *(["packer init"] if supports_plugins(ver[:2]) else []), "packer build"]
+
+    def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
+        """The build command; values prepared at build time come from `known` (the dry run
+        resolves what it can without downloading) or show as placeholders."""
+        known = known or {}
         variables = {**host_variables(plan, stage),
-                     **{v: f"<prepared at build time: {v}>" for v in self.profile.prepared_variables(plan.image)}}
+                     **{v: known.get(v, f"<prepared at build time: {v}>")
+                        for v in self.profile.prepared_variables(plan.image)}}
         return build_argv(stage / "template.pkr.hcl", variables)
 
     def describe_failure(self, exc: CommandFailed) -> str:
@@ -132,7 +152,8 @@ class PackerDriver:
               on_error: str = "cleanup") -> Path:
         """Run the whole Packer build into `stage`; returns the image file inside `stage`."""
         ver = facts.version("packer") or (0,)
-        prepared = self.profile.prepare(plan, stage, progress.info)
+        progress.step_event("prepare inputs")
+        prepared = self.profile.prepare(plan, stage, progress.report())
         variables = {**host_variables(plan, stage), **prepared.variables}
         template = render_for(plan, self.profile, stage, ver)
         if supports_plugins(ver[:2]):
@@ -141,7 +162,7 @@ class PackerDriver:
         argv = build_argv(template, variables, on_error)
         progress.step_event(f"packer build ({plan.accel.accel.value}, packer {'.'.join(map(str, ver))})")
         stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, prepared),
-               log_path=plan.build_log, hint=f"full log: {plan.build_log}; serial console: {plan.console_log}")
+               log_path=plan.raw_log, hint=f"build log: {plan.build_log}; serial console: {plan.console_log}")
         produced = stage / "packer-out" / plan.image.artifact_name
         if not produced.exists():
             raise BuildFailed(f"packer finished but {produced} is missing", hint=f"see {plan.build_log}")

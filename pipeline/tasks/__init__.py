@@ -13,13 +13,20 @@ import pkgutil
 
 from invoke import Collection, Task
 
+from pipeline.tasks import cli
+
 
 def collection() -> Collection:
-    """The root collection: every Task defined in pipeline.tasks.* (sorted by name)."""
+    """The root collection: every Task defined in pipeline.tasks.* (sorted by name).
+
+    Also installs the command-line helpers of pipeline.tasks.cli (friendly parse errors, value
+    placeholders in the help) into Invoke's parser for this process.
+    """
+    cli.install()
     ns = Collection()
     tasks: dict[str, Task] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "common":
+        if info.name.startswith("_") or info.name in ("common", "cli", "options"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for value in vars(module).values():

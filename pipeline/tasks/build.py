@@ -11,13 +11,15 @@ from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 if TYPE_CHECKING:
+    from pipeline.build import BuildOptions
     from pipeline.remote import Target
 
 BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
     "accel": LOCAL_ACCEL_HELP,
     "on_error": "what Packer does on failure: cleanup (default) or abort (keep the VM's disk for debugging)",
-    "dry_run": "print the plan and the exact command, build nothing",
+    "dry_run": "print what the build would do (accelerator, firmware, ISO, tools, command) and build nothing;"
+               " exit != 0 when a real build could not start",
     "boot_test": "boot the new image and check SSH, arch and sudo before publishing it",
     "json": "one JSON object per event on stdout (for scripts and timers)",
     "if_changed": "build only when the input hash differs from the published build's (else say 'up to date')",
@@ -27,13 +29,16 @@ BUILD_HELP = {
                "then copy, verify and publish the image here",
     "accept_new_host_key": "with --builder: trust the builder's host key if it is not known yet and add it to "
                            "known_hosts (a changed key is always refused)",
+    "authorize_key": "also let this OpenSSH public key (one line) log in as the image's ssh_user, in the staged "
+                     "files only (repeatable; remote builds pass the asking machine's key this way)",
 }
 
 
-@task(help=BUILD_HELP)
+@task(help=BUILD_HELP, iterable=["authorize_key"])
 def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dry_run: bool = False,
           boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
-          no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
+          no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False,
+          authorize_key: list[str] | None = None) -> None:
     """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
     from pipeline.errors import UsageError
 
@@ -42,17 +47,36 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     if on_error not in ("cleanup", "abort"):
         raise UsageError(f"--on-error must be cleanup or abort, got {on_error!r}")
     requested = accel_option(accel, cfg)
+    authorize = _authorize(authorize_key or [])
     target = _builder(c, cfg, builder)  # a hostile name is refused before anything connects
+    if dry_run:
+        from pipeline.build import BuildOptions
+
+        _dry_run(cfg, img, BuildOptions(accel=requested, boot_test=boot_test, dry_run=True, builder=target,
+                                        accept_new_host_key=accept_new_host_key, authorize=authorize), json)
+        return
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
     from pipeline.build import BuildOptions, build_image
 
     opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json,
                         if_changed=if_changed and not force, wait=not no_wait, builder=target,
-                        accept_new_host_key=accept_new_host_key)
+                        accept_new_host_key=accept_new_host_key, authorize=authorize)
     result = build_image(cfg, img, opts, say=say)
     if result.skipped and json:
         _print_skip(img.name, result.skipped)
+
+
+def _authorize(values: list[str]) -> tuple[str, ...]:
+    """--authorize-key values, each one OpenSSH public key line."""
+    from pipeline.errors import UsageError
+    from pipeline.validate import Invalid, pubkey
+
+    try:
+        return tuple(pubkey(v) for v in values)
+    except Invalid as exc:
+        raise UsageError(f"--authorize-key: {exc}", hint="pass the contents of a .pub file, e.g. "
+                         "\"$(cat ~/.ssh/id_ed25519.pub)\"") from None
 
 
 def _builder(c: Context, cfg: Config, name: str) -> Target | None:
@@ -62,6 +86,23 @@ def _builder(c: Context, cfg: Config, name: str) -> Target | None:
     from pipeline import remote
 
     return remote.resolve(cfg, name, remote.ssh_config_path(c.config))
+
+
+def _dry_run(cfg: Config, img: Image, opts: BuildOptions, json: bool) -> None:
+    """The summary on stdout (text, or one JSON object); then the first problem, if any, as the
+    error a real build would have stopped with (its exit code)."""
+    from pipeline import summary
+    from pipeline.build import dry_run
+
+    s = dry_run(cfg, img, opts)
+    if json:
+        import json as json_mod
+
+        print(json_mod.dumps(s.as_json(), indent=2))
+    else:
+        print(summary.format_text(s))
+    if s.problems:
+        raise s.problems[0].error()
 
 
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:

@@ -1,4 +1,5 @@
-"""What every task module shares: config loading, the one error → exit-code mapping, aliases.
+"""What every task module shares: config loading, the one error → exit-code mapping, aliases,
+and the command-line checks every task gets (help, a left-out IMAGE/HOST, Invoke's --dry).
 
 No traceback reaches a user: `guard` maps ImagepipeError to its one-line message and exit code,
 a disk error to a line naming the path and the free space, and anything unexpected (a bug) to
@@ -24,6 +25,14 @@ from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
 from pipeline.errors import ImagepipeError
+from pipeline.tasks.cli import (
+    HELP_TOKENS,
+    METAVARS,
+    ImagepipeTask,
+    print_task_help,
+    task_name,
+    usage_line,
+)
 from pipeline.text import visible, visible_lines
 
 
@@ -239,22 +248,80 @@ def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None
 
 
 def task(*args: Any, **kwargs: Any) -> Any:
-    """`invoke.task` plus `guard`: use exactly like @task(help={...})."""
+    """`invoke.task` plus `guard` and the command-line checks: use exactly like @task(help={...}).
+
+    Tasks are `ImagepipeTask`s: short flags, number options and placeholders follow the tables in
+    pipeline.tasks.cli, the same in every task.
+    """
 
     def deco(fn: Callable[..., Any]) -> Task:
-        return invoke_task(**kwargs)(guard(fn))
+        made: Task = invoke_task(klass=ImagepipeTask, **kwargs)(guard(fn))
+        made.unchecked = made.body  # type: ignore[attr-defined]  # what aliases call
+        made.body = cli_checks(made, made.body)
+        return made
 
     if args and callable(args[0]) and not kwargs:
         return deco(args[0])
     return deco
 
 
+def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
+    """Before the task runs: `-h`/`--help` where a positional was expected prints the help; a
+    left-out positional (IMAGE, HOST) is a usage error naming the valid values; Invoke's own
+    `--dry` (echo shell commands instead of running them) is refused, since imagepipe runs its
+    tools itself and would ignore it."""
+    positional = list(made.positional or [])
+
+    @functools.wraps(body)
+    def checked(c: Context, *args: Any, **kwargs: Any) -> Any:
+        name = task_name(made)
+        values = dict(zip(positional, args, strict=False)) | {k: v for k, v in kwargs.items() if k in positional}
+        if any(v in HELP_TOKENS for v in values.values()):
+            print_task_help(name)
+            return None
+        guard(_refuse_invoke_dry)(c, name, "dry_run" in inspect.signature(body).parameters)
+        missing = [p for p in positional if values.get(p) is None]
+        if missing:
+            guard(_missing_positional)(c, made, missing)
+        return body(c, *args, **kwargs)
+
+    return checked
+
+
+def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
+    from pipeline.errors import UsageError
+
+    if c.config.get("run", {}).get("dry"):
+        raise UsageError(
+            "--dry is Invoke's own flag (echo shell commands instead of running them); imagepipe runs its"
+            " tools itself and would ignore it, so nothing was started",
+            f"use: invoke {name} --dry-run   (shows the plan, builds nothing)" if has_dry_run
+            else f"run it without --dry: invoke {name}",
+        )
+
+
+def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
+    """A usage error for left-out positionals: the usage line and, for IMAGE, the configured images."""
+    from pipeline.errors import UsageError
+
+    words = " and ".join(METAVARS.get(m, m.upper()) for m in missing)
+    hint = f"usage: {usage_line(made)}"
+    if "image" in missing:
+        cfg = load_config(c)
+        hint += "\n  configured images: " + ", ".join(sorted(cfg.images))
+    if "host" in missing:
+        cfg = load_config(c)
+        known = ", ".join(sorted(cfg.builders)) or "none in invoke.yaml (any SSH host alias works)"
+        hint += f"\n  configured builders: {known}"
+    raise UsageError(f"invoke {task_name(made)} needs {words}", hint)
+
+
 def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
     """A task `name` that calls `target` with some arguments fixed (build-alma-x86 → build).
 
-    The alias takes every other argument of the target, with the same help.
+    The alias takes every other argument of the target, with the same help and short flags.
     """
-    body = target.body
+    body = getattr(target, "unchecked", target.body)
     sig = inspect.signature(body)
     params = [p for n, p in sig.parameters.items() if n not in bound]
 
@@ -265,8 +332,12 @@ def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
     call.__doc__ = doc
     call.__name__ = name.replace("-", "_")
     helps = {k: v for k, v in (target.help or {}).items() if k not in bound}
-    return Task(call, name=name, help=helps, positional=[p for p in (target.positional or []) if p not in bound],
-                iterable=list(target.iterable or []), optional=list(target.optional or []))
+    made = ImagepipeTask(call, name=name, help=helps,
+                         positional=[p for p in (target.positional or []) if p not in bound],
+                         iterable=list(target.iterable or []), optional=list(target.optional or []))
+    made.unchecked = call  # type: ignore[attr-defined]
+    made.body = cli_checks(made, call)
+    return made
 
 
 def say(message: str) -> None:

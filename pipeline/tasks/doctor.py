@@ -11,7 +11,12 @@ from pipeline.tasks.common import load_config, task
             "builder": "check a remote builder over SSH instead (a name under `builders:` or an SSH host alias)",
             "accept_new_host_key": "with --builder: trust and record the builder's host key if it is not known yet"})
 def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
-    """Check tools, accelerator, UEFI firmware and disk space for the configured images."""
+    """Check tools, accelerator, UEFI firmware and disk space for the configured images.
+
+    Exit codes: 0 all there; 127 a required tool is missing; 3 this host cannot do it (no UEFI
+    firmware for an image of its arch); 2 bad configuration; 4 the builder is unreachable or its
+    host key unknown.
+    """
     import json as _json
 
     from pipeline import doctor as doc
@@ -31,4 +36,4 @@ def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_ke
         report = doc.report(cfg, probe(disk_path=str(existing_parent(cfg.output_dir))))
     print(_json.dumps(report.as_json(), indent=2) if json else doc.format_text(report))
     if not report.ok:
-        raise Exit(code=1)
+        raise Exit(code=report.exit_code or 1)

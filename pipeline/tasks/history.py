@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from invoke import Context
 
 from pipeline.tasks.common import load_config, say, task
-from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option, whole_number
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option
 
 if TYPE_CHECKING:
     from pipeline.history import Build
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     "limit": "at most this many rows (newest first; default 20, 0 = all)",
     "json": "one JSON object per build on stdout",
 })
-def history(c: Context, image: str = "", limit: str = "20", json: bool = False) -> None:
+def history(c: Context, image: str = "", limit: int = 20, json: bool = False) -> None:
     """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
     import json as json_mod
 
@@ -29,7 +29,7 @@ def history(c: Context, image: str = "", limit: str = "20", json: bool = False) 
         cfg.image(image)  # unknown names fail with the list of valid ones
     with History(cfg.output_dir, create=False) as hist:  # reading creates nothing
         hist.reap()
-        rows = hist.builds(image or None, whole_number(limit, "--limit") or None)
+        rows = hist.builds(image or None, limit or None)
     if json:
         try:
             for row in rows:
@@ -48,7 +48,7 @@ def history(c: Context, image: str = "", limit: str = "20", json: bool = False) 
 
 def _table(rows: list[Build]) -> str:
     """Rows as an aligned text table; the last column (the note) is not padded."""
-    from pipeline.retention import human
+    from pipeline.units import mib
 
     header = ("BUILD", "IMAGE", "WHERE", "STARTED (UTC)", "TOOK", "STATUS", "SHA256", "SIZE", "NOTE")
     lines = [header]
@@ -56,7 +56,7 @@ def _table(rows: list[Build]) -> str:
         took = f"{b.finished - b.started:.0f}s" if b.finished else "-"
         note = (b.error or "").splitlines()[0][:60] if b.error else ("files removed" if b.removed else "")
         lines.append((b.id, b.image, b.location, _when(b.started), took, b.status,
-                      (b.sha256 or "-")[:12], human(b.size) if b.size else "-", note))
+                      (b.sha256 or "-")[:12], mib(b.size) if b.size else "-", note))
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in lines).rstrip()
 
@@ -80,6 +80,7 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
     from pipeline import retention
     from pipeline.errors import LockBusy
     from pipeline.history import History, image_lock
+    from pipeline.units import mib
 
     cfg = load_config(c)
     names = [cfg.image(image).name] if image else sorted(cfg.images)
@@ -106,9 +107,9 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
                                   "paths": [str(p) for p in plan.paths], "bytes": plan.bytes}), flush=True)
         else:
             what = ", ".join(plan.removed) if plan.removed else "no builds"
-            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {plan.human_bytes})")
+            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {mib(plan.bytes)})")
     if not json:
-        say(f"{'would free' if dry_run else 'freed'} {retention.human(total)} in total")
+        say(f"{'would free' if dry_run else 'freed'} {mib(total)} in total")
 
 
 @task(help={

@@ -1,7 +1,7 @@
 """Options several tasks share, parsed in one place: --accel and whole numbers (--limit, --timeout).
 
-Invoke hands every option over as the string the user typed; these turn it into a value or a
-one-line UsageError (exit 2) naming the option, never a traceback.
+These turn what the user typed into a value or a one-line UsageError (exit 2) naming the
+option, never a traceback. Short flags and placeholders live in pipeline.tasks.cli.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def remote_accel_option(value: str) -> str | None:
 
 
 def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
-    """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.numbers). Such
-    options are declared as strings, because Invoke's own int parsing ends in a traceback on
-    `--limit x`; this gives a one-line error instead."""
+    """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.numbers), or a
+    one-line UsageError naming the option (Invoke's own int parsing ends in a traceback on
+    `--limit x`; pipeline.tasks.cli parses with this)."""
     from pipeline.errors import UsageError
     from pipeline.numbers import NumberError, parse_int
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
 from pipeline.tasks.common import alias, load_config, say, task
-from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, whole_number
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
+
+if TYPE_CHECKING:
+    from pipeline.vm.state import Built, VmStatus
 
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
 TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
@@ -57,12 +61,12 @@ run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", 
 
 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
-def ssh(c: Context, image: str, timeout: str = "0") -> None:
+def ssh(c: Context, image: str, timeout: int = 0) -> None:
     """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
     from pipeline.vm.ssh import ssh_session
 
     cfg = load_config(c)
-    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=whole_number(timeout, "--timeout") or None)
+    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
     if code != 0:
         raise Exit(code=code)
 
@@ -74,23 +78,39 @@ ssh_demo = alias(ssh, "ssh-demo", "SSH into the demo image (port 2224 unless tak
 
 @task(help={"json": "one JSON document on stdout instead of a table"})
 def status(c: Context, json: bool = False) -> None:
-    """Show which images are running: pid, SSH port, uptime, accelerator."""
+    """Show every configured image: built (when, size) and running (pid, SSH port, uptime, accel)."""
     import json as json_mod
     import time
 
     from pipeline.vm.lifecycle import statuses
+    from pipeline.vm.state import published
 
     cfg = load_config(c)
     rows = statuses(cfg)
+    built = {r.image: published(cfg.output_dir, r.image, cfg.images[r.image].artifact_name) for r in rows}
     now = time.time()
     if json:
-        print(json_mod.dumps({"images": [r.as_json(now) for r in rows]}, indent=2))
+        images = [{**r.as_json(now), "built": b.as_json() if (b := built[r.image]) else None} for r in rows]
+        print(json_mod.dumps({"images": images}, indent=2))
         return
-    print(f"{'IMAGE':24} {'STATE':8} {'PID':>7} {'PORT':>5} {'UPTIME':>8}  ACCEL")
+    print(status_table(rows, built, now))
+
+
+def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float) -> str:
+    """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL as aligned columns."""
+    from pipeline.units import clock, mib
+
+    lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL")]
     for r in rows:
+        b = built.get(r.image)
         up = r.uptime(now)
-        print(f"{r.image:24} {r.state:8} {r.pid or '-':>7} {r.ssh_port or '-':>5} "
-              f"{f'{up:.0f}s' if up is not None else '-':>8}  {r.accelerator or '-'}")
+        when = b.finished.replace("T", " ").removesuffix("Z")[:16] if b else "not built"
+        lines.append((r.image, when, mib(b.size) if b else "-", r.state, str(r.pid or "-"),
+                      str(r.ssh_port or "-"), clock(up) if up is not None else "-", r.accelerator or "-"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    right = {2, 4, 5, 6}  # numbers line up on the right
+    return "\n".join("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=False)))
+                     .rstrip() for line in lines)
 
 
 @task(help={
@@ -98,36 +118,37 @@ def status(c: Context, json: bool = False) -> None:
     "force": "end QEMU at once (QMP quit) instead of an ACPI power-off",
     "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
 })
-def stop(c: Context, image: str, force: bool = False, timeout: str = "60") -> None:
+def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
     """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
     from pipeline.vm import lifecycle
     from pipeline.vm.state import state_paths
 
     cfg = load_config(c)
     img = cfg.image(image)
-    grace = whole_number(timeout, "--timeout")
+    grace = timeout
     say(lifecycle.stop(img.name, state_paths(cfg.output_dir, img.name), force=force, grace=grace, say=say))
 
 
 @task(help={"image": IMAGE_HELP, "accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
-def test_image(c: Context, image: str, accel: str = "", timeout: str = "0") -> None:
+def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> None:
     """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
     from pipeline.errors import VerifyFailed
     from pipeline.vm.boottest import boot_test_published
 
     cfg = load_config(c)
-    result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), whole_number(timeout, "--timeout") or None, say=say)
+    result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), timeout or None, say=say)
     if result.result == "not built":
         from pipeline.errors import UsageError
+        from pipeline.hints import build_hint
 
-        raise UsageError(f"{image} has not been built yet", f"build it first: invoke build {image}")
+        raise UsageError(f"{image} has not been built yet", build_hint(cfg, cfg.image(image)))
     if result.result != "passed":
         raise VerifyFailed(f"boot test failed: {result.detail}")
     say(f"{image}: boot test passed in {result.seconds:.1f}s ({result.detail})")
 
 
 @task(help={"accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
-def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
+def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
     from pipeline.errors import UsageError, VerifyFailed
     from pipeline.vm.boottest import boot_test_published, results_table
@@ -136,7 +157,7 @@ def test_all(c: Context, accel: str = "", timeout: str = "0") -> None:
     requested = accel_option(accel, cfg)
     rows = []
     for name in sorted(cfg.images):
-        row = boot_test_published(cfg, cfg.images[name], requested, whole_number(timeout, "--timeout") or None, say=say)
+        row = boot_test_published(cfg, cfg.images[name], requested, timeout or None, say=say)
         if row.result == "failed":
             say(f"{name}: FAILED\n{row.detail}")
         rows.append(row)

@@ -66,8 +66,10 @@ def published_target(cfg: Config, image: Image) -> BootTarget:
     disk = artifacts.published_image(image_dir)
     build = artifacts.current_build(image_dir)
     if manifest is None or disk is None or build is None:
+        from pipeline.hints import build_hint
+
         raise UsageError(f"{image.name} has not been built yet (nothing published under {image_dir})",
-                         f"build it first: invoke build {image.name}")
+                         build_hint(cfg, image))
     boot = boot_spec(manifest.get("boot"), build)
     if boot is None and distros.profile(image).boot_info(image) is not None:
         raise VerifyFailed(f"{image_dir / artifacts.MANIFEST}: {image.name} boots its kernel directly, "

@@ -137,6 +137,39 @@ class VmStatus:
         }
 
 
+@dataclass(frozen=True)
+class Built:
+    """The published build of an image, as `invoke status` shows it (from its manifest)."""
+
+    build_id: str
+    finished: str          # UTC, as the manifest records it
+    size: int              # bytes of the image file
+    sha256: str
+    path: str              # the stable path, output/<image>/<artifact>
+    where: str             # "local" or the builder it was fetched from
+
+    def as_json(self) -> dict[str, Any]:
+        return {"build_id": self.build_id, "finished": self.finished, "size": self.size,
+                "size_mib": round(self.size / 1024**2, 1), "sha256": self.sha256, "path": self.path,
+                "where": self.where}
+
+
+def published(output_dir: Path, image: str, artifact_name: str) -> Built | None:
+    """What is published for `image` (None when nothing is, or its manifest is unreadable)."""
+    from pipeline import artifacts
+
+    try:
+        manifest = artifacts.read_manifest(output_dir / image)
+        if not manifest:
+            return None
+        art = manifest["artifact"]
+        return Built(str(manifest["build_id"]), str(manifest.get("finished", "?")), int(art["size"]),
+                     str(art["sha256"]), str(output_dir / image / artifact_name),
+                     str((manifest.get("host") or {}).get("where", "local")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ------------------------------------------------------------------------- files + process
 
 

@@ -121,3 +121,80 @@ def test_update_iso_offline_is_one_line_and_writes_nothing(tmp_path: Path) -> No
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and dead in errors[0], res.stderr
     assert not (proj / iso.LOCK_FILE).exists()
+
+
+def _release_site(tmp_path: Path, payload: bytes) -> tuple[Path, str]:
+    site = tmp_path / "site"
+    sha = write_release(site / "almalinux", "10.1", "x86_64", payload)
+    return site, sha
+
+
+class Lines:
+    """A report callable without `transfer`: gets text lines (as remote and older callers do)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_interrupted_download_keeps_the_part_and_resumes_with_range(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    site, sha = _release_site(tmp_path, payload)
+    name = "AlmaLinux-10.1-x86_64-boot.iso"
+    path = f"/almalinux/10.1/isos/x86_64/{name}"
+    ranges: list[str | None] = []
+    dest = tmp_path / "cache" / name
+    with serve(site, ranges=ranges, cut_once={path: 300_000}) as (base, _hits):
+        with pytest.raises(iso.IsoUnavailable) as err:
+            iso.download(base + path, dest, sha, X86)
+        part = dest.with_name(name + ".part")
+        assert part.stat().st_size == 300_000, "the bytes already fetched are kept"
+        assert "kept in" in err.value.message and "resumed next time" in err.value.message
+        report = Lines()
+        assert iso.download(base + path, dest, sha, X86, report) == dest
+    assert ranges == [None, "bytes=300000-"], "the second request asks only for the rest"
+    assert dest.read_bytes() == payload and not part.exists()
+    assert report.lines[-1].startswith(f"downloaded {name}: 1.0 MiB")
+
+
+def test_a_complete_part_is_verified_not_fetched_again(tmp_path: Path) -> None:
+    payload = b"whole iso\n" * 1000
+    site, sha = _release_site(tmp_path, payload)
+    name = "AlmaLinux-10.1-x86_64-boot.iso"
+    dest = tmp_path / "cache" / name
+    dest.parent.mkdir(parents=True)
+    dest.with_name(name + ".part").write_bytes(payload)
+    ranges: list[str | None] = []
+    with serve(site, ranges=ranges) as (base, _):
+        iso.download(f"{base}/almalinux/10.1/isos/x86_64/{name}", dest, sha, X86)
+    assert ranges == [f"bytes={len(payload)}-"] and dest.read_bytes() == payload  # 416: nothing left
+
+
+def test_a_corrupt_part_is_removed_after_the_check(tmp_path: Path) -> None:
+    payload = b"good iso\n" * 1000
+    site, sha = _release_site(tmp_path, payload)
+    name = "AlmaLinux-10.1-x86_64-boot.iso"
+    dest = tmp_path / "cache" / name
+    dest.parent.mkdir(parents=True)
+    dest.with_name(name + ".part").write_bytes(b"XXXX")  # not the start of this file
+    with serve(site) as (base, _), pytest.raises(VerifyFailed, match="checksum mismatch"):
+        iso.download(f"{base}/almalinux/10.1/isos/x86_64/{name}", dest, sha, X86)
+    assert not dest.exists() and not dest.with_name(name + ".part").exists()
+
+
+def test_download_progress_reaches_the_build_view(tmp_path: Path) -> None:
+    import io
+
+    from pipeline.progress import Progress
+
+    payload = b"x" * (3 * 1024**2)
+    site, sha = _release_site(tmp_path, payload)
+    name = "AlmaLinux-10.1-x86_64-boot.iso"
+    out = io.StringIO()
+    with serve(site) as (base, _), Progress("alma", stream=out, heartbeat=0) as p:
+        iso.download(f"{base}/almalinux/10.1/isos/x86_64/{name}", tmp_path / "c" / name, sha, X86, p.report())
+    lines = out.getvalue().splitlines()
+    assert "downloading AlmaLinux-10.1-x86_64-boot.iso: 1.0 of 3.0 MiB (33%)" in lines[0] and "MiB/s, ETA" in lines[0]
+    assert lines[-1].endswith("downloaded AlmaLinux-10.1-x86_64-boot.iso: 3.0 MiB at " + lines[-1].split(" at ")[-1])

@@ -326,8 +326,10 @@ def test_builder_option_dry_run_and_an_output_that_is_the_image_file(builders, t
     before = _marks(b)
     dry = invoke(["build-nixos-x86", "--builder", "hal9000", "--dry-run"], cfg, timeout=300, env=env)
     assert dry.returncode == 0, _out(dry)
-    (command,) = [line for line in dry.stderr.splitlines() if line.strip().startswith("command")]
+    lines = dry.stdout.splitlines()
+    command = lines[lines.index("  command") + 1]  # the summary's command section (stdout)
     assert "--store ssh-ng://hal9000" in command and "--eval-store" in command and "--out-link" not in command
+    assert "nix builds it on hal9000" in dry.stdout
     assert _marks(b) == before and not (out / "nixos-x86_64" / "builds").exists()
 
     data = yaml.safe_load(cfg.read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     out = _out(res)
     assert res.returncode == 0, out
     assert "[hal9000] synced" in out and "[hal9000] venv created" in out
-    assert "[hal9000]" in out and "==> packer build" in out and "published" in out
+    assert "[hal9000]" in out and "==> [2/5] packer build" in out and "published" in out  # the builder's N/M
     assert (builder / ".venv" / "bin" / "invoke").exists()
     assert (builder / "tasks.py").exists() and not (builder / ".git").exists()
     remote_manifest = json.loads((builder / "output" / "demo-x86_64" / "manifest.json").read_text())
@@ -89,6 +90,14 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
     sums = dict(line.split("  ")[::-1] for line in (current / "SHA256SUMS").read_text().splitlines())
     for boot_file in ("vmlinuz", "initrd.img"):
         assert artifacts.sha256_file(current / boot_file) == sums[boot_file]
+
+    # The builder baked this machine's key in too (remote-sync-build passed it): the fetched image
+    # boots here and this machine's own key logs in (the builder's key stays on the builder).
+    mine = (hal9000["base"] / "output" / ".keys" / "imagepipe_ed25519.pub").read_text().split()[:2]
+    theirs = (builder / "output" / ".keys" / "imagepipe_ed25519.pub").read_text().split()[:2]
+    assert mine != theirs
+    booted = invoke(["test-image", "demo-x86_64"], hal9000["config"], timeout=600)
+    assert booted.returncode == 0, _out(booted)
 
     again = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=120)
     assert again.returncode == 0 and "nothing to fetch" in _out(again), _out(again)
@@ -141,7 +150,7 @@ def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
     assert before is not None, "runs after the full-cycle test, which publishes on the builder"
     build = Background(hal9000["config"], ["remote-sync-build", "hal9000", "--image", "demo-x86_64"])
     try:
-        build.wait_for("==> packer build", timeout=600)
+        build.wait_for("] packer build", timeout=600)
         # packer on the builder has started its VM (QEMU of the builder's staging)
         wait_until(lambda: [p for p in _build_processes(builder) if "qemu-system" in p], 180,
                    "the builder's QEMU", lambda: "\n".join(_build_processes(builder)))
@@ -584,7 +593,7 @@ def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
         assert (base / b / "output" / "demo-x86_64" / "manifest.json").exists()
     # The builders worked at the same time: b2 was already busy (sync, venv) before b1 published.
     lines = out.splitlines()
-    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and "✔ published" in line)
+    b1_done = next(i for i, line in enumerate(lines) if line.startswith("[b1]") and re.search(r"✔ +published", line))
     b2_synced = next(i for i, line in enumerate(lines) if line.startswith("[b2] synced"))
     assert b2_synced < b1_done, f"builders did not work in parallel ({took:.0f}s):\n{out}"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,6 +99,16 @@ def test_run_ssh_status_stop(demo):
     st = status_of(cfg)
     assert st["state"] == "running" and st["pid"] == pid and st["ssh_port"] == port
     assert st["accelerator"] == choice.accel.value and st["uptime_s"] >= 0 and st["snapshot"] is True
+    manifest = json.loads((out / DEMO / "manifest.json").read_text())
+    assert st["built"]["build_id"] == manifest["build_id"] and st["built"]["size"] == manifest["artifact"]["size"]
+    table = invoke(["status"], cfg, timeout=60, check=True).stdout.splitlines()
+    assert table[0].split() == ["IMAGE", "BUILT", "(UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL"]
+    row = next(line for line in table if line.startswith(DEMO + " "))
+    size = f"{manifest['artifact']['size'] / 1024**2:.1f} MiB"
+    assert manifest["finished"][:16].replace("T", " ") in row and size in row and "running" in row
+    assert f" {pid} " in row and f" {port} " in row and re.search(r" 0:0\d:\d\d ", row) and row.endswith(choice.accel.value)
+    others = [line for line in table[1:] if not line.startswith(DEMO + " ")]
+    assert len(others) == 4 and all("not built" in line and "stopped" in line for line in others)  # every image
 
     stopped = invoke(["stop", DEMO, "--timeout", "3"], cfg, timeout=60)
     assert stopped.returncode == 0, stopped.stderr

@@ -57,8 +57,8 @@ def test_status_table_and_unbuilt_image(tmp_path):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", out)
     table = invoke(["status"], cfg, timeout=60, check=True).stdout.splitlines()
-    assert table[0].split()[:3] == ["IMAGE", "STATE", "PID"]
-    assert any(line.split()[:2] == [DEMO, "stopped"] for line in table)
+    assert table[0].split()[:5] == ["IMAGE", "BUILT", "(UTC)", "SIZE", "STATE"]
+    assert any(line.split()[:5] == [DEMO, "not", "built", "-", "stopped"] for line in table)
     run = invoke(["run-demo"], cfg, timeout=60)
     assert run.returncode == 2 and "has not been built yet" in run.stderr and "invoke build demo-x86_64" in run.stderr
     ssh = invoke(["ssh-demo", "--", "true"], cfg, timeout=60)

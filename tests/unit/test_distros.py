@@ -111,9 +111,10 @@ def test_render_dry_run_and_input_hash_of_a_new_distro(tmp_path, fakeos):
     result = build_image(cfg, image, BuildOptions(dry_run=True), facts=facts(), say=said.append)
     assert result.build_dir is None
     text = "\n".join(said)
-    assert "distro       fakeos 3 x86_64" in text and f"template     {template}" in text
-    command = next(line for line in said if line.strip().startswith("command"))
-    argv = shlex.split(command.split("command", 1)[1])
+    assert "distro  FakeOS 3" in text and f"template  {template}" in text
+    lines = text.splitlines()
+    command = lines[lines.index("  command") + 1]
+    argv = shlex.split(command)
     assert argv[:3] == ["packer", "build", "-machine-readable"]
     assert "seed=<prepared at build time: seed>" in argv and "accelerator=tcg" in argv
     assert not (cfg.output_dir / "fake-x86_64" / "builds").exists()

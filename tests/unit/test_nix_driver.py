@@ -107,7 +107,7 @@ def test_log_parser_turns_internal_json_into_events():
     events = [e for e in (parser.feed(line) for line in RECORDED) if e is not None]
     kinds = [(e.kind, e.message) for e in events]
     assert kinds == [
-        ("step", "building fixture-image"),
+        ("say", "building fixture-image"),
         ("message", "building now6"),
         ("message", "fixture-image: phase installPhase"),
         ("error", "error: builder for '/nix/store/xah1c23mx5k078qycxzmkh0s12cpmjhh-fixture-broken.drv' failed with exit code 3"),

@@ -56,6 +56,6 @@ def test_failure_summary_keeps_the_tool_error_not_the_argv():
     ])
     exc = CommandFailed(["/usr/bin/packer", "build", "-var", "x=1", "t.pkr.hcl"], 1, tail)
     text = describe_failure(exc, distros.get("demo").driver)
-    assert text == "packer exited 1: qemu.demo: Error launching VM: Qemu failed to start.; Build was halted."
+    assert text == "packer exited 1: Error launching VM: Qemu failed to start.; Build was halted."
     assert describe_failure(BuildFailed("no image")) == "no image"
     assert describe_failure(ValueError("x")) == "ValueError: x"

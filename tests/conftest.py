@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,14 @@ def _nix_config() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or NIX_CONFIG)
         yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background (`cmd &` in a script, some CI runners) inherits SIGINT
+    ignored, and every imagepipe it starts would ignore ^C too; the ^C tests need what a terminal
+    gives. A handler (not an ignore) is reset to the default by exec, so the children get it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -489,7 +489,7 @@ def test_sigkill_leaves_no_process_of_the_build_behind(demo_build, tmp_path, sen
         if point == "packer":
             build.wait_for("Waiting for SSH")
         elif point == "boot-test":
-            build.wait_for("==> boot test")
+            build.wait_for("] boot test")  # "==> [N/M] boot test"
             deadline = time.monotonic() + 60
             while not processes_mentioning(str(image_dir / "boot-test")):
                 assert time.monotonic() < deadline, build.output()

@@ -29,7 +29,7 @@ import yaml
 from _common import Figure, alternate, count, figure, finish, say, timed
 
 from pipeline import rsync
-from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2
+from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 LO = Path("/sys/class/net/lo/statistics")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from _common import ROOT, alternate, count, figure, finish, say, timed
 
-from tests.sshd_host import SshHost
+from tests.support.sshd import SshHost
 
 BASE_NIX = ["build-users-group =", "sandbox = false", "substituters =", "experimental-features = nix-command flakes"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import ROOT, alternate, count, figure, finish, say, timed
 
 from pipeline import remote, rsync
-from tests.sshd_host import SshHost
+from tests.support.sshd import SshHost
 
 runs = count(5, minimum=3)
 work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-sync-"))

@@ -374,7 +374,7 @@ def _config_error(c: _Collector, source: str, origins: Origins | None) -> Config
     labels = {o for o in found if o}
     heading = labels.pop() if len(labels) == 1 and all(found) else source
     lines = [p if not o or o == heading else f"{path} (set by {o}):{p[len(path) + 1:]}"
-             for p, path, o in zip(c.problems, c.paths, found)]
+             for p, path, o in zip(c.problems, c.paths, found, strict=True)]
     err = ConfigError(heading, lines)
     if any(o and o.startswith("INVOKE_") for o in found):
         err.hint = "fix the keys above (an INVOKE_* variable named there overrides invoke.yaml: unset or correct it)"

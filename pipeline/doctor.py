@@ -73,7 +73,7 @@ def needed_tools(cfg: Config, facts: HostFacts) -> dict[str, str]:
             need[tool] = "; ".join(dict.fromkeys(whys))
     for arch in Arch:
         mine = [i.name for i in cfg.images.values() if i.arch is arch]
-        if mine and (arch is facts.arch or arch is Arch.AARCH64 and facts.os == "darwin"):
+        if mine and (arch is facts.arch or (arch is Arch.AARCH64 and facts.os == "darwin")):
             need.setdefault(arch.qemu_binary, "running " + ", ".join(sorted(mine)))
     if cfg.builders:
         need["rsync"] = "syncing with builders " + ", ".join(cfg.builders)

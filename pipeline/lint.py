@@ -151,7 +151,7 @@ def check_qemu_arguments(ctx: LintContext) -> list[Problem]:
     for path in ctx.committed(".pkr.hcl"):
         try:
             doc = hcl2.loads(ctx.text(path), serialization_options=hcl2.SerializationOptions(strip_string_quotes=True))
-        except Exception:  # noqa: BLE001, S112 (a parse failure is reported by hcl2-parse)
+        except Exception:  # noqa: BLE001 (a parse failure is reported by hcl2-parse)
             continue
         for block in doc.get("source", []):
             for label, body in (block.get("qemu") or {}).items():

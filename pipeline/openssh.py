@@ -44,7 +44,7 @@ def connection_error(target: Target, stderr: str) -> ImagepipeError:
     """ssh's exit-255 complaint → the same typed errors the Fabric connection raises."""
     text = stderr.strip()
     last = text.splitlines()[-1] if text else "ssh exited 255 without a message"
-    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key for" in text and "has changed" in text:
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or ("Host key for" in text and "has changed" in text):
         return HostKeyChanged(
             f"builder {target.name}: the host key of {target.host} CHANGED; refusing to connect",
             hint="if the builder was reinstalled, remove its old line from known_hosts (ssh-keygen -R) "

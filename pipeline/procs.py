@@ -79,7 +79,7 @@ def is_alive(pid: int | None, start: str | None) -> bool:
     if pid is None:
         return False
     now = start_time(pid)
-    return now is not None and (start is None or now == start or now == ALIVE)
+    return now is not None and (start is None or now in (start, ALIVE))
 
 
 def process_group(pid: int) -> int | None:

@@ -18,6 +18,7 @@ With a `log_path`, every event people would see is also written there as a reada
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -181,10 +182,8 @@ class Progress:
             write()
         except BrokenPipeError:
             self._closed.add(stream)
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-            except (OSError, ValueError, AttributeError):
-                pass
 
     def counter(self) -> str:
         """`[2/5]` (or `[2]` when the total is unknown)."""

@@ -200,7 +200,10 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
 
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)
-    say = lambda line: emit("message", "*", line)
+
+    def say(line: str) -> None:
+        emit("message", "*", line)
+
     conn = remote.connect(target)
     outcomes: list[Outcome] = []
     try:

@@ -354,7 +354,7 @@ def stream(
             returncode = proc.wait()
     except _Timeout:
         stop_group(proc, grace)
-        raise CommandFailed(shown, -1, "\n".join(tail), hint=f"timed out after {timeout:.0f}s")
+        raise CommandFailed(shown, -1, "\n".join(tail), hint=f"timed out after {timeout:.0f}s") from None
     except (KeyboardInterrupt, Interrupted) as exc:
         stop_group(proc, grace)
         raise Interrupted(f"interrupted: stopped {Path(args[0]).name} and its children") from exc
@@ -401,10 +401,8 @@ def stop_group(proc: subprocess.Popen[str], grace: float) -> None:
     pgid = proc.pid
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGINT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     _kill_leftovers(pgid)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)

@@ -105,7 +105,7 @@ def enum_of(kind: type[StrEnum]) -> Callable[[Any], Any]:
         try:
             return kind(str(v).lower())
         except ValueError:
-            choices = [m.value for m in kind]  # type: ignore[attr-defined]
+            choices = [m.value for m in kind]
             raise Invalid(
                 f"expected one of {', '.join(choices)}, got {shown(v)}{did_you_mean(str(v), choices)}"
             ) from None

@@ -5,34 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 BOOT_ISO = "AlmaLinux-{v}-{a}-boot.iso"
-
-
-def project_copy(dest: Path) -> Path:
-    """A throwaway copy of the project (code, tasks.py, invoke.yaml and generated files)."""
-    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
-        shutil.copy2(ROOT / name, dest / name)
-    for name in ("pipeline", "packer", "kickstart", "nixos"):
-        if (ROOT / name).exists():
-            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "result*", ".git"))
-    return dest
-
-
-def invoke(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `invoke ARGS` in `cwd` as a user would (a separate process, real exit code)."""
-    import os
-
-    full = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout, check=False)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

@@ -1,49 +1,83 @@
-"""Shared test helpers: run the real `invoke` CLI against a temporary output folder."""
+"""Fixtures and hooks of the suite; the helpers live in tests/support (one set, imported from there)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import NIX_CONFIG, invoke, require_tool, write_config
 
-# Debian's nix-bin as root in a container (see MACHINE.md).
-NIX_CONFIG = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes"
-os.environ.setdefault("NIX_CONFIG", NIX_CONFIG)
+WITHOUT_ROOT = pytest.StashKey[dict[str, int]]()  # --without-root: reason → tests deselected
 
 
-def require_tool(name: str, package: str) -> str:
-    """A tool the test needs; missing → the test FAILS with the install hint (never skips)."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install it with `sudo apt-get install {package}` (.ci/run does)")
-    return path
+@pytest.fixture(scope="session", autouse=True)
+def _nix_config() -> Iterator[None]:
+    """nix in the tests (and in the imagepipe they start) reads NIX_CONFIG unless the caller set
+    their own; set for the session only, never at import time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG") or NIX_CONFIG)
+        yield
 
 
-def write_config(path: Path, output_dir: Path, extra: dict | None = None) -> Path:
-    """A runtime config (invoke -f) pointing output_dir at a temp folder."""
-    data = {"defaults": {"output_dir": str(output_dir)}}
-    for key, value in (extra or {}).items():
-        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background (`cmd &` in a script, some CI runners) inherits SIGINT
+    ignored, and every imagepipe it starts would ignore ^C too; the ^C tests need what a terminal
+    gives. A handler (not an ignore) is reset to the default by exec, so the children get it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def invoke(args: list[str], config: Path | None = None, *, timeout: float = 600, env: dict | None = None,
-           cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run `python -m invoke [-f config] ARGS` in the project, capturing output."""
-    argv = [sys.executable, "-m", "invoke"] + (["-f", str(config)] if config else []) + args
-    full_env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})}
-    res = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{argv} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--without-root", action="store_true",
+                     help="deselect the tests that need root on this machine (needs_root, unless its "
+                          "check holds here), and say which; for a run as an unprivileged user")
+
+
+def root_needed(item: pytest.Item) -> str | None:
+    """Why `item` needs root here (None: it does not). A needs_root marker with `unless=check`
+    does not apply where check() holds (e.g. a nix daemon, membership of group tty)."""
+    if os.geteuid() == 0:
+        return None
+    for marker in item.iter_markers("needs_root"):
+        unless = marker.kwargs.get("unless")
+        if not (unless and unless()):
+            return marker.args[0] if marker.args else "it needs root"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--without-root: deselect what needs root here, and count it by reason for the summary."""
+    if not config.getoption("--without-root"):
+        return
+    keep, dropped = [], []
+    for item in items:
+        (dropped if root_needed(item) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    reasons: dict[str, int] = {}
+    for item in dropped:
+        why = root_needed(item) or ""
+        reasons[why] = reasons.get(why, 0) + 1
+    config.stash[WITHOUT_ROOT] = reasons
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for why, count in config.stash.get(WITHOUT_ROOT, {}).items():
+        terminalreporter.write_line(f"--without-root: deselected {count} test(s) that need root here: {why}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that needs root here FAILS (never skips) for anyone else, saying why and how to
+    deselect it (--without-root, which .ci/run-unprivileged uses)."""
+    why = root_needed(item)
+    if why is not None:
+        pytest.fail(f"needs root: {why}. Run it as root (CI does), or deselect it with --without-root",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

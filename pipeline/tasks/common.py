@@ -11,6 +11,7 @@ exit 2), an INVOKE_* variable that is not of its key's type (named, exit 2).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -24,7 +25,6 @@ from invoke import task as invoke_task
 
 from pipeline.config import Config, from_invoke
 from pipeline.errors import ImagepipeError
-from pipeline.text import visible, visible_lines
 from pipeline.tasks.cli import (
     HELP_TOKENS,
     METAVARS,
@@ -33,6 +33,7 @@ from pipeline.tasks.cli import (
     task_name,
     usage_line,
 )
+from pipeline.text import visible, visible_lines
 
 
 def load_config(c: Context) -> Config:
@@ -86,10 +87,8 @@ def _output_dir(args: tuple[Any, ...]) -> Path | None:
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null so Python's exit flush does not fail again on the closed pipe."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 # ----------------------------------------------------------------------- Invoke's own loading
@@ -119,7 +118,7 @@ def guard_invoke_config() -> None:
                 raise Exit(f"error: {merge_clash(self)}", code=2) from None
 
         cls._load_yaml = _load_yaml  # type: ignore[method-assign]
-        cls._load_yml = _load_yaml  # type: ignore[attr-defined]
+        cls._load_yml = _load_yaml
         cls.merge = merge  # type: ignore[method-assign]
         cls._imagepipe_guarded = True  # type: ignore[attr-defined]
     env_cls = invoke_env.Environment
@@ -276,7 +275,7 @@ def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(body)
     def checked(c: Context, *args: Any, **kwargs: Any) -> Any:
         name = task_name(made)
-        values = dict(zip(positional, args)) | {k: v for k, v in kwargs.items() if k in positional}
+        values = dict(zip(positional, args, strict=False)) | {k: v for k, v in kwargs.items() if k in positional}
         if any(v in HELP_TOKENS for v in values.values()):
             print_task_help(name)
             return None

@@ -58,7 +58,7 @@ def _table(rows: list[Build]) -> str:
         lines.append((b.id, b.image, b.location, _when(b.started), took, b.status,
                       (b.sha256 or "-")[:12], mib(b.size) if b.size else "-", note))
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in lines).rstrip()
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in lines).rstrip()
 
 
 def _when(ts: float) -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Context
 
 from pipeline.tasks.common import load_config, say, task
+
+if TYPE_CHECKING:  # pathlib is imported where it is used; this is for the annotations only
+    from pathlib import Path
 
 SCOPE_HELP = {
     "user": "per-user units in ~/.config/systemd/user (default)",
@@ -21,7 +26,8 @@ def _scope(user: bool, system: bool) -> str:
     return "system" if system else "user"
 
 
-def _config_file(c: Context):  # Path | None: the -f file, which the job must load too
+def _config_file(c: Context) -> Path | None:
+    """The -f file, which the scheduled job must load too."""
     from pathlib import Path
 
     runtime = getattr(c.config, "_runtime_path", None)

@@ -212,5 +212,5 @@ def results_table(rows: Sequence[BootTestResult]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(3)]
     lines = []
     for row in [header, *body]:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     return "\n".join(line.rstrip() for line in lines)

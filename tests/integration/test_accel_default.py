@@ -7,7 +7,7 @@ from pipeline.config import Accel, Arch
 from pipeline.errors import AccelUnavailable
 from pipeline.host import probe
 from pipeline.plan import choose_accel
-from tests.conftest import invoke, write_config
+from tests.support import invoke, write_config
 
 DEMO = "demo-x86_64"
 

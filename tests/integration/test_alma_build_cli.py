@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.iso import MIRROR_ENV, VAULT_ENV
 from tests.almalinux_support import closed_port_url
-from tests.conftest import invoke, write_config
+from tests.support import invoke, write_config
 
 
 @pytest.mark.parametrize("task,extra", [("build-alma-x86", []), ("build-alma-arm", ["--accel", "tcg"])])

@@ -22,7 +22,7 @@ from pipeline.config import load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.host import find_firmware, local_descriptors
 from pipeline.render.packer import render_text
-from tests.almalinux_support import ROOT
+from tests.support import ROOT, keygen
 
 CFG = load_file(ROOT / "invoke.yaml")
 NAMES = ["almalinux10-x86_64", "almalinux10-aarch64"]
@@ -45,7 +45,7 @@ def values(name: str, tmp: Path) -> dict[str, str]:
                        check=True, capture_output=True, timeout=60)
     key = tmp / "key"
     if not key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+        keygen(key)
     fw = find_firmware(image.arch, os.environ, descriptors=local_descriptors())
     assert fw and fw.vars, "UEFI firmware missing: sudo apt-get install ovmf qemu-efi-aarch64"
     store = tmp / f"{name}-vars.fd"

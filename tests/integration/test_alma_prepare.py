@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.host import find_firmware, local_descriptors
 from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
-from tests.almalinux_support import ROOT, closed_port_url, serve, write_release
+from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.support import ROOT, project_copy
 
 CFG = load_file(ROOT / "invoke.yaml")
 
@@ -140,8 +140,7 @@ def test_resolved_release_and_variant_follow_the_mirror(site, tmp_path: Path, mo
 def test_committed_kickstart_follows_the_pin_and_never_a_mirror(site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = site
     root = tmp_path / "proj"
-    for folder in ("packer", "kickstart"):
-        shutil.copytree(ROOT / folder, root / folder)
+    project_copy(root, ("packer", "kickstart"))
     image = CFG.image("almalinux10-x86_64")
     assert iso.committed_repo_base(image, root) == "https://repo.almalinux.org/almalinux/10"
     monkeypatch.setenv(iso.MIRROR_ENV, f"{url}/almalinux")

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import artifacts, reproducible
 from pipeline.errors import VerifyFailed
-from tests.conftest import require_tool
+from tests.support import require_tool
 
 
 @pytest.fixture(autouse=True)

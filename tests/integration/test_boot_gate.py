@@ -1,7 +1,6 @@
 """The boot-test gate in a real build: a build whose boot test fails is not published."""
 
 import os
-import shutil
 
 import pytest
 import yaml
@@ -11,8 +10,7 @@ from pipeline.build import BuildOptions, build_image
 from pipeline.config import load
 from pipeline.errors import VerifyFailed
 from pipeline.progress import Progress
-from pipeline.run import run
-from tests.conftest import ROOT
+from tests.support import ROOT, keygen, published_copy
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +34,7 @@ class SwapKeyAtBootTest(Progress):
 
 
 def test_failing_boot_test_leaves_the_last_good_image_published(demo_build, tmp_path):
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
+    _, out = published_copy(demo_build, tmp_path, cache=True)
     raw = yaml.safe_load((ROOT / "invoke.yaml").read_text())
     raw["defaults"]["output_dir"] = str(out)
     cfg = load(raw, ROOT)
@@ -47,7 +43,7 @@ def test_failing_boot_test_leaves_the_last_good_image_published(demo_build, tmp_
     key = out / ".keys" / "imagepipe_ed25519"  # the project key the demo build logs in with
     assert key.is_file()
     stranger = tmp_path / "stranger_ed25519"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger], timeout=30)
+    keygen(stranger)
     progress = SwapKeyAtBootTest("demo-x86_64", key, stranger)
 
     with pytest.raises(VerifyFailed) as exc:

@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 
 from pipeline.tasks import cli, collection
-from tests.conftest import invoke, write_config
+from tests.support import invoke, write_config
 
 IMAGES = ("almalinux10-aarch64", "almalinux10-x86_64", "demo-x86_64", "nixos-aarch64", "nixos-x86_64")
 
@@ -80,7 +80,8 @@ def test_number_options_need_a_number(cfg):
     res = invoke(["history", "--limit"], cfg)
     assert res.returncode == 2 and res.stderr.strip() == "error: --limit needs a value (N)"
     res = invoke(["history", "-l", "2x"], cfg)
-    assert res.returncode == 2 and "--limit expects a whole number (0 or more), got '2x'" in res.stderr
+    # the message names the accepted range (pipeline/tasks/options.py: whole_number's hi bound)
+    assert res.returncode == 2 and "--limit expects a whole number (0 to 1000000), got '2x'" in res.stderr
 
 
 def test_one_meaning_per_short_flag_across_every_task():

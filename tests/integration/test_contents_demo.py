@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import artifacts
-from tests.conftest import invoke, write_config
-from tests.sshd_host import SshHost
+from tests.support import invoke, published_copy, write_config
+from tests.support.sshd import SshHost
 from tests.unit.test_packages import validate
 
 pytestmark = pytest.mark.slow
@@ -26,10 +26,8 @@ FORMATS = ["qcow2", "raw", "vmdk"]
 def formats_build(demo_build, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The session's demo output copied, then `rebuild --json` with formats [qcow2, raw, vmdk]:
     the config changed, so it builds (and boot-tests) a second build next to the first."""
-    _, out_src = demo_build
     base = tmp_path_factory.mktemp("formats")
-    out = base / "output"
-    shutil.copytree(out_src, out, symlinks=True)
+    _, out = published_copy(demo_build, base, cache=True)
     first = artifacts.read_manifest(out / IMAGE)
     cfg = write_config(base / "formats.yaml", out, {"images": {IMAGE: {"formats": FORMATS}}})
     res = invoke(["rebuild", "--image", IMAGE, "--json"], cfg, timeout=900)
@@ -129,10 +127,7 @@ def test_fetch_brings_every_format_and_verifies_each(formats_build, tmp_path):
 def test_two_builds_from_the_same_inputs_give_the_same_sha256(demo_build, tmp_path):
     """check-reproducible builds twice into staging: both equal each other and the session's
     published build (three builds, one sha256); nothing is published, no history is written."""
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    cfg = write_config(tmp_path / "test.yaml", out)
+    cfg, out = published_copy(demo_build, tmp_path, cache=True)
     before = artifacts.read_manifest(out / IMAGE)
     builds_before = sorted(p.name for p in (out / IMAGE / "builds").iterdir())
     res = invoke(["check-reproducible", IMAGE, "--json"], cfg, timeout=1200)

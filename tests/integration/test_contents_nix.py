@@ -12,11 +12,11 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.build import BuildOptions, build_image
-from tests.conftest import NIX_CONFIG, require_tool
 from tests.integration.test_nix_build import Recorder, project_config
+from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, require_tool
 from tests.unit.test_packages import validate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, NEEDS_NIX_STORE]
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,13 @@ import shlex
 from pathlib import Path
 
 from pipeline import summary
-from pipeline.config import load_file
+from pipeline.config import Accel, load_file
+from pipeline.errors import AccelUnavailable
 from pipeline.host import HostFacts, KvmFacts, ToolInfo
 from pipeline.iso import MIRROR_ENV, VAULT_ENV, LockEntry, write_lock
-from tests.almalinux_support import closed_port_url, project_copy
-from tests.almalinux_support import invoke as invoke_in
-from tests.conftest import ROOT, invoke, write_config
+from tests.almalinux_support import closed_port_url
 from tests.integration.test_bad_input import path_without
+from tests.support import ROOT, accel_here, invoke, project_copy, write_config
 
 SHA = "ab" * 32
 
@@ -33,10 +33,16 @@ def test_demo_summary_on_stdout_writes_nothing(tmp_path):
     assert text.startswith("demo-x86_64: dry run - nothing was built, written or downloaded")
     for section in ("  image", "  host", "  inputs", "  tools", "  build", "  command"):
         assert f"\n{section}\n" in text, section
-    assert "accelerator  tcg (falling back to TCG: " in text and "vmx/svm" in text  # which and why
+    # which accelerator and why: what the decision gives for this host's probed facts
+    choice = accel_here(Accel.AUTO, purpose="build")
+    assert not isinstance(choice, AccelUnavailable), choice
+    assert f"accelerator  {choice.accel.value}" in text and choice.reason in text
     assert "firmware  bios (no UEFI firmware needed)" in text and "cpu model  max" in text
     assert "steps  prepare inputs -> packer build -> verify -> package list and SBOM -> publish" in text
-    assert "!! TCG: no hardware acceleration" in text and "10-20x slower" in text  # the loud note
+    if choice.accel is Accel.TCG:  # the loud note, only where the build would run under TCG
+        assert "!! TCG: no hardware acceleration" in text and "10-20x slower" in text
+    else:
+        assert "!! TCG" not in text
     assert command_of(text)[:3] == ["packer", "build", "-machine-readable"]
     assert "ready: invoke build demo-x86_64" in text and res.stderr == ""
     assert not out.exists(), "a dry run writes nothing: no key, no cache, no lock, no history"
@@ -48,10 +54,13 @@ def test_json_is_one_object_with_the_same_facts(tmp_path):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)  # exactly one JSON document
     assert doc["image"] == "demo-x86_64" and doc["ok"] is True and doc["exit_code"] == 0
-    assert doc["accelerator"]["name"] == "tcg" and doc["accelerator"]["fallback"] is True
+    choice = accel_here(Accel.AUTO, purpose="build")
+    assert not isinstance(choice, AccelUnavailable), choice
+    assert doc["accelerator"]["name"] == choice.accel.value and doc["accelerator"]["fallback"] is choice.fallback
     assert doc["steps"] == ["prepare inputs", "packer build", "verify", "boot test", "package list and SBOM", "publish"]
     assert {t["name"] for t in doc["tools"] if t["found"]} >= {"packer", "qemu-img", "qemu-system-x86_64"}
-    assert doc["command"][:2] == ["packer", "build"] and doc["warnings"] and doc["problems"] == []
+    assert doc["command"][:2] == ["packer", "build"] and doc["problems"] == []
+    assert bool(doc["warnings"]) or not choice.fallback  # a fallback to TCG is warned about
     assert doc["outputs"]["build_log"].endswith("/logs/<build-id>/build.log")
 
 
@@ -63,7 +72,7 @@ def test_pinned_iso_is_resolved_without_downloading(tmp_path):
     write_lock(root, {"almalinux10-x86_64": LockEntry("10", "10.1", "x86_64", "AlmaLinux-10.1-x86_64-boot.iso",
                                                       url, SHA, "repo")})
     dead = closed_port_url()
-    res = invoke_in(["build-alma-x86", "--dry-run"], root, env={MIRROR_ENV: dead, VAULT_ENV: dead}, timeout=120)
+    res = invoke(["build-alma-x86", "--dry-run"], cwd=root, env={MIRROR_ENV: dead, VAULT_ENV: dead}, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "AlmaLinux-10.1-x86_64-boot.iso (AlmaLinux 10.1, pinned in iso.lock.json)" in res.stdout
     assert f"url: {url}" in res.stdout and f"sha256: {SHA}" in res.stdout

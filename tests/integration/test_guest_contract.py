@@ -12,7 +12,7 @@ from pipeline import host
 from pipeline.config import Accel
 from pipeline.contract import REQUIREMENTS
 from pipeline.plan import build_cpu_level
-from tests.conftest import invoke, require_tool, write_config
+from tests.support import invoke, require_tool, write_config
 
 pytestmark = pytest.mark.slow
 DEMO = "demo-x86_64"

@@ -5,26 +5,30 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.history import History, is_locked
-from tests.conftest import NIX_CONFIG, ROOT, invoke, write_config
+from tests.support import (
+    ROOT,
+    Background,
+    invoke,
+    live_processes_mentioning,
+    published_copy,
+    wait_gone,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 IMAGE = "demo-x86_64"
 
 
 def copy_output(demo_build, tmp_path: Path, extra: dict | None = None) -> tuple[Path, Path]:
-    """A private copy of the session's demo output (tests must not change the shared one)."""
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    return write_config(tmp_path / "test.yaml", out, extra), out
+    """A private copy of the session's demo output with the guest cache (these tests build)."""
+    return published_copy(demo_build, tmp_path, cache=True, extra=extra)
 
 
 def rows(out: Path, image: str = IMAGE) -> list:
@@ -37,44 +41,18 @@ def history_json(cfg: Path, *args: str) -> list[dict]:
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
-def start(cfg: Path, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A build in the background, all output into `log` (read by wait_for)."""
-    return subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
-                            env={**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{log.read_text()}"
-        time.sleep(0.1)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_if_changed_skips_fast_when_nothing_changed(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
     manifest = read_manifest(out / IMAGE)
     assert manifest["input_hash"] and manifest["input_parts"]["config"]
     builds_before = sorted(os.listdir(out / IMAGE / "builds"))
-    begin = time.monotonic()
+    logs_before = sorted(os.listdir(out / IMAGE / "logs"))
     res = invoke(["build", IMAGE, "--if-changed"], cfg)
-    took = time.monotonic() - begin
     assert res.returncode == 0, res.stderr
     assert f"up to date: built {manifest['finished']}, sha256 {manifest['artifact']['sha256'][:16]}" in res.stderr
-    assert took < 2.0, f"--if-changed took {took:.2f}s"  # the benchmark holds the 0.5 s goal; CI is noisy
+    # fast because nothing ran: no packer log, no staging (the 0.5 s goal is bench/noop_rebuild.py's:
+    # a wall-clock bound here would only measure how busy the machine is)
+    assert sorted(os.listdir(out / IMAGE / "logs")) == logs_before and not (out / IMAGE / ".staging").exists()
     assert sorted(os.listdir(out / IMAGE / "builds")) == builds_before and len(rows(out)) == 1
     as_json = invoke(["build", IMAGE, "--if-changed", "--json"], cfg)
     event = json.loads(as_json.stdout.strip())
@@ -127,13 +105,14 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     cfg, out = copy_output(demo_build, tmp_path)
     image_dir = out / IMAGE
     published_before = read_manifest(image_dir)
-    log = tmp_path / "build.log"
     env = {} if point == "packer" else {"IMAGEPIPE_TEST_PAUSE_AT": point}
-    proc = start(cfg, ["build", IMAGE, "--force"], log, env)
-    wait_for(log, "Waiting for SSH" if point == "packer" else f"paused at {point}", proc)
-    if point == "packer":
-        time.sleep(1)
-        assert processes_mentioning(str(image_dir / ".staging")), "packer/qemu should be running"
+    build = Background(cfg, ["build", IMAGE, "--force"], env)
+    proc = build.proc
+    build.wait_for("Waiting for SSH" if point == "packer" else f"paused at {point}")
+    if point == "packer":  # packer and its QEMU run in the staging folder
+        staging = str(image_dir / ".staging")
+        wait_until(lambda: [p for p in live_processes_mentioning(staging) if "qemu" in p], 120,
+                   "packer's QEMU", lambda: "\n".join(live_processes_mentioning(staging)))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
@@ -151,28 +130,24 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     # the next run under the lock clears what the killed build left (an orphaned packer/QEMU included)
     res = invoke(["gc"], cfg)
     assert res.returncode == 0, res.stderr
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(image_dir / ".staging")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_mentioning(str(image_dir / ".staging")) == []
+    wait_gone(str(image_dir / ".staging"), timeout=10)
     assert not (image_dir / ".staging").exists()
     assert invoke(["build", IMAGE, "--if-changed"], cfg).stderr.count("up to date") == 1
 
 
 def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
-    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start(cfg, ["build", IMAGE, "--force"], first_log)
-    wait_for(first_log, "packer build", first)
-    second = start(cfg, ["build", IMAGE, "--force"], second_log)
-    wait_for(second_log, "waiting for the build held by", second, timeout=60)
-    assert f"pid {first.pid}" in second_log.read_text()
-    begin = time.monotonic()
+    first_build = Background(cfg, ["build", IMAGE, "--force"])
+    first = first_build.proc
+    first_build.wait_for("packer build")
+    second_build = Background(cfg, ["build", IMAGE, "--force"])
+    second_build.wait_for("waiting for the build held by", timeout=60)
+    assert f"pid {first.pid}" in second_build.output()
     third = invoke(["build", IMAGE, "--force", "--no-wait"], cfg)
     assert third.returncode == 75 and f"is being built by pid {first.pid}" in third.stderr, third.stderr
-    assert time.monotonic() - begin < 10
-    assert first.wait(timeout=600) == 0, first_log.read_text()
-    assert second.wait(timeout=600) == 0, second_log.read_text()
+    assert first.poll() is None, "--no-wait returned while the first build still ran (it did not wait)"
+    assert first_build.finish(timeout=600) == 0, first_build.output()
+    assert second_build.finish(timeout=600) == 0, second_build.output()
     newest, older = rows(out)[:2]
     assert newest.status == older.status == "ok" and newest.started >= older.finished
     assert read_manifest(out / IMAGE)["build_id"] == newest.id
@@ -194,11 +169,10 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
 
 def test_sigterm_is_recorded_as_interrupted(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
-    log = tmp_path / "build.log"
-    proc = start(cfg, ["build", IMAGE, "--force"], log, {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
-    wait_for(log, "paused at verify", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130, log.read_text()
+    build = Background(cfg, ["build", IMAGE, "--force"], {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
+    build.wait_for("paused at verify")
+    build.proc.send_signal(signal.SIGTERM)
+    assert build.finish(timeout=60) == 130, build.output()
     last = history_json(cfg, "--image", IMAGE)[0]
     assert last["status"] == "interrupted" and "SIGTERM" in last["error"]
     assert not (out / IMAGE / ".staging").exists() and not is_locked(out / IMAGE)

@@ -2,73 +2,47 @@
 
 import hashlib
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import NIX_CONFIG, ROOT, write_config
+from tests.support import (
+    Background,
+    live_pids_mentioning,
+    live_processes_mentioning,
+    process_gone,
+    published_copy,
+    wait_gone,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def pids_mentioning(text: str) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd and str(os.getpid()) != entry.name:
-                found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_build(demo_build, tmp_path, sig):
-    cfg_src, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    cfg = write_config(tmp_path / "test.yaml", out)
+    cfg, out = published_copy(demo_build, tmp_path, cache=True)
     published = out / "demo-x86_64" / "demo-x86_64.qcow2"
     before = hashlib.sha256(published.read_bytes()).hexdigest()
     current_before = os.readlink(out / "demo-x86_64" / "current")
 
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), "build-demo"], cwd=ROOT,
-                            env={**os.environ, "NIX_CONFIG": NIX_CONFIG}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    seen: set[int] = set()
-    lines = []
-    deadline = time.monotonic() + 300
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until packer has started QEMU
-        lines.append(line)
-        if "Waiting for SSH" in line or "Starting VM" in line:
-            break
-        assert time.monotonic() < deadline, "".join(lines)
-    time.sleep(1)
-    seen = pids_mentioning(str(out / "demo-x86_64" / ".staging"))
-    assert any("qemu" in (Path(f"/proc/{p}/cmdline").read_text(errors="replace")) for p in seen if alive(p)), seen
-    proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, rest
-    assert "interrupted" in rest or "terminated" in rest
-    time.sleep(0.5)
-    assert [p for p in seen if alive(p)] == []
-    assert pids_mentioning(str(out / "demo-x86_64" / ".staging")) == set()
+    staging = str(out / "demo-x86_64" / ".staging")
+    build = Background(cfg, ["build-demo"])
+    try:
+        build.wait_for("Waiting for SSH", "Starting VM")  # packer is starting QEMU
+        wait_until(lambda: [p for p in live_processes_mentioning(staging) if "qemu" in p], 120,
+                   "packer's QEMU of this build", lambda: "\n".join(live_processes_mentioning(staging)))
+        seen = live_pids_mentioning(staging)
+        build.proc.send_signal(sig)
+        code = build.finish(timeout=120)
+        rest = build.output()
+        assert code != 0, rest
+        assert "interrupted" in rest or "terminated" in rest
+        wait_gone(staging, timeout=30)  # packer, QEMU and their helpers all stopped
+        assert [p for p in seen if not process_gone(p)] == []
+    finally:
+        if build.proc.poll() is None:
+            os.killpg(build.proc.pid, signal.SIGKILL)
     assert not (out / "demo-x86_64" / ".staging").exists()
     assert os.readlink(out / "demo-x86_64" / "current") == current_before
     assert hashlib.sha256(published.read_bytes()).hexdigest() == before

@@ -11,14 +11,8 @@ import pytest
 from pipeline import iso
 from pipeline.config import load_file
 from pipeline.errors import VerifyFailed
-from tests.almalinux_support import (
-    ROOT,
-    closed_port_url,
-    invoke,
-    project_copy,
-    serve,
-    write_release,
-)
+from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.support import ROOT, invoke, project_copy
 
 CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")
@@ -108,22 +102,22 @@ def test_update_iso_task_writes_lock_only_when_changed(mirror, tmp_path: Path) -
     (tmp_path / "p").mkdir()
     proj = project_copy(tmp_path / "p")
     env = {iso.MIRROR_ENV: mirrors.repo, iso.VAULT_ENV: mirrors.vault}
-    res = invoke(["update-iso", "-i", "almalinux10-x86_64"], proj, env)
+    res = invoke(["update-iso", "-i", "almalinux10-x86_64"], cwd=proj, env=env)
     assert res.returncode == 0, res.stderr
     lock = json.loads((proj / iso.LOCK_FILE).read_text())
     assert lock["images"]["almalinux10-x86_64"]["sha256"] == shas["10.1"]
     stamp = (proj / iso.LOCK_FILE).stat().st_mtime_ns
-    again = invoke(["update-iso", "-i", "almalinux10-x86_64"], proj, env)
+    again = invoke(["update-iso", "-i", "almalinux10-x86_64"], cwd=proj, env=env)
     assert again.returncode == 0 and "unchanged" in again.stderr
     assert (proj / iso.LOCK_FILE).stat().st_mtime_ns == stamp
-    bad = invoke(["update-iso", "-i", "nixos-x86_64"], proj, env)
+    bad = invoke(["update-iso", "-i", "nixos-x86_64"], cwd=proj, env=env)
     assert bad.returncode != 0 and "installer ISO" in bad.stderr
 
 
 def test_update_iso_offline_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
     dead = closed_port_url()
-    res = invoke(["update-iso"], proj, {iso.MIRROR_ENV: dead, iso.VAULT_ENV: dead})
+    res = invoke(["update-iso"], cwd=proj, env={iso.MIRROR_ENV: dead, iso.VAULT_ENV: dead})
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and dead in errors[0], res.stderr
     assert not (proj / iso.LOCK_FILE).exists()

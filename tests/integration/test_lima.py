@@ -17,7 +17,8 @@ import yaml
 
 from pipeline.iso import MIRROR_ENV
 from pipeline.render.lima import vm_type
-from tests.almalinux_support import invoke, project_copy, serve
+from tests.almalinux_support import serve
+from tests.support import invoke, project_copy
 
 FAKE_LIMACTL = """#!/bin/sh
 # FAKE limactl for tests: records its arguments, does nothing else.
@@ -57,7 +58,7 @@ def calls(log: Path) -> list[list[str]]:
 
 def test_lima_start_renders_a_pinned_config_and_starts_it(lima_env) -> None:  # type: ignore[no-untyped-def]
     proj, env, log, digests, base = lima_env
-    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], proj, env)
+    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], cwd=proj, env=env)
     assert res.returncode == 0, res.stderr
     [argv] = calls(log)
     assert argv[:3] == ["start", "--name=almalinux10-aarch64", "--tty=false"]
@@ -71,7 +72,7 @@ def test_lima_start_renders_a_pinned_config_and_starts_it(lima_env) -> None:  # 
 
 def test_lima_shell_runs_limactl_shell(lima_env) -> None:  # type: ignore[no-untyped-def]
     proj, env, log, _, _ = lima_env
-    res = invoke(["lima-shell", "-i", "almalinux10-x86_64"], proj, env)
+    res = invoke(["lima-shell", "-i", "almalinux10-x86_64"], cwd=proj, env=env)
     assert res.returncode == 0, res.stderr
     assert calls(log) == [["shell", "almalinux10-x86-64"]]  # instance names: lowercase, digits, dashes
 
@@ -82,7 +83,7 @@ def test_missing_limactl_is_a_clear_error(lima_env, tmp_path: Path) -> None:  # 
     empty.mkdir()
     env = {**env, "PATH": os.pathsep.join([str(empty), str(Path(sys.executable).parent), "/usr/bin", "/bin"])}
     assert shutil.which("limactl", path=env["PATH"]) is None
-    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], proj, env)
+    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], cwd=proj, env=env)
     assert res.returncode == 127, res.stderr
     assert "limactl not found" in res.stderr and "lima-vm.io/docs/installation" in res.stderr
     assert "brew" not in res.stderr  # the hint fits this Linux host (apt), not macOS
@@ -91,7 +92,7 @@ def test_missing_limactl_is_a_clear_error(lima_env, tmp_path: Path) -> None:  # 
 
 def test_non_almalinux_image_is_refused(lima_env) -> None:  # type: ignore[no-untyped-def]
     proj, env, log, _, _ = lima_env
-    res = invoke(["lima-start", "-i", "nixos-x86_64"], proj, env)
+    res = invoke(["lima-start", "-i", "nixos-x86_64"], cwd=proj, env=env)
     assert res.returncode != 0 and "Lima runs the AlmaLinux cloud image" in res.stderr
     assert not log.exists()
 
@@ -106,7 +107,7 @@ def test_lima_start_offline_is_one_line(lima_env) -> None:  # type: ignore[no-un
 
     proj, env, log, _, _ = lima_env
     dead = closed_port_url()
-    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], proj, {**env, MIRROR_ENV: dead})
+    res = invoke(["lima-start", "-i", "almalinux10-aarch64"], cwd=proj, env={**env, MIRROR_ENV: dead})
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and dead in errors[0] and "Lima" in errors[0], res.stderr
     assert not log.exists()

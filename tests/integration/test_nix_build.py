@@ -26,7 +26,9 @@ from pipeline.drivers import nix
 from pipeline.errors import BuildFailed, CommandFailed, HostUnsuitable
 from pipeline.plan import BuildPlan, make_build_plan
 from pipeline.progress import Event, Progress
-from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
+from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, ROOT, invoke, require_tool, write_config
+
+pytestmark = NEEDS_NIX_STORE
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
 FACTS = host.probe(tools=["nix"])

@@ -21,8 +21,18 @@ from pipeline.drivers import nix
 from pipeline.plan import make_build_plan
 from pipeline.render import kickstart
 from pipeline.run import run
-from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
 from tests.integration.test_nix_build import Recorder
+from tests.support import (
+    NEEDS_NIX_STORE,
+    NIX_CONFIG,
+    ROOT,
+    invoke,
+    project_copy,
+    require_tool,
+    write_config,
+)
+
+pytestmark = NEEDS_NIX_STORE
 
 CFG = load_file(ROOT / "invoke.yaml")
 HASH = "$6$saltsalt$" + "e" * 86
@@ -137,9 +147,7 @@ def locked_project(tmp_path: Path) -> Path:
     shutil.copytree(FAKE, tmp_path / "fake")
     flake = root / "nixos" / "flake.nix"
     flake.write_text(flake.read_text().replace('"github:NixOS/nixpkgs/nixos-26.05"', f'"path:{tmp_path / "fake"}"'))
-    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
-        shutil.copy2(ROOT / name, root / name)
-    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    project_copy(root, ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline"))
     return root
 
 

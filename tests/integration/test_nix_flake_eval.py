@@ -21,7 +21,9 @@ import pytest
 
 from pipeline.drivers import nix
 from pipeline.run import run
-from tests.conftest import NIX_CONFIG, ROOT, require_tool
+from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, ROOT, require_tool
+
+pytestmark = NEEDS_NIX_STORE
 
 # base, qemu-guest (+ the qemu-guest profile it imports), disk, cloud-init, nixpkgs.hostPlatform
 IMAGE_MODULES = 6

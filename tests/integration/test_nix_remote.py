@@ -31,8 +31,16 @@ import pytest
 import yaml
 
 from pipeline import artifacts
-from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost
+from tests.support import (
+    NEEDS_NIX_STORE,
+    NEEDS_PTY,
+    ROOT,
+    invoke,
+    project_copy,
+    require_tool,
+    write_config,
+)
+from tests.support.sshd import SshHost
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
 BASE_NIX = ["build-users-group =", "sandbox = false", "substituters =", "experimental-features = nix-command flakes"]
@@ -113,6 +121,7 @@ def _store_path(manifest_log: str, name: str) -> str:
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_builder_option_builds_over_ssh_ng_on_the_builder_and_publishes_here(builders, tmp_path):
     b = builders
     cfg, out = _project(b, tmp_path)
@@ -150,6 +159,7 @@ def test_builder_option_builds_over_ssh_ng_on_the_builder_and_publishes_here(bui
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_configured_nix_builder_takes_an_image_this_host_cannot_build(builders, tmp_path):
     """nix.conf's `builders` (a machines file) offers aarch64-linux with kvm: build-nixos-arm on this
     x86_64 host goes there instead of being refused; nix drives the builder with its own ssh."""
@@ -189,6 +199,7 @@ def test_configured_nix_builder_takes_an_image_this_host_cannot_build(builders, 
     assert manifest["built_by"]["machines"][0]["source"] == str(machines)
 
 
+@NEEDS_NIX_STORE
 def test_unknown_host_key_is_refused_before_nix_connects_then_pinned_on_request(builders, tmp_path):
     b = builders
     known = tmp_path / "known_hosts"
@@ -242,6 +253,7 @@ def test_hostile_builder_names_are_refused_before_anything_connects(builders, tm
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_remote_build_nixos_takes_the_ssh_ng_route_when_nix_is_here(builders, tmp_path):
     cfg, out = _project(builders, tmp_path)
     res = invoke(["remote-build-nixos-x86", "hal9000"], cfg, timeout=600, env={"NIX_CONFIG": builders["nix_config"]})
@@ -261,6 +273,8 @@ def _path_without_nix(folder: Path) -> str:
 
 
 @pytest.mark.slow
+@NEEDS_PTY
+@NEEDS_NIX_STORE
 def test_without_nix_here_the_project_sync_route_runs_and_the_builders_lock_comes_back(builders, tmp_path):
     """No nix on this side: remote-build-nixos-x86 syncs the project and builds with the builder's
     imagepipe. The flake has an input but no flake.lock: the builder's nix writes one; the next
@@ -304,6 +318,7 @@ def test_without_nix_here_the_project_sync_route_runs_and_the_builders_lock_come
     assert (wrap / "flake.lock").read_text() == builder_lock.read_text()
 
 
+@NEEDS_NIX_STORE
 def test_builder_option_dry_run_and_an_output_that_is_the_image_file(builders, tmp_path):
     b = builders
     cfg, out = _project(b, tmp_path)
@@ -334,13 +349,12 @@ def _own_project(tmp_path: Path) -> Path:
     root = tmp_path / "proj"
     shutil.copytree(FIXTURE, root / "nixos")
     (root / "nixos" / "nonce").write_text(uuid.uuid4().hex)
-    for name in ("tasks.py", "invoke.yaml", "pyproject.toml"):
-        shutil.copy2(ROOT / name, root / name)
-    shutil.copytree(ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    project_copy(root, ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline"))
     return root
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_ssh_ng_builds_the_same_staged_flake_with_the_build_key_as_a_local_build(builders, tmp_path):
     """The project's own nixos/ (here the fixture): the copy staged for the build, holding this
     image's params with the build key, is what nix evaluates here and builds on hal9000; the
@@ -370,6 +384,7 @@ def test_ssh_ng_builds_the_same_staged_flake_with_the_build_key_as_a_local_build
 
 
 @pytest.mark.slow
+@NEEDS_NIX_STORE
 def test_build_nixos_x86_goes_to_a_configured_builder_when_this_nix_lacks_kvm(builders, tmp_path):
     """The issue's "done when": a host with nix and a configured Linux builder; the plain
     `invoke build-nixos-x86` builds through it (this side's nix has no kvm)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, require_tool
+from tests.support import ROOT, require_tool
 
 WORKFLOW = ROOT / ".github" / "workflows" / "real-images.yml"
 

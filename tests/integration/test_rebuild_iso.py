@@ -10,7 +10,8 @@ import yaml
 
 from pipeline import inputs, rebuild
 from pipeline.config import load
-from tests.almalinux_support import ROOT, closed_port_url, serve, write_release
+from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.support import ROOT, project_copy
 
 VERSIONS = {"packer": "1.6.6", "qemu-system-x86_64": "7.2.22"}
 KICKSTART = "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg"
@@ -18,8 +19,7 @@ KICKSTART = "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg"
 
 def project(tmp_path: Path):  # Config rooted in a copy holding the committed Alma files
     root = tmp_path / "proj"
-    for folder in ("packer", "kickstart"):
-        shutil.copytree(ROOT / folder, root / folder)
+    project_copy(root, ("packer", "kickstart"))
     raw = yaml.safe_load((ROOT / "invoke.yaml").read_text())
     raw["defaults"]["output_dir"] = str(tmp_path / "output")
     return load(raw, root)

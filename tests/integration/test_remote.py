@@ -21,8 +21,17 @@ import yaml
 
 from pipeline import artifacts, follow, remote, rsync
 from pipeline.fetch import one_pass
-from tests.conftest import ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost, dense_qcow2, fake_published, sparse_qcow2
+from tests.support import (
+    NEEDS_PTY,
+    ROOT,
+    Background,
+    invoke,
+    live_processes_mentioning,
+    require_tool,
+    wait_until,
+    write_config,
+)
+from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,7 @@ def _out(res: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_full_cycle_sync_build_fetch_publish(hal9000):
     """sync → remote demo build in the builder's own venv → fetch → sha256 verified → published here."""
     for tool, pkg in (("packer", "packer"), ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
@@ -99,6 +109,7 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_rebuild_remote_builds_what_changed_there_and_publishes_here(hal9000):
     """The timer job with --remote: sync, `build --if-changed` on the builder, fetch, publish here."""
     base = hal9000["base"]
@@ -124,43 +135,34 @@ def test_rebuild_remote_builds_what_changed_there_and_publishes_here(hal9000):
     assert "up-to-date" in kinds and "built" not in kinds, again.stdout
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in args and ("packer" in args or "qemu-system" in args):
-            found.append(args)
-    return found
+def _build_processes(builder: Path) -> list[str]:
+    """packer and QEMU processes working in the builder's folder."""
+    return [p for p in live_processes_mentioning(str(builder)) if "packer" in p or "qemu-system" in p]
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
     """^C during a remote build: the builder's packer and qemu stop, its staging is removed, exit 130."""
     builder = hal9000["base"] / "builder"
     image_dir = builder / "output" / "demo-x86_64"
     before = artifacts.current_build(image_dir)
     assert before is not None, "runs after the full-cycle test, which publishes on the builder"
-    argv = [sys.executable, "-m", "invoke", "-f", str(hal9000["config"]), "remote-sync-build", "hal9000",
-            "--image", "demo-x86_64"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line)
-        if "] packer build" in line:
-            time.sleep(2)  # let packer start its VM
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=180)
-    out = "".join(seen) + rest
-    assert proc.returncode == 130, out
-    deadline = time.monotonic() + 30
-    while _processes_mentioning(str(builder)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_mentioning(str(builder)) == [], out
+    build = Background(hal9000["config"], ["remote-sync-build", "hal9000", "--image", "demo-x86_64"])
+    try:
+        build.wait_for("] packer build", timeout=600)
+        # packer on the builder has started its VM (QEMU of the builder's staging)
+        wait_until(lambda: [p for p in _build_processes(builder) if "qemu-system" in p], 180,
+                   "the builder's QEMU", lambda: "\n".join(_build_processes(builder)))
+        build.proc.send_signal(signal.SIGINT)
+        code = build.finish(timeout=180)
+    finally:
+        if build.proc.poll() is None:
+            os.killpg(build.proc.pid, signal.SIGKILL)
+    out = build.output()
+    assert code == 130, out
+    wait_until(lambda: not _build_processes(builder), 30, "no packer/QEMU left on the builder",
+               lambda: "\n".join(_build_processes(builder)))
     staging = image_dir / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
     assert artifacts.current_build(image_dir) == before
@@ -439,7 +441,7 @@ def test_fetch_checks_host_keys_through_openssh(hal9000, tmp_path):
     good = artifacts.current_build(out / "demo-x86_64")
     assert good is not None
 
-    from tests.sshd_host import keygen
+    from tests.support.sshd import keygen
 
     known.write_text(host.known_hosts_line(keygen(tmp_path / "other_host_key", "impostor")))
     before = known.read_text()
@@ -468,7 +470,7 @@ def test_unknown_host_key_refused_then_accepted_changed_key_refused(hal9000, tmp
     subprocess.run(["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                     "hal9000", "true"], check=True, timeout=60)
 
-    from tests.sshd_host import keygen
+    from tests.support.sshd import keygen
 
     other = keygen(tmp_path / "other_host_key", "impostor")
     known.write_text(host.known_hosts_line(other))
@@ -565,6 +567,7 @@ def test_config_rejects_a_hostile_builder_host(tmp_path):
 
 
 @pytest.mark.slow
+@NEEDS_PTY
 def test_remote_build_spreads_images_over_builders_in_parallel(hal9000):
     """Two x86_64 builders (same sshd, separate dirs) build at once; an unreachable arm builder fails alone."""
     base = hal9000["base"]
@@ -600,7 +603,7 @@ def test_proxyjump_alias_is_honoured_with_host_keys_checked_on_both_hops(hal9000
     host: SshHost = hal9000["host"]
     ssh_config = host.client_config(tmp_path / "ssh_config", hal9000["known_hosts"])
     with ssh_config.open("a") as f:
-        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User root\n  ProxyJump hal9000\n"
+        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User {host.user}\n  ProxyJump hal9000\n"
                 f"  IdentityFile {host.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {hal9000['known_hosts']}\n")
     cfg = write_config(tmp_path / "j.yaml", tmp_path / "out", {
         "ssh_config_path": str(ssh_config), "builders": {"inner": {"dir": str(tmp_path / "jump-builder")}}})

@@ -10,7 +10,7 @@ from pipeline.host import probe
 from pipeline.render.hcl import dumps
 from pipeline.render.packer import render_text, supports_plugins
 from pipeline.run import run
-from tests.conftest import ROOT, require_tool
+from tests.support import ROOT, keygen, require_tool
 
 CFG = load_file(ROOT / "invoke.yaml")
 DEMO = CFG.image("demo-x86_64")
@@ -42,7 +42,7 @@ def test_installed_packer_validates_and_formats(tmp_path: Path):
     tpl = tmp_path / "demo.pkr.hcl"
     tpl.write_text(text)
     key = tmp_path / "key"  # packer validate parses the key: a real throwaway one
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    keygen(key)
     values = {**DUMMY, "ssh_private_key_file": str(key)}
     argv = ["packer", "validate"] + [a for k, v in sorted(values.items()) for a in ("-var", f"{k}={v}")] + [str(tpl)]
     res = run(argv, check=False)

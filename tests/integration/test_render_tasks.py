@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_file
 from pipeline.render.files import drift, rendered_files
-from tests.almalinux_support import ROOT, invoke, project_copy
+from tests.support import NEEDS_NIX_STORE, ROOT, invoke, project_copy
 
 GENERATED = ("packer", "kickstart")
 
@@ -25,13 +25,13 @@ def test_committed_files_match_the_configuration() -> None:
 def test_render_writes_only_what_changed(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
     stamps = {p: p.stat().st_mtime_ns for d in GENERATED for p in (proj / d).rglob("*") if p.is_file()}
-    res = invoke(["render"], proj)
+    res = invoke(["render"], cwd=proj)
     assert res.returncode == 0 and "up to date" in res.stderr, res.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     cfg = yaml.safe_load((proj / "invoke.yaml").read_text())
     cfg["images"]["almalinux10-aarch64"]["memory"] = 3072
     (proj / "invoke.yaml").write_text(yaml.safe_dump(cfg))
-    res = invoke(["render"], proj)
+    res = invoke(["render"], cwd=proj)
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("wrote ") == 1 and "wrote packer/almalinux10/aarch64/almalinux10-aarch64.pkr.hcl" in res.stderr
     assert re.search(r"\n  memory +\= 3072\n", (proj / "packer/almalinux10/aarch64/almalinux10-aarch64.pkr.hcl").read_text())
@@ -41,7 +41,7 @@ def test_render_from_scratch_creates_every_file(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
     for d in GENERATED:
         shutil.rmtree(proj / d)
-    res = invoke(["render", "-i", "almalinux10-x86_64"], proj)
+    res = invoke(["render", "-i", "almalinux10-x86_64"], cwd=proj)
     assert res.returncode == 0, res.stderr
     assert (proj / "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg").is_file()
     assert not (proj / "kickstart/almalinux10/aarch64").exists()
@@ -69,14 +69,15 @@ def test_hostile_values_are_rejected_before_anything_is_written(what: str, spoil
     cfg = yaml.safe_load((proj / "invoke.yaml").read_text())
     spoil(cfg)
     (proj / "invoke.yaml").write_text(yaml.safe_dump(cfg))
-    res = invoke(["render"], proj)
+    res = invoke(["render"], cwd=proj)
     assert res.returncode == 2, (what, res.stderr)
     assert "images." in res.stderr and "problem" in res.stderr
     assert not any((proj / d).exists() for d in GENERATED), f"{what}: something was written"
 
 
+@NEEDS_NIX_STORE  # lint parses every .nix file with nix-instantiate
 def test_lint_passes_and_says_which_rendering_it_validated_and_what_it_could_not_check() -> None:
-    res = invoke(["lint"], ROOT, timeout=600)
+    res = invoke(["lint"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert "packer 1.6.6 predates required_plugins" in res.stderr and "qemu-arguments" in res.stderr
     # nixos/ has no committed flake.lock and there is no network: that check says it did not run,
@@ -85,6 +86,7 @@ def test_lint_passes_and_says_which_rendering_it_validated_and_what_it_could_not
     assert "lint: no problems in what ran" in res.stderr
 
 
+@NEEDS_NIX_STORE  # lint parses every .nix file with nix-instantiate
 def test_lint_lists_every_failure(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
     ks = proj / "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg"
@@ -93,7 +95,7 @@ def test_lint_lists_every_failure(tmp_path: Path) -> None:
     text = tpl.read_text()
     tpl.write_text(re.sub(r"\n  memory +=", "\n  memory =", text).replace("  cpus ", "  cpu_count = 1\n  cpus "))
     assert tpl.read_text() != text
-    res = invoke(["lint"], proj, timeout=600)
+    res = invoke(["lint"], cwd=proj, timeout=600)
     assert res.returncode != 0
     err = res.stderr
     assert err.count("[drift]") == 2 and "[packer-fmt]" in err and "[kickstart]" in err, err
@@ -102,5 +104,5 @@ def test_lint_lists_every_failure(tmp_path: Path) -> None:
 
 
 def test_fmt_check_passes_on_committed_templates() -> None:
-    res = invoke(["fmt", "--check"], ROOT, timeout=300)
+    res = invoke(["fmt", "--check"], timeout=300)
     assert res.returncode == 0 and "checked" in res.stderr, res.stderr

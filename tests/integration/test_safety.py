@@ -10,13 +10,12 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +26,18 @@ from pipeline import remote
 from pipeline.artifacts import read_manifest, verify_published
 from pipeline.errors import UnsafePath
 from pipeline.history import History
-from tests.conftest import NIX_CONFIG, ROOT, invoke, require_tool, write_config
-from tests.sshd_host import SshHost, fake_published
+from tests.support import (
+    NEEDS_PTY,
+    ROOT,
+    Background,
+    invoke,
+    published_copy,
+    require_tool,
+    wait_gone,
+    write_config,
+)
+from tests.support import live_processes_mentioning as processes_mentioning
+from tests.support.sshd import SshHost, fake_published
 
 IMAGE = "demo-x86_64"
 
@@ -78,29 +87,6 @@ def sentinel(tmp_path: Path):
     assert snapshot(root) == before, "something outside the output folder changed"
 
 
-def published_copy(demo_build, dest: Path, *, cache: bool = False, extra: dict | None = None) -> tuple[Path, Path]:
-    """The session's published demo build copied into dest/output (+ the guest cache when a test
-    builds again), with a config pointing there."""
-    _, src = demo_build
-    out = dest / "output"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / IMAGE, out / IMAGE, symlinks=True,
-                    ignore=shutil.ignore_patterns("run", "boot-test", ".lock"))
-    shutil.copytree(src / ".keys", out / ".keys")
-    _copy_history(src / "history.db", out / "history.db")
-    if cache:
-        shutil.copytree(src / ".cache", out / ".cache", ignore=shutil.ignore_patterns("root", "merged"))
-    return write_config(dest / "test.yaml", out, extra), out
-
-
-def _copy_history(src: Path, dest: Path) -> None:
-    """A self-contained copy of a WAL database (sqlite's backup API)."""
-    with sqlite3.connect(src) as a, sqlite3.connect(dest) as b:
-        a.backup(b)
-    b.close()
-    a.close()
-
-
 def no_traceback(res: subprocess.CompletedProcess[str]) -> str:
     """The output, checked for a Python traceback."""
     out = res.stdout + res.stderr
@@ -110,61 +96,6 @@ def no_traceback(res: subprocess.CompletedProcess[str]) -> str:
 
 def error_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in res.stderr.splitlines() if line.startswith("error:")]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes (not zombies) that mention `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z":
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{entry.name}: {cmd[:200]}")
-    return found
-
-
-def wait_until_gone(text: str, timeout: float = 30) -> None:
-    """Poll until no process mentions `text`; fail listing what is left."""
-    deadline = time.monotonic() + timeout
-    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, "still running:\n" + "\n".join(left)
-
-
-class Background:
-    """`invoke ...` in its own session (so its whole process group can be killed), output
-    collected line by line by a reader thread."""
-
-    def __init__(self, cfg: Path, args: list[str], env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
-                                     env={**os.environ, "NIX_CONFIG": NIX_CONFIG, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", start_new_session=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None or any(text in line for line in self.lines), \
-                f"exited {self.proc.returncode} before {text!r}:\n{''.join(self.lines)}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{''.join(self.lines)}"
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 # ------------------------------------------------------------------------------ planted links
@@ -278,6 +209,8 @@ def test_output_dir_must_be_a_folder_of_its_own(tmp_path, sentinel, where, why):
     top = set(os.listdir("/"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"defaults": {"output_dir": where.format(sentinel=sentinel, tmp=tmp_path)}}))
+    if Path(where).expanduser().resolve() == Path.home().resolve():  # e.g. a checkout at ~/imagepipe
+        why = "your home folder"
     for args in (["build-demo", "--dry-run"], ["gc"], ["history"], ["run-demo"]):
         res = invoke(args, cfg, timeout=120)
         assert res.returncode == 2 and why in no_traceback(res), (args, res.stderr)
@@ -449,17 +382,21 @@ def _small_project(tmp_path: Path) -> Path:
     return project
 
 
+# the test sshd logs in the user running the tests: their home is the builder's home
+BUILDER_HOME = pwd.getpwuid(os.geteuid()).pw_dir
+
+
 @pytest.mark.parametrize("raw_dir,why", [("~", "is the home folder"), ("/", "is the root folder /"),
-                                         ("/root", "is the home folder")])
+                                         (BUILDER_HOME, "is the home folder")])
 def test_the_builder_dir_is_never_home_or_root(builder_host, tmp_path, raw_dir, why):
-    home_before = sorted(os.listdir("/root"))
+    home_before = sorted(os.listdir(BUILDER_HOME))
     conn = remote.connect(_target(builder_host, raw_dir))
     try:
         with pytest.raises(UnsafePath, match=why):
             remote.sync(conn, _target(builder_host, raw_dir), _small_project(tmp_path))
     finally:
         conn.close()
-    assert sorted(os.listdir("/root")) == home_before and not Path("/.imagepipe-builder").exists()
+    assert sorted(os.listdir(BUILDER_HOME)) == home_before and not Path("/.imagepipe-builder").exists()
 
 
 def test_a_foreign_builder_dir_is_refused_and_a_new_one_claimed(builder_host, tmp_path, sentinel):
@@ -506,6 +443,7 @@ def test_a_damaged_builder_manifest_is_refused(builder_host, tmp_path):
         assert not (tmp_path / "out" / IMAGE / "current").exists()
 
 
+@NEEDS_PTY
 def test_escape_sequences_from_a_builder_are_shown_not_interpreted(builder_host, tmp_path, capfd):
     """The builder is the attacker here: its `invoke` (a stand-in for a compromised builder,
     labelled as such) prints escape sequences in plain lines and inside JSON events."""
@@ -551,7 +489,7 @@ def test_sigkill_leaves_no_process_of_the_build_behind(demo_build, tmp_path, sen
         if point == "packer":
             build.wait_for("Waiting for SSH")
         elif point == "boot-test":
-            build.wait_for("==> boot test")
+            build.wait_for("] boot test")  # "==> [N/M] boot test"
             deadline = time.monotonic() + 60
             while not processes_mentioning(str(image_dir / "boot-test")):
                 assert time.monotonic() < deadline, build.output()
@@ -565,8 +503,8 @@ def test_sigkill_leaves_no_process_of_the_build_behind(demo_build, tmp_path, sen
         else:
             os.kill(build.proc.pid, signal.SIGKILL)
         build.proc.wait(timeout=30)
-        wait_until_gone(str(out))  # no packer, no QEMU, no leash: nothing of the build is left
-        wait_until_gone(str(cfg))
+        wait_gone(str(out))  # no packer, no QEMU, no leash: nothing of the build is left
+        wait_gone(str(cfg))
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(build.proc.pid, signal.SIGKILL)
@@ -594,7 +532,7 @@ def test_the_next_command_stops_what_a_killed_build_and_its_leash_left(demo_buil
         assert processes_mentioning(str(out / IMAGE / ".staging")), "packer/QEMU should be orphaned now"
         res = invoke(["history"], cfg)
         assert res.returncode == 0 and "left by the abandoned build" in no_traceback(res), res.stderr
-        wait_until_gone(str(out / IMAGE / ".staging"), timeout=15)
+        wait_gone(str(out / IMAGE / ".staging"), timeout=15)
     finally:
         for line in processes_mentioning(str(out)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -611,16 +549,14 @@ def _parent(pid: int) -> int | None:
 # ------------------------------------------------------------------------------ full and read-only disks
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a small tmpfs (an honest full or read-only disk) and needs root; "
-                    "CI runs as root (MACHINE.md: tmpfs mounts work)")
+# mount(8) of a tmpfs needs root (an unprivileged user namespace would not give the test's real
+# user a full disk); CI runs these as root.
+TMPFS = pytest.mark.needs_root("mounts a small tmpfs (an honest full or read-only disk)")
 
 
 @pytest.fixture
 def tmpfs(tmp_path: Path):
     """mount(size=...) → a fresh tmpfs of that size under tmp_path; unmounted afterwards."""
-    _need_root()
     mounted: list[Path] = []
 
     def mount(size: str, name: str = "disk") -> Path:
@@ -655,8 +591,8 @@ def _fault_copy(demo_build, disk: Path, *, cache: bool) -> tuple[Path, Path]:
     return cfg, out
 
 
-@pytest.mark.root
 @pytest.mark.slow
+@TMPFS
 def test_disk_full_during_a_build_is_one_line_and_keeps_the_last_good_image(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)
@@ -672,8 +608,8 @@ def test_disk_full_during_a_build_is_one_line_and_keeps_the_last_good_image(demo
         assert h.builds(IMAGE)[0].status == "failed"
 
 
-@pytest.mark.root
 @pytest.mark.slow
+@TMPFS
 def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)
@@ -694,7 +630,7 @@ def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_buil
     assert last.status == "failed" and "no space left" in (last.error or ""), last
 
 
-@pytest.mark.root
+@TMPFS
 def test_full_disk_under_the_history_is_one_line(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("64M")
     cfg, out = _fault_copy(demo_build, disk, cache=False)
@@ -708,7 +644,7 @@ def test_full_disk_under_the_history_is_one_line(demo_build, tmp_path, tmpfs, se
     assert read_manifest(out / IMAGE) == before and verify_published(out / IMAGE)
 
 
-@pytest.mark.root
+@TMPFS
 def test_a_read_only_output_folder_is_one_line_per_command(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("64M")
     cfg, out = _fault_copy(demo_build, disk, cache=False)

@@ -3,13 +3,12 @@
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import invoke, require_tool, write_config
+from tests.support import invoke, published_copy, require_tool, write_config
 
 IMAGE = "demo-x86_64"
 
@@ -58,10 +57,7 @@ def test_an_invalid_calendar_is_refused_before_anything_is_written(tmp_path):
 @pytest.mark.slow
 def test_the_crontab_line_runs_and_never_overlaps(demo_build, tmp_path):
     require_tool("flock", "util-linux")
-    _, out_src = demo_build
-    out = tmp_path / "output"
-    shutil.copytree(out_src, out, symlinks=True)
-    cfg = write_config(tmp_path / "t.yaml", out, {"images": {IMAGE: {"schedule": "daily"}}})
+    cfg, out = published_copy(demo_build, tmp_path, cache=True, extra={"images": {IMAGE: {"schedule": "daily"}}})
     res = invoke(["schedule-install", "--cron"], cfg, check=True)
     lines = res.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("@weekly ") and lines[1].startswith("@daily ")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NIX_CONFIG, ROOT, require_tool, write_config
+from tests.support import NIX_CONFIG, ROOT, require_tool, write_config
 
 COLOUR = re.compile(r"\x1b\[[0-9;]*(?:3[0-7]|9[0-7]|38;[0-9;]+)m")  # a foreground colour
 CLOCK = re.compile(r"\b0:0\d:\d\d\b")

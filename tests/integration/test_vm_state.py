@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from pipeline.vm.state import StatePaths, state_paths
-from tests.conftest import invoke, write_config
+from tests.support import invoke, write_config
 
 DEMO = "demo-x86_64"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import hcl2
 import pytest
@@ -15,8 +14,8 @@ from pipeline.errors import ConfigError
 from pipeline.lint import QEMU_PLUGIN_ARGS
 from pipeline.render import almalinux
 from pipeline.render.packer import COMMON_VARIABLES, render_text
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")
 ARM = CFG.image("almalinux10-aarch64")
@@ -113,7 +112,7 @@ def test_bios_x86_has_no_uefi_parts() -> None:
 @pytest.mark.parametrize("distro", ["almalinux", "nixos"])
 def test_aarch64_bios_is_refused_when_the_config_loads(distro: str) -> None:
     raw = {"images": {"arm": {"distro": distro, "arch": "aarch64", "firmware": "bios"}}}
-    with pytest.raises(ConfigError, match="images.arm.firmware: aarch64 machines boot with UEFI only"):
+    with pytest.raises(ConfigError, match=r"images\.arm\.firmware: aarch64 machines boot with UEFI only"):
         load_config(raw, ROOT)
 
 

@@ -4,7 +4,7 @@ import importlib.util
 import json
 import sys
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def _common():

@@ -1,12 +1,10 @@
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import Accel, Arch, Firmware, load, load_file
 from pipeline.errors import ConfigError, UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def good() -> dict:

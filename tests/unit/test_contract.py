@@ -5,7 +5,6 @@ entries; NixOS is evaluated by the real nix in tests/integration/test_nix_contra
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.render import kickstart
 from pipeline.vm.argv import has_agent_channel, qemu_argv
 from pipeline.vm.state import StatePaths
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CFG = load_file(ROOT / "invoke.yaml")
 BUILD_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBuildKeyBuildKeyBuildKeyBuildKey0000 imagepipe"
 USER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUserKeyUserKeyUserKeyUserKeyUser00 me@laptop"

@@ -20,8 +20,8 @@ from pipeline.plan import (
     machine_type,
     make_build_plan,
 )
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CFG = load_file(ROOT / "invoke.yaml")
 ALMA = CFG.image("almalinux10-x86_64")
 

@@ -11,7 +11,6 @@ from pipeline.render import demo as render_demo
 from pipeline.render import nix as render_nix
 from pipeline.render.almalinux import source as alma_source
 
-
 # someone can log in (config load refuses an image nobody can log in to: pipeline.contract)
 LOGIN = [{"name": "root", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyForLogin test"]}]
 

@@ -4,7 +4,6 @@ doctor's exit codes."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,8 +13,8 @@ from pipeline.config import load
 from pipeline.hints import build_hint, host_facts
 from pipeline.host import HostFacts, KvmFacts, ToolInfo, parse_package_manager
 from pipeline.run import INSTALL_HINTS, install_hint, package_manager
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((ROOT / "invoke.yaml").read_text())
 CFG = load(RAW, ROOT)
 
@@ -38,7 +37,9 @@ def test_no_brew_on_linux_and_firmware_per_manager():
 
 
 def test_package_manager_detection():
-    on = lambda *progs: (lambda p: p in progs)
+    def on(*progs):
+        return lambda p: p in progs
+
     assert package_manager("linux", on("apt-get", "nix-env")) == "apt"
     assert package_manager("linux", on("dnf")) == "dnf" and package_manager("linux", on("yum")) == "dnf"
     assert package_manager("darwin", on("brew", "nix-env")) == "brew"

@@ -9,9 +9,8 @@ import yaml
 
 from pipeline import inputs
 from pipeline.config import load
-from tests.conftest import require_tool
+from tests.support import ROOT, require_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 VERSIONS = {"packer": "1.6.6", "qemu-system-x86_64": "7.2.22", "qemu-system-aarch64": "7.2.22", "nix": "2.8.0"}
 
 

@@ -13,8 +13,8 @@ from pipeline.config import Arch, Firmware, load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.lint import kickstart_problems
 from pipeline.render import kickstart
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CFG = load_file(ROOT / "invoke.yaml")
 X86 = CFG.image("almalinux10-x86_64")
 ARM = CFG.image("almalinux10-aarch64")

@@ -56,7 +56,7 @@ def config(builders: dict | None = None):
 
 
 def facts(os_: str = "linux", machine: str = "x86_64", usable: bool = True) -> HostFacts:
-    return HostFacts(os=os_, machine=machine, kvm=KvmFacts(True, usable, True if usable else False), hvf=False)
+    return HostFacts(os=os_, machine=machine, kvm=KvmFacts(True, usable, usable), hvf=False)
 
 
 def test_build_argv_is_pure_flakes_enabled_and_never_impure():

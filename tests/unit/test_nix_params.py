@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pipeline.config import load, load_file
 from pipeline.render import nix as render_nix
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 NIXOS = ROOT / "nixos"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFixtureKeyFixtureKeyFixtureKeyFixtureKey0 test@host"
 HASH = "$6$salt$" + "a" * 86

@@ -1,6 +1,5 @@
 """pipeline.tasks.options: --accel and whole-number options, parsed in one place."""
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,8 +7,7 @@ import yaml
 from pipeline.config import Accel, load
 from pipeline.errors import UsageError
 from pipeline.tasks.options import accel_option, parse_accel, remote_accel_option, whole_number
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def config(accel: str | None = None):

@@ -3,24 +3,17 @@
 import os
 import subprocess
 import sys
-import time
 
 from pipeline import procs
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    """Poll `condition` until it holds or `timeout` passes (returns the last answer)."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
+from tests.support import wait_until
 
 
 def test_cmdline_and_start_time_of_a_live_process(tmp_path):
     marker = str(tmp_path / "marker dir")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
     try:
-        assert wait_for(lambda: marker in (procs.cmdline(proc.pid) or ""))
+        wait_until(lambda: marker in (procs.cmdline(proc.pid) or ""), 10, "the marker in the command line",
+                   lambda: procs.cmdline(proc.pid))
         assert procs.cmdline(proc.pid).endswith(f"time.sleep(60) {marker} ")  # NULs as spaces
         start = procs.start_time(proc.pid)
         assert start and start.isdigit()
@@ -35,7 +28,8 @@ def test_cmdline_and_start_time_of_a_live_process(tmp_path):
 def test_zombie_and_gone_count_as_gone():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     # not reaped yet: a zombie until wait()
-    assert wait_for(lambda: procs.start_time(proc.pid) is None)
+    wait_until(lambda: procs.start_time(proc.pid) is None, 10, "the process gone",
+               lambda: procs.start_time(proc.pid))
     assert procs.cmdline(proc.pid) is None
     proc.wait()
     assert procs.cmdline(proc.pid) is None and procs.start_time(proc.pid) is None
@@ -49,7 +43,8 @@ def test_stop_processes_in_kills_only_what_names_the_folder(tmp_path):
     inside = subprocess.Popen([*sleeper, str(folder / "disk")])
     outside = subprocess.Popen([*sleeper, str(tmp_path / "elsewhere")])
     try:
-        assert wait_for(lambda: procs.pids_mentioning(str(folder)) == [inside.pid])
+        wait_until(lambda: procs.pids_mentioning(str(folder)) == [inside.pid], 10, "only the process inside",
+                   lambda: procs.pids_mentioning(str(folder)))
         assert procs.stop_processes_in(folder) == [inside.pid]
         assert inside.wait(timeout=10) == -9
         assert outside.poll() is None and procs.pids_mentioning(str(folder)) == []

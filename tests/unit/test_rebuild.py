@@ -2,18 +2,14 @@
 
 import json
 
-from pipeline import distros
-from pathlib import Path
-
 import pytest
 import yaml
 
-from pipeline import rebuild
+from pipeline import distros, rebuild
 from pipeline.build import describe_failure
 from pipeline.config import load
 from pipeline.errors import BuildFailed, CommandFailed, UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def cfg(**demo):

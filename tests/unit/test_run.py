@@ -1,12 +1,12 @@
 """run()/stream() with real processes (sh, sleep): typed failures and no leftovers."""
 
-import os
 import time
 
 import pytest
 
 from pipeline.errors import CommandFailed, ToolMissing
 from pipeline.run import run, stream, which
+from tests.support import process_gone, wait_until
 
 
 def test_missing_tool_names_the_install_command():
@@ -41,5 +41,5 @@ def test_stream_timeout_kills_the_whole_group(tmp_path):
     assert "timed out" in (exc.value.hint or "")
     assert lines == ["started"] and (tmp_path / "log").read_text() == "started\n"
     child = int(pidfile.read_text())
-    time.sleep(0.2)
-    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+    wait_until(lambda: process_gone(child), 10, f"the backgrounded sleep (pid {child}) to be killed",
+               lambda: f"/proc/{child} still running")

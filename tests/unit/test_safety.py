@@ -30,8 +30,7 @@ from pipeline.numbers import NumberError, int_or_none, parse_int
 from pipeline.tasks.common import guard
 from pipeline.text import visible, visible_lines
 from pipeline.vm.state import StatePaths, console_tail, read_status
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def victim(tmp_path: Path) -> Path:
@@ -201,7 +200,7 @@ def test_clean_stale_refuses_a_planted_staging_link(tmp_path):
     img = tmp_path / "out" / "demo"
     img.mkdir(parents=True)
     (img / ".staging").symlink_to(v)
-    with pytest.raises(UnsafePath, match=".staging"):
+    with pytest.raises(UnsafePath, match=r"\.staging"):
         retention.clean_stale(img)
     assert intact(v)
 

@@ -1,6 +1,5 @@
 """Rendering of the timer jobs: systemd units, quoting, crontab lines (checked for real in integration)."""
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,8 +7,7 @@ import yaml
 from pipeline import schedule
 from pipeline.config import load
 from pipeline.errors import UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def cfg(**demo):

@@ -7,6 +7,7 @@ Fabric (`ssh_config_path`) and OpenSSH (`ssh -F`, rsync) read.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -16,20 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import artifacts
+from pipeline.vm.state import free_port
+from tests.support import keygen
 
 SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def keygen(path: Path, comment: str = "imagepipe-test") -> Path:
-    """An unencrypted ed25519 key pair at `path` (+ .pub)."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
-    return path
 
 
 @dataclass
@@ -72,7 +63,8 @@ class SshHost:
             "PermitRootLogin prohibit-password", "MaxStartups 50", "MaxSessions 50",
             "Subsystem sftp internal-sftp", *self.extra_config, "",
         ]))
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        if os.geteuid() == 0:  # sshd started by root checks its privilege separation dir
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.proc = subprocess.Popen([SSHD, "-D", "-f", str(cfg), "-E", str(self.log)])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -84,6 +76,12 @@ class SshHost:
             time.sleep(0.05)
         raise RuntimeError(f"sshd did not start: {self.log.read_text() if self.log.exists() else ''}")
 
+    @property
+    def user(self) -> str:
+        """Who logs in: the user running the tests (an sshd started by anyone else than root
+        can only log that same user in)."""
+        return pwd.getpwuid(os.geteuid()).pw_name
+
     def known_hosts_line(self, key: Path | None = None) -> str:
         pub = (key or self.host_key).with_suffix(".pub").read_text().split()
         return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
@@ -91,7 +89,7 @@ class SshHost:
     def client_config(self, path: Path, known_hosts: Path, alias: str = "hal9000") -> Path:
         """An ssh_config where `alias` is this sshd (HostName, Port, IdentityFile, UserKnownHostsFile)."""
         path.write_text("\n".join([
-            f"Host {alias}", "  HostName 127.0.0.1", f"  Port {self.port}", "  User root",
+            f"Host {alias}", "  HostName 127.0.0.1", f"  Port {self.port}", f"  User {self.user}",
             f"  IdentityFile {self.client_key}", "  IdentitiesOnly yes", f"  UserKnownHostsFile {known_hosts}", "",
         ]))
         return path

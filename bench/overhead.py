@@ -18,8 +18,8 @@ from _common import ROOT, alternate, count, figure, finish, timed
 
 from pipeline import config, distros, keys
 from pipeline.build import probe_for_build
-from pipeline.config import Accel
 from pipeline.drivers import packer
+from pipeline.model import Accel
 from pipeline.plan import make_build_plan
 
 pairs = count(3, minimum=3)

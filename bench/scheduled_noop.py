@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from _common import ROOT, alternate, count, figure, finish, say, timed
 
-from pipeline import artifacts, config, inputs
+from pipeline import artifacts, config, distros, inputs
 
 runs = count(9, minimum=3)
 work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
@@ -40,13 +40,13 @@ def stand_in(cfg: config.Config, name: str, demo_build: Path) -> None:
     manifest = json.loads((demo_build / artifacts.MANIFEST).read_text(encoding="utf-8"))
     stage = output / name / ".staging" / "bench-stand-in"
     stage.mkdir(parents=True)
-    shutil.copyfile(demo_build / manifest["artifact"]["file"], stage / image.artifact_name)
-    entry = {**manifest["artifact"], "file": image.artifact_name}
+    shutil.copyfile(demo_build / manifest["artifact"]["file"], stage / distros.artifact_name(image))
+    entry = {**manifest["artifact"], "file": distros.artifact_name(image)}
     ihash = inputs.compute(cfg, image, save_cache=False)
     manifest.update(image=name, build_id="bench-stand-in", artifact=entry, artifacts=[entry],
                     input_hash=ihash.value, input_parts=ihash.parts, files={})
     manifest.pop("boot", None)
-    artifacts.write_build_files(stage, manifest, {image.artifact_name: entry["sha256"]})
+    artifacts.write_build_files(stage, manifest, {distros.artifact_name(image): entry["sha256"]})
     artifacts.publish(stage, output / name, "bench-stand-in")
 
 

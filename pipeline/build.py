@@ -32,7 +32,6 @@ from pipeline import (
     sbom,
     summary,
 )
-from pipeline.config import Accel, Config, Image
 from pipeline.drivers import Driver
 from pipeline.errors import (
     CommandFailed,
@@ -45,6 +44,7 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import check_dir, ensure_dir, free_space, is_storage_error, storage_error
 from pipeline.host import HostFacts, existing_parent, probe
+from pipeline.model import Accel, Config, Image
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.procs import start_time
 from pipeline.progress import Event, Progress
@@ -270,7 +270,7 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
         _pause("publish")
         final = artifacts.publish(stage, plan.image_dir, plan.build_id)
         others = len(done.manifest["artifacts"]) - 1
-        progress.emit(Event("done", f"published {plan.image_dir / image.artifact_name} "
+        progress.emit(Event("done", f"published {plan.image_dir / plan.artifact_name} "
                                     f"({mib(done.primary.size)}, sha256 {done.primary.sha256[:12]}…)"
                                     + (f" and {others} more format(s)" if others else "")
                                     + f" in {clock(time.time() - started)}"))

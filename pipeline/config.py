@@ -1,21 +1,21 @@
-"""The project configuration: invoke.yaml loaded into frozen, validated objects.
+"""The project configuration: invoke.yaml loaded and validated into the model (pipeline.model).
 
 invoke.yaml is Invoke's own project config file, so `-f FILE` and `INVOKE_*` variables work as
 Invoke users expect; imagepipe reads its three top-level sections (`defaults`, `images`,
 `builders`) from the merged Invoke config. Validation collects every problem with its key path
-and raises one `ConfigError`; unknown keys get a "did you mean".
+and raises one `ConfigError`; unknown keys get a "did you mean". The model's names are
+re-exported here, so `from pipeline.config import Image, load` keeps working.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, UsageError
+from pipeline.errors import ConfigError
+from pipeline.model import Accel, Arch, Builder, Config, Defaults, Firmware, Format, Image, User
 from pipeline.validate import (  # noqa: F401  (re-exported: pipeline.config is where callers look)
     HOST_RE,
     LOCALE_RE,
@@ -42,179 +42,6 @@ from pipeline.validate import (  # noqa: F401  (re-exported: pipeline.config is 
     shown,
     string,
 )
-
-
-class Arch(StrEnum):
-    X86_64 = "x86_64"
-    AARCH64 = "aarch64"
-
-    @property
-    def qemu_binary(self) -> str:
-        return f"qemu-system-{self.value}"
-
-    @property
-    def machine(self) -> str:
-        """QEMU machine type: q35 on x86_64, virt on aarch64."""
-        return "q35" if self is Arch.X86_64 else "virt"
-
-    @property
-    def console(self) -> str:
-        """The serial console device the guest kernel writes to."""
-        return "ttyS0" if self is Arch.X86_64 else "ttyAMA0"
-
-    @property
-    def nix_system(self) -> str:
-        return f"{self.value}-linux"
-
-    @property
-    def short(self) -> str:
-        """The short name used in task aliases (x86 / arm)."""
-        return "x86" if self is Arch.X86_64 else "arm"
-
-    @classmethod
-    def from_machine(cls, machine: str) -> Arch | None:
-        """Map `uname -m` output (x86_64, amd64, arm64, aarch64) to an Arch."""
-        m = machine.strip().lower()
-        if m in ("x86_64", "amd64"):
-            return cls.X86_64
-        if m in ("aarch64", "arm64"):
-            return cls.AARCH64
-        return None
-
-
-class Accel(StrEnum):
-    AUTO = "auto"
-    KVM = "kvm"
-    HVF = "hvf"
-    TCG = "tcg"
-
-    @property
-    def cpu_model(self) -> str:
-        """`host` passes the real CPU through (KVM/HVF); TCG emulates the richest model."""
-        return "max" if self is Accel.TCG else "host"
-
-
-class Firmware(StrEnum):
-    UEFI = "uefi"
-    BIOS = "bios"
-
-
-class Format(StrEnum):
-    QCOW2 = "qcow2"
-    RAW = "raw"
-    VMDK = "vmdk"
-    VHDX = "vhdx"
-    VDI = "vdi"
-
-    @property
-    def bootable(self) -> bool:
-        """Formats the engines write and `invoke run` boots (the others are converted from it)."""
-        return self in (Format.QCOW2, Format.RAW)
-
-
-@dataclass(frozen=True)
-class User:
-    """A guest account: crypt hash only (never plaintext), public keys, sudo rights."""
-
-    name: str
-    password_hash: str | None = None
-    public_keys: tuple[str, ...] = ()
-    sudo: bool = False
-
-
-@dataclass(frozen=True)
-class Image:
-    """One entry of the image catalogue."""
-
-    name: str
-    distro: str        # a distro profile's name (pipeline.distros: almalinux, nixos, demo, ...)
-    arch: Arch
-    version: str = "latest"
-    format: Format = Format.QCOW2      # the primary format: the engine writes it, `run` boots it
-    formats: tuple[Format, ...] = ()   # every published format, the primary first (() = (format,))
-    compress_qcow2: bool = False       # qcow2 files are written compressed (qemu-img convert -c)
-    firmware: Firmware = Firmware.UEFI
-    disk_size: int = 20480
-    memory: int = 2048
-    cpus: int = 2
-    ssh_port: int = 2222
-    ssh_user: str = "root"
-    headless: bool = True
-    users: tuple[User, ...] = ()
-    iso: str | None = None
-    flake: str | None = None
-    attribute: str | None = None
-    schedule: str | None = None
-    retention: int = 3
-    lang: str = "en_US.UTF-8"
-    keyboard: str = "us"
-    timezone: str = "UTC"
-    root_ssh: bool = False      # root may log in over SSH with its password (pipeline.contract)
-    variant: str | None = None  # a build of the distro for other CPUs (AlmaLinux 10: x86_64_v2)
-
-    def __post_init__(self) -> None:
-        # `formats` wins: its first entry is the primary format; without it, just `format`.
-        if self.formats:
-            object.__setattr__(self, "format", self.formats[0])
-        else:
-            object.__setattr__(self, "formats", (self.format,))
-
-    @property
-    def artifact_name(self) -> str:
-        """File name of the published image (the distro profile decides: NixOS keeps make-disk-image's
-        `nixos.qcow2`, the others use the image name)."""
-        from pipeline import distros
-
-        return distros.profile(self).artifact_name(self)
-
-    def user(self, name: str) -> User | None:
-        return next((u for u in self.users if u.name == name), None)
-
-
-@dataclass(frozen=True)
-class Builder:
-    """A remote Linux machine reached over SSH (`host` is an ssh_config alias or hostname)."""
-
-    name: str
-    host: str
-    dir: str = "~/imagepipe"
-    arch: Arch | None = None
-
-
-@dataclass(frozen=True)
-class Defaults:
-    accel: Accel = Accel.AUTO
-    output_dir: str = "output"
-    retention: int = 3
-    ssh_key: str | None = None
-    schedule: str = "weekly"
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole validated configuration."""
-
-    root: Path
-    source: str
-    defaults: Defaults
-    images: Mapping[str, Image]
-    builders: Mapping[str, Builder] = field(default_factory=dict)
-
-    @property
-    def output_dir(self) -> Path:
-        out = Path(self.defaults.output_dir).expanduser()
-        return out if out.is_absolute() else self.root / out
-
-    def image(self, name: str) -> Image:
-        """The image called `name`, or a UsageError listing the valid names."""
-        try:
-            return self.images[name]
-        except KeyError:
-            raise UsageError(
-                f"unknown image {name!r}{did_you_mean(name, self.images)}",
-                hint="valid images: " + ", ".join(sorted(self.images)),
-            ) from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Validation: the parsers and the collector live in pipeline.validate (short names kept here).

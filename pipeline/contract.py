@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.config import Image, User
+from pipeline.model import Image, User
 
 AGENT_PORT = "org.qemu.guest_agent.0"
 

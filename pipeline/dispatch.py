@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pipeline import remote
-from pipeline.config import Builder, Config, Image
 from pipeline.crash import unexpected
 from pipeline.errors import HostUnsuitable, ImagepipeError
+from pipeline.model import Builder, Config, Image
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import distros
-from pipeline.config import Arch, Config, Firmware
 from pipeline.errors import ImagepipeError
 from pipeline.host import HostFacts
+from pipeline.model import Arch, Config, Firmware
 from pipeline.plan import choose_accel
 from pipeline.run import install_hint
 from pipeline.units import mib

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, distros, follow, manifest_check, openssh, rsync
-from pipeline.config import Config, Image
 from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
 from pipeline.fsutil import ensure_dir
 from pipeline.host import Runner
+from pipeline.model import Config, Image
 from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
 from pipeline.run import run, stream
 from pipeline.text import visible
@@ -191,7 +191,7 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
     say(f"{target.prefix}{image.name}: received {stats.received} bytes "
         f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified {how}")
     final = _publish(stage, image_dir, image, manifest, sums, target)
-    say(f"{target.prefix}{image.name}: published {image_dir / image.artifact_name} (built on {target.name})")
+    say(f"{target.prefix}{image.name}: published {image_dir / distros.artifact_name(image)} (built on {target.name})")
     distros.profile(image).fetched(cfg.root, image, final, lambda line: say(f"{target.prefix}{image.name}: {line}"))
     return FetchResult(image.name, build_id, False, stats, final)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import platform
 
 from pipeline import distros
-from pipeline.config import Config, Image
 from pipeline.host import HostFacts, KvmFacts
+from pipeline.model import Config, Image
 
 
 def host_facts(os_name: str | None = None, machine: str | None = None) -> HostFacts:

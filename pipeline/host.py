@@ -2,7 +2,9 @@
 
 `probe(runner)` runs the commands through `runner` (local: `local_runner`; remote: a Fabric
 Connection adapter in pipeline.remote) and assembles `HostFacts`. The parsers are pure
-functions over command output and are tested with plain asserts.
+functions over command output and are tested with plain asserts. (A little over 450 lines: each
+fact's command and parser stay side by side, so the local and the remote probe cannot drift;
+the firmware lookup lives in pipeline.firmware.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Arch
+from pipeline.firmware import (  # noqa: F401  (re-exported for callers of pipeline.host)
+    FirmwareInfo,
+    choose_descriptor,
+    find_firmware,
+    local_descriptors,
+    parse_descriptor,
+    qemu_firmware_dirs,
+)
+from pipeline.model import Arch
 from pipeline.nixmachines import Machine, MachinesError, configured
 from pipeline.run import Result
 
@@ -80,14 +90,6 @@ class KvmFacts:
         if self.cpu_virt is False:
             return "/dev/kvm exists but the CPU has no vmx/svm flag (nested virtualisation is off): guests would hang"
         return ""
-
-
-@dataclass(frozen=True)
-class FirmwareInfo:
-    arch: Arch
-    code: str
-    vars: str | None
-    source: str
 
 
 @dataclass(frozen=True)
@@ -259,124 +261,6 @@ def parse_df(out: str) -> int | None:
 
     free = int_or_none(cols[3]) if len(cols) > 3 else None
     return free * 1024 if free is not None else None
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """What imagepipe reads from a QEMU firmware descriptor (docs/interop/firmware.json)."""
-
-    archs: tuple[str, ...]
-    machines: tuple[str, ...]
-    code: str
-    vars: str | None
-    features: frozenset[str]
-    format: str = "raw"   # the flash images' format: QEMU's pflash here is loaded as raw
-
-
-def parse_descriptor(text: str) -> Descriptor | None:
-    """A QEMU firmware descriptor (JSON) → Descriptor; None for anything but a flash mapping."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("mapping"), dict):
-        return None
-    mapping = data["mapping"]
-    executable = mapping.get("executable")
-    if mapping.get("device") != "flash" or not isinstance(executable, dict) or not executable.get("filename"):
-        return None
-    targets = [t for t in data.get("targets") or [] if isinstance(t, dict)]
-    nvram = mapping.get("nvram-template")
-    return Descriptor(
-        archs=tuple(str(t.get("architecture")) for t in targets),
-        machines=tuple(str(m) for t in targets for m in t.get("machines") or []),
-        code=str(executable["filename"]),
-        vars=str(nvram["filename"]) if isinstance(nvram, dict) and nvram.get("filename") else None,
-        features=frozenset(str(f) for f in data.get("features") or []),
-        format=str(executable.get("format", "raw")),
-    )
-
-
-def choose_descriptor(descriptors: Iterable[tuple[str, Descriptor]], arch: Arch) -> FirmwareInfo | None:
-    """First descriptor (in name order) for `arch` whose flash is raw, without secure boot / enrolled keys.
-
-    Fedora lists qcow2-format firmware first (50-edk2-*-qcow2*.json); QEMU command lines here load
-    pflash as raw, so those would never run.
-    """
-    for source, d in sorted(descriptors, key=lambda item: item[0]):
-        if arch.value not in d.archs or d.features & {"secure-boot", "enrolled-keys"} or d.format != "raw":
-            continue
-        return FirmwareInfo(arch, d.code, d.vars, f"descriptor {source}")
-    return None
-
-
-KNOWN_FIRMWARE: dict[Arch, list[tuple[str, str | None]]] = {
-    Arch.X86_64: [
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
-        ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
-        ("/opt/homebrew/share/qemu/edk2-x86_64-code.fd", "/opt/homebrew/share/qemu/edk2-i386-vars.fd"),
-    ],
-    Arch.AARCH64: [
-        ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
-        ("/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw", "/usr/share/edk2/aarch64/vars-template-pflash.raw"),
-        ("/opt/homebrew/share/qemu/edk2-aarch64-code.fd", "/opt/homebrew/share/qemu/edk2-arm-vars.fd"),
-        ("/usr/local/share/qemu/edk2-aarch64-code.fd", "/usr/local/share/qemu/edk2-arm-vars.fd"),
-    ],
-}
-
-DESCRIPTOR_DIRS = (
-    "/etc/qemu/firmware",
-    "/usr/share/qemu/firmware",
-    "/opt/homebrew/share/qemu/firmware",
-    "/usr/local/share/qemu/firmware",
-)
-
-
-def find_firmware(
-    arch: Arch,
-    env: Mapping[str, str],
-    exists: Callable[[str], bool] = os.path.exists,
-    descriptors: Iterable[tuple[str, Descriptor]] = (),
-) -> FirmwareInfo | None:
-    """UEFI firmware for `arch`: QEMU descriptors first, then known paths, then QEMU_EFI_AARCH64."""
-    found = choose_descriptor(((s, d) for s, d in descriptors if exists(d.code)), arch)
-    if found:
-        return found
-    for code, vars_ in KNOWN_FIRMWARE[arch]:
-        if exists(code):
-            return FirmwareInfo(arch, code, vars_ if vars_ and exists(vars_) else None, "known path")
-    override = env.get("QEMU_EFI_AARCH64") if arch is Arch.AARCH64 else None
-    if override and exists(override):
-        return FirmwareInfo(arch, override, None, "QEMU_EFI_AARCH64")
-    return None
-
-
-def qemu_firmware_dirs(which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """share/qemu/firmware beside each QEMU binary in use (realpath(qemu-system-*)/../../share):
-    where a Nix or Homebrew QEMU keeps the descriptors of the firmware it ships."""
-    dirs = []
-    for arch in Arch:
-        found = which(arch.qemu_binary)
-        if found:
-            prefix = Path(os.path.realpath(found)).parent.parent
-            dirs.append(str(prefix / "share" / "qemu" / "firmware"))
-    return list(dict.fromkeys(dirs))
-
-
-def local_descriptors(dirs: Iterable[str] | None = None) -> list[tuple[str, Descriptor]]:
-    """Every QEMU firmware descriptor on this host, parsed (default: the fixed folders and the
-    ones beside the QEMU binaries on PATH)."""
-    found = []
-    for d in dict.fromkeys(dirs if dirs is not None else (*DESCRIPTOR_DIRS, *qemu_firmware_dirs())):
-        p = Path(d)
-        if not p.is_dir():
-            continue
-        for f in sorted(p.glob("*.json")):
-            parsed = parse_descriptor(f.read_text(encoding="utf-8", errors="replace"))
-            if parsed:
-                found.append((str(f), parsed))
-    return found
 
 
 # --------------------------------------------------------------------------------- probing

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, distros
-from pipeline.config import Config, Image
+from pipeline.model import Config, Image
 
 # Image fields that steer the pipeline but never change the bytes of a build.
 NOT_INPUTS = frozenset({"retention", "schedule"})

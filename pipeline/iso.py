@@ -12,12 +12,10 @@ with IMAGEPIPE_ALMA_MIRROR and IMAGEPIPE_ALMA_VAULT.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -25,18 +23,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import sha256_file
-from pipeline.config import Image
+from pipeline.download import (  # noqa: F401 (TIMEOUT, CHUNK, cached_sha256: re-exported for callers of pipeline.iso)
+    CHUNK,
+    TIMEOUT,
+    ChecksumMismatch,
+    NotFound,
+    cached_sha256,
+    fetch_verified,
+    open_url,
+)
+from pipeline.download import reason as _reason
 from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
-from pipeline.fsutil import atomic_write
+from pipeline.model import Image
 
 LOCK_FILE = "iso.lock.json"
 REPO = "https://repo.almalinux.org/almalinux"
 VAULT = "https://vault.almalinux.org"
 MIRROR_ENV = "IMAGEPIPE_ALMA_MIRROR"
 VAULT_ENV = "IMAGEPIPE_ALMA_VAULT"
-TIMEOUT = 30.0
-CHUNK = 1 << 20
 BSD_LINE = re.compile(r"^SHA256 \((?P<name>[^)]+)\) = (?P<hex>[0-9a-fA-F]{64})$")
 GNU_LINE = re.compile(r"^(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>\S+)$")
 
@@ -47,10 +51,6 @@ class IsoUnavailable(ImagepipeError):
     """The ISO (or its CHECKSUM file) cannot be fetched; one line naming the URL and the fix."""
 
     exit_code = 1
-
-
-class NotFound(Exception):
-    """HTTP 404/410: the file is not (or no longer) on this mirror."""
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,6 @@ def offline_message(url: str, reason: str, image: Image) -> str:
 # --------------------------------------------------------------------------------- network
 
 
-def open_url(url: str | urllib.request.Request, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
-    """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
-    try:
-        return urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise NotFound(getattr(url, "full_url", url)) from None
-        raise
-
-
 def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str] | None = None) -> str:
     """The body of a small file (a CHECKSUM), or IsoUnavailable: one line from `offline`
     (default: naming the URL and the `iso:` override)."""
@@ -166,16 +156,6 @@ def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str]
         raise
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise IsoUnavailable((offline or offline_message)(url, _reason(exc), image)) from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, http.client.IncompleteRead):
-        return f"the connection closed with {exc.expected} bytes still to come"
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
 
 
 def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
@@ -254,25 +234,6 @@ def locked(image: Image, root: Path) -> LockEntry:
 # --------------------------------------------------------------------------------- local files
 
 
-def cached_sha256(path: Path, cache_dir: Path) -> str:
-    """sha256 of a local file, remembered by (size, mtime) so a 1 GB ISO is hashed once."""
-    st = path.stat()
-    index_path = cache_dir / "sha256-index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        index = {}
-    key = str(path.resolve())
-    hit = index.get(key)
-    if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-        return str(hit["sha256"])
-    digest = sha256_file(path)
-    index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(index_path, json.dumps(index, indent=1, sort_keys=True))
-    return digest
-
-
 def download(url: str, dest: Path, sha256: str, image: Image, report: Report | None = None) -> Path:
     """Fetch `url` to `dest` via dest.part, verify sha256, then rename; mismatch refuses.
 
@@ -280,106 +241,22 @@ def download(url: str, dest: Path, sha256: str, image: Image, report: Report | N
     server that ignores Range sends the whole file, which then starts from zero); it is kept
     when the download fails again and removed only when the finished file does not verify.
     Progress (bytes, speed, ETA) goes to `report.transfer` when the reporter has it (the build's
-    progress view), else to `report` as a line at most every few seconds.
+    progress view), else to `report` as a line at most every few seconds (pipeline.download).
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.sha256()
     try:
-        _fetch_into(url, part, h, dest.name, report)
+        return fetch_verified(url, dest, sha256, report)
     except NotFound:
         raise  # the point release moved: the caller tries the vault (the .part stays for it)
+    except ChecksumMismatch as exc:
+        raise VerifyFailed(
+            f"checksum mismatch for {url}: got sha256 {exc.args[0]}, expected {sha256}; refusing to build",
+            "the mirror or the download is corrupt, or the pin is stale: run invoke update-iso",
+        ) from None
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         kept = part.stat().st_size if part.exists() else 0
         why = _reason(exc) + (f"; {kept / 1024**2:.1f} MiB kept in {part.name}, resumed next time" if kept else "")
         raise IsoUnavailable(offline_message(url, why, image)) from None
-    if h.hexdigest() != sha256.lower():
-        part.unlink(missing_ok=True)
-        raise VerifyFailed(
-            f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {sha256}; refusing to build",
-            "the mirror or the download is corrupt, or the pin is stale: run invoke update-iso",
-        )
-    part.replace(dest)
-    return dest
-
-
-def _fetch_into(url: str, part: Path, h: Any, name: str, report: Report | None) -> None:
-    """Download `url` into `part` (resuming what it holds), feeding every byte to `h`."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        resp = open_url(request)
-    except urllib.error.HTTPError as exc:
-        if exc.code != 416 or not have:  # 416: nothing left after `have`: the .part is complete
-            raise
-        _hash_file(part, h)
-        return
-    with resp:
-        resumed = have and resp.status == 206 and _range_start(resp.headers.get("Content-Range")) == have
-        if resumed:
-            _hash_file(part, h)
-        else:
-            have = 0  # the server sent the whole file
-        length = int(resp.headers.get("Content-Length") or 0)
-        meter = _Meter(name, have + length if length else None, have, report)
-        got = 0
-        with open(part, "ab" if resumed else "wb") as out:
-            while chunk := resp.read(CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                got += len(chunk)
-                meter.add(len(chunk))
-        if length and got < length:  # read(n) ends quietly when the connection drops early
-            raise http.client.IncompleteRead(b"", length - got)
-        meter.finish()
-
-
-def _range_start(content_range: str | None) -> int | None:
-    """`bytes 100-999/1000` -> 100 (None when absent or not understood)."""
-    m = re.match(r"bytes (\d+)-\d+/(?:\d+|\*)$", (content_range or "").strip())
-    return int(m.group(1)) if m else None
-
-
-def _hash_file(path: Path, h: Any) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-
-
-class _Meter:
-    """Bytes, speed and ETA of one download, reported through the build's progress view."""
-
-    def __init__(self, name: str, total: int | None, start: int, report: Report | None) -> None:
-        self.name, self.total, self.start, self.done = name, total, start, start
-        self.report = report
-        self.began = time.monotonic()
-        self.shown = 0.0
-
-    def rate(self) -> float:
-        took = time.monotonic() - self.began
-        return (self.done - self.start) / took if took > 0 else 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        self._send(final=False)
-
-    def finish(self) -> None:
-        self._send(final=True)
-
-    def _send(self, *, final: bool) -> None:
-        if self.report is None:
-            return
-        transfer = getattr(self.report, "transfer", None)
-        if transfer is not None:  # the progress view throttles and places it itself
-            transfer(self.name, self.done, self.total, self.rate(), final=final, resumed_at=self.start)
-            return
-        now = time.monotonic()
-        if final or now - self.shown >= 5.0:
-            from pipeline.progress import transfer_text
-
-            self.shown = now
-            self.report(transfer_text(self.name, self.done, self.total, self.rate(), final=final,
-                                      resumed_at=self.start))
 
 
 def ensure(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None = None,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError
+from pipeline.model import Config, Image
 from pipeline.run import run
 
 PACKER_TIMEOUT = 120.0

@@ -19,7 +19,7 @@ from pipeline.text import has_control, visible
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
-FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")  # pipeline.config.Format
+FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")  # pipeline.model.Format
 MAX_SIZE = 1 << 50  # 1 PiB: larger is not a disk image
 
 

@@ -33,8 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pipeline import openssh
-from pipeline.config import Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
+from pipeline.model import Image
 from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
 from pipeline.remote import Target
 
@@ -265,7 +265,7 @@ class Copied:
     seconds: float
 
 
-def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any) -> Copied:
+def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any, artifact_name: str) -> Copied:
     """rsync the image file inside the builder's store path `out` into `stage` (named as the
     image's artifact), over one OpenSSH connection with imagepipe's host-key policy.
     `pick(names, image)`: which entry of a folder output is the image (drivers.nix.pick_image)."""
@@ -293,7 +293,7 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any)
         res = stream(argv, timeout=main_thread_timeout(6 * 3600),
                      hint=f"check that rsync is installed on {target.name}")
     arrived = stage / PurePosixPath(source).name
-    dest = stage / image.artifact_name
+    dest = stage / artifact_name
     os.chmod(arrived, 0o644)  # store files are read-only
     os.replace(arrived, dest)
     return Copied(dest, rsync.parse_stats(res.stdout).received, time.monotonic() - started)

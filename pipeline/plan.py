@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Accel, Arch, Config, Firmware, Image
 from pipeline.errors import AccelUnavailable, HostUnsuitable
-from pipeline.host import FirmwareInfo, HostFacts
+from pipeline.firmware import FirmwareInfo
+from pipeline.host import HostFacts
+from pipeline.model import Accel, Arch, Config, Firmware, Image
 
 if TYPE_CHECKING:
     from pipeline.distros import Profile
@@ -187,6 +188,11 @@ class BuildPlan:
     def cpu_model(self) -> str:
         """The build VM's QEMU CPU model (the profile's choice for this accelerator)."""
         return self.profile.cpu_model(self.image, self.accel.accel)
+
+    @property
+    def artifact_name(self) -> str:
+        """The published image file's name (the profile decides)."""
+        return self.profile.artifact_name(self.image)
 
     @property
     def ssh_timeout(self) -> str:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import distros, events
-from pipeline.config import Accel, Config, Image
 from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
 from pipeline.events import Event
+from pipeline.model import Accel, Config, Image
 
 Emit = Callable[..., None]
 

@@ -28,9 +28,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline import events, rsync
-from pipeline.config import Arch, Config
 from pipeline.errors import BuildFailed, ImagepipeError, UnsafePath, UsageError
-from pipeline.host import HostFacts, Runner, find_firmware, probe
+from pipeline.firmware import find_firmware
+from pipeline.host import HostFacts, Runner, probe
+from pipeline.model import Arch, Config
 from pipeline.progress import Progress
 from pipeline.run import Result, stream
 from pipeline.text import visible

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, sbom
-from pipeline.config import Config, Image
+from pipeline.model import Config, Image
 from pipeline.run import run
 
 SECTOR = 512

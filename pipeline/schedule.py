@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
 from pipeline.errors import UsageError
 from pipeline.fsutil import atomic_write
+from pipeline.model import Config
 from pipeline.text import has_control, visible
 
 PREFIX = "imagepipe-rebuild"

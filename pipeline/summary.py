@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import artifacts, distros, inputs
-from pipeline.config import Accel, Config, Image
 from pipeline.errors import ImagepipeError, ToolMissing
 from pipeline.host import HostFacts
 from pipeline.keys import KEY_NAME
+from pipeline.model import Accel, Config, Image
 from pipeline.plan import (
     AccelChoice,
     choose_accel,
@@ -162,7 +162,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
         firmware=firmware, engine=driver.name, template=str(profile.template(cfg.root, image)),
         distro=facts_of_distro, tools=tools, steps=steps, input_hash=ihash,
         up_to_date=inputs.up_to_date(image_dir, ihash),
-        outputs={"publishes": ", ".join(str(image_dir / artifacts.format_file(image.artifact_name, f.value))
+        outputs={"publishes": ", ".join(str(image_dir / artifacts.format_file(distros.artifact_name(image), f.value))
                                         for f in image.formats),
                  "staging": str(image_dir / ".staging" / BUILD_ID),
                  "build_log": str(log_dir / "build.log"), "raw_log": str(log_dir / "build.raw.log"),

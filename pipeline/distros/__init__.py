@@ -59,10 +59,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
-    from pipeline.config import Accel, Arch, Config, Image
     from pipeline.drivers import Delegated, Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
+    from pipeline.model import Accel, Arch, Config, Image
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.remote import Target
@@ -76,7 +76,7 @@ BUILTIN: dict[str, str] = {
 _registered: dict[str, Profile] = {}
 
 Report = Callable[[str], None]
-__all__ = ["BootInfo", "Prepared", "Profile", "Report", "get", "names", "profile", "register"]
+__all__ = ["BootInfo", "Prepared", "Profile", "Report", "artifact_name", "get", "names", "profile", "register"]
 
 
 @dataclass(frozen=True)
@@ -256,3 +256,9 @@ def get(name: str) -> Profile:
 def profile(image: Image) -> Profile:
     """The profile of `image`'s distro."""
     return get(image.distro)
+
+
+def artifact_name(image: Image) -> str:
+    """The published image file's name (the profile decides: NixOS keeps make-disk-image's
+    `nixos.qcow2`, the others use the image name)."""
+    return profile(image).artifact_name(image)

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.config import Accel, Arch, Image
 from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable
+from pipeline.model import Accel, Arch, Image
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
@@ -70,7 +70,7 @@ class AlmaLinux(PackerProfile):
     def blocks(self, image: Image, legacy: bool) -> list[Block]:
         from pipeline.render import almalinux
 
-        return almalinux.blocks(image, legacy)
+        return almalinux.blocks(image, legacy, artifact_name=self.artifact_name(image))
 
     def rendered_files(self, image: Image, root: Path, source: str) -> dict[Path, str]:
         return {**super().rendered_files(image, root, source),

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.config import Firmware, Image
 from pipeline.distros import BootInfo, Report
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
+from pipeline.model import Firmware, Image
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
@@ -36,7 +36,7 @@ class Demo(PackerProfile):
     def blocks(self, image: Image, legacy: bool) -> list[Block]:
         from pipeline.render import demo
 
-        return demo.blocks(image, legacy)
+        return demo.blocks(image, legacy, artifact_name=self.artifact_name(image))
 
     def prepared_variables(self, image: Image) -> list[str]:
         return ["base_disk", "kernel", "initrd", "source_date_epoch"]

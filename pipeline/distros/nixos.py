@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, Image
 from pipeline.distros import Profile, Report
 from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable
+from pipeline.model import Config, Image
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView

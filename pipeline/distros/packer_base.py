@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 from pipeline.distros import Profile
 
 if TYPE_CHECKING:
-    from pipeline.config import Image
     from pipeline.drivers.packer import PackerDriver
     from pipeline.host import HostFacts
+    from pipeline.model import Image
     from pipeline.render.hcl import Block
 
 

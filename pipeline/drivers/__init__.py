@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from pipeline.config import Image
     from pipeline.errors import CommandFailed
     from pipeline.host import HostFacts
+    from pipeline.model import Image
     from pipeline.plan import BuildPlan
     from pipeline.progress import Progress
     from pipeline.render.hcl import Block

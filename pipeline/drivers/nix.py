@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Image
 from pipeline.drivers.nixlog import LogParser
 from pipeline.errors import BuildFailed, CommandFailed
+from pipeline.model import Image
 from pipeline.progress import Event, Progress
 from pipeline.run import Result, stream
 
@@ -301,9 +301,10 @@ class NixDriver:
             out_link.unlink(missing_ok=True)
             raise CommandFailed(argv, result.returncode, tail, hint=failure_hint(tail, image, plan.build_log))
         if isinstance(plan.route, SshNg):
-            dest = _copy_from_builder(plan.route, built, image, stage, progress)
+            dest = _copy_from_builder(plan.route, built, image, stage, progress, artifact_name=plan.artifact_name)
         else:
-            dest = _copy_from_store(out_link, image, stage, (facts.nix_config or {}).get("store"), plan.build_log)
+            dest = _copy_from_store(out_link, image, stage, (facts.nix_config or {}).get("store"), plan.build_log,
+                                    artifact_name=plan.artifact_name)
         keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
@@ -321,18 +322,20 @@ def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
     progress.info(f"{plan.image.name} needs {needs.describe()}: {plan.route.describe()}")
 
 
-def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | None, log: Path) -> Path:
+def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | None, log: Path,
+                     *, artifact_name: str) -> Path:
     """The image out of the local store into `stage`; the out-link (a GC root) goes either way."""
     try:
         if not out_link.is_symlink():
             raise BuildFailed(f"nix build succeeded but left no result at {out_link}", hint=f"full log: {log}")
-        return copy_out(find_image(out_link, image, store), stage / image.artifact_name)
+        return copy_out(find_image(out_link, image, store), stage / artifact_name)
     finally:
         # The out-link is a GC root into the store; the copy in staging is what we keep.
         out_link.unlink(missing_ok=True)
 
 
-def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Path, progress: Progress) -> Path:
+def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Path, progress: Progress,
+                       *, artifact_name: str) -> Path:
     """The image file out of the builder's store, over rsync with imagepipe's SSH settings."""
     from pipeline.nixremote import fetch_image
 
@@ -340,7 +343,7 @@ def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Pat
         raise BuildFailed(f"nix built {image.name} on {route.where} but did not say where the result is",
                           hint="nix build --json printed no result line; see the build log")
     progress.step_event(f"copy the image from {route.where} ({built})")
-    copied = fetch_image(route, built, image, stage, pick=pick_image)
+    copied = fetch_image(route, built, image, stage, pick=pick_image, artifact_name=artifact_name)
     progress.info(f"copied {copied.path.name} from {route.where}: {copied.sent} bytes in {copied.seconds:.1f}s")
     return copied.path
 

@@ -171,10 +171,10 @@ class PackerDriver:
         progress.step_event(f"packer build ({plan.accel.accel.value}, packer {'.'.join(map(str, ver))})")
         stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, prepared),
                log_path=plan.raw_log, hint=f"build log: {plan.build_log}; serial console: {plan.console_log}")
-        produced = stage / "packer-out" / plan.image.artifact_name
+        produced = stage / "packer-out" / plan.artifact_name
         if not produced.exists():
             raise BuildFailed(f"packer finished but {produced} is missing", hint=f"see {plan.build_log}")
-        final = stage / plan.image.artifact_name
+        final = stage / plan.artifact_name
         produced.rename(final)
         for leftover in ("packer-out", "inputs"):
             shutil.rmtree(stage / leftover, ignore_errors=True)

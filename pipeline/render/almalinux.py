@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Arch, Firmware, Image
+from pipeline.model import Arch, Firmware, Image
 from pipeline.plan import machine_type
 from pipeline.render import kickstart
 from pipeline.render.hcl import Block, Expr
@@ -95,10 +95,10 @@ def qemuargs(image: Image, legacy: bool) -> list[list[str]]:
     return args
 
 
-def source(image: Image, legacy: bool) -> Block:
+def source(image: Image, legacy: bool, *, artifact_name: str) -> Block:
     """The `source "qemu"` block."""
     body: dict[str, Any] = {
-        "vm_name": image.artifact_name,
+        "vm_name": artifact_name,
         "output_directory": Expr("var.output_dir"),
         "iso_url": Expr("var.iso_url"),
         "iso_checksum": Expr("var.iso_checksum"),
@@ -156,11 +156,11 @@ def source(image: Image, legacy: bool) -> Block:
     return Block("source", ("qemu", SOURCE), body)
 
 
-def blocks(image: Image, legacy: bool) -> list[Block]:
+def blocks(image: Image, legacy: bool, *, artifact_name: str) -> list[Block]:
     """The whole template for `image` (legacy=True: Packer < 1.7)."""
     head = [] if legacy else [packer_block()]
     build = Block("build", body={"sources": [f"source.qemu.{SOURCE}"], "provisioner": [package_list()]})
-    return head + variables(image) + [source(image, legacy), build]
+    return head + variables(image) + [source(image, legacy, artifact_name=artifact_name), build]
 
 
 def package_list() -> Block:

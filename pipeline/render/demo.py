@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 
 from pipeline import demo
-from pipeline.config import Image
+from pipeline.model import Image
 from pipeline.render.hcl import Block, Expr
 from pipeline.render.packer import common_variables, packer_block, variable
 
@@ -61,7 +61,7 @@ def marker_text(image: Image) -> str:
     return f"imagepipe demo image {image.name}"
 
 
-def blocks(image: Image, legacy: bool) -> list[Block]:
+def blocks(image: Image, legacy: bool, *, artifact_name: str) -> list[Block]:
     """The demo template (identical for old and new Packer except the plugin block)."""
     name = image.name
     source = Block("source", ("qemu", name), {
@@ -74,7 +74,7 @@ def blocks(image: Image, legacy: bool) -> list[Block]:
         "disk_interface": "virtio",
         "net_device": "virtio-net",
         "output_directory": Expr("var.output_dir"),
-        "vm_name": image.artifact_name,
+        "vm_name": artifact_name,
         "headless": image.headless,
         "memory": image.memory,
         "cpus": image.cpus,

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pipeline import distros
-from pipeline.config import Config, Image
 from pipeline.fsutil import atomic_write
+from pipeline.model import Config, Image
 
 
 def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:

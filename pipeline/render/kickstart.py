@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from pipeline.config import Arch, Firmware, Image, User
+from pipeline.model import Arch, Firmware, Image, User
 from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
 
 TEMPLATES = Path(__file__).parent / "templates"

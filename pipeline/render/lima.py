@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from pipeline.config import Image
 from pipeline.iso import CloudImage, major_of
+from pipeline.model import Image
 
 
 def instance_name(image: Image) -> str:

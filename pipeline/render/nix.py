@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Firmware, Format, Image
+from pipeline.model import Firmware, Format, Image
 
 # The NixOS release nixos/flake.nix pins; the stateVersion of images whose version is not X.Y.
 NIXOS_RELEASE = "26.05"

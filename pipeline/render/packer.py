@@ -11,7 +11,7 @@ here and supplied at build time, so committed templates stay host-independent an
 
 from __future__ import annotations
 
-from pipeline.config import Image
+from pipeline.model import Image
 from pipeline.render.hcl import Block, Expr, dumps
 
 QEMU_PLUGIN = {"source": "github.com/hashicorp/qemu", "version": ">= 1.1.0"}

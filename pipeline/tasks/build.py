@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from invoke import Context
 
-from pipeline.config import Config, Image
+from pipeline.model import Config, Image
 from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 

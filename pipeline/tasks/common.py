@@ -23,8 +23,9 @@ from typing import Any
 from invoke import Context, Exit, Task
 from invoke import task as invoke_task
 
-from pipeline.config import Config, from_invoke
+from pipeline.config import from_invoke
 from pipeline.errors import ImagepipeError
+from pipeline.model import Config
 from pipeline.tasks.cli import (
     HELP_TOKENS,
     METAVARS,

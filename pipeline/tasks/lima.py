@@ -9,14 +9,14 @@ from invoke import Context
 from pipeline.tasks.common import load_config, say, task
 
 if TYPE_CHECKING:
-    from pipeline.config import Config, Image
+    from pipeline.model import Config, Image
 
 
 def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
     from pipeline import distros
-    from pipeline.config import Arch
     from pipeline.errors import UsageError
+    from pipeline.model import Arch
 
     cfg = load_config(c)
     if name:

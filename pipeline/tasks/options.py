@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.config import Accel, Config
+    from pipeline.model import Accel, Config
 
 ACCEL_HELP = "accelerator: auto (probe: KVM, HVF, else TCG), kvm, hvf or tcg"
 LOCAL_ACCEL_HELP = ACCEL_HELP + " (default: defaults.accel in invoke.yaml, itself auto by default)"
@@ -18,8 +18,9 @@ REMOTE_ACCEL_HELP = ACCEL_HELP + " (probed on the builder; default: the builder'
 
 def parse_accel(value: str) -> Accel | None:
     """--accel VALUE → Accel; an empty value (the option not given) → None."""
-    from pipeline.config import Accel, did_you_mean
     from pipeline.errors import UsageError
+    from pipeline.model import Accel
+    from pipeline.validate import did_you_mean
 
     text = str(value).strip().lower()
     if not text:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
+from pipeline import distros
 from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
@@ -87,7 +88,7 @@ def status(c: Context, json: bool = False) -> None:
 
     cfg = load_config(c)
     rows = statuses(cfg)
-    built = {r.image: published(cfg.output_dir, r.image, cfg.images[r.image].artifact_name) for r in rows}
+    built = {r.image: published(cfg.output_dir, r.image, distros.artifact_name(cfg.images[r.image])) for r in rows}
     now = time.time()
     if json:
         images = [{**r.as_json(now), "built": b.as_json() if (b := built[r.image]) else None} for r in rows]

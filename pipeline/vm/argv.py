@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Arch, Firmware, Image
 from pipeline.contract import AGENT_PORT
 from pipeline.errors import UsageError
-from pipeline.host import FirmwareInfo
+from pipeline.firmware import FirmwareInfo
+from pipeline.model import Arch, Firmware, Image
 from pipeline.plan import AccelChoice, machine_type
 from pipeline.vm.state import StatePaths
 

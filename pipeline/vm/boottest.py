@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import contract, distros, keys, procs
-from pipeline.config import Accel, Config, Image
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
 from pipeline.host import HostFacts
+from pipeline.model import Accel, Config, Image
 from pipeline.run import run, tie_to_us
 from pipeline.text import visible_lines
 from pipeline.vm.argv import RunOptions

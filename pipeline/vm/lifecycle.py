@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, distros
-from pipeline.config import Accel, Config, Image
 from pipeline.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
+from pipeline.firmware import FirmwareInfo
 from pipeline.fsutil import atomic_copy, atomic_write
-from pipeline.host import FirmwareInfo, HostFacts, probe
+from pipeline.host import HostFacts, probe
+from pipeline.model import Accel, Config, Image
 from pipeline.numbers import int_or_none
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
 from pipeline.run import interactive, run

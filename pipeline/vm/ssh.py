@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import keys
-from pipeline.config import Accel, Config, Image
 from pipeline.errors import UsageError, VerifyFailed
 from pipeline.fsutil import atomic_write
+from pipeline.model import Accel, Config, Image
 from pipeline.run import interactive, run
 from pipeline.vm.state import (
     StatePaths,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import contract, iso, keys
+from pipeline import artifacts, contract, iso, keys
 from pipeline.config import Accel, Arch, load_file
 from pipeline.distros import almalinux as alma_profile
 from pipeline.distros.almalinux import PROFILE as ALMA
@@ -64,7 +64,7 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     assert build_key not in committed and f"sshkey --username=admin '{build_key}'" in staged
     assert [line for line in staged.splitlines() if not line.startswith(("sshkey ", "url ", "repo "))] == \
         [line for line in committed.splitlines() if not line.startswith(("sshkey ", "url ", "repo "))]
-    assert v["iso_url"] == str(local) and v["iso_checksum"] == "sha256:" + iso.sha256_file(local)
+    assert v["iso_url"] == str(local) and v["iso_checksum"] == "sha256:" + artifacts.sha256_file(local)
     assert Path(v["efi_firmware_code"]) == Path(plan.firmware.code)
     store = Path(v["efi_firmware_vars"])
     assert store.parent == tmp_path / "stage" / "inputs" and os.access(store, os.W_OK)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import iso
+from pipeline import artifacts, iso
 from pipeline.config import load_file
 from pipeline.errors import VerifyFailed
 from tests.almalinux_support import closed_port_url, serve, write_release
@@ -92,7 +92,7 @@ def test_local_iso_is_hashed_once(tmp_path: Path) -> None:
     local.write_bytes(b"local iso\n")
     image = dataclasses.replace(X86, iso=str(local))
     first = iso.ensure(image, tmp_path, tmp_path / "cache", iso.Mirrors(closed_port_url(), closed_port_url()))
-    assert first.path == local and first.sha256 == iso.sha256_file(local)
+    assert first.path == local and first.sha256 == artifacts.sha256_file(local)
     index = json.loads((tmp_path / "cache" / "sha256-index.json").read_text())
     assert index[str(local.resolve())]["sha256"] == first.sha256
 

@@ -7,6 +7,7 @@ import dataclasses
 import hcl2
 import pytest
 
+from pipeline import distros
 from pipeline.config import Firmware, load_file
 from pipeline.config import load as load_config
 from pipeline.distros import almalinux as alma_profile
@@ -75,7 +76,7 @@ def test_common_and_host_variables_are_declared_without_secrets() -> None:
 
 def test_artifact_lands_where_the_driver_looks() -> None:
     src = source_of(render_text(X86))
-    assert src["vm_name"] == X86.artifact_name
+    assert src["vm_name"] == distros.artifact_name(X86)
     assert src["output_directory"] == "${var.output_dir}"
     assert src["accelerator"] == "${var.accelerator}"
     assert ["-cpu", "${var.cpu_model}"] in src["qemuargs"]

@@ -38,7 +38,7 @@ class FakeOS(PackerProfile):
             "iso_url": Expr("var.seed"),
             "iso_checksum": "none",
             "output_directory": Expr("var.output_dir"),
-            "vm_name": image.artifact_name,
+            "vm_name": self.artifact_name(image),
             "communicator": "none",
         })
         build = Block("build", body={"sources": [f"source.qemu.{image.name}"]})
@@ -80,7 +80,7 @@ def test_a_registered_profile_is_a_valid_distro(tmp_path, fakeos):
     cfg = config(tmp_path)
     image = cfg.image("fake-x86_64")
     assert image.distro == "fakeos" and distros.profile(image) is fakeos
-    assert image.artifact_name == "fake-x86_64.qcow2"
+    assert distros.artifact_name(image) == "fake-x86_64.qcow2"
 
 
 def test_an_unknown_distro_is_a_config_error_listing_the_known_ones(tmp_path):
@@ -155,7 +155,7 @@ def test_builtin_profiles(tmp_path, name, family, artifact, ephemeral, boots_ker
     image = load({"images": {"i": {"distro": name, "arch": "x86_64", "version": "10",
                                    "users": [{"name": "root", "public_keys": [KEY]}]}}}, tmp_path).image("i")
     profile = distros.profile(image)
-    assert profile.family(image) == family and image.artifact_name == artifact
+    assert profile.family(image) == family and distros.artifact_name(image) == artifact
     assert profile.ephemeral_root is ephemeral and (profile.boot_info(image) is not None) is boots_kernel
     assert profile.driver.name in ("packer", "nix") and profile.driver.tools
     assert Arch.X86_64.qemu_binary in profile.needed_tools(image) or profile.driver.name == "nix"

@@ -58,10 +58,12 @@ def test_bad_formats_are_one_line_each(body, message):
 def test_compression_per_engine():
     """AlmaLinux keeps compressing by default; the demo does not; NixOS asks make-disk-image."""
     users = {"users": LOGIN}
-    assert alma_source(image(distro="almalinux", **users), legacy=True).body["disk_compression"] is True
-    assert alma_source(image(distro="almalinux", compress_qcow2=False, **users), legacy=True).body["disk_compression"] is False
+    assert alma_source(image(distro="almalinux", **users), legacy=True,
+                       artifact_name="test.qcow2").body["disk_compression"] is True
+    assert alma_source(image(distro="almalinux", compress_qcow2=False, **users), legacy=True,
+                       artifact_name="test.qcow2").body["disk_compression"] is False
     demo = image(compress_qcow2=True)
-    src = next(b for b in render_demo.blocks(demo, legacy=True) if b.type == "source")
+    src = next(b for b in render_demo.blocks(demo, legacy=True, artifact_name="test.qcow2") if b.type == "source")
     assert src.body["disk_compression"] is True and src.body["skip_compaction"] is False
     nixos = {"distro": "nixos", **users}
     assert render_nix.params(image(**nixos))["format"] == "qcow2"

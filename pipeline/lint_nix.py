@@ -7,8 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.drivers.nix import nix_argv
 from pipeline.drivers.nixlog import clean
+from pipeline.nixcli import nix_argv
 from pipeline.run import run, which
 
 SKIP_DIRS = {".git", "output", "node_modules", ".venv", "result"}

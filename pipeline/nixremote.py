@@ -215,7 +215,7 @@ def check_fit(route: Route, needs: Needs, image: Image) -> None:
 
 def show_derivation_argvs(installable: str, store_args: Sequence[str] = ()) -> list[list[str]]:
     """`nix derivation show` (nix >= 2.15), else `nix show-derivation` (nix 2.8 here)."""
-    from pipeline.drivers.nix import nix_argv
+    from pipeline.nixcli import nix_argv
 
     return [nix_argv("derivation", "show", *store_args, installable),
             nix_argv("show-derivation", *store_args, installable)]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pipeline.drivers.nixlog import LogParser
 from pipeline.errors import BuildFailed, CommandFailed
 from pipeline.model import Image
+from pipeline.nixcli import nix_argv
 from pipeline.progress import Event, Progress
 from pipeline.run import Result, stream
 
@@ -32,16 +33,9 @@ if TYPE_CHECKING:
     from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
-FEATURES = ("--extra-experimental-features", "nix-command flakes")
-
 # make-disk-image.nix names its output nixos.qcow2 (qcow2 formats) or nixos.img (raw).
 IMAGE_NAMES = {"qcow2": ("nixos.qcow2",), "raw": ("nixos.img", "nixos.raw")}
 OUT_LINK = "result"
-
-
-def nix_argv(*args: str) -> list[str]:
-    """argv of a nix (new CLI) command with flakes enabled for this call only."""
-    return ["nix", *FEATURES, *args]
 
 
 # ---------------------------------------------------------------------------------------------

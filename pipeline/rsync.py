@@ -18,9 +18,10 @@ from pipeline.numbers import int_or_none
 # The file that makes a builder dir imagepipe's (remote.claim_dir); excluded, so --delete keeps it.
 BUILDER_MARKER = ".imagepipe-builder"
 # What never goes to a builder: outputs, VCS data, virtualenvs and caches. ("/.git" without a
-# slash: in a git worktree .git is a file.)
+# slash: in a git worktree .git is a file; ".venv" and "/venv" without one: a virtualenv here may
+# be a symbolic link, which must neither be sent nor make --delete touch the builder's own venv.)
 SYNC_EXCLUDES: tuple[str, ...] = (
-    "/output/", "/.git", ".venv/", "/venv/", "__pycache__/", "*.pyc", "*.egg-info/",
+    "/output/", "/.git", ".venv", "/venv", "__pycache__/", "*.pyc", "*.egg-info/",
     ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/", "/build/", "/result",
     f"/{BUILDER_MARKER}",
 )

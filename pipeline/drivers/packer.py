@@ -9,6 +9,7 @@ files) comes from the profile's prepare step.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from pipeline.text import visible, visible_lines
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
     from pipeline.plan import BuildPlan
+    from pipeline.render.hcl import Block
 
 STEP_RE = re.compile(r"^(?:==>|-->) (?:[^\s:]+: )?(.*)$")
 PREFIX_RE = re.compile(r"^\s*[a-z0-9_-]+\.[^\s:]+: ", re.MULTILINE)  # a build's name: `qemu.demo-x86_64: `
@@ -87,13 +89,66 @@ def render_for(plan: BuildPlan, profile: PackerSource, stage: Path, packer_versi
     Serialising HCL (python-hcl2 and its lark grammar) costs ~0.5 s per build, more than the
     rest of imagepipe's own work around Packer, so the text is kept in a cache keyed by the
     template's data and the serialiser's code: the same blocks give the same text."""
-    from pipeline.render.hcl import cached_dumps
-
     legacy = not supports_plugins(packer_version[:2])
     path = stage / "template.pkr.hcl"
-    text = cached_dumps(profile.blocks(plan.image, legacy), plan.image_dir.parent / ".cache" / "render")
+    output_dir = plan.image_dir.parent
+    text = cached_dumps(profile.blocks(plan.image, legacy), output_dir / ".cache" / "render", output_dir)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def cached_dumps(blocks: list[Block], cache_dir: Path, output_dir: Path) -> str:
+    """hcl.dumps(blocks), remembered in `cache_dir` (inside imagepipe's `output_dir`) under a key
+    made of the blocks' data and the serialiser's code (pipeline.render.hcl, python-hcl2 and lark,
+    by file size and mtime), so an upgrade of either renders afresh. The cache is only a
+    speed-up: an entry that cannot be read or written is rendered (and written) again; it is
+    never read or written through a link (fsutil's checks, as for every folder of ours)."""
+    import hashlib
+
+    from pipeline.errors import UnsafePath
+    from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow
+    from pipeline.render.hcl import dumps
+
+    key = hashlib.sha256("\n".join([repr(blocks), *_serialiser_stamp()]).encode()).hexdigest()
+    entry = cache_dir / f"{key[:32]}.pkr.hcl"
+    try:
+        with os.fdopen(open_nofollow(entry, os.O_RDONLY), encoding="utf-8") as cached:
+            return cached.read()
+    except (OSError, ValueError, UnsafePath):
+        pass
+    text = dumps(blocks)
+    try:
+        ensure_dir(cache_dir, output_dir)
+        atomic_write(entry, text)
+    except (OSError, UnsafePath):
+        pass
+    return text
+
+
+def _serialiser_stamp() -> list[str]:
+    """What decides dumps()' output besides the blocks: pipeline.render.hcl (size, mtime) and the
+    installed python-hcl2 and lark (their package folder and dist-info names, which carry the
+    version), found without importing them."""
+    from importlib.util import find_spec
+
+    from pipeline.render import hcl
+
+    stamps = []
+    here = os.stat(hcl.__file__)
+    stamps.append(f"{hcl.__file__}:{here.st_size}:{here.st_mtime_ns}")
+    for package, dist in (("hcl2", "python_hcl2-"), ("lark", "lark")):
+        spec = find_spec(package)
+        if spec is None or not spec.origin:
+            continue
+        folder = Path(spec.origin).parent
+        try:
+            infos = sorted(e.name for e in os.scandir(folder.parent)
+                           if e.name.startswith(dist) and e.name.endswith((".dist-info", ".egg-info")))
+            st = os.stat(spec.origin)
+        except OSError:
+            continue
+        stamps.append(f"{spec.origin}:{st.st_size}:{st.st_mtime_ns}:{','.join(infos)}")
+    return stamps
 
 
 def host_variables(plan: BuildPlan, stage: Path) -> dict[str, str]:

@@ -7,14 +7,9 @@ writes them, and a final pass aligns `=` the way `packer fmt` does, so committed
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from pipeline.errors import UnsafePath
 
 
 @dataclass(frozen=True)
@@ -82,56 +77,6 @@ def dumps(blocks: list[Block]) -> str:
         ),
     )
     return fmt(_regroup(text))
-
-
-def cached_dumps(blocks: list[Block], cache_dir: Path) -> str:
-    """dumps(blocks), remembered in `cache_dir` (inside imagepipe's output folder) under a key
-    made of the blocks' data and the serialiser's code (this module, python-hcl2 and lark, by
-    file size and mtime), so an upgrade of either renders afresh. The cache is only a speed-up:
-    an entry that cannot be read or written is rendered (and written) again."""
-    key = hashlib.sha256("\n".join([repr(blocks), *_serialiser_stamp()]).encode()).hexdigest()
-    entry = cache_dir / f"{key[:32]}.pkr.hcl"
-    try:
-        from pipeline.fsutil import open_nofollow
-
-        with os.fdopen(open_nofollow(entry, os.O_RDONLY), encoding="utf-8") as cached:
-            return cached.read()
-    except (OSError, ValueError, UnsafePath):
-        pass
-    text = dumps(blocks)
-    try:
-        from pipeline.fsutil import atomic_write
-
-        if not cache_dir.is_symlink():  # never write through a link imagepipe did not make
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(entry, text)
-    except OSError:
-        pass
-    return text
-
-
-def _serialiser_stamp() -> list[str]:
-    """What decides dumps()' output besides the blocks: this module (size, mtime) and the
-    installed python-hcl2 and lark (their package folder and dist-info names, which carry the
-    version), found without importing them."""
-    from importlib.util import find_spec
-
-    stamps = []
-    here = os.stat(__file__)
-    stamps.append(f"{__file__}:{here.st_size}:{here.st_mtime_ns}")
-    for package, dist in (("hcl2", "python_hcl2-"), ("lark", "lark")):
-        spec = find_spec(package)
-        if spec is None or not spec.origin:
-            continue
-        folder = Path(spec.origin).parent
-        try:
-            infos = sorted(e.name for e in os.scandir(folder.parent)
-                           if e.name.startswith(dist) and e.name.endswith((".dist-info", ".egg-info")))
-            st = os.stat(spec.origin)
-        except OSError:
-            continue
-        stamps.append(f"{spec.origin}:{st.st_size}:{st.st_mtime_ns}:{','.join(infos)}")
-    return stamps
 
 
 def _regroup(text: str) -> str:

@@ -27,6 +27,21 @@ OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda a, b: a <= b, ">=
 SIGNS = {"<=": "≤", ">=": "≥"}
 
 
+def workspace() -> tuple[Path, Path, list[str]]:
+    """A fresh temporary folder for one benchmark: (the folder, its output folder, the `invoke`
+    argv prefix with a `-f` overlay that points defaults.output_dir there). The caller removes
+    the folder when done."""
+    import tempfile
+
+    import yaml
+
+    work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
+    output = work / "output"
+    cfg_file = work / "bench.yaml"
+    cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(output)}}))
+    return work, output, [sys.executable, "-m", "invoke", "-f", str(cfg_file)]
+
+
 def say(line: str) -> None:
     """A progress line: stdout normally, stderr under --json (stdout is for the result)."""
     print(line, file=sys.stderr if JSON else sys.stdout, flush=True)

@@ -16,12 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from _common import ROOT, alternate, count, figure, finish, say, timed
+from _common import ROOT, alternate, count, figure, finish, say, timed, workspace
 
 from pipeline import keys
 from pipeline.vm.qmp import Qmp
@@ -30,11 +28,7 @@ from pipeline.vm.state import state_paths
 IMAGE = "demo-x86_64"
 DEADLINE = 180.0  # seconds for one boot to reach SSH (TCG on a busy machine)
 pairs = count(5, minimum=3)
-work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
-output = work / "output"
-cfg_file = work / "bench.yaml"
-cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(output)}}))
-invoke = [sys.executable, "-m", "invoke", "-f", str(cfg_file)]
+work, output, invoke = workspace()
 paths = state_paths(output, IMAGE)
 state = paths.root
 

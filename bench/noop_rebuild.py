@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-import yaml
-from _common import alternate, count, figure, finish, timed
+from _common import alternate, count, figure, finish, timed, workspace
 
 runs = count(15)
-work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
-cfg_file = work / "bench.yaml"
-cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(work / "output")}}))
-invoke = [sys.executable, "-m", "invoke", "-f", str(cfg_file)]
+work, _output, invoke = workspace()
 try:
     timed(invoke + ["build-demo"])  # the build the no-op runs compare against
     t = alternate(runs, {"no-op": lambda: timed(invoke + ["build", "demo-x86_64", "--if-changed"]),

@@ -9,12 +9,9 @@ Usage: python3 bench/overhead.py [PAIRS] [--json]
 from __future__ import annotations
 
 import shutil
-import sys
-import tempfile
-from pathlib import Path
 
 import yaml
-from _common import ROOT, alternate, count, figure, finish, timed
+from _common import ROOT, alternate, count, figure, finish, timed, workspace
 
 from pipeline import config, distros, keys
 from pipeline.build import probe_for_build
@@ -23,14 +20,12 @@ from pipeline.model import Accel
 from pipeline.plan import make_build_plan
 
 pairs = count(3, minimum=3)
-work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
-cfg_file = work / "bench.yaml"
-cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(work / "output")}}))
+work, _output, invoke = workspace()
 raw_cfg = yaml.safe_load((ROOT / "invoke.yaml").read_text())
 raw_cfg["defaults"]["output_dir"] = str(work / "output")
 cfg = config.load(raw_cfg, ROOT)
 image = cfg.image("demo-x86_64")
-task = [sys.executable, "-m", "invoke", "-f", str(cfg_file), "build-demo"]
+task = [*invoke, "build-demo"]
 
 
 def raw_packer() -> float:

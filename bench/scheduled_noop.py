@@ -17,20 +17,15 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
-from _common import ROOT, alternate, count, figure, finish, say, timed
+from _common import ROOT, alternate, count, figure, finish, say, timed, workspace
 
 from pipeline import artifacts, config, distros, inputs
 
 runs = count(9, minimum=3)
-work = Path(tempfile.mkdtemp(prefix="imagepipe-bench-"))
-output = work / "output"
-cfg_file = work / "bench.yaml"
-cfg_file.write_text(yaml.safe_dump({"defaults": {"output_dir": str(output)}}))
-invoke = [sys.executable, "-m", "invoke", "-f", str(cfg_file)]
+work, output, invoke = workspace()
 rebuild = [*invoke, "rebuild", "--all"]
 
 

@@ -8,8 +8,10 @@ import hashlib
 import http.client
 import json
 import re
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +32,28 @@ class NotFound(Exception):
 
 def open_url(url: str | urllib.request.Request, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
     """urlopen that maps 404/410 to NotFound and leaves other errors to the caller."""
+    _resolvable(urllib.parse.urlsplit(url.full_url if isinstance(url, urllib.request.Request) else url))
     try:
         return urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
             raise NotFound(getattr(url, "full_url", url)) from None
         raise
+
+
+def _resolvable(parts: urllib.parse.SplitResult) -> None:
+    """Look the host up before urlopen builds a TLS context (loading the CA bundle costs ~40 ms):
+    an offline or air-gapped host fails here at once, as urlopen would (URLError). Skipped when a
+    proxy resolves names instead of this host."""
+    host = parts.hostname
+    if not host or parts.scheme not in ("http", "https"):
+        return
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return
+    try:
+        socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise urllib.error.URLError(exc) from None
 
 
 def reason(exc: BaseException) -> str:

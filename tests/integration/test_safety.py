@@ -272,7 +272,7 @@ def _project_with(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("text,where,problem", [
-    ("defaults:\n  output_dir: out\n   bad: 1\n", ":3:7:", "mapping values are not allowed here"),
+    ("defaults:\n  output_dir: out\n   bad: 1\n", ":3:7:", "mapping values are not allowed"),
     ("defaults: !!python/object/apply:os.system [touch /tmp/owned]\n", ":1:11:", "could not determine a constructor"),
     ("images: [unclosed\n", ":2:1:", "expected ',' or ']'"),
     ("- a\n- b\n", ":1:1:", "expected a mapping"),

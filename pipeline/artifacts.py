@@ -131,16 +131,22 @@ def verify(path: Path, fmt: str, *, compressed: bool = False) -> Verified:
     vmdk), then sha256."""
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyFailed(f"no image produced at {path}")
-    # hash while qemu-img reads: hashlib drops the GIL on large buffers, so the two overlap
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    # hash while qemu-img reads, and check while info answers: hashlib drops the GIL on large
+    # buffers and the two qemu-img runs are separate processes, so all three overlap
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         digest = pool.submit(sha256_file, path)
-        virtual_size = _qemu_img_checks(path, fmt)
+        check = pool.submit(run, ["qemu-img", "check", "-q", "-f", fmt, path], check=False) if fmt in CHECKABLE else None
+        virtual_size = _qemu_img_info(path, fmt)
+        if check is not None:
+            res = check.result()
+            if res.returncode != 0:
+                raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
         sha = digest.result()
     return Verified(path.name, fmt, path.stat().st_size, virtual_size, sha, compressed)
 
 
-def _qemu_img_checks(path: Path, fmt: str) -> int:
-    """Format agrees and `qemu-img check` passes; returns the virtual size. qemu-img probes the
+def _qemu_img_info(path: Path, fmt: str) -> int:
+    """The format qemu-img finds agrees with `fmt`; returns the virtual size. qemu-img probes the
     format itself (with `-f` it would only echo what it was told); output that is not JSON is
     shown as text (the check cannot go on without it)."""
     out = run(["qemu-img", "info", "--output=json", path]).stdout
@@ -152,10 +158,6 @@ def _qemu_img_checks(path: Path, fmt: str) -> int:
         raise VerifyFailed(f"{path.name}: qemu-img info did not print a JSON object: {visible(out.strip()[:300])!r}")
     if info.get("format") != fmt:
         raise VerifyFailed(f"{path.name}: expected a {fmt} image, qemu-img says {info.get('format')}")
-    if fmt in CHECKABLE:
-        res = run(["qemu-img", "check", "-q", "-f", fmt, path], check=False)
-        if res.returncode != 0:
-            raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
     return int_or_none(info.get("virtual-size", 0)) or 0
 
 

@@ -260,3 +260,12 @@ def storage_error(exc: OSError, path: Path | str | None = None, doing: str = "wr
         errno.EROFS: "point defaults.output_dir at a writable folder",
     }.get(exc.errno or 0, f"check the permissions of {existing_parent(where)}")
     return StorageError(f"{doing} {where}: {why} ({free_space(where)})", hint)
+
+
+def private_dir() -> Path:
+    """A new 0700 folder for a unix socket ssh uses (short path: sun_path holds ~100 bytes; no '%',
+    which ssh would expand)."""
+    base = tempfile.gettempdir()
+    if len(base) > 60 or "%" in base or any(ch.isspace() for ch in base):
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="imagepipe-ssh-", dir=base))

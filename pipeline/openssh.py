@@ -17,12 +17,11 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Self
 
 from pipeline.errors import ImagepipeError
+from pipeline.fsutil import private_dir
 from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
 from pipeline.run import Result, run
 
@@ -30,14 +29,6 @@ PERSIST = "30"          # seconds an orphaned master stays up with no client bef
 CONNECT_TIMEOUT = "20"
 # A unix socket path must fit in sun_path (108 bytes on Linux, 104 on macOS).
 MAX_SOCKET_PATH = 100
-
-
-def private_dir() -> Path:
-    """A new 0700 folder for the control socket (short path; no '%', which ssh would expand)."""
-    base = tempfile.gettempdir()
-    if len(base) > 60 or "%" in base or any(ch.isspace() for ch in base):
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="imagepipe-ssh-", dir=base))
 
 
 def connection_error(target: Target, stderr: str) -> ImagepipeError:

@@ -3,16 +3,21 @@ folder, and ssh with strict checking against that file only (~/.ssh/known_hosts 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
+import shlex
+import shutil
 import socket
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline import keys
 from pipeline.errors import UsageError, VerifyFailed
-from pipeline.fsutil import atomic_write
+from pipeline.fsutil import atomic_write, private_dir
 from pipeline.model import Accel, Config, Image
 from pipeline.run import interactive, run
 from pipeline.vm.state import (
@@ -73,47 +78,64 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
         time.sleep(interval)
 
 
-def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
-                    pid: int | None = None, interval: float = 0.5, patience: float = 1.0) -> None:
+def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float, pid: int | None = None,
+                    quick: float = 0.5, slow: float = 3.0, slow_after: float = 10.0, retry: float = 0.1,
+                    keep: bool = False) -> socket.socket | None:
     """Wait until the guest's sshd sends its banner (`SSH-...`) on 127.0.0.1:`port`, in-process.
 
-    QEMU's user network accepts a forwarded connection at once and then holds it while the
-    guest cannot answer yet (no address, no sshd); it completes a held connection only when it
-    next retries it, seconds after sshd is up. So a new connection is opened every `interval` s
-    and each one waits up to `patience` s for the banner (a slow guest still answers one); a
-    connection the guest closes (nothing listening yet) is dropped at once. At most
-    patience/interval + 1 are open at once: QEMU delivers every held connection, even one
-    closed here, when the guest comes up, and sshd refuses a client's connections beyond a few
-    unauthenticated ones (dropbear: 5), so the login that follows must not be one too many.
-    Measured on the demo guest: polling faster (0.1 s) let those late connections fill dropbear's
-    slots (the login refused in 2 of 4 boots) and made boot-to-SSH slower, not faster. VerifyFailed with the console tail on timeout
-    or when QEMU dies meanwhile."""
+    QEMU's user network accepts a forwarded connection at once and holds it while the guest
+    cannot answer (no address yet); it completes a held connection only when it next retries
+    it, and then every held one at once, and sshd accepts each of them. A connection the guest
+    closes (network up, sshd not listening yet) ends at once. So connections are tried one at a
+    time: each is given up after `quick` s of silence and the next starts `retry` s after, so
+    sshd is seen within about `quick` s of starting, and sshd gets no queue of held connections
+    when the guest comes up (measured on the demo guest: more, a new one every 0.5 s or every
+    0.1 s with two or three open, made boot-to-SSH slower and, without `keep`, had dropbear
+    refuse the login: 5 unauthenticated per client). After `slow_after` s one more, slow
+    connection runs beside them, given `slow` s: an sshd that is up but slow to send its banner
+    (OpenSSH starts a process per connection; under TCG that can take longer than `quick`)
+    is still waited for.
+
+    keep: the banner is only peeked at and the connection that brought it is returned, open, for
+    the login to use (`hand_over`): sshd accepts no further connection for it. VerifyFailed with
+    the console tail on timeout or when QEMU dies meanwhile."""
     end = time.monotonic() + deadline
     sel = selectors.DefaultSelector()
-    opened: dict[socket.socket, tuple[float, bytearray]] = {}
+    opened: dict[socket.socket, tuple[float, float, bytearray]] = {}  # since, patience, bytes so far
+    due = {quick: 0.0, slow: time.monotonic() + slow_after}  # when the next one of each kind may start
     try:
-        next_try = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_try:
-                if pid is not None and not alive(pid, state):
-                    raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
-                                       f"serial console: {state.console}")
-                if now >= end:
-                    raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n"
-                                       f"{tail_block(state)}", f"serial console: {state.console}")
-                _connect(sel, opened, port, now)
-                next_try = now + interval
-            for key, _events in sel.select(timeout=max(0.0, next_try - time.monotonic())):
+            if pid is not None and not alive(pid, state):
+                raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
+                                   f"serial console: {state.console}")
+            if now >= end:
+                raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n"
+                                   f"{tail_block(state)}", f"serial console: {state.console}")
+            running = {patience for _since, patience, _got in opened.values()}
+            for patience in (quick, slow):
+                if patience not in running and now >= due[patience]:
+                    _connect(sel, opened, port, now, patience)
+            wake = [since + patience for since, patience, _got in opened.values()]
+            wake += [t for p, t in due.items() if p not in running and t > now]
+            for key, _events in sel.select(timeout=max(0.0, min([*wake, end]) - time.monotonic())):
                 conn = key.fileobj
                 assert isinstance(conn, socket.socket)
-                answer = _banner(conn, opened[conn][1])
+                answer = _banner(conn, opened[conn][2], peek=keep)
                 if answer is True:
-                    return
+                    sel.unregister(conn)
+                    del opened[conn]
+                    if not keep:
+                        conn.close()
+                        return None
+                    conn.setblocking(True)
+                    return conn
                 if answer is False:
+                    due[opened[conn][1]] = time.monotonic() + retry
                     _close(sel, opened, conn)
-            for conn, (since, _got) in list(opened.items()):
-                if time.monotonic() - since > patience:
+            for conn, (since, patience, _got) in list(opened.items()):
+                if time.monotonic() - since >= patience:
+                    due[patience] = time.monotonic() + retry
                     _close(sel, opened, conn)
     finally:
         for conn in list(opened):
@@ -121,38 +143,45 @@ def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float,
         sel.close()
 
 
-def _connect(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, bytearray]], port: int,
-             now: float) -> None:
+def _connect(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, float, bytearray]], port: int,
+             now: float, patience: float) -> None:
     """Start one non-blocking connection to the forwarded port (watched for its first bytes)."""
     conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     conn.setblocking(False)
     conn.connect_ex(("127.0.0.1", port))  # in progress, refused or done: the selector tells
     sel.register(conn, selectors.EVENT_READ)
-    opened[conn] = (now, bytearray())
+    opened[conn] = (now, patience, bytearray())
 
 
-def _banner(conn: socket.socket, got: bytearray) -> bool | None:
+def _close(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, float, bytearray]],
+           conn: socket.socket) -> None:
+    sel.unregister(conn)
+    opened.pop(conn, None)
+    conn.close()
+
+
+def _banner(conn: socket.socket, got: bytearray, peek: bool = False) -> bool | None:
     """True: an SSH banner arrived; False: this connection is over (closed, refused, not SSH);
-    None: not enough bytes yet (`got` keeps what came so far)."""
+    None: not enough bytes yet (`got` keeps what came so far). peek: the bytes stay in the
+    socket for the ssh that logs in over it."""
     try:
-        data = conn.recv(256)
+        data = conn.recv(256, socket.MSG_PEEK if peek else 0)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
         return False
     if not data:
         return False
-    got += data
+    if peek:
+        got[:] = data
+        if len(data) < 4 and b"SSH-".startswith(data):
+            time.sleep(0.01)  # peeked bytes stay readable: wait for the rest without spinning
+            return None
+    else:
+        got += data
     if len(got) < 4:
         return None
     return got.startswith(b"SSH-")
-
-
-def _close(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, bytearray]],
-           conn: socket.socket) -> None:
-    sel.unregister(conn)
-    opened.pop(conn, None)
-    conn.close()
 
 
 def tail_block(state: StatePaths) -> str:
@@ -169,7 +198,8 @@ def pin_host_keys(state: StatePaths, found: Sequence[str]) -> None:
 
 
 def ssh_argv(image: str, state: StatePaths, key: Path, user: str, port: int,
-             command: Sequence[str] = (), *, batch: bool = False, first_contact: bool = False) -> list[str]:
+             command: Sequence[str] = (), *, batch: bool = False, first_contact: bool = False,
+             extra: Sequence[str] = ()) -> list[str]:
     """ssh with this VM's own known_hosts, strict checking and only the given key (pure).
     `first_contact` (nothing pinned for this boot yet): ssh pins the key the guest presents
     into that file (accept-new), and checks strictly against it from then on."""
@@ -186,7 +216,7 @@ def ssh_argv(image: str, state: StatePaths, key: Path, user: str, port: int,
     ]
     if batch:
         argv += ["-o", "BatchMode=yes"]
-    return argv + [f"{user}@127.0.0.1", *command]
+    return argv + [*extra, f"{user}@127.0.0.1", *command]
 
 
 def login_key(cfg: Config) -> Path:
@@ -204,19 +234,66 @@ def ensure_reachable(image: Image, state: StatePaths, deadline: float | None = N
     return st.ssh_port
 
 
+# ssh's ProxyCommand under ProxyUseFdpass: fetch the open connection from `hand_over`'s socket
+# (argv[1]) and pass it on to ssh over stdout, ssh's end of a socket pair. One line: ssh takes
+# the option's value up to the end of the line.
+RECEIVE_FD = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+              "fds=socket.recv_fds(s,1,1)[1];socket.send_fds(socket.socket(fileno=1),[bytes(1)],fds)")
+
+
+@contextlib.contextmanager
+def hand_over(conn: socket.socket) -> Iterator[list[str]]:
+    """ssh options that make ssh log in over `conn`, the connection that brought sshd's banner
+    (still unread): its ProxyCommand fetches it from a unix socket in a new 0700 folder, served
+    once by a thread here. sshd then accepts no second connection for the login (under TCG a
+    new one costs the guest a fork and a banner, behind whatever else QEMU delivers then)."""
+    folder = private_dir()
+    path = folder / "fd"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(path))
+    listener.listen(1)
+    listener.settimeout(60)
+
+    def serve() -> None:
+        try:
+            peer, _ = listener.accept()
+            with peer:
+                socket.send_fds(peer, [bytes(1)], [conn.fileno()])
+        except OSError:
+            pass  # ssh never asked (it failed first): it says why itself
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, name="ssh-hand-over", daemon=True)
+    thread.start()
+    command = shlex.join([sys.executable, "-I", "-S", "-c", RECEIVE_FD, os.fspath(path)]).replace("%", "%%")
+    try:
+        yield ["-o", "ProxyUseFdpass=yes", "-o", f"ProxyCommand={command}"]
+    finally:
+        listener.close()  # wakes a serve() still waiting in accept
+        thread.join(timeout=5)
+        conn.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: float | None = None) -> int:
-    """`invoke ssh`: wait for sshd's banner, then ssh attached to this terminal; returns ssh's
-    exit code. On the first contact with this boot (nothing pinned yet) that ssh pins the
-    guest's key itself (the same trust-on-first-use as a keyscan, without a second key
-    exchange: under TCG each one costs the guest about half a second)."""
+    """`invoke ssh`: wait for sshd's banner, then ssh attached to this terminal, over the
+    connection that brought the banner; returns ssh's exit code. On the first contact with this
+    boot (nothing pinned yet) that ssh pins the guest's key itself (the same trust-on-first-use
+    as a keyscan, without a second key exchange: under TCG each one costs the guest about half a
+    second)."""
     state = state_paths(cfg.output_dir, image.name)
     st = read_status(image.name, state)
     if st.state != "running" or st.ssh_port is None:
         raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
     wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), 120.0)
     key = login_key(cfg)
-    wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
-    first = not read_value(state.known_hosts)
-    if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):
-        atomic_write(state.known_hosts, "")  # ssh appends the key here: a real file, never a link's target
-    return interactive(ssh_argv(image.name, state, key, image.ssh_user, st.ssh_port, command, first_contact=first))
+    conn = wait_for_banner(image.name, state, st.ssh_port, wait, st.pid, keep=True)
+    assert conn is not None
+    with hand_over(conn) as via:
+        first = not read_value(state.known_hosts)
+        if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):
+            atomic_write(state.known_hosts, "")  # ssh appends the key here: a real file, never a link's target
+        # ssh runs ProxyCommand with $SHELL: the POSIX shell, whatever the user's login shell is
+        return interactive(ssh_argv(image.name, state, key, image.ssh_user, st.ssh_port, command,
+                                    first_contact=first, extra=via), env={"SHELL": "/bin/sh"})

@@ -292,7 +292,7 @@ def kvm_open_here() -> str:
 
 def in_process_runner(argv: Sequence[str]) -> Result:
     """local_runner, with the local probe's fixed questions (uname, /proc/cpuinfo, can /dev/kvm
-    be opened, free disk, nix's machines files) answered here: the same text the command would print, the same
+    be opened, free disk, nix's machines files, the package manager) answered here: the same text the command would print, the same
     parsers read it, and no process is started (each one costs 50-100 ms on a busy host)."""
     args = tuple(argv)
     if args == ("uname", "-sm"):
@@ -305,6 +305,9 @@ def in_process_runner(argv: Sequence[str]) -> Result:
             return Result(args, 1, "", f"cat: {args[-1]}: {exc.strerror or exc}")
     if len(args) == 3 and args[1:] == ("-c", KVM_SNIPPET):
         return Result(args, 0, kvm_open_here())
+    if args == MANAGER_ARGV:  # `command -v` prints the path of each one found
+        found = [path for path in map(shutil.which, MANAGER_ARGV[2].split()[2:]) if path]
+        return Result(args, 0 if found else 1, "".join(f"{path}\n" for path in found))
     if len(args) == 3 and args[:2] == ("df", "-Pk"):
         try:
             st = os.statvfs(args[2])

@@ -42,3 +42,18 @@ def test_a_missing_file_fails_like_cat_and_other_commands_still_run(tmp_path):
     assert not mine.ok and not real.ok
     res = host.in_process_runner(("true",))
     assert res.ok  # anything else goes to the real command
+
+
+def test_package_manager_is_found_as_the_shell_finds_it(tmp_path, monkeypatch):
+    mine, real = _both(host.MANAGER_ARGV)
+    assert host.parse_package_manager("linux", mine.stdout) == host.parse_package_manager("linux", real.stdout)
+    for name in ("dnf", "nix-env"):  # two of them on a PATH of our own
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    mine = host.in_process_runner(host.MANAGER_ARGV)
+    # every one found, in the order asked (bash's `command -v`; dash's reads only its first name)
+    assert mine.ok and mine.stdout == f"{tmp_path}/dnf\n{tmp_path}/nix-env\n"
+    assert host.parse_package_manager("linux", mine.stdout) == "dnf"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert not host.in_process_runner(host.MANAGER_ARGV).ok

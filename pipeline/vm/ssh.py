@@ -270,7 +270,9 @@ def hand_over(conn: socket.socket) -> Iterator[list[str]]:
     try:
         yield ["-o", "ProxyUseFdpass=yes", "-o", f"ProxyCommand={command}"]
     finally:
-        listener.close()  # wakes a serve() still waiting in accept
+        with contextlib.suppress(OSError):  # wakes a serve() still waiting in accept (close alone does not)
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
         thread.join(timeout=5)
         conn.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -54,6 +54,8 @@ def test_a_connection_ssh_never_asks_for_is_closed(tmp_path: Path) -> None:
         with hand_over(conn) as via:
             folder = Path(via[3].split()[-1].strip("'")).parent
             assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
+            left = time.monotonic()
+        assert time.monotonic() - left < 2  # the serving thread is woken, not waited out
         assert conn.fileno() == -1 and not folder.exists()
     finally:
         host.stop()

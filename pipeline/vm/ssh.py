@@ -79,9 +79,11 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
 
 
 def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float, pid: int | None = None,
-                    quick: float = 0.5, slow: float = 3.0, slow_after: float = 10.0, retry: float = 0.1,
-                    keep: bool = False) -> socket.socket | None:
-    """Wait until the guest's sshd sends its banner (`SSH-...`) on 127.0.0.1:`port`, in-process.
+                    quick: float = 0.5, slow: float = 3.0, slow_after: float = 10.0,
+                    retry: float = 0.1) -> socket.socket:
+    """Wait until the guest's sshd sends its banner (`SSH-...`) on 127.0.0.1:`port`, in-process;
+    returns the connection that brought it, open, the banner still unread (only peeked at), for
+    the login to use (`hand_over`): sshd accepts no further connection for it.
 
     QEMU's user network accepts a forwarded connection at once and holds it while the guest
     cannot answer (no address yet); it completes a held connection only when it next retries
@@ -90,19 +92,17 @@ def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float, p
     time: each is given up after `quick` s of silence and the next starts `retry` s after, so
     sshd is seen within about `quick` s of starting, and sshd gets no queue of held connections
     when the guest comes up (measured on the demo guest: more, a new one every 0.5 s or every
-    0.1 s with two or three open, made boot-to-SSH slower and, without `keep`, had dropbear
-    refuse the login: 5 unauthenticated per client). After `slow_after` s one more, slow
+    0.1 s with two or three open, made boot-to-SSH slower and had dropbear refuse a login on a
+    new connection: 5 unauthenticated per client). After `slow_after` s one more, slow
     connection runs beside them, given `slow` s: an sshd that is up but slow to send its banner
     (OpenSSH starts a process per connection; under TCG that can take longer than `quick`)
-    is still waited for.
-
-    keep: the banner is only peeked at and the connection that brought it is returned, open, for
-    the login to use (`hand_over`): sshd accepts no further connection for it. VerifyFailed with
-    the console tail on timeout or when QEMU dies meanwhile."""
+    is still waited for. VerifyFailed with the console tail on timeout or when QEMU dies
+    meanwhile."""
     end = time.monotonic() + deadline
+    patience = {"quick": quick, "slow": slow}
+    due = {"quick": 0.0, "slow": time.monotonic() + slow_after}  # when the next one of each kind may start
     sel = selectors.DefaultSelector()
-    opened: dict[socket.socket, tuple[float, float, bytearray]] = {}  # since, patience, bytes so far
-    due = {quick: 0.0, slow: time.monotonic() + slow_after}  # when the next one of each kind may start
+    opened: dict[socket.socket, tuple[str, float]] = {}  # kind, since
     try:
         while True:
             now = time.monotonic()
@@ -112,76 +112,65 @@ def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float, p
             if now >= end:
                 raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n"
                                    f"{tail_block(state)}", f"serial console: {state.console}")
-            running = {patience for _since, patience, _got in opened.values()}
-            for patience in (quick, slow):
-                if patience not in running and now >= due[patience]:
-                    _connect(sel, opened, port, now, patience)
-            wake = [since + patience for since, patience, _got in opened.values()]
-            wake += [t for p, t in due.items() if p not in running and t > now]
+            running = {kind for kind, _since in opened.values()}
+            for kind in patience:
+                if kind not in running and now >= due[kind]:
+                    opened[_connect(sel, port)] = (kind, now)
+            wake = [since + patience[kind] for kind, since in opened.values()]
+            wake += [t for kind, t in due.items() if kind not in running and t > now]
             for key, _events in sel.select(timeout=max(0.0, min([*wake, end]) - time.monotonic())):
                 conn = key.fileobj
                 assert isinstance(conn, socket.socket)
-                answer = _banner(conn, opened[conn][2], peek=keep)
+                answer = _banner(conn)
                 if answer is True:
                     sel.unregister(conn)
                     del opened[conn]
-                    if not keep:
-                        conn.close()
-                        return None
                     conn.setblocking(True)
                     return conn
                 if answer is False:
-                    due[opened[conn][1]] = time.monotonic() + retry
-                    _close(sel, opened, conn)
-            for conn, (since, patience, _got) in list(opened.items()):
-                if time.monotonic() - since >= patience:
-                    due[patience] = time.monotonic() + retry
-                    _close(sel, opened, conn)
+                    due[opened.pop(conn)[0]] = time.monotonic() + retry
+                    sel.unregister(conn)
+                    conn.close()
+            for conn, (kind, since) in list(opened.items()):
+                if time.monotonic() - since >= patience[kind]:
+                    due[kind] = time.monotonic() + retry
+                    del opened[conn]
+                    sel.unregister(conn)
+                    conn.close()
     finally:
-        for conn in list(opened):
-            _close(sel, opened, conn)
+        for conn in opened:
+            sel.unregister(conn)
+            conn.close()
         sel.close()
 
 
-def _connect(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, float, bytearray]], port: int,
-             now: float, patience: float) -> None:
+def _connect(sel: selectors.BaseSelector, port: int) -> socket.socket:
     """Start one non-blocking connection to the forwarded port (watched for its first bytes)."""
     conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     conn.setblocking(False)
     conn.connect_ex(("127.0.0.1", port))  # in progress, refused or done: the selector tells
     sel.register(conn, selectors.EVENT_READ)
-    opened[conn] = (now, patience, bytearray())
+    return conn
 
 
-def _close(sel: selectors.BaseSelector, opened: dict[socket.socket, tuple[float, float, bytearray]],
-           conn: socket.socket) -> None:
-    sel.unregister(conn)
-    opened.pop(conn, None)
-    conn.close()
-
-
-def _banner(conn: socket.socket, got: bytearray, peek: bool = False) -> bool | None:
+def _banner(conn: socket.socket) -> bool | None:
     """True: an SSH banner arrived; False: this connection is over (closed, refused, not SSH);
-    None: not enough bytes yet (`got` keeps what came so far). peek: the bytes stay in the
-    socket for the ssh that logs in over it."""
+    None: not enough bytes yet. The bytes are only peeked at: they stay in the socket for the ssh
+    that logs in over it."""
     try:
-        data = conn.recv(256, socket.MSG_PEEK if peek else 0)
+        data = conn.recv(256, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
         return False
     if not data:
         return False
-    if peek:
-        got[:] = data
-        if len(data) < 4 and b"SSH-".startswith(data):
-            time.sleep(0.01)  # peeked bytes stay readable: wait for the rest without spinning
-            return None
-    else:
-        got += data
-    if len(got) < 4:
+    if len(data) < 4:
+        if not b"SSH-".startswith(data):
+            return False
+        time.sleep(0.01)  # peeked bytes stay readable: wait for the rest without spinning
         return None
-    return got.startswith(b"SSH-")
+    return data.startswith(b"SSH-")
 
 
 def tail_block(state: StatePaths) -> str:
@@ -290,8 +279,7 @@ def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: flo
         raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
     wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), 120.0)
     key = login_key(cfg)
-    conn = wait_for_banner(image.name, state, st.ssh_port, wait, st.pid, keep=True)
-    assert conn is not None
+    conn = wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
     with hand_over(conn) as via:
         first = not read_value(state.known_hosts)
         if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):

@@ -25,12 +25,12 @@ def test_the_login_rides_the_banner_connection(tmp_path: Path) -> None:
         state = state_paths(tmp_path / "out", "demo")
         time.sleep(0.3)  # the start-up check's connection is logged by now
         before = accepted(host)
-        wait_for_banner("demo", state, host.port, deadline=20)  # what the wait alone costs sshd
+        wait_for_banner("demo", state, host.port, deadline=20).close()  # what the wait alone costs sshd
         time.sleep(0.3)
         waiting = accepted(host) - before
         assert waiting >= 1
         before = accepted(host)
-        conn = wait_for_banner("demo", state, host.port, deadline=20, keep=True)
+        conn = wait_for_banner("demo", state, host.port, deadline=20)
         assert conn is not None
         with hand_over(conn) as via:
             assert via[:2] == ["-o", "ProxyUseFdpass=yes"]
@@ -49,7 +49,7 @@ def test_the_login_rides_the_banner_connection(tmp_path: Path) -> None:
 def test_a_connection_ssh_never_asks_for_is_closed(tmp_path: Path) -> None:
     host = SshHost(tmp_path / "sshd").start()
     try:
-        conn = wait_for_banner("demo", state_paths(tmp_path / "out", "demo"), host.port, deadline=20, keep=True)
+        conn = wait_for_banner("demo", state_paths(tmp_path / "out", "demo"), host.port, deadline=20)
         assert conn is not None
         with hand_over(conn) as via:
             folder = Path(via[3].split()[-1].strip("'")).parent

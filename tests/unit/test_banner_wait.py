@@ -89,7 +89,7 @@ def test_held_connections_stay_few_and_the_banner_is_found(tmp_path):
     guest = Guest(lambda t: "hold" if t < 1.5 else "banner")
     with guest.running():
         start = time.monotonic()
-        wait_for_banner("demo", state, guest.port, deadline=20)
+        wait_for_banner("demo", state, guest.port, deadline=20).close()
         took = time.monotonic() - start
     assert guest.most_open == 1  # one at a time (the slow one joins after 10 s): held ones reach sshd later
     assert 1.4 < took < 5
@@ -99,7 +99,7 @@ def test_a_guest_that_closes_at_once_is_tried_again(tmp_path):
     state = state_paths(tmp_path, "demo")
     guest = Guest(lambda t: "close" if t < 1.2 else "banner")
     with guest.running():
-        wait_for_banner("demo", state, guest.port, deadline=20)
+        wait_for_banner("demo", state, guest.port, deadline=20).close()
     # closed by the guest: the next try follows 0.1 s later (a slow machine makes fewer)
     assert guest.accepted >= 5 and guest.most_open == 1
 
@@ -117,7 +117,7 @@ def test_a_slow_sshd_is_waited_for(tmp_path):
     guest = Guest(lambda _t: "slow")  # every banner comes after 1 s: the quick tries give up first
     with guest.running():
         start = time.monotonic()
-        conn = wait_for_banner("demo", state, guest.port, deadline=20, keep=True, slow_after=1.0)
+        conn = wait_for_banner("demo", state, guest.port, deadline=20, slow_after=1.0)
         took = time.monotonic() - start
     assert conn is not None and conn.recv(64, socket.MSG_PEEK).startswith(b"SSH-2.0-slow")  # still unread
     conn.close()

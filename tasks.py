@@ -1,5 +1,6 @@
 """imagepipe's Invoke entry point: wiring only. The tasks live in pipeline/tasks/."""
 
+import atexit
 import gc
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from pipeline.tasks.common import guard_invoke_config
 guard_invoke_config()  # before Invoke reads invoke.yaml: a YAML error is one line, not a traceback
 ns = collection()
 ns.configure({"project_root": str(Path(__file__).resolve().parent)})
-# What is loaded by now lives until the process ends: keep the collector (and the final
-# collections at exit, ~40 ms) from walking it again. Tasks freeze what they load in turn.
+# What is loaded by now lives until the process ends: keep the collector from walking it again,
+# and at exit (before the interpreter's final collections, ~40 ms) freeze what the task loaded.
 gc.freeze()
+atexit.register(gc.freeze)

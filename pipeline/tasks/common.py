@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import inspect
 import os
 import sys
@@ -64,8 +63,6 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - the one place where anything else becomes one line
             err = _as_user_error(exc, args, fn.__name__)
             raise Exit(f"error: {visible_lines(err.render())}", code=err.exit_code) from None
-        finally:
-            gc.freeze()  # the process ends next: its exit need not walk everything the task loaded
 
     return wrapper
 

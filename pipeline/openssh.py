@@ -10,14 +10,26 @@ Host keys are checked by OpenSSH against the ssh_config's known_hosts with
 StrictHostKeyChecking=yes (or accept-new when the user asked to trust a new key; a changed
 key is refused either way), BatchMode never prompts, and remote commands are argv lists
 joined with `shlex.join` at the last moment.
+
+Cipher: OpenSSH's default order puts chacha20-poly1305 first. On a CPU with AES instructions,
+AES-GCM moves the same bytes for much less CPU (a 1 GiB loopback rsync: 3.3 s instead of 5.3 s
+here), and an image fetch is bulk data. So when the ssh config in use leaves `Ciphers` at
+OpenSSH's default (the same list `ssh -G` gives with no config at all) and this CPU has AES
+instructions, the master offers the same ciphers with AES-GCM first. A `Ciphers` line the user
+or the system (crypto policies, FIPS) wrote is left alone, and the server still picks from our
+list, so nothing is offered that the default did not offer.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import shlex
 import shutil
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Self
 
 from pipeline.errors import ImagepipeError
@@ -29,6 +41,64 @@ PERSIST = "30"          # seconds an orphaned master stays up with no client bef
 CONNECT_TIMEOUT = "20"
 # A unix socket path must fit in sun_path (108 bytes on Linux, 104 on macOS).
 MAX_SOCKET_PATH = 100
+
+
+AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def cpu_has_aes(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when this CPU has AES instructions (x86 `aes` flag, arm64 `aes` feature; every Mac
+    that runs a current macOS has them)."""
+    if platform.system() == "Darwin":
+        return True
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.split(":", 1)[0].strip() in ("flags", "Features") and "aes" in line.split(":", 1)[1].split()
+               for line in text.splitlines() if ":" in line)
+
+
+def _ssh_g_ciphers(*argvs: list[str]) -> list[list[str] | None]:
+    """The `ciphers` line of each `ssh -G` argv (None where ssh could not say), run side by side."""
+    procs: list[subprocess.Popen[str] | None] = []
+    for argv in argvs:
+        try:
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True))
+        except OSError:
+            procs.append(None)
+    found: list[list[str] | None] = []
+    for proc in procs:
+        value = None
+        if proc is not None:
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out = ""
+                proc.wait()
+            for line in out.splitlines() if proc.returncode == 0 else ():
+                key, _, rest = line.partition(" ")
+                if key == "ciphers":
+                    value = rest.strip().split(",")
+        found.append(value)
+    return found
+
+
+def cipher_options(target: Target, has_aes: bool | None = None) -> list[str]:
+    """`-o Ciphers=…` with AES-GCM first, or [] (see the module docstring for when)."""
+    if not (cpu_has_aes() if has_aes is None else has_aes):
+        return []
+    config = ["-F", str(target.ssh_config)] if target.ssh_config is not None else []
+    used, default = _ssh_g_ciphers(["ssh", *config, "-G", "--", target.host],
+                                   ["ssh", "-F", os.devnull, "-G", "--", target.host])
+    if used is None or used != default:
+        return []
+    first = [c for c in AES_GCM if c in used]
+    if not first:
+        return []
+    return ["-o", "Ciphers=" + ",".join(first + [c for c in used if c not in first])]
 
 
 def connection_error(target: Target, stderr: str) -> ImagepipeError:
@@ -61,6 +131,7 @@ class Connection:
         self.timeout = timeout
         self.dir = private_dir()
         self.socket = self.dir / "cm"
+        self._ciphers: list[str] | None = None
         if len(str(self.socket)) > MAX_SOCKET_PATH:  # pragma: no cover - /tmp is short
             raise ImagepipeError(f"temporary folder path too long for an ssh control socket: {self.dir}")
 
@@ -75,7 +146,10 @@ class Connection:
         checking = "accept-new" if self.accept_new else "yes"
         ssh = self._base("-o", f"StrictHostKeyChecking={checking}", "-o", "ControlMaster=auto",
                          "-o", f"ControlPersist={PERSIST}", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}")
-        res = run([*ssh, "--", self.target.host, shlex.join(argv)], check=False, timeout=self.timeout)
+        if self._ciphers is None:  # only the command that opens the master needs it
+            self._ciphers = [] if self.socket.exists() else cipher_options(self.target)
+        res = run([*ssh, *self._ciphers, "--", self.target.host, shlex.join(argv)], check=False,
+                  timeout=self.timeout)
         if res.returncode == 255:
             raise connection_error(self.target, res.stderr)
         return res

@@ -16,8 +16,10 @@ Usage: python3 bench/fetch.py [ROUNDS] [--json]
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,13 @@ from pipeline import rsync
 from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 LO = Path("/sys/class/net/lo/statistics")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu() -> float:
+    """CPU-seconds every core has spent busy so far (both ends of the loopback run here)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK  # all but idle and iowait
 
 
 def lo_bytes() -> int:
@@ -96,7 +105,23 @@ def bench_kind(work: Path, ssh_config: Path, kind: str, make: Callable[[Path], P
             subprocess.run([*sha, str(raw_dir / remote_file.name)], check=True, stdout=subprocess.DEVNULL)
         return time.perf_counter() - start
 
-    t = alternate(rounds, {"ours": ours, "rsync": raw, "rsync+sha": lambda: raw(True)}, f"{kind} ")
+    cpu: dict[str, list[float]] = {}
+
+    def with_cpu(name: str, side: Callable[[], float]) -> Callable[[], float]:
+        def run() -> float:
+            before = busy_cpu()
+            took = side()
+            cpu.setdefault(name, []).append(busy_cpu() - before)
+            return took
+        return run
+
+    t = alternate(rounds, {"ours": with_cpu("ours", ours), "rsync": with_cpu("rsync", raw),
+                           "rsync+sha": with_cpu("rsync+sha", lambda: raw(True))}, f"{kind} ")
+    med = {n: statistics.median(v) for n, v in cpu.items()}
+    cores = os.cpu_count() or 1
+    say(f"{kind} CPU-seconds, whole machine, median: " + ", ".join(f"{n} {v:.2f}" for n, v in med.items())
+        + f"; with {cores} cores ours cannot take less than {med['ours'] / cores:.2f} s, "
+        f"{statistics.median(t['rsync']) / (med['ours'] / cores):.2f}x rsync's median time at best")
     gib = f"{size / 2**30:.2f} GiB {kind}"
     figures = [figure(f"fetch {gib} vs rsync", t["ours"], t["rsync"], ratio_of="raw/ours", op=">=", limit=0.95),
                figure(f"fetch {gib} vs rsync+sha256", t["ours"], t["rsync+sha"], ratio_of="raw/ours",

@@ -207,9 +207,13 @@ def _kill_from_pidfile(state: StatePaths) -> None:
 # ----------------------------------------------------------------------------------- stop
 
 
+PRESS_EVERY = 5.0  # seconds between presses of the ACPI power button while `stop` waits
+
+
 def stop(image: str, state: StatePaths, *, force: bool = False, grace: float = 60.0,
          say: Callable[[str], None] = print) -> str:
-    """Power the VM off: ACPI power button over QMP, wait `grace` s, then `quit`; --force: quit now.
+    """Power the VM off: ACPI power button over QMP (again every PRESS_EVERY s), wait `grace` s,
+    then `quit`; --force: quit now.
 
     Ctrl-C while waiting ends the VM at once (quit, then SIGKILL), so it is never left half-stopped.
     Returns a one-line description of what happened.
@@ -232,7 +236,8 @@ def stop(image: str, state: StatePaths, *, force: bool = False, grace: float = 6
 
 
 def _graceful_stop(pid: int, state: StatePaths, grace: float, say: Callable[[str], None]) -> str:
-    """ACPI power button, then quit after `grace` seconds; returns what happened."""
+    """ACPI power button (pressed again while waiting), then quit after `grace` seconds; returns
+    what happened."""
     try:
         with Qmp(state.qmp) as qmp:
             qmp.execute("system_powerdown")
@@ -241,10 +246,16 @@ def _graceful_stop(pid: int, state: StatePaths, grace: float, say: Callable[[str
         _hard_stop(pid, state)
         return "stopped (QMP unavailable)"
     say(f"sent the ACPI power button; waiting up to {grace:.0f}s for the guest to power off")
-    if wait_gone(pid, state, grace):
-        return "powered off"
-    _hard_stop(pid, state)
-    return f"did not power off within {grace:.0f}s: stopped with quit"
+    deadline = time.monotonic() + grace
+    while not wait_gone(pid, state, min(PRESS_EVERY, max(deadline - time.monotonic(), 0.0))):
+        if time.monotonic() >= deadline:
+            _hard_stop(pid, state)
+            return f"did not power off within {grace:.0f}s: stopped with quit"
+        # A guest still in its firmware, boot loader or initrd drops the press (nothing handles
+        # it yet): press again, so one that finishes booting powers off then, not at the deadline.
+        with contextlib.suppress(QmpError, OSError, EOFError), Qmp(state.qmp, timeout=5) as qmp:
+            qmp.execute("system_powerdown")
+    return "powered off"
 
 
 def _hard_stop(pid: int, state: StatePaths) -> None:

@@ -164,6 +164,20 @@ def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
     assert qemu_gone(pid) and not state.pid.exists()
 
 
+def test_stop_right_after_run_powers_off_once_the_guest_has_booted(demo):
+    """`stop` straight after `run`: the guest is still in its firmware or kernel and drops the ACPI
+    press; pressed again while waiting, it powers off once booted instead of being quit at the
+    deadline."""
+    cfg, out = demo
+    assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
+    pid = int(vmstate.state_paths(out, DEMO).pid.read_text())
+    started = time.monotonic()
+    res = invoke(["stop", DEMO, "--timeout", "50"], cfg, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "powered off" in res.stderr and "stopped with quit" not in res.stderr, res.stderr
+    assert qemu_gone(pid) and time.monotonic() - started < 50
+
+
 def test_foreground_console(demo):
     """--foreground: the serial console on our stdio (logged too); status sees the VM meanwhile;
     `poweroff` typed on the console ends QEMU and the task."""

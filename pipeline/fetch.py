@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFail
 from pipeline.fsutil import ensure_dir
 from pipeline.host import Runner
 from pipeline.model import Config, Image
+from pipeline.progress import TRANSFER_EVERY, transfer_text
 from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
 from pipeline.run import run, stream
 from pipeline.text import visible
@@ -170,7 +172,10 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
         stage = ensure_dir(image_dir / ".staging" / f"fetch-{build_id}", image_dir)  # never through a link
         remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
         started = time.monotonic()
-        got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
+        sizes = {a["file"]: a["size"] for a in artifacts.image_files(manifest)}
+        label = f"{target.prefix}{image.name}: "
+        with _progress(stage, sizes, lambda line: say(label + line)):
+            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
         try:
             how = _verify(stage, image, manifest, sums, got.digests)
         except VerifyFailed:
@@ -178,7 +183,8 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
             say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
             for name in sums:
                 (stage / name).unlink(missing_ok=True)
-            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
+            with _progress(stage, sizes, lambda line: say(label + line)):
+                got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
             try:
                 how = _verify(stage, image, manifest, sums, got.digests)
             except VerifyFailed as exc:
@@ -194,6 +200,36 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
     say(f"{target.prefix}{image.name}: published {image_dir / distros.artifact_name(image)} (built on {target.name})")
     distros.profile(image).fetched(cfg.root, image, final, lambda line: say(f"{target.prefix}{image.name}: {line}"))
     return FetchResult(image.name, build_id, False, stats, final)
+
+
+@contextlib.contextmanager
+def _progress(stage: Path, sizes: Mapping[str, int], say: Callable[[str], None],
+              every: float = TRANSFER_EVERY) -> Iterator[None]:
+    """While the block runs, one line every `every` seconds: how much of the image files (`sizes`:
+    name → bytes, from the manifest) is in `stage`, the rate and the ETA. Nothing for a transfer
+    shorter than `every`."""
+    stop = threading.Event()
+    total = sum(sizes.values())
+    name = next(iter(sizes)) if len(sizes) == 1 else f"{len(sizes)} image files"
+
+    def received() -> int:
+        return sum(min(_size(stage / n), size) for n, size in sizes.items())
+
+    first, start = received(), time.monotonic()
+
+    def report() -> None:
+        while not stop.wait(every):
+            done = received()
+            rate = (done - first) / max(time.monotonic() - start, 1e-3)
+            say(transfer_text(name, done, total, rate, resumed_at=first))
+
+    thread = threading.Thread(target=report, name="fetch progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass(frozen=True)

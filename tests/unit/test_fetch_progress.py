@@ -22,14 +22,13 @@ def wait_for(lines: list[str], text: str, timeout: float = 10.0) -> str:
 def test_lines_follow_the_file_as_it_grows(tmp_path):
     lines: list[str] = []
     image = tmp_path / "demo.qcow2"
-    with fetch._progress(tmp_path, {"demo.qcow2": 10 * MIB}, lines.append, every=0.05):
-        with open(image, "wb") as f:
-            f.write(bytes(int(2.5 * MIB)))
-            f.flush()
-            first = wait_for(lines, "(25%)")
-            f.write(bytes(int(3.5 * MIB)))
-            f.flush()
-            later = wait_for(lines, "(60%)")
+    with fetch._progress(tmp_path, {"demo.qcow2": 10 * MIB}, lines.append, every=0.05), open(image, "wb") as f:
+        f.write(bytes(int(2.5 * MIB)))
+        f.flush()
+        first = wait_for(lines, "(25%)")
+        f.write(bytes(int(3.5 * MIB)))
+        f.flush()
+        later = wait_for(lines, "(60%)")
     assert first.startswith("downloading demo.qcow2: 2.5 of 10.0 MiB (25%)"), first
     assert later.startswith("downloading demo.qcow2: 6.0 of 10.0 MiB (60%)") and "MiB/s" in later, later
     assert "resumed" not in later

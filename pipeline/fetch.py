@@ -147,8 +147,8 @@ class Link:
 def link_to(conn: Any | None, target: Target, accept_new_host_key: bool = False) -> Iterator[Link]:
     """Through an open Fabric connection when the caller has one (a remote build just ran on
     it), else through one OpenSSH connection shared by the manifest read and rsync."""
-    if conn is not None:
-        yield Link(runner_for(conn))
+    if conn is not None:  # rsync opens its own ssh then: it gets the same cipher preference
+        yield Link(runner_for(conn), tuple(openssh.cipher_options(target)))
         return
     with openssh.Connection(target, accept_new_host_key=accept_new_host_key) as ssh:
         yield Link(ssh.run, tuple(ssh.rsync_ssh_options()))

@@ -1,4 +1,5 @@
-"""The fetch's OpenSSH master offers AES-GCM first on an AES CPU, unless the ssh config chose
+"""The fetch's OpenSSH (its master, or rsync's own ssh beside a Fabric connection) offers AES-GCM first
+on an AES CPU, unless the ssh config chose
 its own ciphers: checked against a real sshd, which logs the cipher it agreed on."""
 
 from __future__ import annotations
@@ -58,6 +59,25 @@ def test_cipher_options_keep_the_default_set_and_only_reorder(sshd):
     default = openssh._ssh_g_ciphers(["ssh", "-F", "/dev/null", "-G", "hal9000"])[0]
     assert default is not None
     assert sorted(opts[1].removeprefix("Ciphers=").split(",")) == sorted(default)
+
+
+def test_rsync_beside_a_fabric_connection_gets_the_same_preference(sshd, tmp_path):
+    """`rebuild --remote` reads the manifest over its Fabric connection and rsync opens its own
+    ssh: that ssh offers AES-GCM first too."""
+    from pipeline import fetch, rsync
+    from pipeline.run import run
+
+    host, base, known = sshd
+    config = host.client_config(base / "rsync_config", known)
+    target = Target("hal9000", "hal9000", "b", ssh_config=config)
+    src = tmp_path / "file"
+    src.write_bytes(b"x" * 4096)
+    before = host.log.read_text()
+    with fetch.link_to(object(), target) as link:  # a Fabric connection: only its runner would use it
+        run(rsync.pull_argv("hal9000", [str(src)], tmp_path / "got", config, resume=False, ssh_extra=link.rsync_ssh))
+    assert (tmp_path / "got" / "file").read_bytes() == src.read_bytes()
+    found = re.findall(r"kex: client->server cipher: (\S+)", host.log.read_text()[len(before):])
+    assert found == ["aes128-gcm@openssh.com" if openssh.cpu_has_aes() else "chacha20-poly1305@openssh.com"]
 
 
 def test_cpu_has_aes_reads_x86_flags_and_arm64_features(tmp_path):

@@ -1,6 +1,6 @@
-"""The fetch's OpenSSH (its master, or rsync's own ssh beside a Fabric connection) offers AES-GCM first
-on an AES CPU, unless the ssh config chose
-its own ciphers: checked against a real sshd, which logs the cipher it agreed on."""
+"""The fetch's OpenSSH (its master, or rsync's own ssh beside a Fabric connection) offers AES-GCM
+first on an AES CPU, unless the ssh config chose its own ciphers: checked against a real sshd,
+which logs the cipher it agreed on."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ Cipher: OpenSSH's default order puts chacha20-poly1305 first. On a CPU with AES 
 AES-GCM moves the same bytes for much less CPU (a 1 GiB loopback rsync: 3.3 s instead of 5.3 s
 here), and an image fetch is bulk data. So when the ssh config in use leaves `Ciphers` at
 OpenSSH's default (the same list `ssh -G` gives with no config at all) and this CPU has AES
-instructions, the master offers the same ciphers with AES-GCM first. A `Ciphers` line the user
-or the system (crypto policies, FIPS) wrote is left alone, and the server still picks from our
-list, so nothing is offered that the default did not offer.
+instructions, the master (and rsync's own ssh when a fetch reads the manifest over Fabric)
+offers the same ciphers with AES-GCM first. A `Ciphers` line the user or the system (crypto
+policies, FIPS) wrote is left alone. The set offered is the default set, only reordered; SSH uses
+the first of ours that the server also supports.
 """
 
 from __future__ import annotations

@@ -191,8 +191,18 @@ def parse_cpu_flags(cpuinfo: str, machine: str) -> frozenset[str] | None:
     """The first `flags` line of /proc/cpuinfo on x86 (None elsewhere or when absent)."""
     if Arch.from_machine(machine) is not Arch.X86_64:
         return None
+    return _first_list(cpuinfo, "flags")
+
+
+def parse_cpu_features(cpuinfo: str) -> frozenset[str]:
+    """The CPU's features as /proc/cpuinfo lists them: x86's `flags` or arm64's `Features` line
+    (empty when neither is there)."""
+    return _first_list(cpuinfo, "flags") or _first_list(cpuinfo, "Features") or frozenset()
+
+
+def _first_list(cpuinfo: str, key: str) -> frozenset[str] | None:
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(key):
             return frozenset(line.partition(":")[2].split())
     return None
 

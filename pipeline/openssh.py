@@ -24,17 +24,17 @@ the first of ours that the server also supports.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shlex
 import shutil
-import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
 from pipeline.errors import ImagepipeError
 from pipeline.fsutil import private_dir
+from pipeline.host import parse_cpu_features
 from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
 from pipeline.run import Result, run
 
@@ -50,41 +50,25 @@ AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 def cpu_has_aes(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when this CPU has AES instructions (x86 `aes` flag, arm64 `aes` feature; every Mac
     that runs a current macOS has them)."""
-    if platform.system() == "Darwin":
+    if sys.platform == "darwin":
         return True
     try:
-        text = cpuinfo.read_text(errors="replace")
+        return "aes" in parse_cpu_features(cpuinfo.read_text(errors="replace"))
     except OSError:
         return False
-    return any(line.split(":", 1)[0].strip() in ("flags", "Features") and "aes" in line.split(":", 1)[1].split()
-               for line in text.splitlines() if ":" in line)
 
 
-def _ssh_g_ciphers(*argvs: list[str]) -> list[list[str] | None]:
-    """The `ciphers` line of each `ssh -G` argv (None where ssh could not say), run side by side."""
-    procs: list[subprocess.Popen[str] | None] = []
-    for argv in argvs:
-        try:
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, text=True))
-        except OSError:
-            procs.append(None)
-    found: list[list[str] | None] = []
-    for proc in procs:
-        value = None
-        if proc is not None:
-            try:
-                out, _ = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out = ""
-                proc.wait()
-            for line in out.splitlines() if proc.returncode == 0 else ():
-                key, _, rest = line.partition(" ")
-                if key == "ciphers":
-                    value = rest.strip().split(",")
-        found.append(value)
-    return found
+def _ciphers(argv: list[str]) -> list[str] | None:
+    """The `ciphers` line of `ssh -G` (argv), or None where ssh could not say."""
+    try:
+        res = run(argv, check=False, timeout=10)
+    except ImagepipeError:  # ssh missing or stuck: the connection itself will say so
+        return None
+    for line in res.stdout.splitlines() if res.ok else ():
+        key, _, rest = line.partition(" ")
+        if key == "ciphers":
+            return rest.strip().split(",")
+    return None
 
 
 def cipher_options(target: Target, has_aes: bool | None = None) -> list[str]:
@@ -92,9 +76,8 @@ def cipher_options(target: Target, has_aes: bool | None = None) -> list[str]:
     if not (cpu_has_aes() if has_aes is None else has_aes):
         return []
     config = ["-F", str(target.ssh_config)] if target.ssh_config is not None else []
-    used, default = _ssh_g_ciphers(["ssh", *config, "-G", "--", target.host],
-                                   ["ssh", "-F", os.devnull, "-G", "--", target.host])
-    if used is None or used != default:
+    used = _ciphers(["ssh", *config, "-G", "--", target.host])
+    if used is None or used != _ciphers(["ssh", "-F", os.devnull, "-G", "--", target.host]):
         return []
     first = [c for c in AES_GCM if c in used]
     if not first:

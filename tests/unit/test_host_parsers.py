@@ -4,6 +4,8 @@ from pipeline.config import Arch
 from pipeline.host import (
     choose_descriptor,
     find_firmware,
+    parse_cpu_features,
+    parse_cpu_flags,
     parse_cpu_virt,
     parse_descriptor,
     parse_df,
@@ -25,6 +27,14 @@ def test_cpu_virt_flags():
     assert parse_cpu_virt("flags\t\t: fpu vmx sse\n", "x86_64") is True
     assert parse_cpu_virt("flags : svm\n", "x86_64") is True
     assert parse_cpu_virt("Features: fp asimd\n", "aarch64") is None
+
+
+def test_cpu_features_x86_and_arm64():
+    assert parse_cpu_features("processor: 0\nflags\t\t: fpu aes avx2\nflags : other\n") == {"fpu", "aes", "avx2"}
+    assert parse_cpu_features("processor: 0\nFeatures\t: fp asimd aes pmull\n") == {"fp", "asimd", "aes", "pmull"}
+    assert parse_cpu_features("") == frozenset()
+    assert parse_cpu_flags("flags : fpu sse\n", "x86_64") == {"fpu", "sse"}
+    assert parse_cpu_flags("Features: fp asimd\n", "aarch64") is None
 
 
 def test_kvm_open():

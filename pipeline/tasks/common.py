@@ -246,6 +246,10 @@ def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return
+    if issubclass(kind, BrokenPipeError):  # our reader went away (`invoke --list | head`): nothing wrong
+        with contextlib.suppress(OSError, ValueError):  # and no second complaint when Python flushes stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     print(f"error: {unexpected(exc.with_traceback(tb), None, 'invoke').render()}", file=sys.stderr, flush=True)
 
 

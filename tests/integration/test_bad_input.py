@@ -2,11 +2,13 @@
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from pipeline.config import Accel
 from pipeline.errors import AccelUnavailable
-from tests.support import accel_here, invoke, write_config
+from tests.support import ROOT, accel_here, invoke, write_config
 
 
 def test_unknown_image_lists_the_valid_names(tmp_path):
@@ -75,3 +77,17 @@ def test_number_options_give_a_one_line_error_not_a_traceback(tmp_path):
         res = invoke(args, cfg)
         assert res.returncode == 2, res.stderr
         assert "expects a whole number" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_reader_that_goes_away_is_no_internal_error(tmp_path):
+    """`invoke --list | head -2`, `invoke --help build | head -1`: the pipe closes before Invoke
+    has written; that is the reader's choice, not an error to report."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "output")
+    for args in (["--list"], ["--help", "build"]):
+        proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the child writes a byte: its write gets EPIPE
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+        assert err == "", err

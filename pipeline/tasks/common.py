@@ -11,6 +11,7 @@ exit 2), an INVOKE_* variable that is not of its key's type (named, exit 2).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -92,6 +93,18 @@ def _quiet_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _flush_stdout() -> None:
+    """At exit: write what is still buffered (a pipe's stdout is block-buffered, so `invoke --list
+    | head` meets the closed pipe here, after Invoke has returned); a reader that went away is
+    not an error, so the rest goes to /dev/null instead of Python's "Exception ignored" lines."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    except ValueError:  # stdout already closed
+        pass
+
+
 # ----------------------------------------------------------------------- Invoke's own loading
 
 
@@ -141,6 +154,7 @@ def guard_invoke_config() -> None:
         env_cls._imagepipe_guarded = True  # type: ignore[attr-defined]
     if sys.excepthook is sys.__excepthook__:
         sys.excepthook = _last_resort
+        atexit.register(_flush_stdout)
 
 
 def load_yaml_file(path: Any) -> Any:
@@ -247,8 +261,7 @@ def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None
         print("interrupted", file=sys.stderr)
         return
     if issubclass(kind, BrokenPipeError):  # our reader went away (`invoke --list | head`): nothing wrong
-        with contextlib.suppress(OSError, ValueError):  # and no second complaint when Python flushes stdout
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()  # and no second complaint when Python flushes stdout
         return
     print(f"error: {unexpected(exc.with_traceback(tb), None, 'invoke').render()}", file=sys.stderr, flush=True)
 

@@ -1,5 +1,6 @@
 """Bad input through the real CLI: clear message, exit code != 0, nothing written."""
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -83,11 +84,15 @@ def test_a_reader_that_goes_away_is_no_internal_error(tmp_path):
     """`invoke --list | head -2`, `invoke --help build | head -1`: the pipe closes before Invoke
     has written; that is the reader's choice, not an error to report."""
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "output")
-    for args in (["--list"], ["--help", "build"]):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # block-buffered stdout (the default for a pipe) meets the closed pipe at exit, unbuffered
+    # while Invoke writes: both
+    for args, extra in itertools.product((["--list"], ["--help", "build"]), ({}, {"PYTHONUNBUFFERED": "1"})):
         proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()  # before the child writes a byte: its write gets EPIPE
         err = proc.stderr.read()
         proc.wait(timeout=60)
-        assert err == "", err
+        assert err == "", (args, extra, err)

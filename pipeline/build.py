@@ -151,7 +151,7 @@ def build_image(
                 return BuildResult(image.name, plan.build_id, None, None, skipped=fresh)
         _announce(plan, facts, say)
         result = _recorded_build(cfg, plan, driver, facts, ihash, opts, progress)
-        _apply_retention(cfg, image, say)
+        retention.after_publish(cfg.output_dir, image.name, image.retention, say)
         return result
 
 
@@ -326,17 +326,6 @@ def _log_header(progress: Progress, plan: BuildPlan, driver: Driver, facts: Host
                       f"({facts.os} {facts.machine})")
     progress.log_only(f"accelerator {plan.accel.accel.value}: {plan.accel.reason}")
     progress.log_only(f"engine {driver.name}; raw tool output: {plan.raw_log}; guest console: {plan.console_log}")
-
-
-def _apply_retention(cfg: Config, image: Image, say: Callable[[str], None]) -> None:
-    """Keep the image's last N builds (never the published one); a failure here is only a warning."""
-    try:
-        freed = retention.apply(cfg.output_dir, image.name, image.retention)
-    except OSError as exc:
-        say(f"{image.name}: warning: retention could not remove old builds: {exc}")
-        return
-    if freed.removed:
-        say(f"{image.name}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
 
 
 def _as_storage_error(exc: BaseException, plan: BuildPlan) -> StorageError | None:

@@ -5,7 +5,9 @@ published image changes only after every fetched file matched it, through the sa
 publish as a local build. Every file SHA256SUMS lists is fetched (each image format, boot files,
 the SBOM); every image file the manifest lists is checked for its format, every file by its
 sha256. An interrupted transfer leaves its staging folder in place, so the next fetch sends only
-the rest; a file that does not match is never published.
+the rest; a file that does not match is never published. Like a build, a fetch writes the
+image's folder under the image's lock (so a build, `gc` or a second fetch never removes its
+staging folder or publishes over it) and applies the image's retention once it has published.
 
 What it costs on top of the transfer itself, and why it is small:
 - one SSH connection: `invoke remote-fetch` opens an OpenSSH master for the manifest read and
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, distros, follow, manifest_check, openssh, rsync
+from pipeline import artifacts, distros, follow, history, manifest_check, openssh, retention, rsync
 from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
 from pipeline.fsutil import ensure_dir
 from pipeline.host import Runner
@@ -165,41 +167,66 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
         manifest, sums = read_remote(link.run, target, image)
         build_id = manifest["build_id"]
         image_dir = cfg.output_dir / image.name
-        if up_to_date(image_dir, manifest, sums):
-            say(f"{target.prefix}{image.name}: local image already has sha256 "
-                f"{manifest['artifact']['sha256'][:12]}…, nothing to fetch")
+        if _already_here(image_dir, image, manifest, sums, target, say):
             return FetchResult(image.name, build_id, True, None, None)
-        stage = ensure_dir(image_dir / ".staging" / f"fetch-{build_id}", image_dir)  # never through a link
-        remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", build_id)
-        started = time.monotonic()
-        sizes = {a["file"]: a["size"] for a in artifacts.image_files(manifest)}
-        label = f"{target.prefix}{image.name}: "
-        with _progress(stage, sizes, lambda line: say(label + line)):
-            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
-        try:
-            how = _verify(stage, image, manifest, sums, got.digests)
-        except VerifyFailed:
-            # What we kept may be what broke: one clean re-transfer before blaming the builder.
-            say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
-            for name in sums:
-                (stage / name).unlink(missing_ok=True)
-            with _progress(stage, sizes, lambda line: say(label + line)):
-                got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
-            try:
-                how = _verify(stage, image, manifest, sums, got.digests)
-            except VerifyFailed as exc:
-                artifacts.discard(stage)
-                raise VerifyFailed(f"builder {target.name}: {exc.message}; the builder's copy does not match "
-                                   "its manifest, refusing it (the local image is unchanged)",
-                                   hint=f"rebuild on the builder: invoke remote-sync-build {target.name} "
-                                        f"--image {image.name}") from None
-    stats = got.stats
-    say(f"{target.prefix}{image.name}: received {stats.received} bytes "
-        f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified {how}")
-    final = _publish(stage, image_dir, image, manifest, sums, target)
-    say(f"{target.prefix}{image.name}: published {image_dir / distros.artifact_name(image)} (built on {target.name})")
+        # The image's folder is written under its lock, as a build writes it: a build, prune or
+        # other fetch of this image meanwhile neither removes our staging folder nor publishes
+        # over us. The lock outlives the link: publish and retention run under it too.
+        with history.image_lock(image_dir, build_id=build_id, say=say, fetching_from=target.name):
+            if _already_here(image_dir, image, manifest, sums, target, say):  # a fetch we waited for
+                return FetchResult(image.name, build_id, True, None, None)
+            stage_name = f"{retention.FETCH_PREFIX}{build_id}"
+            retention.clean_stale(image_dir, say, keep=stage_name)  # resumes its own folder only
+            stage = ensure_dir(image_dir / ".staging" / stage_name, image_dir)  # never through a link
+            started = time.monotonic()
+            got, how = _transfer(link, target, image, manifest, sums, stage, say)
+            stats = got.stats
+            say(f"{target.prefix}{image.name}: received {stats.received} bytes "
+                f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified {how}")
+            final = _publish(stage, image_dir, image, manifest, sums, target)
+            say(f"{target.prefix}{image.name}: published {image_dir / distros.artifact_name(image)} "
+                f"(built on {target.name})")
+            retention.after_publish(cfg.output_dir, image.name, image.retention,
+                                    lambda line: say(f"{target.prefix}{line}"))
     distros.profile(image).fetched(cfg.root, image, final, lambda line: say(f"{target.prefix}{image.name}: {line}"))
     return FetchResult(image.name, build_id, False, stats, final)
+
+
+def _already_here(image_dir: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str], target: Target,
+                  say: Callable[[str], None]) -> bool:
+    if not up_to_date(image_dir, manifest, sums):
+        return False
+    say(f"{target.prefix}{image.name}: local image already has sha256 "
+        f"{manifest['artifact']['sha256'][:12]}…, nothing to fetch")
+    return True
+
+
+def _transfer(link: Link, target: Target, image: Image, manifest: dict[str, Any], sums: dict[str, str],
+              stage: Path, say: Callable[[str], None]) -> tuple[Received, str]:
+    """rsync into `stage` (resuming what it holds) and verify; one clean re-transfer when what
+    was kept turns out not to match. Returns what arrived and how sha256 was verified."""
+    remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", manifest["build_id"])
+    sizes = {a["file"]: a["size"] for a in artifacts.image_files(manifest)}
+    label = f"{target.prefix}{image.name}: "
+    with _progress(stage, sizes, lambda line: say(label + line)):
+        got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
+    try:
+        return got, _verify(stage, image, manifest, sums, got.digests)
+    except VerifyFailed:
+        # What we kept may be what broke: one clean re-transfer before blaming the builder.
+        say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
+        for name in sums:
+            (stage / name).unlink(missing_ok=True)
+        with _progress(stage, sizes, lambda line: say(label + line)):
+            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
+    try:
+        return got, _verify(stage, image, manifest, sums, got.digests)
+    except VerifyFailed as exc:
+        artifacts.discard(stage)
+        raise VerifyFailed(f"builder {target.name}: {exc.message}; the builder's copy does not match "
+                           "its manifest, refusing it (the local image is unchanged)",
+                           hint=f"rebuild on the builder: invoke remote-sync-build {target.name} "
+                                f"--image {image.name}") from None
 
 
 @contextlib.contextmanager

@@ -384,6 +384,17 @@ class Holder:
     pid: int | None
     build_id: str | None
     since: float | None
+    fetching_from: str | None = None  # a remote-fetch holds it, not a build
+
+    @property
+    def doing(self) -> str:
+        """What the holder does to the image, as the noun of "the build held by": build or fetch."""
+        return "fetch" if self.fetching_from else "build"
+
+    @property
+    def done_to(self) -> str:
+        """"is being {done_to} by pid N": built, or fetched from HOST."""
+        return f"fetched from {self.fetching_from}" if self.fetching_from else "built"
 
     def describe(self) -> str:
         parts = [f"pid {self.pid}" if self.pid else "another process"]
@@ -405,15 +416,18 @@ def read_holder(path: Path) -> Holder:
     except (OSError, ValueError, RecursionError):
         data = {}
     data = data if isinstance(data, dict) else {}
-    build = data.get("build_id")
+    build, source = data.get("build_id"), data.get("fetching_from")
     return Holder(int_or_none(data.get("pid"), lo=1), visible(build)[:80] if isinstance(build, str) else None,
-                  decimal_or_none(data.get("since"), hi=1e11))
+                  decimal_or_none(data.get("since"), hi=1e11),
+                  visible(source)[:80] if isinstance(source, str) and source else None)
 
 
 @contextlib.contextmanager
 def image_lock(image_dir: Path, *, build_id: str | None = None, wait: bool = True,
-               say: Callable[[str], None] | None = None) -> Iterator[None]:
+               say: Callable[[str], None] | None = None, fetching_from: str | None = None) -> Iterator[None]:
     """Hold output/<image>/.lock for the duration (flock: released by the kernel on any exit).
+    Whatever writes the image's folder holds it: a build, a remote-fetch (`fetching_from`: the
+    builder's name, for the holder's description), prune.
 
     Busy: with wait=True say who holds it and block until it is free; with wait=False raise
     LockBusy at once.
@@ -428,15 +442,16 @@ def image_lock(image_dir: Path, *, build_id: str | None = None, wait: bool = Tru
             holder = read_holder(path)
             if not wait:
                 raise LockBusy(
-                    f"{image_dir.name} is being built by {holder.describe()}",
+                    f"{image_dir.name} is being {holder.done_to} by {holder.describe()}",
                     "wait for it (run again without --no-wait), or see: invoke history --image " + image_dir.name,
                 ) from None
             if say:
-                say(f"{image_dir.name}: waiting for the build held by {holder.describe()} to finish…")
+                say(f"{image_dir.name}: waiting for the {holder.doing} held by {holder.describe()} to finish…")
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "build_id": build_id, "since": time.time()}).encode(), 0)
+            who = {"pid": os.getpid(), "build_id": build_id, "since": time.time()}
+            os.pwrite(fd, json.dumps({**who, "fetching_from": fetching_from} if fetching_from else who).encode(), 0)
         except OSError as exc:
             raise storage_error(exc, path) from None
         yield

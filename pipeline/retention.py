@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts, history
+from pipeline.errors import ImagepipeError, LockBusy
 from pipeline.fsutil import check_dir, safe_rmtree
 from pipeline.procs import stop_processes_in
+from pipeline.units import mib
+
+FETCH_PREFIX = "fetch-"  # .staging/fetch-<build id>: a remote-fetch's, kept between tries to resume
 
 
 @dataclass
@@ -83,6 +87,18 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
     return gc
 
 
+def after_publish(output_dir: Path, image: str, keep: int, say: Callable[[str], None]) -> None:
+    """`apply` once a new build is published (built here or fetched), said in one line; a failure
+    here is only a warning: the new build is already in place."""
+    try:
+        freed = apply(output_dir, image, keep)
+    except OSError as exc:
+        say(f"{image}: warning: retention could not remove old builds: {exc}")
+        return
+    if freed.removed:
+        say(f"{image}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
+
+
 def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> GcPlan:
     """Remove what `plan` names (the caller holds the image lock) and note it in the history."""
     with history.History(output_dir, readonly=dry_run) as hist:
@@ -117,18 +133,39 @@ def du(path: Path) -> int:
 # --------------------------------------------------------------------------------- after a kill
 
 
-def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None) -> list[Path]:
-    """Remove what a killed build left behind (the caller holds the lock, so it is all stale):
-    staging folders (after stopping any tool still running in them) and half-made symlinks."""
+def reap_when_idle(image_dir: Path, say: Callable[[str], None]) -> None:
+    """A no-op run's tidy-up (`build --if-changed`, `rebuild` with nothing changed): what a
+    killed build or fetch left in .staging goes, as a build's start would remove it. Only when
+    nothing holds the image's lock (a holder's staging folder is live), and free when there is
+    no .staging folder, the usual case. Trouble here is said as a warning: nothing was asked."""
+    if not (image_dir / ".staging").is_dir():
+        return
+    try:
+        with history.image_lock(image_dir, wait=False):
+            clean_stale(image_dir, say)
+    except LockBusy:
+        return
+    except (ImagepipeError, OSError) as exc:
+        say(f"{image_dir.name}: warning: could not remove what an interrupted run left in .staging: "
+            f"{exc.message if isinstance(exc, ImagepipeError) else exc}")
+
+
+def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None, *, keep: str | None = None) -> list[Path]:
+    """Remove what a killed build or fetch left behind (the caller holds the lock, so it is all
+    stale): staging folders (after stopping any tool still running in them) and half-made
+    symlinks. `keep`: the one staging folder the caller goes on with (a fetch resuming its own)."""
     removed: list[Path] = []
     staging = image_dir / ".staging"
     check_dir(image_dir, image_dir.parent)
     check_dir(staging, image_dir)  # `.staging -> /home/me` is refused, never emptied
     for stage in sorted(staging.iterdir()) if staging.is_dir() else []:
+        if stage.name == keep:
+            continue
         stopped = stop_processes_in(stage) if stage.is_dir() and not stage.is_symlink() else []
         if say:
             extra = f", stopped {len(stopped)} leftover process(es)" if stopped else ""
-            say(f"{image_dir.name}: removing {stage.name} left by an interrupted build{extra}")
+            left_by = "fetch" if stage.name.startswith(FETCH_PREFIX) else "build"
+            say(f"{image_dir.name}: removing {stage.name} left by an interrupted {left_by}{extra}")
         safe_rmtree(stage, image_dir, ignore_errors=True)
         removed.append(stage)
     if staging.is_dir() and not any(staging.iterdir()):

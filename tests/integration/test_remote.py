@@ -260,6 +260,45 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     assert artifacts.verify_published(out / "demo-x86_64")
 
 
+@pytest.mark.slow
+def test_a_fetch_holds_the_image_lock_and_applies_retention(hal9000, tmp_path):
+    """While a fetch writes the image's folder, `gc` (like a build) leaves it alone instead of
+    removing its staging folder under rsync; once published, retention keeps the last N."""
+    builder = hal9000["base"] / "lock-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "lock.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+        "images": {"demo-x86_64": {"retention": 1}},
+    })
+    image_dir = out / "demo-x86_64"
+    fake_published(builder, "20261125T000000Z-old1", dense_qcow2(tmp_path / "old.qcow2", "64M"))
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode == 0, _out(res)
+    gone = image_dir / ".staging" / "fetch-20261120T000000Z-gone"  # an older fetch, never resumed
+    gone.mkdir(parents=True)
+    fake_published(builder, "20261125T010000Z-new1", dense_qcow2(tmp_path / "new.qcow2"))
+    staged = image_dir / ".staging" / "fetch-20261125T010000Z-new1" / "demo-x86_64.qcow2"
+
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "remote-fetch-demo", "hal9000"]
+    fetch = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: staged.exists() or fetch.poll() is not None, 120, "the fetch's staging file")
+        assert fetch.poll() is None, "the fetch ended before gc could meet it"
+        gc = invoke(["gc"], cfg, timeout=120)
+        text = fetch.communicate(timeout=300)[0]
+    finally:
+        if fetch.poll() is None:
+            fetch.kill()
+    assert gc.returncode == 0, _out(gc)
+    assert f"demo-x86_64: left alone (demo-x86_64 is being fetched from hal9000 by pid {fetch.pid}" in _out(gc)
+    assert fetch.returncode == 0, text
+    assert "removing fetch-20261120T000000Z-gone left by an interrupted fetch" in text and not gone.exists()
+    assert "retention removed 1 old build(s)" in text, text
+    assert sorted(os.listdir(image_dir / "builds")) == ["20261125T010000Z-new1"]
+    assert artifacts.verify_published(image_dir)
+
+
 def _fetch_setup(hal9000: dict, tmp_path: Path, name: str, image: Path) -> tuple[Path, Path, Path]:
     """`image` published on a builder of its own; returns (config, output dir, builder's file)."""
     builder = hal9000["base"] / f"{name}-builder"

@@ -86,6 +86,28 @@ def test_lock_is_exclusive_and_no_wait_fails_with_exit_75(tmp_path):
         proc.wait()
 
 
+def test_a_fetch_holding_the_lock_is_named_as_one(tmp_path):
+    image_dir = tmp_path / "demo"
+    code = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
+            "with image_lock(Path(sys.argv[1]), build_id='20260101T000000Z-abcd', fetching_from='hal9000'):\n"
+            "    print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(image_dir), "1.5"], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockBusy) as exc, image_lock(image_dir, wait=False):
+            pass
+        assert exc.value.message.startswith(f"demo is being fetched from hal9000 by pid {proc.pid}, "
+                                            "build 20260101T000000Z-abcd"), exc.value.message
+        said: list[str] = []
+        with image_lock(image_dir, say=said.append):
+            pass
+        assert said and said[0].startswith(f"demo: waiting for the fetch held by pid {proc.pid}"), said
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_kill_9_releases_the_lock(tmp_path):
     image_dir = tmp_path / "demo"
     proc = holder(image_dir / ".lock", 60)

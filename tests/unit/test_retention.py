@@ -93,6 +93,58 @@ def test_clean_stale_removes_staging_and_stops_its_processes(tmp_path):
     assert len(removed) == 2 and "stopped 1 leftover process" in said[0]
 
 
+def test_clean_stale_keeps_the_folder_its_caller_goes_on_with(tmp_path):
+    staging = tmp_path / "demo" / ".staging"
+    for name in ("fetch-20260101T000000Z-old", "fetch-20260102T000000Z-new", "20260102T000000Z-dead"):
+        (staging / name).mkdir(parents=True)
+        (staging / name / "demo.qcow2").write_bytes(b"x" * 10)
+    said: list[str] = []
+    retention.clean_stale(tmp_path / "demo", said.append, keep="fetch-20260102T000000Z-new")
+    assert sorted(p.name for p in staging.iterdir()) == ["fetch-20260102T000000Z-new"]
+    assert (staging / "fetch-20260102T000000Z-new" / "demo.qcow2").read_bytes() == b"x" * 10
+    assert sorted(said) == ["demo: removing 20260102T000000Z-dead left by an interrupted build",
+                            "demo: removing fetch-20260101T000000Z-old left by an interrupted fetch"]
+
+
+def test_a_no_op_run_reaps_stale_staging_only_when_nothing_holds_the_lock(tmp_path):
+    import subprocess
+    import sys
+
+    image_dir = tmp_path / "demo"
+    said: list[str] = []
+    retention.reap_when_idle(image_dir, said.append)  # no folder at all: nothing made, nothing said
+    assert not image_dir.exists() and said == []
+    stale = image_dir / ".staging" / "20260101T000000Z-dead"
+    stale.mkdir(parents=True)
+    # a live build of the image holds its lock (in another process: flock is per open file)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
+        "with image_lock(Path(sys.argv[1]), wait=False):\n    print('locked', flush=True); time.sleep(60)"),
+        str(image_dir)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        retention.reap_when_idle(image_dir, said.append)
+        assert stale.is_dir() and said == []  # its staging folder may be live: left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    retention.reap_when_idle(image_dir, said.append)
+    assert not (image_dir / ".staging").exists()
+    assert said == ["demo: removing 20260101T000000Z-dead left by an interrupted build"]
+
+
+def test_a_no_op_run_warns_instead_of_following_a_planted_link(tmp_path):
+    victim = tmp_path / "home"
+    (victim / "keep").mkdir(parents=True)
+    image_dir = tmp_path / "out" / "demo"
+    image_dir.mkdir(parents=True)
+    (image_dir / ".staging").symlink_to(victim)
+    said: list[str] = []
+    retention.reap_when_idle(image_dir, said.append)
+    assert (victim / "keep").is_dir()
+    assert len(said) == 1 and "warning" in said[0] and ".staging" in said[0], said
+
+
 def test_human_sizes():
     assert retention.human(512) == "512 B"
     assert retention.human(3 * 1024 * 1024) == "3.0 MiB"

@@ -109,10 +109,13 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     refresh_pin(cfg, image, emit)
     if force:
         return None
-    from pipeline import inputs
+    from pipeline import inputs, retention
 
     fresh = inputs.up_to_date(cfg.output_dir / image.name, inputs.compute(cfg, image).value)
-    return Outcome(image.name, "up-to-date", fresh) if fresh else None
+    if not fresh:
+        return None
+    retention.reap_when_idle(cfg.output_dir / image.name, lambda line: emit("message", image.name, line))
+    return Outcome(image.name, "up-to-date", fresh)
 
 
 def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,

@@ -59,6 +59,20 @@ def test_if_changed_skips_fast_when_nothing_changed(demo_build, tmp_path):
     assert event["kind"] == "skipped" and event["message"].startswith("up to date")
 
 
+def test_a_no_op_run_removes_what_a_killed_build_left(demo_build, tmp_path):
+    """A timer's `rebuild` with nothing changed, or `build --if-changed`, tidies .staging as the
+    build's own start would (there may never be a next build to do it)."""
+    cfg, out = copy_output(demo_build, tmp_path)
+    for args in (["rebuild", "--image", IMAGE], ["build", IMAGE, "--if-changed"]):
+        stale = out / IMAGE / ".staging" / "20261101T000000Z-dead"
+        stale.mkdir(parents=True)
+        (stale / "disk.qcow2").write_bytes(b"\0" * 4096)
+        res = invoke(args, cfg)
+        assert res.returncode == 0 and "up to date" in res.stderr, res.stderr
+        assert "removing 20261101T000000Z-dead left by an interrupted build" in res.stderr, res.stderr
+        assert not (out / IMAGE / ".staging").exists()
+
+
 def test_a_config_change_rebuilds_then_retention_prunes(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path, {"images": {IMAGE: {"memory": 320, "retention": 1}}})
     old = read_manifest(out / IMAGE)

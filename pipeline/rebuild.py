@@ -109,12 +109,15 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     refresh_pin(cfg, image, emit)
     if force:
         return None
-    from pipeline import inputs, retention
+    from pipeline import inputs
 
     fresh = inputs.up_to_date(cfg.output_dir / image.name, inputs.compute(cfg, image).value)
     if not fresh:
         return None
-    retention.reap_when_idle(cfg.output_dir / image.name, lambda line: emit("message", image.name, line))
+    if (cfg.output_dir / image.name / ".staging").is_dir():  # rare: retention and history load only then
+        from pipeline import retention
+
+        retention.reap_when_idle(cfg.output_dir / image.name, lambda line: emit("message", image.name, line))
     return Outcome(image.name, "up-to-date", fresh)
 
 

@@ -108,13 +108,16 @@ def _dry_run(cfg: Config, img: Image, opts: BuildOptions, json: bool) -> None:
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
     """Say "up to date" and return True when the published build has the current input hash
     (and tidy what an interrupted run left, as the build would have)."""
-    from pipeline import inputs, retention
+    from pipeline import inputs
 
     fresh = inputs.up_to_date(cfg.output_dir / img.name, inputs.compute(cfg, img).value)
     if fresh is None:
         return False
     say(f"{img.name}: {fresh}")
-    retention.reap_when_idle(cfg.output_dir / img.name, say)
+    if (cfg.output_dir / img.name / ".staging").is_dir():  # rare: retention and history load only then
+        from pipeline import retention
+
+        retention.reap_when_idle(cfg.output_dir / img.name, say)
     if json:
         _print_skip(img.name, fresh)
     return True

@@ -252,7 +252,8 @@ def storage_error(exc: OSError, path: Path | str | None = None, doing: str = "wr
     """One clear line for a disk error: what, which path, how much is free."""
     why = STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
     if not (path or exc.filename):  # the OS did not say which file: say what we know
-        return StorageError(f"{doing} failed: {why}", "check the free space and permissions of defaults.output_dir")
+        return StorageError(f"{doing} failed: {why}", "check the free space and permissions of defaults.output_dir, "
+                                                 "and of the file the output goes to")
     where = Path(path or exc.filename)
     hint = {
         errno.ENOSPC: "free some space (invoke gc removes old builds) or point defaults.output_dir at a bigger disk",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import functools
 import inspect
 import os
@@ -103,6 +104,17 @@ def _flush_stdout() -> None:
         _quiet_stdout()
     except ValueError:  # stdout already closed
         pass
+    except OSError as exc:  # `invoke --list > /dev/full`: the output is lost, so the exit status says so
+        print(f"error: {_output_failed(exc)}", file=sys.stderr, flush=True)
+        _quiet_stdout()
+        os._exit(1)
+
+
+def _output_failed(exc: OSError) -> str:
+    """`writing the output failed: no space left on device`."""
+    from pipeline.fsutil import STORAGE_ERRNOS
+
+    return f"writing the output failed: {STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))}"
 
 
 # ----------------------------------------------------------------------- Invoke's own loading
@@ -262,6 +274,11 @@ def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None
         return
     if issubclass(kind, BrokenPipeError):  # our reader went away (`invoke --list | head`): nothing wrong
         _quiet_stdout()  # and no second complaint when Python flushes stdout
+        return
+    if issubclass(kind, OSError) and isinstance(exc, OSError) and exc.filename is None and \
+            exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # Invoke printing --list, --help
+        print(f"error: {_output_failed(exc)}", file=sys.stderr, flush=True)
+        _quiet_stdout()
         return
     print(f"error: {unexpected(exc.with_traceback(tb), None, 'invoke').render()}", file=sys.stderr, flush=True)
 

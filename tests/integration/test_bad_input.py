@@ -71,6 +71,23 @@ def test_doctor_fails_when_a_required_tool_is_missing(tmp_path):
     assert "packer is missing" in res.stdout and "apt-get install qemu-utils" in res.stdout
 
 
+def test_output_to_a_full_disk_is_one_line_and_a_failure(tmp_path):
+    """`invoke --list > /dev/full`: the output is lost, so the exit status says so, in one line
+    (buffered stdout meets it at exit, unbuffered while Invoke prints)."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "output")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for args, extra in itertools.product((["--list"], ["--help", "build"], ["status"]),
+                                         ({}, {"PYTHONUNBUFFERED": "1"})):
+        with open("/dev/full", "w") as full:
+            res = subprocess.run([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
+                                 env={**env, **extra}, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert res.returncode == 1, (args, extra, res.stderr)
+        lines = res.stderr.splitlines()
+        assert lines[0] in ("error: writing the output failed: no space left on the device",
+                            "error: writing failed: no space left on the device"), (args, extra, res.stderr)
+        assert "internal error" not in res.stderr and "Exception" not in res.stderr, (args, extra, res.stderr)
+
+
 def test_number_options_give_a_one_line_error_not_a_traceback(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
     for args in (["history", "--limit", "x"], ["stop", "demo-x86_64", "--timeout", "soon"],

@@ -31,12 +31,12 @@ task = [*invoke, "build-demo"]
 def raw_packer() -> float:
     """The same packer build the task runs, prepared outside the timing."""
     facts = probe_for_build(cfg, [image])
-    plan = make_build_plan(cfg, image, facts, Accel.AUTO, keys.project_key(cfg.output_dir))
+    profile = distros.profile(image)
+    plan = make_build_plan(cfg, image, profile, facts, Accel.AUTO, keys.project_key(cfg.output_dir))
     plan.log_dir.mkdir(parents=True, exist_ok=True)
     plan.staging.mkdir(parents=True)
-    profile = distros.profile(image)
     prepared = profile.prepare(plan, plan.staging, lambda _line: None)
-    variables = {**packer.host_variables(plan, plan.staging), **prepared.variables}
+    variables = {**packer.host_variables(plan, profile, plan.staging), **prepared.variables}
     template = packer.render_for(plan, profile, plan.staging, facts.version("packer") or (0,))
     try:
         return timed(packer.build_argv(template, variables), cwd=plan.staging,

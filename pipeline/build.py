@@ -157,7 +157,7 @@ def build_image(
 
 def _announce(plan: BuildPlan, facts: HostFacts, say: Callable[[str], None]) -> None:
     """What the profile wants said before the build (the accelerator, a KVM warning)."""
-    line = plan.profile.announce(plan, facts)
+    line = distros.profile(plan.image).announce(plan, facts)
     for part in (line or "").splitlines():
         say(f"{plan.image.name}: {part}")
 
@@ -172,7 +172,7 @@ def decide(cfg: Config, image: Image, opts: BuildOptions,
     if problem is not None:
         raise problem
     key = keys.project_key(cfg.output_dir, cfg.defaults.ssh_key, create=not opts.dry_run)
-    plan = make_build_plan(cfg, image, facts, opts.accel, key, build_id=new_build_id(), route=route,
+    plan = make_build_plan(cfg, image, profile, facts, opts.accel, key, build_id=new_build_id(), route=route,
                            extra_keys=opts.authorize)
     driver = profile.driver
     driver.check(plan, facts)
@@ -197,7 +197,8 @@ def host_refusal(cfg: Config, image: Image, facts: HostFacts, accel: Accel = Acc
     if problem is not None:
         return problem
     try:
-        make_build_plan(cfg, image, facts, accel, cfg.output_dir / ".keys" / "unused", build_id="check", route=route)
+        make_build_plan(cfg, image, distros.profile(image), facts, accel, cfg.output_dir / ".keys" / "unused",
+                        build_id="check", route=route)
     except HostUnsuitable as exc:
         return exc
     return None
@@ -293,7 +294,7 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
         _boot_test(cfg, plan, facts, produced, opts)
     files = [primary, *_other_formats(image, primary, stage, progress)]
     progress.step_event("package list and SBOM")
-    found = plan.profile.packages(plan, stage, progress.info)
+    found = distros.profile(plan.image).packages(plan, stage, progress.info)
     shutil.rmtree(stage / packages.COLLECTED, ignore_errors=True)  # recorded in the manifest now
     manifest = _manifest(plan, facts, files, started)
     manifest["input_hash"] = ihash.value
@@ -405,7 +406,7 @@ def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, o
     from pipeline.vm.boottest import boot_test
     from pipeline.vm.lifecycle import staged_target
 
-    boot = plan.profile.boot_info(plan.image)
+    boot = distros.profile(plan.image).boot_info(plan.image)
     target = staged_target(plan.image, produced, boot.as_manifest() if boot else None, plan.build_id,
                            base=plan.staging)
     boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
@@ -433,10 +434,11 @@ def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified]
         "artifact": files[0].as_manifest(),
         "artifacts": [v.as_manifest() for v in files],
     }
-    boot = plan.profile.boot_info(image)
+    profile = distros.profile(image)
+    boot = profile.boot_info(image)
     if boot:
         manifest["boot"] = boot.as_manifest()
-    manifest.update(plan.profile.manifest_extra(plan))
+    manifest.update(profile.manifest_extra(plan))
     return manifest
 
 

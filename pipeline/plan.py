@@ -9,16 +9,39 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, Protocol
 
 from pipeline.errors import AccelUnavailable, HostUnsuitable
 from pipeline.firmware import FirmwareInfo
 from pipeline.host import HostFacts
 from pipeline.model import Accel, Arch, Config, Firmware, Image
 
-if TYPE_CHECKING:
-    from pipeline.distros import Profile
-    from pipeline.drivers import Delegated
+
+class PlanProfile(Protocol):
+    """What a plan asks of the image's distro profile (pipeline.distros.Profile): the plan is
+    decided from it, and holds the answers, not the profile (drivers and distros build on plans)."""
+
+    def cpu_model(self, image: Image, accel: Accel) -> str: ...
+
+    def cpu_level(self, image: Image) -> int | None: ...
+
+    def artifact_name(self, image: Image) -> str: ...
+
+    def template(self, root: Path, image: Image) -> Path: ...
+
+
+class Delegated(Protocol):
+    """The engine builds the image on another machine it drives itself (NixOS: nix's remote
+    builds, pipeline.nixremote); the plan carries it, the manifest and history name it."""
+
+    kind: ClassVar[str]
+
+    @property
+    def where(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def as_manifest(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -108,12 +131,10 @@ def build_cpu_level(cpu_model: str, accel: Accel, facts: HostFacts) -> tuple[int
     return facts.cpu_level, "this host's CPU"
 
 
-def cpu_level_problem(image: Image, cpu_model: str, accel: AccelChoice, facts: HostFacts) -> HostUnsuitable | None:
-    """Refuse a build whose guest needs a higher x86-64 level than the build VM gets: the
-    installer would not even start and Packer would wait for SSH for hours."""
-    from pipeline import distros
-
-    need = distros.profile(image).cpu_level(image)
+def cpu_level_problem(image: Image, need: int | None, cpu_model: str, accel: AccelChoice,
+                      facts: HostFacts) -> HostUnsuitable | None:
+    """Refuse a build whose guest needs a higher x86-64 level (`need`, the profile's) than the
+    build VM gets: the installer would not even start and Packer would wait for SSH for hours."""
     if need is None or image.arch is not Arch.X86_64:
         return None
     have, source = build_cpu_level(cpu_model, accel.accel, facts)
@@ -178,21 +199,12 @@ class BuildPlan:
     ssh_key: Path      # private key the build and `invoke ssh` log in with
     host_os: str
     host_machine: str
-    profile: Profile   # the image's distro profile (driver, prepare, boot info)
+    cpu_model: str     # the build VM's QEMU CPU model (the profile's choice for this accelerator)
+    artifact_name: str  # the published image file's name (the profile's)
     route: Delegated | None = None  # the engine builds it on another machine (nix's remote builds)
     # further keys for ssh_user in the staged files: on a builder, the key of the machine that
     # asked for the build, so the image it fetches logs in with its own key (`invoke ssh`, run)
     extra_keys: tuple[str, ...] = ()
-
-    @property
-    def cpu_model(self) -> str:
-        """The build VM's QEMU CPU model (the profile's choice for this accelerator)."""
-        return self.profile.cpu_model(self.image, self.accel.accel)
-
-    @property
-    def artifact_name(self) -> str:
-        """The published image file's name (the profile decides)."""
-        return self.profile.artifact_name(self.image)
 
     @property
     def ssh_timeout(self) -> str:
@@ -215,20 +227,19 @@ class BuildPlan:
 
 
 def make_build_plan(
-    cfg: Config, image: Image, facts: HostFacts, requested: Accel, ssh_key: Path, build_id: str | None = None,
-    route: Delegated | None = None, extra_keys: tuple[str, ...] = (),
+    cfg: Config, image: Image, profile: PlanProfile, facts: HostFacts, requested: Accel, ssh_key: Path,
+    build_id: str | None = None, route: Delegated | None = None, extra_keys: tuple[str, ...] = (),
 ) -> BuildPlan:
-    """Decide accelerator, firmware and paths for building `image` on this host (or, with a
-    `route`, through an engine that builds it elsewhere: the accelerator is then only the one a
-    boot test here would use, so a foreign arch falls back to TCG instead of being refused)."""
-    from pipeline import distros
-
-    profile = distros.profile(image)
+    """Decide accelerator, firmware and paths for building `image` (its distro `profile`:
+    `distros.profile(image)`) on this host (or, with a `route`, through an engine that builds it
+    elsewhere: the accelerator is then only the one a boot test here would use, so a foreign
+    arch falls back to TCG instead of being refused)."""
     bid = build_id or new_build_id()
     image_dir = cfg.output_dir / image.name
     accel = choose_accel(requested, facts, image.arch, purpose="run" if route else "build")
+    cpu_model = profile.cpu_model(image, accel.accel)
     # no build VM runs here when the engine builds elsewhere: the CPU level is the builder's business
-    problem = None if route else cpu_level_problem(image, profile.cpu_model(image, accel.accel), accel, facts)
+    problem = None if route else cpu_level_problem(image, profile.cpu_level(image), cpu_model, accel, facts)
     if problem is not None:
         raise problem
     return BuildPlan(
@@ -244,7 +255,8 @@ def make_build_plan(
         ssh_key=ssh_key,
         host_os=facts.os,
         host_machine=facts.machine,
-        profile=profile,
+        cpu_model=cpu_model,
+        artifact_name=profile.artifact_name(image),
         route=route,
         extra_keys=extra_keys,
     )

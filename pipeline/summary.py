@@ -132,7 +132,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     if choice is not None:  # a variant may ask for a named model (Nehalem); the guest's level must fit it
         cpu_model = profile.cpu_model(image, choice.accel)
         # no build VM runs here when the engine builds elsewhere: the CPU level is the builder's business
-        cpu_fits = route is not None or _cpu_level(image, cpu_model, choice, facts, problems)
+        cpu_fits = route is not None or _cpu_level(image, profile.cpu_level(image), cpu_model, choice, facts, problems)
     firmware = _firmware(image, facts, problems)
     tools = _tools(image, facts, problems)
     facts_of_distro = profile.summary(image, cfg.root, cfg.output_dir)
@@ -143,7 +143,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     key = _ssh_key(cfg, problems)
     plan = None
     if choice is not None and cpu_fits and not firmware.get("error"):
-        plan = make_build_plan(cfg, image, facts, accel, Path(key["path"]), build_id=BUILD_ID, route=route)
+        plan = make_build_plan(cfg, image, profile, facts, accel, Path(key["path"]), build_id=BUILD_ID, route=route)
     command = driver.command(plan, plan.staging, known) if plan is not None else None
     image_dir = cfg.output_dir / image.name
     log_dir = image_dir / "logs" / BUILD_ID
@@ -181,10 +181,10 @@ def _accel(requested: Accel, facts: HostFacts, image: Image, problems: list[Prob
         return None
 
 
-def _cpu_level(image: Image, cpu_model: str, choice: AccelChoice, facts: HostFacts,
+def _cpu_level(image: Image, need: int | None, cpu_model: str, choice: AccelChoice, facts: HostFacts,
                problems: list[Problem]) -> bool:
     """False (and the problem listed) when the guest needs a higher x86-64 level than the build VM gets."""
-    problem = cpu_level_problem(image, cpu_model, choice, facts)
+    problem = cpu_level_problem(image, need, cpu_model, choice, facts)
     if problem is not None:
         problems.append(Problem.of(problem))
     return problem is None

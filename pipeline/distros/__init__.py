@@ -59,12 +59,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
-    from pipeline.drivers import Delegated, Driver
+    from pipeline.drivers import Driver
     from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
     from pipeline.model import Accel, Arch, Config, Image
     from pipeline.packages import Package
-    from pipeline.plan import BuildPlan
+    from pipeline.plan import BuildPlan, Delegated
     from pipeline.remote import Target
 
 # name -> module holding its PROFILE (imported on first use).

@@ -29,11 +29,10 @@ from pipeline.model import Config, Image
 
 if TYPE_CHECKING:
     from pipeline.contract import GuestView
-    from pipeline.drivers import Delegated
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
     from pipeline.packages import Package
-    from pipeline.plan import BuildPlan
+    from pipeline.plan import BuildPlan, Delegated
     from pipeline.remote import Target
 
 
@@ -46,7 +45,7 @@ class NixOS(Profile):
     def driver(self) -> NixDriver:
         from pipeline.drivers.nix import NixDriver
 
-        return NixDriver()
+        return NixDriver(self)
 
     def family(self, image: Image) -> str:
         return "nixos"

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pipeline.errors import CommandFailed
@@ -45,28 +45,21 @@ class Prepared:
     extra_files: tuple[Path, ...] = ()
 
 
-class Delegated(Protocol):
-    """The engine builds the image on another machine it drives itself (NixOS: nix's remote
-    builds, pipeline.nixremote); the plan carries it, the manifest and history name it."""
-
-    kind: ClassVar[str]
-
-    @property
-    def where(self) -> str: ...
-
-    def describe(self) -> str: ...
-
-    def as_manifest(self) -> dict[str, Any]: ...
-
-
-class PackerSource(Protocol):
-    """What the Packer driver needs from a distro profile (pipeline.distros.packer_base.PackerProfile)."""
-
-    def blocks(self, image: Image, legacy: bool) -> list[Block]: ...
+class Source(Protocol):
+    """What a driver needs from the distro profile it builds for (it is given the profile when
+    made: `Profile.driver`)."""
 
     def prepare(self, plan: BuildPlan, stage: Path, report: Callable[[str], None]) -> Prepared: ...
 
     def prepared_variables(self, image: Image) -> list[str]: ...
+
+
+class PackerSource(Source, Protocol):
+    """What the Packer driver needs from a distro profile (pipeline.distros.packer_base.PackerProfile)."""
+
+    def blocks(self, image: Image, legacy: bool) -> list[Block]: ...
+
+    def plan_variables(self, plan: BuildPlan) -> dict[str, str]: ...
 
 
 class Driver(Protocol):

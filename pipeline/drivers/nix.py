@@ -28,6 +28,7 @@ from pipeline.progress import Event, Progress
 from pipeline.run import Result, stream
 
 if TYPE_CHECKING:
+    from pipeline.drivers import Source
     from pipeline.host import HostFacts
     from pipeline.nixremote import SshNg
     from pipeline.packages import Package
@@ -244,6 +245,9 @@ class NixDriver:
     name = "nix"
     tools: tuple[str, ...] = ("nix",)
 
+    def __init__(self, profile: Source) -> None:
+        self.profile = profile
+
     def check(self, plan: BuildPlan, facts: HostFacts) -> None:
         """nix must be installed (the profile has already judged the host's OS and arch)."""
         if not facts.tool("nix").found:
@@ -259,7 +263,7 @@ class NixDriver:
     def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
         """The build command; a flake the profile prepares at build time comes from `known`,
         else shows as a placeholder."""
-        staged = "flake" in plan.profile.prepared_variables(plan.image)
+        staged = "flake" in self.profile.prepared_variables(plan.image)
         flake = (known or {}).get("flake", "<prepared at build time: flake>") if staged else None
         return build_argv(plan, stage, flake=flake)
 
@@ -284,7 +288,7 @@ class NixDriver:
         stage.mkdir(parents=True, exist_ok=True)
         plan.build_log.parent.mkdir(parents=True, exist_ok=True)
         out_link = stage / OUT_LINK
-        flake = plan.profile.prepare(plan, stage, progress.info).variables.get("flake")
+        flake = self.profile.prepare(plan, stage, progress.info).variables.get("flake")
         argv = build_argv(plan, stage, on_error, flake)
         if plan.route is not None:
             _check_route(plan, build_target(plan, flake), progress)

@@ -151,7 +151,7 @@ def _serialiser_stamp() -> list[str]:
     return stamps
 
 
-def host_variables(plan: BuildPlan, stage: Path) -> dict[str, str]:
+def host_variables(plan: BuildPlan, profile: PackerSource, stage: Path) -> dict[str, str]:
     """The variables every template declares, from the plan (host choices), and the ones the
     profile derives from the plan (e.g. AlmaLinux's ssh_timeout)."""
     return {
@@ -160,7 +160,7 @@ def host_variables(plan: BuildPlan, stage: Path) -> dict[str, str]:
         "output_dir": str(stage / "packer-out"),
         "console_log": str(plan.console_log),
         "ssh_private_key_file": str(plan.ssh_key),
-        **plan.profile.plan_variables(plan),
+        **profile.plan_variables(plan),
     }
 
 
@@ -197,7 +197,7 @@ class PackerDriver:
         """The build command; values prepared at build time come from `known` (the dry run
         resolves what it can without downloading) or show as placeholders."""
         known = known or {}
-        variables = {**host_variables(plan, stage),
+        variables = {**host_variables(plan, self.profile, stage),
                      **{v: known.get(v, f"<prepared at build time: {v}>")
                         for v in self.profile.prepared_variables(plan.image)}}
         return build_argv(stage / "template.pkr.hcl", variables)
@@ -217,7 +217,7 @@ class PackerDriver:
         from pipeline.artifacts import hash_ahead
 
         hash_ahead(prepared.extra_files)  # published as they are: hashed while Packer works
-        variables = {**host_variables(plan, stage), **prepared.variables}
+        variables = {**host_variables(plan, self.profile, stage), **prepared.variables}
         template = render_for(plan, self.profile, stage, ver)
         if supports_plugins(ver[:2]):
             progress.step_event("packer init")

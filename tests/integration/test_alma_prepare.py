@@ -29,7 +29,9 @@ def plan_for(name: str, tmp: Path, root: Path = ROOT, **changes: object) -> Buil
     return BuildPlan(image=image, build_id="20261123T000000Z-test", root=root, accel=AccelChoice(Accel.TCG, "test"),
                      firmware=fw, image_dir=out, staging=out / ".staging" / "b", log_dir=out / "logs" / "b",
                      template=alma_profile.PROFILE.template(root, image), ssh_key=keys.project_key(tmp / "output"),
-                     host_os="linux", host_machine="x86_64", profile=alma_profile.PROFILE)
+                     host_os="linux", host_machine="x86_64",
+                     cpu_model=alma_profile.PROFILE.cpu_model(image, Accel.TCG),
+                     artifact_name=alma_profile.PROFILE.artifact_name(image))
 
 
 def prepare(plan: BuildPlan, stage: Path, report=lambda _line: None):  # type: ignore[no-untyped-def]

@@ -83,7 +83,8 @@ def project(tmp_path: Path, attribute: str | None = None) -> tuple[BuildPlan, Pa
     root = tmp_path / "proj"
     cfg = project_config(root, attribute)
     facts = host.probe(tools=())
-    plan = make_build_plan(cfg, cfg.image("nixos-x86_64"), facts, Accel.AUTO, ssh_key=tmp_path / "key")
+    image = cfg.image("nixos-x86_64")
+    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, ssh_key=tmp_path / "key")
     return plan, root
 
 
@@ -98,7 +99,7 @@ def test_drive_builds_the_image_and_copies_it_out_of_the_store(tmp_path, caplog)
     plan, _ = project(tmp_path)
     progress = Recorder()
     with caplog.at_level(logging.DEBUG, logger="imagepipe.run"):
-        result = nix.NixDriver().drive(plan, FACTS, plan.staging, progress, timeout=300)
+        result = nix.NixDriver(distros.profile(plan.image)).drive(plan, FACTS, plan.staging, progress, timeout=300)
     assert result == plan.staging / "nixos.qcow2"
     info = qemu_img_info(result)
     assert info["format"] == "qcow2" and info["virtual-size"] == 64 * 1024 * 1024
@@ -122,11 +123,11 @@ def test_drive_accepts_a_result_that_is_the_image_file(tmp_path):
     plan, root = project(tmp_path, attribute="packages.x86_64-linux.bare-image")
     lock = '{"nodes": {"root": {}}, "root": "root", "version": 7}\n'
     (root / "fixture" / "flake.lock").write_text(lock)
-    result = nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
+    result = nix.NixDriver(distros.profile(plan.image)).drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert qemu_img_info(result)["virtual-size"] == 32 * 1024 * 1024
     # The lock the image was built from travels with it (the manifest hashes it as an input).
     assert (plan.staging / "flake.lock").read_text() == lock
-    assert plan.profile.manifest_extra(plan) == {"nixpkgs": None}  # this lock pins no nixpkgs
+    assert distros.profile(plan.image).manifest_extra(plan) == {"nixpkgs": None}  # this lock pins no nixpkgs
 
 
 @pytest.mark.slow
@@ -137,7 +138,7 @@ def test_failing_build_reports_nix_error_tail_and_leaves_published_image_alone(t
     published.write_bytes(b"last good image")
     progress = Recorder()
     with pytest.raises(CommandFailed) as err:
-        nix.NixDriver().drive(plan, FACTS, plan.staging, progress, timeout=300)
+        nix.NixDriver(distros.profile(plan.image)).drive(plan, FACTS, plan.staging, progress, timeout=300)
     assert "--impure" not in err.value.argv and "build" in err.value.argv
     assert "cptofs failed" in err.value.tail
     assert "failed with exit code 1" in err.value.tail
@@ -151,7 +152,7 @@ def test_failing_build_reports_nix_error_tail_and_leaves_published_image_alone(t
 def test_missing_attribute_is_a_clear_failure(tmp_path):
     plan, _ = project(tmp_path, attribute="packages.x86_64-linux.nope")
     with pytest.raises(CommandFailed) as err:
-        nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
+        nix.NixDriver(distros.profile(plan.image)).drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert "does not provide attribute" in err.value.tail
     assert "attribute" in (err.value.hint or "")
 
@@ -160,7 +161,7 @@ def test_missing_attribute_is_a_clear_failure(tmp_path):
 def test_result_without_an_image_fails_and_stages_nothing(tmp_path):
     plan, _ = project(tmp_path, attribute="packages.x86_64-linux.no-image")
     with pytest.raises(BuildFailed) as err:
-        nix.NixDriver().drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
+        nix.NixDriver(distros.profile(plan.image)).drive(plan, FACTS, plan.staging, Recorder(), timeout=300)
     assert "readme.txt" in err.value.message
     assert list(plan.staging.iterdir()) == []
 

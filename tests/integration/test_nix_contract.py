@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import contract, host, inputs, keys, lint_nix
+from pipeline import contract, distros, host, inputs, keys, lint_nix
 from pipeline.config import Accel, User, load, load_file
 from pipeline.distros import almalinux, nixos
 from pipeline.drivers import nix
@@ -57,8 +57,8 @@ def staged_flake(tmp_path: Path, image, root: Path) -> tuple[Path, str]:  # type
     facts = host.HostFacts(os="linux", machine=image.arch.value, kvm=host.KvmFacts(True, True, True), hvf=False,
                            firmware={image.arch: host.FirmwareInfo(image.arch, "/c", "/v", "test")})
     cfg = dataclasses.replace(CFG, root=root)
-    plan = make_build_plan(cfg, image, facts, Accel.TCG, keys.project_key(tmp_path / "output"), build_id="b")
-    prepared = plan.profile.prepare(plan, tmp_path / "stage", lambda _m: None)
+    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.TCG, keys.project_key(tmp_path / "output"), build_id="b")
+    prepared = distros.profile(plan.image).prepare(plan, tmp_path / "stage", lambda _m: None)
     return Path(prepared.variables["flake"].removeprefix("path:")), keys.public_key(plan.ssh_key)
 
 
@@ -127,10 +127,10 @@ def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
                                             "users": [{"name": "admin", "sudo": True, "password_hash": HASH}]}}}, root)
     image = cfg.image("nixos-x86_64")
     facts = host.probe(tools=["nix"])
-    plan = make_build_plan(cfg, image, facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
-    assert "lock" in (plan.profile.announce(plan, facts) or ""), "no flake.lock: the build says to commit one"
+    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
+    assert "lock" in (distros.profile(plan.image).announce(plan, facts) or ""), "no flake.lock: the build says to commit one"
     progress = Recorder()
-    result = nix.NixDriver().drive(plan, facts, plan.staging, progress, timeout=300)
+    result = nix.NixDriver(distros.profile(plan.image)).drive(plan, facts, plan.staging, progress, timeout=300)
     assert result == plan.staging / "nixos.qcow2"
     said = [e.message for e in progress.events]
     assert f"fixture: authorized keys: {keys.public_key(plan.ssh_key)}" in said

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import host
+from pipeline import distros, host
 from pipeline.config import Accel, Arch, load_file
 from pipeline.errors import HostUnsuitable
 from pipeline.host import FirmwareInfo, HostFacts, KvmFacts, ToolInfo
@@ -29,6 +29,11 @@ V1 = "fpu cx8 cmov mmx fxsr sse sse2 syscall lm"
 NEHALEM = V1 + " pni ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm"
 HASWELL = NEHALEM + " avx avx2 bmi1 bmi2 f16c fma abm movbe xsave"
 SKYLAKE_X = HASWELL + " avx512f avx512bw avx512cd avx512dq avx512vl"
+
+
+def need(image):  # type: ignore[no-untyped-def]
+    """The x86-64 level the image's distro needs (the profile's answer, as build and dry run ask it)."""
+    return distros.profile(image).cpu_level(image)
 
 
 def cpuinfo(flags: str) -> str:
@@ -76,44 +81,44 @@ def test_the_build_vm_level_comes_from_the_host_qemu_or_a_named_model():
 
 def test_almalinux_10_on_a_v2_host_under_kvm_is_refused_before_anything_runs():
     f = facts(NEHALEM)
-    problem = cpu_level_problem(ALMA, "host", choose_accel(Accel.KVM, f, Arch.X86_64), f)
+    problem = cpu_level_problem(ALMA, need(ALMA), "host", choose_accel(Accel.KVM, f, Arch.X86_64), f)
     assert isinstance(problem, HostUnsuitable)
     assert problem.message == ("almalinux10-x86_64 needs an x86-64-v3 CPU, but this host's CPU is x86-64-v2 "
                                "(lacks abm avx avx2 bmi1 bmi2 f16c fma movbe xsave)")
     assert "variant: x86_64_v2" in problem.hint and "remote-sync-build" in problem.hint
     with pytest.raises(HostUnsuitable, match="needs an x86-64-v3 CPU"):
-        make_build_plan(CFG, ALMA, f, Accel.KVM, Path("/k"))
+        make_build_plan(CFG, ALMA, distros.profile(ALMA), f, Accel.KVM, Path("/k"))
 
 
 def test_tcg_needs_qemu_7_2_for_v3_and_the_v2_variant_builds_anywhere():
     old = facts(HASWELL, qemu="7.1.0", kvm=False)
     tcg = choose_accel(Accel.TCG, old, Arch.X86_64)
-    problem = cpu_level_problem(ALMA, "max", tcg, old)
+    problem = cpu_level_problem(ALMA, need(ALMA), "max", tcg, old)
     assert problem is not None and "QEMU 7.1.0's TCG `-cpu max` is x86-64-v2" in problem.message
     assert "install QEMU >= 7.2" in problem.hint
-    assert cpu_level_problem(ALMA, "max", tcg, facts(qemu="7.2.0", kvm=False)) is None
+    assert cpu_level_problem(ALMA, need(ALMA), "max", tcg, facts(qemu="7.2.0", kvm=False)) is None
     v2 = dataclasses.replace(ALMA, variant="x86_64_v2")
-    plan = make_build_plan(CFG, v2, facts(NEHALEM), Accel.KVM, Path("/k"), build_id="b")
+    plan = make_build_plan(CFG, v2, distros.profile(v2), facts(NEHALEM), Accel.KVM, Path("/k"), build_id="b")
     assert plan.cpu_model == "Nehalem", "the v2 build runs on a v2 CPU model, as AlmaLinux's own v2 builds"
-    assert cpu_level_problem(v2, "Nehalem", tcg, old) is None
+    assert cpu_level_problem(v2, need(v2), "Nehalem", tcg, old) is None
 
 
 def test_images_without_a_level_are_never_refused():
     f = facts(V1)
     for name in ("almalinux10-aarch64", "nixos-x86_64", "demo-x86_64"):
         image = CFG.image(name)
-        assert cpu_level_problem(image, "host", choose_accel(Accel.TCG, f, image.arch), f) is None
+        assert cpu_level_problem(image, need(image), "host", choose_accel(Accel.TCG, f, image.arch), f) is None
 
 
 def test_plan_values_follow_the_accelerator():
-    kvm = make_build_plan(CFG, ALMA, facts(), Accel.KVM, Path("/k"), build_id="b")
-    tcg = make_build_plan(CFG, ALMA, facts(), Accel.TCG, Path("/k"), build_id="b")
+    kvm = make_build_plan(CFG, ALMA, distros.profile(ALMA), facts(), Accel.KVM, Path("/k"), build_id="b")
+    tcg = make_build_plan(CFG, ALMA, distros.profile(ALMA), facts(), Accel.TCG, Path("/k"), build_id="b")
     assert (kvm.ssh_timeout, kvm.cpu_model) == ("1h", "host")
     assert (tcg.ssh_timeout, tcg.cpu_model) == ("4h", "max")
-    assert kvm.profile.plan_variables(kvm) == {"ssh_timeout": "1h"}
+    assert distros.profile(kvm.image).plan_variables(kvm) == {"ssh_timeout": "1h"}
     from pipeline.drivers.packer import host_variables
 
-    assert host_variables(tcg, Path("/s"))["ssh_timeout"] == "4h"
+    assert host_variables(tcg, distros.profile(tcg.image), Path("/s"))["ssh_timeout"] == "4h"
 
 
 def test_one_machine_type_for_build_and_run():

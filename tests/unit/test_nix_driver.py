@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import distros
 from pipeline.config import Accel, load
 from pipeline.distros import nixos
 from pipeline.drivers import nix, nixlog
@@ -78,7 +79,7 @@ def test_build_argv_of_a_plan(tmp_path):
         image = cfg.image(name)
         fw = {image.arch: FirmwareInfo(image.arch, "/fw/code.fd", "/fw/vars.fd", "test")}
         here = replace(facts(machine=image.arch.value), firmware=fw)
-        plan = make_build_plan(cfg, image, here, Accel.AUTO, tmp_path / "key")
+        plan = make_build_plan(cfg, image, distros.profile(image), here, Accel.AUTO, tmp_path / "key")
         for on_error in ("cleanup", "abort"):
             argv = nix.build_argv(plan, tmp_path / "stage", on_error)
             assert "--impure" not in argv

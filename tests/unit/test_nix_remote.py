@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import doctor, nixremote, rsync
+from pipeline import distros, doctor, nixremote, rsync
 from pipeline.config import Accel, load
 from pipeline.distros import nixos
 from pipeline.drivers import nix, nixlog
@@ -179,7 +179,8 @@ def test_builder_settings_and_fit():
 
 def test_ssh_ng_build_argv_evaluates_here_and_builds_there(tmp_path):
     cfg = config()
-    plan = make_build_plan(cfg, cfg.image("nixos-aarch64"), facts(), Accel.AUTO, tmp_path / "k",
+    image = cfg.image("nixos-aarch64")
+    plan = make_build_plan(cfg, image, distros.profile(image), facts(), Accel.AUTO, tmp_path / "k",
                            route=route(systems=("aarch64-linux",)))
     # the same staged copy of nixos/ (with the build key) as a local build: evaluated here
     staged = f"path:{nixos.staged_flake(tmp_path / 'stage')}"
@@ -191,7 +192,7 @@ def test_ssh_ng_build_argv_evaluates_here_and_builds_there(tmp_path):
     assert "--no-link" in argv and "--json" in argv and "--out-link" not in argv and "--impure" not in argv
     # a foreign-arch image built elsewhere is planned, not refused; its accelerator is only a boot test's
     assert plan.accel.accel is Accel.TCG and plan.route is not None
-    shown = nix.NixDriver().command(plan, tmp_path / "stage")
+    shown = nix.NixDriver(distros.profile(plan.image)).command(plan, tmp_path / "stage")
     assert shown[4] == "<prepared at build time: flake>#packages.aarch64-linux.nixos-aarch64-image"
     assert shown[:4] + shown[5:] == argv[:4] + argv[5:]
 
@@ -243,7 +244,7 @@ def test_a_host_whose_nix_lacks_kvm_hands_its_own_arch_to_a_configured_builder()
     assert isinstance(got, nixremote.NixBuilders) and got.machines == (X86_KVM,)
     # no builder with kvm: nix builds here, with the kvm warning
     assert nixos.PROFILE.engine_route(x86, facts(builders=(X86_NO_KVM,), features=""), cfg, None) is None
-    plan = make_build_plan(cfg, x86, no_kvm, Accel.AUTO, Path("/k"), route=got)
+    plan = make_build_plan(cfg, x86, distros.profile(x86), no_kvm, Accel.AUTO, Path("/k"), route=got)
     assert nixos.PROFILE.announce(plan, no_kvm).splitlines()[0] == (  # type: ignore[union-attr]
         "nix builds it on nix's configured builders: " + X86_KVM.describe())
 

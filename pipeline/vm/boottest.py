@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pipeline import contract, distros, keys, procs
 from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
+from pipeline.firmware import FirmwareInfo
 from pipeline.host import HostFacts
 from pipeline.model import Accel, Config, Image
+from pipeline.plan import AccelChoice
 from pipeline.run import run, tie_to_us
 from pipeline.text import visible_lines
 from pipeline.vm.argv import RunOptions
@@ -27,8 +29,8 @@ from pipeline.vm.state import (
     BOOT_TEST_DIR,
     StatePaths,
     clear_live_state,
-    ensure_state_dir,
     free_port,
+    one_at_a_time,
     read_status,
     state_paths,
     wait_gone,
@@ -146,7 +148,14 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
     wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
-    ensure_state_dir(state)  # a real folder of ours (a planted link is refused) before anything goes
+    with one_at_a_time(state, image.name, say):  # a real folder of ours (a planted link is refused)
+        _boot_and_check(cfg, target, output_dir, state, accel_choice, firmware, wait, say)
+
+
+def _boot_and_check(cfg: Config, target: BootTarget, output_dir: Path, state: StatePaths, accel_choice: AccelChoice,
+                    firmware: FirmwareInfo | None, wait: float, say: Callable[[str], None]) -> None:
+    """boot_test's VM, while it holds the boot-test folder."""
+    image = target.image
     state.efivars.unlink(missing_ok=True)  # every boot test starts from the firmware's own variables
     key = keys.project_key(output_dir, cfg.defaults.ssh_key)
     say(f"{image.name}: boot test ({accel_choice.accel.value}), waiting up to {wait:.0f}s for SSH")

@@ -21,18 +21,20 @@ by the next command that looks at it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import procs
-from pipeline.fsutil import atomic_write, ensure_dir
+from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.text import visible_lines
 
@@ -187,6 +189,29 @@ def read_value(path: Path) -> str | None:
 def ensure_state_dir(state: StatePaths) -> None:
     """The state folder, created as a real folder inside a real image folder (links refused)."""
     ensure_dir(state.root, state.root.parent.parent)
+
+
+@contextlib.contextmanager
+def one_at_a_time(state: StatePaths, image: str, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the state folder's lock for the duration (flock on its `.lock`: released by the kernel
+    on any exit). Two boot tests of one image (a timer's build and `invoke test-image`, say) share
+    output/<image>/boot-test: the second says whom it waits for and starts once the first has
+    stopped its VM, instead of failing on "already running"."""
+    ensure_state_dir(state)
+    fd = open_nofollow(state.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = int_or_none(os.pread(fd, 16, 0).decode("ascii", "replace").strip(), lo=1)
+            say(f"{image}: waiting for the boot test already running ({f'pid {holder}' if holder else 'another process'}) "
+                "to finish…")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_value(path: Path, text: str) -> None:

@@ -222,6 +222,26 @@ def test_test_image_and_test_all(demo):
     assert "IMAGE" in every.stdout.splitlines()[0]
 
 
+def test_two_boot_tests_of_one_image_take_turns(demo):
+    """A boot test already running in output/IMAGE/boot-test (a timer's build, say) and a second
+    one: the second waits for the first's VM to stop instead of failing on "already running";
+    both pass."""
+    cfg, out = demo
+    first = Background(cfg, ["test-image", DEMO])
+    try:
+        first.wait_for("boot test (", timeout=120)  # holds the folder, its QEMU starting
+        second = invoke(["test-image", DEMO], cfg, timeout=600)
+        code = first.finish(timeout=300)
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    assert code == 0, first.output()
+    assert second.returncode == 0, second.stderr
+    assert f"waiting for the boot test already running (pid {first.proc.pid})" in second.stderr, second.stderr
+    assert "boot test passed" in second.stderr and "boot test passed" in first.output()
+    assert not (out / DEMO / "boot-test" / "pid").exists()
+
+
 def test_boot_test_function_on_the_staged_layout(demo):
     """The build step's gate: an explicit image file + boot files beside it (absolute paths)."""
     cfg_path, out = demo

@@ -291,7 +291,7 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
     primary = artifacts.verify(produced, image.format.value, compressed=compressed)
     if opts.boot_test:
         progress.step_event("boot test")
-        _boot_test(cfg, plan, facts, produced, opts)
+        _boot_test(cfg, plan, facts, produced, opts, progress.info)
     files = [primary, *_other_formats(image, primary, stage, progress)]
     progress.step_event("package list and SBOM")
     found = distros.profile(plan.image).packages(plan, stage, progress.info)
@@ -402,14 +402,15 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
     artifacts.discard(plan.staging)  # already moved into builds/ when publish succeeded
 
 
-def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, opts: BuildOptions) -> None:
+def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, opts: BuildOptions,
+               say: Callable[[str], None]) -> None:
     from pipeline.vm.boottest import boot_test
     from pipeline.vm.lifecycle import staged_target
 
     boot = distros.profile(plan.image).boot_info(plan.image)
     target = staged_target(plan.image, produced, boot.as_manifest() if boot else None, plan.build_id,
                            base=plan.staging)
-    boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts)
+    boot_test(cfg, target, cfg.output_dir, opts.accel, facts=facts, say=say)
 
 
 def _manifest(plan: BuildPlan, facts: HostFacts, files: list[artifacts.Verified], started: float) -> dict[str, Any]:

@@ -386,15 +386,17 @@ class Holder:
     since: float | None
     fetching_from: str | None = None  # a remote-fetch holds it, not a build
 
-    @property
-    def doing(self) -> str:
-        """What the holder does to the image, as the noun of "the build held by": build or fetch."""
-        return "fetch" if self.fetching_from else "build"
+    def busy(self, image: str) -> str:
+        """`demo is being built by pid N, build X, since T` (fetched from HOST; in use: gc, a
+        no-op run's tidy-up)."""
+        how = (f"being fetched from {self.fetching_from}" if self.fetching_from
+               else "being built" if self.build_id else "in use")
+        return f"{image} is {how} by {self.describe()}"
 
-    @property
-    def done_to(self) -> str:
-        """"is being {done_to} by pid N": built, or fetched from HOST."""
-        return f"fetched from {self.fetching_from}" if self.fetching_from else "built"
+    def waiting(self, image: str) -> str:
+        """`demo: waiting for the build held by pid N, ... to finish…` (the fetch; pid N)."""
+        what = "the fetch held by " if self.fetching_from else "the build held by " if self.build_id else ""
+        return f"{image}: waiting for {what}{self.describe()} to finish…"
 
     def describe(self) -> str:
         parts = [f"pid {self.pid}" if self.pid else "another process"]
@@ -424,37 +426,39 @@ def read_holder(path: Path) -> Holder:
 
 @contextlib.contextmanager
 def image_lock(image_dir: Path, *, build_id: str | None = None, wait: bool = True,
-               say: Callable[[str], None] | None = None, fetching_from: str | None = None) -> Iterator[None]:
+               say: Callable[[str], None] | None = None, fetching_from: str | None = None) -> Iterator[bool]:
     """Hold output/<image>/.lock for the duration (flock: released by the kernel on any exit).
     Whatever writes the image's folder holds it: a build, a remote-fetch (`fetching_from`: the
-    builder's name, for the holder's description), prune.
+    builder's name, for the holder's description), gc.
 
     Busy: with wait=True say who holds it and block until it is free; with wait=False raise
-    LockBusy at once.
+    LockBusy at once. Yields whether it had to wait (what was read before may be stale then).
     """
     ensure_dir(image_dir, image_dir.parent)
     path = lock_path(image_dir)
     fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        waited = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = read_holder(path)
             if not wait:
                 raise LockBusy(
-                    f"{image_dir.name} is being {holder.done_to} by {holder.describe()}",
+                    holder.busy(image_dir.name),
                     "wait for it (run again without --no-wait), or see: invoke history --image " + image_dir.name,
                 ) from None
             if say:
-                say(f"{image_dir.name}: waiting for the {holder.doing} held by {holder.describe()} to finish…")
+                say(holder.waiting(image_dir.name))
             fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
         try:
             os.ftruncate(fd, 0)
             who = {"pid": os.getpid(), "build_id": build_id, "since": time.time()}
             os.pwrite(fd, json.dumps({**who, "fetching_from": fetching_from} if fetching_from else who).encode(), 0)
         except OSError as exc:
             raise storage_error(exc, path) from None
-        yield
+        yield waited
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 

@@ -96,7 +96,8 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     """What needs no build step at all: `skipped` when this host cannot build the image (decided
     before its pin is refreshed: an image skipped here needs no network), else, after the pin's
     refresh, `up-to-date` when the published build has the current input hash (the same check
-    build_image makes, without its lock and history: a no-op run stays well under a second).
+    build_image makes, without its history, and without its lock unless a killed build left
+    something in .staging to remove: a no-op run stays well under a second).
     None: build_image decides (and re-checks under the image's lock)."""
     from pipeline.build import host_refusal
 

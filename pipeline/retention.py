@@ -92,8 +92,9 @@ def after_publish(output_dir: Path, image: str, keep: int, say: Callable[[str], 
     here is only a warning: the new build is already in place."""
     try:
         freed = apply(output_dir, image, keep)
-    except OSError as exc:
-        say(f"{image}: warning: retention could not remove old builds: {exc}")
+    except (ImagepipeError, OSError) as exc:  # e.g. a history.db this user cannot write
+        say(f"{image}: warning: retention could not remove old builds: "
+            f"{exc.message if isinstance(exc, ImagepipeError) else exc}")
         return
     if freed.removed:
         say(f"{image}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
@@ -135,7 +136,8 @@ def du(path: Path) -> int:
 
 def reap_when_idle(image_dir: Path, say: Callable[[str], None]) -> None:
     """A no-op run's tidy-up (`build --if-changed`, `rebuild` with nothing changed): what a
-    killed build or fetch left in .staging goes, as a build's start would remove it. Only when
+    killed build left in .staging goes, as a build's start would remove it (an interrupted
+    fetch's folder stays, for that fetch to resume). Only when
     nothing holds the image's lock (a holder's staging folder is live), and free when there is
     no .staging folder, the usual case. Trouble here is said as a warning: nothing was asked."""
     if not (image_dir / ".staging").is_dir():
@@ -150,16 +152,18 @@ def reap_when_idle(image_dir: Path, say: Callable[[str], None]) -> None:
             f"{exc.message if isinstance(exc, ImagepipeError) else exc}")
 
 
-def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None, *, keep: str | None = None) -> list[Path]:
-    """Remove what a killed build or fetch left behind (the caller holds the lock, so it is all
-    stale): staging folders (after stopping any tool still running in them) and half-made
-    symlinks. `keep`: the one staging folder the caller goes on with (a fetch resuming its own)."""
+def clean_stale(image_dir: Path, say: Callable[[str], None] | None = None, *, fetches: bool = False,
+                keep: str | None = None) -> list[Path]:
+    """Remove what a killed build left behind (the caller holds the lock, so it is all stale):
+    staging folders (after stopping any tool still running in them) and half-made symlinks.
+    An interrupted fetch's folder is kept for that fetch to resume unless `fetches` (gc; a fetch,
+    which keeps `keep`, its own)."""
     removed: list[Path] = []
     staging = image_dir / ".staging"
     check_dir(image_dir, image_dir.parent)
     check_dir(staging, image_dir)  # `.staging -> /home/me` is refused, never emptied
     for stage in sorted(staging.iterdir()) if staging.is_dir() else []:
-        if stage.name == keep:
+        if stage.name == keep or (stage.name.startswith(FETCH_PREFIX) and not fetches):
             continue
         stopped = stop_processes_in(stage) if stage.is_dir() and not stage.is_symlink() else []
         if say:

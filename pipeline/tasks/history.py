@@ -95,7 +95,7 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
         try:
             with contextlib.nullcontext() if dry_run else image_lock(cfg.output_dir / name, wait=False):
                 if not dry_run:
-                    retention.clean_stale(cfg.output_dir / name, say)
+                    retention.clean_stale(cfg.output_dir / name, say, fetches=True)
                 plan = retention.apply(cfg.output_dir, name, img.retention, dry_run=dry_run)
         except LockBusy as exc:
             say(f"{name}: left alone ({exc.message})")

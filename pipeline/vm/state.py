@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import procs
-from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow
+from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow, storage_error
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.text import visible_lines
 
@@ -198,7 +198,11 @@ def one_at_a_time(state: StatePaths, image: str, say: Callable[[str], None]) -> 
     output/<image>/boot-test: the second says whom it waits for and starts once the first has
     stopped its VM, instead of failing on "already running"."""
     ensure_state_dir(state)
-    fd = open_nofollow(state.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = state.root / ".lock"
+    try:
+        fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error(exc, lock) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,8 +211,11 @@ def one_at_a_time(state: StatePaths, image: str, say: Callable[[str], None]) -> 
             say(f"{image}: waiting for the boot test already running ({f'pid {holder}' if holder else 'another process'}) "
                 "to finish…")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise storage_error(exc, lock) from None
         yield
     finally:
         os.close(fd)

@@ -299,6 +299,41 @@ def test_a_fetch_holds_the_image_lock_and_applies_retention(hal9000, tmp_path):
     assert artifacts.verify_published(image_dir)
 
 
+def test_a_fetch_that_waited_for_the_lock_fetches_what_the_builder_has_now(hal9000, tmp_path):
+    """While a fetch waits for the image's lock, the builder publishes anew and its retention
+    removes the build the fetch first read: once it has the lock, the fetch reads the manifest
+    again and brings the new build (it would otherwise ask rsync for a folder that is gone)."""
+    builder = hal9000["base"] / "wait-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "wait.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+    })
+    fake_published(builder, "20261126T000000Z-old1", dense_qcow2(tmp_path / "old.qcow2", "16M"))
+    image_dir = out / "demo-x86_64"
+    hold = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
+            "with image_lock(Path(sys.argv[1]), build_id='20261126T000000Z-here'):\n"
+            "    print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(image_dir)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    fetch = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        fetch = Background(cfg, ["remote-fetch-demo", "hal9000"])
+        fetch.wait_for(f"waiting for the build held by pid {holder.pid}", timeout=120)
+        fake_published(builder, "20261126T010000Z-new1", dense_qcow2(tmp_path / "new.qcow2", "16M"))
+        shutil.rmtree(builder / "output/demo-x86_64/builds/20261126T000000Z-old1")
+        holder.communicate("", timeout=30)  # releases the lock
+        code = fetch.finish(timeout=300)
+    finally:
+        for proc in (holder, fetch.proc if fetch else None):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert code == 0, fetch.output()
+    assert artifacts.read_manifest(image_dir)["build_id"] == "20261126T010000Z-new1", fetch.output()
+    assert artifacts.verify_published(image_dir)
+
+
 def _fetch_setup(hal9000: dict, tmp_path: Path, name: str, image: Path) -> tuple[Path, Path, Path]:
     """`image` published on a builder of its own; returns (config, output dir, builder's file)."""
     builder = hal9000["base"] / f"{name}-builder"

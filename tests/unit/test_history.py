@@ -108,6 +108,23 @@ def test_a_fetch_holding_the_lock_is_named_as_one(tmp_path):
         proc.wait()
 
 
+def test_a_holder_that_is_no_build_is_not_called_one(tmp_path):
+    """gc and a no-op run's tidy-up hold the lock without a build id: "in use", not "being built"."""
+    image_dir = tmp_path / "demo"
+    code = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
+            "with image_lock(Path(sys.argv[1]), wait=False):\n    print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(image_dir)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockBusy) as exc, image_lock(image_dir, wait=False):
+            pass
+        assert exc.value.message.startswith(f"demo is in use by pid {proc.pid}, since "), exc.value.message
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_kill_9_releases_the_lock(tmp_path):
     image_dir = tmp_path / "demo"
     proc = holder(image_dir / ".lock", 60)
@@ -124,10 +141,12 @@ def test_waiting_says_who_holds_the_lock_and_gets_it_when_released(tmp_path):
     proc = holder(image_dir / ".lock", 1.5)
     said = []
     start = time.monotonic()
-    with image_lock(image_dir, say=said.append):
+    with image_lock(image_dir, say=said.append) as had_to_wait:
         waited = time.monotonic() - start
     proc.wait()
-    assert waited > 0.5, waited
+    assert waited > 0.5 and had_to_wait, waited
+    with image_lock(image_dir, say=said.append) as had_to_wait:
+        assert not had_to_wait
     assert len(said) == 1 and "waiting" in said[0] and f"pid {proc.pid}" in said[0]
 
 

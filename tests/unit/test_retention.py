@@ -99,7 +99,11 @@ def test_clean_stale_keeps_the_folder_its_caller_goes_on_with(tmp_path):
         (staging / name).mkdir(parents=True)
         (staging / name / "demo.qcow2").write_bytes(b"x" * 10)
     said: list[str] = []
-    retention.clean_stale(tmp_path / "demo", said.append, keep="fetch-20260102T000000Z-new")
+    # a build's start, a no-op run: an interrupted fetch's folder stays, for that fetch to resume
+    retention.clean_stale(tmp_path / "demo", said.append)
+    assert sorted(p.name for p in staging.iterdir()) == ["fetch-20260101T000000Z-old", "fetch-20260102T000000Z-new"]
+    # a fetch (or gc): older fetches go too, the fetch's own folder stays
+    retention.clean_stale(tmp_path / "demo", said.append, fetches=True, keep="fetch-20260102T000000Z-new")
     assert sorted(p.name for p in staging.iterdir()) == ["fetch-20260102T000000Z-new"]
     assert (staging / "fetch-20260102T000000Z-new" / "demo.qcow2").read_bytes() == b"x" * 10
     assert sorted(said) == ["demo: removing 20260102T000000Z-dead left by an interrupted build",
@@ -116,6 +120,8 @@ def test_a_no_op_run_reaps_stale_staging_only_when_nothing_holds_the_lock(tmp_pa
     assert not image_dir.exists() and said == []
     stale = image_dir / ".staging" / "20260101T000000Z-dead"
     stale.mkdir(parents=True)
+    resumable = image_dir / ".staging" / "fetch-20260101T000000Z-half"  # an interrupted fetch's
+    resumable.mkdir()
     # a live build of the image holds its lock (in another process: flock is per open file)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
@@ -129,7 +135,7 @@ def test_a_no_op_run_reaps_stale_staging_only_when_nothing_holds_the_lock(tmp_pa
         holder.kill()
         holder.wait()
     retention.reap_when_idle(image_dir, said.append)
-    assert not (image_dir / ".staging").exists()
+    assert not stale.exists() and resumable.is_dir()  # kept for that fetch to resume
     assert said == ["demo: removing 20260101T000000Z-dead left by an interrupted build"]
 
 

@@ -151,6 +151,16 @@ def test_a_no_op_run_warns_instead_of_following_a_planted_link(tmp_path):
     assert len(said) == 1 and "warning" in said[0] and ".staging" in said[0], said
 
 
+def test_retention_after_a_publish_only_warns(tmp_path):
+    """The new build is in place: a history it cannot write (here a planted link) is a warning."""
+    (tmp_path / "demo" / "builds").mkdir(parents=True)
+    (tmp_path / "history.db").symlink_to("/etc/passwd")
+    said: list[str] = []
+    retention.after_publish(tmp_path, "demo", 1, said.append)
+    assert len(said) == 1 and said[0].startswith("demo: warning: retention could not remove old builds: ")
+    assert "history.db is a symbolic link" in said[0]
+
+
 def test_human_sizes():
     assert retention.human(512) == "512 B"
     assert retention.human(3 * 1024 * 1024) == "3.0 MiB"

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline import artifacts, history
 from pipeline.errors import ImagepipeError, LockBusy
 from pipeline.fsutil import check_dir, safe_rmtree
-from pipeline.procs import stop_processes_in
+from pipeline.procs import pids_mentioning, stop_processes_in
 from pipeline.units import mib
 
 FETCH_PREFIX = "fetch-"  # .staging/fetch-<build id>: a remote-fetch's, kept between tries to resume
@@ -34,6 +34,13 @@ class GcPlan:
     removed: list[str] = field(default_factory=list)      # build ids whose builds/<id> goes
     paths: list[Path] = field(default_factory=list)       # every folder that goes
     bytes: int = 0
+    in_use: dict[str, list[int]] = field(default_factory=dict)  # build id -> pids: kept though due
+
+    def in_use_text(self) -> str:
+        """`kept 20261101T000000Z-ab12: in use by pid 123 (…)` for every build kept because a
+        process (a VM `invoke run` started before a newer build was published) uses it."""
+        return "; ".join(f"kept {b}: in use by pid {', '.join(map(str, pids))} (a running VM? stop it, "
+                         "then invoke gc)" for b, pids in self.in_use.items())
 
     @property
     def human_bytes(self) -> str:
@@ -81,7 +88,12 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
     remove_builds, remove_logs = choose(
         build_ids, log_ids, current.name if current else None, statuses,
         lambda b: (builds_dir / b / artifacts.MANIFEST).is_file(), keep)
-    gc = GcPlan(image, sorted(remove_builds))
+    # A build a process still names (the disk of a VM started before a newer build was
+    # published) stays: removing it would take the disk from under that VM's writes.
+    in_use = {b: pids for b in sorted(remove_builds) if (pids := pids_mentioning(f"{builds_dir / b}/"))}
+    remove_builds -= in_use.keys()
+    remove_logs -= in_use.keys()
+    gc = GcPlan(image, sorted(remove_builds), in_use=in_use)
     gc.paths = [builds_dir / b for b in sorted(remove_builds)] + [logs_dir / i for i in sorted(remove_logs)]
     gc.bytes = sum(du(p) for p in gc.paths)
     return gc
@@ -98,6 +110,8 @@ def after_publish(output_dir: Path, image: str, keep: int, say: Callable[[str], 
         return
     if freed.removed:
         say(f"{image}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
+    if freed.in_use:
+        say(f"{image}: retention {freed.in_use_text()}")
 
 
 def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> GcPlan:

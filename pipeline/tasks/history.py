@@ -73,7 +73,7 @@ def _when(ts: float) -> str:
     "json": "one JSON object per image on stdout",
 })
 def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -> None:
-    """Apply retention now: keep each image's last N builds (never the published one)."""
+    """Apply retention now: keep each image's last N builds (never the published one, nor one a running VM uses)."""
     import contextlib
     import json as json_mod
 
@@ -104,10 +104,12 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
         verb = "would remove" if dry_run else "removed"
         if json:
             print(json_mod.dumps({"image": name, "dry_run": dry_run, "builds": plan.removed,
-                                  "paths": [str(p) for p in plan.paths], "bytes": plan.bytes}), flush=True)
+                                  "paths": [str(p) for p in plan.paths], "bytes": plan.bytes,
+                                  "in_use": plan.in_use}), flush=True)
         else:
             what = ", ".join(plan.removed) if plan.removed else "no builds"
-            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {mib(plan.bytes)})")
+            kept = f"; {plan.in_use_text()}" if plan.in_use else ""
+            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {mib(plan.bytes)}){kept}")
     if not json:
         say(f"{'would free' if dry_run else 'freed'} {mib(total)} in total")
 

@@ -76,6 +76,8 @@ def test_run_ssh_status_stop(demo):
     port = int(state.ssh_port.read_text())
     pid = int(state.pid.read_text())
     assert vmstate.is_our_qemu(procs.cmdline(pid), state)
+    # its disk is named by the build's own folder, which retention keeps while a VM names it
+    assert pid in procs.pids_mentioning(f"{artifacts.current_build(out / DEMO)}/")
 
     again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr

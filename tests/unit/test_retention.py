@@ -71,6 +71,35 @@ def test_apply_removes_files_and_marks_the_history(tmp_path):
         assert h.get(b[0]).removed and h.get(b[1]).removed is None
 
 
+def test_a_build_a_running_vm_uses_is_kept_and_said(tmp_path):
+    """`invoke run` boots builds/<id>/IMAGE (QEMU's command line names it); a newer publish
+    and retention must not take that disk from under the VM's writes."""
+    import subprocess
+    import sys
+
+    image_dir = tmp_path / "demo"
+    b = ids(3)
+    for i in b:
+        make_build(image_dir, i)
+    os.symlink(f"builds/{b[2]}", image_dir / "current")
+    disk = image_dir / "builds" / b[0] / "demo.qcow2"
+    vm = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"file={disk}"])
+    try:
+        cmdline = Path(f"/proc/{vm.pid}/cmdline")
+        deadline = time.monotonic() + 30
+        while str(disk).encode() not in cmdline.read_bytes():  # exec'd (before that: the parent's line)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gc = retention.apply(tmp_path, "demo", 1)
+        assert gc.removed == [b[1]] and gc.in_use == {b[0]: [vm.pid]}
+        assert (image_dir / "builds" / b[0]).is_dir() and (image_dir / "logs" / b[0]).is_dir()
+        assert f"kept {b[0]}: in use by pid {vm.pid}" in gc.in_use_text()
+    finally:
+        vm.kill()
+        vm.wait()
+    assert retention.apply(tmp_path, "demo", 1).removed == [b[0]]  # once the VM is gone
+
+
 def test_clean_stale_removes_staging_and_stops_its_processes(tmp_path):
     import subprocess
     import sys

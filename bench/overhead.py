@@ -3,10 +3,11 @@
 Alternates task and raw runs (5 pairs by default, ≥ 3), prints both medians and the ratio (goal
 ≤ 1.03). The raw side gets exactly what the task gives packer: same template, same variables, same
 prepared inputs; the task adds probing, planning, verification and publishing.
-Five pairs, not three: the demo guest's sshd comes up just before or just after one of Packer's
-SSH retries, so a build takes ~14.2 s or ~16.3 s, on either side, about one run in four (measured
-here alike on both sides, before and after the same code). With three pairs two slow runs of one
-side decide its median; with five it takes three.
+Five pairs, not three: a build takes ~14.2 s or ~2 s more, on either side, about one run in four
+(measured here alike on both sides, at this code and at the code before it; the raw side, which
+runs nothing but Packer, takes the step too, so it lies in Packer's run of the guest, and looks
+like its SSH wait just missing the guest's sshd; not traced further). With three pairs two slow
+runs of one side decide its median; with five it takes three.
 Usage: python3 bench/overhead.py [PAIRS] [--json]
 """
 

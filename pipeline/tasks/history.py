@@ -107,9 +107,11 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
                                   "paths": [str(p) for p in plan.paths], "bytes": plan.bytes,
                                   "in_use": plan.in_use}), flush=True)
         else:
-            what = ", ".join(plan.removed) if plan.removed else "no builds"
+            what = f"build{'s' if len(plan.removed) > 1 else ''} {', '.join(plan.removed)}" if plan.removed else "no builds"
+            logs = len(plan.paths) - len(plan.removed)  # the removed builds' logs and old failed builds' logs
+            what += f", {logs} log folder{'s' if logs != 1 else ''}" if logs else ""
             kept = f"; {plan.in_use_text()}" if plan.in_use else ""
-            say(f"{name}: keep {img.retention}; {verb} {what} ({len(plan.paths)} folders, {mib(plan.bytes)}){kept}")
+            say(f"{name}: keep {img.retention}; {verb} {what} ({mib(plan.bytes)}){kept}")
     if not json:
         say(f"{'would free' if dry_run else 'freed'} {mib(total)} in total")
 

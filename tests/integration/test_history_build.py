@@ -176,7 +176,9 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
     assert report["dry_run"] and len(report["builds"]) == 2 and newest.id not in report["builds"]
     assert report["bytes"] > 1_000_000 and len(os.listdir(out / IMAGE / "builds")) == 3
     done = invoke(["gc", "--image", IMAGE], keep_one, check=True)
-    assert "removed" in done.stderr and "freed" in done.stderr
+    gone = sorted(report["builds"])
+    assert f"{IMAGE}: keep 1; removed builds {', '.join(gone)}, 2 log folders (" in done.stderr, done.stderr
+    assert "freed" in done.stderr
     assert os.listdir(out / IMAGE / "builds") == [newest.id]
     assert verify_published(out / IMAGE) == newest.sha256
 

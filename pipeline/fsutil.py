@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pipeline.errors import StorageError, UnsafePath
 
@@ -183,6 +185,45 @@ def replace_link(link: Path, target: str, *, inside: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def flocked(path: Path, record: Mapping[str, Any], on_busy: Callable[[], None]) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (a regular file, created when missing, never opened
+    through a link) for the duration: the kernel releases it on any exit, `kill -9` included.
+    Held by another process: `on_busy()` first (say who holds it, or raise to give up), then wait
+    for it. Once held, `record` is written into the file as JSON for whoever finds it busy next
+    (`read_record`). Yields whether it had to wait (what was read before may be stale then)."""
+    try:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    try:
+        waited = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_busy()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as exc:
+            raise storage_error(exc, path) from None
+        yield waited
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The JSON object a lock's holder wrote into `path` (`flocked`); {} for anything else
+    (missing, unreadable, not an object): it only ever feeds a message."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace") or "{}")
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -33,7 +32,7 @@ from typing import Any, Self
 
 from pipeline.artifacts import utc_stamp
 from pipeline.errors import CorruptState, LockBusy, StorageError
-from pipeline.fsutil import check_dir, ensure_dir, free_space, open_nofollow, storage_error
+from pipeline.fsutil import check_dir, ensure_dir, flocked, free_space, open_nofollow, read_record
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.procs import boot_id, is_alive, start_time, stop_group_leftovers
 from pipeline.text import visible, visible_lines
@@ -413,11 +412,7 @@ def lock_path(image_dir: Path) -> Path:
 
 def read_holder(path: Path) -> Holder:
     """Who wrote the lock file (anything unreadable in it reads as unknown)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace") or "{}")
-    except (OSError, ValueError, RecursionError):
-        data = {}
-    data = data if isinstance(data, dict) else {}
+    data = read_record(path)
     build, source = data.get("build_id"), data.get("fetching_from")
     return Holder(int_or_none(data.get("pid"), lo=1), visible(build)[:80] if isinstance(build, str) else None,
                   decimal_or_none(data.get("since"), hi=1e11),
@@ -436,31 +431,18 @@ def image_lock(image_dir: Path, *, build_id: str | None = None, wait: bool = Tru
     """
     ensure_dir(image_dir, image_dir.parent)
     path = lock_path(image_dir)
-    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        waited = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = read_holder(path)
-            if not wait:
-                raise LockBusy(
-                    holder.busy(image_dir.name),
-                    "wait for it (run again without --no-wait), or see: invoke history --image " + image_dir.name,
-                ) from None
-            if say:
-                say(holder.waiting(image_dir.name))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited = True
-        try:
-            os.ftruncate(fd, 0)
-            who = {"pid": os.getpid(), "build_id": build_id, "since": time.time()}
-            os.pwrite(fd, json.dumps({**who, "fetching_from": fetching_from} if fetching_from else who).encode(), 0)
-        except OSError as exc:
-            raise storage_error(exc, path) from None
+
+    def busy() -> None:
+        holder = read_holder(path)
+        if not wait:
+            raise LockBusy(holder.busy(image_dir.name),
+                           "wait for it (run again without --no-wait), or see: invoke history --image " + image_dir.name)
+        if say:
+            say(holder.waiting(image_dir.name))
+
+    record = {"pid": os.getpid(), "build_id": build_id, "since": time.time()}
+    with flocked(path, {**record, "fetching_from": fetching_from} if fetching_from else record, busy) as waited:
         yield waited
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 def is_locked(image_dir: Path) -> bool:

@@ -22,7 +22,6 @@ by the next command that looks at it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import socket
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import procs
-from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow, storage_error
+from pipeline.fsutil import atomic_write, ensure_dir, flocked, read_record
 from pipeline.numbers import decimal_or_none, int_or_none
 from pipeline.text import visible_lines
 
@@ -193,32 +192,20 @@ def ensure_state_dir(state: StatePaths) -> None:
 
 @contextlib.contextmanager
 def one_at_a_time(state: StatePaths, image: str, say: Callable[[str], None]) -> Iterator[None]:
-    """Hold the state folder's lock for the duration (flock on its `.lock`: released by the kernel
-    on any exit). Two boot tests of one image (a timer's build and `invoke test-image`, say) share
-    output/<image>/boot-test: the second says whom it waits for and starts once the first has
-    stopped its VM, instead of failing on "already running"."""
+    """Hold the state folder's lock (`.lock`, fsutil.flocked) for the duration. Two boot tests of
+    one image (a timer's build and `invoke test-image`, say) share output/<image>/boot-test: the
+    second says whom it waits for and starts once the first has stopped its VM, instead of
+    failing on "already running"."""
     ensure_state_dir(state)
     lock = state.root / ".lock"
-    try:
-        fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise storage_error(exc, lock) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = int_or_none(os.pread(fd, 16, 0).decode("ascii", "replace").strip(), lo=1)
-            say(f"{image}: waiting for the boot test already running ({f'pid {holder}' if holder else 'another process'}) "
-                "to finish…")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            raise storage_error(exc, lock) from None
+
+    def busy() -> None:
+        pid = int_or_none(read_record(lock).get("pid"), lo=1)
+        say(f"{image}: waiting for the boot test already running ({f'pid {pid}' if pid else 'another process'}) "
+            "to finish…")
+
+    with flocked(lock, {"pid": os.getpid()}, busy):
         yield
-    finally:
-        os.close(fd)
 
 
 def write_value(path: Path, text: str) -> None:

@@ -100,21 +100,24 @@ def _flush_stdout() -> None:
     not an error, so the rest goes to /dev/null instead of Python's "Exception ignored" lines."""
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
-        _quiet_stdout()
     except ValueError:  # stdout already closed
         pass
-    except OSError as exc:  # `invoke --list > /dev/full`: the output is lost, so the exit status says so
-        print(f"error: {_output_failed(exc)}", file=sys.stderr, flush=True)
-        _quiet_stdout()
-        os._exit(1)
+    except OSError as exc:
+        if not _output_lost(exc):  # `invoke --list > /dev/full`: lost output, so the exit status says so
+            os._exit(1)
 
 
-def _output_failed(exc: OSError) -> str:
-    """`writing the output failed: no space left on device`."""
-    from pipeline.fsutil import STORAGE_ERRNOS
+def _output_lost(exc: OSError) -> bool:
+    """stdout could not be written. True (nothing wrong) when the reader went away (`| head`);
+    else one line (`writing the output failed: no space left on the device`) and False. Either
+    way the rest goes to /dev/null, so Python's own final flush does not complain again."""
+    if not isinstance(exc, BrokenPipeError):
+        from pipeline.fsutil import STORAGE_ERRNOS
 
-    return f"writing the output failed: {STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))}"
+        why = STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
+        print(f"error: writing the output failed: {why}", file=sys.stderr, flush=True)
+    _quiet_stdout()
+    return isinstance(exc, BrokenPipeError)
 
 
 # ----------------------------------------------------------------------- Invoke's own loading
@@ -272,13 +275,9 @@ def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return
-    if issubclass(kind, BrokenPipeError):  # our reader went away (`invoke --list | head`): nothing wrong
-        _quiet_stdout()  # and no second complaint when Python flushes stdout
-        return
-    if issubclass(kind, OSError) and isinstance(exc, OSError) and exc.filename is None and \
-            exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # Invoke printing --list, --help
-        print(f"error: {_output_failed(exc)}", file=sys.stderr, flush=True)
-        _quiet_stdout()
+    if isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.filename is None and exc.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EIO)):  # Invoke printing --list or --help to `| head`, a full disk
+        _output_lost(exc)
         return
     print(f"error: {unexpected(exc.with_traceback(tb), None, 'invoke').render()}", file=sys.stderr, flush=True)
 

@@ -173,11 +173,13 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
         # other fetch of this image meanwhile neither removes our staging folder nor publishes
         # over us. Publish and retention run under it too.
         with history.image_lock(image_dir, build_id=build_id, say=say, fetching_from=target.name) as waited:
-            if waited:  # the builder may have published since (and removed the build we read)
+            if waited:
+                # Meanwhile the builder may have published anew (and removed the build read
+                # above), or the fetch we waited for brought this very build: ask again.
                 manifest, sums = read_remote(link.run, target, image)
                 build_id = manifest["build_id"]
-            if _already_here(image_dir, image, manifest, sums, target, say):  # a fetch we waited for
-                return FetchResult(image.name, build_id, True, None, None)
+                if _already_here(image_dir, image, manifest, sums, target, say):
+                    return FetchResult(image.name, build_id, True, None, None)
             stage_name = f"{retention.FETCH_PREFIX}{build_id}"
             retention.clean_stale(image_dir, say, fetches=True, keep=stage_name)  # resumes its own only
             stage = ensure_dir(image_dir / ".staging" / stage_name, image_dir)  # never through a link

@@ -25,6 +25,7 @@ from tests.support import (
     NEEDS_PTY,
     ROOT,
     Background,
+    hold_image_lock,
     invoke,
     live_processes_mentioning,
     require_tool,
@@ -311,14 +312,9 @@ def test_a_fetch_that_waited_for_the_lock_fetches_what_the_builder_has_now(hal90
     })
     fake_published(builder, "20261126T000000Z-old1", dense_qcow2(tmp_path / "old.qcow2", "16M"))
     image_dir = out / "demo-x86_64"
-    hold = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
-            "with image_lock(Path(sys.argv[1]), build_id='20261126T000000Z-here'):\n"
-            "    print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(image_dir)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_image_lock(image_dir, build_id="20261126T000000Z-here")
     fetch = None
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         fetch = Background(cfg, ["remote-fetch-demo", "hal9000"])
         fetch.wait_for(f"waiting for the build held by pid {holder.pid}", timeout=120)
         fake_published(builder, "20261126T010000Z-new1", dense_qcow2(tmp_path / "new.qcow2", "16M"))

@@ -7,6 +7,7 @@ Nothing here changes the environment when imported."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -147,6 +148,26 @@ def project_copy(dest: Path, parts: tuple[str, ...] = PROJECT_PARTS) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     return dest
+
+
+HOLD_IMAGE_LOCK = """
+import json, sys
+from pathlib import Path
+from pipeline.history import image_lock
+with image_lock(Path(sys.argv[1]), **json.loads(sys.argv[2])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_image_lock(image_dir: Path, **kwargs: object) -> subprocess.Popen[str]:
+    """A real second process inside `image_lock(image_dir, **kwargs)` (flock is per open file, so
+    a thread of ours would not do), returned once it holds the lock; it lets go when its stdin
+    closes (`proc.communicate("")`) or when it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_IMAGE_LOCK, str(image_dir), json.dumps(kwargs)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked", "the holder did not get the lock"
+    return proc
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str,

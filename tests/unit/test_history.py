@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from pipeline import procs
 from pipeline.errors import LockBusy
 from pipeline.history import History, image_lock, is_locked
+from tests.support import hold_image_lock
 
 HOLD_LOCK = """
 import fcntl, os, sys, time
@@ -88,18 +90,14 @@ def test_lock_is_exclusive_and_no_wait_fails_with_exit_75(tmp_path):
 
 def test_a_fetch_holding_the_lock_is_named_as_one(tmp_path):
     image_dir = tmp_path / "demo"
-    code = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
-            "with image_lock(Path(sys.argv[1]), build_id='20260101T000000Z-abcd', fetching_from='hal9000'):\n"
-            "    print('locked', flush=True); time.sleep(float(sys.argv[2]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(image_dir), "1.5"], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = hold_image_lock(image_dir, build_id="20260101T000000Z-abcd", fetching_from="hal9000")
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(LockBusy) as exc, image_lock(image_dir, wait=False):
             pass
         assert exc.value.message.startswith(f"demo is being fetched from hal9000 by pid {proc.pid}, "
                                             "build 20260101T000000Z-abcd"), exc.value.message
         said: list[str] = []
+        threading.Timer(1.5, proc.stdin.close).start()  # it lets go while we wait
         with image_lock(image_dir, say=said.append):
             pass
         assert said and said[0].startswith(f"demo: waiting for the fetch held by pid {proc.pid}"), said
@@ -111,12 +109,8 @@ def test_a_fetch_holding_the_lock_is_named_as_one(tmp_path):
 def test_a_holder_that_is_no_build_is_not_called_one(tmp_path):
     """gc and a no-op run's tidy-up hold the lock without a build id: "in use", not "being built"."""
     image_dir = tmp_path / "demo"
-    code = ("import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
-            "with image_lock(Path(sys.argv[1]), wait=False):\n    print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(image_dir)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = hold_image_lock(image_dir, wait=False)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(LockBusy) as exc, image_lock(image_dir, wait=False):
             pass
         assert exc.value.message.startswith(f"demo is in use by pid {proc.pid}, since "), exc.value.message

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline import retention
 from pipeline.history import History
+from tests.support import hold_image_lock
 
 
 def ids(n: int) -> list[str]:
@@ -140,9 +141,6 @@ def test_clean_stale_keeps_the_folder_its_caller_goes_on_with(tmp_path):
 
 
 def test_a_no_op_run_reaps_stale_staging_only_when_nothing_holds_the_lock(tmp_path):
-    import subprocess
-    import sys
-
     image_dir = tmp_path / "demo"
     said: list[str] = []
     retention.reap_when_idle(image_dir, said.append)  # no folder at all: nothing made, nothing said
@@ -152,12 +150,8 @@ def test_a_no_op_run_reaps_stale_staging_only_when_nothing_holds_the_lock(tmp_pa
     resumable = image_dir / ".staging" / "fetch-20260101T000000Z-half"  # an interrupted fetch's
     resumable.mkdir()
     # a live build of the image holds its lock (in another process: flock is per open file)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipeline.history import image_lock\n"
-        "with image_lock(Path(sys.argv[1]), wait=False):\n    print('locked', flush=True); time.sleep(60)"),
-        str(image_dir)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = hold_image_lock(image_dir, wait=False)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         retention.reap_when_idle(image_dir, said.append)
         assert stale.is_dir() and said == []  # its staging folder may be live: left alone
     finally:

@@ -4,7 +4,7 @@ Each requirement has a description, a check on a *rendered* image (a `GuestView`
 image's distro profile reads back from what it renders: a kickstart, the NixOS configuration
 evaluated from the params, the demo initramfs) and a check on a *live* guest (the boot test,
 pipeline.vm.boottest, through a `LiveGuest`). Tests run the rendered checks for every profile;
-the boot test runs the live checks on a booted image. README: "The guest contract".
+the boot test runs the live checks on a booted image. docs/running.md, "The guest contract".
 
     key-login       the build's SSH key logs in as ssh_user (added at build time to the staged
                     kickstart / NixOS params / demo initramfs only, never to committed files)

@@ -2,7 +2,7 @@
 
 `report(cfg, facts)` is a pure function from configuration + host facts to a Report, so the same
 code judges a remote builder's facts. Install hints name the host's own package manager (apt,
-dnf, brew, nix: from the facts). The exit code (`Report.exit_code`) follows the README's table:
+dnf, brew, nix: from the facts). The exit code (`Report.exit_code`) follows the exit-code table of README.md:
 127 when a required tool is missing, 3 when the host cannot do it (no UEFI firmware for an
 image of its arch), else 0; a bad configuration (2) or an unreachable builder (4) fails before
 a report exists.

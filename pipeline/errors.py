@@ -37,7 +37,7 @@ class ConfigError(ImagepipeError):
         count = len(self.problems)
         super().__init__(
             f"{source}: {count} problem{'s' if count != 1 else ''} in the configuration:\n{lines}",
-            hint="fix the keys above in invoke.yaml (see README: Configuration)",
+            hint="fix the keys above in invoke.yaml (see docs/configuration.md)",
         )
 
 

@@ -43,7 +43,7 @@ profile and never branches on the distro. A profile says:
                             the image's accounts, and whether it runs qemu-guest-agent
 
 Adding a distro is one module here with a `PROFILE`, its entry in `BUILTIN`, an image entry in
-invoke.yaml and tests (README: "Adding a distro"). Tests and plugins can `register()` a profile
+invoke.yaml and tests (docs/architecture.md, "Adding a distro"). Tests and plugins can `register()` a profile
 at run time. Profile modules import heavy libraries (jinja2, hcl2) inside methods only: the
 input hash and `invoke --list` must stay fast.
 """

@@ -175,7 +175,7 @@ def _boot_and_check(cfg: Config, target: BootTarget, output_dir: Path, state: St
             if problems:
                 raise VerifyFailed(f"{image.name} breaks the guest contract:\n"
                                    + "\n".join(f"  {visible_lines(p)}" for p in problems)
-                                   + f"\n{tail_block(state)}", "README: The guest contract")
+                                   + f"\n{tail_block(state)}", "docs/running.md: The guest contract")
         finally:
             if read_status(image.name, state).state == "running":
                 stop(image.name, state, force=True, say=lambda _m: None)

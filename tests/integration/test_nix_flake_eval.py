@@ -7,7 +7,7 @@ formal arguments (no `...`) and checks the values; `lib.nixosSystem` runs a smal
 evaluator that rejects option paths and types the release does not declare (a hand-copied list)
 and trips the same assertions. What this proves: the wiring, every module against every
 committed params file, and that a misspelt argument or option fails here as it would upstream.
-What it cannot prove: options outside the hand-copied list, or a real build (see README).
+What it cannot prove: options outside the hand-copied list, or a real build (see docs/safety.md, "Verified where").
 """
 
 from __future__ import annotations

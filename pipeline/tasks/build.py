@@ -39,7 +39,17 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
           boot_test: bool = False, json: bool = False, if_changed: bool = False, force: bool = False,
           no_wait: bool = False, builder: str = "", accept_new_host_key: bool = False,
           authorize_key: list[str] | None = None) -> None:
-    """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/)."""
+    """Build an image (plan, render, packer/nix, verify, publish to output/IMAGE/).
+
+    The steps show as [N/M] with a live footer on a terminal, as timestamped lines otherwise
+    (docs/images.md#what-a-build-looks-like). A failed or interrupted build never replaces the
+    published image. `--dry-run` prints what the build would do and writes, builds and downloads
+    nothing; its exit code is that of the first problem a real build would stop at (127, 3, 2).
+    `--if-changed` answers `up to date: built <when>, <sha256>` when nothing changed. A NixOS
+    image this host cannot build goes to a builder nix already knows, or to `--builder HOST`
+    (nix over ssh-ng); with neither, it is refused, naming the remote task, nix's builders and
+    why they do not fit (docs/images.md#nixos-on-other-machines-nixs-remote-builds).
+    """
     from pipeline.errors import UsageError
 
     cfg = load_config(c)
@@ -144,7 +154,10 @@ build_nixos_arm = alias(build, "build-nixos-arm", "Build NixOS aarch64 (nixos-aa
 
 @task(help={"password": "the password to hash (prompted for when omitted, which keeps it out of shell history)"})
 def hash_password(c: Context, password: str = "") -> None:
-    """Print a SHA-512 crypt hash for a user's password_hash in invoke.yaml."""
+    """Print a SHA-512 crypt hash for a user's password_hash in invoke.yaml.
+
+    It prompts for the password when none is given, so nothing lands in the shell's history.
+    """
     import getpass
 
     from pipeline.run import run

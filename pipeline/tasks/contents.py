@@ -20,7 +20,14 @@ from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
     "json": "the comparison as one JSON object on stdout",
 })
 def diff(c: Context, image: str, build_a: str = "", build_b: str = "", json: bool = False) -> None:
-    """Compare two builds of an image: packages added/removed/changed, changed inputs, sizes."""
+    """Compare two builds of an image: packages added/removed/changed, changed inputs, sizes.
+
+    Two kept builds: by default the last two; with only --build-a, that build against the
+    published one. It shows packages added, removed and changed (old -> new version), the
+    input-hash parts that changed (`file:...` template/kickstart/flake, `iso.lock`, `config`,
+    `tool:...`, `imagepipe`), each format's size, and whether the image is bit-for-bit the same.
+    (Invoke has no optional positional arguments, hence the two options.)
+    """
     import json as json_mod
 
     from pipeline import diff as diff_mod
@@ -42,7 +49,13 @@ def diff(c: Context, image: str, build_a: str = "", build_b: str = "", json: boo
     "strict": "exit 1 when the two builds differ (default: report only, exit 0)",
 })
 def check_reproducible(c: Context, image: str, accel: str = "", json: bool = False, strict: bool = False) -> None:
-    """Build an image twice into staging (nothing published) and compare the two results."""
+    """Build an image twice into staging (nothing published) and compare the two results.
+
+    No history rows are written; the two build logs are kept in output/IMAGE/logs/reproducible/
+    {a,b}/. Where image files differ it says where: only the container (`qemu-img compare`),
+    which MBR/GPT partition or the area outside them, and for ext2/3/4 the superblock fields and
+    the files that differ. Exit 0 with the report; --strict: exit 1 when they differ.
+    """
     from pipeline import events
     from pipeline.build import BuildOptions
     from pipeline.errors import VerifyFailed

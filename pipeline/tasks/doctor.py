@@ -13,6 +13,12 @@ from pipeline.tasks.common import load_config, task
 def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_key: bool = False) -> None:
     """Check tools, accelerator, UEFI firmware and disk space for the configured images.
 
+    It shows each tool's version (or the install command for this host's package manager: apt,
+    dnf, brew or nix), the accelerator that will be used and why, the CPU's x86-64 level (with a
+    warning for images that need more), UEFI firmware per arch, free disk, and nix's remote
+    builders (systems, features, which NixOS images each can build); here or, with --builder,
+    on a builder.
+
     Exit codes: 0 all there; 127 a required tool is missing; 3 this host cannot do it (no UEFI
     firmware for an image of its arch); 2 bad configuration; 4 the builder is unreachable or its
     host key unknown.

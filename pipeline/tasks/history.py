@@ -73,7 +73,11 @@ def _when(ts: float) -> str:
     "json": "one JSON object per image on stdout",
 })
 def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -> None:
-    """Apply retention now: keep each image's last N builds (never the published one, nor one a running VM uses)."""
+    """Apply retention now: keep each image's last N builds (never the published one, nor one a running VM uses).
+
+    It also removes what interrupted builds and fetches left in `.staging`, and says what it
+    frees (docs/scheduling.md#history-and-retention).
+    """
     import contextlib
     import json as json_mod
 
@@ -127,7 +131,12 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
 }, iterable=["image"])
 def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remote: str = "", json: bool = False,
             force: bool = False, accel: str = "", default_schedule: bool = False) -> None:
-    """Rebuild what changed (the timer's job): refresh ISO pins, build, test, publish, record, prune."""
+    """Rebuild what changed (the timer's job): refresh ISO pins, build, test, publish, record, prune.
+
+    Images this host cannot build are `skipped`; the exit code is non-zero only when an image
+    failed. With --remote the build runs on the builder and the result is fetched. Each built
+    image's report line says what changed against the build before it (docs/scheduling.md).
+    """
     from pipeline import rebuild as rb
 
     cfg = load_config(c)

@@ -9,7 +9,14 @@ from pipeline.tasks.common import load_config, say, task
 
 @task(help={"check": "run only this check (repeatable); default: all"}, iterable=["check"])
 def lint(c: Context, check: list[str] | None = None) -> None:
-    """Validate generated files: drift, hcl2, packer validate/fmt, kickstart, nix (lists every failure)."""
+    """Validate generated files: drift, hcl2, packer validate/fmt, kickstart, nix (lists every failure).
+
+    The checks: drift against `invoke render`, the hcl2 parse, QEMU argument names, kickstarts
+    with pykickstart (RHEL10), `packer validate`, `packer fmt`, nix's parse and a real
+    evaluation (every configuration's toplevel and every package's drvPath, when the inputs of
+    nixos/flake.lock can be had). A check that could not run is listed as `not checked: ...`,
+    and then lint never says "clean".
+    """
     import tempfile
     from pathlib import Path
 

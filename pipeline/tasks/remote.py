@@ -23,7 +23,11 @@ def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
             "accel": REMOTE_ACCEL_HELP, "accept_new_host_key": ACCEPT_HELP})
 def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", accel: str = "",
                       accept_new_host_key: bool = False) -> None:
-    """Sync the project to a builder and build an image there (streamed, exits with its status)."""
+    """Sync the project to a builder and build an image there (streamed, exits with its status).
+
+    The build there also authorizes this machine's project key, so the fetched image logs in
+    here. Ctrl-C stops the remote build cleanly (docs/remote-builders.md#building-on-a-builder).
+    """
     from invoke import Exit
 
     from pipeline import dispatch
@@ -68,14 +72,23 @@ def _remote_nixos(c: Context, host: str, image: str, accel: str, accept_new_host
 @task(help=NIXOS_REMOTE_HELP)
 def remote_build_nixos_x86(c: Context, host: str, accel: str = "", accept_new_host_key: bool = False,
                            sync: bool = False) -> None:
-    """Build NixOS x86_64 on a builder (nix over ssh-ng if nix is here, else project sync)."""
+    """Build NixOS x86_64 on a builder (nix over ssh-ng if nix is here, else project sync).
+
+    The route is said at the start. With nix here: `build nixos-x86_64 --builder HOST`,
+    evaluated here, built in HOST's store, published here. Without nix here, or with --sync:
+    as remote-sync-build, published on HOST; remote-fetch-nixos-x86 brings it
+    (docs/images.md#nixos-on-other-machines-nixs-remote-builds).
+    """
     _remote_nixos(c, host, "nixos-x86_64", accel, accept_new_host_key, sync)
 
 
 @task(help=NIXOS_REMOTE_HELP)
 def remote_build_nixos_arm(c: Context, host: str, accel: str = "", accept_new_host_key: bool = False,
                            sync: bool = False) -> None:
-    """Build NixOS aarch64 on a builder (nix over ssh-ng if nix is here, else project sync)."""
+    """Build NixOS aarch64 on a builder (nix over ssh-ng if nix is here, else project sync).
+
+    As remote-build-nixos-x86, for nixos-aarch64.
+    """
     _remote_nixos(c, host, "nixos-aarch64", accel, accept_new_host_key, sync)
 
 
@@ -107,7 +120,12 @@ def remote_build(c: Context, host: str = "", image: list[str] | None = None, acc
 @task(help={"host": HOST_HELP, "image": "image to fetch (published on the builder)",
             "accept_new_host_key": ACCEPT_HELP})
 def remote_fetch(c: Context, host: str, image: str, accept_new_host_key: bool = False) -> None:
-    """Fetch a builder's published image: rsync (resumable), verify sha256, publish in output/."""
+    """Fetch a builder's published image: rsync (resumable), verify sha256, publish in output/.
+
+    Every file of the build arrives with its sha256 checked; the fetch holds the image's lock,
+    is skipped when the build is already here, and keeps the local image on any mismatch
+    (docs/remote-builders.md#fetching-a-build).
+    """
     from pipeline import fetch
 
     cfg, target = _target(c, host)

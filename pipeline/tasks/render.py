@@ -10,7 +10,11 @@ from pipeline.tasks.common import load_config, say, task
 
 @task(help={"image": "render only this image (default: every image)"})
 def render(c: Context, image: str | None = None) -> None:
-    """Write the committed Packer templates and kickstarts from invoke.yaml (only what changed)."""
+    """Write the committed Packer templates and kickstarts from invoke.yaml (only what changed).
+
+    It writes `packer/.../*.pkr.hcl`, `kickstart/almalinux10/<arch>/<image>/ks.cfg` and
+    `nixos/params/<image>.json`; `invoke lint` fails when a committed file drifts from them.
+    """
     from pipeline.render.files import rendered_files, write_all
 
     cfg = load_config(c)  # every config problem is reported before anything is written
@@ -23,7 +27,12 @@ def render(c: Context, image: str | None = None) -> None:
 
 @task(help={"image": "pin only this image (default: every image whose distro pins an input)"})
 def update_iso(c: Context, image: str | None = None) -> None:
-    """Resolve AlmaLinux versions to point releases and pin URL + sha256 in iso.lock.json."""
+    """Resolve AlmaLinux versions to point releases and pin URL + sha256 in iso.lock.json.
+
+    `10`, `latest` or `10.1` becomes a point release with its ISO's URL and sha256 (from the
+    mirror, else vault.almalinux.org). The committed kickstart follows the pin: it names the
+    packages of that point release. Commit iso.lock.json.
+    """
     from pipeline import distros
     from pipeline.errors import UsageError
 
@@ -40,7 +49,10 @@ def update_iso(c: Context, image: str | None = None) -> None:
 
 @task
 def update_flake(c: Context) -> None:
-    """Run `nix flake update` in nixos/: nix (re)writes flake.lock, the nixpkgs pin; commit it."""
+    """Run `nix flake update` in nixos/: nix (re)writes flake.lock, the nixpkgs pin; commit it.
+
+    The lock is only ever written by nix, never by hand. It needs network access once.
+    """
     from pipeline.distros.nixos import update_flake as refresh
 
     cfg = load_config(c)

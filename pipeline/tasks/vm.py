@@ -38,7 +38,12 @@ def remainder(argv: Sequence[str] | None = None) -> list[str]:
 })
 def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foreground: bool = False,
         gui: bool = False) -> None:
-    """Boot a published image in QEMU (detached; SSH forwarded on 127.0.0.1)."""
+    """Boot a published image in QEMU (detached; SSH forwarded on 127.0.0.1).
+
+    It boots the image's primary format (qcow2 or raw) and prints the pid, the SSH port and the
+    console log. Without --snapshot the guest writes into the build's image file (a dev VM's
+    state lives there), and retention keeps that build while the VM runs (docs/running.md).
+    """
     from pipeline.vm.argv import RunOptions
     from pipeline.vm.lifecycle import run_image
     from pipeline.vm.state import state_paths
@@ -63,7 +68,11 @@ run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", 
 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
 def ssh(c: Context, image: str, timeout: int = 0) -> None:
-    """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command)."""
+    """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command).
+
+    It waits until the guest's sshd really answers, then logs in over that very connection with the
+    build key; a COMMAND's exit code is returned (docs/running.md#ssh).
+    """
     from pipeline.vm.ssh import ssh_session
 
     cfg = load_config(c)
@@ -79,7 +88,11 @@ ssh_demo = alias(ssh, "ssh-demo", "SSH into the demo image (port 2224 unless tak
 
 @task(help={"json": "one JSON document on stdout instead of a table"})
 def status(c: Context, json: bool = False) -> None:
-    """Show every configured image: built (when, size) and running (pid, SSH port, uptime, accel)."""
+    """Show every configured image: built (when, size) and running (pid, SSH port, uptime, accel).
+
+    An image that is not built points to `invoke build IMAGE` or, on a host that cannot build
+    it (another arch), to `remote-sync-build` + `remote-fetch` and the builders of its arch.
+    """
     import json as json_mod
     import time
 
@@ -120,7 +133,11 @@ def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: 
     "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
 })
 def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
-    """Power off a running image (ACPI over QMP, then quit; --force: at once)."""
+    """Power off a running image (ACPI over QMP, then quit; --force: at once).
+
+    The power button is pressed again every 5 s while it waits (a guest still booting drops a
+    press); after --timeout seconds QEMU is told to quit.
+    """
     from pipeline.vm import lifecycle
     from pipeline.vm.state import state_paths
 
@@ -132,7 +149,13 @@ def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None
 
 @task(help={"image": IMAGE_HELP, "accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
 def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> None:
-    """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off."""
+    """Boot-test a published image: SSH, uname -m = its arch, root/sudo, power off.
+
+    It boots with -snapshot and checks the guest contract live (docs/running.md#the-guest-contract):
+    build-key login and `uname -m`, passwordless sudo, root over SSH as configured, the serial
+    console, the guest agent's port, ACPI power-off; one line per requirement, the console's
+    tail on failure. Two boot tests of one image take turns; the second says whom it waits for.
+    """
     from pipeline.errors import VerifyFailed
     from pipeline.vm.boottest import boot_test_published
 

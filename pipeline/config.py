@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -88,57 +90,124 @@ def _distro(v: Any) -> str:
     return str(name)
 
 
-USER_SPEC: dict[str, Callable[[Any], Any]] = {
-    "name": _str(USER_RE, "a user name (lowercase letters, digits, _ and -)"),
-    "password_hash": _optional(_password_hash),
-    "public_keys": lambda v: v,  # checked item by item below
-    "sudo": _bool,
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: how its value is parsed, what it accepts and what it means, one
+    line each. docs/configuration.md is generated from these (`invoke docs`)."""
+
+    parse: Callable[[Any], Any]
+    accepts: str | Callable[[], str]
+    doc: str
+    default: str | None = None  # for the docs, where the model's default is not the whole story
+
+    def __call__(self, value: Any) -> Any:
+        return self.parse(value)
+
+    def accepts_text(self) -> str:
+        return self.accepts() if callable(self.accepts) else self.accepts
+
+
+def _choice(kind: type[StrEnum]) -> Key:
+    """A key whose value is one of an enum's (the docs list them)."""
+    return Key(_enum(kind), " | ".join(f"`{m.value}`" for m in kind), "")
+
+
+def _distros() -> str:
+    from pipeline import distros
+
+    return " | ".join(f"`{name}`" for name in distros.names())
+
+
+def _doc(key: Key, doc: str, default: str | None = None) -> Key:
+    return replace(key, doc=doc, default=default)
+
+
+BOOL = "`true` | `false`"
+CALENDAR = "a systemd OnCalendar expression"
+
+USER_SPEC: dict[str, Key] = {
+    "name": Key(_str(USER_RE, "a user name (lowercase letters, digits, _ and -)"),
+                "lowercase letters, digits, `_`, `-`", "the account's name", "required"),
+    "password_hash": Key(_optional(_password_hash), "a `$6$` SHA-512 crypt hash",
+                         "its password, as a hash only (`invoke hash-password`): plaintext `password:` is refused"),
+    "public_keys": Key(lambda v: v, "a list of OpenSSH public keys",  # checked item by item below
+                       "keys that may log in as this user"),
+    "sudo": Key(_bool, BOOL, "may run sudo, without a password"),
 }
 
-IMAGE_SPEC: dict[str, Callable[[Any], Any]] = {
-    "distro": _distro,
-    "arch": _enum(Arch),
-    "version": _str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
-    "format": _enum(Format),
-    "formats": _formats,
-    "compress_qcow2": _bool,
-    "firmware": _enum(Firmware),
-    "disk_size": _int("MiB", 16, 16 * 1024 * 1024),
-    "memory": _int("MiB", 64, 1024 * 1024),
-    "cpus": _int("a CPU count", 1, 512),
-    "ssh_port": _int("a TCP port", 1, 65535),
-    "ssh_user": _str(USER_RE, "a user name"),
-    "headless": _bool,
-    "users": lambda v: v,  # checked item by item below
-    "iso": _optional(lambda v: line(v) if "://" in str(v) else local_path(v, "an ISO path")),
-    "flake": _optional(_no_newline),
-    "attribute": _optional(_str(re.compile(r"^[A-Za-z0-9_.\"-]+$"), "a flake attribute path")),
-    "schedule": _optional(_calendar),
-    "retention": _int("a build count", 1, 1000),
-    "lang": _str(LOCALE_RE, "a locale such as en_US.UTF-8"),
-    "keyboard": _str(LOCALE_RE, "a keyboard layout such as us"),
-    "timezone": _str(LOCALE_RE, "a timezone such as UTC or Europe/Berlin"),
-    "root_ssh": _bool,
-    "variant": _optional(_str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name such as x86_64_v2")),
+IMAGE_SPEC: dict[str, Key] = {
+    "distro": Key(_distro, _distros, "the distro profile that builds the image"),
+    "arch": _doc(_choice(Arch), "the guest's architecture"),
+    "version": Key(_str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
+                   "letters, digits, `.`, `_`, `-`",
+                   "AlmaLinux: `10`, `latest` or a point release such as `10.1`; NixOS: informational"),
+    "format": _doc(_choice(Format), "the older spelling of a one-format list: `format: raw` is `formats: [raw]`"
+                   " (with `formats`, it must name its first entry)"),
+    "formats": Key(_formats, "a list of formats, the first `qcow2` or `raw`",
+                   "the disk formats to publish: the first is built and booted, the others are converted from it"
+                   " and verified each ([images](images.md#what-a-build-publishes))", "`[qcow2]`"),
+    "compress_qcow2": Key(_bool, BOOL, "qcow2 files are written compressed"),
+    "firmware": _doc(_choice(Firmware), "what the guest boots with (aarch64: `uefi` only)"),
+    "disk_size": Key(_int("MiB", 16, 16 * 1024 * 1024), "MiB, a whole number", "the disk's size"),
+    "memory": Key(_int("MiB", 64, 1024 * 1024), "MiB, a whole number", "the VM's memory, when built and run"),
+    "cpus": Key(_int("a CPU count", 1, 512), "a whole number, 1-512", "the VM's CPUs, when built and run"),
+    "ssh_port": Key(_int("a TCP port", 1, 65535), "a TCP port",
+                    "the host port forwarded to the guest's 22 on 127.0.0.1 (a taken one is replaced);"
+                    " the shipped images: 2222 AlmaLinux, 2223 NixOS, 2224 demo"),
+    "ssh_user": Key(_str(USER_RE, "a user name"), "one of `users`",
+                    "the user `invoke ssh` logs in as: root or a `sudo: true` user"),
+    "headless": Key(_bool, BOOL, "the build VM runs without a display window (Packer's `headless`)", "`defaults.headless` (`true`)"),
+    "users": Key(lambda v: v, "a list of users (below)",  # checked item by item below
+                 "the guest's accounts; root or a `sudo: true` user needs a `password_hash` or `public_keys`"
+                 " ([the guest contract](running.md#the-guest-contract))"),
+    "iso": Key(_optional(lambda v: line(v) if "://" in str(v) else local_path(v, "an ISO path")),
+               "a local path or a URL",
+               "AlmaLinux: the installer ISO (a local one is hashed once and cached): how offline users build"),
+    "flake": Key(_optional(_no_newline), "a path relative to the project, or a flake URL",
+                 "NixOS: build your own flake instead of the project's `nixos/`"),
+    "attribute": Key(_optional(_str(re.compile(r"^[A-Za-z0-9_.\"-]+$"), "a flake attribute path")),
+                     "a flake attribute path",
+                     "NixOS: the flake output to build: the image file or a folder holding `nixos.qcow2`",
+                     "`packages.<arch>-linux.<image>-image`"),
+    "schedule": Key(_optional(_calendar), CALENDAR, "this image's own rebuild timer (`invoke schedule-install`)"),
+    "retention": Key(_int("a build count", 1, 1000), "a whole number, 1-1000",
+                     "builds kept for this image (never the published one)", "`defaults.retention`"),
+    "lang": Key(_str(LOCALE_RE, "a locale such as en_US.UTF-8"), "a locale such as `en_US.UTF-8`",
+                "the guest's language", "`defaults.lang` (`en_US.UTF-8`)"),
+    "keyboard": Key(_str(LOCALE_RE, "a keyboard layout such as us"), "a keyboard layout such as `us`",
+                    "the guest's keyboard layout", "`defaults.keyboard` (`us`)"),
+    "timezone": Key(_str(LOCALE_RE, "a timezone such as UTC or Europe/Berlin"), "a timezone such as `Europe/Berlin`",
+                    "the guest's timezone", "`defaults.timezone` (`UTC`)"),
+    "root_ssh": Key(_bool, BOOL, "root may log in over SSH with its password (AlmaLinux `rootpw --allow-ssh`,"
+                    " NixOS `PermitRootLogin yes`); otherwise root logs in by key only"),
+    "variant": Key(_optional(_str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name such as x86_64_v2")),
+                   "a variant the distro offers",
+                   "a build of the distro for other CPUs: `x86_64_v2` (AlmaLinux 10 x86_64) for CPUs without x86-64-v3"),
 }
 
-DEFAULTS_SPEC: dict[str, Callable[[Any], Any]] = {
-    "accel": _enum(Accel),
-    "output_dir": lambda v: local_path(v, "a folder"),  # and output_dir_problem, in load()
-    "retention": _int("a build count", 1, 1000),
-    "ssh_key": _optional(_no_newline),
-    "schedule": _calendar,
+DEFAULTS_SPEC: dict[str, Key] = {
+    "accel": _doc(_choice(Accel), "the accelerator of a task given no `--accel`"),
+    "output_dir": Key(lambda v: local_path(v, "a folder"),  # and output_dir_problem, in load()
+                      "a folder, relative to invoke.yaml",
+                      "images, builds, logs, caches: a folder of its own (not `/`, your home or the project"
+                      " folder or above them, an existing file, nor a path with `,`)"),
+    "retention": Key(_int("a build count", 1, 1000), "a whole number, 1-1000", "builds kept per image"),
+    "ssh_key": Key(_optional(_no_newline), "a private key's path",
+                   "the private key builds authorize for `ssh_user` and `invoke ssh` logs in with",
+                   "`output/.keys/imagepipe_ed25519`, made on first use"),
+    "schedule": Key(_calendar, CALENDAR, "when scheduled rebuilds run"),
     # image fields that may be given once for all images:
-    "lang": IMAGE_SPEC["lang"],
-    "keyboard": IMAGE_SPEC["keyboard"],
-    "timezone": IMAGE_SPEC["timezone"],
-    "headless": _bool,
+    "lang": _doc(IMAGE_SPEC["lang"], "the language of every image that sets none", "`en_US.UTF-8`"),
+    "keyboard": _doc(IMAGE_SPEC["keyboard"], "the keyboard layout of every image that sets none", "`us`"),
+    "timezone": _doc(IMAGE_SPEC["timezone"], "the timezone of every image that sets none", "`UTC`"),
+    "headless": Key(_bool, BOOL, "`headless` of every image that sets none", "`true`"),
 }
 
-BUILDER_SPEC: dict[str, Callable[[Any], Any]] = {
-    "host": host,
-    "dir": _no_newline,
-    "arch": _optional(_enum(Arch)),
+BUILDER_SPEC: dict[str, Key] = {
+    "host": Key(host, "a host name or an alias of your ssh config", "where to connect", "the builder's name"),
+    "dir": Key(_no_newline, "a path without `..`",
+               "the build folder there: a folder of its own, mirrored with `rsync --delete`"),
+    "arch": _doc(_choice(Arch), "what `remote-build` spreads images by"),
 }
 
 # Invoke's and Fabric's own top-level keys live in the same file; they are not ours to judge.

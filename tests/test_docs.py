@@ -1,6 +1,8 @@
 """The documentation: README.md stays a page, every link in it (and in CHANGELOG.md) resolves,
-every page under docs/ is reachable from README, and the site builds with `mkdocs build --strict`
-(broken links, missing anchors and pages left out of mkdocs.yml's nav all fail it)."""
+every page under docs/ is reachable from README, the generated parts of docs/ match the code
+(`invoke docs --check`, as rendered files are checked for drift), and the site builds with
+`mkdocs build --strict` (broken links, missing anchors and pages left out of mkdocs.yml's nav
+all fail it)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from pipeline.errors import UsageError
+from pipeline.tasks import docgen
+from tests.support import ROOT, invoke
 
 README_LIMIT = 10 * 1024
 # [text](target) outside code: the target up to the first space or ')'
@@ -74,3 +78,40 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, f"mkdocs build --strict failed:\n{res.stderr[-4000:]}"
     assert (tmp_path / "site" / "index.html").exists()
+
+
+def test_generated_pages_match_the_code() -> None:
+    res = invoke(["docs", "--check"])
+    assert res.returncode == 0, f"{res.stderr}\n(run `invoke docs` and commit what it writes)"
+    assert "generated pages up to date" in res.stderr
+
+
+def _docs_copy(tmp_path: Path) -> Path:
+    """A project whose docs/ can be changed: a copy of docs/, the real pipeline/ beside it."""
+    import shutil
+
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    (tmp_path / "pipeline").symlink_to(ROOT / "pipeline")
+    return tmp_path
+
+
+def test_a_stale_block_is_drift_and_prose_is_kept(tmp_path: Path) -> None:
+    root = _docs_copy(tmp_path)
+    page = root / "docs" / "tasks.md"
+    text = page.read_text()
+    stale = text.replace("| `--dry-run` | `-n` |", "| `--dry-run` | `-d` |", 1).replace("# Tasks\n", "# Tasks\n\nNew prose.\n", 1)
+    assert stale != text
+    page.write_text(stale)
+    from pipeline.render.files import drift
+
+    generated = docgen.pages(root)
+    assert drift(generated) == [page]
+    assert "| `--dry-run` | `-n` |" in generated[page] and "\nNew prose.\n" in generated[page]
+
+
+def test_a_page_without_its_markers_is_refused(tmp_path: Path) -> None:
+    root = _docs_copy(tmp_path)
+    page = root / "docs" / "configuration.md"
+    page.write_text(page.read_text().replace("<!-- end: config-users -->", ""))
+    with pytest.raises(UsageError, match="config-users"):
+        docgen.pages(root)

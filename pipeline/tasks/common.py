@@ -371,6 +371,7 @@ def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
                          positional=[p for p in (target.positional or []) if p not in bound],
                          iterable=list(target.iterable or []), optional=list(target.optional or []))
     made.unchecked = call  # type: ignore[attr-defined]
+    made.alias_of = (task_name(target), bound)  # type: ignore[attr-defined]  # for docs/tasks.md
     made.body = cli_checks(made, call)
     return made
 

@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from pipeline.errors import BuildFailed
 from pipeline.packages import Package, deb_package
@@ -33,6 +34,14 @@ from pipeline.run import run
 # Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
 USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server", "e2fsprogs")
 E2FSPROGS = ("sbin/mke2fs", "sbin/debugfs")  # copied to the same paths: busybox --install keeps them
+# Each file the guest takes, found by what it is: (package, file name, the folders it lives in
+# across Debian suites). Each folder is looked for at both merged-/usr places: Debian 13 moved
+# much from / to /usr (busybox-static: /bin/busybox in Debian 12, /usr/bin/busybox in 13).
+BUSYBOX = ("busybox-static", "busybox", ("bin",))
+DROPBEAR = ("dropbear-bin", "dropbear", ("sbin",))
+SFTP_SERVER = ("openssh-sftp-server", "sftp-server", ("lib/openssh", "libexec/openssh", "libexec"))
+LDSO = ("libc6", "ld-linux-x86-64.so.2", ("lib/x86_64-linux-gnu", "lib64"))
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")  # Debian 13's kernels compress modules with xz
 KERNEL_META = "linux-image-cloud-amd64"
 # virtio_console: the guest sees the agent's virtio-serial port (the guest contract's check)
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "virtio_console", "button", "evdev")
@@ -299,10 +308,9 @@ def extract(deb: Path, into: Path) -> Path:
     return into
 
 
-def _needed_libs(root: Path, binaries: Iterable[Path]) -> dict[str, Path]:
-    """Shared libraries of `binaries`, resolved with the packaged ld.so, not the host's."""
-    ldso = next(p for p in (root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-                            root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") if p.exists())
+def _needed_libs(root: Path, ldso: Path, binaries: Iterable[Path]) -> dict[str, Path]:
+    """Shared libraries of `binaries`, resolved with the packaged ld.so (`ldso`, in the merged
+    tree `root`), not the host's."""
     libdirs = ":".join(str(p) for p in (root / "lib/x86_64-linux-gnu", root / "usr/lib/x86_64-linux-gnu") if p.exists())
     libs: dict[str, Path] = {str(ldso.relative_to(root)): ldso}
     for b in binaries:
@@ -334,19 +342,20 @@ def assemble(
         return _guest(out)
     root = cache / "root"
     trees = {p: extract(deb, root / deb.stem) for p, deb in debs.items()}
+    found = Finder(trees, {p: deb.stem for p, deb in debs.items()}, host_suite())
     merged = _merge(trees.values(), cache / "merged" / key)
-    kdir = trees[kernel_pkg]
-    modules = _modules(kdir)
-    files = _userland_files(merged)
+    modules = _modules(found, kernel_pkg)
+    files = _userland_files(found, merged)
     entries = rootfs_entries(
-        (trees["busybox-static"] / "bin/busybox").read_bytes(), files, authorized_keys, password_hash,
+        found.file(*BUSYBOX).read_bytes(), files, authorized_keys, password_hash,
         modules, module_order(sorted(modules), {n: module_depends(b) for n, b in modules.items()}), root_password_ssh,
     )
+    kernel = found.kernel(kernel_pkg)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "initrd.img").write_bytes(gzip_n(cpio_newc(entries)))
-    shutil.copyfile(next(kdir.glob("boot/vmlinuz-*")), tmp / "vmlinuz")
+    shutil.copyfile(kernel, tmp / "vmlinuz")
     record = {"packages": [p.as_manifest() for p in sorted(deb_packages(debs.values()))],
               "source_date_epoch": source_date_epoch(trees.values())}
     (tmp / GUEST_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -394,9 +403,10 @@ def source_date_epoch(trees: Iterable[Path]) -> int:
     return newest
 
 
-def _modules(kdir: Path) -> dict[str, bytes]:
-    """The wanted modules and their dependencies, read from the kernel package."""
-    available = {p.name.removesuffix(".ko"): p for p in kdir.glob("lib/modules/*/kernel/**/*.ko")}
+def _modules(found: Finder, kernel_pkg: str) -> dict[str, bytes]:
+    """The wanted modules and their dependencies, read from the kernel package (plain .ko bytes:
+    compressed modules are unpacked; a module the kernel has built in is not there and not needed)."""
+    available = found.modules(kernel_pkg)
     norm = {n.replace("-", "_"): p for n, p in available.items()}
     picked: dict[str, bytes] = {}
     todo = [m.replace("-", "_") for m in MODULES]
@@ -404,7 +414,7 @@ def _modules(kdir: Path) -> dict[str, bytes]:
         name = todo.pop()
         if name in picked or name not in norm:
             continue
-        picked[name] = norm[name].read_bytes()
+        picked[name] = found.module_bytes(kernel_pkg, norm[name])
         todo.extend(d.replace("-", "_") for d in module_depends(picked[name]))
     return picked
 
@@ -418,25 +428,127 @@ def _merge(trees: Iterable[Path], into: Path) -> Path:
     return into
 
 
-def _userland_files(merged: Path) -> dict[str, tuple[int, bytes]]:
-    dropbear = merged / "usr/sbin/dropbear"
-    sftp = merged / "usr/lib/openssh/sftp-server"
-    e2fs = [_first(merged, rel) for rel in E2FSPROGS]
+def _userland_files(found: Finder, merged: Path) -> dict[str, tuple[int, bytes]]:
+    """dropbear, sftp-server, mke2fs and debugfs at the guest's paths, with their libraries."""
+    in_merged = {spec: merged / found.file(*spec).relative_to(found.trees[spec[0]])
+                 for spec in (DROPBEAR, SFTP_SERVER, LDSO, *E2FS)}
+    dropbear, sftp = in_merged[DROPBEAR], in_merged[SFTP_SERVER]
+    e2fs = [in_merged[spec] for spec in E2FS]
     files: dict[str, tuple[int, bytes]] = {
         "usr/sbin/dropbear": (0o100755, dropbear.read_bytes()),
         "usr/lib/sftp-server": (0o100755, sftp.read_bytes()),
         **{rel: (0o100755, path.read_bytes()) for rel, path in zip(E2FSPROGS, e2fs, strict=True)},
     }
-    for rel, path in _needed_libs(merged, [dropbear, sftp, *e2fs]).items():
+    for rel, path in _needed_libs(merged, in_merged[LDSO], [dropbear, sftp, *e2fs]).items():
         files[rel] = (0o100755, path.resolve().read_bytes())
         if rel.endswith("ld-linux-x86-64.so.2"):  # the interpreter path baked into binaries
             files["lib64/ld-linux-x86-64.so.2"] = (0o120777, f"/{rel}".encode())
     return files
 
 
-def _first(merged: Path, rel: str) -> Path:
-    """A packaged binary at its path or its merged-/usr path."""
-    for candidate in (merged / rel, merged / "usr" / rel):
-        if candidate.is_file():
-            return candidate
-    raise BuildFailed(f"demo guest: {rel} is not in the downloaded packages")
+E2FS = tuple(("e2fsprogs", rel.rsplit("/", 1)[1], ("sbin",)) for rel in E2FSPROGS)
+
+
+def host_suite() -> str:
+    """The Debian (or Ubuntu) release the host's apt takes the guest's packages from, as
+    /etc/os-release names it ("Debian GNU/Linux 13 (trixie)")."""
+    try:
+        text = Path("/etc/os-release").read_text(encoding="utf-8")
+    except OSError:
+        return "this host's suite"
+    m = re.search(r'^PRETTY_NAME="?([^"\n]*)"?$', text, re.MULTILINE)
+    return m.group(1) if m else "this host's suite"
+
+
+def merged_usr_candidates(folder: str) -> tuple[str, str]:
+    """A folder at both merged-/usr places: "bin" → ("bin", "usr/bin"), "usr/lib" → ("lib", "usr/lib")."""
+    bare = folder.removeprefix("usr/")
+    return (bare, f"usr/{bare}")
+
+
+@dataclass(frozen=True)
+class Finder:
+    """Files inside the extracted packages, found by what they are; a missing one is a clear
+    error that names the package, the file and the suite."""
+
+    trees: Mapping[str, Path]    # package → its extracted tree (dpkg-deb -x: the .deb's file list)
+    debs: Mapping[str, str]      # package → its .deb's name (name_version_arch)
+    suite: str
+
+    def file(self, package: str, name: str, folders: tuple[str, ...]) -> Path:
+        """The regular file `name` in one of `folders` (at either merged-/usr place)."""
+        tree = self.tree(package)
+        looked = [place for folder in folders for place in merged_usr_candidates(folder)]
+        for place in looked:
+            path = tree / place / name
+            if path.is_file() and not path.is_symlink():  # a link would resolve on this host
+                return path
+        raise self.missing(package, name, ", ".join(f"/{p}/" for p in looked))
+
+    def kernel(self, package: str) -> Path:
+        """The kernel image (/boot/vmlinuz-*) of the kernel package."""
+        hits = sorted(self.tree(package).glob("boot/vmlinuz-*"))
+        if not hits:
+            raise self.missing(package, "vmlinuz-*", "/boot/")
+        return hits[-1]
+
+    def modules(self, package: str) -> dict[str, Path]:
+        """Module name → file, from /lib/modules/*/kernel or /usr/lib/modules/*/kernel."""
+        out: dict[str, Path] = {}
+        tree = self.tree(package)
+        for place in merged_usr_candidates("lib/modules"):
+            for path in sorted(tree.glob(f"{place}/*/kernel/**/*.ko*")):
+                suffix = next((s for s in MODULE_SUFFIXES if path.name.endswith(s)), None)
+                if suffix and path.is_file():
+                    out.setdefault(path.name.removesuffix(suffix), path)
+        if not out:
+            raise self.missing(package, "kernel modules (*.ko, *.ko.xz, ...)", "/lib/modules/*/kernel/, /usr/lib/modules/*/kernel/")
+        return out
+
+    def module_bytes(self, package: str, path: Path) -> bytes:
+        """A module file's bytes, unpacked when Debian ships it compressed (busybox insmod loads
+        plain .ko files)."""
+        data = path.read_bytes()
+        try:
+            if path.name.endswith(".xz"):
+                import lzma
+
+                return lzma.decompress(data)
+            if path.name.endswith(".gz"):
+                return gzip.decompress(data)
+            if path.name.endswith(".zst"):
+                return _unzstd(path)
+        except (OSError, EOFError, ValueError) as exc:
+            raise BuildFailed(f"demo guest: {path.name} in package {self.deb(package)} ({self.suite}) cannot be unpacked: {exc}") from exc
+        return data
+
+    def tree(self, package: str) -> Path:
+        """The extracted tree of `package` (every package the guest takes files from is downloaded)."""
+        if package not in self.trees:
+            raise BuildFailed(f"demo guest: package {package} was not downloaded ({self.suite})")
+        return self.trees[package]
+
+    def deb(self, package: str) -> str:
+        """The package's .deb name (name_version_arch), as people read it."""
+        return unquote(self.debs.get(package, package))
+
+    def missing(self, package: str, name: str, where: str) -> BuildFailed:
+        """The error for a file that is not where any known suite puts it."""
+        return BuildFailed(
+            f"demo guest: package {self.deb(package)} from {self.suite} has no {name} in {where}",
+            "the demo guest is assembled from the host's Debian suite and this package's files moved: "
+            f"please report it with the output of `dpkg-deb -c {self.deb(package)}.deb`",
+        )
+
+
+def _unzstd(path: Path) -> bytes:
+    """A zstd-compressed module's bytes: Python's own zstd (3.14+), else the zstd tool."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+
+        return bytes(zstd.decompress(path.read_bytes()))
+    except ImportError:
+        plain = path.with_name(path.name.removesuffix(".zst"))
+        if not plain.is_file():
+            run(["zstd", "-d", "-q", "-f", path, "-o", plain], hint="install zstd (Debian: sudo apt-get install zstd)")
+        return plain.read_bytes()

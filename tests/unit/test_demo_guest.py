@@ -44,3 +44,75 @@ def test_rootfs_has_parents_keys_and_no_plaintext():
     assert b"root:$6$salt$hash:" in files["etc/shadow"][1]
     assert files["etc/modules"][1] == b"virtio\n"
     assert files["sbin/init"] == (0o120777, b"../bin/busybox")
+
+
+# ---------------------------------------------------------------- files found by what they are
+
+def _tree(base, files: dict[str, bytes]):
+    for rel, data in files.items():
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(data)
+    return base
+
+
+def test_files_are_found_at_either_merged_usr_place(tmp_path):
+    """Debian 12's busybox-static ships /bin/busybox, Debian 13's /usr/bin/busybox: both are found."""
+    from pipeline.demo import BUSYBOX, Finder
+
+    old = _tree(tmp_path / "bookworm", {"bin/busybox": b"twelve"})
+    new = _tree(tmp_path / "trixie", {"usr/bin/busybox": b"thirteen"})
+    for tree, want in ((old, b"twelve"), (new, b"thirteen")):
+        found = Finder({"busybox-static": tree}, {"busybox-static": "busybox-static_1%3a1.37.0-6+b9_amd64"}, "Debian")
+        assert found.file(*BUSYBOX).read_bytes() == want
+
+
+def test_a_link_is_not_taken_for_the_file(tmp_path):
+    """A packaged symlink (openssh-sftp-server's /usr/lib/sftp-server → /usr/lib/openssh/sftp-server)
+    would resolve on the host: only regular files count."""
+    from pipeline.demo import SFTP_SERVER, Finder
+
+    tree = _tree(tmp_path / "t", {"usr/lib/openssh/sftp-server": b"real"})
+    (tmp_path / "t/usr/lib/sftp-server").symlink_to("/usr/lib/openssh/sftp-server")
+    found = Finder({"openssh-sftp-server": tree}, {}, "Debian")
+    assert found.file(*SFTP_SERVER) == tree / "usr/lib/openssh/sftp-server"
+
+
+def test_a_missing_file_names_the_package_the_file_and_the_suite(tmp_path):
+    import pytest
+
+    from pipeline.demo import BUSYBOX, Finder
+    from pipeline.errors import BuildFailed
+
+    tree = _tree(tmp_path / "t", {"usr/share/doc/busybox-static/copyright": b"c"})
+    found = Finder({"busybox-static": tree}, {"busybox-static": "busybox-static_1%3a1.38.0-3+b1_amd64"},
+                   "Debian GNU/Linux forky/sid")
+    with pytest.raises(BuildFailed) as err:
+        found.file(*BUSYBOX)
+    text = err.value.message
+    assert "busybox-static_1:1.38.0-3+b1_amd64" in text and "busybox" in text and "forky/sid" in text
+    assert "/bin/" in text and "/usr/bin/" in text
+    assert "dpkg-deb -c" in (err.value.hint or "")
+    with pytest.raises(BuildFailed, match="has no kernel modules"):
+        found.modules("busybox-static")
+    with pytest.raises(BuildFailed, match="has no vmlinuz"):
+        found.kernel("busybox-static")
+
+
+def test_modules_are_read_from_lib_or_usr_lib_and_unpacked(tmp_path):
+    """Debian 12: /lib/modules/V/kernel/**/x.ko; Debian 13: /usr/lib/modules/V/kernel/**/x.ko.xz."""
+    import gzip as gz
+    import lzma
+
+    from pipeline.demo import Finder, _modules
+
+    ko = b"\x7fELF\x00depends=virtio_ring\x00"
+    ring = b"\x7fELF\x00depends=\x00"
+    old = _tree(tmp_path / "12", {"lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/net/virtio_net.ko": ko,
+                                  "lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko": ring})
+    new = _tree(tmp_path / "13", {
+        "usr/lib/modules/6.12.1-cloud-amd64/kernel/drivers/net/virtio_net.ko.xz": lzma.compress(ko),
+        "usr/lib/modules/6.12.1-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko.gz": gz.compress(ring)})
+    for tree in (old, new):
+        found = Finder({"linux-image": tree}, {}, "Debian")
+        mods = _modules(found, "linux-image")
+        assert mods == {"virtio_net": ko, "virtio_ring": ring}

@@ -369,7 +369,9 @@ def cached_tools(tools: Iterable[str], cache_file: Path | None, save: bool = Tru
 
 
 def _stat_key(program: str) -> str | None:
-    path = shutil.which(program)
+    from pipeline.run import locate
+
+    path = locate(program)
     if path is None:
         return None
     real = os.path.realpath(path)

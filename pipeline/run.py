@@ -49,7 +49,8 @@ log = logging.getLogger("imagepipe.run")
 HASHICORP = "https://developer.hashicorp.com/packer/install"
 NIX_INSTALLER = "install Nix with the installer from https://nixos.org/download"
 INSTALL_HINTS: dict[str, dict[str, str]] = {
-    "packer": {"apt": f"sudo apt-get install packer   (or {HASHICORP})",
+    "packer": {"apt": "sudo apt-get install packer   (Debian 12; where the distribution has none, as Debian 13,"
+                      f" the project's ./setup.sh adds HashiCorp's apt repository; or {HASHICORP})",
                "dnf": f"sudo dnf install packer   (from HashiCorp's repository: {HASHICORP})",
                "brew": "brew install hashicorp/tap/packer", "nix": "nix profile install nixpkgs#packer"},
     "qemu-system-x86_64": {"apt": "sudo apt-get install qemu-system-x86", "dnf": "sudo dnf install qemu-system-x86",
@@ -188,10 +189,38 @@ class Result:
         return self.returncode == 0
 
 
+# Tools whose binary a variable may name (PACKER=/opt/packer/packer): that one is used instead of
+# a search. setup.sh honours the same variable.
+TOOL_VARIABLES = {"packer": "PACKER"}
+
+
+def tool_dirs() -> list[str]:
+    """Where tools are searched: PATH, then the folder of imagepipe's own Python (the project's
+    .venv/bin, where setup.sh links the packer it was given in PACKER), so `.venv/bin/invoke`
+    finds it without an activated venv."""
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d]
+    here = os.path.dirname(os.path.abspath(sys.executable)) if sys.executable else ""
+    return dirs + [here] if here and here not in dirs else dirs
+
+
+def locate(tool: str) -> str | None:
+    """The binary `tool` names here: the path in its variable (TOOL_VARIABLES) when set, else the
+    first one in tool_dirs(); None when there is none (or the variable names no executable)."""
+    variable = TOOL_VARIABLES.get(tool)
+    named = os.environ.get(variable, "") if variable else ""
+    if named:
+        return os.path.abspath(named) if os.path.isfile(named) and os.access(named, os.X_OK) else None
+    return shutil.which(tool, path=os.pathsep.join(tool_dirs()))
+
+
 def which(tool: str, hint: str | None = None) -> str:
     """Absolute path of `tool`, or ToolMissing with how to install it."""
-    path = shutil.which(tool)
+    path = locate(tool)
     if path is None:
+        variable = TOOL_VARIABLES.get(tool)
+        if variable and os.environ.get(variable):
+            raise ToolMissing(f"{variable}={os.environ[variable]} is not an executable file",
+                              f"point {variable} at the {tool} binary, or unset it to use the {tool} on PATH")
         raise ToolMissing(f"{tool} not found on PATH", hint or install_hint(tool))
     return path
 

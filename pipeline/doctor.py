@@ -17,6 +17,7 @@ from pipeline import distros
 from pipeline.errors import ImagepipeError
 from pipeline.host import HostFacts
 from pipeline.model import Arch, Config, Firmware
+from pipeline.origin import ToolOrigin, plugins_note
 from pipeline.plan import choose_accel
 from pipeline.run import install_hint
 from pipeline.units import mib
@@ -48,6 +49,7 @@ class Report:
     exit_code: int = 0                 # 127 a required tool is missing, else 3 the host cannot do it
     package_manager: str | None = None
     cpu_level: str | None = None       # "x86-64-v3" (x86 hosts whose flags were read)
+    packer: dict[str, Any] | None = None  # where the packer came from and what it supports (origin.ToolOrigin)
 
     @property
     def ok(self) -> bool:
@@ -80,8 +82,8 @@ def needed_tools(cfg: Config, facts: HostFacts) -> dict[str, str]:
     return need
 
 
-def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
-    """Judge `facts` against what the configuration needs."""
+def report(cfg: Config, facts: HostFacts, where: str = "this host", packer: ToolOrigin | None = None) -> Report:
+    """Judge `facts` against what the configuration needs (`packer`: where its packer came from)."""
     need = needed_tools(cfg, facts)
     manager = facts.package_manager
     lines = []
@@ -90,10 +92,12 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
     codes: list[int] = []
     for name, tool in sorted(facts.tools.items()):
         required = name in need
-        lines.append(ToolLine(name, tool.found, tool.version, required, need.get(name, "optional"),
-                              None if tool.found else install_hint(name, manager)))
+        hint = None if tool.found else install_hint(name, manager)
+        if name == "packer" and packer is not None and packer.kind == "missing" and packer.path:
+            hint = f"PACKER={packer.path} is not an executable file: point PACKER at the packer binary, or unset it"
+        lines.append(ToolLine(name, tool.found, tool.version, required, need.get(name, "optional"), hint))
         if required and not tool.found:
-            problems.append(f"{name} is missing (needed for {need[name]}): {install_hint(name, manager)}")
+            problems.append(f"{name} is missing (needed for {need[name]}): {hint}")
             codes.append(127)
     host_arch = facts.arch or Arch.X86_64
     try:
@@ -117,7 +121,14 @@ def report(cfg: Config, facts: HostFacts, where: str = "this host") -> Report:
     return Report(f"{where} ({facts.os} {facts.machine})", lines, accel, reason, firmware,
                   facts.free_disk, problems, warnings, nix_builders(cfg, facts), exit_code=max(codes, default=0),
                   package_manager=manager,
-                  cpu_level=f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None)
+                  cpu_level=f"x86-64-v{facts.cpu_level}" if facts.cpu_level is not None else None,
+                  packer=packer_line(packer, facts) if packer is not None else None)
+
+
+def packer_line(origin: ToolOrigin, facts: HostFacts) -> dict[str, Any]:
+    """Where the packer came from and whether it knows required_plugins / packer init."""
+    found = origin.kind != "missing" and facts.tool("packer").found
+    return {**origin.as_json(), "plugins": plugins_note(facts.version("packer")) if found else None}
 
 
 def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
@@ -159,6 +170,10 @@ def format_text(r: Report) -> str:
         out.append(f"  {'✔' if t.found else ('✘' if t.required else '-')} {t.name:20} {state:12} {need}")
         if not t.found and t.hint:
             out.append(f"      {t.hint}")
+        if t.name == "packer" and t.found and r.packer:
+            out.append(f"      from {r.packer['description']}")
+            if r.packer["plugins"]:
+                out.append(f"      {r.packer['plugins']}")
     out += ["", f"accelerator: {r.accel} — {r.accel_reason}"]
     if r.cpu_level:
         out.append(f"CPU level:   {r.cpu_level}")

@@ -55,6 +55,18 @@ def atomic_write(path: Path, data: str | bytes, *, mode: int = DEFAULT_MODE, enc
         out.write(data.encode(encoding) if isinstance(data, str) else data)
 
 
+def write_if_changed(path: Path, text: str) -> bool:
+    """Atomically replace `path` with `text` (same folder temp file + rename); False if unchanged."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text)
+    return True
+
+
 def atomic_copy(src: Path, dest: Path, *, mode: int = DEFAULT_MODE) -> None:
     """Replace `dest` with a copy of `src` in one atomic step (streamed: firmware files are large)."""
     with open(src, "rb") as source, _replacing(dest, mode) as out:

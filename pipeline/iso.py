@@ -214,7 +214,7 @@ def lock_text(entries: Mapping[str, LockEntry]) -> str:
 
 def write_lock(root: Path, entries: Mapping[str, LockEntry]) -> bool:
     """Write the lock atomically; False when the content is unchanged (nothing touched)."""
-    from pipeline.render.files import write_if_changed
+    from pipeline.fsutil import write_if_changed
 
     return write_if_changed(root / LOCK_FILE, lock_text(entries))
 

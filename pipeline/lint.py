@@ -123,7 +123,7 @@ def run_checks(ctx: LintContext, only: list[str] | None = None) -> list[Problem]
 @register("drift")
 def check_drift(ctx: LintContext) -> list[Problem]:
     """Committed generated files must equal what invoke.yaml renders."""
-    from pipeline.render.files import drift
+    from pipeline.committed import drift
 
     return [Problem("drift", ctx.rel(p), "differs from what invoke.yaml renders: run invoke render") for p in drift(ctx.files)]
 
@@ -226,7 +226,7 @@ def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem
     """Render `image` (legacy or not) into scratch and run packer validate with dummy values."""
     import hcl2
 
-    from pipeline.render.packer import render_text
+    from pipeline.committed import render_text
 
     text = render_text(image, legacy=legacy)
     folder = ctx.scratch / image.name

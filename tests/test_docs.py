@@ -102,7 +102,7 @@ def test_a_stale_block_is_drift_and_prose_is_kept(tmp_path: Path) -> None:
     stale = text.replace("| `--dry-run` | `-n` |", "| `--dry-run` | `-d` |", 1).replace("# Tasks\n", "# Tasks\n\nNew prose.\n", 1)
     assert stale != text
     page.write_text(stale)
-    from pipeline.render.files import drift
+    from pipeline.committed import drift
 
     generated = docgen.pages(root)
     assert drift(generated) == [page]

@@ -206,7 +206,7 @@ class AlmaLinux(PackerProfile):
     def refresh_pin(self, root: Path, image: Image) -> str:
         """Re-resolve the ISO (10 / latest / 10.1 -> a point release) and pin it in iso.lock.json."""
         from pipeline import iso
-        from pipeline.render.files import write_if_changed
+        from pipeline.fsutil import write_if_changed
 
         entry = iso.resolve(image, iso.Mirrors.from_env())
         entries = iso.read_lock(root)

@@ -11,8 +11,7 @@ here and supplied at build time, so committed templates stay host-independent an
 
 from __future__ import annotations
 
-from pipeline.model import Image
-from pipeline.render.hcl import Block, Expr, dumps
+from pipeline.render.hcl import Block, Expr
 
 QEMU_PLUGIN = {"source": "github.com/hashicorp/qemu", "version": ">= 1.1.0"}
 PLUGINS_SINCE = (1, 7)  # first Packer that understands required_plugins / packer init
@@ -42,16 +41,6 @@ def variable(name: str, description: str, default: str | None = None, sensitive:
 
 def common_variables() -> list[Block]:
     return [variable(n, d) for n, d in COMMON_VARIABLES.items()]
-
-
-def render_text(image: Image, legacy: bool = False) -> str:
-    """The Packer template text of a Packer-built image (legacy=False is what gets committed)."""
-    from pipeline import distros
-
-    blocks = getattr(distros.profile(image), "blocks", None)
-    if blocks is None:
-        raise TypeError(f"{image.name} ({image.distro}) is not built with Packer")
-    return dumps(blocks(image, legacy))
 
 
 def supports_plugins(version: tuple[int, ...] | None) -> bool:

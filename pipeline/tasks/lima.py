@@ -39,9 +39,9 @@ def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
     import platform
 
+    from pipeline.fsutil import write_if_changed
     from pipeline.iso import Mirrors, cloud_image
     from pipeline.render import lima
-    from pipeline.render.files import write_if_changed
     from pipeline.run import stream, which
 
     cfg, img = _image(c, image)

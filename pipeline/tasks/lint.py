@@ -21,8 +21,8 @@ def lint(c: Context, check: list[str] | None = None) -> None:
     from pathlib import Path
 
     from pipeline import lint as checks
+    from pipeline.committed import rendered_files
     from pipeline.errors import ImagepipeError, UsageError
-    from pipeline.render.files import rendered_files
 
     cfg = load_config(c)
     unknown = [n for n in (check or []) if n not in checks.CHECKS]

@@ -15,7 +15,7 @@ def render(c: Context, image: str | None = None) -> None:
     It writes `packer/.../*.pkr.hcl`, `kickstart/almalinux10/<arch>/<image>/ks.cfg` and
     `nixos/params/<image>.json`; `invoke lint` fails when a committed file drifts from them.
     """
-    from pipeline.render.files import rendered_files, write_all
+    from pipeline.committed import rendered_files, write_all
 
     cfg = load_config(c)  # every config problem is reported before anything is written
     files = rendered_files(cfg, [image] if image else None)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.committed import render_text
 from pipeline.config import load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.host import find_firmware, local_descriptors
-from pipeline.render.packer import render_text
 from tests.support import ROOT, keygen
 
 CFG = load_file(ROOT / "invoke.yaml")

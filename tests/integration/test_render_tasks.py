@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.committed import drift, rendered_files
 from pipeline.config import load_file
-from pipeline.render.files import drift, rendered_files
 from tests.support import NEEDS_NIX_STORE, ROOT, invoke, project_copy
 
 GENERATED = ("packer", "kickstart")

@@ -8,13 +8,14 @@ import hcl2
 import pytest
 
 from pipeline import distros
+from pipeline.committed import render_text
 from pipeline.config import Firmware, load_file
 from pipeline.config import load as load_config
 from pipeline.distros import almalinux as alma_profile
 from pipeline.errors import ConfigError
 from pipeline.lint import QEMU_PLUGIN_ARGS
 from pipeline.render import almalinux
-from pipeline.render.packer import COMMON_VARIABLES, render_text
+from pipeline.render.packer import COMMON_VARIABLES
 from tests.support import ROOT
 
 CFG = load_file(ROOT / "invoke.yaml")

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline import distros, inputs
 from pipeline.build import BuildOptions, build_image
+from pipeline.committed import drift, rendered_files, write_all
 from pipeline.config import Arch, Image, load
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.errors import ConfigError
 from pipeline.host import HostFacts, KvmFacts, ToolInfo
-from pipeline.render.files import drift, rendered_files, write_all
 from pipeline.render.hcl import Block, Expr
 from pipeline.render.packer import common_variables, packer_block, variable
 

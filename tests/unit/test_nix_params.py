@@ -62,7 +62,7 @@ def sample_config(tmp_path: Path):
 
 def params_files(cfg):
     """Every nixos/params/<image>.json the configuration renders (through the distro profiles)."""
-    from pipeline.render.files import rendered_files
+    from pipeline.committed import rendered_files
 
     return {path: text for path, text in rendered_files(cfg).items() if path.suffix == ".json"}
 

@@ -1,7 +1,8 @@
-"""The committed, generated files: what the configuration renders, and writing only what changed.
+"""The committed, generated files: what each image's profile renders, written only where it changed.
 
 Each image contributes what its distro profile renders (`Profile.rendered_files`): a Packer
-template under packer/<family>/<arch>/, AlmaLinux's kickstart, NixOS's params JSON.
+template under packer/<family>/<arch>/, AlmaLinux's kickstart, NixOS's params JSON. This is the
+module that asks the profiles, so that render/ stays a leaf that knows no distro.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pipeline import distros
-from pipeline.fsutil import atomic_write
+from pipeline.fsutil import write_if_changed
 from pipeline.model import Config, Image
+from pipeline.render.hcl import dumps
 
 
 def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
@@ -37,18 +39,6 @@ def rendered_files(cfg: Config, names: Iterable[str] | None = None) -> dict[Path
     return out
 
 
-def write_if_changed(path: Path, text: str) -> bool:
-    """Atomically replace `path` with `text` (same folder temp file + rename); False if unchanged."""
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text)
-    return True
-
-
 def write_all(files: Mapping[Path, str]) -> list[Path]:
     """Write every file whose content changed; the paths written, in order."""
     return [path for path in sorted(files) if write_if_changed(path, files[path])]
@@ -64,3 +54,11 @@ def drift(files: Mapping[Path, str]) -> list[Path]:
         except FileNotFoundError:
             stale.append(path)
     return stale
+
+
+def render_text(image: Image, legacy: bool = False) -> str:
+    """The Packer template text of a Packer-built image (legacy=False is what gets committed)."""
+    blocks = getattr(distros.profile(image), "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{image.name} ({image.distro}) is not built with Packer")
+    return dumps(blocks(image, legacy))

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from _common import Figure, alternate, count, figure, finish, say, timed
 
-from pipeline import openssh, rsync
+from pipeline.builders import openssh, rsync
 from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
 
 LO = Path("/sys/class/net/lo/statistics")

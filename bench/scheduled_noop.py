@@ -22,14 +22,16 @@ from pathlib import Path
 import yaml
 from _common import ROOT, alternate, count, figure, finish, say, timed, workspace
 
-from pipeline import artifacts, config, distros, inputs
+from pipeline import config, distros, inputs
+from pipeline.model import Config
+from pipeline.output import artifacts
 
 runs = count(9, minimum=3)
 work, output, invoke = workspace()
 rebuild = [*invoke, "rebuild", "--all"]
 
 
-def stand_in(cfg: config.Config, name: str, demo_build: Path) -> None:
+def stand_in(cfg: Config, name: str, demo_build: Path) -> None:
     """Publish a copy of the demo's build as `name`'s, with `name`'s current input hash."""
     image = cfg.image(name)
     manifest = json.loads((demo_build / artifacts.MANIFEST).read_text(encoding="utf-8"))

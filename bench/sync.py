@@ -1,7 +1,7 @@
 """Sync of an unchanged project tree to a builder: file data sent, and time vs plain rsync.
 
 Starts a real sshd on 127.0.0.1 (alias hal9000), syncs a copy of the project once, then
-alternates, RUNS times, a sync of the unchanged tree through pipeline.remote.sync over one open
+alternates, RUNS times, a sync of the unchanged tree through pipeline.builders.remote.sync over one open
 connection with the plain rsync command line it runs (same options, same ssh). Goals: no file
 data sent (0 bytes, issue 14's figure), and the sync within 1.5× of that rsync - this script's
 own bound: its only extra is one `mkdir -p` over the open connection, a fixed round trip that
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _common import ROOT, alternate, count, figure, finish, say, timed
 
-from pipeline import remote, rsync
+from pipeline.builders import remote, rsync
 from tests.support.sshd import SshHost
 
 runs = count(5, minimum=3)

@@ -20,20 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import (
-    __version__,
-    artifacts,
-    distros,
-    history,
-    inputs,
-    keys,
-    packages,
-    retention,
-    sbom,
-    summary,
-)
-from pipeline.drivers import Driver
-from pipeline.errors import (
+from pipeline import __version__, distros, inputs, keys, summary
+from pipeline.base.errors import (
     CommandFailed,
     HostUnsuitable,
     ImagepipeError,
@@ -42,18 +30,21 @@ from pipeline.errors import (
     ToolMissing,
     UnsafePath,
 )
-from pipeline.fsutil import check_dir, ensure_dir, free_space, is_storage_error, storage_error
+from pipeline.base.fsutil import check_dir, ensure_dir, free_space, is_storage_error, storage_error
+from pipeline.base.procs import start_time
+from pipeline.base.run import install_hint, interrupt_guard, tool_groups
+from pipeline.base.text import visible_lines
+from pipeline.base.units import clock, mib
+from pipeline.contents import packages, sbom
+from pipeline.drivers import Driver
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.model import Accel, Config, Image
+from pipeline.output import artifacts, history, retention
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
-from pipeline.procs import start_time
 from pipeline.progress import Event, Progress
-from pipeline.run import install_hint, interrupt_guard, tool_groups
-from pipeline.text import visible_lines
-from pipeline.units import clock, mib
 
 if TYPE_CHECKING:
-    from pipeline.remote import Target
+    from pipeline.builders.remote import Target
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 invoke.yaml is Invoke's own project config file, so `-f FILE` and `INVOKE_*` variables work as
 Invoke users expect; imagepipe reads its three top-level sections (`defaults`, `images`,
 `builders`) from the merged Invoke config. Validation collects every problem with its key path
-and raises one `ConfigError`; unknown keys get a "did you mean". The model's names are
-re-exported here, so `from pipeline.config import Image, load` keeps working.
+and raises one `ConfigError`; unknown keys get a "did you mean". The model's names (Image,
+Arch, ...) are imported from pipeline.model, where they are defined.
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
-from pipeline.model import Accel, Arch, Builder, Config, Defaults, Firmware, Format, Image, User
-from pipeline.validate import (  # noqa: F401  (re-exported: pipeline.config is where callers look)
-    HOST_RE,
+from pipeline.base.errors import ConfigError
+from pipeline.base.validate import (
     LOCALE_RE,
     NAME_RE,
-    PUBKEY_RE,
-    SHA512_CRYPT_RE,
     USER_RE,
     Collector,
     Invalid,
@@ -44,9 +40,10 @@ from pipeline.validate import (  # noqa: F401  (re-exported: pipeline.config is 
     shown,
     string,
 )
+from pipeline.model import Accel, Arch, Builder, Config, Defaults, Firmware, Format, Image, User
 
 # ---------------------------------------------------------------------------------------------
-# Validation: the parsers and the collector live in pipeline.validate (short names kept here).
+# Validation: the parsers and the collector live in pipeline.base.validate (short names kept here).
 
 _int = integer
 _bool = boolean
@@ -60,7 +57,7 @@ _Collector = Collector
 
 
 def _no_newline(v: Any) -> str:
-    """A one-line string (no control characters at all: see pipeline.validate.line)."""
+    """A one-line string (no control characters at all: see pipeline.base.validate.line)."""
     return line(v)
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from pipeline.errors import BuildFailed
-from pipeline.packages import Package, deb_package
-from pipeline.run import run
+from pipeline.base.errors import BuildFailed
+from pipeline.base.run import run
+from pipeline.contents.packages import Package, deb_package
 
 # Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
 USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server", "e2fsprogs")
@@ -367,7 +367,7 @@ def assemble(
 
 def _guest(folder: Path) -> DemoGuest:
     """The assembled guest in `folder` (kernel, initramfs and its record)."""
-    from pipeline.packages import from_manifest
+    from pipeline.contents.packages import from_manifest
 
     record = json.loads((folder / GUEST_RECORD).read_text(encoding="utf-8"))
     return DemoGuest(folder / "vmlinuz", folder / "initrd.img", APPEND, tuple(from_manifest(record["packages"])),

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import distros
-from pipeline.errors import ImagepipeError
+from pipeline.base.errors import ImagepipeError
+from pipeline.base.run import install_hint
+from pipeline.base.units import mib
 from pipeline.host import HostFacts
 from pipeline.model import Arch, Config, Firmware
 from pipeline.origin import ToolOrigin, plugins_note
 from pipeline.plan import choose_accel
-from pipeline.run import install_hint
-from pipeline.units import mib
 
 LOW_DISK = 10 * 1024**3
 

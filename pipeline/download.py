@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import sha256_file
-from pipeline.fsutil import atomic_write
+from pipeline.base.fsutil import atomic_write
+from pipeline.output.artifacts import sha256_file
 
 Report = Callable[[str], None]
 

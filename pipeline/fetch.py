@@ -11,9 +11,9 @@ staging folder or publishes over it) and applies the image's retention once it h
 
 What it costs on top of the transfer itself, and why it is small:
 - one SSH connection: `invoke remote-fetch` opens an OpenSSH master for the manifest read and
-  rsync's ssh rides on it (pipeline.openssh) - no Python SSH stack to import, no 2nd handshake;
+  rsync's ssh rides on it (pipeline.builders.openssh) - no Python SSH stack to import, no 2nd handshake;
 - sha256 as the bytes land: a follower thread per file hashes what rsync writes while it
-  writes it (pipeline.follow); its digest counts only when rsync's stats show one front-to-back
+  writes it (pipeline.builders.follow); its digest counts only when rsync's stats show one front-to-back
   pass over exactly the file there now, else (or on a mismatch) the file is read again;
 - no `qemu-img check` here: a sha256 equal to the builder's manifest proves these are the bytes
   the builder checked before it published them; a `qemu-img info` format check stays.
@@ -31,15 +31,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, distros, follow, history, manifest_check, openssh, retention, rsync
-from pipeline.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
-from pipeline.fsutil import ensure_dir
+from pipeline import distros
+from pipeline.base.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
+from pipeline.base.fsutil import ensure_dir
+from pipeline.base.run import run, stream
+from pipeline.base.text import visible
+from pipeline.builders import follow, openssh, rsync
+from pipeline.builders.remote import (
+    REMOTE_OUTPUT,
+    Target,
+    check_name,
+    main_thread_timeout,
+    runner_for,
+)
 from pipeline.host import Runner
 from pipeline.model import Config, Image
+from pipeline.output import artifacts, history, manifest_check, retention
 from pipeline.progress import TRANSFER_EVERY, transfer_text
-from pipeline.remote import REMOTE_OUTPUT, Target, check_name, main_thread_timeout, runner_for
-from pipeline.run import run, stream
-from pipeline.text import visible
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -68,7 +76,7 @@ def parse_sums(text: str) -> dict[str, str]:
 
 
 def check_manifest(manifest: Any, image: Image, source: str = "the builder's manifest") -> dict[str, Any]:
-    """The builder's manifest, checked in full (pipeline.manifest_check: every field a fetch
+    """The builder's manifest, checked in full (pipeline.output.manifest_check: every field a fetch
     reads, with what is wrong named) and checked to be a manifest of `image`."""
     hint = f"rebuild on the builder (invoke remote-sync-build HOST --image {image.name})"
     try:

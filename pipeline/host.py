@@ -1,7 +1,7 @@
 """Host facts: a command plus a pure parser for each, so local and remote hosts probe alike.
 
 `probe(runner)` runs the commands through `runner` (local: `local_runner`; remote: a Fabric
-Connection adapter in pipeline.remote) and assembles `HostFacts`. The parsers are pure
+Connection adapter in pipeline.builders.remote) and assembles `HostFacts`. The parsers are pure
 functions over command output and are tested with plain asserts. (A little over 450 lines: each
 fact's command and parser stay side by side, so the local and the remote probe cannot drift;
 the firmware lookup lives in pipeline.firmware.)
@@ -17,17 +17,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.firmware import (  # noqa: F401  (re-exported for callers of pipeline.host)
-    FirmwareInfo,
-    choose_descriptor,
-    find_firmware,
-    local_descriptors,
-    parse_descriptor,
-    qemu_firmware_dirs,
-)
+from pipeline.base.run import Result
+from pipeline.firmware import FirmwareInfo, find_firmware, local_descriptors
 from pipeline.model import Arch
 from pipeline.nixmachines import Machine, MachinesError, configured
-from pipeline.run import Result
 
 Runner = Callable[[Sequence[str]], Result]
 
@@ -248,14 +241,14 @@ def parse_nix_config(text: str) -> dict[str, str]:
     return settings
 
 
-# Programs whose presence tells the package manager (see pipeline.run.MANAGERS).
+# Programs whose presence tells the package manager (see pipeline.base.run.MANAGERS).
 MANAGER_PROGRAMS = ("apt-get", "dnf", "yum", "brew", "nix-env")
 MANAGER_ARGV = ("sh", "-c", "command -v apt-get dnf yum brew nix-env")  # a constant: nothing is interpolated
 
 
 def parse_package_manager(os_name: str, out: str) -> str | None:
     """`command -v apt-get dnf ...` output (found programs' paths) -> apt, dnf, brew, nix or None."""
-    from pipeline.run import package_manager
+    from pipeline.base.run import package_manager
 
     found = {line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if line.strip()}
     return package_manager(os_name, on_path=lambda prog: prog in found)
@@ -267,7 +260,7 @@ def parse_df(out: str) -> int | None:
     if len(lines) < 2:
         return None
     cols = lines[-1].split()
-    from pipeline.numbers import int_or_none
+    from pipeline.base.numbers import int_or_none
 
     free = int_or_none(cols[3]) if len(cols) > 3 else None
     return free * 1024 if free is not None else None
@@ -278,8 +271,8 @@ def parse_df(out: str) -> int | None:
 
 def local_runner(argv: Sequence[str]) -> Result:
     """Run a probe command here (through run()); a missing program is rc 127, not an exception."""
-    from pipeline.errors import CommandFailed, ToolMissing
-    from pipeline.run import run
+    from pipeline.base.errors import CommandFailed, ToolMissing
+    from pipeline.base.run import run
 
     try:
         return run(argv, check=False, timeout=20)
@@ -369,7 +362,7 @@ def cached_tools(tools: Iterable[str], cache_file: Path | None, save: bool = Tru
 
 
 def _stat_key(program: str) -> str | None:
-    from pipeline.run import locate
+    from pipeline.base.run import locate
 
     path = locate(program)
     if path is None:
@@ -384,7 +377,7 @@ def _stat_key(program: str) -> str | None:
 
 def _save_cache(path: Path, data: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
-    from pipeline.fsutil import atomic_write
+    from pipeline.base.fsutil import atomic_write
 
     if path.parent.is_symlink():  # never write through a link imagepipe did not make
         return

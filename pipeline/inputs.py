@@ -114,8 +114,8 @@ def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = 
 
 def up_to_date(image_dir: Path, input_hash: str) -> str | None:
     """"up to date: built <when>, <sha>" when the published build has this input hash, else None."""
-    from pipeline import artifacts
-    from pipeline.errors import CorruptState
+    from pipeline.base.errors import CorruptState
+    from pipeline.output import artifacts
 
     try:
         manifest = artifacts.read_manifest(image_dir)

@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.download import (  # noqa: F401 (TIMEOUT, CHUNK, cached_sha256: re-exported for callers of pipeline.iso)
-    CHUNK,
-    TIMEOUT,
+from pipeline.base.errors import ImagepipeError, UsageError, VerifyFailed
+from pipeline.download import (
     ChecksumMismatch,
     NotFound,
     cached_sha256,
@@ -33,7 +32,6 @@ from pipeline.download import (  # noqa: F401 (TIMEOUT, CHUNK, cached_sha256: re
     open_url,
 )
 from pipeline.download import reason as _reason
-from pipeline.errors import ImagepipeError, UsageError, VerifyFailed
 from pipeline.model import Image
 
 LOCK_FILE = "iso.lock.json"
@@ -214,7 +212,7 @@ def lock_text(entries: Mapping[str, LockEntry]) -> str:
 
 def write_lock(root: Path, entries: Mapping[str, LockEntry]) -> bool:
     """Write the lock atomically; False when the content is unchanged (nothing touched)."""
-    from pipeline.fsutil import write_if_changed
+    from pipeline.base.fsutil import write_if_changed
 
     return write_if_changed(root / LOCK_FILE, lock_text(entries))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import UnsafePath
-from pipeline.fsutil import check_dir, ensure_dir
-from pipeline.run import run
+from pipeline.base.errors import UnsafePath
+from pipeline.base.fsutil import check_dir, ensure_dir
+from pipeline.base.run import run
 
 KEY_NAME = "imagepipe_ed25519"
 
@@ -21,7 +21,7 @@ def project_key(output_dir: Path, configured: str | None = None, *, create: bool
     if configured:
         path = Path(configured).expanduser()
         if not path.exists():
-            from pipeline.errors import ConfigError
+            from pipeline.base.errors import ConfigError
 
             raise ConfigError("invoke.yaml", [f"defaults.ssh_key: {path} does not exist"])
         return path

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from pipeline.errors import UsageError
-from pipeline.validate import did_you_mean
+from pipeline.base.errors import UsageError
+from pipeline.base.validate import did_you_mean
 
 
 class Arch(StrEnum):

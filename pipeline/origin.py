@@ -108,7 +108,7 @@ def probe_packer(runner: Runner, *, local: bool = True) -> ToolOrigin:
     then .venv/bin); on a builder (`local=False`) its PACKER or the packer on its PATH."""
     import os
 
-    from pipeline.run import TOOL_VARIABLES, locate
+    from pipeline.base.run import TOOL_VARIABLES, locate
 
     args: tuple[str, ...] = ("sh", "-c", ORIGIN_SNIPPET, "origin")
     if local:

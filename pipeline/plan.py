@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from pipeline.errors import AccelUnavailable, HostUnsuitable
+from pipeline.base.errors import AccelUnavailable, HostUnsuitable
 from pipeline.firmware import FirmwareInfo
 from pipeline.host import HostFacts
 from pipeline.model import Accel, Arch, Config, Firmware, Image
@@ -32,7 +32,7 @@ class PlanProfile(Protocol):
 
 class Delegated(Protocol):
     """The engine builds the image on another machine it drives itself (NixOS: nix's remote
-    builds, pipeline.nixremote); the plan carries it, the manifest and history name it."""
+    builds, pipeline.drivers.nixremote); the plan carries it, the manifest and history name it."""
 
     kind: ClassVar[str]
 
@@ -158,7 +158,7 @@ def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
         return None
     fw = facts.firmware.get(image.arch)
     if fw is None:
-        from pipeline.run import install_hint
+        from pipeline.base.run import install_hint
 
         raise HostUnsuitable(
             f"no UEFI firmware for {image.arch.value} found (QEMU descriptors, known paths"

@@ -1,14 +1,14 @@
 """How people see a build's events.
 
 Drivers turn their tools' output (Packer's -machine-readable lines, nix's internal-json log)
-into `Event`s (pipeline.events, re-exported here). A `Progress` shows them:
+into `Event`s (pipeline.base.events, re-exported here). A `Progress` shows them:
 
 - on a TTY: coloured lines (steps as `[N/M]`, errors in red) above a live footer with the step,
   the elapsed time and the guest console's last line (rich, imported only then; NO_COLOR is
   honoured);
 - otherwise: plain timestamped lines without colour, and a heartbeat line when a step has been
   quiet for `heartbeat` seconds (the elapsed time and the console's last line);
-- with json_lines=True: one JSON object per event on stdout (pipeline.events), steps carrying
+- with json_lines=True: one JSON object per event on stdout (pipeline.base.events), steps carrying
   `step`/`total`, heartbeats as their own kind.
 
 With a `log_path`, every event people would see is also written there as a readable line
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Self, TextIO
 
-from pipeline import events
-from pipeline.events import Event
-from pipeline.units import MIB, clock, mib
+from pipeline.base import events
+from pipeline.base.events import Event
+from pipeline.base.units import MIB, clock, mib
 
 __all__ = ["Event", "Progress", "clock", "console_last_line", "mib"]
 

@@ -16,9 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import distros, events
-from pipeline.errors import BuildFailed, HostUnsuitable, ImagepipeError, Interrupted, UsageError
-from pipeline.events import Event
+from pipeline import distros
+from pipeline.base import events
+from pipeline.base.errors import (
+    BuildFailed,
+    HostUnsuitable,
+    ImagepipeError,
+    Interrupted,
+    UsageError,
+)
+from pipeline.base.events import Event
 from pipeline.model import Accel, Config, Image
 
 Emit = Callable[..., None]
@@ -31,7 +38,7 @@ class Outcome:
     message: str
     build_id: str | None = None
     sha256: str | None = None
-    changes: dict[str, Any] | None = None   # pipeline.diff.summary against the build published before
+    changes: dict[str, Any] | None = None   # pipeline.contents.diff.summary against the build published before
 
 
 def available(module: str) -> bool:
@@ -40,7 +47,7 @@ def available(module: str) -> bool:
 
 
 def make_emitter(json_lines: bool) -> Emit:
-    """emit(kind, image, message, **fields): a JSON event per line on stdout (pipeline.events), or a
+    """emit(kind, image, message, **fields): a JSON event per line on stdout (pipeline.base.events), or a
     plain line on stderr."""
 
     def emit(kind: str, image: str, message: str, **data: Any) -> None:
@@ -116,7 +123,7 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     if not fresh:
         return None
     if (cfg.output_dir / image.name / ".staging").is_dir():  # rare: retention and history load only then
-        from pipeline import retention
+        from pipeline.output import retention
 
         retention.reap_when_idle(cfg.output_dir / image.name, lambda line: emit("message", image.name, line))
     return Outcome(image.name, "up-to-date", fresh)
@@ -124,8 +131,8 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
 
 def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,
          boot_test: bool, emit: Emit) -> Outcome:
-    from pipeline import artifacts
     from pipeline.build import BuildOptions, build_image
+    from pipeline.output import artifacts
 
     opts = BuildOptions(accel=accel, json=json_lines, if_changed=not force, boot_test=boot_test)
     before = artifacts.read_manifest(cfg.output_dir / image.name)
@@ -141,8 +148,8 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
         summary = describe_failure(exc, distros.profile(image).driver)
         return Outcome(image.name, "failed", summary + (f" ({exc.hint})" if exc.hint else ""))
     except Exception as exc:  # noqa: BLE001 - a bug in one image's build must not stop the timer's other images
-        from pipeline.crash import unexpected
-        from pipeline.fsutil import is_storage_error, storage_error
+        from pipeline.base.crash import unexpected
+        from pipeline.base.fsutil import is_storage_error, storage_error
 
         if isinstance(exc, OSError) and is_storage_error(exc):
             return Outcome(image.name, "failed", storage_error(exc).message)
@@ -157,7 +164,7 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
 
 def changes(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a new build changed against the one published before it (None when there was none)."""
-    from pipeline import diff
+    from pipeline.contents import diff
 
     if before is None or after is None or before.get("build_id") == after.get("build_id"):
         return None
@@ -168,7 +175,7 @@ def _with_changes(outcome: Outcome, json_lines: bool) -> str:
     """The outcome's message; the text report adds the changes on the same line."""
     if json_lines or not outcome.changes:
         return outcome.message
-    from pipeline import diff
+    from pipeline.contents import diff
 
     return f"{outcome.message}; {diff.summary_line(outcome.changes)}"
 
@@ -203,7 +210,9 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
-    from pipeline import artifacts, dispatch, fetch, remote
+    from pipeline import fetch
+    from pipeline.builders import dispatch, remote
+    from pipeline.output import artifacts
 
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, sbom
+from pipeline.base.run import run
+from pipeline.contents import sbom
 from pipeline.model import Config, Image
-from pipeline.run import run
+from pipeline.output import artifacts
 
 SECTOR = 512
 EXT_MAGIC = 0xEF53
@@ -93,10 +94,11 @@ class Report:
 
 def check(cfg: Config, image: Image, opts: Any, say: Callable[[str], None]) -> Report:
     """Build `image` twice into staging (opts: pipeline.build.BuildOptions) and compare."""
-    from pipeline import build, history, inputs, retention
+    from pipeline import build, inputs
+    from pipeline.base.run import interrupt_guard
+    from pipeline.output import history, retention
     from pipeline.plan import new_build_id
     from pipeline.progress import Progress
-    from pipeline.run import interrupt_guard
 
     facts, driver, first = build.decide(cfg, image, opts, None)
     logs = first.image_dir / "logs" / "reproducible"

@@ -20,10 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import UsageError
-from pipeline.fsutil import atomic_write
+from pipeline.base.errors import UsageError
+from pipeline.base.fsutil import atomic_write
+from pipeline.base.text import has_control, visible
 from pipeline.model import Config
-from pipeline.text import has_control, visible
 
 PREFIX = "imagepipe-rebuild"
 LOCK_FILE = ".rebuild.lock"
@@ -187,7 +187,7 @@ def validate_calendar(expr: str, where: str) -> str | None:
     """
     import shutil
 
-    from pipeline.run import run
+    from pipeline.base.run import run
 
     if shutil.which("systemd-analyze") is None:
         return None
@@ -221,7 +221,7 @@ def timer_calendar(path: Path) -> str | None:
 
 
 def systemctl(scope: str, *args: str, check: bool = True) -> str:
-    from pipeline.run import run
+    from pipeline.base.run import run
 
     argv = ["systemctl"] + (["--user"] if scope == "user" else []) + list(args)
     return run(argv, check=check, timeout=60).stdout

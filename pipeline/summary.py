@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import artifacts, distros, inputs
-from pipeline.errors import ImagepipeError, ToolMissing
+from pipeline import distros, inputs
+from pipeline.base.errors import ImagepipeError, ToolMissing
+from pipeline.base.run import install_hint
 from pipeline.host import HostFacts
 from pipeline.keys import KEY_NAME
 from pipeline.model import Accel, Config, Image
+from pipeline.output import artifacts
 from pipeline.plan import (
     AccelChoice,
     choose_accel,
@@ -31,10 +33,9 @@ from pipeline.plan import (
     firmware_for,
     make_build_plan,
 )
-from pipeline.run import install_hint
 
 if TYPE_CHECKING:
-    from pipeline.remote import Target
+    from pipeline.builders.remote import Target
 
 BUILD_ID = "<build-id>"  # decided when a real build starts
 

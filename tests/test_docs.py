@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UsageError
+from pipeline.base.errors import UsageError
 from pipeline.tasks import docgen
 from tests.support import ROOT, invoke
 

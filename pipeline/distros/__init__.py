@@ -31,7 +31,7 @@ profile and never branches on the distro. A profile says:
                             without network or writes
     packages(plan, stage, report)
                             what the built image holds (RPMs, the Nix closure, Debian packages):
-                            the manifest's package list and the SBOM (pipeline.packages)
+                            the manifest's package list and the SBOM (pipeline.contents.packages)
     pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
     variants                builds of the distro for other CPUs, per arch (AlmaLinux 10: x86_64_v2)
     cpu_level(image) / cpu_model(image, accel)
@@ -59,13 +59,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
+    from pipeline.base.errors import HostUnsuitable
+    from pipeline.builders.remote import Target
+    from pipeline.contents.packages import Package
     from pipeline.drivers import Driver
-    from pipeline.errors import HostUnsuitable
     from pipeline.host import HostFacts
     from pipeline.model import Accel, Arch, Config, Image
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan, Delegated
-    from pipeline.remote import Target
 
 # name -> module holding its PROFILE (imported on first use).
 BUILTIN: dict[str, str] = {
@@ -151,7 +151,7 @@ class Profile:
         """The machine the engine itself builds `image` on (`builder`: one named on the command
         line), or None to build here. Only engines with remote builds of their own have one."""
         if builder is not None:
-            from pipeline.errors import UsageError
+            from pipeline.base.errors import UsageError
 
             raise UsageError(f"--builder: {self.title} images are not built by an engine with remote builds of "
                              f"its own", hint=f"build on a builder with: invoke remote-sync-build {builder.name} "

@@ -22,16 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pipeline.base.errors import HostUnsuitable
 from pipeline.distros import Report
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
-from pipeline.errors import HostUnsuitable
 from pipeline.model import Accel, Arch, Image
 
 if TYPE_CHECKING:
+    from pipeline.contents.packages import Package
     from pipeline.contract import GuestView
     from pipeline.host import HostFacts
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
@@ -196,7 +196,7 @@ class AlmaLinux(PackerProfile):
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """Every RPM of the image, as the guest listed it (downloaded by the template)."""
-        from pipeline import packages
+        from pipeline.contents import packages
 
         return packages.read_rpm_list(stage)
 
@@ -206,7 +206,7 @@ class AlmaLinux(PackerProfile):
     def refresh_pin(self, root: Path, image: Image) -> str:
         """Re-resolve the ISO (10 / latest / 10.1 -> a point release) and pin it in iso.lock.json."""
         from pipeline import iso
-        from pipeline.fsutil import write_if_changed
+        from pipeline.base.fsutil import write_if_changed
 
         entry = iso.resolve(image, iso.Mirrors.from_env())
         entries = iso.read_lock(root)
@@ -223,7 +223,7 @@ class AlmaLinux(PackerProfile):
 
 def collected_file(stage: Path) -> Path:
     """Where Packer downloads the guest's package list (the folder exists before Packer runs)."""
-    from pipeline import packages
+    from pipeline.contents import packages
 
     folder = stage / packages.COLLECTED
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ from pipeline.drivers import Prepared
 from pipeline.model import Firmware, Image
 
 if TYPE_CHECKING:
+    from pipeline.contents.packages import Package
     from pipeline.contract import GuestView
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
@@ -44,9 +44,10 @@ class Demo(PackerProfile):
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
         """Assemble (or reuse) the demo guest with the build key baked in for root (the guest
         contract; the demo has only root), and a blank base disk."""
-        from pipeline import contract, demo, keys, packages
-        from pipeline.fsutil import link_or_copy
-        from pipeline.run import run
+        from pipeline import contract, demo, keys
+        from pipeline.base.fsutil import link_or_copy
+        from pipeline.base.run import run
+        from pipeline.contents import packages
 
         image = contract.with_build_key(plan.image, keys.public_key(plan.ssh_key), *plan.extra_keys)
         root = image.user("root")
@@ -83,7 +84,7 @@ class Demo(PackerProfile):
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """The Debian packages the guest was assembled from (recorded by prepare)."""
-        from pipeline import packages
+        from pipeline.contents import packages
 
         return packages.read_deb_list(stage)
 

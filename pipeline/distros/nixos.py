@@ -3,7 +3,7 @@
 The flake is hand-written; each image's parameters are rendered into nixos/params/<image>.json
 (pipeline.render.nix). make-disk-image.nix builds the disk inside a Linux VM of the image's
 architecture (and a nix with `kvm`), so only a Linux host of that arch can build it here.
-Elsewhere nix's own remote builds take it (pipeline.nixremote): a builder nix already knows that
+Elsewhere nix's own remote builds take it (pipeline.drivers.nixremote): a builder nix already knows that
 offers the image's system with `kvm`, or one named with `--builder HOST` (ssh-ng); without
 either, a hint names the remote tasks and the builders that fit.
 
@@ -22,18 +22,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.base.errors import HostUnsuitable
 from pipeline.distros import Profile, Report
 from pipeline.drivers import Prepared
-from pipeline.errors import HostUnsuitable
 from pipeline.model import Config, Image
 
 if TYPE_CHECKING:
+    from pipeline.builders.remote import Target
+    from pipeline.contents.packages import Package
     from pipeline.contract import GuestView
     from pipeline.drivers.nix import NixDriver
     from pipeline.host import HostFacts
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan, Delegated
-    from pipeline.remote import Target
 
 
 class NixOS(Profile):
@@ -83,7 +83,7 @@ class NixOS(Profile):
 
     def host_problem(self, image: Image, facts: HostFacts, cfg: Config) -> HostUnsuitable | None:
         """This host cannot build it and none of nix's configured builders can either."""
-        from pipeline.nixremote import for_configured
+        from pipeline.drivers.nixremote import for_configured
 
         problem = build_host_problem(image, facts)
         if problem is None or for_configured(image, facts.nix_builders) is not None:
@@ -95,12 +95,12 @@ class NixOS(Profile):
         """`--builder HOST`: nix builds it there over ssh-ng. Else, where this host cannot build
         it (another OS or arch, or a nix without `kvm`), nix's configured builders that fit. Else
         None: nix builds here."""
-        from pipeline import nixremote
+        from pipeline.drivers import nixremote
 
         if builder is not None:
             if not facts.tool("nix").found:
-                from pipeline.errors import ToolMissing
-                from pipeline.run import install_hint
+                from pipeline.base.errors import ToolMissing
+                from pipeline.base.run import install_hint
 
                 raise ToolMissing(f"--builder needs nix here (it evaluates {image.name} and drives the builder's nix)",
                                   f"{install_hint('nix')}; without nix here use the project-sync route: "
@@ -131,7 +131,7 @@ class NixOS(Profile):
         from the staged copy the build ran on (its system is the one in the image); over ssh-ng
         it is read from the builder's store, where the system was built."""
         from pipeline.drivers.nix import closure_packages
-        from pipeline.nixremote import SshNg
+        from pipeline.drivers.nixremote import SshNg
 
         copy = staged_flake(stage)
         flake = f"path:{copy}" if copy.is_dir() else None
@@ -198,7 +198,7 @@ class NixOS(Profile):
         evaluation is here), nix's `kvm` feature (make-disk-image's VM crawls without KVM) when
         it builds here."""
         from pipeline.drivers.nix import kvm_warnings
-        from pipeline.nixremote import for_configured
+        from pipeline.drivers.nixremote import for_configured
 
         flake = self.flake_dir(plan.root, plan.image)
         lock = [lock_warning(flake.relative_to(plan.root))] if plan.image.flake is None and not (
@@ -218,8 +218,8 @@ class NixOS(Profile):
 def adopt_lock(fetched: Path, local: Path, root: Path) -> str | None:
     """Copy a fetched build's flake.lock to the flake's `local` lock when that does not exist yet
     (never through a link); returns what to tell the user (None: nothing to say)."""
+    from pipeline.base.fsutil import atomic_write
     from pipeline.drivers.nix import parse_nixpkgs_revision
-    from pipeline.fsutil import atomic_write
 
     if not fetched.is_file():
         return None
@@ -245,7 +245,7 @@ STAGED_FLAKE = "flake"
 def staged_flake(stage: Path) -> Path:
     """Where a build's copy of nixos/ lives: with the files the package list reads after the
     build (<stage>/collected/, removed by the build once the manifest has them)."""
-    from pipeline.packages import COLLECTED
+    from pipeline.contents.packages import COLLECTED
 
     return stage / COLLECTED / STAGED_FLAKE
 
@@ -262,8 +262,8 @@ def lock_warning(flake: Path) -> str:
 
 def update_flake(root: Path) -> str:
     """`nix flake update` in nixos/ (nix writes flake.lock); a one-line summary of the change."""
+    from pipeline.base.run import run
     from pipeline.drivers.nix import nix_argv, nixpkgs_revision
-    from pipeline.run import run
 
     flake = root / "nixos"
     lock = flake / "flake.lock"
@@ -343,7 +343,7 @@ def remote_task(image: Image) -> str:
 def remote_hint(image: Image, cfg: Config, facts: HostFacts | None = None) -> str:
     """Where else `image` can be built: the remote task, nix's own builders, and the configured
     builders that fit."""
-    from pipeline.nixremote import not_fitting
+    from pipeline.drivers.nixremote import not_fitting
 
     arch = image.arch.value
     fitting = [b.name for b in cfg.builders.values() if b.arch is image.arch]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from pipeline.errors import CommandFailed
+    from pipeline.base.errors import CommandFailed
     from pipeline.host import HostFacts
     from pipeline.model import Image
     from pipeline.plan import BuildPlan

@@ -2,7 +2,7 @@
 
 `NixDriver` implements pipeline.drivers.Driver. Also here: the nixpkgs revision from flake.lock
 (for the manifest) and the `kvm` system-feature warning. The log parser is in drivers/nixlog.py,
-the lint check in pipeline/lint_nix.py, what a host needs to build NixOS in distros/nixos.py.
+the lint check in pipeline/lint/nix.py, what a host needs to build NixOS in distros/nixos.py.
 
 The flake is always evaluated purely: `--impure` is never passed (everything the flake reads is
 tracked in git or an input). Nix's experimental `nix-command flakes` are switched on per call
@@ -20,18 +20,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.base.errors import BuildFailed, CommandFailed
+from pipeline.base.run import Result, stream
+from pipeline.drivers.nixcli import nix_argv
 from pipeline.drivers.nixlog import LogParser
-from pipeline.errors import BuildFailed, CommandFailed
 from pipeline.model import Image
-from pipeline.nixcli import nix_argv
 from pipeline.progress import Event, Progress
-from pipeline.run import Result, stream
 
 if TYPE_CHECKING:
+    from pipeline.contents.packages import Package
     from pipeline.drivers import Source
+    from pipeline.drivers.nixremote import SshNg
     from pipeline.host import HostFacts
-    from pipeline.nixremote import SshNg
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 # make-disk-image.nix names its output nixos.qcow2 (qcow2 formats) or nixos.img (raw).
@@ -93,8 +93,8 @@ def closure_packages(image: Image, root: Path, report: Callable[[str], None] | N
     Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
     image output itself (said through `report`). `flake`: the staged copy the build ran on;
     `store_args`/`env`: the store it was built in (a builder's, over ssh-ng)."""
-    from pipeline.packages import parse_path_info
-    from pipeline.run import run
+    from pipeline.base.run import run
+    from pipeline.contents.packages import parse_path_info
 
     res = run(path_info_argv(toplevel(image, root, flake), store_args), check=False, timeout=900, env=env)
     if not res.ok and "does not provide attribute" in res.stderr:
@@ -138,7 +138,7 @@ def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: s
     """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
     `flake`: the flake the profile prepared for this build (a staged copy), else the image's.
     Over ssh-ng (plan.route) the same flake is evaluated here and built in the builder's store."""
-    from pipeline.nixremote import SshNg
+    from pipeline.drivers.nixremote import SshNg
 
     target = build_target(plan, flake)
     if isinstance(plan.route, SshNg):
@@ -251,8 +251,8 @@ class NixDriver:
     def check(self, plan: BuildPlan, facts: HostFacts) -> None:
         """nix must be installed (the profile has already judged the host's OS and arch)."""
         if not facts.tool("nix").found:
-            from pipeline.errors import ToolMissing
-            from pipeline.run import install_hint
+            from pipeline.base.errors import ToolMissing
+            from pipeline.base.run import install_hint
 
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
@@ -282,7 +282,7 @@ class NixDriver:
         nothing of this build is left in `stage` then. The raw internal-json log goes to
         plan.raw_log (the readable one, plan.build_log, is written by the progress view). on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
-        from pipeline.nixremote import SshNg
+        from pipeline.drivers.nixremote import SshNg
 
         image = plan.image
         stage.mkdir(parents=True, exist_ok=True)
@@ -311,7 +311,7 @@ class NixDriver:
 def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
     """The image derivation's (`target`: the flake#attribute built) real needs (system,
     requiredSystemFeatures) against the builders of plan.route, before anything is copied."""
-    from pipeline.nixremote import check_fit, derivation_needs
+    from pipeline.drivers.nixremote import check_fit, derivation_needs
 
     assert plan.route is not None
     progress.step_event("evaluate the image derivation (system, required features)")
@@ -335,7 +335,7 @@ def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | Non
 def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Path, progress: Progress,
                        *, artifact_name: str) -> Path:
     """The image file out of the builder's store, over rsync with imagepipe's SSH settings."""
-    from pipeline.nixremote import fetch_image
+    from pipeline.drivers.nixremote import fetch_image
 
     if built is None:
         raise BuildFailed(f"nix built {image.name} on {route.where} but did not say where the result is",
@@ -357,7 +357,7 @@ def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: floa
                env: Mapping[str, str] | None = None) -> tuple[Result, str, str | None]:
     """Stream nix build, emitting events; returns the Result, the last human-readable lines and
     the result path `--json` printed (None without --json)."""
-    from pipeline.nixremote import out_path
+    from pipeline.drivers.nixremote import out_path
 
     parser = LogParser()
     tail: deque[str] = deque(maxlen=25)

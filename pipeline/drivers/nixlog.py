@@ -7,9 +7,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.numbers import int_or_none
+from pipeline.base.numbers import int_or_none
+from pipeline.base.text import visible
 from pipeline.progress import Event
-from pipeline.text import visible
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STORE_NAME_RE = re.compile(r"^/nix/store/[0-9a-z]{32}-(.+?)(\.drv)?$")

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.numbers import int_or_none
+from pipeline.base.run import install_hint, run, stream
+from pipeline.base.text import visible, visible_lines
 from pipeline.drivers import PackerSource, Prepared
-from pipeline.errors import BuildFailed, CommandFailed, ToolMissing
-from pipeline.numbers import int_or_none
 from pipeline.progress import Event, Progress
 from pipeline.render.packer import supports_plugins
-from pipeline.run import install_hint, run, stream
-from pipeline.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
@@ -105,8 +105,8 @@ def cached_dumps(blocks: list[Block], cache_dir: Path, output_dir: Path) -> str:
     never read or written through a link (fsutil's checks, as for every folder of ours)."""
     import hashlib
 
-    from pipeline.errors import UnsafePath
-    from pipeline.fsutil import atomic_write, ensure_dir, open_nofollow
+    from pipeline.base.errors import UnsafePath
+    from pipeline.base.fsutil import atomic_write, ensure_dir, open_nofollow
     from pipeline.render.hcl import dumps
 
     key = hashlib.sha256("\n".join([repr(blocks), *_serialiser_stamp()]).encode()).hexdigest()
@@ -214,7 +214,7 @@ class PackerDriver:
         ver = facts.version("packer") or (0,)
         progress.step_event("prepare inputs")
         prepared = self.profile.prepare(plan, stage, progress.report())
-        from pipeline.artifacts import hash_ahead
+        from pipeline.output.artifacts import hash_ahead
 
         hash_ahead(prepared.extra_files)  # published as they are: hashed while Packer works
         variables = {**host_variables(plan, self.profile, stage), **prepared.variables}

@@ -164,8 +164,8 @@ def blocks(image: Image, legacy: bool, *, artifact_name: str) -> list[Block]:
 
 
 def package_list() -> Block:
-    """Download the package list the kickstart's %post wrote (pipeline.packages: manifest, SBOM)."""
-    from pipeline.packages import GUEST_RPM_LIST
+    """Download the package list the kickstart's %post wrote (pipeline.contents.packages: manifest, SBOM)."""
+    from pipeline.contents.packages import GUEST_RPM_LIST
 
     return Block("provisioner", ("file",), {
         "direction": "download",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from pipeline.contents.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
 from pipeline.model import Arch, Firmware, Image, User
-from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
 
 TEMPLATES = Path(__file__).parent / "templates"
 KICKSTART_TEMPLATE = "almalinux-ks.cfg.j2"
@@ -92,7 +92,7 @@ def context(image: Image, source: str = "invoke.yaml", repo_base: str | None = N
         "root_ssh": image.root_ssh,
         "delivery": delivery(image),
         "firmware": image.firmware is Firmware.UEFI,
-        # the package list (pipeline.packages): written in %post, downloaded by Packer
+        # the package list (pipeline.contents.packages): written in %post, downloaded by Packer
         "rpm_list": GUEST_RPM_LIST,
         "rpm_queryformat": RPM_QUERYFORMAT,
     }

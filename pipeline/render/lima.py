@@ -21,7 +21,7 @@ def instance_name(image: Image) -> str:
 def vm_type(os_name: str, mac_release: str = "") -> str:
     """vz on macOS >= 13 (Virtualization.framework), qemu everywhere else."""
     if os_name == "darwin":
-        from pipeline.numbers import int_or_none
+        from pipeline.base.numbers import int_or_none
 
         if (int_or_none(mac_release.split(".")[0], hi=1000) or 0) >= 13:
             return "vz"

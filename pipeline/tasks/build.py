@@ -12,7 +12,7 @@ from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 if TYPE_CHECKING:
     from pipeline.build import BuildOptions
-    from pipeline.remote import Target
+    from pipeline.builders.remote import Target
 
 BUILD_HELP = {
     "image": "image name from invoke.yaml (invoke doctor lists them)",
@@ -50,7 +50,7 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     (nix over ssh-ng); with neither, it is refused, naming the remote task, nix's builders and
     why they do not fit (docs/images.md#nixos-on-other-machines-nixs-remote-builds).
     """
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -79,8 +79,8 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
 
 def _authorize(values: list[str]) -> tuple[str, ...]:
     """--authorize-key values, each one OpenSSH public key line."""
-    from pipeline.errors import UsageError
-    from pipeline.validate import Invalid, pubkey
+    from pipeline.base.errors import UsageError
+    from pipeline.base.validate import Invalid, pubkey
 
     try:
         return tuple(pubkey(v) for v in values)
@@ -93,7 +93,7 @@ def _builder(c: Context, cfg: Config, name: str) -> Target | None:
     """--builder NAME as a validated remote.Target (None when not given)."""
     if not name:
         return None
-    from pipeline import remote
+    from pipeline.builders import remote
 
     return remote.resolve(cfg, name, remote.ssh_config_path(c.config))
 
@@ -125,7 +125,7 @@ def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
         return False
     say(f"{img.name}: {fresh}")
     if (cfg.output_dir / img.name / ".staging").is_dir():  # rare: retention and history load only then
-        from pipeline import retention
+        from pipeline.output import retention
 
         retention.reap_when_idle(cfg.output_dir / img.name, say)
     if json:
@@ -135,7 +135,7 @@ def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
 
 def _print_skip(image: str, why: str) -> None:
     """The `skipped` JSON event of `build --json` when nothing had to be built."""
-    from pipeline import events
+    from pipeline.base import events
 
     events.write(events.Event("skipped", why, source="imagepipe"), image)
 
@@ -160,7 +160,7 @@ def hash_password(c: Context, password: str = "") -> None:
     """
     import getpass
 
-    from pipeline.run import run
+    from pipeline.base.run import run
 
     secret = password or getpass.getpass("password: ")
     print(run(["openssl", "passwd", "-6", "-stdin"], input=secret + "\n").stdout.strip())

@@ -84,7 +84,7 @@ class ImagepipeArgument(Argument):
 
     def set_value(self, value: Any, cast: bool = True) -> None:
         if self.number and cast and not isinstance(value, int):
-            from pipeline.errors import UsageError
+            from pipeline.base.errors import UsageError
             from pipeline.tasks.options import whole_number
 
             try:

@@ -25,8 +25,9 @@ from typing import Any
 from invoke import Context, Exit, Task
 from invoke import task as invoke_task
 
+from pipeline.base.errors import ImagepipeError
+from pipeline.base.text import visible, visible_lines
 from pipeline.config import from_invoke
-from pipeline.errors import ImagepipeError
 from pipeline.model import Config
 from pipeline.tasks.cli import (
     HELP_TOKENS,
@@ -36,7 +37,6 @@ from pipeline.tasks.cli import (
     task_name,
     usage_line,
 )
-from pipeline.text import visible, visible_lines
 
 
 def load_config(c: Context) -> Config:
@@ -71,8 +71,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _as_user_error(exc: Exception, args: tuple[Any, ...], where: str) -> ImagepipeError:
     """A disk error as StorageError (path, free space); anything else as an InternalError."""
-    from pipeline.crash import unexpected
-    from pipeline.fsutil import is_storage_error, storage_error
+    from pipeline.base.crash import unexpected
+    from pipeline.base.fsutil import is_storage_error, storage_error
 
     if isinstance(exc, OSError) and is_storage_error(exc):
         return storage_error(exc)
@@ -112,7 +112,7 @@ def _output_lost(exc: OSError) -> bool:
     else one line (`writing the output failed: no space left on the device`) and False. Either
     way the rest goes to /dev/null, so Python's own final flush does not complain again."""
     if not isinstance(exc, BrokenPipeError):
-        from pipeline.fsutil import STORAGE_ERRNOS
+        from pipeline.base.fsutil import STORAGE_ERRNOS
 
         why = STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
         print(f"error: writing the output failed: {why}", file=sys.stderr, flush=True)
@@ -246,7 +246,7 @@ def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value:
     """Invoke's INVOKE_* casting, strict for numbers, with errors naming the variable (exit 2)."""
     from invoke.exceptions import UncastableEnvVar
 
-    from pipeline.numbers import NumberError, parse_decimal, parse_int
+    from pipeline.base.numbers import NumberError, parse_decimal, parse_int
 
     var = (env._prefix or "") + env._to_env_var(key_path)
     try:
@@ -270,7 +270,7 @@ def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value:
 
 def _last_resort(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
     """sys.excepthook: one line and a trace file instead of a traceback (exit status stays 1)."""
-    from pipeline.crash import unexpected
+    from pipeline.base.crash import unexpected
 
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
@@ -324,7 +324,7 @@ def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
 
     if c.config.get("run", {}).get("dry"):
         raise UsageError(
@@ -337,7 +337,7 @@ def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
 
 def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
     """A usage error for left-out positionals: the usage line and, for IMAGE, the configured images."""
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
 
     words = " and ".join(METAVARS.get(m, m.upper()) for m in missing)
     hint = f"usage: {usage_line(made)}"

@@ -30,8 +30,8 @@ def diff(c: Context, image: str, build_a: str = "", build_b: str = "", json: boo
     """
     import json as json_mod
 
-    from pipeline import diff as diff_mod
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
+    from pipeline.contents import diff as diff_mod
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -56,9 +56,9 @@ def check_reproducible(c: Context, image: str, accel: str = "", json: bool = Fal
     which MBR/GPT partition or the area outside them, and for ext2/3/4 the superblock fields and
     the files that differ. Exit 0 with the report; --strict: exit 1 when they differ.
     """
-    from pipeline import events
+    from pipeline.base import events
+    from pipeline.base.errors import VerifyFailed
     from pipeline.build import BuildOptions
-    from pipeline.errors import VerifyFailed
     from pipeline.reproducible import check
 
     cfg = load_config(c)

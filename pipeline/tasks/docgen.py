@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UsageError
+from pipeline.base.errors import UsageError
 
 MARKER = re.compile(r"(?ms)^<!-- generated: (?P<name>[a-z-]+) \(invoke docs\) -->\n(?P<body>.*?)"
                     r"^<!-- end: (?P=name) -->$")
@@ -354,10 +354,18 @@ def _layers(edges: Mapping[str, set[str]]) -> tuple[dict[str, int], list[list[st
     return layer, [list(c) for c in circles]
 
 
+def layering(root: Path) -> tuple[dict[str, set[str]], dict[str, int], list[list[str]]]:
+    """The package's parts (`pipeline.base`, `pipeline.build`, ...): what each imports, its
+    layer, and the import circles (tests/unit/test_layers.py holds the layout to them)."""
+    edges = _imports(_package(root))
+    layer, circles = _layers(edges)
+    return edges, layer, circles
+
+
 def layers(root: Path) -> str:
     found = _package(root)
     packages = _packages(found)
-    layer, circles = _layers(_imports(found))
+    _edges, layer, circles = layering(root)
     files = [m for m in found if m not in packages]
     top = [m for m in files if m.count(".") == 1]
     rows = ["| layer | parts (each imports only parts of lower layers) |", "|---|---|"]

@@ -14,8 +14,8 @@ def docs(c: Context, check: bool = False) -> None:
     Prose outside the `<!-- generated: ... -->` markers is left alone. `--check` is what the
     test suite does: it fails when a page no longer matches the code it documents.
     """
+    from pipeline.base.errors import VerifyFailed
     from pipeline.committed import drift, write_all
-    from pipeline.errors import VerifyFailed
     from pipeline.tasks.docgen import pages
 
     root = load_config(c).root

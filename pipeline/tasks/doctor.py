@@ -33,7 +33,7 @@ def doctor(c: Context, json: bool = False, builder: str = "", accept_new_host_ke
 
     cfg = load_config(c)
     if builder:
-        from pipeline import remote
+        from pipeline.builders import remote
 
         target = remote.resolve(cfg, builder, remote.ssh_config_path(c.config))
         conn = remote.connect(target, accept_new_host_key=accept_new_host_key)

@@ -10,7 +10,7 @@ from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option
 
 if TYPE_CHECKING:
-    from pipeline.history import Build
+    from pipeline.output.history import Build
 
 
 @task(help={
@@ -22,7 +22,7 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
     """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
     import json as json_mod
 
-    from pipeline.history import History
+    from pipeline.output.history import History
 
     cfg = load_config(c)
     if image:
@@ -48,7 +48,7 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
 
 def _table(rows: list[Build]) -> str:
     """Rows as an aligned text table; the last column (the note) is not padded."""
-    from pipeline.units import mib
+    from pipeline.base.units import mib
 
     header = ("BUILD", "IMAGE", "WHERE", "STARTED (UTC)", "TOOK", "STATUS", "SHA256", "SIZE", "NOTE")
     lines = [header]
@@ -81,10 +81,10 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
     import contextlib
     import json as json_mod
 
-    from pipeline import retention
-    from pipeline.errors import LockBusy
-    from pipeline.history import History, image_lock
-    from pipeline.units import mib
+    from pipeline.base.errors import LockBusy
+    from pipeline.base.units import mib
+    from pipeline.output import retention
+    from pipeline.output.history import History, image_lock
 
     cfg = load_config(c)
     names = [cfg.image(image).name] if image else sorted(cfg.images)
@@ -142,7 +142,7 @@ def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remot
     cfg = load_config(c)
     images = rb.select(cfg, image or [], all, default_schedule)
     if remote:
-        from pipeline.remote import ssh_config_path
+        from pipeline.builders.remote import ssh_config_path
 
         outcomes = rb.delegate_remote(cfg, remote, images, json, accel=remote_accel_option(accel),
                                       ssh_config=ssh_config_path(c.config))

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
     from pipeline import distros
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
     from pipeline.model import Arch
 
     cfg = load_config(c)
@@ -39,10 +39,10 @@ def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
     import platform
 
-    from pipeline.fsutil import write_if_changed
+    from pipeline.base.fsutil import write_if_changed
+    from pipeline.base.run import stream, which
     from pipeline.iso import Mirrors, cloud_image
     from pipeline.render import lima
-    from pipeline.run import stream, which
 
     cfg, img = _image(c, image)
     which("limactl")  # before any download: a missing tool is the first thing to say
@@ -60,8 +60,8 @@ def lima_shell(c: Context, image: str | None = None) -> None:
     import os
     import shlex
 
+    from pipeline.base.run import which
     from pipeline.render import lima
-    from pipeline.run import which
 
     _, img = _image(c, image)
     argv = [which("limactl"), "shell", lima.instance_name(img)]

@@ -20,9 +20,9 @@ def lint(c: Context, check: list[str] | None = None) -> None:
     import tempfile
     from pathlib import Path
 
-    from pipeline import lint as checks
+    from pipeline.base.errors import ImagepipeError, UsageError
     from pipeline.committed import rendered_files
-    from pipeline.errors import ImagepipeError, UsageError
+    from pipeline.lint import checks
 
     cfg = load_config(c)
     unknown = [n for n in (check or []) if n not in checks.CHECKS]
@@ -48,8 +48,8 @@ def lint(c: Context, check: list[str] | None = None) -> None:
 @task(help={"check": "only report files that are not formatted (exit 1), change nothing"})
 def fmt(c: Context, check: bool = False) -> None:
     """Format the templates under packer/ with `packer fmt`."""
-    from pipeline.errors import ImagepipeError
-    from pipeline.run import run
+    from pipeline.base.errors import ImagepipeError
+    from pipeline.base.run import run
 
     cfg = load_config(c)
     files = sorted((cfg.root / "packer").rglob("*.pkr.hcl"))

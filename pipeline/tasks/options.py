@@ -18,9 +18,9 @@ REMOTE_ACCEL_HELP = ACCEL_HELP + " (probed on the builder; default: the builder'
 
 def parse_accel(value: str) -> Accel | None:
     """--accel VALUE → Accel; an empty value (the option not given) → None."""
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
+    from pipeline.base.validate import did_you_mean
     from pipeline.model import Accel
-    from pipeline.validate import did_you_mean
 
     text = str(value).strip().lower()
     if not text:
@@ -46,11 +46,11 @@ def remote_accel_option(value: str) -> str | None:
 
 
 def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
-    """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.numbers), or a
+    """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.base.numbers), or a
     one-line UsageError naming the option (Invoke's own int parsing ends in a traceback on
     `--limit x`; pipeline.tasks.cli parses with this)."""
-    from pipeline.errors import UsageError
-    from pipeline.numbers import NumberError, parse_int
+    from pipeline.base.errors import UsageError
+    from pipeline.base.numbers import NumberError, parse_int
 
     try:
         return parse_int(value, lo=0, hi=hi, what="a whole number (0 or more)")

@@ -13,7 +13,7 @@ ACCEPT_HELP = "trust the builder's host key if it is not known yet and add it to
 
 def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
     """Config + validated builder, before any connection."""
-    from pipeline import remote
+    from pipeline.builders import remote
 
     cfg = load_config(c)
     return cfg, remote.resolve(cfg, host, remote.ssh_config_path(c.config))
@@ -30,7 +30,7 @@ def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", 
     """
     from invoke import Exit
 
-    from pipeline import dispatch
+    from pipeline.builders import dispatch
 
     cfg, target = _target(c, host)
     cfg.image(image)
@@ -101,7 +101,7 @@ def remote_build(c: Context, host: str = "", image: list[str] | None = None, acc
     """Build several images on builders in parallel (per-builder output, then a summary table)."""
     from invoke import Exit
 
-    from pipeline import dispatch, remote
+    from pipeline.builders import dispatch, remote
 
     cfg = load_config(c)
     images = [cfg.image(n) for n in (image or sorted(cfg.images))]

@@ -34,7 +34,7 @@ def update_iso(c: Context, image: str | None = None) -> None:
     packages of that point release. Commit iso.lock.json.
     """
     from pipeline import distros
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
 
     cfg = load_config(c)
     names = [image] if image else sorted(n for n, i in cfg.images.items() if distros.profile(i).pin)

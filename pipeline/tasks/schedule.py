@@ -19,7 +19,7 @@ SCOPE_HELP = {
 
 
 def _scope(user: bool, system: bool) -> str:
-    from pipeline.errors import UsageError
+    from pipeline.base.errors import UsageError
 
     if user and system:
         raise UsageError("give --user or --system, not both")
@@ -84,7 +84,7 @@ def schedule_status(c: Context, user: bool = False, system: bool = False, unit_d
     from pathlib import Path
 
     from pipeline import schedule
-    from pipeline.history import History
+    from pipeline.output.history import History
 
     cfg = load_config(c)
     scope = _scope(user, system)

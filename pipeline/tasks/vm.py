@@ -112,7 +112,7 @@ def status(c: Context, json: bool = False) -> None:
 
 def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float) -> str:
     """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL as aligned columns."""
-    from pipeline.units import clock, mib
+    from pipeline.base.units import clock, mib
 
     lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL")]
     for r in rows:
@@ -156,13 +156,13 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
     console, the guest agent's port, ACPI power-off; one line per requirement, the console's
     tail on failure. Two boot tests of one image take turns; the second says whom it waits for.
     """
-    from pipeline.errors import VerifyFailed
+    from pipeline.base.errors import VerifyFailed
     from pipeline.vm.boottest import boot_test_published
 
     cfg = load_config(c)
     result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), timeout or None, say=say)
     if result.result == "not built":
-        from pipeline.errors import UsageError
+        from pipeline.base.errors import UsageError
         from pipeline.hints import build_hint
 
         raise UsageError(f"{image} has not been built yet", build_hint(cfg, cfg.image(image)))
@@ -174,7 +174,7 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
 @task(help={"accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
 def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
-    from pipeline.errors import UsageError, VerifyFailed
+    from pipeline.base.errors import UsageError, VerifyFailed
     from pipeline.vm.boottest import boot_test_published, results_table
 
     cfg = load_config(c)

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.base.errors import UsageError
 from pipeline.contract import AGENT_PORT
-from pipeline.errors import UsageError
 from pipeline.firmware import FirmwareInfo
 from pipeline.model import Arch, Firmware, Image
 from pipeline.plan import AccelChoice, machine_type

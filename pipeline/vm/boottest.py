@@ -13,14 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import contract, distros, keys, procs
-from pipeline.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
+from pipeline import contract, distros, keys
+from pipeline.base import procs
+from pipeline.base.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
+from pipeline.base.run import run, tie_to_us
+from pipeline.base.text import visible_lines
 from pipeline.firmware import FirmwareInfo
 from pipeline.host import HostFacts
 from pipeline.model import Accel, Config, Image
 from pipeline.plan import AccelChoice
-from pipeline.run import run, tie_to_us
-from pipeline.text import visible_lines
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.qmp import Qmp, QmpError

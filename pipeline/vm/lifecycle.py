@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, distros
-from pipeline.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
+from pipeline import distros
+from pipeline.base.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
+from pipeline.base.fsutil import atomic_copy, atomic_write
+from pipeline.base.numbers import int_or_none
+from pipeline.base.run import interactive, run
 from pipeline.firmware import FirmwareInfo
-from pipeline.fsutil import atomic_copy, atomic_write
 from pipeline.host import HostFacts, probe
 from pipeline.model import Accel, Config, Image
-from pipeline.numbers import int_or_none
+from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
-from pipeline.run import interactive, run
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp, QmpError
 from pipeline.vm.state import (

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.errors import ImagepipeError
+from pipeline.base.errors import ImagepipeError
 
 
 class QmpError(ImagepipeError):

@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline import keys
-from pipeline.errors import UsageError, VerifyFailed
-from pipeline.fsutil import atomic_write, private_dir
+from pipeline.base.errors import UsageError, VerifyFailed
+from pipeline.base.fsutil import atomic_write, private_dir
+from pipeline.base.run import interactive, run
 from pipeline.model import Accel, Config, Image
-from pipeline.run import interactive, run
 from pipeline.vm.state import (
     StatePaths,
     alive,

@@ -3,9 +3,9 @@ given; --accel overrides it. Through the real CLI; what this host can do is prob
 
 import pytest
 
-from pipeline.config import Accel, Arch
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
 from pipeline.host import probe
+from pipeline.model import Accel, Arch
 from pipeline.plan import choose_accel
 from tests.support import invoke, write_config
 

@@ -21,7 +21,7 @@ import pytest
 from pipeline.committed import render_text
 from pipeline.config import load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
-from pipeline.host import find_firmware, local_descriptors
+from pipeline.firmware import find_firmware, local_descriptors
 from tests.support import ROOT, keygen
 
 CFG = load_file(ROOT / "invoke.yaml")

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, contract, iso, keys
-from pipeline.config import Accel, Arch, load_file
+from pipeline import contract, iso, keys
+from pipeline.config import load_file
 from pipeline.distros import almalinux as alma_profile
 from pipeline.distros.almalinux import PROFILE as ALMA
-from pipeline.host import find_firmware, local_descriptors
+from pipeline.firmware import find_firmware, local_descriptors
+from pipeline.model import Accel, Arch
+from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
 from tests.almalinux_support import closed_port_url, serve, write_release

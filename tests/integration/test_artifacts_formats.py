@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, reproducible
-from pipeline.errors import VerifyFailed
+from pipeline import reproducible
+from pipeline.base.errors import VerifyFailed
+from pipeline.output import artifacts
 from tests.support import require_tool
 
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import Accel
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
+from pipeline.model import Accel
 from tests.support import ROOT, accel_here, invoke, write_config
 
 

@@ -5,10 +5,10 @@ import os
 import pytest
 import yaml
 
-from pipeline import artifacts
+from pipeline.base.errors import VerifyFailed
 from pipeline.build import BuildOptions, build_image
 from pipeline.config import load
-from pipeline.errors import VerifyFailed
+from pipeline.output import artifacts
 from pipeline.progress import Progress
 from tests.support import ROOT, keygen, published_copy
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts
+from pipeline.output import artifacts
 from tests.support import invoke, published_copy, write_config
 from tests.support.sshd import SshHost
 from tests.unit.test_packages import validate

@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from pipeline import artifacts
 from pipeline.build import BuildOptions, build_image
+from pipeline.output import artifacts
 from tests.integration.test_nix_build import Recorder, project_config
 from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, require_tool
 from tests.unit.test_packages import validate

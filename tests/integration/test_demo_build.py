@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from pipeline.artifacts import verify_published
-from pipeline.config import Accel
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
+from pipeline.model import Accel
+from pipeline.output.artifacts import verify_published
 from tests.support import accel_here, require_tool
 
 pytestmark = pytest.mark.slow

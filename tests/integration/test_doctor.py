@@ -1,7 +1,7 @@
 import json
 
-from pipeline.config import Accel
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
+from pipeline.model import Accel
 from tests.support import accel_here, invoke, write_config
 
 

@@ -9,10 +9,11 @@ import shlex
 from pathlib import Path
 
 from pipeline import summary
-from pipeline.config import Accel, load_file
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
+from pipeline.config import load_file
 from pipeline.host import HostFacts, KvmFacts, ToolInfo
 from pipeline.iso import MIRROR_ENV, VAULT_ENV, LockEntry, write_lock
+from pipeline.model import Accel
 from tests.almalinux_support import closed_port_url
 from tests.integration.test_bad_input import path_without
 from tests.support import ROOT, accel_here, invoke, project_copy, write_config

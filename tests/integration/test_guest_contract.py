@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from pipeline import host
-from pipeline.config import Accel
 from pipeline.contract import REQUIREMENTS
+from pipeline.model import Accel
 from pipeline.plan import build_cpu_level
 from tests.support import invoke, require_tool, write_config
 

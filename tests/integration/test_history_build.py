@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_manifest, verify_published
-from pipeline.history import History, is_locked
+from pipeline.output.artifacts import read_manifest, verify_published
+from pipeline.output.history import History, is_locked
 from tests.support import (
     ROOT,
     Background,

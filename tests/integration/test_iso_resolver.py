@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, iso
+from pipeline import iso
+from pipeline.base.errors import VerifyFailed
 from pipeline.config import load_file
-from pipeline.errors import VerifyFailed
+from pipeline.output import artifacts
 from tests.almalinux_support import closed_port_url, serve, write_release
 from tests.support import ROOT, invoke, project_copy
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distros, host, lint_nix
+from pipeline import distros, host
+from pipeline.base.errors import BuildFailed, CommandFailed, HostUnsuitable
 from pipeline.build import BuildOptions, build_image
-from pipeline.config import Accel, Config, load
+from pipeline.config import load
 from pipeline.drivers import nix
-from pipeline.errors import BuildFailed, CommandFailed, HostUnsuitable
+from pipeline.lint import nix as lint_nix
+from pipeline.model import Accel, Config
 from pipeline.plan import BuildPlan, make_build_plan
 from pipeline.progress import Event, Progress
 from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, ROOT, invoke, require_tool, write_config
@@ -227,7 +229,7 @@ def test_lint_reports_a_flake_that_does_not_evaluate(tmp_path):
 
 @pytest.mark.slow
 def test_build_image_publishes_and_a_failed_build_keeps_the_last_good_one(tmp_path):
-    from pipeline import artifacts
+    from pipeline.output import artifacts
 
     root = tmp_path / "proj"
     cfg = project_config(root)

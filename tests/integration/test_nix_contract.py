@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import contract, distros, host, inputs, keys, lint_nix
-from pipeline.config import Accel, User, load, load_file
+from pipeline import contract, distros, host, inputs, keys
+from pipeline.base.run import run
+from pipeline.config import load, load_file
 from pipeline.distros import almalinux, nixos
 from pipeline.drivers import nix
+from pipeline.firmware import FirmwareInfo
+from pipeline.lint import nix as lint_nix
+from pipeline.model import Accel, User
 from pipeline.plan import make_build_plan
 from pipeline.render import kickstart
-from pipeline.run import run
 from tests.integration.test_nix_build import Recorder
 from tests.support import (
     NEEDS_NIX_STORE,
@@ -55,7 +58,7 @@ def project(tmp_path: Path, nixos_dir: Path = ROOT / "nixos") -> Path:
 def staged_flake(tmp_path: Path, image, root: Path) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
     """NixOS.prepare for `image`: the staged flake folder and the build's public key."""
     facts = host.HostFacts(os="linux", machine=image.arch.value, kvm=host.KvmFacts(True, True, True), hvf=False,
-                           firmware={image.arch: host.FirmwareInfo(image.arch, "/c", "/v", "test")})
+                           firmware={image.arch: FirmwareInfo(image.arch, "/c", "/v", "test")})
     cfg = dataclasses.replace(CFG, root=root)
     plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.TCG, keys.project_key(tmp_path / "output"), build_id="b")
     prepared = distros.profile(plan.image).prepare(plan, tmp_path / "stage", lambda _m: None)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.base.run import run
 from pipeline.drivers import nix
-from pipeline.run import run
 from tests.support import NEEDS_NIX_STORE, NIX_CONFIG, ROOT, require_tool
 
 pytestmark = NEEDS_NIX_STORE

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts
+from pipeline.output import artifacts
 from tests.support import (
     NEEDS_NIX_STORE,
     NEEDS_PTY,

@@ -7,9 +7,10 @@ from __future__ import annotations
 import sys
 
 from pipeline import host
+from pipeline.base.run import Result
 
 
-def _both(argv: tuple[str, ...]) -> tuple[host.Result, host.Result]:
+def _both(argv: tuple[str, ...]) -> tuple[Result, Result]:
     return host.in_process_runner(argv), host.local_runner(argv)
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts, follow, remote, rsync
+from pipeline.builders import follow, remote, rsync
 from pipeline.fetch import one_pass
+from pipeline.output import artifacts
 from tests.support import (
     NEEDS_PTY,
     ROOT,
@@ -182,7 +183,7 @@ def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path
     try:
         first = remote.sync(conn, target, tree)
         second = remote.sync(conn, target, tree)
-        changed = tree / "pipeline" / "remote.py"
+        changed = tree / "pipeline" / "builders" / "remote.py"
         changed.write_text(changed.read_text() + "# touched\n")
         third = remote.sync(conn, target, tree)
     finally:
@@ -191,7 +192,7 @@ def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path
     assert second.transferred == 0 and second.literal == 0
     assert second.sent < 20_000, second  # the file list only
     assert third.transferred == 1 and 0 < third.literal <= changed.stat().st_size
-    synced = Path(target.dir) / "pipeline" / "remote.py"
+    synced = Path(target.dir) / "pipeline" / "builders" / "remote.py"
     assert synced.read_text().endswith("# touched\n")
     assert not (Path(target.dir) / ".git").exists()
 
@@ -418,7 +419,7 @@ def test_a_corrupt_kept_part_is_repaired_and_read_again(hal9000, tmp_path):
 
 
 def _local_rsync(src: Path, dest_dir: Path, *, resume: bool, bwlimit: str = "") -> rsync.Stats:
-    """pipeline.rsync.pull_argv's transfer modes, run between two local folders."""
+    """pipeline.builders.rsync.pull_argv's transfer modes, run between two local folders."""
     argv = rsync.pull_argv("unused", [], dest_dir, None, resume=resume)
     argv = [a for a in argv if a not in ("-e", argv[argv.index("-e") + 1])][:-1]  # local: no ssh
     extra = [f"--bwlimit={bwlimit}"] if bwlimit else []

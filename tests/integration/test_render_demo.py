@@ -5,12 +5,12 @@ from pathlib import Path
 import hcl2
 
 from pipeline import distros
+from pipeline.base.run import run
 from pipeline.committed import render_text
 from pipeline.config import load_file
 from pipeline.host import probe
 from pipeline.render.hcl import dumps
 from pipeline.render.packer import supports_plugins
-from pipeline.run import run
 from tests.support import ROOT, keygen, require_tool
 
 CFG = load_file(ROOT / "invoke.yaml")

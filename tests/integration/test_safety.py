@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import remote
-from pipeline.artifacts import read_manifest, verify_published
-from pipeline.errors import UnsafePath
-from pipeline.history import History
+from pipeline.base.errors import UnsafePath
+from pipeline.builders import remote
+from pipeline.output.artifacts import read_manifest, verify_published
+from pipeline.output.history import History
 from tests.support import (
     NEEDS_PTY,
     ROOT,

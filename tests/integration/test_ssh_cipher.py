@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import openssh
-from pipeline.remote import Target
+from pipeline.builders import openssh
+from pipeline.builders.remote import Target
 from tests.support.sshd import SshHost
 
 
@@ -64,8 +64,9 @@ def test_cipher_options_keep_the_default_set_and_only_reorder(sshd):
 def test_rsync_beside_a_fabric_connection_gets_the_same_preference(sshd, tmp_path):
     """`rebuild --remote` reads the manifest over its Fabric connection and rsync opens its own
     ssh: that ssh offers AES-GCM first too."""
-    from pipeline import fetch, rsync
-    from pipeline.run import run
+    from pipeline import fetch
+    from pipeline.base.run import run
+    from pipeline.builders import rsync
 
     host, base, known = sshd
     config = host.client_config(base / "rsync_config", known)

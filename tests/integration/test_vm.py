@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import artifacts, procs
-from pipeline.config import Accel, Arch, Config, Firmware, Image, load
-from pipeline.errors import AccelUnavailable, VerifyFailed
+from pipeline.base import procs
+from pipeline.base.errors import AccelUnavailable, VerifyFailed
+from pipeline.base.run import run
+from pipeline.config import load
 from pipeline.host import probe
+from pipeline.model import Accel, Arch, Config, Firmware, Image
+from pipeline.output import artifacts
 from pipeline.plan import AccelChoice
-from pipeline.run import run
 from pipeline.vm import boottest, lifecycle, ssh
 from pipeline.vm import state as vmstate
 from pipeline.vm.argv import RunOptions, qemu_argv

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
-from pipeline.config import Accel, Arch
-from pipeline.errors import AccelUnavailable
+from pipeline.base.errors import AccelUnavailable
+from pipeline.model import Accel, Arch
 
 if TYPE_CHECKING:
     from pipeline.plan import AccelChoice
@@ -153,7 +153,7 @@ def project_copy(dest: Path, parts: tuple[str, ...] = PROJECT_PARTS) -> Path:
 HOLD_IMAGE_LOCK = """
 import json, sys
 from pathlib import Path
-from pipeline.history import image_lock
+from pipeline.output.history import image_lock
 with image_lock(Path(sys.argv[1]), **json.loads(sys.argv[2])):
     print("locked", flush=True)
     sys.stdin.read()
@@ -213,9 +213,9 @@ def accel_here(requested: Accel = Accel.AUTO, guest: Arch = Arch.X86_64, *,
 
 def live_processes_mentioning(text: str) -> list[str]:
     """`pid: command line` (first 200 characters) of the live processes (zombies left out) whose
-    command line, arguments joined by spaces as pipeline.procs.cmdline shows it, contains `text`
+    command line, arguments joined by spaces as pipeline.base.procs.cmdline shows it, contains `text`
     (so "-I -S -c" matches three arguments)."""
-    from pipeline import procs
+    from pipeline.base import procs
 
     found = []
     for entry in Path("/proc").iterdir():

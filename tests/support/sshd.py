@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline.output import artifacts
 from pipeline.vm.state import free_port
 from tests.support import keygen
 

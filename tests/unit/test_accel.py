@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.config import Accel, Arch
-from pipeline.errors import AccelUnavailable, HostUnsuitable
+from pipeline.base.errors import AccelUnavailable, HostUnsuitable
 from pipeline.host import HostFacts, KvmFacts
+from pipeline.model import Accel, Arch
 from pipeline.plan import choose_accel
 
 KVM_OK = KvmFacts(True, True, True)

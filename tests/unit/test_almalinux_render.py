@@ -8,12 +8,13 @@ import hcl2
 import pytest
 
 from pipeline import distros
+from pipeline.base.errors import ConfigError
 from pipeline.committed import render_text
-from pipeline.config import Firmware, load_file
 from pipeline.config import load as load_config
+from pipeline.config import load_file
 from pipeline.distros import almalinux as alma_profile
-from pipeline.errors import ConfigError
-from pipeline.lint import QEMU_PLUGIN_ARGS
+from pipeline.lint.checks import QEMU_PLUGIN_ARGS
+from pipeline.model import Firmware
 from pipeline.render import almalinux
 from pipeline.render.packer import COMMON_VARIABLES
 from tests.support import ROOT
@@ -23,7 +24,7 @@ X86 = CFG.image("almalinux10-x86_64")
 ARM = CFG.image("almalinux10-aarch64")
 
 # Current Packer cannot be installed here: the modern rendering is checked against the argument
-# names the qemu plugin documents (pipeline.lint.QEMU_PLUGIN_ARGS) instead of by `packer validate`.
+# names the qemu plugin documents (pipeline.lint.checks.QEMU_PLUGIN_ARGS) instead of by `packer validate`.
 # What Packer 1.6.6 rejects (measured on this machine with packer validate).
 REJECTED_BY_166 = {"cpu_model", "efi_boot", "firmware", "efi_firmware_code", "efi_firmware_vars",
                    "efi_drop_efivars", "use_pflash", "vnc_password", "sockets", "cores", "vtpm"}

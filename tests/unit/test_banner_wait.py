@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.errors import VerifyFailed
+from pipeline.base.errors import VerifyFailed
 from pipeline.vm.ssh import wait_for_banner
 from pipeline.vm.state import state_paths
 

@@ -2,8 +2,9 @@
 import pytest
 import yaml
 
-from pipeline.config import Accel, Arch, Firmware, load, load_file
-from pipeline.errors import ConfigError, UsageError
+from pipeline.base.errors import ConfigError, UsageError
+from pipeline.config import load, load_file
+from pipeline.model import Accel, Arch, Firmware
 from tests.support import ROOT
 
 

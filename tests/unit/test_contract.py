@@ -9,10 +9,11 @@ import dataclasses
 import pytest
 
 from pipeline import contract
-from pipeline.config import Image, User, load, load_file
+from pipeline.base.errors import ConfigError
+from pipeline.config import load, load_file
 from pipeline.demo import APPEND, rootfs_entries
 from pipeline.distros import almalinux, demo
-from pipeline.errors import ConfigError
+from pipeline.model import Image, User
 from pipeline.render import kickstart
 from pipeline.vm.argv import has_agent_channel, qemu_argv
 from pipeline.vm.state import StatePaths
@@ -157,7 +158,7 @@ def test_the_demo_initramfs_keeps_the_contract(root_ssh):
 # --------------------------------------------------------------------------------- run's argv
 
 def test_run_and_boot_test_give_the_agent_its_channel(tmp_path):
-    from pipeline.config import Accel
+    from pipeline.model import Accel
     from pipeline.plan import AccelChoice
 
     for name in ("demo-x86_64", "almalinux10-aarch64"):
@@ -171,7 +172,7 @@ def test_run_and_boot_test_give_the_agent_its_channel(tmp_path):
 
 
 def _fw(image: Image):  # type: ignore[no-untyped-def]
-    from pipeline.host import FirmwareInfo
+    from pipeline.firmware import FirmwareInfo
 
     return FirmwareInfo(image.arch, "/code.fd", "/vars.fd", "test")
 

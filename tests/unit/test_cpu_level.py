@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import distros, host
-from pipeline.config import Accel, Arch, load_file
-from pipeline.errors import HostUnsuitable
-from pipeline.host import FirmwareInfo, HostFacts, KvmFacts, ToolInfo
+from pipeline import firmware as fw
+from pipeline.base.errors import HostUnsuitable
+from pipeline.config import load_file
+from pipeline.firmware import FirmwareInfo
+from pipeline.host import HostFacts, KvmFacts, ToolInfo
+from pipeline.model import Accel, Arch
 from pipeline.plan import (
     build_cpu_level,
     choose_accel,
@@ -152,8 +155,8 @@ def test_descriptors_beside_the_qemu_binary_in_use_are_found(tmp_path):
     def which(name: str) -> str | None:
         return str(profile / name) if name == "qemu-system-x86_64" else None
 
-    dirs = host.qemu_firmware_dirs(which)
+    dirs = fw.qemu_firmware_dirs(which)
     assert dirs == [str(firmware)]
-    found = host.find_firmware(Arch.X86_64, {}, exists=lambda p: Path(p).exists(), descriptors=host.local_descriptors(dirs))
+    found = fw.find_firmware(Arch.X86_64, {}, exists=lambda p: Path(p).exists(), descriptors=fw.local_descriptors(dirs))
     assert found is not None and (found.code, found.vars) == (str(code), str(nvram))
     assert found.source == f"descriptor {firmware / '60-edk2-x86_64.json'}"

@@ -80,8 +80,8 @@ def test_a_link_is_not_taken_for_the_file(tmp_path):
 def test_a_missing_file_names_the_package_the_file_and_the_suite(tmp_path):
     import pytest
 
+    from pipeline.base.errors import BuildFailed
     from pipeline.demo import BUSYBOX, Finder
-    from pipeline.errors import BuildFailed
 
     tree = _tree(tmp_path / "t", {"usr/share/doc/busybox-static/copyright": b"c"})
     found = Finder({"busybox-static": tree}, {"busybox-static": "busybox-static_1%3a1.38.0-3+b1_amd64"},

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline import diff
-from pipeline.errors import UsageError
-from pipeline.packages import Package
+from pipeline.base.errors import UsageError
+from pipeline.contents import diff
+from pipeline.contents.packages import Package
 
 
 def rpm(name: str, version: str, release: str = "1.el10", arch: str = "x86_64", epoch: str | None = None) -> dict:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import distros, inputs
+from pipeline.base.errors import ConfigError
 from pipeline.build import BuildOptions, build_image
 from pipeline.committed import drift, rendered_files, write_all
-from pipeline.config import Arch, Image, load
+from pipeline.config import load
 from pipeline.distros.packer_base import PackerProfile
-from pipeline.errors import ConfigError
 from pipeline.host import HostFacts, KvmFacts, ToolInfo
+from pipeline.model import Arch, Image
 from pipeline.render.hcl import Block, Expr
 from pipeline.render.packer import common_variables, packer_block, variable
 
@@ -121,7 +122,7 @@ def test_render_dry_run_and_input_hash_of_a_new_distro(tmp_path, fakeos):
 
 
 def test_a_missing_tool_stops_the_build_before_anything_starts(tmp_path, fakeos):
-    from pipeline.errors import ToolMissing
+    from pipeline.base.errors import ToolMissing
 
     cfg = config(tmp_path)
     bare = HostFacts("linux", "x86_64", KvmFacts(True, True, False), False,

@@ -1,12 +1,13 @@
-"""pipeline.events: one JSON record shape, written and read back in one place."""
+"""pipeline.base.events: one JSON record shape, written and read back in one place."""
 
 import io
 import json
 
 import pytest
 
-from pipeline import events, rebuild
-from pipeline.events import Event
+from pipeline import rebuild
+from pipeline.base import events
+from pipeline.base.events import Event
 from pipeline.progress import Progress
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from pipeline import fetch
-from pipeline.units import MIB
+from pipeline.base.units import MIB
 
 
 def wait_for(lines: list[str], text: str, timeout: float = 10.0) -> str:

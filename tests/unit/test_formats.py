@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, Format, Image, load
+from pipeline.base.errors import ConfigError
+from pipeline.config import load
+from pipeline.model import Format, Image
 from pipeline.render import demo as render_demo
 from pipeline.render import nix as render_nix
 from pipeline.render.almalinux import source as alma_source

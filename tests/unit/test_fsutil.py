@@ -1,11 +1,11 @@
-"""pipeline.fsutil: atomic writes (real files in a temp folder)."""
+"""pipeline.base.fsutil: atomic writes (real files in a temp folder)."""
 
 import os
 import stat
 
 import pytest
 
-from pipeline.fsutil import atomic_copy, atomic_write
+from pipeline.base.fsutil import atomic_copy, atomic_write
 
 
 def test_text_and_bytes_with_mode(tmp_path):

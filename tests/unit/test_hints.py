@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from pipeline import doctor
+from pipeline.base.run import INSTALL_HINTS, install_hint, package_manager
 from pipeline.config import load
 from pipeline.hints import build_hint, host_facts
 from pipeline.host import HostFacts, KvmFacts, ToolInfo, parse_package_manager
-from pipeline.run import INSTALL_HINTS, install_hint, package_manager
 from tests.support import ROOT
 
 RAW = yaml.safe_load((ROOT / "invoke.yaml").read_text())

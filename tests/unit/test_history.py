@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import procs
-from pipeline.errors import LockBusy
-from pipeline.history import History, image_lock, is_locked
+from pipeline.base import procs
+from pipeline.base.errors import LockBusy
+from pipeline.output.history import History, image_lock, is_locked
 from tests.support import hold_image_lock
 
 HOLD_LOCK = """
@@ -147,7 +147,7 @@ def test_waiting_says_who_holds_the_lock_and_gets_it_when_released(tmp_path):
 def test_different_images_lock_independently(tmp_path):
     with image_lock(tmp_path / "a", wait=False):
         proc = subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from pipeline.history import image_lock\n"
+            "import sys; from pathlib import Path; from pipeline.output.history import image_lock\n"
             f"with image_lock(Path({str(tmp_path / 'b')!r}), wait=False): print('b locked')")],
             check=False, capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0 and "b locked" in proc.stdout, proc.stderr

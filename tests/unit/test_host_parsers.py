@@ -1,19 +1,17 @@
 import json
 
-from pipeline.config import Arch
+from pipeline.firmware import choose_descriptor, find_firmware, parse_descriptor
 from pipeline.host import (
-    choose_descriptor,
-    find_firmware,
     parse_cpu_features,
     parse_cpu_flags,
     parse_cpu_virt,
-    parse_descriptor,
     parse_df,
     parse_hvf,
     parse_kvm_open,
     parse_uname,
     parse_version,
 )
+from pipeline.model import Arch
 
 
 def test_uname():

@@ -9,9 +9,10 @@ from pathlib import Path
 from pykickstart.parser import KickstartParser
 from pykickstart.version import RHEL10, makeVersion
 
-from pipeline.config import Arch, Firmware, load_file
+from pipeline.config import load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
-from pipeline.lint import kickstart_problems
+from pipeline.lint.checks import kickstart_problems
+from pipeline.model import Arch, Firmware
 from pipeline.render import kickstart
 from tests.support import ROOT
 
@@ -220,9 +221,9 @@ def require_bash() -> str:
 
 
 def test_a_separate_post_lists_every_rpm_for_the_manifest() -> None:
-    """The last %post writes `rpm -qa` in the format pipeline.packages parses, where the template's
+    """The last %post writes `rpm -qa` in the format pipeline.contents.packages parses, where the template's
     file provisioner downloads it from (both read the same constants)."""
-    from pipeline.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
+    from pipeline.contents.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
     from pipeline.render.almalinux import package_list
 
     for image in (X86, ARM):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ToolMissing
-from pipeline.run import locate, run, which
+from pipeline.base.errors import ToolMissing
+from pipeline.base.run import locate, run, which
 
 
 def _fake_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import distros
-from pipeline.config import Accel, load
+from pipeline.base.errors import HostUnsuitable
+from pipeline.config import load
 from pipeline.distros import nixos
 from pipeline.drivers import nix, nixlog
-from pipeline.errors import HostUnsuitable
-from pipeline.host import FirmwareInfo, HostFacts, KvmFacts, parse_nix_config
+from pipeline.firmware import FirmwareInfo
+from pipeline.host import HostFacts, KvmFacts, parse_nix_config
+from pipeline.model import Accel
 
 ROOT = Path("/srv/project")
 

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distros, doctor, nixremote, rsync
-from pipeline.config import Accel, load
+from pipeline import distros, doctor
+from pipeline.base.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.builders import rsync
+from pipeline.builders.remote import Target
+from pipeline.config import load
 from pipeline.distros import nixos
-from pipeline.drivers import nix, nixlog
-from pipeline.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.drivers import nix, nixlog, nixremote
 from pipeline.host import HostFacts, KvmFacts
+from pipeline.model import Accel
 from pipeline.nixmachines import (
     DISK_IMAGE_FEATURES,
     Machine,
@@ -30,7 +33,6 @@ from pipeline.nixmachines import (
     store_root,
 )
 from pipeline.plan import make_build_plan
-from pipeline.remote import Target
 
 ROOT = Path("/srv/project")
 HAL = Target("hal9000", "hal9000", "imagepipe", None, Path("/cfg/ssh_config"))

@@ -4,8 +4,9 @@
 import pytest
 import yaml
 
-from pipeline.config import Accel, load
-from pipeline.errors import UsageError
+from pipeline.base.errors import UsageError
+from pipeline.config import load
+from pipeline.model import Accel
 from pipeline.tasks.options import accel_option, parse_accel, remote_accel_option, whole_number
 from tests.support import ROOT
 
@@ -45,7 +46,7 @@ def test_remote_tasks_send_only_an_explicit_accel():
 
 def test_whole_number():
     assert whole_number("0", "--limit") == 0 and whole_number("42", "--timeout") == 42 and whole_number(7, "-n") == 7
-    # one strict parser (pipeline.numbers): ASCII digits only, no spaces, signs, exponents, huge values
+    # one strict parser (pipeline.base.numbers): ASCII digits only, no spaces, signs, exponents, huge values
     for bad in ("x", "-1", "1.5", "", " 42", "42 ", "²", "٣", "1e3", "+5", "1_000", "9" * 25, "1000001"):
         with pytest.raises(UsageError, match="--limit expects a whole number"):
             whole_number(bad, "--limit")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipeline import packages, sbom
-from pipeline.errors import BuildFailed
-from pipeline.packages import Package
+from pipeline.base.errors import BuildFailed
+from pipeline.contents import packages, sbom
+from pipeline.contents.packages import Package
 
 RPM_LIST = (
     "bash\t(none)\t5.2.26\t4.el10\tx86_64\n"

@@ -1,10 +1,10 @@
-"""pipeline.procs against real processes of this machine."""
+"""pipeline.base.procs against real processes of this machine."""
 
 import os
 import subprocess
 import sys
 
-from pipeline import procs
+from pipeline.base import procs
 from tests.support import wait_until
 
 

@@ -11,14 +11,16 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import events, manifest_check, rsync
+from pipeline.base import events
+from pipeline.base.errors import ConfigError
+from pipeline.base.numbers import NumberError, parse_decimal, parse_int
+from pipeline.base.text import has_control, visible
+from pipeline.base.validate import output_dir_problem
+from pipeline.builders import rsync
 from pipeline.config import IMAGE_SPEC, load
 from pipeline.drivers.nixlog import LogParser
 from pipeline.drivers.packer import parse_machine_line
-from pipeline.errors import ConfigError
-from pipeline.numbers import NumberError, parse_decimal, parse_int
-from pipeline.text import has_control, visible
-from pipeline.validate import output_dir_problem
+from pipeline.output import manifest_check
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # text with the characters that cause trouble: controls, escapes, C1, bidi overrides, digits of

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from pipeline import distros, rebuild
+from pipeline.base.errors import BuildFailed, CommandFailed, UsageError
 from pipeline.build import describe_failure
 from pipeline.config import load
-from pipeline.errors import BuildFailed, CommandFailed, UsageError
 from tests.support import ROOT
 
 

@@ -3,10 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import dispatch, fetch, openssh, remote, rsync
-from pipeline.config import Arch, Builder, load
-from pipeline.errors import BuildFailed, HostUnsuitable, UsageError
-from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown
+from pipeline import fetch
+from pipeline.base.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.builders import dispatch, openssh, remote, rsync
+from pipeline.builders.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown
+from pipeline.config import load
+from pipeline.model import Arch, Builder
 
 STATS = """
 Number of files: 57 (reg: 45, dir: 12)
@@ -44,7 +46,7 @@ def test_ssh_command_for_rsync_is_a_quoted_argv():
     fresh = rsync.pull_argv("h", ["x"], Path("/d"), None, resume=False, ssh_extra=["-o", "ControlPath=/t/cm"])
     assert "--append-verify" not in fresh and "--whole-file" in fresh and "--inplace" in fresh
     assert shlex.split(fresh[fresh.index("-e") + 1])[-2:] == ["-o", "ControlPath=/t/cm"]
-    # a follower hashes what rsync writes in order: nothing may be seeked over (see pipeline.follow)
+    # a follower hashes what rsync writes in order: nothing may be seeked over (see pipeline.builders.follow)
     assert not any(a.startswith(("--sparse", "-S", "--preallocate")) for a in argv + fresh)
     push = rsync.push_argv(Path("/src"), "hal9000", "imagepipe", None)
     assert push[-2:] == ["/src/", "hal9000:imagepipe/"] and "--delete" in push and "--exclude=/.git" in push

@@ -5,8 +5,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline import retention
-from pipeline.history import History
+from pipeline.output import retention
+from pipeline.output.history import History
 from tests.support import hold_image_lock
 
 

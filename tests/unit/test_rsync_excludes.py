@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from pipeline.rsync import SYNC_EXCLUDES
+from pipeline.builders.rsync import SYNC_EXCLUDES
 from tests.support import require_tool
 
 

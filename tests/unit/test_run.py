@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from pipeline.errors import CommandFailed, ToolMissing
-from pipeline.run import run, stream, which
+from pipeline.base.errors import CommandFailed, ToolMissing
+from pipeline.base.run import run, stream, which
 from tests.support import process_gone, wait_until
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from invoke import Exit
 
-from pipeline import artifacts, history, manifest_check, retention
-from pipeline.errors import CorruptState, StorageError, UnsafePath
-from pipeline.fsutil import (
+from pipeline.base.errors import CorruptState, StorageError, UnsafePath
+from pipeline.base.fsutil import (
     check_dir,
     ensure_dir,
     open_nofollow,
@@ -25,10 +24,11 @@ from pipeline.fsutil import (
     safe_rmtree,
     storage_error,
 )
-from pipeline.history import History, image_lock, read_holder
-from pipeline.numbers import NumberError, int_or_none, parse_int
+from pipeline.base.numbers import NumberError, int_or_none, parse_int
+from pipeline.base.text import visible, visible_lines
+from pipeline.output import artifacts, history, manifest_check, retention
+from pipeline.output.history import History, image_lock, read_holder
 from pipeline.tasks.common import guard
-from pipeline.text import visible, visible_lines
 from pipeline.vm.state import StatePaths, console_tail, read_status
 from tests.support import ROOT
 

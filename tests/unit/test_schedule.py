@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from pipeline import schedule
+from pipeline.base.errors import UsageError
 from pipeline.config import load
-from pipeline.errors import UsageError
 from tests.support import ROOT
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Accel, Arch, Firmware, Image
-from pipeline.errors import UsageError
-from pipeline.host import FirmwareInfo
+from pipeline.base.errors import UsageError
+from pipeline.firmware import FirmwareInfo
+from pipeline.model import Accel, Arch, Firmware, Image
 from pipeline.plan import AccelChoice
 from pipeline.tasks.vm import remainder
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv

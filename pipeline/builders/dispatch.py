@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pipeline import remote
-from pipeline.crash import unexpected
-from pipeline.errors import HostUnsuitable, ImagepipeError
+from pipeline.base.crash import unexpected
+from pipeline.base.errors import HostUnsuitable, ImagepipeError
+from pipeline.builders import remote
 from pipeline.model import Builder, Config, Image
 
 

@@ -13,8 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.errors import CorruptState
-from pipeline.text import has_control, visible
+from pipeline.base.errors import CorruptState
+from pipeline.base.text import has_control, visible
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")

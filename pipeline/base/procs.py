@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.numbers import int_or_none
-from pipeline.run import run
+from pipeline.base.numbers import int_or_none
+from pipeline.base.run import run
 
 PROC = Path("/proc")
 # What start_time() says where there is no /proc: the process exists, its start is unknown.

@@ -13,7 +13,7 @@ own progress inside a step: Packer's `==>` lines, nix's builds), message, error,
 only, never shown to people), transfer (a download: bytes, total_bytes, rate), heartbeat (a
 quiet step: step_elapsed, console), done (a build's progress);
 start, iso, note, message, built, up-to-date, skipped, failed, summary (the rebuild report; a
-`built` event carries `changes`, pipeline.diff.summary against the build published before);
+`built` event carries `changes`, pipeline.contents.diff.summary against the build published before);
 skipped (`build --if-changed`); check (`check-reproducible --json`: the report). `parse` also
 reads lines of older imagepipe versions (no source, no data): a builder may run an older release
 than this host.
@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pipeline.numbers import decimal_or_none
+from pipeline.base.numbers import decimal_or_none
 
 # Keys of the record itself; named fields cannot shadow them.
 CORE_KEYS = ("image", "kind", "message", "source", "ts", "elapsed", "data")

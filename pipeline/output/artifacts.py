@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import manifest_check
-from pipeline.errors import CorruptState, VerifyFailed
-from pipeline.fsutil import ensure_dir, replace_link, resolves_inside, safe_rmtree
-from pipeline.numbers import int_or_none
-from pipeline.run import run
-from pipeline.text import visible
+from pipeline.base.errors import CorruptState, VerifyFailed
+from pipeline.base.fsutil import ensure_dir, replace_link, resolves_inside, safe_rmtree
+from pipeline.base.numbers import int_or_none
+from pipeline.base.run import run
+from pipeline.base.text import visible
+from pipeline.output import manifest_check
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -198,7 +198,7 @@ def publish(stage: Path, image_dir: Path, build_id: str, artifact_name: str | No
     """Move the verified staging folder into builds/<id>, point `current` at it atomically, then
     give every file of the build its fixed link `<name> -> current/<name>` (and drop the links of
     files the new build does not have). `artifact_name` is accepted for older callers; every file
-    is linked anyway. Links are replaced, never written through (pipeline.fsutil)."""
+    is linked anyway. Links are replaced, never written through (pipeline.base.fsutil)."""
     builds = ensure_dir(image_dir / "builds", image_dir)
     final = builds / build_id
     os.rename(stage, final)

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from pipeline.errors import ImagepipeError
-from pipeline.fsutil import private_dir
+from pipeline.base.errors import ImagepipeError
+from pipeline.base.fsutil import private_dir
+from pipeline.base.run import Result, run
+from pipeline.builders.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
 from pipeline.host import parse_cpu_features
-from pipeline.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
-from pipeline.run import Result, run
 
 PERSIST = "30"          # seconds an orphaned master stays up with no client before it exits
 CONNECT_TIMEOUT = "20"
@@ -139,7 +139,7 @@ class Connection:
         return res
 
     def rsync_ssh_options(self) -> list[str]:
-        """`-o` options that make rsync's ssh (pipeline.rsync.ssh_argv) reuse this connection."""
+        """`-o` options that make rsync's ssh (pipeline.builders.rsync.ssh_argv) reuse this connection."""
         return ["-o", f"ControlPath={self.socket}", "-o", "ControlMaster=no"]
 
     def close(self) -> None:

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from pipeline import openssh
-from pipeline.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
+from pipeline.base.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
+from pipeline.builders import openssh
+from pipeline.builders.remote import Target
 from pipeline.model import Image
 from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
-from pipeline.remote import Target
 
 SSHOPTS = "NIX_SSHOPTS"
 # One round trip to a builder: exit 127 without nix, 126 without nix-daemon (what ssh-ng runs);
@@ -215,7 +215,7 @@ def check_fit(route: Route, needs: Needs, image: Image) -> None:
 
 def show_derivation_argvs(installable: str, store_args: Sequence[str] = ()) -> list[list[str]]:
     """`nix derivation show` (nix >= 2.15), else `nix show-derivation` (nix 2.8 here)."""
-    from pipeline.nixcli import nix_argv
+    from pipeline.drivers.nixcli import nix_argv
 
     return [nix_argv("derivation", "show", *store_args, installable),
             nix_argv("show-derivation", *store_args, installable)]
@@ -223,7 +223,7 @@ def show_derivation_argvs(installable: str, store_args: Sequence[str] = ()) -> l
 
 def derivation_needs(installable: str, store_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Needs:
     """The image derivation's system and requiredSystemFeatures (evaluates it, nothing built)."""
-    from pipeline.run import run
+    from pipeline.base.run import run
 
     newer, older = show_derivation_argvs(installable, store_args)
     res = run(newer, check=False, timeout=1800, env=env)
@@ -272,9 +272,9 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any,
     import contextlib
     import time
 
-    from pipeline import rsync
-    from pipeline.remote import check_name, main_thread_timeout
-    from pipeline.run import stream
+    from pipeline.base.run import stream
+    from pipeline.builders import rsync
+    from pipeline.builders.remote import check_name, main_thread_timeout
 
     target = route.target
     started = time.monotonic()
@@ -303,7 +303,7 @@ def need_local_tools() -> None:
     """The ssh-ng route's local tools: ssh for nix and for the copy, rsync for the copy."""
     import shutil
 
-    from pipeline.run import install_hint
+    from pipeline.base.run import install_hint
 
     for tool in ("ssh", "rsync"):
         if shutil.which(tool) is None:

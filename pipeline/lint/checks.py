@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import CommandFailed, ImagepipeError
+from pipeline.base.errors import CommandFailed, ImagepipeError
+from pipeline.base.run import run
 from pipeline.model import Config, Image
-from pipeline.run import run
 
 PACKER_TIMEOUT = 120.0
 
@@ -207,7 +207,7 @@ def check_packer(ctx: LintContext) -> list[Problem]:
         return []
     info = probe_tools(local_runner, ["packer"])["packer"]
     if not info.found:
-        from pipeline.run import which
+        from pipeline.base.run import which
 
         which("packer")  # raises ToolMissing with the install hint
     legacy = not supports_plugins(info.major_minor)
@@ -298,7 +298,8 @@ def check_fmt(ctx: LintContext) -> list[Problem]:
 @register("nix")
 def check_nix(ctx: LintContext) -> list[Problem]:
     """Every .nix file parses (nix-instantiate --parse) and the project flake evaluates where it can."""
-    from pipeline import distros, lint_nix
+    from pipeline import distros
+    from pipeline.lint import nix as lint_nix
 
     nix_built = any(distros.profile(i).driver.name == "nix" for i in ctx.cfg.images.values())
     if not nix_built and not (ctx.cfg.root / "nixos").is_dir():

@@ -12,7 +12,7 @@ directory, a constant `sh -c` script receives the directory as a positional argu
 The builder dir is mirrored with `rsync --delete`, so it must be imagepipe's own: the first sync
 claims an empty (or new) folder by writing a marker file into it; `/`, the home folder (or one
 above it) and a non-empty folder without the marker are refused before rsync runs. What the
-builder prints reaches this terminal with control characters made visible (pipeline.text).
+builder prints reaches this terminal with control characters made visible (pipeline.base.text).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline import events, rsync
-from pipeline.errors import BuildFailed, ImagepipeError, UnsafePath, UsageError
+from pipeline.base import events
+from pipeline.base.errors import BuildFailed, ImagepipeError, UnsafePath, UsageError
+from pipeline.base.run import Result, stream
+from pipeline.base.text import visible
+from pipeline.base.validate import host_problem
+from pipeline.builders import rsync
 from pipeline.firmware import find_firmware
 from pipeline.host import HostFacts, Runner, probe
 from pipeline.model import Arch, Config
 from pipeline.progress import Progress
-from pipeline.run import Result, stream
-from pipeline.text import visible
-from pipeline.validate import host_problem
 
 # Runs argv in directory $1 (no config value is ever part of the script text itself).
 IN_DIR = 'cd -- "$1" && shift && exec "$@"'

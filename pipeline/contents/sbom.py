@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipeline import __version__
-from pipeline.packages import Package
+from pipeline.contents.packages import Package
 
 SPEC_VERSION = "1.6"
 FILE_NAME = "sbom.cdx.json"   # beside the image in every build (CycloneDX's *.cdx.json naming)

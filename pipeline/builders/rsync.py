@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.numbers import int_or_none
+from pipeline.base.numbers import int_or_none
 
 # The file that makes a builder dir imagepipe's (remote.claim_dir); excluded, so --delete keeps it.
 BUILDER_MARKER = ".imagepipe-builder"
@@ -67,7 +67,7 @@ def pull_argv(host: str, sources: Sequence[str], dest: Path, ssh_config: Path | 
     --whole-file; with `resume`, --append-verify sends only the rest and checks the whole
     file's checksum, re-sending what differs in a second pass (seen as extra data in --stats).
     Either way rsync writes each file sequentially and never seeks over data it skips, which
-    lets pipeline.follow hash the bytes as they land. No --sparse for that reason (a seeked-
+    lets pipeline.builders.follow hash the bytes as they land. No --sparse for that reason (a seeked-
     over run of zeros would only show up at the end); the follower punches the holes instead.
     """
     mode = ["--append-verify"] if resume else ["--whole-file"]

@@ -4,7 +4,7 @@ that keeps going and records every problem with its key path, and where a value 
 Every string is matched in full (`re.fullmatch`: a pattern ending in `$` would also accept a
 value ending in "\\n") and refused when it holds a control character — values end up in
 kickstart lines, HCL, argv, systemd units and crontab lines, where a newline starts something
-new. Numbers go through `pipeline.numbers`. `output_dir_problem` keeps the output folder away
+new. Numbers go through `pipeline.base.numbers`. `output_dir_problem` keeps the output folder away
 from `/`, the home directory, the project itself and characters QEMU's option syntax would read
 as a separator. `Origins` tells which layer of Invoke's merged config (the -f file, an INVOKE_*
 variable, invoke.yaml) set a key, so an error names the file or the variable to fix.
@@ -20,8 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.numbers import NumberError, parse_int
-from pipeline.text import has_control, visible
+from pipeline.base.numbers import NumberError, parse_int
+from pipeline.base.text import has_control, visible
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")

@@ -30,12 +30,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.artifacts import utc_stamp
-from pipeline.errors import CorruptState, LockBusy, StorageError
-from pipeline.fsutil import check_dir, ensure_dir, flocked, free_space, open_nofollow, read_record
-from pipeline.numbers import decimal_or_none, int_or_none
-from pipeline.procs import boot_id, is_alive, start_time, stop_group_leftovers
-from pipeline.text import visible, visible_lines
+from pipeline.base.errors import CorruptState, LockBusy, StorageError
+from pipeline.base.fsutil import (
+    check_dir,
+    ensure_dir,
+    flocked,
+    free_space,
+    open_nofollow,
+    read_record,
+)
+from pipeline.base.numbers import decimal_or_none, int_or_none
+from pipeline.base.procs import boot_id, is_alive, start_time, stop_group_leftovers
+from pipeline.base.text import visible, visible_lines
+from pipeline.output.artifacts import utc_stamp
 
 DB_NAME = "history.db"
 LOCK_NAME = ".lock"

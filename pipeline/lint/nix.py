@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.base.run import run, which
+from pipeline.drivers.nixcli import nix_argv
 from pipeline.drivers.nixlog import clean
-from pipeline.nixcli import nix_argv
-from pipeline.run import run, which
 
 SKIP_DIRS = {".git", "output", "node_modules", ".venv", "result"}
 NETWORK_ERRORS = ("unable to download", "resolve host", "Network is unreachable", "cannot connect")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.errors import BuildFailed
+from pipeline.base.errors import BuildFailed
 
 COLLECTED = "collected"
 

@@ -15,8 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline.errors import InternalError
-from pipeline.text import visible
+from pipeline.base.errors import InternalError
+from pipeline.base.text import visible
 
 DEBUG_ENV = "IMAGEPIPE_DEBUG"
 TRACE_DIR = ".logs"  # under the output folder: traces of unexpected errors

@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts, history
-from pipeline.errors import ImagepipeError, LockBusy
-from pipeline.fsutil import check_dir, safe_rmtree
-from pipeline.procs import pids_mentioning, stop_processes_in
-from pipeline.units import mib
+from pipeline.base.errors import ImagepipeError, LockBusy
+from pipeline.base.fsutil import check_dir, safe_rmtree
+from pipeline.base.procs import pids_mentioning, stop_processes_in
+from pipeline.base.units import mib
+from pipeline.output import artifacts, history
 
 FETCH_PREFIX = "fetch-"  # .staging/fetch-<build id>: a remote-fetch's, kept between tries to resume
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.errors import StorageError, UnsafePath
+from pipeline.base.errors import StorageError, UnsafePath
 
 DEFAULT_MODE = 0o644
 

@@ -5,7 +5,7 @@ SHA instructions costs as much CPU as the transfer itself. A `Follower` thread i
 the file as it grows and hashes each byte once, from the page cache, while rsync is still busy.
 
 This is only sound for a writer that never goes back: bytes below the current end of the file
-must be final. rsync in the modes pipeline.rsync.pull_argv uses writes sequentially, except
+must be final. rsync in the modes pipeline.builders.rsync.pull_argv uses writes sequentially, except
 when it re-sends a file whose whole-file checksum failed. So the digest is *trusted* only when
 everything seen agrees with one front-to-back pass (`Followed.covers`, plus rsync's stats in
 pipeline.fetch), and the caller reads the final file again whenever it is not.

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import CommandFailed, Interrupted, ToolMissing
+from pipeline.base.errors import CommandFailed, Interrupted, ToolMissing
 
 log = logging.getLogger("imagepipe.run")
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts
-from pipeline.errors import UsageError
-from pipeline.packages import from_manifest
+from pipeline.base.errors import UsageError
+from pipeline.contents.packages import from_manifest
+from pipeline.output import artifacts
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 from _common import ROOT, alternate, count, figure, finish, say, timed
 
+from tests.support import checkout_copy
 from tests.support.sshd import SshHost
 
 BASE_NIX = ["build-users-group =", "sandbox = false", "substituters =", "experimental-features = nix-command flakes"]
@@ -47,8 +48,7 @@ try:
         known.write_text(host.known_hosts_line())
         ssh_config = host.client_config(work / "ssh_config", known)
         project = work / "project"
-        shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
-            ".git", "output", "__pycache__", ".pytest_cache", ".venv", "*.egg-info", ".mypy_cache", ".ruff_cache"))
+        checkout_copy(project)
         shutil.copytree(ROOT / "tests" / "fixtures" / "nixflake", project / "fixture")
         settings = yaml.safe_load((project / "invoke.yaml").read_text())
         settings["images"]["nixos-x86_64"].update({"flake": "fixture", "attribute": "packages.x86_64-linux.kvm-image"})

@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, alternate, count, figure, finish, say, timed
+from _common import alternate, count, figure, finish, say, timed
 
 from pipeline.builders import remote, rsync
+from tests.support import checkout_copy
 from tests.support.sshd import SshHost
 
 runs = count(5, minimum=3)
@@ -30,7 +31,7 @@ try:
     known.write_text(host.known_hosts_line())
     ssh_config = host.client_config(work / "ssh_config", known)
     tree = work / "project"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache", ".venv"))
+    checkout_copy(tree)
     target = remote.Target("hal9000", "hal9000", str(work / "builder"), None, ssh_config)
     conn = remote.connect(target)
     try:

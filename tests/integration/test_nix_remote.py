@@ -35,6 +35,7 @@ from tests.support import (
     NEEDS_NIX_STORE,
     NEEDS_PTY,
     ROOT,
+    checkout_copy,
     invoke,
     project_copy,
     require_tool,
@@ -281,8 +282,7 @@ def test_without_nix_here_the_project_sync_route_runs_and_the_builders_lock_come
     sync leaves it in place (rsync's protect filter), and the fetch brings it back here."""
     b = builders
     project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache",
-                                                                  ".venv", "*.egg-info"))
+    checkout_copy(project)
     # a flake with one input (the fixture, as a path input), so nix writes a real lock
     wrap = project / "wrap"
     shutil.copytree(FIXTURE, wrap / "fixture")

@@ -26,6 +26,7 @@ from tests.support import (
     NEEDS_PTY,
     ROOT,
     Background,
+    checkout_copy,
     hold_image_lock,
     invoke,
     live_processes_mentioning,
@@ -172,8 +173,7 @@ def test_ctrl_c_stops_the_remote_build_and_keeps_the_published_image(hal9000):
 
 
 def _project_copy(dest: Path) -> Path:
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "output", "__pycache__", ".pytest_cache"))
-    return dest
+    return checkout_copy(dest)
 
 
 def test_second_sync_sends_nothing_and_a_change_sends_one_file(hal9000, tmp_path):

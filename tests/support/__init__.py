@@ -138,6 +138,22 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
 PROJECT_PARTS = ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline", "packer", "kickstart", "nixos")
 
 
+# What a copy of the whole checkout leaves out: VCS data, the build output and the virtualenv at
+# the top only (pipeline/output/ is code), caches and build metadata anywhere.
+_TOP_ONLY = frozenset({".git", "output", ".venv", "venv"})
+_ANYWHERE = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info")
+
+
+def checkout_copy(dest: Path) -> Path:
+    """A copy of the whole checkout, as a user's project folder is synced to a builder."""
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = _TOP_ONLY.intersection(names) if Path(folder) == ROOT else set()
+        return top | set(_ANYWHERE(folder, names))
+
+    shutil.copytree(ROOT, dest, ignore=ignore)
+    return dest
+
+
 def project_copy(dest: Path, parts: tuple[str, ...] = PROJECT_PARTS) -> Path:
     """A throwaway copy of the project (code, tasks.py, invoke.yaml and the generated files)."""
     dest.mkdir(parents=True, exist_ok=True)

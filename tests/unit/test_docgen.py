@@ -40,3 +40,16 @@ def test_config_defaults_come_from_the_model_and_the_distros() -> None:
     row = next(r for r in page.splitlines() if r.startswith("| `firmware` |"))
     assert "`uefi`; demo: `bios`" in row  # the model's default, then the demo profile's own
     assert "| `distro` |" in page and "required" in page.split("| `distro` |")[1].split("\n")[0]
+
+
+def test_the_task_reference_lists_options_short_flags_and_aliases_under_their_task() -> None:
+    from tests.support import ROOT
+
+    page = docgen.tasks(ROOT)
+    build = page.split("### build\n", 1)[1].split("\n### ", 1)[0]
+    assert "`invoke build IMAGE [--options]`" in build
+    assert "| `--dry-run` | `-n` | print what the build would do" in build
+    assert "| `build-demo` | `build demo-x86_64` |" in build  # an alias, under the task it runs
+    assert "\n### build-demo\n" not in page
+    flags = docgen.short_flags(ROOT)
+    assert "| `-a ACCEL` | `--accel` |" in flags and "`-h`" not in flags

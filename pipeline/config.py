@@ -16,8 +16,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.base.errors import ConfigError
+from pipeline.base.errors import ConfigError, UsageError
 from pipeline.base.validate import (
+    KEYMAP_RE,
     LOCALE_RE,
     NAME_RE,
     USER_RE,
@@ -39,6 +40,7 @@ from pipeline.base.validate import (
     pubkey,
     shown,
     string,
+    timezone,
 )
 from pipeline.model import Accel, Arch, Builder, Config, Defaults, Firmware, Format, Image, User
 
@@ -171,9 +173,9 @@ IMAGE_SPEC: dict[str, Key] = {
                      "builds kept for this image (never the published one)", "`defaults.retention`"),
     "lang": Key(_str(LOCALE_RE, "a locale such as en_US.UTF-8"), "a locale such as `en_US.UTF-8`",
                 "the guest's language", "`defaults.lang` (`en_US.UTF-8`)"),
-    "keyboard": Key(_str(LOCALE_RE, "a keyboard layout such as us"), "a keyboard layout such as `us`",
+    "keyboard": Key(_str(KEYMAP_RE, "a keyboard layout such as us or de-latin1"), "a keyboard layout such as `us`",
                     "the guest's keyboard layout", "`defaults.keyboard` (`us`)"),
-    "timezone": Key(_str(LOCALE_RE, "a timezone such as UTC or Europe/Berlin"), "a timezone such as `Europe/Berlin`",
+    "timezone": Key(timezone, "a timezone such as `Europe/Berlin`",
                     "the guest's timezone", "`defaults.timezone` (`UTC`)"),
     "root_ssh": Key(_bool, BOOL, "root may log in over SSH with its password (AlmaLinux `rootpw --allow-ssh`,"
                     " NixOS `PermitRootLogin yes`); otherwise root logs in by key only"),
@@ -396,6 +398,33 @@ def plain(data: Any) -> Any:
 def from_invoke(config: Any) -> Config:
     """The validated Config from an Invoke context's merged config."""
     raw = plain(config)
-    root = Path(raw.get("project_root") or Path.cwd())
+    root = Path(project_root(config) or Path.cwd())
     source = str(getattr(config, "_runtime_path", None) or getattr(config, "_project_path", None) or root / "invoke.yaml")
     return load(raw, root=root, source=source, origins=Origins.from_invoke(config))
+
+
+def project_root(config: Any) -> str | None:
+    """The project folder: tasks.py's own, set by tasks.py in its collection's configuration.
+
+    Everything imagepipe writes (generated files, output/) is placed by this folder, so it is
+    read from that one layer only: an INVOKE_PROJECT_ROOT variable or a `project_root` in
+    invoke.yaml or a -f file would move where `render` writes. Those are refused, not followed.
+    """
+    for layer, where in (("_env", "the INVOKE_PROJECT_ROOT variable"), ("_project", "invoke.yaml"),
+                         ("_user", "your ~/.invoke.yaml"), ("_system", "/etc/invoke.yaml"),
+                         ("_runtime", "the -f file")):
+        data = _layer(config, layer)
+        if isinstance(data, dict) and "project_root" in data:
+            raise UsageError(f"{where} sets project_root: imagepipe works in the folder of its tasks.py "
+                             "and takes no other", "unset it (run invoke from the project you mean)")
+    collection = _layer(config, "_collection")
+    found = collection.get("project_root") if isinstance(collection, dict) else None
+    return str(found) if found else None
+
+
+def _layer(config: Any, name: str) -> Any:
+    """One of Invoke's configuration layers (None when `config` is not an Invoke Config)."""
+    try:
+        return object.__getattribute__(config, name)
+    except AttributeError:
+        return None

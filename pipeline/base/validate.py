@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -31,7 +32,16 @@ PUBKEY_RE = re.compile(
 # user@host or host; every DNS label at most 63 characters (longer ones make Python's IDNA codec
 # raise deep inside the socket layer), the name at most 253, the user at most 32.
 HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,31}@)?[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
-LOCALE_RE = re.compile(r"[A-Za-z0-9_.@/+-]+")
+# These three end up in generated files (kickstart, NixOS parameters) and, in the guest, in paths
+# (/usr/share/zoneinfo/<timezone>, the keymap and locale files): only the shapes their targets
+# name things by, so no value can hold "..", a leading "/" or anything a file format reads.
+# A locale: language[_TERRITORY][.codeset][@modifier] (glibc, localectl), or C / POSIX.
+LOCALE_RE = re.compile(r"(?:C|POSIX|[a-z]{2,3}(?:_[A-Z]{2}|_[0-9]{3})?)(?:\.[A-Za-z0-9-]+)?(?:@[A-Za-z0-9]+)?")
+# A console keymap or X layout: us, de-latin1-nodeadkeys, fr_CH, mac-us (one name, no path).
+KEYMAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]{0,63}")
+# A zoneinfo name: UTC, Europe/Berlin, America/Argentina/Buenos_Aires, Etc/GMT+5 (each part a
+# name, never "." or "..").
+TIMEZONE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]{0,63}(?:/[A-Za-z][A-Za-z0-9_+-]{0,63}){0,2}")
 SHA512_CRYPT_RE = re.compile(r"\$6\$(rounds=[0-9]{4,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}")
 CALENDAR_RE = re.compile(r"[A-Za-z0-9 *:,./~+-]+")
 MAX_TEXT = 4096  # no configured string needs more; a megabyte of it is a mistake, not a value
@@ -115,6 +125,30 @@ def enum_of(kind: type[StrEnum]) -> Callable[[Any], Any]:
 
 def optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda v: None if v is None else parse(v)
+
+
+def timezone(v: Any) -> str:
+    """A zoneinfo name; where this host has a zoneinfo database, one that it lists."""
+    s = string(TIMEZONE_RE, "a zoneinfo name such as UTC or Europe/Berlin")(v)
+    dirs = [Path(d) for d in zoneinfo_dirs() if Path(d).is_dir()]
+    if dirs and not any((d / s).is_file() for d in dirs):
+        raise Invalid(f"expected a zoneinfo name such as UTC or Europe/Berlin, got {shown(s)} "
+                      f"(not in {dirs[0]}){did_you_mean(s, _zone_names(dirs[0], s))}")
+    return s
+
+
+def zoneinfo_dirs() -> tuple[str, ...]:
+    """Where this host keeps its zoneinfo database (Python's own search path)."""
+    return tuple(zoneinfo.TZPATH)
+
+
+def _zone_names(base: Path, near: str) -> list[str]:
+    """Zone names in `near`'s folder of the database (for a did-you-mean)."""
+    folder = base / near.rpartition("/")[0]
+    try:
+        return [f"{near.rpartition('/')[0]}/{p.name}".lstrip("/") for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return []
 
 
 def password_hash(v: Any) -> str:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from invoke import Context
 
+from pipeline.base.errors import UsageError
 from pipeline.model import Config, Image
 from pipeline.tasks.common import alias, load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
@@ -50,7 +51,6 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     (nix over ssh-ng); with neither, it is refused, naming the remote task, nix's builders and
     why they do not fit (docs/images.md#nixos-on-other-machines-nixs-remote-builds).
     """
-    from pipeline.base.errors import UsageError
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -163,4 +163,19 @@ def hash_password(c: Context, password: str = "") -> None:
     from pipeline.base.run import run
 
     secret = password or getpass.getpass("password: ")
+    problem = password_problem(secret)
+    if problem:
+        raise UsageError(f"hash-password: the password {problem}", "give it again without that character")
+    # openssl reads one password a line: exactly one line in, exactly one hash out
     print(run(["openssl", "passwd", "-6", "-stdin"], input=secret + "\n").stdout.strip())
+
+
+def password_problem(secret: str) -> str | None:
+    """What makes `secret` unusable as one password (None when nothing does): empty, or a line
+    break or NUL, which would make openssl hash two passwords or a login prompt never match."""
+    if not secret:
+        return "is empty"
+    for ch, name in (("\n", "a line break"), ("\r", "a carriage return"), ("\0", "a NUL character")):
+        if ch in secret:
+            return f"contains {name}"
+    return None

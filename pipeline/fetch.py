@@ -100,22 +100,35 @@ def check_manifest(manifest: Any, image: Image, source: str = "the builder's man
     return manifest
 
 
+# Between manifest.json and SHA256SUMS in read_remote's one round trip: a line neither file can
+# hold (a JSON document has no bare line of this kind after its end, and no sums line looks so),
+# so junk after the manifest is blamed on the manifest and a damaged SHA256SUMS on itself.
+SPLIT = "--- imagepipe: SHA256SUMS follows ---"
+# Prints $1, the SPLIT line ($3), then $2; the paths are arguments, never part of the script.
+READ_BOTH = 'cat -- "$1" && printf "\\n%s\\n" "$3" && cat -- "$2"'
+
+
 def read_remote(run_remote: Runner, target: Target, image: Image) -> tuple[dict[str, Any], dict[str, str]]:
     """The builder's published manifest and SHA256SUMS for `image` (one round trip)."""
     image_dir = target.path(REMOTE_OUTPUT, image.name)
-    res = run_remote(("cat", "--", f"{image_dir}/{artifacts.MANIFEST}", f"{image_dir}/{artifacts.SUMS}"))
+    res = run_remote(("sh", "-c", READ_BOTH, "sh", f"{image_dir}/{artifacts.MANIFEST}",
+                      f"{image_dir}/{artifacts.SUMS}", SPLIT))
     if not res.ok:
         raise BuildFailed(f"builder {target.name} has no published {image.name} under {target.path(REMOTE_OUTPUT)}",
                           hint=f"build it there first: invoke remote-sync-build {target.name} --image {image.name}")
+    hint = f"rebuild on the builder (invoke remote-sync-build {target.name} --image {image.name})"
+    text, _, sums_text = res.stdout.rpartition(f"\n{SPLIT}\n")
     try:
-        # manifest.json, then SHA256SUMS: the JSON document ends where the sums begin
-        data, end = json.JSONDecoder().raw_decode(res.stdout)
-    except (ValueError, RecursionError):
-        raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON (truncated or damaged)",
-                          hint=f"rebuild on the builder (invoke remote-sync-build {target.name} --image {image.name})"
-                          ) from None
+        data = json.loads(text)
+    except ValueError as exc:
+        what = ("has more after its JSON document" if "Extra data" in str(exc)
+                else "is not JSON (truncated or damaged)")
+        raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json {what}", hint=hint) from None
+    except RecursionError:
+        raise BuildFailed(f"builder {target.name}: {image.name}'s manifest.json is not JSON (nested too deeply)",
+                          hint=hint) from None
     manifest = check_manifest(data, image, f"builder {target.name}: {image.name}'s manifest.json")
-    sums = parse_sums(res.stdout[end:])
+    sums = parse_sums(sums_text)
     for art in artifacts.image_files(manifest):
         if sums.get(art["file"]) != art["sha256"]:
             raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "

@@ -71,6 +71,7 @@ def problems(data: Any) -> list[str]:
                 ("boot.append", isinstance(boot.get("append", ""), str) and not has_control(boot.get("append", "")),
                  "a kernel command line on one line", boot.get("append")),
             ]
+    checks += _optional_checks(data)
     for key, ok, expected, value in checks:
         if not ok:
             found.append(f"{key}: expected {expected}, got {_shown(value)}")
@@ -94,6 +95,47 @@ def _file_checks(key: str, art: Mapping[str, Any]) -> list[tuple[str, bool, str,
                        art.get("compressed")))
     return checks
 
+
+
+def _strings(value: Any) -> bool:
+    """An object whose values are all text or null (host, tools, input_parts, accelerator)."""
+    return isinstance(value, Mapping) and all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                              for k, v in value.items())
+
+
+def _sums(value: Any) -> bool:
+    """{plain file name: 64 hex digits} (files)."""
+    return isinstance(value, Mapping) and all(plain_name(k) and isinstance(v, str) and SHA256.fullmatch(v) is not None
+                                              for k, v in value.items())
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+# Fields read by a fetch, the history, gc, diff and the summary: when present, of this shape
+# (a builder's manifest that has one of another type is refused here, not deep inside that code).
+OPTIONAL: dict[str, tuple[Any, str]] = {
+    "arch": (lambda v: isinstance(v, str), "text"),
+    "distro": (lambda v: isinstance(v, str), "text"),
+    "version": (lambda v: isinstance(v, str), "text"),
+    "imagepipe": (lambda v: isinstance(v, str), "text"),
+    "started": (lambda v: isinstance(v, str), "a time stamp"),
+    "finished": (lambda v: isinstance(v, str), "a time stamp"),
+    "duration_s": (_number, "a number of seconds"),
+    "sbom": (plain_name, "a plain file name"),
+    "host": (_strings, "an object of text values"),
+    "tools": (_strings, "an object of text values"),
+    "input_parts": (_strings, "an object of text values"),
+    "accelerator": (_strings, "an object of text values"),
+    "files": (_sums, "an object of file name: sha256"),
+    "packages": (lambda v: isinstance(v, list) and all(isinstance(p, Mapping) for p in v), "a list of objects"),
+}
+
+
+def _optional_checks(data: Mapping[str, Any]) -> list[tuple[str, bool, str, Any]]:
+    return [(key, ok(data[key]), expected, data[key]) for key, (ok, expected) in OPTIONAL.items()
+            if data.get(key) is not None]
 
 
 def _shown(value: Any) -> str:

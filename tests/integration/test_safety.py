@@ -436,7 +436,13 @@ def test_a_damaged_builder_manifest_is_refused(builder_host, tmp_path):
                                "artifact.file: expected a plain file name"),
                               (json.dumps({**json.loads(good), "artifact": {**json.loads(good)["artifact"],
                                                                             "size": "3"}}), "artifact.size"),
-                              ("[1]", "expected a JSON object")):
+                              ("[1]", "expected a JSON object"),
+                              # a string where a mapping belongs: named, not an internal error
+                              (json.dumps({**json.loads(good), "host": "builder-1"}),
+                               "host: expected an object of text values, got 'builder-1'"),
+                              (json.dumps({**json.loads(good), "files": ["vmlinuz"]}), "files: expected"),
+                              # junk after the document: the manifest is blamed, not SHA256SUMS
+                              (good + "\njunk\n", "manifest.json has more after its JSON document")):
         manifest.write_text(damaged)
         res = invoke(["remote-fetch", "hal9000", IMAGE], cfg, timeout=120)
         assert res.returncode == 1 and expected in no_traceback(res), res.stderr

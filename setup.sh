@@ -37,7 +37,7 @@ APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
 
 PACKAGES=(
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf xorriso
-  openssh-server openssh-client rsync sshpass nix-bin e2fsprogs systemd openssl shellcheck
+  openssh-server openssh-client rsync sshpass nix-bin e2fsprogs systemd openssl shellcheck iproute2
   python3 python3-venv python3-pip ca-certificates dpkg apt-utils tmux mmdebstrap
 )
 

@@ -1,4 +1,5 @@
-"""Remote builders against a real OpenSSH sshd on 127.0.0.1, reached as the alias `hal9000`.
+"""Remote builders against a real OpenSSH sshd reached as the alias `hal9000`: as root, in a network
+namespace of its own behind a veth pair (another machine on a link); otherwise on loopback.
 
 The full cycle runs for real: rsync of the project, a venv with the project on the builder,
 the demo image built there by packer, fetched back, verified and published here.
@@ -6,6 +7,7 @@ the demo image built there by packer, fetched back, verified and published here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -34,12 +36,16 @@ from tests.support import (
     wait_until,
     write_config,
 )
-from tests.support.sshd import SshHost, dense_qcow2, fake_published, sparse_qcow2
+from tests.support.sshd import SshHost, builder_host, dense_qcow2, fake_published, sparse_qcow2
 
 
 @pytest.fixture(scope="module")
-def hal9000(tmp_path_factory: pytest.TempPathFactory):
-    """sshd on loopback + client ssh_config (alias hal9000, known host key) + test invoke config."""
+def hal9000(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """The builder hal9000 (sshd, alias hal9000, known host key) + test invoke config. As root it
+    is another machine: its own network namespace behind a veth pair (tests/support/netns.py),
+    whose pip installs from a wheelhouse and whose demo guest takes its .debs from the session
+    build's cache (seeded into its output/.cache), since it reaches nothing else. A user who is not root
+    cannot make one, so there it is sshd on loopback, and the report says so (test_where_hal9000_is)."""
     for tool, pkg in (("rsync", "rsync"), ("ssh", "openssh-client"), ("sshd", "openssh-server")):
         if tool == "sshd":
             if not Path("/usr/sbin/sshd").exists():
@@ -47,16 +53,39 @@ def hal9000(tmp_path_factory: pytest.TempPathFactory):
         else:
             require_tool(tool, pkg)
     base = tmp_path_factory.mktemp("hal9000")
-    host = SshHost(base / "sshd").start()
-    known = base / "known_hosts"
-    known.write_text(host.known_hosts_line())
-    ssh_config = host.client_config(base / "ssh_config", known)
-    cfg = write_config(base / "test.yaml", base / "output", {
-        "ssh_config_path": str(ssh_config),
-        "builders": {"hal9000": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"}},
-    })
-    yield {"host": host, "base": base, "config": cfg, "ssh_config": ssh_config, "known_hosts": known}
-    host.stop()
+    with builder_host(base / "sshd", pip_offline=True) as host:
+        if host.netns is not None:  # the builders' (hal9000's dirs) package cache, as a mirror would serve it
+            debs = request.getfixturevalue("demo_build")[1] / ".cache" / "debs"
+            for builder in ("builder", "builder2"):
+                shutil.copytree(debs, base / builder / "output" / ".cache" / "debs", copy_function=os.link)
+                (base / builder / rsync.BUILDER_MARKER).write_text("imagepipe builder folder\n")  # not foreign
+        known = base / "known_hosts"
+        known.write_text(host.known_hosts_line())
+        ssh_config = host.client_config(base / "ssh_config", known)
+        cfg = write_config(base / "test.yaml", base / "output", {
+            "ssh_config_path": str(ssh_config),
+            "builders": {"hal9000": {"host": "hal9000", "dir": str(base / "builder"), "arch": "x86_64"}},
+        })
+        yield {"host": host, "base": base, "config": cfg, "ssh_config": ssh_config, "known_hosts": known}
+
+
+def test_where_hal9000_is(hal9000):
+    """Says in the report where the builder runs, and holds it to what this user can have: as root
+    another machine in a namespace of its own, reached through the veth pair only; else loopback."""
+    host: SshHost = hal9000["host"]
+    print(f"hal9000: {host.where}")
+    if os.geteuid() != 0:
+        assert host.netns is None and "root" in host.loopback_why, host.where
+        return
+    assert host.netns is not None, host.where
+    assert ipaddress.ip_address(host.address) in ipaddress.ip_network("198.18.0.0/15")
+    before = host.netns.bytes_to_host()
+    res = subprocess.run(["ssh", "-F", str(hal9000["ssh_config"]), "-o", "BatchMode=yes", "hal9000",
+                          "ip -o -4 route; head -c 1000000 /dev/zero"], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert host.netns.bytes_to_host() - before > 1_000_000  # it came through the veth pair
+    routes = res.stdout[:res.stdout.index(b"\0")].decode().splitlines()
+    assert len(routes) == 1 and "default" not in routes[0], routes  # its /30 only: no way out
 
 
 def _out(res: subprocess.CompletedProcess[str]) -> str:
@@ -674,7 +703,7 @@ def test_proxyjump_alias_is_honoured_with_host_keys_checked_on_both_hops(hal9000
     host: SshHost = hal9000["host"]
     ssh_config = host.client_config(tmp_path / "ssh_config", hal9000["known_hosts"])
     with ssh_config.open("a") as f:
-        f.write(f"Host inner\n  HostName 127.0.0.1\n  Port {host.port}\n  User {host.user}\n  ProxyJump hal9000\n"
+        f.write(f"Host inner\n  HostName {host.address}\n  Port {host.port}\n  User {host.user}\n  ProxyJump hal9000\n"
                 f"  IdentityFile {host.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {hal9000['known_hosts']}\n")
     cfg = write_config(tmp_path / "j.yaml", tmp_path / "out", {
         "ssh_config_path": str(ssh_config), "builders": {"inner": {"dir": str(tmp_path / "jump-builder")}}})

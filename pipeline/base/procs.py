@@ -14,12 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.base.errors import ImagepipeError
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import run
 
 PROC = Path("/proc")
-# What start_time() says where there is no /proc: the process exists, its start is unknown.
+# What start_time() says where neither /proc nor ps answers: the process exists, its start is unknown.
 ALIVE = "alive"
+# Start times read from ps (no /proc) carry this prefix; the leash reads them back the same way.
+PS_PREFIX = "ps:"
+PS_START = ["ps", "-o", "stat=", "-o", "lstart=", "-p"]
+PS_ENV = {"LC_ALL": "C", "LANG": "C", "TZ": "UTC"}  # the same text for the same process, always
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -59,18 +64,43 @@ def cmdline(pid: int) -> str | None:
 
 
 def start_time(pid: int) -> str | None:
-    """The start time of `pid` (field 22 of /proc/PID/stat, in clock ticks since boot), None if
-    it is gone. Without /proc, `ALIVE` when the pid exists: the best that can be said there."""
+    """The start time of `pid`, None if it is gone: field 22 of /proc/PID/stat (clock ticks since
+    boot) where there is /proc, else `ps:` and what `ps -o lstart=` prints (macOS, the BSDs: to
+    the second). `ALIVE` only where neither answers but the pid exists."""
     if have_proc():
         fields = _stat_fields(pid)
         return fields[19] if fields is not None and len(fields) > 19 else None
+    return ps_start_time(pid)
+
+
+def ps_start_time(pid: int) -> str | None:
+    """`ps:<start>` of a live process from `ps -p PID -o stat= -o lstart=` (None: gone or a
+    zombie). The leash (pipeline.base.run.LEASH) asks the same question the same way, so the
+    two compare equal for the same process and differ for a reused pid."""
+    try:
+        res = run(PS_START + [str(pid)], check=False, env=PS_ENV, timeout=30)
+    except ImagepipeError:  # no ps at all: whether the pid exists is all that can be known
+        return ALIVE if _exists(pid) else None
+    return parse_ps_start(res.stdout) if res.ok else None
+
+
+def parse_ps_start(out: str) -> str | None:
+    """`ps -o stat= -o lstart=` output → `ps:Fri Dec  4 14:35:40 2026` (spaces folded), None for
+    no process or a zombie."""
+    fields = out.split()
+    if len(fields) < 2 or fields[0].startswith("Z"):
+        return None
+    return PS_PREFIX + " ".join(fields[1:])
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
         pass
-    return ALIVE
+    return True
 
 
 def is_alive(pid: int | None, start: str | None) -> bool:

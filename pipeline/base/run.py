@@ -117,7 +117,17 @@ PR_SET_PDEATHSIG = 1
 LEASH = r"""
 import os, signal, sys, time
 mode, parent, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-def start_of(pid):
+def start_of(pid, like):
+    if like.startswith("ps:"):
+        import subprocess
+        try:
+            out = subprocess.run(["ps", "-o", "stat=", "-o", "lstart=", "-p", str(pid)], stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=30,
+                                 env={"PATH": os.environ.get("PATH", "/bin:/usr/bin"), "LC_ALL": "C", "LANG": "C",
+                                      "TZ": "UTC"}).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return None if len(out) < 2 or out[0].startswith("Z") else "ps:" + " ".join(out[1:])
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rpartition(")")[2].split()[19]
@@ -127,7 +137,7 @@ def orphaned(*_):
     try:
         if mode == "group":
             os.killpg(0, signal.SIGKILL)
-        elif start_of(int(rest[0])) == rest[1]:
+        elif start_of(int(rest[0]), rest[1]) == rest[1]:
             os.kill(int(rest[0]), signal.SIGKILL)
     finally:
         os._exit(137)

@@ -8,6 +8,7 @@ ISO just far enough to see UEFI start and the SSH forward bound to loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -22,10 +23,13 @@ from pipeline.committed import render_text
 from pipeline.config import load_file
 from pipeline.distros.almalinux import PROFILE as ALMA
 from pipeline.firmware import find_firmware, local_descriptors
+from pipeline.model import Firmware
 from tests.support import ROOT, keygen
 
 CFG = load_file(ROOT / "invoke.yaml")
 NAMES = ["almalinux10-x86_64", "almalinux10-aarch64"]
+# x86_64 with `firmware: bios`: SeaBIOS, no pflash, no UEFI variables
+BIOS_X86 = dataclasses.replace(CFG.image(NAMES[0]), firmware=Firmware.BIOS)
 
 
 def need(tool: str, hint: str) -> str:
@@ -34,8 +38,8 @@ def need(tool: str, hint: str) -> str:
     return path
 
 
-def values(name: str, tmp: Path) -> dict[str, str]:
-    """Real files for every variable without a default."""
+def values(name: str, tmp: Path, *, bios: bool = False) -> dict[str, str]:
+    """Real files for every variable without a default (a BIOS rendering declares no UEFI ones)."""
     image = CFG.image(name)
     iso = tmp / "placeholder.iso"
     if not iso.exists():
@@ -50,12 +54,12 @@ def values(name: str, tmp: Path) -> dict[str, str]:
     assert fw and fw.vars, "UEFI firmware missing: sudo apt-get install ovmf qemu-efi-aarch64"
     store = tmp / f"{name}-vars.fd"
     shutil.copyfile(fw.vars, store)
-    return {
+    uefi = {} if bios else {"efi_firmware_code": fw.code, "efi_firmware_vars": str(store)}
+    return {**uefi,
         "accelerator": "tcg", "cpu_model": "max", "output_dir": str(tmp / f"{name}-out"),
         "console_log": str(tmp / f"{name}-console.log"), "ssh_private_key_file": str(key),
         "iso_url": str(iso), "iso_checksum": "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest(),
         "kickstart_dir": str(ALMA.kickstart_path(ROOT, image).parent),
-        "efi_firmware_code": fw.code, "efi_firmware_vars": str(store),
         "packages_file": str(tmp / f"{name}-packages.tsv"),
     }
 
@@ -78,6 +82,18 @@ def test_packer_166_validates_the_legacy_rendering(name: str, tmp_path: Path) ->
     template.write_text(render_text(CFG.image(name), legacy=True))
     res = subprocess.run(packer_argv("validate", template, values(name, tmp_path)), capture_output=True, text=True,
                          timeout=120, env=packer_env(tmp_path), cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_packer_166_validates_the_bios_rendering(tmp_path: Path) -> None:
+    """`firmware: bios` on x86_64: the same template without the UEFI variables and pflash."""
+    text = render_text(BIOS_X86, legacy=True)
+    assert "efi_firmware" not in text and "pflash" not in text
+    template = tmp_path / "t.pkr.hcl"
+    template.write_text(text)
+    res = subprocess.run(packer_argv("validate", template, values(NAMES[0], tmp_path, bios=True)),
+                         capture_output=True, text=True, timeout=120, env=packer_env(tmp_path), cwd=tmp_path,
+                         check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -121,10 +137,10 @@ def test_oemdrv_cd_built_like_packer_holds_the_kickstart(tmp_path: Path) -> None
 class PartialBuild:
     """A real `packer build` (TCG) of a legacy rendering, stopped once the firmware has run."""
 
-    def __init__(self, name: str, tmp: Path) -> None:
+    def __init__(self, name: str, tmp: Path, *, bios: bool = False) -> None:
         template = tmp / "t.pkr.hcl"
-        template.write_text(render_text(CFG.image(name), legacy=True))
-        self.vals = values(name, tmp)
+        template.write_text(render_text(BIOS_X86 if bios else CFG.image(name), legacy=True))
+        self.vals = values(name, tmp, bios=bios)
         self.log = tmp / "packer.log"
         self.console = Path(self.vals["console_log"])
         env = {**packer_env(tmp), "PACKER_LOG": "1", "PACKER_LOG_PATH": str(self.log),
@@ -168,6 +184,26 @@ def test_legacy_x86_build_starts_uefi_with_loopback_forwards(tmp_path: Path) -> 
         text = build.log.read_text(errors="replace")
         assert "Starting HTTP server" in text
         build.wait_console(b"QEMU DVD-ROM")  # the firmware looked for the installer CD
+    finally:
+        build.stop()
+
+
+@pytest.mark.slow
+def test_legacy_x86_bios_build_starts_seabios_with_the_installer_cd(tmp_path: Path) -> None:
+    """The BIOS rendering under the real Packer: QEMU runs without pflash (SeaBIOS, QEMU's own),
+    with Packer's disk, the installer CD and the loopback forward; the HTTP server for ks.cfg is up."""
+    build = PartialBuild(NAMES[0], tmp_path, bios=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (build.log.exists() and "Executing /usr/bin/qemu" in build.log.read_text(errors="replace")):
+            assert build.proc.poll() is None, build.log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "packer never started QEMU"
+            time.sleep(1)
+        qemu = build.log_line("Executing /usr/bin/qemu")
+        assert "pflash" not in qemu and "-bios" not in qemu and "efi" not in qemu.lower()
+        assert "hostfwd=tcp:127.0.0.1:" in qemu and "file=" + build.vals["output_dir"] in qemu
+        assert "placeholder.iso" in qemu or "media=cdrom" in qemu
+        assert "Starting HTTP server" in build.log.read_text(errors="replace")
     finally:
         build.stop()
 

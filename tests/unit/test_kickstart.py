@@ -233,3 +233,48 @@ def test_a_separate_post_lists_every_rpm_for_the_manifest() -> None:
         assert f"rpm -qa --qf '{RPM_QUERYFORMAT}' > {GUEST_RPM_LIST}" in lines
         assert "grub2" not in last and "fstrim" not in last  # its own block, nothing else in it
         assert package_list().body["source"] == GUEST_RPM_LIST
+
+
+def run_first_post(image, tmp_path: Path, failing: set[str]) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """The first %post run for real by bash as the installer runs it (its own interpreter line,
+    -e/pipefail from the script), with the installed system's folders moved under `tmp_path`
+    and the system tools it calls replaced by stubs that succeed, or fail when in `failing`."""
+    first = post_scripts(kickstart.render(image))[0]
+    root = tmp_path / "sysroot"
+    for sub in ("etc/sudoers.d", "usr/local/sbin", "etc/systemd/system"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    body = first
+    for folder in ("/etc/sudoers.d/", "/usr/local/sbin/", "/etc/systemd/system/"):
+        body = body.replace(folder, f"{root}{folder}")
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for tool in ("grub2-probe", "grub2-install", "restorecon", "systemctl", "dnf", "fstrim"):
+        out = "echo /dev/vda" if tool == "grub2-probe" else ":"
+        (stubs / tool).write_text(f"#!/bin/sh\n{out}\nexit {1 if tool in failing else 0}\n")
+        (stubs / tool).chmod(0o755)
+    interpreter = next(s.interp for s in parse(kickstart.render(image)).scripts if s.script == first)
+    assert interpreter == "/usr/bin/bash"
+    return subprocess.run([require_bash()], input=body, text=True, capture_output=True, timeout=60, check=False,
+                          env={"PATH": f"{stubs}:/usr/bin:/bin"})
+
+
+def test_a_failing_command_in_the_first_post_fails_the_install(tmp_path: Path) -> None:
+    """--erroronfail sees the script's status: with -e/pipefail a failed grub2-install (or
+    restorecon, or systemctl) is that status, not hidden behind the fstrim loop at the end."""
+    assert run_first_post(X86, tmp_path, set()).returncode == 0
+    for tool in ("grub2-install", "restorecon", "systemctl", "dnf"):
+        res = run_first_post(X86, tmp_path, {tool})
+        assert res.returncode != 0, f"a failing {tool} left the install passing"
+    res = run_first_post(X86, tmp_path, {"fstrim"})  # costs size only: reported, not fatal
+    assert res.returncode == 0 and "fstrim / failed" in res.stderr
+    assert run_first_post(ARM, tmp_path, {"restorecon"}).returncode != 0
+    bios = dataclasses.replace(X86, firmware=Firmware.BIOS)  # no BIOS loader step of its own
+    assert run_first_post(bios, tmp_path, set()).returncode == 0
+    assert run_first_post(bios, tmp_path, {"systemctl"}).returncode != 0
+
+
+def test_the_bios_kickstart_validates_under_rhel10() -> None:
+    bios = dataclasses.replace(X86, firmware=Firmware.BIOS)
+    assert kickstart_problems(kickstart.render(bios)) == []
+    h = parse(kickstart.render(bios))
+    assert {"biosboot", "/", "/boot"} <= {p.mountpoint for p in h.partition.partitions}

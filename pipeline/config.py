@@ -195,6 +195,10 @@ DEFAULTS_SPEC: dict[str, Key] = {
                    "the private key builds authorize for `ssh_user` and `invoke ssh` logs in with",
                    "`output/.keys/imagepipe_ed25519`, made on first use"),
     "schedule": Key(_calendar, CALENDAR, "when scheduled rebuilds run"),
+    "boot_timeout": Key(_int("seconds", 0, 86400), "seconds, 0-86400",
+                        "how long a boot test (`build --boot-test`, `rebuild`, `test-image`) waits for the guest's"
+                        " SSH, and then for its login, agent and power-off; `test-image --timeout` overrides it",
+                        "`0`: 180 s under KVM or HVF, 720 s under TCG"),
     # image fields that may be given once for all images:
     "lang": _doc(IMAGE_SPEC["lang"], "the language of every image that sets none", "`en_US.UTF-8`"),
     "keyboard": _doc(IMAGE_SPEC["keyboard"], "the keyboard layout of every image that sets none", "`us`"),

@@ -154,6 +154,7 @@ class Defaults:
     retention: int = 3
     ssh_key: str | None = None
     schedule: str = "weekly"
+    boot_timeout: int = 0  # seconds a boot test waits for SSH (and for each later step); 0: by accelerator
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 x86_64: q35, UEFI (OVMF) by default or BIOS, the installer reached by editing the default GRUB
 entry and appending the kickstart URL (Packer's HTTP server, bound to loopback). aarch64: virt,
-UEFI, `-boot strict=on`, the kickstart on a CD labelled OEMDRV, which Anaconda reads with no
+UEFI (Packer's `-boot` replaced: aarch64 refuses it), the kickstart on a CD labelled OEMDRV, which Anaconda reads with no
 typing at all (typed keys over VNC are the known failure mode on HVF and aarch64).
 
 Everything host-specific is a variable: the driver passes the common ones (accelerator, CPU
@@ -84,7 +84,15 @@ def qemuargs(image: Image, legacy: bool) -> list[list[str]]:
         ["-cpu", "${var.cpu_model}"],
     ]
     if image.arch is Arch.AARCH64:
+        # Replaces Packer's own `-boot once=d` (a qemuargs key replaces Packer's value for it),
+        # which qemu-system-aarch64 refuses ("no function defined to set boot device list"). Any
+        # -boot would do: strict=on itself acts on nothing here, since it only applies to devices
+        # with a bootindex and Packer's -drive lines carry none (the empty disk falls through to
+        # the installer CD, the installed disk boots after the reboot).
         args.append(["-boot", "strict=on"])
+    # A full host disk becomes an I/O error in the installer instead of a paused VM that Packer
+    # would wait on until ssh_timeout; pipeline.drivers.packer also watches for it on QMP.
+    args.append(["-global", "virtio-blk-pci.werror=report"])
     if legacy and uses_uefi(image):
         machine = f"type={machine_type(image.arch)},accel=${{var.accelerator}},pflash0=fw-code,pflash1=fw-vars"
         args += [

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from pipeline.vm.state import Built, VmStatus
 
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
-TIMEOUT_HELP = "seconds to wait for SSH (default: 120 under TCG, 60 with KVM/HVF)"
+TIMEOUT_HELP = ("seconds to wait for SSH (default: defaults.boot_timeout, else 180 with KVM/HVF, "
+                "720 under TCG)")
 
 
 def remainder(argv: Sequence[str] | None = None) -> list[str]:

@@ -57,7 +57,7 @@ def qemu_argv(
     argv += _machine(image.arch, accel)
     argv += ["-smp", str(image.cpus), "-m", str(image.memory)]
     argv += _boot_args(image, firmware, state, boot)
-    argv += ["-drive", f"if=virtio,format={disk_format},file={_opt(disk)}"]
+    argv += disk_args(disk, disk_format, on_full="report" if opts.snapshot else "enospc", first=boot is None)
     if opts.snapshot:
         argv.append("-snapshot")
     argv += [
@@ -76,6 +76,24 @@ def qemu_argv(
     return argv
 
 
+BOOT_DISK_ID = "boot-disk"  # the disk's device id (QMP: /machine/peripheral/boot-disk)
+
+
+def disk_args(disk: Path, disk_format: str, *, on_full: str, first: bool = True) -> list[str]:
+    """The image as a virtio disk; `first`: first in the firmware's boot order (bootindex=0, the
+    only thing `-boot strict=on` acts on: UEFI then never falls through to PXE). A direct kernel
+    boot (-kernel) has the firmware's first place itself, so its disk takes none.
+
+    `on_full` is what a write that finds the host's disk full does: "enospc" pauses the guest
+    (QEMU's default: the guest's own file systems stay whole, `status` says why it paused), for
+    a VM whose writes are kept; "report" hands the guest an I/O error, for a throwaway -snapshot
+    overlay (the boot test), so nothing hangs. Either way QEMU raises BLOCK_IO_ERROR on QMP.
+    """
+    return ["-drive", f"if=none,id=disk0,format={disk_format},file={_opt(disk)}",
+            "-device", f"virtio-blk-pci,drive=disk0,id={BOOT_DISK_ID}{',bootindex=0' if first else ''},"
+                       f"werror={on_full},rerror=report"]
+
+
 def agent_channel(state: StatePaths) -> list[str]:
     """The guest agent's virtio-serial port, a socket in the state folder (the guest contract:
     qemu-guest-agent starts only when this port exists)."""
@@ -92,7 +110,7 @@ def has_agent_channel(argv: list[str]) -> bool:
 def _machine(arch: Arch, accel: AccelChoice) -> list[str]:
     argv = ["-machine", machine_type(arch), "-accel", accel.accel.value, "-cpu", accel.cpu_model]
     if arch is Arch.AARCH64:
-        argv += ["-boot", "strict=on"]  # UEFI must not fall through to PXE
+        argv += ["-boot", "strict=on"]  # UEFI boots the disk (bootindex=0) and nothing after it
     return argv
 
 

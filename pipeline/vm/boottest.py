@@ -25,7 +25,7 @@ from pipeline.plan import AccelChoice
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.qmp import Qmp, QmpError
-from pipeline.vm.ssh import SSH_DEADLINE, pin_host_keys, ssh_argv, tail_block, wait_for_ssh
+from pipeline.vm.ssh import pin_host_keys, ssh_argv, ssh_deadline, tail_block, wait_for_ssh
 from pipeline.vm.state import (
     BOOT_TEST_DIR,
     StatePaths,
@@ -147,7 +147,7 @@ def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | 
     """
     image = target.image
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
-    wait = deadline if deadline is not None else SSH_DEADLINE[accel_choice.accel]
+    wait = ssh_deadline(accel_choice.accel, deadline or cfg.defaults.boot_timeout)
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
     with one_at_a_time(state, image.name, say):  # a real folder of ours (a planted link is refused)
         _boot_and_check(cfg, target, output_dir, state, accel_choice, firmware, wait, say)

@@ -224,7 +224,8 @@ def test_legacy_aarch64_build_attaches_packers_oemdrv_cd(tmp_path: Path) -> None
                                  timeout=60, check=True).stdout
         assert "ks.cfg" in listing
         qemu = build.log_line("Executing /usr/bin/qemu-system-aarch64")
-        assert "scsi-cd,drive=cdrom1" in qemu and cd_path in qemu and "strict=on" in qemu
+        assert "scsi-cd,drive=cdrom1" in qemu and cd_path in qemu and "virtio-blk-pci.werror=report" in qemu
+        assert "strict=on" in qemu and "once=" not in qemu  # Packer's -boot (refused on aarch64) replaced
         text = build.log.read_text(errors="replace")
         assert "Starting HTTP server" not in text
         assert "Sending char" not in text and "Special code" not in text, "no key is typed over VNC"

@@ -102,7 +102,8 @@ def test_aarch64_needs_no_typing() -> None:
     assert src["cd_label"] == "OEMDRV" and src["cd_files"] == ["${var.kickstart_dir}/ks.cfg"]
     # the same machine as `invoke run` (plan.machine_type): GICv3 under TCG, the host's under KVM/HVF
     assert src["machine_type"] == "virt,gic-version=max" and src["qemu_binary"] == "qemu-system-aarch64"
-    assert ["-boot", "strict=on"] in src["qemuargs"]
+    assert ["-boot", "strict=on"] in src["qemuargs"]  # replaces Packer's -boot, which aarch64 refuses
+    assert ["-global", "virtio-blk-pci.werror=report"] in src["qemuargs"]
 
 
 def test_bios_x86_has_no_uefi_parts() -> None:

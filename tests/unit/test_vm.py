@@ -56,7 +56,9 @@ def test_argv_table(accel, arch, firmware):
                           "if=pflash,format=raw,unit=1,file=/out/img/run/efivars.fd"]
     else:
         assert pflash == [] and "-bios" not in argv
-    assert "if=virtio,format=qcow2,file=/out/img/builds/1/img.qcow2" in after(argv, "-drive")
+    assert "if=none,id=disk0,format=qcow2,file=/out/img/builds/1/img.qcow2" in after(argv, "-drive")
+    # first in the boot order (what -boot strict=on acts on); a full host disk pauses the guest
+    assert "virtio-blk-pci,drive=disk0,id=boot-disk,bootindex=0,werror=enospc,rerror=report" in after(argv, "-device")
     assert after(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"]
     assert "file,id=console,path=/out/img/run/console.log" in after(argv, "-chardev")
     assert after(argv, "-serial") == ["chardev:console"]
@@ -81,6 +83,8 @@ def test_direct_kernel_boot_needs_no_firmware():
     assert after(argv, "-kernel") == ["/b/vmlinuz"] and after(argv, "-initrd") == ["/b/initrd.img"]
     assert after(argv, "-append") == ["console=ttyS0 quiet"]
     assert not [d for d in after(argv, "-drive") if "pflash" in d]
+    # -kernel holds the firmware's first boot place: the disk takes no bootindex (QEMU refuses two)
+    assert not [d for d in after(argv, "-device") if "bootindex" in d]
 
 
 def test_options_snapshot_gui_foreground():
@@ -89,6 +93,8 @@ def test_options_snapshot_gui_foreground():
     argv = qemu_argv(img, choice, FW[Arch.AARCH64], DISK, STATE, 2222,
                      opts=RunOptions(snapshot=True, gui=True, foreground=True))
     assert "-snapshot" in argv and "-daemonize" not in argv and "-display" not in argv
+    # a throwaway overlay: a full host disk is an I/O error in the guest, never a paused VM
+    assert any(d.startswith("virtio-blk-pci,drive=disk0,") and "werror=report" in d for d in after(argv, "-device"))
     assert "virtio-gpu-pci" in after(argv, "-device") and "usb-kbd" in after(argv, "-device")
     assert "stdio,id=console,mux=on,signal=off,logfile=/out/img/run/console.log" in after(argv, "-chardev")
     assert after(argv, "-pidfile") == ["/out/img/run/pid"]  # status/stop work for an attached VM too
@@ -103,7 +109,7 @@ def test_code_only_firmware_uses_bios_flag():
 def test_commas_in_paths_are_escaped():
     state = StatePaths(Path("/o,ut/run"))
     argv = qemu_argv(image(), AccelChoice(Accel.TCG, "t"), FW[Arch.X86_64], Path("/a,b.qcow2"), state, 2222)
-    assert "if=virtio,format=qcow2,file=/a,,b.qcow2" in after(argv, "-drive")
+    assert "if=none,id=disk0,format=qcow2,file=/a,,b.qcow2" in after(argv, "-drive")
     assert "file,id=console,path=/o,,ut/run/console.log" in after(argv, "-chardev")
 
 

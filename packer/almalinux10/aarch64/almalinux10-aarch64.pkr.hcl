@@ -132,6 +132,10 @@ source "qemu" "almalinux" {
       "-boot",
       "strict=on",
     ],
+    [
+      "-global",
+      "virtio-blk-pci.werror=report",
+    ],
   ]
 }
 

@@ -132,6 +132,10 @@ source "qemu" "almalinux" {
       "-cpu",
       "${var.cpu_model}",
     ],
+    [
+      "-global",
+      "virtio-blk-pci.werror=report",
+    ],
   ]
 }
 

@@ -47,6 +47,7 @@ KERNEL_META = "linux-image-cloud-amd64"
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "virtio_console", "button", "evdev")
 APPEND = "console=ttyS0,115200n8 quiet panic=-1"
 RECIPE_VERSION = "4"  # bump when the guest layout below changes
+RESOLVER = "2"  # the shape of the resolved package list (2: with the kernel's split-off packages)
 GUEST_RECORD = "guest.json"  # beside the cached kernel + initramfs: packages, source date
 
 INITTAB = """\
@@ -268,8 +269,19 @@ def apt_signature() -> str | None:
     return hashlib.sha256(repr(stats).encode()).hexdigest() if stats else None
 
 
+def resolve_kernel_packages() -> list[str]:
+    """The kernel's packages: the versioned image package and the packages of the same kernel
+    it depends on. Debian's newest suite splits the kernel: linux-image-V is empty and depends on
+    linux-binary-V (vmlinuz) and linux-modules-V (the modules); Debian 12 and 13 have one package."""
+    image = resolve_kernel_package()
+    abi = re.escape(image.removeprefix("linux-image-"))
+    out = run(["apt-cache", "depends", image], hint="run `sudo apt-get update` first").stdout
+    same = re.findall(rf"^\s+\|?(?:Pre)?Depends: (linux-[a-z-]+-{abi})$", out, re.MULTILINE)
+    return [image, *sorted(set(same) - {image})]
+
+
 def resolve_packages(cache: Path) -> list[str]:
-    """[kernel package, *userland, *libraries]; apt-cache is slow, so the answer is cached
+    """[kernel packages, *userland, *libraries]; apt-cache is slow, so the answer is cached
     until the package lists change."""
     import json
 
@@ -277,12 +289,13 @@ def resolve_packages(cache: Path) -> list[str]:
     memo = cache / "resolved-packages.json"
     if sig and memo.exists():
         saved = json.loads(memo.read_text(encoding="utf-8"))
-        if saved.get("apt") == sig and saved.get("recipe") == RECIPE_VERSION:
+        if saved.get("apt") == sig and saved.get("recipe") == RECIPE_VERSION and saved.get("resolver") == RESOLVER:
             return list(saved["packages"])
-    packages = [resolve_kernel_package(), *USERLAND, *library_packages(USERLAND)]
+    packages = [*resolve_kernel_packages(), *USERLAND, *library_packages(USERLAND)]
     if sig:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps({"apt": sig, "recipe": RECIPE_VERSION, "packages": packages}), encoding="utf-8")
+        memo.write_text(json.dumps({"apt": sig, "recipe": RECIPE_VERSION, "resolver": RESOLVER, "packages": packages}),
+                        encoding="utf-8")
     return packages
 
 
@@ -331,8 +344,9 @@ def assemble(
     """Build (or reuse from cache) the demo kernel + initramfs with these keys baked in
     (`root_password_ssh`: dropbear lets root in with its password)."""
     cache = cache_dir(output_dir)
-    kernel_pkg, *rest = resolve_packages(cache)
-    debs = download([kernel_pkg, *rest], cache / "debs")
+    packages = resolve_packages(cache)
+    kernel_pkgs = [p for p in packages if p.startswith("linux-")]
+    debs = download(packages, cache / "debs")
     key = hashlib.sha256(
         "\n".join([RECIPE_VERSION, *sorted(p.name for p in debs.values()), *authorized_keys, password_hash or "",
                    str(root_password_ssh)]).encode()
@@ -344,13 +358,13 @@ def assemble(
     trees = {p: extract(deb, root / deb.stem) for p, deb in debs.items()}
     found = Finder(trees, {p: deb.stem for p, deb in debs.items()}, host_suite())
     merged = _merge(trees.values(), cache / "merged" / key)
-    modules = _modules(found, kernel_pkg)
+    modules = _modules(found, kernel_pkgs)
     files = _userland_files(found, merged)
     entries = rootfs_entries(
         found.file(*BUSYBOX).read_bytes(), files, authorized_keys, password_hash,
         modules, module_order(sorted(modules), {n: module_depends(b) for n, b in modules.items()}), root_password_ssh,
     )
-    kernel = found.kernel(kernel_pkg)
+    kernel = found.kernel(kernel_pkgs)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -403,10 +417,10 @@ def source_date_epoch(trees: Iterable[Path]) -> int:
     return newest
 
 
-def _modules(found: Finder, kernel_pkg: str) -> dict[str, bytes]:
+def _modules(found: Finder, kernel_pkgs: list[str]) -> dict[str, bytes]:
     """The wanted modules and their dependencies, read from the kernel package (plain .ko bytes:
     compressed modules are unpacked; a module the kernel has built in is not there and not needed)."""
-    available = found.modules(kernel_pkg)
+    available = found.modules(kernel_pkgs)
     norm = {n.replace("-", "_"): p for n, p in available.items()}
     picked: dict[str, bytes] = {}
     todo = [m.replace("-", "_") for m in MODULES]
@@ -414,7 +428,7 @@ def _modules(found: Finder, kernel_pkg: str) -> dict[str, bytes]:
         name = todo.pop()
         if name in picked or name not in norm:
             continue
-        picked[name] = found.module_bytes(kernel_pkg, norm[name])
+        picked[name] = found.module_bytes(*norm[name])
         todo.extend(d.replace("-", "_") for d in module_depends(picked[name]))
     return picked
 
@@ -485,24 +499,30 @@ class Finder:
                 return path
         raise self.missing(package, name, ", ".join(f"/{p}/" for p in looked))
 
-    def kernel(self, package: str) -> Path:
-        """The kernel image (/boot/vmlinuz-*) of the kernel package."""
-        hits = sorted(self.tree(package).glob("boot/vmlinuz-*"))
-        if not hits:
-            raise self.missing(package, "vmlinuz-*", "/boot/")
-        return hits[-1]
+    def kernel(self, packages: list[str]) -> Path:
+        """The kernel image of the kernel's packages: /boot/vmlinuz-V (Debian 12, 13) or
+        /usr/lib/modules/V/vmlinuz (the newest suite's linux-binary-V)."""
+        for package in packages:
+            tree = self.tree(package)
+            hits = sorted(tree.glob("boot/vmlinuz-*")) + [
+                p for place in merged_usr_candidates("lib/modules") for p in sorted(tree.glob(f"{place}/*/vmlinuz"))]
+            if hits:
+                return hits[0]
+        raise self.missing(" + ".join(packages), "vmlinuz", "/boot/, /lib/modules/*/, /usr/lib/modules/*/")
 
-    def modules(self, package: str) -> dict[str, Path]:
-        """Module name → file, from /lib/modules/*/kernel or /usr/lib/modules/*/kernel."""
-        out: dict[str, Path] = {}
-        tree = self.tree(package)
-        for place in merged_usr_candidates("lib/modules"):
-            for path in sorted(tree.glob(f"{place}/*/kernel/**/*.ko*")):
-                suffix = next((s for s in MODULE_SUFFIXES if path.name.endswith(s)), None)
-                if suffix and path.is_file():
-                    out.setdefault(path.name.removesuffix(suffix), path)
+    def modules(self, packages: list[str]) -> dict[str, tuple[str, Path]]:
+        """Module name → (package, file), from /lib/modules/*/kernel or /usr/lib/modules/*/kernel."""
+        out: dict[str, tuple[str, Path]] = {}
+        for package in packages:
+            tree = self.tree(package)
+            for place in merged_usr_candidates("lib/modules"):
+                for path in sorted(tree.glob(f"{place}/*/kernel/**/*.ko*")):
+                    suffix = next((s for s in MODULE_SUFFIXES if path.name.endswith(s)), None)
+                    if suffix and path.is_file():
+                        out.setdefault(path.name.removesuffix(suffix), (package, path))
         if not out:
-            raise self.missing(package, "kernel modules (*.ko, *.ko.xz, ...)", "/lib/modules/*/kernel/, /usr/lib/modules/*/kernel/")
+            raise self.missing(" + ".join(packages), "kernel modules (*.ko, *.ko.xz, ...)",
+                               "/lib/modules/*/kernel/, /usr/lib/modules/*/kernel/")
         return out
 
     def module_bytes(self, package: str, path: Path) -> bytes:
@@ -529,8 +549,8 @@ class Finder:
         return self.trees[package]
 
     def deb(self, package: str) -> str:
-        """The package's .deb name (name_version_arch), as people read it."""
-        return unquote(self.debs.get(package, package))
+        """The package's .deb name (name_version_arch), as people read it (packages joined by +)."""
+        return " + ".join(unquote(self.debs.get(p, p)) for p in package.split(" + "))
 
     def missing(self, package: str, name: str, where: str) -> BuildFailed:
         """The error for a file that is not where any known suite puts it."""

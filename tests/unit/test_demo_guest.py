@@ -93,9 +93,9 @@ def test_a_missing_file_names_the_package_the_file_and_the_suite(tmp_path):
     assert "/bin/" in text and "/usr/bin/" in text
     assert "dpkg-deb -c" in (err.value.hint or "")
     with pytest.raises(BuildFailed, match="has no kernel modules"):
-        found.modules("busybox-static")
+        found.modules(["busybox-static"])
     with pytest.raises(BuildFailed, match="has no vmlinuz"):
-        found.kernel("busybox-static")
+        found.kernel(["busybox-static"])
 
 
 def test_modules_are_read_from_lib_or_usr_lib_and_unpacked(tmp_path):
@@ -114,5 +114,21 @@ def test_modules_are_read_from_lib_or_usr_lib_and_unpacked(tmp_path):
         "usr/lib/modules/6.12.1-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko.gz": gz.compress(ring)})
     for tree in (old, new):
         found = Finder({"linux-image": tree}, {}, "Debian")
-        mods = _modules(found, "linux-image")
+        mods = _modules(found, ["linux-image"])
         assert mods == {"virtio_net": ko, "virtio_ring": ring}
+
+
+def test_the_kernel_split_over_packages_is_found(tmp_path):
+    """The newest suite: linux-image-V is empty, linux-binary-V has /usr/lib/modules/V/vmlinuz and
+    linux-modules-V the modules; Debian 12 and 13: /boot/vmlinuz-V in linux-image-V."""
+    from pipeline.demo import Finder
+
+    image = _tree(tmp_path / "image", {"usr/share/doc/linux-image-7/changelog": b""})
+    binary = _tree(tmp_path / "binary", {"usr/lib/modules/7.2.12-cloud-amd64/vmlinuz": b"kernel"})
+    modules = _tree(tmp_path / "modules", {"usr/lib/modules/7.2.12-cloud-amd64/kernel/net/virtio_net.ko.xz": b"x"})
+    found = Finder({"linux-image-7": image, "linux-binary-7": binary, "linux-modules-7": modules}, {}, "forky")
+    kernel_pkgs = ["linux-image-7", "linux-binary-7", "linux-modules-7"]
+    assert found.kernel(kernel_pkgs).read_bytes() == b"kernel"
+    assert found.modules(kernel_pkgs)["virtio_net"][0] == "linux-modules-7"
+    old = _tree(tmp_path / "old", {"boot/vmlinuz-6.1.0-1-cloud-amd64": b"six"})
+    assert Finder({"linux-image-6": old}, {}, "bookworm").kernel(["linux-image-6"]).read_bytes() == b"six"

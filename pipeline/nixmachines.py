@@ -186,16 +186,26 @@ class Needs:
 
 
 def parse_show_derivation(text: str) -> Needs:
-    """`nix show-derivation INSTALLABLE` (one derivation) → its system and required features.
+    """`nix derivation show INSTALLABLE` (one derivation) → its system and required features.
 
-    requiredSystemFeatures is a space-separated string in the environment, or a list inside
-    `__json` for derivations with structured attributes.
+    Read by its shape: nix before 2.34 prints `{"/nix/store/<hash>-<name>.drv": {...}}`; 2.34 and
+    later wrap it, `{"derivations": {"<hash>-<name>.drv": {...}}, "version": 4}`, with the store
+    prefix left off the keys and the output paths. requiredSystemFeatures is a space-separated
+    string in the environment, or a list inside `__json` for derivations with structured attributes.
     """
     data = json.loads(text)
+    if isinstance(data, dict) and isinstance(data.get("derivations"), dict) and "version" in data:
+        data = data["derivations"]
     if not isinstance(data, dict) or len(data) != 1:
-        raise ValueError("expected exactly one derivation")
+        count = len(data) if isinstance(data, dict) else 0
+        raise ValueError(f"expected exactly one derivation, found {count}")
     drv, body = next(iter(data.items()))
+    if not isinstance(body, dict):
+        raise TypeError("the derivation is not a JSON object")
     env = body.get("env") or {}
+    out = env.get("out")
+    if not drv.startswith("/") and isinstance(out, str) and out.startswith("/"):
+        drv = f"{out.rsplit('/', 1)[0]}/{drv}"  # the store directory, from the output's full path
     raw: Any = env.get("requiredSystemFeatures", "")
     if "__json" in env:
         raw = json.loads(env["__json"]).get("requiredSystemFeatures", raw)

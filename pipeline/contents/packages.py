@@ -188,13 +188,18 @@ def nix_package(store_path: str) -> Package | None:
 
 
 def parse_path_info(text: str) -> list[Package]:
-    """`nix path-info -r --json` → Packages, sorted. nix < 2.19 prints a list of objects with
-    "path"; newer nix an object keyed by path: both are read."""
+    """`nix path-info -r --json` → Packages, sorted. Read by its shape: nix < 2.19 prints a list
+    of objects with "path"; newer nix (and `--json-format 1`) an object keyed by path;
+    `--json-format 2` (nix 2.33+) `{"info": {"<hash>-<name>": {...}}, "storeDir": ..., "version": 2}`,
+    its keys without the store directory."""
     try:
         data = json.loads(text)
     except ValueError:
         raise BuildFailed("nix path-info did not print JSON") from None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and isinstance(data.get("info"), dict) and "version" in data:
+        store = str(data.get("storeDir") or "/nix/store").rstrip("/")
+        paths = [p if p.startswith("/") else f"{store}/{p}" for p in data["info"]]
+    elif isinstance(data, dict):
         paths = list(data)
     elif isinstance(data, list):
         paths = [item.get("path", "") for item in data if isinstance(item, dict)]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.base.errors import BuildFailed, CommandFailed
 from pipeline.base.run import Result, stream
-from pipeline.drivers.nixcli import nix_argv
+from pipeline.drivers.nixcli import nix_argv, nix_error
 from pipeline.drivers.nixlog import LogParser
 from pipeline.model import Image
 from pipeline.progress import Event, Progress
@@ -81,9 +81,12 @@ def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
     return f"{flake or flake_ref(image, root)}#nixosConfigurations.{name}.config.system.build.toplevel"
 
 
-def path_info_argv(target: str, store_args: Sequence[str] = ()) -> list[str]:
-    """Every store path `target` needs at run time, as JSON (it must be in the store already)."""
-    return nix_argv("path-info", "-r", "--json", *store_args, target)
+def path_info_argv(target: str, store_args: Sequence[str] = (), version: tuple[int, ...] | None = None) -> list[str]:
+    """Every store path `target` needs at run time, as JSON (it must be in the store already);
+    `version`: the nix that runs it (2.33+ is given `--json-format 1`)."""
+    from pipeline.drivers.nixcli import json_flags
+
+    return nix_argv("path-info", "-r", *json_flags(version), *store_args, target)
 
 
 def closure_packages(image: Image, root: Path, report: Callable[[str], None] | None = None,
@@ -95,17 +98,18 @@ def closure_packages(image: Image, root: Path, report: Callable[[str], None] | N
     `store_args`/`env`: the store it was built in (a builder's, over ssh-ng)."""
     from pipeline.base.run import run
     from pipeline.contents.packages import parse_path_info
+    from pipeline.drivers.nixcli import local_nix_version
 
-    res = run(path_info_argv(toplevel(image, root, flake), store_args), check=False, timeout=900, env=env)
+    version = local_nix_version()  # path-info runs here, also against a builder's store (ssh-ng)
+    res = run(path_info_argv(toplevel(image, root, flake), store_args, version), check=False, timeout=900, env=env)
     if not res.ok and "does not provide attribute" in res.stderr:
         if report:
             report(f"the flake has no nixosConfigurations.{image.name}: the package list is the closure of "
                    f"{attribute(image)} instead")
         target = f"{flake}#{attribute(image)}" if flake else installable(image, root)
-        res = run(path_info_argv(target, store_args), check=False, timeout=900, env=env)
+        res = run(path_info_argv(target, store_args, version), check=False, timeout=900, env=env)
     if not res.ok:
-        errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
-        raise BuildFailed(f"cannot list the image's store paths: {'; '.join(errors) or res.stderr.strip()[-300:]}",
+        raise BuildFailed(f"cannot list the image's store paths: {nix_error(res.stderr)}",
                           hint="the system's toplevel must be in the store after the image build: "
                                "nix path-info -r " + toplevel(image, root, flake))
     return parse_path_info(res.stdout)
@@ -269,7 +273,8 @@ class NixDriver:
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""
-        errors = [line.strip() for line in exc.tail.splitlines() if line.strip().startswith("error")]
+        errors = [line.strip() for line in exc.tail.splitlines()
+                  if line.strip().startswith("error") and line.strip() != "error:"]  # newer nix: "error:" heads a trace
         detail = "; ".join(dict.fromkeys(errors))
         return f"nix exited {exc.returncode}" + (f": {detail}" if detail else "")
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from pipeline.base.numbers import int_or_none
 from pipeline.base.text import visible
+from pipeline.drivers.nixcli import clean
 from pipeline.progress import Event
 
-ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 STORE_NAME_RE = re.compile(r"^/nix/store/[0-9a-z]{32}-(.+?)(\.drv)?$")
 
 # nix's internal-json activity and result types (libutil/logging.hh).
@@ -22,11 +22,6 @@ RES_BUILD_LOG_LINE = 101
 RES_SET_PHASE = 104
 RES_POST_BUILD_LOG_LINE = 107
 LEVEL_INFO = 3
-
-
-def clean(text: str) -> str:
-    """A nix message without its colour codes, any other control character made visible."""
-    return visible(ANSI_RE.sub("", text).strip())
 
 
 def _int(value: Any, default: int) -> int:

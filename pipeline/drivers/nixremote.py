@@ -230,8 +230,9 @@ def derivation_needs(installable: str, store_args: Sequence[str] = (), env: Mapp
     if not res.ok and "is not a recognised command" in res.stderr:
         res = run(older, check=False, timeout=1800, env=env)
     if not res.ok:
-        errors = [line.strip() for line in res.stderr.splitlines() if line.strip().startswith("error")]
-        raise BuildFailed(f"nix cannot evaluate {installable}: {'; '.join(errors) or res.stderr.strip()[-300:]}",
+        from pipeline.drivers.nixcli import nix_error
+
+        raise BuildFailed(f"nix cannot evaluate {installable}: {nix_error(res.stderr)}",
                           hint="the same evaluation runs before a local build: fix the flake first")
     try:
         return parse_show_derivation(res.stdout)

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.base.run import run, which
-from pipeline.drivers.nixcli import nix_argv
-from pipeline.drivers.nixlog import clean
+from pipeline.drivers.nixcli import clean, nix_argv, nix_error
 
 SKIP_DIRS = {".git", "output", "node_modules", ".venv", "result"}
 NETWORK_ERRORS = ("unable to download", "resolve host", "Network is unreachable", "cannot connect")
@@ -65,9 +64,8 @@ def flake_eval_problems(directory: Path, root: Path, on_unchecked: Callable[[str
                   "the inputs its flake.lock pins are not in the local store and cannot be fetched (no network)")
             on_unchecked(f"nix evaluation of {rel}: {why}")
             return []
-        if not r.ok:
-            lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith("warning:")]
-            errors.setdefault(" / ".join(lines[-3:]), []).append(output)
+        if not r.ok:  # the cause and where it is; each output's trace to it differs on newer nix
+            errors.setdefault(nix_error(r.stderr), []).append(output)
         elif not locked and "lock file" in text:
             on_note(f"{rel} was evaluated against unpinned inputs (no flake.lock): run invoke update-flake and commit it")
     return [f"{rel}: {' and '.join(outputs)} do{'es' if len(outputs) == 1 else ''} not evaluate: {error}"

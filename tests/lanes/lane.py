@@ -40,8 +40,7 @@ INTEGRATION = "tests/integration/"
 TRIXIE_TESTS = (
     INTEGRATION + "test_demo_build.py",
     INTEGRATION + "test_vm.py::test_run_ssh_status_stop",
-    INTEGRATION + "test_vm.py::test_test_image_and_test_all",
-    INTEGRATION + "test_boot_gate.py",
+    INTEGRATION + "test_vm.py::test_test_image_and_test_all",  # the boot test
 )
 CURRENT_TESTS = (
     "tests/unit",
@@ -59,6 +58,18 @@ CURRENT_TESTS = (
     INTEGRATION + "test_remote.py",
     INTEGRATION + "test_ssh_cipher.py",
     INTEGRATION + "test_ssh_handover.py",
+)
+# Left out of the current lane to keep CI within its time (measured in the newest suite's root,
+# 2 cores): each checks imagepipe's own logic (locks, ports, dispatch, the staged layout) more than
+# the tools, and runs in the main run; the tool boundary each touches is crossed by a kept test.
+CURRENT_DESELECT = (
+    INTEGRATION + "test_vm.py::test_boot_test_fails_with_a_wrong_key_within_the_deadline",    # 90 s
+    INTEGRATION + "test_vm.py::test_two_boot_tests_of_one_image_take_turns",                   # 33 s
+    INTEGRATION + "test_vm.py::test_boot_test_function_on_the_staged_layout",                  # 18 s
+    INTEGRATION + "test_vm.py::test_busy_port_picks_another_and_ssh_works",                    # 11 s
+    INTEGRATION + "test_guest_contract.py::test_root_ssh_is_checked_both_ways",                # 49 s
+    INTEGRATION + "test_remote.py::test_remote_build_spreads_images_over_builders_in_parallel",  # 37 s
+    INTEGRATION + "test_remote.py::test_a_fetch_holds_the_image_lock_and_applies_retention",   # 23 s
 )
 # tool → the command that prints its version in the root (first line kept)
 VERSIONS = {
@@ -80,6 +91,7 @@ class Lane:
     title: str
     packages: Callable[[], list[str]]          # what the cached root holds
     tests: Sequence[str]
+    deselect: Sequence[str] = ()
     checks: Callable[[Root], list[tuple[str, bool, str]]] = lambda root: []  # before setup.sh
     versions: Sequence[str] = ()
 
@@ -115,9 +127,9 @@ def quickstart_checks(root: Root) -> list[tuple[str, bool, str]]:
 
 LANES = {
     "trixie": Lane("trixie", "trixie", "the quick start on Debian 13", lambda: list(FRESH), TRIXIE_TESTS,
-                   quickstart_checks, ("debian", "python", "packer", "qemu")),
+                   checks=quickstart_checks, versions=("debian", "python", "packer", "qemu")),
     "current": Lane("current", roots.NEWEST, "the newest Nix, QEMU, OVMF, rsync, OpenSSH and Python",
-                    setup_sh_packages, CURRENT_TESTS, versions=tuple(VERSIONS)),
+                    setup_sh_packages, CURRENT_TESTS, CURRENT_DESELECT, versions=tuple(VERSIONS)),
 }
 
 
@@ -178,8 +190,8 @@ def run_lane(lane: Lane, keep: bool = False, pytest_args: Sequence[str] = ()) ->
         root.cache("pip", "/root/.cache/pip")
         root.cache("apt-archives", "/var/cache/apt/archives")
         root.clone_project(CHECKOUT, PROJECT)
-        debs = root.path / PROJECT.lstrip("/") / "output/.cache/debs"
-        log(f"{roots.seed_debs(debs)} cached .debs for the demo guest linked in")
+        debs, cached = root.path / PROJECT.lstrip("/") / "output/.cache/debs", roots.deb_cache(tar)
+        log(f"{roots.seed_debs(cached, debs)} cached .debs for the demo guest linked in")
         for what, ok, detail in lane.checks(root):
             outcome.checks.append((what, ok))
             log(f"check {'ok' if ok else 'FAILED'}: {what}" + ("" if ok else f"\n{detail}"))
@@ -187,7 +199,7 @@ def run_lane(lane: Lane, keep: bool = False, pytest_args: Sequence[str] = ()) ->
         outcome.versions["packer"] = root.place_packer().splitlines()[0]
         with timed(outcome, "./setup.sh (IMAGEPIPE_OFFLINE=1: packages, venv, demo build)"):
             setup = root.run(["./setup.sh"], cwd=PROJECT, env={"IMAGEPIPE_OFFLINE": "1"}, check=False)
-        roots.keep_debs(debs)
+        roots.keep_debs(debs, cached)
         if setup.returncode != 0:
             outcome.failed = True
             outcome.summary = f"./setup.sh failed (exit {setup.returncode}); no tests ran"
@@ -200,7 +212,8 @@ def run_lane(lane: Lane, keep: bool = False, pytest_args: Sequence[str] = ()) ->
             text = (res.stdout or res.stderr).strip().splitlines()
             outcome.versions[name] = text[0] if res.returncode == 0 and text else f"(not found: exit {res.returncode})"
         with timed(outcome, "pytest"):
-            argv = [".venv/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *lane.tests, *pytest_args]
+            argv = [".venv/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *lane.tests,
+                    *[arg for test in lane.deselect for arg in ("--deselect", test)], *pytest_args]
             log("pytest: " + shlex.join(argv))
             tests = root.run(argv, cwd=PROJECT, check=False, tee=True, timeout=3600)
         outcome.summary = pytest_summary(tests.stdout) or f"pytest exited {tests.returncode}"
@@ -226,7 +239,7 @@ def main(name: str, argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     if args.list:
-        print("\n".join(lane.tests))
+        print("\n".join([*lane.tests, *(f"(left out) {test}" for test in lane.deselect)]))
         return 0
     try:
         outcome = run_lane(lane, keep=args.keep, pytest_args=extra)

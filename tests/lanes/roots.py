@@ -276,7 +276,14 @@ class Root:
             shutil.copyfile(bundle, self.path / bundle.relative_to("/"))
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if PASS_ENV.match(k)}
+        """The command's environment: a clean one, with how to reach the registries passed on
+        (host paths the root lacks, such as a local wheel folder of pip's, are left out)."""
+        env = {}
+        for key, value in os.environ.items():
+            if PASS_ENV.match(key):
+                kept = [v for v in value.split() if not v.startswith("/") or (self.path / v.lstrip("/")).exists()]
+                if kept:
+                    env[key] = " ".join(kept)
         env.update({"PATH": PATH, "HOME": "/root", "USER": "root", "LOGNAME": "root", "LANG": "C.UTF-8",
                     "SHELL": "/bin/sh", "PYTHONUNBUFFERED": "1"})
         env.update(extra or {})
@@ -356,11 +363,15 @@ def _tee(argv: Sequence[str], timeout: float | None) -> subprocess.CompletedProc
 # ----------------------------------------------------------------------------- .deb cache
 
 
-def seed_debs(folder: Path) -> int:
-    """Link the cached .debs into `folder` (the demo guest's download folder in the root). A
-    Debian archive never holds two different files of one name_version_arch.deb, so the name
-    is the content's key."""
-    cache = cache_home() / "debs"
+def deb_cache(root_tar: Path) -> Path:
+    """The demo guest's .debs of one root: ~/.cache/imagepipe/debs/SUITE-KEY (the root's key:
+    its suite's Release). Within one Release a name_version_arch.deb never changes, and the demo
+    takes whatever .deb of a package its folder holds, so each Release gets a folder of its own."""
+    return cache_home() / "debs" / root_tar.stem
+
+
+def seed_debs(cache: Path, folder: Path) -> int:
+    """Link the cached .debs into `folder` (the demo guest's download folder in the root)."""
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
     for deb in cache.glob("*.deb") if cache.is_dir() else ():
@@ -374,9 +385,8 @@ def seed_debs(folder: Path) -> int:
     return count
 
 
-def keep_debs(folder: Path) -> int:
+def keep_debs(folder: Path, cache: Path) -> int:
     """Add the .debs a run downloaded into `folder` to the cache (temp file + rename)."""
-    cache = cache_home() / "debs"
     cache.mkdir(parents=True, exist_ok=True)
     added = 0
     for deb in folder.glob("*.deb") if folder.is_dir() else ():

@@ -190,6 +190,20 @@ def shlex_join(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
+def processes_in(root: Path) -> list[int]:
+    """Pids whose root directory is `root` or below it (chrooted there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                where = os.readlink(entry / "root")
+            except OSError:
+                continue
+            if where == str(root) or where.startswith(f"{root}/"):
+                found.append(int(entry.name))
+    return found
+
+
 # ----------------------------------------------------------------------------- running inside
 
 # PID 1 of the root's PID namespace, run by the host's Python before the chroot: mounts /proc,
@@ -334,10 +348,14 @@ class Root:
         return inside
 
     def remove(self) -> None:
-        """Delete the copy (refusing while anything is still mounted below it)."""
+        """Delete the copy, refusing while anything is still mounted below it or a process still
+        runs in it (neither can happen: both went with the namespaces; this checks that)."""
         mounted = mountpoints_under(self.path, Path("/proc/self/mountinfo").read_text(encoding="utf-8"))
         if mounted:
             raise LaneError(f"not removing {self.path}: still mounted there: {', '.join(mounted)}")
+        running = processes_in(self.path)
+        if running:
+            raise LaneError(f"not removing {self.path}: processes still run in it: {running}")
         shutil.rmtree(self.path)
 
 

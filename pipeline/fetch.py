@@ -184,6 +184,7 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
     `conn` is an open Fabric connection to reuse, or None to open an OpenSSH one
     (`accept_new_host_key`: trust the builder's key if known_hosts has none yet).
     """
+    rsync.require_capable()  # before connecting: an rsync that cannot resume is refused up front
     with link_to(conn, target, accept_new_host_key) as link:
         manifest, sums = read_remote(link.run, target, image)
         build_id = manifest["build_id"]

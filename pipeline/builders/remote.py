@@ -352,6 +352,7 @@ def claim_dir(conn: Any, target: Target) -> str:
 def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = ()) -> rsync.Stats:
     """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats.
     The dir must be imagepipe's (`claim_dir`) before rsync --delete runs against it."""
+    rsync.require_capable()
     claim_dir(conn, target)
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
                            (*rsync.SYNC_EXCLUDES, *extra_excludes))

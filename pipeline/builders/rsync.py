@@ -1,4 +1,5 @@
-"""rsync command lines (pure) and its `--stats` report parsed into numbers.
+"""rsync command lines (pure), its `--stats` report parsed into numbers, and the check that the
+local rsync can run them.
 
 Both directions go over OpenSSH with the same ssh_config Fabric reads, so an alias, its
 HostName/User/Port/IdentityFile/ProxyJump and its known_hosts apply to rsync too. The `-e`
@@ -7,13 +8,16 @@ value is the one place a shell-like string is unavoidable: it is `shlex.join` of
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.base.errors import ImagepipeError, ToolMissing
 from pipeline.base.numbers import int_or_none
+from pipeline.base.run import package_manager, run
 
 # The file that makes a builder dir imagepipe's (remote.claim_dir); excluded, so --delete keeps it.
 BUILDER_MARKER = ".imagepipe-builder"
@@ -118,3 +122,85 @@ def parse_stats(output: str) -> Stats:
             if number is not None:
                 values[_STAT_KEYS[m.group(1)]] = number
     return Stats(**values)
+
+
+# --------------------------------------------------------------------------------- the local rsync
+
+# The oldest rsync that has every flag imagepipe passes: --protect-args (3.0.0; rsync 3.2.4+ calls
+# it --secluded-args and still takes the old name) and --append-verify, --inplace, --stats, -e.
+MIN_VERSION = (3, 1, 0)
+_VERSION_RE = re.compile(r"^rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?\S*\s+protocol version (\d+)", re.M)
+_OPENRSYNC_RE = re.compile(r"^openrsync:?\s+protocol version (\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class RsyncVersion:
+    """What `rsync --version` says: which rsync, its version, its protocol."""
+
+    flavor: str                        # "rsync" (Samba's), "openrsync", or "unknown"
+    version: tuple[int, ...] = ()
+    protocol: int | None = None
+
+    @property
+    def text(self) -> str:
+        number = ".".join(map(str, self.version)) if self.version else "unknown version"
+        return f"{self.flavor} {number}" if self.flavor != "rsync" else f"rsync {number}"
+
+
+def parse_version(output: str) -> RsyncVersion:
+    """`rsync --version` output → RsyncVersion. openrsync (macOS 15 and later) names itself on
+    its first line and then claims "rsync version 2.6.9 compatible"; Samba's rsync prints
+    "rsync  version 3.2.7  protocol version 32"."""
+    found = _OPENRSYNC_RE.search(output)
+    if found:
+        return RsyncVersion("openrsync", (), int(found.group(1)))
+    found = _VERSION_RE.search(output)
+    if found:
+        major, minor, patch, protocol = found.groups()
+        return RsyncVersion("rsync", (int(major), int(minor), int(patch or 0)), int(protocol))
+    return RsyncVersion("unknown")
+
+
+def version_problem(found: RsyncVersion) -> str | None:
+    """Why this rsync cannot run imagepipe's transfers (None: it can)."""
+    lacks = "it lacks --protect-args and --append-verify, which every sync and fetch passes"
+    if found.flavor == "openrsync":
+        return f"the rsync on PATH is openrsync (macOS's /usr/bin/rsync): {lacks}"
+    if found.flavor != "rsync":
+        return "the rsync on PATH does not say which version it is (`rsync --version`)"
+    if found.version < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
+        return f"the rsync on PATH is {found.text} (macOS before 15 ships 2.6.9): {lacks}; imagepipe needs {need} or later"
+    return None
+
+
+def upgrade_hint(manager: str | None) -> str:
+    """How to get a current rsync first on PATH, for this host's package manager."""
+    return {
+        "brew": "brew install rsync (Homebrew's rsync 3 then comes before /usr/bin/rsync on PATH), "
+                "or run imagepipe inside `nix develop`",
+        "nix": "nix profile install nixpkgs#rsync, or run imagepipe inside `nix develop`",
+        "apt": "sudo apt-get install rsync",
+        "dnf": "sudo dnf install rsync",
+    }.get(manager or "", "install rsync 3.1 or later first on PATH (Homebrew: brew install rsync; "
+                          "Nix: nix develop)")
+
+
+@functools.cache
+def local_version() -> RsyncVersion:
+    """The local rsync's version (asked once per process)."""
+    res = run(["rsync", "--version"], check=False, timeout=30)
+    return parse_version(res.stdout) if res.ok else RsyncVersion("unknown")
+
+
+def require_capable() -> RsyncVersion:
+    """The local rsync, or ToolMissing naming what it lacks and how to get a current one (before
+    anything connects or builds: a --builder build would otherwise fail only at the copy back)."""
+    try:
+        found = local_version()
+    except ImagepipeError as exc:  # not on PATH at all
+        raise ToolMissing(exc.message, upgrade_hint(package_manager())) from None
+    problem = version_problem(found)
+    if problem:
+        raise ToolMissing(problem, upgrade_hint(package_manager()))
+    return found

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pipeline.base.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
-from pipeline.builders import openssh
+from pipeline.builders import openssh, rsync
 from pipeline.builders.remote import Target
 from pipeline.model import Image
 from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
@@ -274,7 +274,6 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any,
     import time
 
     from pipeline.base.run import stream
-    from pipeline.builders import rsync
     from pipeline.builders.remote import check_name, main_thread_timeout
 
     target = route.target
@@ -310,3 +309,4 @@ def need_local_tools() -> None:
         if shutil.which(tool) is None:
             raise ToolMissing(f"{tool} not found on PATH (needed to build on a builder over ssh-ng)",
                               install_hint(tool))
+    rsync.require_capable()  # the copy back: refused before the build, not after it

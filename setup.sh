@@ -38,7 +38,7 @@ APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
 PACKAGES=(
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf xorriso
   openssh-server openssh-client rsync sshpass nix-bin e2fsprogs systemd openssl shellcheck iproute2
-  python3 python3-venv python3-pip ca-certificates dpkg apt-utils tmux mmdebstrap
+  python3 python3-venv python3-pip ca-certificates dpkg apt-utils tmux mmdebstrap gpg gpgv
 )
 
 # HashiCorp's apt repository and the fingerprint of the key that signs it (HashiCorp publishes

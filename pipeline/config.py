@@ -161,7 +161,8 @@ IMAGE_SPEC: dict[str, Key] = {
                  " ([the guest contract](running.md#the-guest-contract))"),
     "iso": Key(_optional(lambda v: line(v) if "://" in str(v) else local_path(v, "an ISO path")),
                "a local path or a URL",
-               "AlmaLinux: the installer ISO (a local one is hashed once and cached): how offline users build"),
+               "AlmaLinux: the installer ISO (a local one is hashed once and cached). It saves the ISO download"
+               " only: the boot ISO holds no packages, the installer fetches them from the mirror"),
     "flake": Key(_optional(_no_newline), "a path relative to the project, or a flake URL",
                  "NixOS: build your own flake instead of the project's `nixos/`"),
     "attribute": Key(_optional(_str(re.compile(r"^[A-Za-z0-9_.\"-]+$"), "a flake attribute path")),

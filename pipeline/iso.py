@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.base import openpgp
 from pipeline.base.errors import ImagepipeError, UsageError, VerifyFailed
+from pipeline.base.run import install_hint
 from pipeline.download import (
     ChecksumMismatch,
     NotFound,
@@ -74,6 +76,7 @@ class LockEntry:
     url: str
     sha256: str
     source: str  # "repo" or "vault"
+    signature: str = ""  # how the CHECKSUM the sha256 came from was checked ("" in older locks)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,60 @@ def fetch_text(url: str, image: Image, offline: Callable[[str, str, Image], str]
         raise IsoUnavailable((offline or offline_message)(url, _reason(exc), image)) from None
 
 
+# --------------------------------------------------------------------------------- signatures
+
+# AlmaLinux clear-signs its CHECKSUM files with the release key of each major release, shipped
+# in pipeline/distros/keys/ (its README says where it came from): major → (file, fingerprint).
+KEYS_DIR = Path(__file__).resolve().parent / "distros" / "keys"
+RELEASE_KEYS: Mapping[str, tuple[str, str]] = {
+    "10": ("RPM-GPG-KEY-AlmaLinux-10", "EE6DB7B98F5BF5EDD9DA0DE5DEE5C11CC2A1E572"),
+}
+# Another public key file (a private mirror signing its own CHECKSUM files; the tests' key): its
+# fingerprint is whatever the file holds, so who sets the variable chooses whom to trust.
+KEY_ENV = "IMAGEPIPE_ALMA_KEY"
+BadSignature = openpgp.BadSignature
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    path: Path
+    fingerprint: str | None  # None: the key in IMAGEPIPE_ALMA_KEY, whatever it is
+    label: str
+
+
+def trusted_key(major: str, env: Mapping[str, str] | None = None) -> TrustedKey | None:
+    """The key CHECKSUM files of release `major` must be signed with (None: imagepipe has none)."""
+    env = os.environ if env is None else env
+    if env.get(KEY_ENV):
+        return TrustedKey(Path(env[KEY_ENV]).expanduser(), None, f"the key in {KEY_ENV}")
+    if major not in RELEASE_KEYS:
+        return None
+    name, fpr = RELEASE_KEYS[major]
+    return TrustedKey(KEYS_DIR / name, fpr, f"AlmaLinux {major} key {fpr[:4]}…{fpr[-4:]}")
+
+
+def checked_checksum(text: str, major: str, url: str) -> tuple[str, str]:
+    """(the text to read sums from, how it was checked) for a CHECKSUM file from `url`: the part
+    the signature covers when gpgv verifies it with AlmaLinux's key; the file as it came, said to
+    be unverified, without gpgv or without a key for `major`; BadSignature when the signature is
+    bad, another key's, or missing (AlmaLinux signs every CHECKSUM file)."""
+    key = trusted_key(major)
+    if key is None:
+        return text, f"not verified: imagepipe has no release key for AlmaLinux {major}"
+    if openpgp.gpgv() is None:
+        return text, f"not verified: gpgv not found ({install_hint('gpgv')})"
+    hint = (f"check the mirror: AlmaLinux clear-signs its CHECKSUM files (overrides in {MIRROR_ENV} / "
+            f"{VAULT_ENV}; a private mirror's key in {KEY_ENV})")
+    signed = openpgp.verify_clearsigned(text, key.path, key.fingerprint, what=url, key_label=key.label, hint=hint)
+    return signed, f"verified ({key.label})"
+
+
+def signed_sums(url: str, image: Image) -> tuple[dict[str, str], str]:
+    """A CHECKSUM file's sums, from the part its signature covers, and how that was checked."""
+    text, how = checked_checksum(fetch_text(url, image), major_of(image.version), url)
+    return parse_checksums(text), how
+
+
 def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
     """Version (10 / latest / 10.1) -> the concrete point release, URL and sha256."""
     arch = iso_arch(image)
@@ -163,7 +220,7 @@ def resolve(image: Image, mirrors: Mirrors) -> LockEntry:
         return _resolve_point(image, image.version, mirrors)
     url = folder(mirrors.repo, major_of(image.version), arch) + "/CHECKSUM"
     try:
-        sums = parse_checksums(fetch_text(url, image))
+        sums, _how = signed_sums(url, image)
     except NotFound:
         raise IsoUnavailable(f"{url} does not exist: is {image.version!r} an AlmaLinux release?") from None
     found = boot_isos(sums, arch)
@@ -178,12 +235,12 @@ def _resolve_point(image: Image, version: str, mirrors: Mirrors) -> LockEntry:
     for source, base in (("repo", mirrors.repo), ("vault", mirrors.vault)):
         url = folder(base, version, arch)
         try:
-            sums = parse_checksums(fetch_text(url + "/CHECKSUM", image))
+            sums, how = signed_sums(url + "/CHECKSUM", image)
         except NotFound:
             continue  # a point release moves to the vault when the next one ships
         if name not in sums:
             raise IsoUnavailable(f"{url}/CHECKSUM does not list {name}")
-        return LockEntry(image.version, version, arch, name, f"{url}/{name}", sums[name], source)
+        return LockEntry(image.version, version, arch, name, f"{url}/{name}", sums[name], source, how)
     raise IsoUnavailable(f"AlmaLinux {version} ({arch}) is neither on {mirrors.repo} nor on {mirrors.vault}")
 
 
@@ -309,7 +366,8 @@ def describe(image: Image, root: Path, cache_dir: Path, mirrors: Mirrors | None 
         if pinned and pinned.url == image.iso:
             return _pinned(pinned, cache_dir, f"configured URL, sha256 pinned in {LOCK_FILE}")
         return {"summary": f"configured URL {image.iso}", "source": "images.iso", "url": image.iso,
-                "note": "sha256 read from the CHECKSUM file beside it when the build starts"}
+                "note": "sha256 read from the CHECKSUM file beside it when the build starts, its signature "
+                        "checked with AlmaLinux's key where gpgv is installed"}
     if pinned and pinned.requested == image.version and pinned.arch == iso_arch(image):
         return _pinned(pinned, cache_dir, f"pinned in {LOCK_FILE}")
     why = "no ISO pinned" if pinned is None else f"the pin is for version {pinned.requested}"
@@ -326,7 +384,9 @@ def _pinned(entry: LockEntry, cache_dir: Path, source: str) -> dict[str, Any]:
              f"partly ({part.stat().st_size / 1024**2:.1f} MiB in {part.name}): the download resumes" if part.is_file()
              else "no: downloaded (and verified) when the build starts")
     return {"summary": f"{entry.name} (AlmaLinux {entry.version}, {source})", "source": source,
-            "version": entry.version, "url": entry.url, "sha256": entry.sha256, "cached": state}
+            "version": entry.version, "url": entry.url, "sha256": entry.sha256, "cached": state,
+            "signature": entry.signature or ("not recorded (pinned before imagepipe checked CHECKSUM signatures; "
+                                             "invoke update-iso pins it again)")}
 
 
 def _indexed_sha256(path: Path, cache_dir: Path) -> str | None:
@@ -349,7 +409,8 @@ def pinned_or_resolved(image: Image, root: Path, mirrors: Mirrors, report: Repor
     except UsageError as exc:
         entry = resolve(image, mirrors)
         if report:
-            report(f"{exc.message}; using {entry.name} from {entry.source} (pin it: invoke update-iso {image.name})")
+            report(f"{exc.message}; using {entry.name} from {entry.source}, CHECKSUM {entry.signature} "
+                   f"(pin it: invoke update-iso {image.name})")
         return entry
 
 
@@ -361,12 +422,12 @@ def _entry_for_url(image: Image, root: Path, mirrors: Mirrors) -> LockEntry:
     if pinned and pinned.url == url:
         return pinned
     try:
-        sums = parse_checksums(fetch_text(url.rsplit("/", 1)[0] + "/CHECKSUM", image))
+        sums, how = signed_sums(url.rsplit("/", 1)[0] + "/CHECKSUM", image)
     except NotFound:
-        sums = {}
+        sums, how = {}, ""
     if name not in sums:
         raise IsoUnavailable(f"no CHECKSUM beside {url} lists {name}: download it and set iso: to the local path")
-    return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url")
+    return LockEntry(image.version, image.version, image.arch.value, name, url, sums[name], "url", how)
 
 
 # --------------------------------------------------------------------------------- package repos

@@ -94,4 +94,45 @@ def write_release(base: Path, version: str, arch: str, payload: bytes, extra: di
         (folder / name).write_bytes(data)
         lines += [f"# {name}: {len(data)} bytes", f"SHA256 ({name}) = {hashlib.sha256(data).hexdigest()}"]
     (folder / "CHECKSUM").write_text("\n".join(lines) + "\n")
+    clearsign(folder / "CHECKSUM")  # as AlmaLinux's are (tests trust the signer: trust_test_signer)
     return hashlib.sha256(payload).hexdigest()
+
+
+@functools.cache
+def mirror_signer() -> tuple[Path, Path]:
+    """A signing key made for this test run (GnuPG home, public key file): the loopback mirror's
+    CHECKSUM files are clear-signed with it, as AlmaLinux signs its own, and tests trust it
+    through IMAGEPIPE_ALMA_KEY. Made once per process, in a private temporary folder."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    gpg = shutil.which("gpg")
+    assert gpg, "gpg not found: install it with `sudo apt-get install gnupg` (.ci/run does)"
+    home = Path(tempfile.mkdtemp(prefix="imagepipe-test-gpg-"))
+    home.chmod(0o700)
+    subprocess.run([gpg, "--batch", "--homedir", str(home), "--passphrase", "", "--quick-gen-key",
+                    "imagepipe test mirror <mirror@example.invalid>", "ed25519", "sign", "never"],
+                   check=True, capture_output=True, timeout=120)
+    public = home / "mirror-key.asc"
+    subprocess.run([gpg, "--batch", "--homedir", str(home), "--armor", "--output", str(public), "--export"],
+                   check=True, capture_output=True, timeout=60)
+    return home, public
+
+
+def clearsign(path: Path, home: Path | None = None) -> None:
+    """Clear-sign the text file `path` in place with the test signer (or the GnuPG home given)."""
+    import subprocess
+
+    home = home or mirror_signer()[0]
+    signed = path.with_name(path.name + ".asc")
+    subprocess.run(["gpg", "--batch", "--homedir", str(home), "--yes", "--clearsign", "--output", str(signed), str(path)],
+                   check=True, capture_output=True, timeout=60)
+    signed.replace(path)
+
+
+def trust_test_signer(monkeypatch) -> Path:  # type: ignore[no-untyped-def]
+    """IMAGEPIPE_ALMA_KEY = the test signer's public key, for this test (and the invoke it runs)."""
+    public = mirror_signer()[1]
+    monkeypatch.setenv("IMAGEPIPE_ALMA_KEY", str(public))
+    return public

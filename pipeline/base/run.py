@@ -66,6 +66,8 @@ INSTALL_HINTS: dict[str, dict[str, str]] = {
     "nix-instantiate": {"apt": "sudo apt-get install nix-bin", "*": NIX_INSTALLER},
     "ssh": {"apt": "sudo apt-get install openssh-client", "dnf": "sudo dnf install openssh-clients",
             "brew": "brew install openssh", "nix": "nix profile install nixpkgs#openssh"},
+    "gpgv": {"apt": "sudo apt-get install gpgv", "dnf": "sudo dnf install gnupg2", "brew": "brew install gnupg",
+             "nix": "nix profile install nixpkgs#gnupg"},
     "rsync": {"apt": "sudo apt-get install rsync", "dnf": "sudo dnf install rsync", "brew": "brew install rsync",
               "nix": "nix profile install nixpkgs#rsync"},
     "limactl": {"brew": "brew install lima", "nix": "nix profile install nixpkgs#lima",

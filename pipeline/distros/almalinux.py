@@ -218,7 +218,7 @@ class AlmaLinux(PackerProfile):
         path = self.kickstart_path(root, image)
         rewrote = write_if_changed(path, self.committed_kickstart(image, root))
         also = f"; {path.relative_to(root)} follows it" if rewrote else ""
-        return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…) {change}{also}"
+        return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…, CHECKSUM {entry.signature}) {change}{also}"
 
 
 def collected_file(stage: Path) -> Path:

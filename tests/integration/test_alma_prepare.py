@@ -17,7 +17,7 @@ from pipeline.model import Accel, Arch
 from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, BuildPlan
 from pipeline.render import almalinux
-from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.almalinux_support import closed_port_url, serve, trust_test_signer, write_release
 from tests.support import ROOT, project_copy
 
 CFG = load_file(ROOT / "invoke.yaml")
@@ -92,8 +92,10 @@ def test_staged_kickstart_keeps_the_guest_contract_and_the_committed_one_does_no
 
 
 @pytest.fixture()
-def site(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A loopback mirror: repo/10 and repo/10.1 (ISO + BaseOS repodata), vault/10.0 (repodata only)."""
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A loopback mirror: repo/10 and repo/10.1 (ISO + BaseOS repodata), vault/10.0 (repodata only);
+    its CHECKSUM files are signed by the test signer, which this test trusts."""
+    trust_test_signer(monkeypatch)
     root = tmp_path / "site"
     for arch in ("x86_64", "x86_64_v2"):
         write_release(root / "almalinux", "10.1", arch, b"iso 10.1\n" * 20)

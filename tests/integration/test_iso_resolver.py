@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,13 @@ from pipeline import iso
 from pipeline.base.errors import VerifyFailed
 from pipeline.config import load_file
 from pipeline.output import artifacts
-from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.almalinux_support import (
+    clearsign,
+    closed_port_url,
+    serve,
+    trust_test_signer,
+    write_release,
+)
 from tests.support import ROOT, invoke, project_copy
 
 CFG = load_file(ROOT / "invoke.yaml")
@@ -20,8 +27,10 @@ X86 = CFG.image("almalinux10-x86_64")
 
 
 @pytest.fixture()
-def mirror(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """repo/: 10 (= 10.1, the latest) and 10.1; vault/: 10.0 (moved out of repo)."""
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """repo/: 10 (= 10.1, the latest) and 10.1; vault/: 10.0 (moved out of repo). The CHECKSUM
+    files are clear-signed by a key made for the test run, which the test trusts."""
+    trust_test_signer(monkeypatch)
     site = tmp_path / "site"
     repo, vault = site / "almalinux", site / "vault"
     sha101 = write_release(repo, "10.1", "x86_64", b"iso 10.1\n" * 100)
@@ -199,3 +208,77 @@ def test_download_progress_reaches_the_build_view(tmp_path: Path) -> None:
     lines = out.getvalue().splitlines()
     assert "downloading AlmaLinux-10.1-x86_64-boot.iso: 1.0 of 3.0 MiB (33%)" in lines[0] and "MiB/s, ETA" in lines[0]
     assert lines[-1].endswith("downloaded AlmaLinux-10.1-x86_64-boot.iso: 3.0 MiB at " + lines[-1].split(" at ")[-1])
+
+
+# ----------------------------------------------------------------------- CHECKSUM signatures
+
+
+def test_a_signed_checksum_is_verified_and_the_pin_and_dry_run_say_so(mirror, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, _shas, _ = mirror
+    entry = iso.resolve(X86, mirrors)
+    assert entry.signature == "verified (the key in IMAGEPIPE_ALMA_KEY)"
+    root = tmp_path / "proj"
+    root.mkdir()
+    iso.write_lock(root, {X86.name: entry})
+    assert json.loads((root / iso.LOCK_FILE).read_text())["images"][X86.name]["signature"] == entry.signature
+    assert iso.describe(X86, root, tmp_path / "cache", mirrors)["signature"] == entry.signature
+
+
+@pytest.fixture()
+def site_root(mirror, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    return tmp_path / "site" / "almalinux"
+
+
+def test_a_changed_checksum_is_refused(mirror, site_root: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, _shas, _ = mirror
+    checksum = site_root / "10.1" / "isos" / "x86_64" / "CHECKSUM"
+    text = checksum.read_text()
+    real = text.split("SHA256 (AlmaLinux-10.1-x86_64-boot.iso) = ")[1][:64]
+    checksum.write_text(text.replace(real, "0" * 64))  # the sha256 swapped after signing
+    with pytest.raises(iso.BadSignature, match="BAD"):
+        iso.resolve(dataclasses.replace(X86, version="10.1"), mirrors)
+
+
+def test_unsigned_or_foreign_signed_checksums_are_refused(mirror, site_root: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, _shas, _ = mirror
+    checksum = site_root / "10.1" / "isos" / "x86_64" / "CHECKSUM"
+    signed = checksum.read_text()
+    body = signed.split("\n\n", 1)[1].split("-----BEGIN PGP SIGNATURE-----")[0]
+    checksum.write_text(body)
+    with pytest.raises(iso.BadSignature, match="is not signed"):
+        iso.resolve(dataclasses.replace(X86, version="10.1"), mirrors)
+    stranger = tmp_path / "stranger-gpg"
+    stranger.mkdir(mode=0o700)
+    subprocess.run(["gpg", "--batch", "--homedir", str(stranger), "--passphrase", "", "--quick-gen-key",
+                    "someone else <else@example.invalid>", "ed25519", "sign", "never"], check=True,
+                   capture_output=True, timeout=120)
+    clearsign(checksum, stranger)
+    with pytest.raises(iso.BadSignature, match="signed by another key"):
+        iso.resolve(dataclasses.replace(X86, version="10.1"), mirrors)
+
+
+def test_the_shipped_almalinux_key_is_the_one_checked_by_default(mirror, monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Without IMAGEPIPE_ALMA_KEY only AlmaLinux's own key counts: the test mirror's signature is
+    refused, and the shipped key file holds the pinned fingerprint."""
+    mirrors, _shas, _ = mirror
+    monkeypatch.delenv(iso.KEY_ENV)
+    with pytest.raises(iso.BadSignature, match="signed by another key with AlmaLinux 10 key EE6D…E572"):
+        iso.resolve(X86, mirrors)
+    key = iso.trusted_key("10")
+    assert key is not None and key.fingerprint == "EE6DB7B98F5BF5EDD9DA0DE5DEE5C11CC2A1E572"
+    home = tmp_path / "gpg-home"
+    home.mkdir(mode=0o700)
+    shown = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--show-keys", "--with-colons", str(key.path)],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"fpr:::::::::{key.fingerprint}:" in shown and "AlmaLinux OS 10 <packager@almalinux.org>" in shown
+
+
+def test_without_gpgv_the_checksum_is_used_and_said_to_be_unverified(mirror, monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mirrors, shas, _ = mirror
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    monkeypatch.setenv("PATH", str(bare))  # no gpgv (nor anything else) on PATH
+    entry = iso.resolve(X86, mirrors)
+    assert entry.sha256 == shas["10.1"] and entry.signature.startswith("not verified: gpgv not found")

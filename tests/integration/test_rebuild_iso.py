@@ -10,7 +10,7 @@ import yaml
 
 from pipeline import inputs, rebuild
 from pipeline.config import load
-from tests.almalinux_support import closed_port_url, serve, write_release
+from tests.almalinux_support import closed_port_url, serve, trust_test_signer, write_release
 from tests.support import ROOT, project_copy
 
 VERSIONS = {"packer": "1.6.6", "qemu-system-x86_64": "7.2.22"}
@@ -26,6 +26,7 @@ def project(tmp_path: Path):  # Config rooted in a copy holding the committed Al
 
 
 def test_refresh_pins_a_new_release_and_offline_keeps_the_pin(tmp_path, monkeypatch):
+    trust_test_signer(monkeypatch)
     cfg = project(tmp_path)
     alma = cfg.image("almalinux10-x86_64")
     events: list[tuple[str, str]] = []

@@ -232,7 +232,7 @@ def main(name: str, argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"tests/lanes/{name}", description=f"The {name} lane: {lane.title}. "
         "Needs root, mmdebstrap and Debian's mirror (and PyPI); the root is cached under "
-        "~/.cache/imagepipe/roots (IMAGEPIPE_CACHE moves it). Tests the committed HEAD of this checkout.",
+        "~/.cache/imagepipe/lanes/roots (IMAGEPIPE_CACHE moves ~/.cache/imagepipe). Tests the committed HEAD of this checkout.",
         epilog="Extra arguments after -- go to pytest (e.g. -- -x -k ssh).")
     parser.add_argument("--keep", action="store_true", help="keep the unpacked root afterwards (to look inside)")
     parser.add_argument("--list", action="store_true", help="print the tests the lane runs and exit")

@@ -4,7 +4,7 @@ A lane runs the project in a root of another Debian suite: Debian 13 for the qui
 newest suite for the current toolchains. This module is the code they share:
 
 - `ensure_root(suite, packages)` makes the root once and keeps it as a tarball under
-  ~/.cache/imagepipe/roots/ (IMAGEPIPE_CACHE moves it), named by a hash of what it holds: the
+  ~/.cache/imagepipe/lanes/roots/ (IMAGEPIPE_CACHE moves it), named by a hash of what it holds: the
   package list, the mirror, and the suite's InRelease file as the mirror serves it now (a new
   point release or a changed mirror gives a new root). The tarball is written beside its final
   name and renamed into place, so two runs never see half a root.
@@ -52,8 +52,9 @@ class LaneError(Exception):
 
 
 def cache_home() -> Path:
-    """~/.cache/imagepipe (IMAGEPIPE_CACHE overrides): roots, .debs and pip's cache live there."""
-    return Path(os.environ.get("IMAGEPIPE_CACHE") or Path.home() / ".cache" / "imagepipe")
+    """~/.cache/imagepipe/lanes (IMAGEPIPE_CACHE moves ~/.cache/imagepipe): the lanes' roots,
+    .debs, apt's and pip's downloads, apart from what imagepipe itself caches beside them."""
+    return Path(os.environ.get("IMAGEPIPE_CACHE") or Path.home() / ".cache" / "imagepipe") / "lanes"
 
 
 def log(message: str) -> None:
@@ -272,7 +273,7 @@ class Root:
         return root
 
     def cache(self, name: str, inside: str) -> Path:
-        """Bind ~/.cache/imagepipe/NAME (made when missing) at `inside` in the root."""
+        """Bind ~/.cache/imagepipe/lanes/NAME (made when missing) at `inside` in the root."""
         folder = cache_home() / name
         folder.mkdir(parents=True, exist_ok=True)
         self.binds.append((str(folder), inside, False))
@@ -382,7 +383,7 @@ def _tee(argv: Sequence[str], timeout: float | None) -> subprocess.CompletedProc
 
 
 def deb_cache(root_tar: Path) -> Path:
-    """The demo guest's .debs of one root: ~/.cache/imagepipe/debs/SUITE-KEY (the root's key:
+    """The demo guest's .debs of one root: ~/.cache/imagepipe/lanes/debs/SUITE-KEY (the root's key:
     its suite's Release). Within one Release a name_version_arch.deb never changes, and the demo
     takes whatever .deb of a package its folder holds, so each Release gets a folder of its own."""
     return cache_home() / "debs" / root_tar.stem

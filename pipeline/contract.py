@@ -46,8 +46,8 @@ class GuestView:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """The result of one live check: passed, failed or not checked (with why)."""
+class Verdict:
+    """The verdict of one live check of the contract: passed, failed or not checked (with why)."""
 
     result: str
     detail: str = ""
@@ -57,15 +57,15 @@ class Outcome:
         return self.result == "failed"
 
 
-PASSED = Outcome("passed")
+PASSED = Verdict("passed")
 
 
-def failed(detail: str) -> Outcome:
-    return Outcome("failed", detail)
+def failed(detail: str) -> Verdict:
+    return Verdict("failed", detail)
 
 
-def unchecked(why: str) -> Outcome:
-    return Outcome("not checked", why)
+def unchecked(why: str) -> Verdict:
+    return Verdict("not checked", why)
 
 
 class LiveGuest(Protocol):
@@ -96,7 +96,7 @@ class Requirement:
     name: str
     description: str
     rendered: Callable[[Image, str, GuestView, bool], str | None]  # (image, build key, view, agent channel)
-    live: Callable[[LiveGuest, bool], Outcome]                     # (guest, agent expected)
+    live: Callable[[LiveGuest, bool], Verdict]                     # (guest, agent expected)
     ends_boot: bool = field(default=False)                          # the guest is gone afterwards
 
 
@@ -191,7 +191,7 @@ def _agent(image: Image, _key: str, view: GuestView, channel: bool) -> str | Non
 # --------------------------------------------------------------------------------- live checks
 
 
-def _live_key_login(guest: LiveGuest, _agent: bool) -> Outcome:
+def _live_key_login(guest: LiveGuest, _agent: bool) -> Verdict:
     rc, out = guest.run(["uname", "-m"])
     if rc != 0:
         return failed(f"cannot log in as {guest.image.ssh_user} with the build key: {out.strip()[-200:]}")
@@ -204,7 +204,7 @@ def _as_root(guest: LiveGuest, command: list[str]) -> list[str]:
     return command if guest.image.ssh_user == "root" else ["sudo", "-n", *command]
 
 
-def _live_sudo(guest: LiveGuest, _agent: bool) -> Outcome:
+def _live_sudo(guest: LiveGuest, _agent: bool) -> Verdict:
     rc, out = guest.run(_as_root(guest, ["id", "-u"]))
     if rc != 0 or out.strip() != "0":
         return failed(f"{guest.image.ssh_user} cannot become root without a password: {out.strip()[-200:]}")
@@ -217,10 +217,10 @@ def _live_sudo(guest: LiveGuest, _agent: bool) -> Outcome:
     return PASSED
 
 
-def _live_root_ssh(guest: LiveGuest, _agent: bool) -> Outcome:
+def _live_root_ssh(guest: LiveGuest, _agent: bool) -> Verdict:
     root = guest.image.user("root")
     if root is None or not root.password_hash:
-        return Outcome("passed", "root has no password (locked)")
+        return Verdict("passed", "root has no password (locked)")
     password = known_password(guest.image, "root")
     if password is None:
         return unchecked("root's password is not a development default, so imagepipe cannot try it")
@@ -234,7 +234,7 @@ def _live_root_ssh(guest: LiveGuest, _agent: bool) -> Outcome:
     return PASSED
 
 
-def _live_console(guest: LiveGuest, _agent: bool) -> Outcome:
+def _live_console(guest: LiveGuest, _agent: bool) -> Verdict:
     want = guest.image.arch.console
     rc, out = guest.run(["cat", "/proc/consoles"])
     if rc != 0 or not any(line.split()[:1] == [want] for line in out.splitlines()):
@@ -244,16 +244,16 @@ def _live_console(guest: LiveGuest, _agent: bool) -> Outcome:
     return PASSED
 
 
-def _live_agent(guest: LiveGuest, agent: bool) -> Outcome:
+def _live_agent(guest: LiveGuest, agent: bool) -> Verdict:
     rc, out = guest.run(["sh", "-c", "cat /sys/class/virtio-ports/*/name"])
     if rc != 0 or AGENT_PORT not in out.split():
         return failed(f"the guest does not see the {AGENT_PORT} virtio-serial port: {out.strip()[:200]!r}")
     if agent and not guest.agent_ping():
         return failed("qemu-guest-agent does not answer guest-ping on its port")
-    return PASSED if agent else Outcome("passed", "port present; this image runs no agent")
+    return PASSED if agent else Verdict("passed", "port present; this image runs no agent")
 
 
-def _live_power(guest: LiveGuest, _agent: bool) -> Outcome:
+def _live_power(guest: LiveGuest, _agent: bool) -> Verdict:
     return PASSED if guest.power_off() else failed("the guest did not power off on the ACPI power button")
 
 
@@ -283,10 +283,10 @@ def check_live(guest: LiveGuest, agent: bool, say: Callable[[str], None] = lambd
     """Run every live check in order (power-off last); returns the failures as "name: why"."""
     problems = []
     for req in REQUIREMENTS:
-        outcome = req.live(guest, agent)
-        say(f"{guest.image.name}: contract {req.name}: {outcome.result}" + (f" ({outcome.detail})" if outcome.detail else ""))
-        if outcome.failed:
-            problems.append(f"{req.name}: {outcome.detail}")
+        verdict = req.live(guest, agent)
+        say(f"{guest.image.name}: contract {req.name}: {verdict.result}" + (f" ({verdict.detail})" if verdict.detail else ""))
+        if verdict.failed:
+            problems.append(f"{req.name}: {verdict.detail}")
             if req.name == "key-login":
                 break  # nothing else can be checked without a login
     return problems

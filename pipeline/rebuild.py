@@ -13,7 +13,6 @@ import importlib.util
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline import distros
@@ -25,20 +24,10 @@ from pipeline.base.errors import (
     Interrupted,
     UsageError,
 )
-from pipeline.base.events import Event
+from pipeline.base.events import Event, Outcome
 from pipeline.model import Accel, Config, Image
 
 Emit = Callable[..., None]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    image: str
-    status: str                 # built | up-to-date | skipped | failed
-    message: str
-    build_id: str | None = None
-    sha256: str | None = None
-    changes: dict[str, Any] | None = None   # pipeline.contents.diff.summary against the build published before
 
 
 def available(module: str) -> bool:
@@ -253,7 +242,7 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
 
 def check(outcomes: Sequence[Outcome]) -> None:
     """Raise BuildFailed (exit 1) naming the failed images, if any."""
-    failed = [o.image for o in outcomes if o.status == "failed"]
+    failed = [o.image for o in outcomes if o.failed]
     if failed:
         raise BuildFailed(f"{len(failed)} of {len(outcomes)} image(s) failed: {', '.join(failed)}",
                           "details above; every build is listed by: invoke history")

@@ -50,6 +50,31 @@ class Event:
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one image went in a command that handles several (rebuild, remote-build --all): the
+    report's row and the event it is emitted as.
+
+    status: built | up-to-date | skipped | failed (rebuild); ok | failed | not run (a builder's
+    build). builder, exit_code and seconds are a remote build's; build_id, sha256 and changes
+    (pipeline.contents.diff.summary against the build published before) a published one's.
+    """
+
+    image: str
+    status: str
+    message: str = ""
+    build_id: str | None = None
+    sha256: str | None = None
+    changes: dict[str, Any] | None = None
+    builder: str = ""
+    exit_code: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
 def to_record(ev: Event, image: str, *, elapsed: float | None = None) -> dict[str, Any]:
     """The JSON object for `ev` about `image` (pure)."""
     record: dict[str, Any] = {"image": image, "kind": ev.kind, "message": ev.message, "source": ev.source,

@@ -10,24 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from pipeline.base.crash import unexpected
 from pipeline.base.errors import HostUnsuitable, ImagepipeError
+from pipeline.base.events import Outcome
 from pipeline.builders import remote
 from pipeline.model import Builder, Config, Image
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One row of the summary: an image on a builder, and how it went."""
-
-    image: str
-    builder: str
-    status: str          # ok | failed | not run
-    exit_code: int
-    seconds: float
-    detail: str = ""
 
 
 def assign(images: Sequence[Image], builders: Mapping[str, Builder], host: str = "") -> dict[str, list[str]]:
@@ -58,8 +46,8 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
             for name in images:
                 started = time.monotonic()
                 code = remote.remote_build(conn, target, name, accel, say, authorize=mine)
-                rows.append(Outcome(name, target.name, "ok" if code == 0 else "failed", code,
-                                    time.monotonic() - started))
+                rows.append(Outcome(name, "ok" if code == 0 else "failed", builder=target.name, exit_code=code,
+                                    seconds=time.monotonic() - started))
         finally:
             conn.close()
     except ImagepipeError as exc:
@@ -74,7 +62,7 @@ def sync_and_build(cfg: Config, target: remote.Target, images: Sequence[str], ac
 
 def _not_run(images: Sequence[str], rows: list[Outcome], builder: str, code: int, detail: str) -> list[Outcome]:
     done = len(rows)
-    return [Outcome(n, builder, "not run", code, 0.0, detail) for n in images[done:]]
+    return [Outcome(n, "not run", detail, builder=builder, exit_code=code) for n in images[done:]]
 
 
 def prepare(conn: object, target: remote.Target, cfg: Config, say: Callable[[str], None]) -> None:
@@ -114,5 +102,5 @@ def summary(rows: Sequence[Outcome]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    out += [f"  {r.image} on {r.builder}: {r.detail}" for r in rows if r.detail]
+    out += [f"  {r.image} on {r.builder}: {r.message}" for r in rows if r.message]
     return "\n".join(out)

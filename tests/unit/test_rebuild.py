@@ -7,6 +7,7 @@ import yaml
 
 from pipeline import distros, rebuild
 from pipeline.base.errors import BuildFailed, CommandFailed, UsageError
+from pipeline.base.events import Outcome
 from pipeline.build import describe_failure
 from pipeline.config import load
 from tests.support import ROOT
@@ -32,10 +33,10 @@ def test_select_all_named_and_default_schedule_only():
 
 
 def test_only_failures_fail_the_run():
-    ok = [rebuild.Outcome("a", "built", ""), rebuild.Outcome("b", "skipped", ""), rebuild.Outcome("c", "up-to-date", "")]
+    ok = [Outcome("a", "built", ""), Outcome("b", "skipped", ""), Outcome("c", "up-to-date", "")]
     rebuild.check(ok)
     with pytest.raises(BuildFailed, match="1 of 4 image"):
-        rebuild.check(ok + [rebuild.Outcome("d", "failed", "boom")])
+        rebuild.check(ok + [Outcome("d", "failed", "boom")])
 
 
 def test_json_events_are_one_object_per_line(capsys):

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline import fetch
 from pipeline.base.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.base.events import Outcome
 from pipeline.builders import dispatch, openssh, remote, rsync
 from pipeline.builders.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown
 from pipeline.config import load
@@ -142,8 +143,8 @@ def test_assign_spreads_by_arch_and_load():
 
 
 def test_summary_table():
-    rows = [dispatch.Outcome("demo-x86_64", "hal9000", "ok", 0, 31.2),
-            dispatch.Outcome("nixos-aarch64", "arm", "not run", 4, 0.0, "cannot connect")]
+    rows = [Outcome("demo-x86_64", "ok", builder="hal9000", exit_code=0, seconds=31.2),
+            Outcome("nixos-aarch64", "not run", "cannot connect", builder="arm", exit_code=4)]
     text = dispatch.summary(rows)
     lines = text.splitlines()
     assert lines[0].split() == ["image", "builder", "status", "exit", "time"]

@@ -16,14 +16,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.base.errors import ConfigError, UsageError
+from pipeline.base.errors import ConfigError, Invalid, UsageError
 from pipeline.base.validate import (
     KEYMAP_RE,
     LOCALE_RE,
     NAME_RE,
     USER_RE,
     Collector,
-    Invalid,
     Origins,
     boolean,
     calendar,

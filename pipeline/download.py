@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.base.errors import ChecksumMismatch, NotFound
 from pipeline.base.fsutil import atomic_write
 from pipeline.output.artifacts import sha256_file
 
@@ -24,10 +25,6 @@ Report = Callable[[str], None]
 
 TIMEOUT = 30.0
 CHUNK = 1 << 20
-
-
-class NotFound(Exception):
-    """HTTP 404/410: the file is not (or no longer) on this mirror."""
 
 
 def open_url(url: str | urllib.request.Request, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
@@ -97,10 +94,6 @@ def fetch_verified(url: str, dest: Path, sha256: str, report: Report | None = No
         raise ChecksumMismatch(h.hexdigest())
     part.replace(dest)
     return dest
-
-
-class ChecksumMismatch(Exception):
-    """The finished download's sha256 (args[0]) is not the expected one."""
 
 
 def _fetch_into(url: str, part: Path, h: Any, name: str, report: Report | None) -> None:

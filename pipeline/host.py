@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.base.errors import MachinesError
 from pipeline.base.run import Result
 from pipeline.firmware import FirmwareInfo, find_firmware, local_descriptors
 from pipeline.model import Arch
-from pipeline.nixmachines import Machine, MachinesError, configured
+from pipeline.nixmachines import Machine, configured
 
 Runner = Callable[[Sequence[str]], Result]
 

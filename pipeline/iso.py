@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.base import openpgp
-from pipeline.base.errors import ImagepipeError, UsageError, VerifyFailed
-from pipeline.base.run import install_hint
-from pipeline.download import (
+from pipeline.base.errors import (
     ChecksumMismatch,
+    ImagepipeError,
+    IsoUnavailable,
     NotFound,
-    cached_sha256,
-    fetch_verified,
-    open_url,
+    UsageError,
+    VerifyFailed,
 )
+from pipeline.base.run import install_hint
+from pipeline.download import cached_sha256, fetch_verified, open_url
 from pipeline.download import reason as _reason
 from pipeline.model import Image
 
@@ -45,12 +46,6 @@ BSD_LINE = re.compile(r"^SHA256 \((?P<name>[^)]+)\) = (?P<hex>[0-9a-fA-F]{64})$"
 GNU_LINE = re.compile(r"^(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>\S+)$")
 
 Report = Callable[[str], None]
-
-
-class IsoUnavailable(ImagepipeError):
-    """The ISO (or its CHECKSUM file) cannot be fetched; one line naming the URL and the fix."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

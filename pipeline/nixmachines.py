@@ -26,16 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.base.errors import MachinesError
+
 # What make-disk-image.nix requires of a builder (vmTools.runInLinuxVM's requiredSystemFeatures):
 # the assumption where the derivation itself has not been evaluated (doctor).
 DISK_IMAGE_FEATURES: frozenset[str] = frozenset({"kvm"})
 # A machines file may name further files; nix follows them, we stop at this depth (a loop).
 MAX_DEPTH = 8
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-
-
-class MachinesError(ValueError):
-    """A line nix itself would reject (bad number, bad host key)."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""The user-error hierarchy: every failure a user can act on is one of these.
+"""Every error class: the user errors with their exit codes, and those a layer raises for its caller.
 
 Tasks catch `ImagepipeError` in one place (`pipeline.tasks.common.guard`) and turn it into an
-Invoke `Exit` with the message, the hint and the exit code below. Anything else is a bug and
-keeps its traceback.
+Invoke `Exit` with the message, the hint and the exit code below. The classes at the end
+(NumberError, Invalid, NotFound, ...) never reach a user as they are: the caller turns them
+into one of the user errors, adding what it knows (the key path, the URL, the file). Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -130,3 +132,56 @@ class InternalError(ImagepipeError):
     """A bug: an exception nobody expected. The message says where the full trace was kept."""
 
     exit_code = 70
+
+
+class HostKeyUnknown(ImagepipeError):
+    """The builder's host key is not in known_hosts (and accepting it was not asked for)."""
+
+    exit_code = 4
+
+
+class HostKeyChanged(ImagepipeError):
+    """The builder presented a different key than known_hosts holds: possible interception."""
+
+    exit_code = 4
+
+
+class BuilderUnreachable(ImagepipeError):
+    """Connecting or authenticating to a builder failed."""
+
+    exit_code = 4
+
+
+class IsoUnavailable(ImagepipeError):
+    """The ISO (or its CHECKSUM file) cannot be fetched; one line naming the URL and the fix."""
+
+    exit_code = 1
+
+
+class QmpError(ImagepipeError):
+    """The QMP socket refused a command or went away."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Raised inside a layer and turned into one of the errors above (with the key path, the URL or
+# the file) by whoever called it; a user never sees these as they are.
+
+
+class NumberError(ValueError):
+    """Text that is not a number in the expected range; the message says what was expected."""
+
+
+class Invalid(Exception):
+    """One problem with one value (the collector adds the key path)."""
+
+
+class NotFound(Exception):
+    """HTTP 404/410: the file is not (or no longer) on this mirror."""
+
+
+class ChecksumMismatch(Exception):
+    """The finished download's sha256 (args[0]) is not the expected one."""
+
+
+class MachinesError(ValueError):
+    """A line nix itself would reject (bad number, bad host key)."""

@@ -11,16 +11,14 @@ from __future__ import annotations
 import math
 import re
 
+from pipeline.base.errors import NumberError
+
 # 18 digits: every bound used here is far below 10**18, and no such string is slow to convert.
 MAX_DIGITS = 18
 _INT = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 _SIGNED = re.compile(rf"-?[0-9]{{1,{MAX_DIGITS}}}")
 _DECIMAL = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(\.[0-9]{{1,9}})?")
 INT64_MAX = 2**63 - 1
-
-
-class NumberError(ValueError):
-    """Text that is not a number in the expected range; the message says what was expected."""
 
 
 def _shown(value: object) -> str:

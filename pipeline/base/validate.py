@@ -21,7 +21,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pipeline.base.numbers import NumberError, parse_int
+from pipeline.base.errors import Invalid, NumberError
+from pipeline.base.numbers import parse_int
 from pipeline.base.text import has_control, visible
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -45,10 +46,6 @@ TIMEZONE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]{0,63}(?:/[A-Za-z][A-Za-z0-9_+-
 SHA512_CRYPT_RE = re.compile(r"\$6\$(rounds=[0-9]{4,9}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}")
 CALENDAR_RE = re.compile(r"[A-Za-z0-9 *:,./~+-]+")
 MAX_TEXT = 4096  # no configured string needs more; a megabyte of it is a mistake, not a value
-
-
-class Invalid(Exception):
-    """One problem with one value (the collector adds the key path)."""
 
 
 def did_you_mean(word: str, choices: Any) -> str:

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from pipeline.base.errors import ImagepipeError
+from pipeline.base.errors import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, ImagepipeError
 from pipeline.base.fsutil import private_dir
 from pipeline.base.run import Result, run
-from pipeline.builders.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown, Target
+from pipeline.builders.remote import Target
 from pipeline.host import parse_cpu_features
 
 PERSIST = "30"          # seconds an orphaned master stays up with no client before it exits

@@ -28,7 +28,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.base import events
-from pipeline.base.errors import BuildFailed, ImagepipeError, UnsafePath, UsageError
+from pipeline.base.errors import (
+    BuilderUnreachable,
+    BuildFailed,
+    HostKeyChanged,
+    HostKeyUnknown,
+    ImagepipeError,
+    UnsafePath,
+    UsageError,
+)
 from pipeline.base.run import Result, stream
 from pipeline.base.text import visible
 from pipeline.base.validate import host_problem
@@ -77,24 +85,6 @@ echo foreign
 # Builds on a builder publish here (relative to its dir), whatever its invoke.yaml says.
 REMOTE_OUTPUT = "output"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-
-
-class HostKeyUnknown(ImagepipeError):
-    """The builder's host key is not in known_hosts (and accepting it was not asked for)."""
-
-    exit_code = 4
-
-
-class HostKeyChanged(ImagepipeError):
-    """The builder presented a different key than known_hosts holds: possible interception."""
-
-    exit_code = 4
-
-
-class BuilderUnreachable(ImagepipeError):
-    """Connecting or authenticating to a builder failed."""
-
-    exit_code = 4
 
 
 # --------------------------------------------------------------------------------- targets

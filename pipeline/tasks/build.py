@@ -79,8 +79,8 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
 
 def _authorize(values: list[str]) -> tuple[str, ...]:
     """--authorize-key values, each one OpenSSH public key line."""
-    from pipeline.base.errors import UsageError
-    from pipeline.base.validate import Invalid, pubkey
+    from pipeline.base.errors import Invalid, UsageError
+    from pipeline.base.validate import pubkey
 
     try:
         return tuple(pubkey(v) for v in values)

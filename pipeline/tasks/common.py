@@ -246,7 +246,8 @@ def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value:
     """Invoke's INVOKE_* casting, strict for numbers, with errors naming the variable (exit 2)."""
     from invoke.exceptions import UncastableEnvVar
 
-    from pipeline.base.numbers import NumberError, parse_decimal, parse_int
+    from pipeline.base.errors import NumberError
+    from pipeline.base.numbers import parse_decimal, parse_int
 
     var = (env._prefix or "") + env._to_env_var(key_path)
     try:

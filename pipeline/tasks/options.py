@@ -49,8 +49,8 @@ def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
     """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.base.numbers), or a
     one-line UsageError naming the option (Invoke's own int parsing ends in a traceback on
     `--limit x`; pipeline.tasks.cli parses with this)."""
-    from pipeline.base.errors import UsageError
-    from pipeline.base.numbers import NumberError, parse_int
+    from pipeline.base.errors import NumberError, UsageError
+    from pipeline.base.numbers import parse_int
 
     try:
         return parse_int(value, lo=0, hi=hi, what="a whole number (0 or more)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import contract, distros, keys
 from pipeline.base import procs
-from pipeline.base.errors import CommandFailed, ImagepipeError, UsageError, VerifyFailed
+from pipeline.base.errors import CommandFailed, ImagepipeError, QmpError, UsageError, VerifyFailed
 from pipeline.base.run import run, tie_to_us
 from pipeline.base.text import visible_lines
 from pipeline.firmware import FirmwareInfo
@@ -24,7 +24,7 @@ from pipeline.model import Accel, Config, Image
 from pipeline.plan import AccelChoice
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
-from pipeline.vm.qmp import Qmp, QmpError
+from pipeline.vm.qmp import Qmp
 from pipeline.vm.ssh import pin_host_keys, ssh_argv, ssh_deadline, tail_block, wait_for_ssh
 from pipeline.vm.state import (
     BOOT_TEST_DIR,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import distros
-from pipeline.base.errors import CommandFailed, Interrupted, UsageError, VerifyFailed
+from pipeline.base.errors import CommandFailed, Interrupted, QmpError, UsageError, VerifyFailed
 from pipeline.base.fsutil import atomic_copy, atomic_write
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import interactive, run
@@ -23,7 +23,7 @@ from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
-from pipeline.vm.qmp import Qmp, QmpError
+from pipeline.vm.qmp import Qmp
 from pipeline.vm.state import (
     StatePaths,
     VmStatus,

@@ -10,11 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.base.errors import ImagepipeError
-
-
-class QmpError(ImagepipeError):
-    """The QMP socket refused a command or went away."""
+from pipeline.base.errors import QmpError
 
 
 class Qmp:

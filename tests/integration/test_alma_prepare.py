@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import contract, iso, keys
+from pipeline.base.errors import IsoUnavailable
 from pipeline.config import load_file
 from pipeline.distros import almalinux as alma_profile
 from pipeline.distros.almalinux import PROFILE as ALMA
@@ -43,7 +44,7 @@ def prepare(plan: BuildPlan, stage: Path, report=lambda _line: None):  # type: i
 def test_no_network_and_no_iso_is_one_line_naming_url_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(iso.MIRROR_ENV, closed_port_url() + "/almalinux")
     monkeypatch.setenv(iso.VAULT_ENV, closed_port_url())
-    with pytest.raises(iso.IsoUnavailable) as err:
+    with pytest.raises(IsoUnavailable) as err:
         prepare(plan_for("almalinux10-x86_64", tmp_path), tmp_path / "stage")
     text = err.value.render()
     assert "\n" not in text and "http://127.0.0.1:" in text and "iso:" in text

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import iso
-from pipeline.base.errors import VerifyFailed
+from pipeline.base.errors import IsoUnavailable, VerifyFailed
 from pipeline.config import load_file
 from pipeline.output import artifacts
 from tests.almalinux_support import (
@@ -91,7 +91,7 @@ def test_checksum_mismatch_refuses_and_leaves_nothing(mirror, tmp_path: Path) ->
 
 def test_no_network_is_one_clear_line(tmp_path: Path) -> None:
     dead = iso.Mirrors(closed_port_url() + "/almalinux", closed_port_url())
-    with pytest.raises(iso.IsoUnavailable) as err:
+    with pytest.raises(IsoUnavailable) as err:
         iso.ensure(X86, tmp_path, tmp_path / "cache", dead)
     text = err.value.render()
     assert "\n" not in text and "/10/isos/x86_64/CHECKSUM" in text and "iso:" in text
@@ -157,7 +157,7 @@ def test_interrupted_download_keeps_the_part_and_resumes_with_range(tmp_path: Pa
     ranges: list[str | None] = []
     dest = tmp_path / "cache" / name
     with serve(site, ranges=ranges, cut_once={path: 300_000}) as (base, _hits):
-        with pytest.raises(iso.IsoUnavailable) as err:
+        with pytest.raises(IsoUnavailable) as err:
             iso.download(base + path, dest, sha, X86)
         part = dest.with_name(name + ".part")
         assert part.stat().st_size == 300_000, "the bytes already fetched are kept"

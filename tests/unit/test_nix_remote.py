@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import distros, doctor
-from pipeline.base.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.base.errors import BuildFailed, HostUnsuitable, MachinesError, UsageError
 from pipeline.builders import rsync
 from pipeline.builders.remote import Target
 from pipeline.config import load
@@ -21,7 +21,6 @@ from pipeline.model import Accel
 from pipeline.nixmachines import (
     DISK_IMAGE_FEATURES,
     Machine,
-    MachinesError,
     check_store_path,
     configured,
     file_refs,

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.base import events
-from pipeline.base.errors import ConfigError
-from pipeline.base.numbers import NumberError, parse_decimal, parse_int
+from pipeline.base.errors import ConfigError, NumberError
+from pipeline.base.numbers import parse_decimal, parse_int
 from pipeline.base.text import has_control, visible
 from pipeline.base.validate import output_dir_problem
 from pipeline.builders import rsync

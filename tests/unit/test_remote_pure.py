@@ -4,10 +4,16 @@ from pathlib import Path
 import pytest
 
 from pipeline import fetch
-from pipeline.base.errors import BuildFailed, HostUnsuitable, UsageError
+from pipeline.base.errors import (
+    BuilderUnreachable,
+    BuildFailed,
+    HostKeyChanged,
+    HostKeyUnknown,
+    HostUnsuitable,
+    UsageError,
+)
 from pipeline.base.events import Outcome
 from pipeline.builders import dispatch, openssh, remote, rsync
-from pipeline.builders.remote import BuilderUnreachable, HostKeyChanged, HostKeyUnknown
 from pipeline.config import load
 from pipeline.model import Arch, Builder
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from invoke import Exit
 
-from pipeline.base.errors import CorruptState, StorageError, UnsafePath
+from pipeline.base.errors import CorruptState, NumberError, StorageError, UnsafePath
 from pipeline.base.fsutil import (
     check_dir,
     ensure_dir,
@@ -24,7 +24,7 @@ from pipeline.base.fsutil import (
     safe_rmtree,
     storage_error,
 )
-from pipeline.base.numbers import NumberError, int_or_none, parse_int
+from pipeline.base.numbers import int_or_none, parse_int
 from pipeline.base.text import visible, visible_lines
 from pipeline.output import artifacts, history, manifest_check, retention
 from pipeline.output.history import History, image_lock, read_holder

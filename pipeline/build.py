@@ -251,7 +251,7 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
     """produce → publish, in a staging folder that vanishes on failure."""
     image = plan.image
     progress = progress or Progress(image.name, json_lines=opts.json)
-    progress.attach(total=len(summary.step_names(driver, plan, facts, opts.boot_test)),
+    progress.attach(total=len(summary.step_names(driver, plan.image, facts, opts.boot_test)),
                     console_log=plan.console_log, log_path=plan.build_log)
     with progress, _staging(plan) as stage:
         started = time.time()

@@ -13,7 +13,6 @@ from pathlib import Path
 from pipeline import distros
 from pipeline.base.fsutil import write_if_changed
 from pipeline.model import Config, Image
-from pipeline.render.hcl import dumps
 
 
 def image_files(image: Image, root: Path, source: str = "invoke.yaml") -> dict[Path, str]:
@@ -58,7 +57,7 @@ def drift(files: Mapping[Path, str]) -> list[Path]:
 
 def render_text(image: Image, legacy: bool = False) -> str:
     """The Packer template text of a Packer-built image (legacy=False is what gets committed)."""
-    blocks = getattr(distros.profile(image), "blocks", None)
-    if blocks is None:
-        raise TypeError(f"{image.name} ({image.distro}) is not built with Packer")
-    return dumps(blocks(image, legacy))
+    text = distros.profile(image).driver.template_text(image, legacy)
+    if text is None:
+        raise TypeError(f"{image.name} ({image.distro}) is not built from a rendered template")
+    return text

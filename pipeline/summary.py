@@ -36,15 +36,9 @@ from pipeline.plan import (
 
 if TYPE_CHECKING:
     from pipeline.builders.remote import Target
+    from pipeline.drivers import Driver
 
 BUILD_ID = "<build-id>"  # decided when a real build starts
-
-
-@dataclass(frozen=True)
-class _ImageOnly:
-    """Stands in for a plan where only the image is needed (no plan: the build could not start)."""
-
-    image: Image
 
 
 @dataclass(frozen=True)
@@ -150,8 +144,7 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     log_dir = image_dir / "logs" / BUILD_ID
     versions = {t: facts.tool(t).version for t in inputs.tools_for(image)}
     ihash = inputs.compute(cfg, image, versions).value
-    steps = step_names(driver, plan, facts, boot_test) if plan is not None else \
-        step_names(driver, _ImageOnly(image), facts, boot_test)
+    steps = step_names(driver, image, facts, boot_test)
     announced = (profile.announce(plan, facts) or "") if plan is not None else ""
     notes += [line.removeprefix("warning: ") for line in announced.splitlines() if line.startswith("warning:")]
     if route is not None:
@@ -235,14 +228,12 @@ def _ssh_key(cfg: Config, problems: list[Problem]) -> dict[str, Any]:
     return {"path": str(path), "exists": path.exists(), "configured": False}
 
 
-def step_names(driver: Any, plan: Any, facts: HostFacts, boot_test: bool) -> list[str]:
+def step_names(driver: Driver, image: Image, facts: HostFacts, boot_test: bool) -> list[str]:
     """A build's steps in order, as its progress view counts them (N/M) and the dry run lists
     them: the engine's own, verify, [boot test], a conversion per further format, the package
     list and SBOM, publish (pipeline.build.produce announces each)."""
-    image = plan.image if plan is not None else None
-    own = driver.steps(plan, facts) if hasattr(driver, "steps") else []  # Packer's and nix's need facts only
-    formats = [f"convert to {f.value}" for f in image.formats[1:]] if image is not None else []
-    return [*own, "verify", *(["boot test"] if boot_test else []), *formats, "package list and SBOM", "publish"]
+    formats = [f"convert to {f.value}" for f in image.formats[1:]]
+    return [*driver.steps(facts), "verify", *(["boot test"] if boot_test else []), *formats, "package list and SBOM", "publish"]
 
 
 def _warnings(choice: AccelChoice | None, image: Image, facts: HostFacts) -> list[str]:

@@ -4,13 +4,17 @@ A distro profile names its driver; `pipeline.build` only ever talks to this prot
 
     check(plan, facts)                  before anything is written: tools present, host fit;
                                         raises ToolMissing / HostUnsuitable with a fix hint
-    steps(plan, facts)                  the steps drive() announces, in order (shown as N/M)
+    steps(facts)                        the steps drive() announces, in order (shown as N/M);
+                                        the engine's version decides them, not the plan
     command(plan, stage, known)         the engine's command line for a dry run (values the
                                         profile prepares at build time: from `known`, else
                                         shown as placeholders)
     drive(plan, facts, stage, progress, on_error=...)
                                         the build itself, into `stage`; returns the image file
     describe_failure(exc)               one line for the history and the rebuild report
+    template_text(image, legacy)        the engine's input that imagepipe renders (Packer's
+                                        HCL template), or None when it is hand-written (the
+                                        NixOS flake)
 
 Host facts are probed once per command and passed in; a driver never probes on its own.
 """
@@ -70,7 +74,7 @@ class Driver(Protocol):
 
     def check(self, plan: BuildPlan, facts: HostFacts) -> None: ...
 
-    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]: ...
+    def steps(self, facts: HostFacts) -> list[str]: ...
 
     def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]: ...
 
@@ -78,3 +82,5 @@ class Driver(Protocol):
               on_error: str = "cleanup") -> Path: ...
 
     def describe_failure(self, exc: CommandFailed) -> str: ...
+
+    def template_text(self, image: Image, legacy: bool = False) -> str | None: ...

@@ -260,7 +260,7 @@ class NixDriver:
 
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
-    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
+    def steps(self, facts: HostFacts) -> list[str]:
         """The steps drive() announces (the build shows them as N/M)."""
         return ["nix build"]
 
@@ -270,6 +270,10 @@ class NixDriver:
         staged = "flake" in self.profile.prepared_variables(plan.image)
         flake = (known or {}).get("flake", "<prepared at build time: flake>") if staged else None
         return build_argv(plan, stage, flake=flake)
+
+    def template_text(self, image: Image, legacy: bool = False) -> str | None:
+        """None: the flake is hand-written (the params JSON the profile renders is not the input)."""
+        return None
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """nix's own error lines (`error: ...`), not its argv."""

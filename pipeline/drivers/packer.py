@@ -26,6 +26,7 @@ from pipeline.render.packer import supports_plugins
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
+    from pipeline.model import Image
     from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
@@ -188,7 +189,7 @@ class PackerDriver:
             raise BuildFailed("cannot read the installed Packer's version (`packer version`)",
                               "reinstall Packer, or check that `packer version` works")
 
-    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
+    def steps(self, facts: HostFacts) -> list[str]:
         """The steps drive() announces, in order (the build shows them as N/M)."""
         ver = facts.version("packer") or (0,)
         return ["prepare inputs", *(["packer init"] if supports_plugins(ver[:2]) else []), "packer build"]
@@ -201,6 +202,13 @@ class PackerDriver:
                      **{v: known.get(v, f"<prepared at build time: {v}>")
                         for v in self.profile.prepared_variables(plan.image)}}
         return build_argv(stage / "template.pkr.hcl", variables)
+
+    def template_text(self, image: Image, legacy: bool = False) -> str | None:
+        """The template the profile renders (legacy=True: for Packer < 1.7; the committed file is
+        legacy=False)."""
+        from pipeline.render.hcl import dumps
+
+        return dumps(self.profile.blocks(image, legacy))
 
     def describe_failure(self, exc: CommandFailed) -> str:
         """Packer's own error lines, unwrapped from its machine-readable output."""

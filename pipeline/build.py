@@ -9,7 +9,6 @@ image is left exactly as it was; the build's logs stay under output/<image>/logs
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import sys
@@ -69,14 +68,6 @@ class BuildResult:
     build_dir: Path | None         # None for a dry run or a skipped build
     manifest: dict[str, Any] | None
     skipped: str | None = None     # why nothing was built (--if-changed: "up to date: ...")
-
-
-# Test hook: IMAGEPIPE_TEST_PAUSE_AT=<point> makes the build sleep at that point so a test can
-# kill it there (points: verify, publish, published); with IMAGEPIPE_TEST_RESUME_FILE=<path> it
-# goes on once that file exists (a test changes the world meanwhile, e.g. fills the disk).
-# Never set them outside tests.
-PAUSE_ENV = "IMAGEPIPE_TEST_PAUSE_AT"
-RESUME_ENV = "IMAGEPIPE_TEST_RESUME_FILE"
 
 
 def build_tools(images: Iterable[Image]) -> list[str]:
@@ -228,7 +219,6 @@ def _recorded_build(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFac
                 raise failure from exc
             raise
         art = (result.manifest or {}).get("artifact", {})
-        _pause("published")
         try:
             hist.finish(plan.build_id, "ok", sha256=art.get("sha256"), size=art.get("size"))
         except ImagepipeError as err:  # the build is published; only its record is missing
@@ -259,7 +249,6 @@ def _steps(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihash
         done = produce(cfg, plan, driver, facts, ihash, opts, progress, stage)
         progress.step_event("publish")
         artifacts.write_build_files(stage, done.manifest, done.sums)
-        _pause("publish")
         final = artifacts.publish(stage, plan.image_dir, plan.build_id)
         others = len(done.manifest["artifacts"]) - 1
         progress.emit(Event("done", f"published {plan.image_dir / plan.artifact_name} "
@@ -277,7 +266,6 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
     started = time.time()
     produced = driver.drive(plan, facts, stage, progress, on_error=opts.on_error)
     progress.step_event("verify (qemu-img check, sha256)")
-    _pause("verify")
     compressed = image.compress_qcow2 and image.format.value == "qcow2"  # the engine compressed it
     primary = artifacts.verify(produced, image.format.value, compressed=compressed)
     if opts.boot_test:
@@ -367,16 +355,6 @@ def _failure_text(exc: BaseException, driver: Driver | None) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _pause(point: str) -> None:
-    """The test hook (see PAUSE_ENV): announce the pause on stderr and sleep until killed."""
-    if os.environ.get(PAUSE_ENV) == point:
-        print(f"imagepipe test hook: paused at {point} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        resume = os.environ.get(RESUME_ENV)
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
-            time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -119,8 +119,7 @@ def test_kill_9_leaves_a_verifiable_image_an_abandoned_row_and_no_lock(demo_buil
     cfg, out = copy_output(demo_build, tmp_path)
     image_dir = out / IMAGE
     published_before = read_manifest(image_dir)
-    env = {} if point == "packer" else {"IMAGEPIPE_TEST_PAUSE_AT": point}
-    build = Background(cfg, ["build", IMAGE, "--force"], env)
+    build = Background(cfg, ["build", IMAGE, "--force"], pause_at=None if point == "packer" else point)
     proc = build.proc
     build.wait_for("Waiting for SSH" if point == "packer" else f"paused at {point}")
     if point == "packer":  # packer and its QEMU run in the staging folder
@@ -185,7 +184,7 @@ def test_two_builds_of_one_image_take_turns_and_no_wait_fails_at_once(demo_build
 
 def test_sigterm_is_recorded_as_interrupted(demo_build, tmp_path):
     cfg, out = copy_output(demo_build, tmp_path)
-    build = Background(cfg, ["build", IMAGE, "--force"], {"IMAGEPIPE_TEST_PAUSE_AT": "verify"})
+    build = Background(cfg, ["build", IMAGE, "--force"], pause_at="verify")
     build.wait_for("paused at verify")
     build.proc.send_signal(signal.SIGTERM)
     assert build.finish(timeout=60) == 130, build.output()

@@ -489,8 +489,7 @@ def test_sigkill_leaves_no_process_of_the_build_behind(demo_build, tmp_path, sen
     image_dir = out / IMAGE
     before = read_manifest(image_dir)
     args = ["build", IMAGE, "--force"] + (["--boot-test"] if point == "boot-test" else [])
-    env = {"IMAGEPIPE_TEST_PAUSE_AT": point} if point in ("verify", "publish") else {}
-    build = Background(cfg, args, env)
+    build = Background(cfg, args, pause_at=point if point in ("verify", "publish") else None)
     try:
         if point == "packer":
             build.wait_for("Waiting for SSH")
@@ -627,8 +626,7 @@ def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_buil
     cfg, out = _fault_copy(demo_build, disk, cache=True)
     before = read_manifest(out / IMAGE)
     resume = tmp_path / "resume"
-    build = Background(cfg, ["build", IMAGE, "--force"],
-                       {"IMAGEPIPE_TEST_PAUSE_AT": "verify", "IMAGEPIPE_TEST_RESUME_FILE": str(resume)})
+    build = Background(cfg, ["build", IMAGE, "--force"], pause_at="verify", resume=resume)
     build.wait_for("paused at verify")
     fill(disk)
     resume.touch()

@@ -259,13 +259,17 @@ class Background:
     can be killed), its output collected line by line by a reader thread so that every wait on it
     has a deadline even when it prints nothing."""
 
-    def __init__(self, cfg: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: Path, args: list[str], env: dict[str, str] | None = None, *,
+                 pause_at: str | None = None, resume: Path | None = None) -> None:
         import os
         import subprocess
         import sys
         import threading
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), *args], cwd=ROOT,
+        # pause_at: the build holds there (tests/support/paused.py) until `resume` exists
+        held = ["tests.support.paused", pause_at, *(["--resume", str(resume)] if resume else []), "--"]
+        command = [*(held if pause_at else ["invoke"]), "-f", str(cfg), *args]
+        self.proc = subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT,
                                      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace",
                                      start_new_session=True)

@@ -5,7 +5,7 @@ import gc
 from pathlib import Path
 
 from pipeline.tasks import collection
-from pipeline.tasks.common import guard_invoke_config
+from pipeline.tasks.loading import guard_invoke_config
 
 guard_invoke_config()  # before Invoke reads invoke.yaml: a YAML error is one line, not a traceback
 ns = collection()

@@ -1,6 +1,6 @@
 """Every error class: the user errors with their exit codes, and those a layer raises for its caller.
 
-Tasks catch `ImagepipeError` in one place (`pipeline.tasks.common.guard`) and turn it into an
+Tasks catch `ImagepipeError` in one place (`pipeline.tasks.guard`) and turn it into an
 Invoke `Exit` with the message, the hint and the exit code below. The classes at the end
 (NumberError, Invalid, NotFound, ...) never reach a user as they are: the caller turns them
 into one of the user errors, adding what it knows (the key path, the URL, the file). Anything

@@ -26,7 +26,7 @@ def collection() -> Collection:
     ns = Collection()
     tasks: dict[str, Task] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name in ("common", "cli", "options", "docgen"):
+        if info.name.startswith("_") or info.name in ("cli", "common", "docgen", "guard", "loading", "options"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for value in vars(module).values():

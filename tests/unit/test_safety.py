@@ -28,7 +28,7 @@ from pipeline.base.numbers import int_or_none, parse_int
 from pipeline.base.text import visible, visible_lines
 from pipeline.output import artifacts, history, manifest_check, retention
 from pipeline.output.history import History, image_lock, read_holder
-from pipeline.tasks.common import guard
+from pipeline.tasks.guard import guard
 from pipeline.vm.state import StatePaths, console_tail, read_status
 from tests.support import ROOT
 
@@ -339,7 +339,7 @@ def test_guard_turns_a_full_disk_into_one_line(tmp_path):
 
 
 def test_an_exception_escaping_invoke_is_one_line(tmp_path):
-    script = ("from pipeline.tasks.common import guard_invoke_config\n"
+    script = ("from pipeline.tasks.loading import guard_invoke_config\n"
               "guard_invoke_config()\n"
               "raise RuntimeError('broken \\x1b[2J')\n")
     res = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60,

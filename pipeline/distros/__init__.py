@@ -73,6 +73,14 @@ BUILTIN: dict[str, str] = {
     "nixos": "pipeline.distros.nixos",
     "demo": "pipeline.distros.demo",
 }
+# name -> the stem of its images' per-image task names (build-STEM, run-STEM, ssh-STEM,
+# remote-fetch-STEM: pipeline.tasks.aliases), `{arch}` standing for x86 or arm. A distro not
+# listed gets `NAME-{arch}`. A table, not a profile attribute: `invoke --list` makes these
+# names and must not import the profiles.
+ALIAS_STEMS: dict[str, str] = {
+    "almalinux": "alma-{arch}",
+    "demo": "demo",  # one image, the offline demo guest: build-demo, run-demo, ssh-demo
+}
 _registered: dict[str, Profile] = {}
 
 Report = Callable[[str], None]

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from invoke import Collection, Task
 
-from pipeline.tasks import cli
+from pipeline.tasks import aliases, cli
+
+# The checkout this package is installed from (editable): where tasks.py and invoke.yaml are.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
-def collection() -> Collection:
-    """The root collection: every Task defined in pipeline.tasks.* (sorted by name).
+def collection(root: Path = CHECKOUT) -> Collection:
+    """The root collection: every Task defined in pipeline.tasks.* and the per-image tasks of
+    `root`/invoke.yaml's images (pipeline.tasks.aliases), sorted by name.
 
     Also installs the command-line helpers of pipeline.tasks.cli (friendly parse errors, value
     placeholders in the help) into Invoke's parser for this process.
@@ -26,12 +31,15 @@ def collection() -> Collection:
     ns = Collection()
     tasks: dict[str, Task] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name in ("cli", "common", "docgen", "guard", "loading", "options"):
+        if info.name.startswith("_") or info.name in ("aliases", "cli", "common", "docgen", "guard", "loading",
+                                                      "options"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for value in vars(module).values():
             if isinstance(value, Task):
                 tasks[value.name] = value
+    for made in aliases.per_image(tasks, root):
+        tasks[made.name] = made
     for name in sorted(tasks):
         ns.add_task(tasks[name], name=name)
     return ns

@@ -8,7 +8,7 @@ from invoke import Context
 
 from pipeline.base.errors import UsageError
 from pipeline.model import Config, Image
-from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 if TYPE_CHECKING:
@@ -139,17 +139,6 @@ def _print_skip(image: str, why: str) -> None:
 
     events.write(events.Event("skipped", why, source="imagepipe"), image)
 
-
-build_demo = alias(build, "build-demo", "Build the offline demo image (demo-x86_64): no ISO download needed.",
-                   image="demo-x86_64")
-build_alma_x86 = alias(build, "build-alma-x86", "Build AlmaLinux 10 x86_64 (almalinux10-x86_64).",
-                       image="almalinux10-x86_64")
-build_alma_arm = alias(build, "build-alma-arm", "Build AlmaLinux 10 aarch64 (almalinux10-aarch64).",
-                       image="almalinux10-aarch64")
-build_nixos_x86 = alias(build, "build-nixos-x86", "Build NixOS x86_64 (nixos-x86_64) with nix build.",
-                        image="nixos-x86_64")
-build_nixos_arm = alias(build, "build-nixos-arm", "Build NixOS aarch64 (nixos-aarch64) with nix build.",
-                        image="nixos-aarch64")
 
 
 @task(help={"password": "the password to hash (prompted for when omitted, which keeps it out of shell history)"})

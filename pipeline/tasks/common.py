@@ -98,10 +98,11 @@ def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
     raise UsageError(f"invoke {task_name(made)} needs {words}", hint)
 
 
-def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
+def alias(target: Task, name: str, doc: str, aliases: tuple[str, ...] = (), **bound: Any) -> Task:
     """A task `name` that calls `target` with some arguments fixed (build-alma-x86 → build).
 
-    The alias takes every other argument of the target, with the same help and short flags.
+    The alias takes every other argument of the target, with the same help and short flags;
+    `aliases` are further names it answers to (pipeline.tasks.aliases makes the per-image ones).
     """
     body = getattr(target, "unchecked", target.body)
     sig = inspect.signature(body)
@@ -114,7 +115,7 @@ def alias(target: Task, name: str, doc: str, **bound: Any) -> Task:
     call.__doc__ = doc
     call.__name__ = name.replace("-", "_")
     helps = {k: v for k, v in (target.help or {}).items() if k not in bound}
-    made = ImagepipeTask(call, name=name, help=helps,
+    made = ImagepipeTask(call, name=name, aliases=aliases, help=helps,
                          positional=[p for p in (target.positional or []) if p not in bound],
                          iterable=list(target.iterable or []), optional=list(target.optional or []))
     made.unchecked = call  # type: ignore[attr-defined]

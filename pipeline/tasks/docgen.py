@@ -123,12 +123,14 @@ def _task(made: Any, aliases: list[Any], root: Path) -> str:
     if options:
         out.append(options + "\n")
     if aliases:
-        out.append(f"Per image, `{name}` with the image given:\n")
+        out.append(f"Per image of invoke.yaml, `{name}` with the image given (named by the rule in "
+                   f"pipeline/tasks/aliases.py):\n")
         out.append("| alias | runs | what it does |\n|---|---|---|")
         for alias in aliases:
             _target, bound = alias.alias_of
             given = " ".join(str(v) for v in bound.values())
-            out.append(f"| `{task_name(alias)}` | `{name} {given}` | {_cell(_docstring(alias)[0])} |")
+            names = ", ".join(f"`{n}`" for n in (task_name(alias), *alias.aliases))
+            out.append(f"| {names} | `{name} {given}` | {_cell(_docstring(alias)[0])} |")
         out.append("")
     return "\n".join(out)
 

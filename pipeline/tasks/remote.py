@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Context
 
-from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import REMOTE_ACCEL_HELP, remote_accel_option
 
 HOST_HELP = "builder: a name under `builders:` in invoke.yaml, or an SSH host alias from your ssh config"
@@ -133,15 +133,3 @@ def remote_fetch(c: Context, host: str, image: str, accept_new_host_key: bool = 
     # no Fabric connection: the fetch opens one OpenSSH connection for the manifest and rsync
     fetch.fetch(None, target, cfg, img, say, accept_new_host_key=accept_new_host_key)
 
-
-remote_fetch_x86 = alias(remote_fetch, "remote-fetch-x86",
-                         "Fetch AlmaLinux 10 x86_64 (almalinux10-x86_64) from a builder.", image="almalinux10-x86_64")
-remote_fetch_nixos_x86 = alias(remote_fetch, "remote-fetch-nixos-x86",
-                               "Fetch NixOS x86_64 (nixos-x86_64) from a builder.", image="nixos-x86_64")
-remote_fetch_arm = alias(remote_fetch, "remote-fetch-arm",
-                         "Fetch AlmaLinux 10 aarch64 (almalinux10-aarch64) from a builder.", image="almalinux10-aarch64")
-remote_fetch_nixos_arm = alias(remote_fetch, "remote-fetch-nixos-arm",
-                               "Fetch NixOS aarch64 (nixos-aarch64) from a builder.", image="nixos-aarch64")
-remote_fetch_demo = alias(remote_fetch, "remote-fetch-demo",
-                          "Fetch the demo image (demo-x86_64) with its kernel and initrd from a builder.",
-                          image="demo-x86_64")

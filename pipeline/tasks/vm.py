@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from invoke import Context, Exit
 
 from pipeline import distros
-from pipeline.tasks.common import alias, load_config, say, task
+from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
 if TYPE_CHECKING:
@@ -60,12 +60,6 @@ def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foregro
         say(f"  log in:      invoke ssh {img.name}      stop: invoke stop {img.name}")
 
 
-run_alma_x86 = alias(run, "run-alma-x86", "Boot AlmaLinux 10 x86_64 (almalinux10-x86_64).", image="almalinux10-x86_64")
-run_alma_arm = alias(run, "run-alma-arm", "Boot AlmaLinux 10 aarch64 (almalinux10-aarch64).", image="almalinux10-aarch64")
-run_nixos_x86 = alias(run, "run-nixos-x86", "Boot NixOS x86_64 (nixos-x86_64).", image="nixos-x86_64")
-run_nixos_arm = alias(run, "run-nixos-arm", "Boot NixOS aarch64 (nixos-aarch64).", image="nixos-aarch64")
-run_demo = alias(run, "run-demo", "Boot the offline demo image (demo-x86_64).", image="demo-x86_64")
-
 
 @task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
 def ssh(c: Context, image: str, timeout: int = 0) -> None:
@@ -81,10 +75,6 @@ def ssh(c: Context, image: str, timeout: int = 0) -> None:
     if code != 0:
         raise Exit(code=code)
 
-
-ssh_alma = alias(ssh, "ssh-alma", "SSH into AlmaLinux 10 x86_64 (port 2222 unless taken).", image="almalinux10-x86_64")
-ssh_nixos = alias(ssh, "ssh-nixos", "SSH into NixOS x86_64 (port 2223 unless taken).", image="nixos-x86_64")
-ssh_demo = alias(ssh, "ssh-demo", "SSH into the demo image (port 2224 unless taken).", image="demo-x86_64")
 
 
 @task(help={"json": "one JSON document on stdout instead of a table"})

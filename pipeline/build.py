@@ -41,6 +41,8 @@ from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts, history, retention
 from pipeline.plan import BuildPlan, make_build_plan, new_build_id
 from pipeline.progress import Event, Progress
+from pipeline.vm.boottest import boot_test
+from pipeline.vm.lifecycle import staged_target
 
 if TYPE_CHECKING:
     from pipeline.builders.remote import Target
@@ -373,9 +375,6 @@ def _staging(plan: BuildPlan) -> Iterator[Path]:
 
 def _boot_test(cfg: Config, plan: BuildPlan, facts: HostFacts, produced: Path, opts: BuildOptions,
                say: Callable[[str], None]) -> None:
-    from pipeline.vm.boottest import boot_test
-    from pipeline.vm.lifecycle import staged_target
-
     boot = distros.profile(plan.image).boot_info(plan.image)
     target = staged_target(plan.image, produced, boot.as_manifest() if boot else None, plan.build_id,
                            base=plan.staging)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pipeline import distros
+from pipeline.base.errors import ConfigError
 from pipeline.base.fsutil import write_if_changed
 from pipeline.model import Config, Image
 
@@ -31,8 +32,6 @@ def rendered_files(cfg: Config, names: Iterable[str] | None = None) -> dict[Path
     for image in images:
         for path, text in image_files(image, cfg.root, cfg.source).items():
             if path in out and out[path] != text:
-                from pipeline.base.errors import ConfigError
-
                 raise ConfigError(cfg.source, [f"images.{image.name}: renders {path}, which {owner[path]} renders differently"])
             out[path], owner[path] = text, image.name
     return out

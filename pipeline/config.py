@@ -16,6 +16,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from pipeline import distros
 from pipeline.base.errors import ConfigError, Invalid, UsageError
 from pipeline.base.validate import (
     KEYMAP_RE,
@@ -79,8 +82,6 @@ def _formats(v: Any) -> tuple[Format, ...]:
 
 def _distro(v: Any) -> str:
     """A distro with a profile (pipeline.distros)."""
-    from pipeline import distros
-
     known = distros.names()
     name = str(v).lower() if isinstance(v, str) else v
     if name not in known:
@@ -111,8 +112,6 @@ def _choice(kind: type[StrEnum]) -> Key:
 
 
 def _distros() -> str:
-    from pipeline import distros
-
     return " | ".join(f"`{name}`" for name in distros.names())
 
 
@@ -296,7 +295,6 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
         c.problem(f"{path}.ssh_user", f"{values['ssh_user']!r} is not one of this image's users")
     if len(c.problems) != before:
         return name, None
-    from pipeline import distros
 
     for key, value in distros.get(values["distro"]).image_defaults.items():
         values.setdefault(key, value)
@@ -312,8 +310,6 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
 def _guest_problems(image: Image) -> list[tuple[str, str]]:
     """What the guest contract (pipeline.contract) refuses at load time: an unknown variant, an
     SSH user that cannot become root, and an image no person could log in to."""
-    from pipeline import distros
-
     profile = distros.get(image.distro)
     problems = []
     offered = profile.variants.get(image.arch, ())
@@ -323,7 +319,7 @@ def _guest_problems(image: Image) -> list[tuple[str, str]]:
                    f"{image.variant!r}{did_you_mean(image.variant, offered)}")
         problems.append(("variant", message))
     if profile.accounts_from_config(image):
-        from pipeline.contract import login_problems
+        from pipeline.contract import login_problems  # noqa: PLC0415 (kept off the start of every command)
 
         problems += login_problems(image)
     return problems
@@ -377,8 +373,6 @@ def _builder(c: _Collector, name: str, body: Any) -> tuple[str, Builder | None]:
 
 def load_file(path: Path) -> Config:
     """Load and validate a YAML file directly (tests, tools outside Invoke)."""
-    import yaml
-
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

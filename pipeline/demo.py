@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from urllib.parse import unquote
 
 from pipeline.base.errors import BuildFailed
 from pipeline.base.run import run
-from pipeline.contents.packages import Package, deb_package
+from pipeline.contents.packages import Package, deb_package, from_manifest
 
 # Packages whose files end up in the guest (their libraries are pulled in by ld.so --list).
 USERLAND = ("busybox-static", "dropbear-bin", "openssh-sftp-server", "e2fsprogs")
@@ -283,8 +284,6 @@ def resolve_kernel_packages() -> list[str]:
 def resolve_packages(cache: Path) -> list[str]:
     """[kernel packages, *userland, *libraries]; apt-cache is slow, so the answer is cached
     until the package lists change."""
-    import json
-
     sig = apt_signature()
     memo = cache / "resolved-packages.json"
     if sig and memo.exists():
@@ -381,8 +380,6 @@ def assemble(
 
 def _guest(folder: Path) -> DemoGuest:
     """The assembled guest in `folder` (kernel, initramfs and its record)."""
-    from pipeline.contents.packages import from_manifest
-
     record = json.loads((folder / GUEST_RECORD).read_text(encoding="utf-8"))
     return DemoGuest(folder / "vmlinuz", folder / "initrd.img", APPEND, tuple(from_manifest(record["packages"])),
                      int(record["source_date_epoch"]))
@@ -531,8 +528,6 @@ class Finder:
         data = path.read_bytes()
         try:
             if path.name.endswith(".xz"):
-                import lzma
-
                 return lzma.decompress(data)
             if path.name.endswith(".gz"):
                 return gzip.decompress(data)
@@ -564,7 +559,7 @@ class Finder:
 def _unzstd(path: Path) -> bytes:
     """A zstd-compressed module's bytes: Python's own zstd (3.14+), else the zstd tool."""
     try:
-        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+        from compression import zstd  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415 (optional: the code goes on without it)
 
         return bytes(zstd.decompress(path.read_bytes()))
     except ImportError:

@@ -17,8 +17,9 @@ from pipeline import distros
 from pipeline.base.errors import ImagepipeError
 from pipeline.base.run import install_hint
 from pipeline.base.units import mib
-from pipeline.host import HostFacts
+from pipeline.host import HostFacts, missing_for
 from pipeline.model import Arch, Config, Firmware
+from pipeline.nixmachines import DISK_IMAGE_FEATURES
 from pipeline.origin import ToolOrigin, plugins_note
 from pipeline.plan import choose_accel
 
@@ -134,8 +135,6 @@ def packer_line(origin: ToolOrigin, facts: HostFacts) -> dict[str, Any]:
 def nix_builders(cfg: Config, facts: HostFacts) -> list[dict[str, Any]]:
     """nix's configured remote builders, each with the images nix builds that it can take (their
     system, with what make-disk-image.nix needs: kvm)."""
-    from pipeline.nixmachines import DISK_IMAGE_FEATURES
-
     nixos = sorted((i for i in cfg.images.values() if distros.profile(i).driver.name == "nix"), key=lambda i: i.name)
     rows = []
     for m in facts.nix_builders:
@@ -152,8 +151,6 @@ def cpu_level_warnings(cfg: Config, facts: HostFacts) -> list[str]:
     for img in sorted(cfg.images.values(), key=lambda i: i.name):
         need = distros.profile(img).cpu_level(img)
         if need is not None and img.arch is facts.arch and facts.cpu_level is not None and facts.cpu_level < need:
-            from pipeline.host import missing_for
-
             out.append(f"{img.name} needs an x86-64-v{need} CPU and this one is x86-64-v{facts.cpu_level} "
                        f"(lacks {' '.join(missing_for(facts.cpu_flags or (), need))}): build it under TCG "
                        "(--accel tcg, QEMU >= 7.2), on another host, or as `variant: x86_64_v2`")

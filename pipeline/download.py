@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.base.errors import ChecksumMismatch, NotFound
 from pipeline.base.fsutil import atomic_write
 from pipeline.output.artifacts import sha256_file
+from pipeline.progress import transfer_text
 
 Report = Callable[[str], None]
 
@@ -168,8 +169,6 @@ class _Meter:
             return
         now = time.monotonic()
         if final or now - self.shown >= 5.0:
-            from pipeline.progress import transfer_text
-
             self.shown = now
             self.report(transfer_text(self.name, self.done, self.total, self.rate(), final=final,
                                       resumed_at=self.start))

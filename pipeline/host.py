@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.base.errors import MachinesError
-from pipeline.base.run import Result
+from pipeline.base.errors import CommandFailed, MachinesError, ToolMissing
+from pipeline.base.fsutil import atomic_write
+from pipeline.base.numbers import int_or_none
+from pipeline.base.run import Result, locate, package_manager, run
 from pipeline.firmware import FirmwareInfo, find_firmware, local_descriptors
 from pipeline.model import Arch
 from pipeline.nixmachines import Machine, configured
@@ -249,8 +251,6 @@ MANAGER_ARGV = ("sh", "-c", "command -v apt-get dnf yum brew nix-env")  # a cons
 
 def parse_package_manager(os_name: str, out: str) -> str | None:
     """`command -v apt-get dnf ...` output (found programs' paths) -> apt, dnf, brew, nix or None."""
-    from pipeline.base.run import package_manager
-
     found = {line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if line.strip()}
     return package_manager(os_name, on_path=lambda prog: prog in found)
 
@@ -261,7 +261,6 @@ def parse_df(out: str) -> int | None:
     if len(lines) < 2:
         return None
     cols = lines[-1].split()
-    from pipeline.base.numbers import int_or_none
 
     free = int_or_none(cols[3]) if len(cols) > 3 else None
     return free * 1024 if free is not None else None
@@ -272,9 +271,6 @@ def parse_df(out: str) -> int | None:
 
 def local_runner(argv: Sequence[str]) -> Result:
     """Run a probe command here (through run()); a missing program is rc 127, not an exception."""
-    from pipeline.base.errors import CommandFailed, ToolMissing
-    from pipeline.base.run import run
-
     try:
         return run(argv, check=False, timeout=20)
     except ToolMissing:
@@ -363,8 +359,6 @@ def cached_tools(tools: Iterable[str], cache_file: Path | None, save: bool = Tru
 
 
 def _stat_key(program: str) -> str | None:
-    from pipeline.base.run import locate
-
     path = locate(program)
     if path is None:
         return None
@@ -378,8 +372,6 @@ def _stat_key(program: str) -> str | None:
 
 def _save_cache(path: Path, data: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
-    from pipeline.base.fsutil import atomic_write
-
     if path.parent.is_symlink():  # never write through a link imagepipe did not make
         return
     try:

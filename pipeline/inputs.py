@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, distros
+from pipeline.base.errors import CorruptState
+from pipeline.host import cached_tools
 from pipeline.model import Config, Image
+from pipeline.output import artifacts
 
 # Image fields that steer the pipeline but never change the bytes of a build.
 NOT_INPUTS = frozenset({"retention", "schedule"})
@@ -85,8 +88,6 @@ def feature_version(tool: str, version: str | None) -> str:
 def tool_versions(tools: list[str], cache_dir: Path, save: bool = True) -> dict[str, str | None]:
     """Version strings of `tools`, from the stat-keyed cache or by running `TOOL --version`
     (save=False: the cache is read, never written)."""
-    from pipeline.host import cached_tools
-
     return {name: info.version for name, info in cached_tools(tools, cache_dir / VERSION_CACHE, save).items()}
 
 
@@ -114,9 +115,6 @@ def compute(cfg: Config, image: Image, versions: dict[str, str | None] | None = 
 
 def up_to_date(image_dir: Path, input_hash: str) -> str | None:
     """"up to date: built <when>, <sha>" when the published build has this input hash, else None."""
-    from pipeline.base.errors import CorruptState
-    from pipeline.output import artifacts
-
     try:
         manifest = artifacts.read_manifest(image_dir)
     except CorruptState:  # a damaged published record is not "up to date": building replaces it

@@ -32,6 +32,7 @@ from pipeline.base.errors import (
     UsageError,
     VerifyFailed,
 )
+from pipeline.base.fsutil import write_if_changed
 from pipeline.base.run import install_hint
 from pipeline.download import cached_sha256, fetch_verified, open_url
 from pipeline.download import reason as _reason
@@ -264,8 +265,6 @@ def lock_text(entries: Mapping[str, LockEntry]) -> str:
 
 def write_lock(root: Path, entries: Mapping[str, LockEntry]) -> bool:
     """Write the lock atomically; False when the content is unchanged (nothing touched)."""
-    from pipeline.base.fsutil import write_if_changed
-
     return write_if_changed(root / LOCK_FILE, lock_text(entries))
 
 

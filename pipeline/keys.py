@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.base.errors import UnsafePath
+from pipeline.base.errors import ConfigError, UnsafePath
 from pipeline.base.fsutil import check_dir, ensure_dir
 from pipeline.base.run import run
 
@@ -21,8 +21,6 @@ def project_key(output_dir: Path, configured: str | None = None, *, create: bool
     if configured:
         path = Path(configured).expanduser()
         if not path.exists():
-            from pipeline.base.errors import ConfigError
-
             raise ConfigError("invoke.yaml", [f"defaults.ssh_key: {path} does not exist"])
         return path
     key = output_dir / ".keys" / KEY_NAME

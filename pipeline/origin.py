@@ -10,10 +10,13 @@ and which package owns it (dpkg or rpm, with the package's maintainer or vendor)
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.base.run import TOOL_VARIABLES, locate
 from pipeline.host import Runner
+from pipeline.render.packer import supports_plugins
 
 # $1: the binary to judge (empty: PACKER, else `command -v packer`, as on a builder); $2: how it
 # was found ("variable" or "path"). A constant: the paths come in as arguments, never interpolated.
@@ -106,10 +109,6 @@ def parse_origin(out: str) -> ToolOrigin:
 def probe_packer(runner: Runner, *, local: bool = True) -> ToolOrigin:
     """Where this host's packer came from: locally the binary imagepipe would run (PACKER, PATH,
     then .venv/bin); on a builder (`local=False`) its PACKER or the packer on its PATH."""
-    import os
-
-    from pipeline.base.run import TOOL_VARIABLES, locate
-
     args: tuple[str, ...] = ("sh", "-c", ORIGIN_SNIPPET, "origin")
     if local:
         path = locate("packer")
@@ -123,8 +122,6 @@ def probe_packer(runner: Runner, *, local: bool = True) -> ToolOrigin:
 
 def plugins_note(version: tuple[int, ...] | None) -> str:
     """Whether a packer of `version` knows `required_plugins` and `packer init` (1.7 and later)."""
-    from pipeline.render.packer import supports_plugins
-
     if version is None:
         return "its version is unknown: cannot tell whether it knows required_plugins / packer init (1.7+)"
     shown = ".".join(map(str, version))

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from pipeline.base.errors import AccelUnavailable, HostUnsuitable
+from pipeline.base.run import install_hint
 from pipeline.firmware import FirmwareInfo
-from pipeline.host import HostFacts
+from pipeline.host import HostFacts, missing_for
 from pipeline.model import Accel, Arch, Config, Firmware, Image
 
 
@@ -142,7 +143,6 @@ def cpu_level_problem(image: Image, need: int | None, cpu_model: str, accel: Acc
         have, source = facts.cpu_level, f"this host's CPU (under the {cpu_model} model)"
     if have is None or have >= need:
         return None
-    from pipeline.host import missing_for
 
     lacking = f" (lacks {' '.join(missing_for(facts.cpu_flags, need))})" if source == "this host's CPU" and facts.cpu_flags else ""
     hint = ("build on a newer host (invoke remote-sync-build HOST)" if accel.accel is not Accel.TCG
@@ -158,8 +158,6 @@ def firmware_for(image: Image, facts: HostFacts) -> FirmwareInfo | None:
         return None
     fw = facts.firmware.get(image.arch)
     if fw is None:
-        from pipeline.base.run import install_hint
-
         raise HostUnsuitable(
             f"no UEFI firmware for {image.arch.value} found (QEMU descriptors, known paths"
             f"{', QEMU_EFI_AARCH64' if image.arch is Arch.AARCH64 else ''})",

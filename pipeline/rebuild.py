@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline import distros
+from pipeline import distros, fetch, inputs
 from pipeline.base import events
+from pipeline.base.crash import unexpected
 from pipeline.base.errors import (
     BuildFailed,
     HostUnsuitable,
@@ -25,7 +26,18 @@ from pipeline.base.errors import (
     UsageError,
 )
 from pipeline.base.events import Event, Outcome
+from pipeline.base.fsutil import is_storage_error, storage_error
+from pipeline.build import (
+    BuildOptions,
+    build_image,
+    describe_failure,
+    host_refusal,
+    probe_for_build,
+)
+from pipeline.builders import dispatch, remote
+from pipeline.contents import diff
 from pipeline.model import Accel, Config, Image
+from pipeline.output import artifacts, retention
 
 Emit = Callable[..., None]
 
@@ -74,8 +86,6 @@ def rebuild(cfg: Config, images: Sequence[Image], *, accel: Accel = Accel.AUTO, 
     for image in images:
         emit("start", image.name, "checking")
         if facts is None:
-            from pipeline.build import probe_for_build
-
             facts = probe_for_build(cfg, images)
         outcome = _decided_early(cfg, image, facts, accel, force, emit) or _one(
             cfg, image, facts, accel=accel, json_lines=json_lines, force=force, boot_test=boot_test, emit=emit)
@@ -95,8 +105,6 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     build_image makes, without its history, and without its lock unless a killed build left
     something in .staging to remove: a no-op run stays well under a second).
     None: build_image decides (and re-checks under the image's lock)."""
-    from pipeline.build import host_refusal
-
     try:
         refusal = host_refusal(cfg, image, facts, accel)
     except ImagepipeError:
@@ -106,13 +114,11 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
     refresh_pin(cfg, image, emit)
     if force:
         return None
-    from pipeline import inputs
 
     fresh = inputs.up_to_date(cfg.output_dir / image.name, inputs.compute(cfg, image).value)
     if not fresh:
         return None
     if (cfg.output_dir / image.name / ".staging").is_dir():  # rare: retention and history load only then
-        from pipeline.output import retention
 
         retention.reap_when_idle(cfg.output_dir / image.name, lambda line: emit("message", image.name, line))
     return Outcome(image.name, "up-to-date", fresh)
@@ -120,9 +126,6 @@ def _decided_early(cfg: Config, image: Image, facts: Any, accel: Accel, force: b
 
 def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: bool, force: bool,
          boot_test: bool, emit: Emit) -> Outcome:
-    from pipeline.build import BuildOptions, build_image
-    from pipeline.output import artifacts
-
     opts = BuildOptions(accel=accel, json=json_lines, if_changed=not force, boot_test=boot_test)
     before = artifacts.read_manifest(cfg.output_dir / image.name)
     try:
@@ -132,13 +135,9 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
     except (KeyboardInterrupt, Interrupted):
         raise
     except ImagepipeError as exc:
-        from pipeline.build import describe_failure
-
         summary = describe_failure(exc, distros.profile(image).driver)
         return Outcome(image.name, "failed", summary + (f" ({exc.hint})" if exc.hint else ""))
     except Exception as exc:  # noqa: BLE001 - a bug in one image's build must not stop the timer's other images
-        from pipeline.base.crash import unexpected
-        from pipeline.base.fsutil import is_storage_error, storage_error
 
         if isinstance(exc, OSError) and is_storage_error(exc):
             return Outcome(image.name, "failed", storage_error(exc).message)
@@ -153,8 +152,6 @@ def _one(cfg: Config, image: Image, facts: Any, *, accel: Accel, json_lines: boo
 
 def changes(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a new build changed against the one published before it (None when there was none)."""
-    from pipeline.contents import diff
-
     if before is None or after is None or before.get("build_id") == after.get("build_id"):
         return None
     return diff.summary(diff.compare(before, after))
@@ -164,7 +161,6 @@ def _with_changes(outcome: Outcome, json_lines: bool) -> str:
     """The outcome's message; the text report adds the changes on the same line."""
     if json_lines or not outcome.changes:
         return outcome.message
-    from pipeline.contents import diff
 
     return f"{outcome.message}; {diff.summary_line(outcome.changes)}"
 
@@ -199,10 +195,6 @@ def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines:
                     emit: Emit | None = None) -> list[Outcome]:
     """--remote HOST: sync to the builder, build there what changed (`build --if-changed`), fetch
     and publish here. One Outcome per image; a failing image does not stop the others."""
-    from pipeline import fetch
-    from pipeline.builders import dispatch, remote
-    from pipeline.output import artifacts
-
     emit = emit or make_emitter(json_lines)
     target = remote.resolve(cfg, host, ssh_config)
 

@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.base.run import run
+from pipeline import build, inputs
+from pipeline.base.run import interrupt_guard, run
 from pipeline.contents import sbom
 from pipeline.model import Config, Image
-from pipeline.output import artifacts
+from pipeline.output import artifacts, history, retention
+from pipeline.plan import new_build_id
+from pipeline.progress import Progress
 
 SECTOR = 512
 EXT_MAGIC = 0xEF53
@@ -94,12 +97,6 @@ class Report:
 
 def check(cfg: Config, image: Image, opts: Any, say: Callable[[str], None]) -> Report:
     """Build `image` twice into staging (opts: pipeline.build.BuildOptions) and compare."""
-    from pipeline import build, inputs
-    from pipeline.base.run import interrupt_guard
-    from pipeline.output import history, retention
-    from pipeline.plan import new_build_id
-    from pipeline.progress import Progress
-
     facts, driver, first = build.decide(cfg, image, opts, None)
     logs = first.image_dir / "logs" / "reproducible"
     with interrupt_guard(), history.image_lock(first.image_dir, build_id=first.build_id, wait=opts.wait, say=say):

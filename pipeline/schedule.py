@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.base.errors import UsageError
 from pipeline.base.fsutil import atomic_write
+from pipeline.base.run import run
 from pipeline.base.text import has_control, visible
 from pipeline.model import Config
 
@@ -185,10 +187,6 @@ def validate_calendar(expr: str, where: str) -> str | None:
 
     Returns the next elapse time as systemd prints it, or None when systemd-analyze is absent.
     """
-    import shutil
-
-    from pipeline.base.run import run
-
     if shutil.which("systemd-analyze") is None:
         return None
     res = run(["systemd-analyze", "calendar", expr], check=False, timeout=20)
@@ -221,8 +219,6 @@ def timer_calendar(path: Path) -> str | None:
 
 
 def systemctl(scope: str, *args: str, check: bool = True) -> str:
-    from pipeline.base.run import run
-
     argv = ["systemctl"] + (["--user"] if scope == "user" else []) + list(args)
     return run(argv, check=check, timeout=60).stdout
 

@@ -15,6 +15,7 @@ locked, probed twice or downloaded. `summarize` returns a `Summary` (as_json: on
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,8 +282,6 @@ def format_text(s: Summary) -> str:
         ("ssh key", key["path"] + ("" if key["exists"] else " (created by the first build)")),
     ])
     if s.command:
-        import shlex
-
         out += ["  command", "    " + shlex.join(s.command), ""]
     for warning in s.warnings:
         out.append(f"  !! {warning}")

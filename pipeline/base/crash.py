@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -43,8 +44,6 @@ def unexpected(exc: BaseException, output_dir: Path | None, where: str) -> Inter
 
 def keep_trace(trace: str, output_dir: Path | None, where: str) -> Path | None:
     """Write `trace` to <output>/.logs/ (else a per-user temp folder); the file, or None."""
-    import tempfile  # not at import time: `invoke --list` loads this module and must stay fast
-
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = f"{stamp}-{os.getpid()}-{where.replace('_', '-')}.trace"
     folders = [output_dir / TRACE_DIR] if output_dir else []

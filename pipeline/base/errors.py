@@ -9,6 +9,7 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 
@@ -61,8 +62,6 @@ class CommandFailed(ImagepipeError):
     exit_code = 1
 
     def __init__(self, argv: Sequence[str], returncode: int, tail: str, hint: str | None = None):
-        import shlex
-
         self.argv = list(argv)
         self.returncode = returncode
         self.tail = tail

@@ -102,7 +102,7 @@ MANAGERS = {"darwin": (("brew", "brew"), ("nix", "nix-env")),
 def package_manager(os_name: str | None = None, on_path: Callable[[str], bool] | None = None) -> str | None:
     """apt, dnf, brew or nix: how a host installs software (None when none is known); by default
     this host, else the OS and PATH test given (a builder's, from its probe)."""
-    import platform
+    import platform  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     os_name = os_name or platform.system().lower()
     found = on_path or (lambda prog: shutil.which(prog) is not None)
@@ -306,7 +306,7 @@ def _die_with_us() -> Callable[[], None] | None:
     before it was set, the child ends at once. None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
+    import ctypes  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
     parent = os.getpid()

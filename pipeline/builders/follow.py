@@ -19,6 +19,7 @@ up as sparse as --sparse would have made it, and the zeros are hashed while they
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import sys
@@ -192,7 +193,6 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's fallocate(2) (Linux), or None where there is none."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
 
     try:
         fn = ctypes.CDLL(None, use_errno=True).fallocate

@@ -27,6 +27,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from invoke.exceptions import CommandTimedOut
+
+from pipeline import keys
 from pipeline.base import events
 from pipeline.base.errors import (
     BuilderUnreachable,
@@ -276,8 +279,6 @@ def runner_for(conn: Any, timeout: float = 60) -> Runner:
     """A host.Runner that runs argv on the builder (missing program → 127, as locally)."""
 
     def run_remote(argv: Sequence[str]) -> Result:
-        from invoke.exceptions import CommandTimedOut
-
         try:
             res = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, timeout=timeout)
         except CommandTimedOut:
@@ -412,8 +413,6 @@ class LineSink:
 def local_public_key(cfg: Config) -> str:
     """This machine's project public key (created if needed) as `type base64`: what a remote
     build adds for ssh_user (the comment stays here)."""
-    from pipeline import keys
-
     return " ".join(keys.public_key(keys.project_key(cfg.output_dir, cfg.defaults.ssh_key)).split()[:2])
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pipeline.base.errors import UsageError
 from pipeline.drivers import Prepared
 
 if TYPE_CHECKING:
@@ -159,8 +160,6 @@ class Profile:
         """The machine the engine itself builds `image` on (`builder`: one named on the command
         line), or None to build here. Only engines with remote builds of their own have one."""
         if builder is not None:
-            from pipeline.base.errors import UsageError
-
             raise UsageError(f"--builder: {self.title} images are not built by an engine with remote builds of "
                              f"its own", hint=f"build on a builder with: invoke remote-sync-build {builder.name} "
                                               f"--image {image.name}")

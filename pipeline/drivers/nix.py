@@ -20,11 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.base.errors import BuildFailed, CommandFailed
-from pipeline.base.run import Result, stream
-from pipeline.drivers.nixcli import nix_argv, nix_error
+from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.run import Result, install_hint, run, stream
+from pipeline.drivers.nixcli import json_flags, local_nix_version, nix_argv, nix_error
 from pipeline.drivers.nixlog import LogParser
 from pipeline.model import Image
+from pipeline.nixmachines import physical
 from pipeline.progress import Event, Progress
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ def toplevel(image: Image, root: Path, flake: str | None = None) -> str:
 def path_info_argv(target: str, store_args: Sequence[str] = (), version: tuple[int, ...] | None = None) -> list[str]:
     """Every store path `target` needs at run time, as JSON (it must be in the store already);
     `version`: the nix that runs it (2.33+ is given `--json-format 1`)."""
-    from pipeline.drivers.nixcli import json_flags
-
     return nix_argv("path-info", "-r", *json_flags(version), *store_args, target)
 
 
@@ -96,9 +95,7 @@ def closure_packages(image: Image, root: Path, report: Callable[[str], None] | N
     Package per store path. A flake without nixosConfigurations.<image> gets the closure of the
     image output itself (said through `report`). `flake`: the staged copy the build ran on;
     `store_args`/`env`: the store it was built in (a builder's, over ssh-ng)."""
-    from pipeline.base.run import run
-    from pipeline.contents.packages import parse_path_info
-    from pipeline.drivers.nixcli import local_nix_version
+    from pipeline.contents.packages import parse_path_info  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     version = local_nix_version()  # path-info runs here, also against a builder's store (ssh-ng)
     res = run(path_info_argv(toplevel(image, root, flake), store_args, version), check=False, timeout=900, env=env)
@@ -142,7 +139,7 @@ def build_argv(plan: BuildPlan, stage: Path, on_error: str = "cleanup", flake: s
     """The nix build of plan.image into `stage` (on_error=abort keeps a failed build's folder);
     `flake`: the flake the profile prepared for this build (a staged copy), else the image's.
     Over ssh-ng (plan.route) the same flake is evaluated here and built in the builder's store."""
-    from pipeline.drivers.nixremote import SshNg
+    from pipeline.drivers.nixremote import SshNg  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     target = build_target(plan, flake)
     if isinstance(plan.route, SshNg):
@@ -221,8 +218,6 @@ def pick_image(names: Sequence[str], image: Image, where: str | Path) -> str:
 def find_image(out: Path, image: Image, store: str | None = None) -> Path:
     """The image file inside a build result (the file itself, or nixos.qcow2 in a folder);
     `store`: nix's `store` setting, whose files a chroot store keeps under its root."""
-    from pipeline.nixmachines import physical
-
     target = physical(os.readlink(out), store) if out.is_symlink() else out
     target = target.resolve()
     if target.is_file():
@@ -255,9 +250,6 @@ class NixDriver:
     def check(self, plan: BuildPlan, facts: HostFacts) -> None:
         """nix must be installed (the profile has already judged the host's OS and arch)."""
         if not facts.tool("nix").found:
-            from pipeline.base.errors import ToolMissing
-            from pipeline.base.run import install_hint
-
             raise ToolMissing(f"nix not found on PATH (needed to build {plan.image.name})", install_hint("nix"))
 
     def steps(self, facts: HostFacts) -> list[str]:
@@ -291,7 +283,7 @@ class NixDriver:
         nothing of this build is left in `stage` then. The raw internal-json log goes to
         plan.raw_log (the readable one, plan.build_log, is written by the progress view). on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
-        from pipeline.drivers.nixremote import SshNg
+        from pipeline.drivers.nixremote import SshNg  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
         image = plan.image
         stage.mkdir(parents=True, exist_ok=True)
@@ -320,7 +312,7 @@ class NixDriver:
 def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
     """The image derivation's (`target`: the flake#attribute built) real needs (system,
     requiredSystemFeatures) against the builders of plan.route, before anything is copied."""
-    from pipeline.drivers.nixremote import check_fit, derivation_needs
+    from pipeline.drivers.nixremote import check_fit, derivation_needs  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     assert plan.route is not None
     progress.step_event("evaluate the image derivation (system, required features)")
@@ -344,7 +336,7 @@ def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | Non
 def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Path, progress: Progress,
                        *, artifact_name: str) -> Path:
     """The image file out of the builder's store, over rsync with imagepipe's SSH settings."""
-    from pipeline.drivers.nixremote import fetch_image
+    from pipeline.drivers.nixremote import fetch_image  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     if built is None:
         raise BuildFailed(f"nix built {image.name} on {route.where} but did not say where the result is",
@@ -366,7 +358,7 @@ def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: floa
                env: Mapping[str, str] | None = None) -> tuple[Result, str, str | None]:
     """Stream nix build, emitting events; returns the Result, the last human-readable lines and
     the result path `--json` printed (None without --json)."""
-    from pipeline.drivers.nixremote import out_path
+    from pipeline.drivers.nixremote import out_path  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     parser = LogParser()
     tail: deque[str] = deque(maxlen=25)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
+from pipeline.base.run import locate, run
 from pipeline.base.text import visible
 
 FEATURES = ("--extra-experimental-features", "nix-command flakes")
@@ -27,8 +28,6 @@ def parse_nix_version(text: str) -> tuple[int, ...] | None:
 @functools.cache
 def local_nix_version() -> tuple[int, ...] | None:
     """This host's nix version, asked once per process (None: no nix, or no version printed)."""
-    from pipeline.base.run import locate, run
-
     if locate("nix") is None:
         return None
     res = run(["nix", "--version"], check=False, timeout=30)

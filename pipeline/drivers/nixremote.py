@@ -26,17 +26,25 @@ evaluate another nixpkgs than a local one (the builder only ever receives deriva
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pipeline.base.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
+from pipeline.base.run import install_hint, run, stream
 from pipeline.builders import openssh, rsync
-from pipeline.builders.remote import Target
+from pipeline.builders.remote import Target, check_name, main_thread_timeout
+from pipeline.drivers.nixcli import nix_argv, nix_error
+from pipeline.host import parse_nix_config, parse_version
 from pipeline.model import Image
-from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, fitting, parse_show_derivation
+from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, check_store_path, fitting, parse_show_derivation
 
 SSHOPTS = "NIX_SSHOPTS"
 # One round trip to a builder: exit 127 without nix, 126 without nix-daemon (what ssh-ng runs);
@@ -167,10 +175,6 @@ def for_builder(target: Target, image: Image, *, accept_new_host_key: bool = Fal
     """Connect to `target` (host key checked, or pinned when asked), read its nix's settings and
     refuse a builder that cannot build the image's system. Nothing is built yet; the connection
     stays open for the build (closed when imagepipe exits)."""
-    import atexit
-
-    from pipeline.host import parse_nix_config, parse_version
-
     conn = openssh.Connection(target, accept_new_host_key=accept_new_host_key)
     atexit.register(conn.close)
     try:
@@ -215,23 +219,17 @@ def check_fit(route: Route, needs: Needs, image: Image) -> None:
 
 def show_derivation_argvs(installable: str, store_args: Sequence[str] = ()) -> list[list[str]]:
     """`nix derivation show` (nix >= 2.15), else `nix show-derivation` (nix 2.8 here)."""
-    from pipeline.drivers.nixcli import nix_argv
-
     return [nix_argv("derivation", "show", *store_args, installable),
             nix_argv("show-derivation", *store_args, installable)]
 
 
 def derivation_needs(installable: str, store_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Needs:
     """The image derivation's system and requiredSystemFeatures (evaluates it, nothing built)."""
-    from pipeline.base.run import run
-
     newer, older = show_derivation_argvs(installable, store_args)
     res = run(newer, check=False, timeout=1800, env=env)
     if not res.ok and "is not a recognised command" in res.stderr:
         res = run(older, check=False, timeout=1800, env=env)
     if not res.ok:
-        from pipeline.drivers.nixcli import nix_error
-
         raise BuildFailed(f"nix cannot evaluate {installable}: {nix_error(res.stderr)}",
                           hint="the same evaluation runs before a local build: fix the flake first")
     try:
@@ -242,10 +240,6 @@ def derivation_needs(installable: str, store_args: Sequence[str] = (), env: Mapp
 
 def out_path(line: str) -> str | None:
     """The `out` path from `nix build --json`'s line ([{"drvPath": ..., "outputs": {...}}])."""
-    import json
-
-    from pipeline.nixmachines import check_store_path
-
     if not line.startswith('[{"drvPath"'):
         return None
     try:
@@ -270,12 +264,6 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any,
     """rsync the image file inside the builder's store path `out` into `stage` (named as the
     image's artifact), over one OpenSSH connection with imagepipe's host-key policy.
     `pick(names, image)`: which entry of a folder output is the image (drivers.nix.pick_image)."""
-    import contextlib
-    import time
-
-    from pipeline.base.run import stream
-    from pipeline.builders.remote import check_name, main_thread_timeout
-
     target = route.target
     started = time.monotonic()
     reuse = route.conn is not None and route.conn.socket.exists()
@@ -301,10 +289,6 @@ def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any,
 
 def need_local_tools() -> None:
     """The ssh-ng route's local tools: ssh for nix and for the copy, rsync for the copy."""
-    import shutil
-
-    from pipeline.base.run import install_hint
-
     for tool in ("ssh", "rsync"):
         if shutil.which(tool) is None:
             raise ToolMissing(f"{tool} not found on PATH (needed to build on a builder over ssh-ng)",

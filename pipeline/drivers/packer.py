@@ -9,19 +9,25 @@ files) comes from the profile's prepare step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing, UnsafePath
+from pipeline.base.fsutil import atomic_write, ensure_dir, open_nofollow
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import install_hint, run, stream
 from pipeline.base.text import visible, visible_lines
 from pipeline.drivers import PackerSource, Prepared
+from pipeline.output.artifacts import hash_ahead
 from pipeline.progress import Event, Progress
+from pipeline.render import hcl
+from pipeline.render.hcl import dumps
 from pipeline.render.packer import supports_plugins
 
 if TYPE_CHECKING:
@@ -104,12 +110,6 @@ def cached_dumps(blocks: list[Block], cache_dir: Path, output_dir: Path) -> str:
     by file size and mtime), so an upgrade of either renders afresh. The cache is only a
     speed-up: an entry that cannot be read or written is rendered (and written) again; it is
     never read or written through a link (fsutil's checks, as for every folder of ours)."""
-    import hashlib
-
-    from pipeline.base.errors import UnsafePath
-    from pipeline.base.fsutil import atomic_write, ensure_dir, open_nofollow
-    from pipeline.render.hcl import dumps
-
     key = hashlib.sha256("\n".join([repr(blocks), *_serialiser_stamp()]).encode()).hexdigest()
     entry = cache_dir / f"{key[:32]}.pkr.hcl"
     try:
@@ -130,10 +130,6 @@ def _serialiser_stamp() -> list[str]:
     """What decides dumps()' output besides the blocks: pipeline.render.hcl (size, mtime) and the
     installed python-hcl2 and lark (their package folder and dist-info names, which carry the
     version), found without importing them."""
-    from importlib.util import find_spec
-
-    from pipeline.render import hcl
-
     stamps = []
     here = os.stat(hcl.__file__)
     stamps.append(f"{hcl.__file__}:{here.st_size}:{here.st_mtime_ns}")
@@ -206,8 +202,6 @@ class PackerDriver:
     def template_text(self, image: Image, legacy: bool = False) -> str | None:
         """The template the profile renders (legacy=True: for Packer < 1.7; the committed file is
         legacy=False)."""
-        from pipeline.render.hcl import dumps
-
         return dumps(self.profile.blocks(image, legacy))
 
     def describe_failure(self, exc: CommandFailed) -> str:
@@ -222,7 +216,6 @@ class PackerDriver:
         ver = facts.version("packer") or (0,)
         progress.step_event("prepare inputs")
         prepared = self.profile.prepare(plan, stage, progress.report())
-        from pipeline.output.artifacts import hash_ahead
 
         hash_ahead(prepared.extra_files)  # published as they are: hashed while Packer works
         variables = {**host_variables(plan, self.profile, stage), **prepared.variables}

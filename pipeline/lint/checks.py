@@ -16,9 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import distros
 from pipeline.base.errors import CommandFailed, ImagepipeError
-from pipeline.base.run import run
+from pipeline.base.run import run, which
+from pipeline.committed import drift, render_text
+from pipeline.host import local_runner, probe_tools
+from pipeline.lint import nix as lint_nix
 from pipeline.model import Config, Image
+from pipeline.render.packer import supports_plugins
 
 PACKER_TIMEOUT = 120.0
 
@@ -123,8 +128,6 @@ def run_checks(ctx: LintContext, only: list[str] | None = None) -> list[Problem]
 @register("drift")
 def check_drift(ctx: LintContext) -> list[Problem]:
     """Committed generated files must equal what invoke.yaml renders."""
-    from pipeline.committed import drift
-
     return [Problem("drift", ctx.rel(p), "differs from what invoke.yaml renders: run invoke render") for p in drift(ctx.files)]
 
 
@@ -191,24 +194,17 @@ def kickstart_problems(text: str) -> list[str]:
 
 def packer_built(image: Image) -> bool:
     """True when Packer builds `image` (its profile renders a Packer template)."""
-    from pipeline import distros
-
     return distros.profile(image).driver.name == "packer"
 
 
 @register("packer-validate")
 def check_packer(ctx: LintContext) -> list[Problem]:
     """`packer validate` of every Packer image's template with the installed packer."""
-    from pipeline.host import local_runner, probe_tools
-    from pipeline.render.packer import supports_plugins
-
     images = [i for i in ctx.cfg.images.values() if packer_built(i)]
     if not images:
         return []
     info = probe_tools(local_runner, ["packer"])["packer"]
     if not info.found:
-        from pipeline.base.run import which
-
         which("packer")  # raises ToolMissing with the install hint
     legacy = not supports_plugins(info.major_minor)
     if legacy:
@@ -225,8 +221,6 @@ def check_packer(ctx: LintContext) -> list[Problem]:
 def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem]:
     """Render `image` (legacy or not) into scratch and run packer validate with dummy values."""
     import hcl2
-
-    from pipeline.committed import render_text
 
     text = render_text(image, legacy=legacy)
     folder = ctx.scratch / image.name
@@ -298,9 +292,6 @@ def check_fmt(ctx: LintContext) -> list[Problem]:
 @register("nix")
 def check_nix(ctx: LintContext) -> list[Problem]:
     """Every .nix file parses (nix-instantiate --parse) and the project flake evaluates where it can."""
-    from pipeline import distros
-    from pipeline.lint import nix as lint_nix
-
     nix_built = any(distros.profile(i).driver.name == "nix" for i in ctx.cfg.images.values())
     if not nix_built and not (ctx.cfg.root / "nixos").is_dir():
         return []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.contents.packages import GUEST_RPM_LIST
 from pipeline.model import Arch, Firmware, Image
 from pipeline.plan import machine_type
 from pipeline.render import kickstart
@@ -173,8 +174,6 @@ def blocks(image: Image, legacy: bool, *, artifact_name: str) -> list[Block]:
 
 def package_list() -> Block:
     """Download the package list the kickstart's %post wrote (pipeline.contents.packages: manifest, SBOM)."""
-    from pipeline.contents.packages import GUEST_RPM_LIST
-
     return Block("provisioner", ("file",), {
         "direction": "download",
         "source": GUEST_RPM_LIST,

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from pipeline.contents.packages import GUEST_RPM_LIST, RPM_QUERYFORMAT
+from pipeline.iso import iso_arch, major_of
 from pipeline.model import Arch, Firmware, Image, User
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -28,8 +29,6 @@ DEVELOPMENT_HASHES: dict[str, str] = {
 
 def major(image: Image) -> str:
     """The AlmaLinux major release of an image (`10` for 10, 10.1 and latest)."""
-    from pipeline.iso import major_of
-
     return major_of(image.version)
 
 
@@ -61,8 +60,6 @@ def ksquote(value: object) -> str:
 def context(image: Image, source: str = "invoke.yaml", repo_base: str | None = None) -> dict[str, object]:
     """Everything the template reads, derived from the image and the package repo
     (`repo_base`: <mirror>/<release>; default: the major release on AlmaLinux's mirror)."""
-    from pipeline.iso import iso_arch
-
     base = repo_base or f"{MIRROR}/{major(image)}"
     others: list[User] = [u for u in image.users if u.name != "root"]
     bios = image.arch is Arch.X86_64  # x86_64 disks get a biosboot partition next to the ESP

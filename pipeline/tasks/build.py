@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
+import json as json_mod
 from typing import TYPE_CHECKING
 
 from invoke import Context
 
-from pipeline.base.errors import UsageError
+from pipeline.base.errors import Invalid, UsageError
+from pipeline.base.validate import pubkey
 from pipeline.model import Config, Image
 from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
@@ -60,14 +63,14 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
     authorize = _authorize(authorize_key or [])
     target = _builder(c, cfg, builder)  # a hostile name is refused before anything connects
     if dry_run:
-        from pipeline.build import BuildOptions
+        from pipeline.build import BuildOptions  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         _dry_run(cfg, img, BuildOptions(accel=requested, boot_test=boot_test, dry_run=True, builder=target,
                                         accept_new_host_key=accept_new_host_key, authorize=authorize), json)
         return
     if if_changed and not force and not dry_run and _report_up_to_date(cfg, img, json):
         return  # the fast path: no probe, no lock, no heavy import
-    from pipeline.build import BuildOptions, build_image
+    from pipeline.build import BuildOptions, build_image  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     opts = BuildOptions(accel=requested, on_error=on_error, dry_run=dry_run, boot_test=boot_test, json=json,
                         if_changed=if_changed and not force, wait=not no_wait, builder=target,
@@ -79,9 +82,6 @@ def build(c: Context, image: str, accel: str = "", on_error: str = "cleanup", dr
 
 def _authorize(values: list[str]) -> tuple[str, ...]:
     """--authorize-key values, each one OpenSSH public key line."""
-    from pipeline.base.errors import Invalid, UsageError
-    from pipeline.base.validate import pubkey
-
     try:
         return tuple(pubkey(v) for v in values)
     except Invalid as exc:
@@ -93,7 +93,7 @@ def _builder(c: Context, cfg: Config, name: str) -> Target | None:
     """--builder NAME as a validated remote.Target (None when not given)."""
     if not name:
         return None
-    from pipeline.builders import remote
+    from pipeline.builders import remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     return remote.resolve(cfg, name, remote.ssh_config_path(c.config))
 
@@ -101,13 +101,11 @@ def _builder(c: Context, cfg: Config, name: str) -> Target | None:
 def _dry_run(cfg: Config, img: Image, opts: BuildOptions, json: bool) -> None:
     """The summary on stdout (text, or one JSON object); then the first problem, if any, as the
     error a real build would have stopped with (its exit code)."""
-    from pipeline import summary
-    from pipeline.build import dry_run
+    from pipeline import summary  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.build import dry_run  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     s = dry_run(cfg, img, opts)
     if json:
-        import json as json_mod
-
         print(json_mod.dumps(s.as_json(), indent=2))
     else:
         print(summary.format_text(s))
@@ -118,14 +116,14 @@ def _dry_run(cfg: Config, img: Image, opts: BuildOptions, json: bool) -> None:
 def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
     """Say "up to date" and return True when the published build has the current input hash
     (and tidy what an interrupted run left, as the build would have)."""
-    from pipeline import inputs
+    from pipeline import inputs  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     fresh = inputs.up_to_date(cfg.output_dir / img.name, inputs.compute(cfg, img).value)
     if fresh is None:
         return False
     say(f"{img.name}: {fresh}")
     if (cfg.output_dir / img.name / ".staging").is_dir():  # rare: retention and history load only then
-        from pipeline.output import retention
+        from pipeline.output import retention  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         retention.reap_when_idle(cfg.output_dir / img.name, say)
     if json:
@@ -135,7 +133,7 @@ def _report_up_to_date(cfg: Config, img: Image, json: bool) -> bool:
 
 def _print_skip(image: str, why: str) -> None:
     """The `skipped` JSON event of `build --json` when nothing had to be built."""
-    from pipeline.base import events
+    from pipeline.base import events  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     events.write(events.Event("skipped", why, source="imagepipe"), image)
 
@@ -147,9 +145,7 @@ def hash_password(c: Context, password: str = "") -> None:
 
     It prompts for the password when none is given, so nothing lands in the shell's history.
     """
-    import getpass
-
-    from pipeline.base.run import run
+    from pipeline.base.run import run  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     secret = password or getpass.getpass("password: ")
     problem = password_problem(secret)

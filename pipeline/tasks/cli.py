@@ -25,8 +25,12 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from invoke import Exit, Task
-from invoke.parser import Argument
+from invoke import Exit, Program, Task
+from invoke.parser import Argument, Parser, ParserContext
+from invoke.parser import parser as parser_module
+
+from pipeline.base.errors import UsageError
+from pipeline.tasks.options import whole_number
 
 # One letter, one meaning, in every task. Options not listed have no short flag. `-h` is help
 # everywhere; `-d`, `-e`, `-p`, `-w` and friends are left to Invoke's core flags.
@@ -84,9 +88,6 @@ class ImagepipeArgument(Argument):
 
     def set_value(self, value: Any, cast: bool = True) -> None:
         if self.number and cast and not isinstance(value, int):
-            from pipeline.base.errors import UsageError
-            from pipeline.tasks.options import whole_number
-
             try:
                 value = whole_number(value, flag_name(self.name or ""))
             except UsageError as exc:
@@ -161,10 +162,7 @@ def help_spec(arg: ImagepipeArgument, names: Iterable[str], inverse: bool) -> st
 
 def print_task_help(name: str) -> None:
     """Invoke's own per-task help (as `invoke --help NAME` prints it), from inside a task."""
-    from invoke import Program
-    from invoke.parser import Parser
-
-    from pipeline.tasks import collection
+    from pipeline.tasks import collection  # noqa: PLC0415 (import circle: pipeline.tasks imports this module)
 
     coll = collection()
     program = Program(namespace=coll, binary="inv[oke]")
@@ -236,9 +234,6 @@ def _help_for(original: Callable[[Any, str], tuple[str, str]]) -> Callable[[Any,
 def install() -> bool:
     """Wrap Invoke's parser error and help methods once (see the module docstring); False when
     this Invoke lacks them (its own messages are then shown unchanged)."""
-    from invoke.parser import ParserContext
-    from invoke.parser import parser as parser_module
-
     machine = getattr(parser_module, "ParseMachine", None)
     if machine is None or not callable(getattr(machine, "error", None)) \
             or not callable(getattr(ParserContext, "help_for", None)):
@@ -252,8 +247,5 @@ def install() -> bool:
 
 def installed() -> bool:
     """True when install() wrapped Invoke's parser in this process."""
-    from invoke.parser import ParserContext
-    from invoke.parser import parser as parser_module
-
     return hasattr(parser_module.ParseMachine.error, "__wrapped__") and hasattr(ParserContext.help_for, "__wrapped__")
 

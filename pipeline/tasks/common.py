@@ -16,6 +16,7 @@ from typing import Any
 from invoke import Context, Task
 from invoke import task as invoke_task
 
+from pipeline.base.errors import UsageError
 from pipeline.config import from_invoke
 from pipeline.model import Config
 from pipeline.tasks.cli import (
@@ -71,8 +72,6 @@ def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
-    from pipeline.base.errors import UsageError
-
     if c.config.get("run", {}).get("dry"):
         raise UsageError(
             "--dry is Invoke's own flag (echo shell commands instead of running them); imagepipe runs its"
@@ -84,8 +83,6 @@ def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
 
 def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
     """A usage error for left-out positionals: the usage line and, for IMAGE, the configured images."""
-    from pipeline.base.errors import UsageError
-
     words = " and ".join(METAVARS.get(m, m.upper()) for m in missing)
     hint = f"usage: {usage_line(made)}"
     if "image" in missing:

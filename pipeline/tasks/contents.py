@@ -6,8 +6,11 @@ arguments, so the builds `diff` compares are the options --build-a / --build-b.
 
 from __future__ import annotations
 
+import json as json_mod
+
 from invoke import Context
 
+from pipeline.base.errors import UsageError, VerifyFailed
 from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
@@ -28,10 +31,7 @@ def diff(c: Context, image: str, build_a: str = "", build_b: str = "", json: boo
     `tool:...`, `imagepipe`), each format's size, and whether the image is bit-for-bit the same.
     (Invoke has no optional positional arguments, hence the two options.)
     """
-    import json as json_mod
-
-    from pipeline.base.errors import UsageError
-    from pipeline.contents import diff as diff_mod
+    from pipeline.contents import diff as diff_mod  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -56,10 +56,9 @@ def check_reproducible(c: Context, image: str, accel: str = "", json: bool = Fal
     which MBR/GPT partition or the area outside them, and for ext2/3/4 the superblock fields and
     the files that differ. Exit 0 with the report; --strict: exit 1 when they differ.
     """
-    from pipeline.base import events
-    from pipeline.base.errors import VerifyFailed
-    from pipeline.build import BuildOptions
-    from pipeline.reproducible import check
+    from pipeline.base import events  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.build import BuildOptions  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.reproducible import check  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     img = cfg.image(image)

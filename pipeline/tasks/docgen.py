@@ -23,7 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from invoke import Task
+from markdown.extensions.toc import slugify
+
+from pipeline import config, distros, model
 from pipeline.base.errors import UsageError
+from pipeline.tasks import collection
+from pipeline.tasks.cli import METAVARS, SHORT_FLAGS, flag_name, task_name, usage_line
 
 MARKER = re.compile(r"(?ms)^<!-- generated: (?P<name>[a-z-]+) \(invoke docs\) -->\n(?P<body>.*?)"
                     r"^<!-- end: (?P=name) -->$")
@@ -72,8 +78,6 @@ TASK_SECTIONS = {
 
 def short_flags(_root: Path) -> str:
     """The project-wide short-flag table (pipeline.tasks.cli.SHORT_FLAGS), two flags a row."""
-    from pipeline.tasks.cli import METAVARS, SHORT_FLAGS, flag_name
-
     cells = [(f"`-{letter}" + (f" {METAVARS[name]}`" if name in METAVARS else "`"), f"`{flag_name(name)}`")
              for name, letter in sorted(SHORT_FLAGS.items(), key=lambda kv: (kv[1].lower(), kv[1]))]
     half = (len(cells) + 1) // 2
@@ -86,10 +90,6 @@ def short_flags(_root: Path) -> str:
 
 def tasks(root: Path) -> str:
     """Every task of `pipeline.tasks.collection()`, by module: usage, docstring, options, aliases."""
-    from invoke import Task
-
-    from pipeline.tasks import collection
-
     everything: dict[str, Task] = dict(collection().tasks)
     aliases: dict[str, list[Task]] = {}
     groups: dict[str, list[Task]] = {}
@@ -110,8 +110,6 @@ def tasks(root: Path) -> str:
 
 
 def _task(made: Any, aliases: list[Any], root: Path) -> str:
-    from pipeline.tasks.cli import task_name, usage_line
-
     name = task_name(made)
     first, rest = _docstring(made)
     arguments = made.get_arguments()  # once: Invoke moves each help= entry onto its Argument
@@ -162,8 +160,6 @@ def _linked(text: str, root: Path) -> str:
 
 def _heading(page: Path, anchor: str) -> str:
     """The text of the page's heading whose id is `anchor` (its title when `anchor` is empty)."""
-    from markdown.extensions.toc import slugify
-
     try:
         headings = re.findall(r"(?m)^(#+)\s+(.+)$", page.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -207,8 +203,6 @@ def _cell(text: str) -> str:
 
 def config_section(section: str) -> Callable[[Path], str]:
     def generate(_root: Path) -> str:
-        from pipeline import config, distros, model
-
         spec, record = {
             "defaults": (config.DEFAULTS_SPEC, model.Defaults),
             "images": (config.IMAGE_SPEC, model.Image),

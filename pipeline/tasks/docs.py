@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from invoke import Context
 
+from pipeline.base.errors import VerifyFailed
 from pipeline.tasks.common import load_config, say, task
 
 
@@ -14,9 +15,8 @@ def docs(c: Context, check: bool = False) -> None:
     Prose outside the `<!-- generated: ... -->` markers is left alone. `--check` is what the
     test suite does: it fails when a page no longer matches the code it documents.
     """
-    from pipeline.base.errors import VerifyFailed
-    from pipeline.committed import drift, write_all
-    from pipeline.tasks.docgen import pages
+    from pipeline.committed import drift, write_all  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.tasks.docgen import pages  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     root = load_config(c).root
     generated = pages(root)

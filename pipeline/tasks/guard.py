@@ -52,8 +52,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _as_user_error(exc: Exception, args: tuple[Any, ...], where: str) -> ImagepipeError:
     """A disk error as StorageError (path, free space); anything else as an InternalError."""
-    from pipeline.base.crash import unexpected
-    from pipeline.base.fsutil import is_storage_error, storage_error
+    from pipeline.base.crash import unexpected  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.base.fsutil import is_storage_error, storage_error  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     if isinstance(exc, OSError) and is_storage_error(exc):
         return storage_error(exc)
@@ -93,7 +93,7 @@ def _output_lost(exc: OSError) -> bool:
     else one line (`writing the output failed: no space left on the device`) and False. Either
     way the rest goes to /dev/null, so Python's own final flush does not complain again."""
     if not isinstance(exc, BrokenPipeError):
-        from pipeline.base.fsutil import STORAGE_ERRNOS
+        from pipeline.base.fsutil import STORAGE_ERRNOS  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         why = STORAGE_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
         print(f"error: writing the output failed: {why}", file=sys.stderr, flush=True)
@@ -103,7 +103,7 @@ def _output_lost(exc: OSError) -> bool:
 
 def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
     """sys.excepthook: one line and a trace file instead of a traceback (exit status stays 1)."""
-    from pipeline.base.crash import unexpected
+    from pipeline.base.crash import unexpected  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json as json_mod
+import os
+import sys
+import time
 from typing import TYPE_CHECKING
 
 from invoke import Context
 
+from pipeline.base.errors import LockBusy
 from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option
 
@@ -20,9 +26,7 @@ if TYPE_CHECKING:
 })
 def history(c: Context, image: str = "", limit: int = 20, json: bool = False) -> None:
     """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
-    import json as json_mod
-
-    from pipeline.output.history import History
+    from pipeline.output.history import History  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     if image:
@@ -35,8 +39,6 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
             for row in rows:
                 print(json_mod.dumps(row.as_json()), flush=True)
         except BrokenPipeError:  # `invoke history --json | head`: the reader has all it wanted
-            import os
-            import sys
 
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
@@ -48,7 +50,7 @@ def history(c: Context, image: str = "", limit: int = 20, json: bool = False) ->
 
 def _table(rows: list[Build]) -> str:
     """Rows as an aligned text table; the last column (the note) is not padded."""
-    from pipeline.base.units import mib
+    from pipeline.base.units import mib  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     header = ("BUILD", "IMAGE", "WHERE", "STARTED (UTC)", "TOOK", "STATUS", "SHA256", "SIZE", "NOTE")
     lines = [header]
@@ -62,8 +64,6 @@ def _table(rows: list[Build]) -> str:
 
 
 def _when(ts: float) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
@@ -78,13 +78,9 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
     It also removes what interrupted builds and fetches left in `.staging`, and says what it
     frees (docs/scheduling.md#history-and-retention).
     """
-    import contextlib
-    import json as json_mod
-
-    from pipeline.base.errors import LockBusy
-    from pipeline.base.units import mib
-    from pipeline.output import retention
-    from pipeline.output.history import History, image_lock
+    from pipeline.base.units import mib  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.output import retention  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.output.history import History, image_lock  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     names = [cfg.image(image).name] if image else sorted(cfg.images)
@@ -137,12 +133,12 @@ def rebuild(c: Context, all: bool = False, image: list[str] | None = None, remot
     failed. With --remote the build runs on the builder and the result is fetched. Each built
     image's report line says what changed against the build before it (docs/scheduling.md).
     """
-    from pipeline import rebuild as rb
+    from pipeline import rebuild as rb  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     images = rb.select(cfg, image or [], all, default_schedule)
     if remote:
-        from pipeline.builders.remote import ssh_config_path
+        from pipeline.builders.remote import ssh_config_path  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         outcomes = rb.delegate_remote(cfg, remote, images, json, accel=remote_accel_option(accel),
                                       ssh_config=ssh_config_path(c.config))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from typing import TYPE_CHECKING
 
 from invoke import Context
 
+from pipeline import distros
+from pipeline.base.errors import UsageError
+from pipeline.model import Arch
 from pipeline.tasks.common import load_config, say, task
 
 if TYPE_CHECKING:
@@ -14,15 +19,11 @@ if TYPE_CHECKING:
 
 def _image(c: Context, name: str | None) -> tuple[Config, Image]:
     """The named AlmaLinux image, or the one for this host's arch."""
-    from pipeline import distros
-    from pipeline.base.errors import UsageError
-    from pipeline.model import Arch
-
     cfg = load_config(c)
     if name:
         image = cfg.image(name)
     else:
-        import platform
+        import platform  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         arch = Arch.from_machine(platform.machine())
         found = next((i for _, i in sorted(cfg.images.items()) if distros.profile(i).lima and i.arch is arch), None)
@@ -37,12 +38,12 @@ def _image(c: Context, name: str | None) -> tuple[Config, Image]:
 @task(help={"image": "AlmaLinux image whose cpus/memory/disk to use (default: the one for this host's arch)"})
 def lima_start(c: Context, image: str | None = None) -> None:
     """Start AlmaLinux 10 under Lima (generic cloud image, digest-pinned; vz on macOS >= 13)."""
-    import platform
+    import platform  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
-    from pipeline.base.fsutil import write_if_changed
-    from pipeline.base.run import stream, which
-    from pipeline.iso import Mirrors, cloud_image
-    from pipeline.render import lima
+    from pipeline.base.fsutil import write_if_changed  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.base.run import stream, which  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.iso import Mirrors, cloud_image  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.render import lima  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg, img = _image(c, image)
     which("limactl")  # before any download: a missing tool is the first thing to say
@@ -57,11 +58,8 @@ def lima_start(c: Context, image: str | None = None) -> None:
 @task(help={"image": "AlmaLinux image (default: the one for this host's arch)"})
 def lima_shell(c: Context, image: str | None = None) -> None:
     """Open a shell in the Lima instance started by lima-start."""
-    import os
-    import shlex
-
-    from pipeline.base.run import which
-    from pipeline.render import lima
+    from pipeline.base.run import which  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.render import lima  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     _, img = _image(c, image)
     argv = [which("limactl"), "shell", lima.instance_name(img)]

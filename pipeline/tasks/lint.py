@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from invoke import Context
 
+from pipeline.base.errors import ImagepipeError, UsageError
 from pipeline.tasks.common import load_config, say, task
 
 
@@ -17,12 +20,10 @@ def lint(c: Context, check: list[str] | None = None) -> None:
     nixos/flake.lock can be had). A check that could not run is listed as `not checked: ...`,
     and then lint never says "clean".
     """
-    import tempfile
-    from pathlib import Path
+    import tempfile  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
-    from pipeline.base.errors import ImagepipeError, UsageError
-    from pipeline.committed import rendered_files
-    from pipeline.lint import checks
+    from pipeline.committed import rendered_files  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.lint import checks  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     unknown = [n for n in (check or []) if n not in checks.CHECKS]
@@ -48,8 +49,7 @@ def lint(c: Context, check: list[str] | None = None) -> None:
 @task(help={"check": "only report files that are not formatted (exit 1), change nothing"})
 def fmt(c: Context, check: bool = False) -> None:
     """Format the templates under packer/ with `packer fmt`."""
-    from pipeline.base.errors import ImagepipeError
-    from pipeline.base.run import run
+    from pipeline.base.run import run  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     files = sorted((cfg.root / "packer").rglob("*.pkr.hcl"))

@@ -15,8 +15,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from invoke import Exit
+from invoke import config as invoke_config
+from invoke import env as invoke_env
+from invoke.exceptions import AmbiguousEnvVar, UncastableEnvVar
 
+from pipeline.base.errors import NumberError
+from pipeline.base.numbers import parse_decimal, parse_int
 from pipeline.base.text import visible
 from pipeline.tasks.guard import excepthook, flush_stdout
 
@@ -26,9 +32,6 @@ def guard_invoke_config() -> None:
     task, so `guard` cannot see it): YAML errors in invoke.yaml / -f FILE, INVOKE_* variables of
     the wrong type, and, as a last resort, any exception escaping Invoke's program (a line plus
     a trace file, through sys.excepthook)."""
-    from invoke import config as invoke_config
-    from invoke import env as invoke_env
-
     cls = invoke_config.Config
     if not getattr(cls, "_imagepipe_guarded", False):
         def _load_yaml(self: Any, path: Any) -> Any:
@@ -54,8 +57,6 @@ def guard_invoke_config() -> None:
             set_env_value(original_set, self, key_path, value)
 
         def load(self: Any) -> Any:
-            from invoke.exceptions import AmbiguousEnvVar
-
             try:
                 return original_load(self)
             except AmbiguousEnvVar as exc:
@@ -74,8 +75,6 @@ def load_yaml_file(path: Any) -> Any:
     """Invoke's YAML loading (safe_load), with libyaml's parser where PyYAML has it (Invoke's own
     pure-Python copy took ~25 ms of every command's start for invoke.yaml) and errors as
     `Exit("FILE:LINE:COL: problem", 2)`."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as fd:
             data = yaml.load(fd, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -142,11 +141,6 @@ def _kind(value: Any) -> str:
 
 def set_env_value(original: Callable[..., None], env: Any, key_path: Any, value: str) -> None:
     """Invoke's INVOKE_* casting, strict for numbers, with errors naming the variable (exit 2)."""
-    from invoke.exceptions import UncastableEnvVar
-
-    from pipeline.base.errors import NumberError
-    from pipeline.base.numbers import parse_decimal, parse_int
-
     var = (env._prefix or "") + env._to_env_var(key_path)
     try:
         old = env._path_get(key_path)

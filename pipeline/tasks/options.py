@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.base.errors import NumberError, UsageError
+from pipeline.base.numbers import parse_int
+from pipeline.base.validate import did_you_mean
+from pipeline.model import Accel
+
 if TYPE_CHECKING:
-    from pipeline.model import Accel, Config
+    from pipeline.model import Config
 
 ACCEL_HELP = "accelerator: auto (probe: KVM, HVF, else TCG), kvm, hvf or tcg"
 LOCAL_ACCEL_HELP = ACCEL_HELP + " (default: defaults.accel in invoke.yaml, itself auto by default)"
@@ -18,10 +23,6 @@ REMOTE_ACCEL_HELP = ACCEL_HELP + " (probed on the builder; default: the builder'
 
 def parse_accel(value: str) -> Accel | None:
     """--accel VALUE → Accel; an empty value (the option not given) → None."""
-    from pipeline.base.errors import UsageError
-    from pipeline.base.validate import did_you_mean
-    from pipeline.model import Accel
-
     text = str(value).strip().lower()
     if not text:
         return None
@@ -49,9 +50,6 @@ def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
     """A non-negative integer option (ASCII digits, at most `hi`; see pipeline.base.numbers), or a
     one-line UsageError naming the option (Invoke's own int parsing ends in a traceback on
     `--limit x`; pipeline.tasks.cli parses with this)."""
-    from pipeline.base.errors import NumberError, UsageError
-    from pipeline.base.numbers import parse_int
-
     try:
         return parse_int(value, lo=0, hi=hi, what="a whole number (0 or more)")
     except NumberError as exc:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from invoke import Context
+from invoke import Context, Exit
 
 from pipeline.tasks.common import load_config, say, task
-from pipeline.tasks.options import REMOTE_ACCEL_HELP, remote_accel_option
+from pipeline.tasks.options import REMOTE_ACCEL_HELP, accel_option, remote_accel_option
 
 HOST_HELP = "builder: a name under `builders:` in invoke.yaml, or an SSH host alias from your ssh config"
 ACCEPT_HELP = "trust the builder's host key if it is not known yet and add it to known_hosts (a changed key is always refused)"
@@ -13,7 +13,7 @@ ACCEPT_HELP = "trust the builder's host key if it is not known yet and add it to
 
 def _target(c: Context, host: str):  # type: ignore[no-untyped-def]
     """Config + validated builder, before any connection."""
-    from pipeline.builders import remote
+    from pipeline.builders import remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     return cfg, remote.resolve(cfg, host, remote.ssh_config_path(c.config))
@@ -28,9 +28,7 @@ def remote_sync_build(c: Context, host: str, image: str = "almalinux10-x86_64", 
     The build there also authorizes this machine's project key, so the fetched image logs in
     here. Ctrl-C stops the remote build cleanly (docs/remote-builders.md#building-on-a-builder).
     """
-    from invoke import Exit
-
-    from pipeline.builders import dispatch
+    from pipeline.builders import dispatch  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg, target = _target(c, host)
     cfg.image(image)
@@ -50,7 +48,7 @@ NIXOS_REMOTE_HELP = {
 def _remote_nixos(c: Context, host: str, image: str, accel: str, accept_new_host_key: bool, sync: bool) -> None:
     """nix installed here: nix's remote build over ssh-ng (evaluated here, built there, published
     here). Else, or with --sync: the project-sync route."""
-    import shutil
+    import shutil  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg, target = _target(c, host)
     img = cfg.image(image)
@@ -60,8 +58,7 @@ def _remote_nixos(c: Context, host: str, image: str, accel: str, accept_new_host
             f"published on {target.name}; fetch it with invoke remote-fetch {target.name} {image}")
         remote_sync_build.body(c, host, image=image, accel=accel, accept_new_host_key=accept_new_host_key)
         return
-    from pipeline.build import BuildOptions, build_image
-    from pipeline.tasks.options import accel_option
+    from pipeline.build import BuildOptions, build_image  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     say(f"{target.prefix}ssh-ng route (nix is installed here): nix evaluates {image} here against the local "
         f"flake.lock, builds it in {target.name}'s store, and the image is copied back and published here")
@@ -99,9 +96,7 @@ def remote_build_nixos_arm(c: Context, host: str, accel: str = "", accept_new_ho
 def remote_build(c: Context, host: str = "", image: list[str] | None = None, accel: str = "",
                  accept_new_host_key: bool = False) -> None:
     """Build several images on builders in parallel (per-builder output, then a summary table)."""
-    from invoke import Exit
-
-    from pipeline.builders import dispatch, remote
+    from pipeline.builders import dispatch, remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     images = [cfg.image(n) for n in (image or sorted(cfg.images))]
@@ -126,7 +121,7 @@ def remote_fetch(c: Context, host: str, image: str, accept_new_host_key: bool = 
     is skipped when the build is already here, and keeps the local image on any mismatch
     (docs/remote-builders.md#fetching-a-build).
     """
-    from pipeline import fetch
+    from pipeline import fetch  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg, target = _target(c, host)
     img = cfg.image(image)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from invoke import Context
 
+from pipeline import distros
+from pipeline.base.errors import UsageError
 from pipeline.tasks.common import load_config, say, task
 
 
@@ -15,7 +17,7 @@ def render(c: Context, image: str | None = None) -> None:
     It writes `packer/.../*.pkr.hcl`, `kickstart/almalinux10/<arch>/<image>/ks.cfg` and
     `nixos/params/<image>.json`; `invoke lint` fails when a committed file drifts from them.
     """
-    from pipeline.committed import rendered_files, write_all
+    from pipeline.committed import rendered_files, write_all  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)  # every config problem is reported before anything is written
     files = rendered_files(cfg, [image] if image else None)
@@ -33,9 +35,6 @@ def update_iso(c: Context, image: str | None = None) -> None:
     mirror, else vault.almalinux.org). The committed kickstart follows the pin: it names the
     packages of that point release. Commit iso.lock.json.
     """
-    from pipeline import distros
-    from pipeline.base.errors import UsageError
-
     cfg = load_config(c)
     names = [image] if image else sorted(n for n, i in cfg.images.items() if distros.profile(i).pin)
     for name in names:
@@ -53,7 +52,7 @@ def update_flake(c: Context) -> None:
 
     The lock is only ever written by nix, never by hand. It needs network access once.
     """
-    from pipeline.distros.nixos import update_flake as refresh
+    from pipeline.distros.nixos import update_flake as refresh  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     say(refresh(cfg.root))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from pathlib import Path
 
 from invoke import Context
 
+from pipeline.base.errors import UsageError
 from pipeline.tasks.common import load_config, say, task
-
-if TYPE_CHECKING:  # pathlib is imported where it is used; this is for the annotations only
-    from pathlib import Path
 
 SCOPE_HELP = {
     "user": "per-user units in ~/.config/systemd/user (default)",
@@ -19,8 +18,6 @@ SCOPE_HELP = {
 
 
 def _scope(user: bool, system: bool) -> str:
-    from pipeline.base.errors import UsageError
-
     if user and system:
         raise UsageError("give --user or --system, not both")
     return "system" if system else "user"
@@ -28,8 +25,6 @@ def _scope(user: bool, system: bool) -> str:
 
 def _config_file(c: Context) -> Path | None:
     """The -f file, which the scheduled job must load too."""
-    from pathlib import Path
-
     runtime = getattr(c.config, "_runtime_path", None)
     return Path(runtime).resolve() if runtime else None
 
@@ -42,9 +37,7 @@ def _config_file(c: Context) -> Path | None:
 def schedule_install(c: Context, on_calendar: str = "", user: bool = False, system: bool = False,
                      cron: bool = False, unit_dir: str = "") -> None:
     """Run `invoke rebuild` on a timer (systemd units, or a crontab line with --cron)."""
-    from pathlib import Path
-
-    from pipeline import schedule
+    from pipeline import schedule  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     scope = _scope(user, system)
@@ -80,11 +73,8 @@ def schedule_install(c: Context, on_calendar: str = "", user: bool = False, syst
 @task(help=SCOPE_HELP)
 def schedule_status(c: Context, user: bool = False, system: bool = False, unit_dir: str = "") -> None:
     """Show the installed timers, their next run, and each image's last build."""
-    import time
-    from pathlib import Path
-
-    from pipeline import schedule
-    from pipeline.output.history import History
+    from pipeline import schedule  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.output.history import History  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     scope = _scope(user, system)
@@ -120,9 +110,7 @@ def schedule_status(c: Context, user: bool = False, system: bool = False, unit_d
 @task(help=SCOPE_HELP)
 def schedule_remove(c: Context, user: bool = False, system: bool = False, unit_dir: str = "") -> None:
     """Stop and remove the imagepipe timers and services."""
-    from pathlib import Path
-
-    from pipeline import schedule
+    from pipeline import schedule  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     scope = _scope(user, system)
     folder = schedule.unit_dir(scope, Path(unit_dir) if unit_dir else None)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json as json_mod
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
 from pipeline import distros
+from pipeline.base.errors import UsageError, VerifyFailed
 from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
 
@@ -45,9 +48,9 @@ def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foregro
     console log. Without --snapshot the guest writes into the build's image file (a dev VM's
     state lives there), and retention keeps that build while the VM runs (docs/running.md).
     """
-    from pipeline.vm.argv import RunOptions
-    from pipeline.vm.lifecycle import run_image
-    from pipeline.vm.state import state_paths
+    from pipeline.vm.argv import RunOptions  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.lifecycle import run_image  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.state import state_paths  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -68,7 +71,7 @@ def ssh(c: Context, image: str, timeout: int = 0) -> None:
     It waits until the guest's sshd really answers, then logs in over that very connection with the
     build key; a COMMAND's exit code is returned (docs/running.md#ssh).
     """
-    from pipeline.vm.ssh import ssh_session
+    from pipeline.vm.ssh import ssh_session  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     code = ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
@@ -84,11 +87,8 @@ def status(c: Context, json: bool = False) -> None:
     An image that is not built points to `invoke build IMAGE` or, on a host that cannot build
     it (another arch), to `remote-sync-build` + `remote-fetch` and the builders of its arch.
     """
-    import json as json_mod
-    import time
-
-    from pipeline.vm.lifecycle import statuses
-    from pipeline.vm.state import published
+    from pipeline.vm.lifecycle import statuses  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.state import published  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     rows = statuses(cfg)
@@ -103,7 +103,7 @@ def status(c: Context, json: bool = False) -> None:
 
 def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float) -> str:
     """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL as aligned columns."""
-    from pipeline.base.units import clock, mib
+    from pipeline.base.units import clock, mib  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL")]
     for r in rows:
@@ -129,8 +129,8 @@ def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None
     The power button is pressed again every 5 s while it waits (a guest still booting drops a
     press); after --timeout seconds QEMU is told to quit.
     """
-    from pipeline.vm import lifecycle
-    from pipeline.vm.state import state_paths
+    from pipeline.vm import lifecycle  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.state import state_paths  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -147,14 +147,12 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
     console, the guest agent's port, ACPI power-off; one line per requirement, the console's
     tail on failure. Two boot tests of one image take turns; the second says whom it waits for.
     """
-    from pipeline.base.errors import VerifyFailed
-    from pipeline.vm.boottest import boot_test_published
+    from pipeline.vm.boottest import boot_test_published  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     result = boot_test_published(cfg, cfg.image(image), accel_option(accel, cfg), timeout or None, say=say)
     if result.result == "not built":
-        from pipeline.base.errors import UsageError
-        from pipeline.hints import build_hint
+        from pipeline.hints import build_hint  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         raise UsageError(f"{image} has not been built yet", build_hint(cfg, cfg.image(image)))
     if result.result != "passed":
@@ -165,8 +163,7 @@ def test_image(c: Context, image: str, accel: str = "", timeout: int = 0) -> Non
 @task(help={"accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})
 def test_all(c: Context, accel: str = "", timeout: int = 0) -> None:
     """Boot-test every published image, one after the other, and print a summary table."""
-    from pipeline.base.errors import UsageError, VerifyFailed
-    from pipeline.vm.boottest import boot_test_published, results_table
+    from pipeline.vm.boottest import boot_test_published, results_table  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     requested = accel_option(accel, cfg)

@@ -6,6 +6,7 @@ the summary table of `invoke test-all`."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import time
@@ -101,8 +102,6 @@ class SshGuest:
 def _askpass_forced() -> bool:
     """True when the local ssh honours SSH_ASKPASS_REQUIRE=force (OpenSSH >= 8.4); older ones
     would prompt on the user's terminal instead."""
-    import re
-
     res = run(["ssh", "-V"], check=False, timeout=30)
     m = re.search(r"OpenSSH_(\d+)\.(\d+)", res.stderr + res.stdout)
     return m is not None and (int(m.group(1)), int(m.group(2))) >= (8, 4)

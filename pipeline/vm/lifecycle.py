@@ -18,6 +18,7 @@ from pipeline.base.fsutil import atomic_copy, atomic_write
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import interactive, run
 from pipeline.firmware import FirmwareInfo
+from pipeline.hints import build_hint
 from pipeline.host import HostFacts, probe
 from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts
@@ -68,8 +69,6 @@ def published_target(cfg: Config, image: Image) -> BootTarget:
     disk = artifacts.published_image(image_dir)
     build = artifacts.current_build(image_dir)
     if manifest is None or disk is None or build is None:
-        from pipeline.hints import build_hint
-
         raise UsageError(f"{image.name} has not been built yet (nothing published under {image_dir})",
                          build_hint(cfg, image))
     boot = boot_spec(manifest.get("boot"), build)

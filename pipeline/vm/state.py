@@ -36,6 +36,7 @@ from pipeline.base import procs
 from pipeline.base.fsutil import atomic_write, ensure_dir, flocked, read_record
 from pipeline.base.numbers import decimal_or_none, int_or_none
 from pipeline.base.text import visible_lines
+from pipeline.output import artifacts
 
 STATE_DIR = "run"
 BOOT_TEST_DIR = "boot-test"
@@ -157,8 +158,6 @@ class Built:
 
 def published(output_dir: Path, image: str, artifact_name: str) -> Built | None:
     """What is published for `image` (None when nothing is, or its manifest is unreadable)."""
-    from pipeline.output import artifacts
-
     try:
         manifest = artifacts.read_manifest(output_dir / image)
         if not manifest:

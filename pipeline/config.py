@@ -153,7 +153,8 @@ IMAGE_SPEC: dict[str, Key] = {
                     " the shipped images: 2222 AlmaLinux, 2223 NixOS, 2224 demo"),
     "ssh_user": Key(_str(USER_RE, "a user name"), "one of `users`",
                     "the user `invoke ssh` logs in as: root or a `sudo: true` user"),
-    "headless": Key(_bool, BOOL, "the build VM runs without a display window (Packer's `headless`)", "`defaults.headless` (`true`)"),
+    "headless": Key(_bool, BOOL, "the build VM runs without a display window (Packer's `headless`)",
+                    "`defaults.headless` (`true`)"),
     "users": Key(lambda v: v, "a list of users (below)",  # checked item by item below
                  "the guest's accounts; root or a `sudo: true` user needs a `password_hash` or `public_keys`"
                  " ([the guest contract](running.md#the-guest-contract))"),

@@ -534,7 +534,8 @@ class Finder:
             if path.name.endswith(".zst"):
                 return _unzstd(path)
         except (OSError, EOFError, ValueError) as exc:
-            raise BuildFailed(f"demo guest: {path.name} in package {self.deb(package)} ({self.suite}) cannot be unpacked: {exc}") from exc
+            raise BuildFailed(f"demo guest: {path.name} in package {self.deb(package)} ({self.suite}) "
+                              f"cannot be unpacked: {exc}") from exc
         return data
 
     def tree(self, package: str) -> Path:

@@ -292,8 +292,9 @@ def kvm_open_here() -> str:
 
 def in_process_runner(argv: Sequence[str]) -> Result:
     """local_runner, with the local probe's fixed questions (uname, /proc/cpuinfo, can /dev/kvm
-    be opened, free disk, nix's machines files, the package manager) answered here: the same text the command would print, the same
-    parsers read it, and no process is started (each one costs 50-100 ms on a busy host)."""
+    be opened, free disk, nix's machines files, the package manager) answered here: the same
+    text the command would print, the same parsers read it, and no process is started (each one
+    costs 50-100 ms on a busy host)."""
     args = tuple(argv)
     if args == ("uname", "-sm"):
         u = os.uname()

@@ -144,7 +144,8 @@ def cpu_level_problem(image: Image, need: int | None, cpu_model: str, accel: Acc
     if have is None or have >= need:
         return None
 
-    lacking = f" (lacks {' '.join(missing_for(facts.cpu_flags, need))})" if source == "this host's CPU" and facts.cpu_flags else ""
+    lacking = (f" (lacks {' '.join(missing_for(facts.cpu_flags, need))})"
+               if source == "this host's CPU" and facts.cpu_flags else "")
     hint = ("build on a newer host (invoke remote-sync-build HOST)" if accel.accel is not Accel.TCG
             else f"install QEMU >= {'.'.join(map(str, TCG_V3_SINCE))}")
     if need == 3:

@@ -160,7 +160,8 @@ def cron_schedule(calendar: str) -> str:
 def crontab_line(cfg: Config, job: Job, flock: str = "/usr/bin/flock", config_file: Path | None = None) -> str:
     """One crontab line running the job in the project directory, output appended to a log."""
     log = cfg.output_dir / "rebuild.log"
-    cmd = f"cd {shlex.quote(str(cfg.root))} && {shlex.join(command(cfg, job, flock, config_file))} >> {shlex.quote(str(log))} 2>&1"
+    argv = shlex.join(command(cfg, job, flock, config_file))
+    cmd = f"cd {shlex.quote(str(cfg.root))} && {argv} >> {shlex.quote(str(log))} 2>&1"
     return f"{cron_schedule(job.calendar)} {cmd.replace('%', chr(92) + '%')}"
 
 

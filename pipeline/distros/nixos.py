@@ -188,7 +188,8 @@ class NixOS(Profile):
         shutil.copytree(source, copy, ignore=lambda folder, names: _not_copied(Path(folder) == source, names))
         params = copy / "params" / f"{image.name}.json"
         params.parent.mkdir(exist_ok=True)
-        params.write_text(nix.dumps(nix.params(with_build_key(image, keys.public_key(plan.ssh_key), *plan.extra_keys))), encoding="utf-8")
+        keyed = with_build_key(image, keys.public_key(plan.ssh_key), *plan.extra_keys)
+        params.write_text(nix.dumps(nix.params(keyed)), encoding="utf-8")
         return Prepared(variables={"flake": f"path:{copy}"})
 
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:

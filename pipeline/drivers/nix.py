@@ -281,7 +281,8 @@ class NixDriver:
         The flake.lock the image was built from (if any) is copied next to it, so the build's
         inputs are recorded. Raises CommandFailed (nix's last messages, and a hint) when nix fails;
         nothing of this build is left in `stage` then. The raw internal-json log goes to
-        plan.raw_log (the readable one, plan.build_log, is written by the progress view). on_error="abort" passes --keep-failed (nix says where it kept the build).
+        plan.raw_log (the readable one, plan.build_log, is written by the progress view).
+        on_error="abort" passes --keep-failed (nix says where it kept the build).
         """
         from pipeline.drivers.nixremote import SshNg  # noqa: PLC0415 (kept off the no-op build and the input hash)
 

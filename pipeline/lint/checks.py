@@ -234,7 +234,8 @@ def validate_image(ctx: LintContext, image: Image, legacy: bool) -> list[Problem
     try:
         run(argv, cwd=folder, timeout=PACKER_TIMEOUT)
     except CommandFailed as exc:
-        return [Problem("packer-validate", f"{image.name} ({'packer < 1.7' if legacy else 'current'} rendering)", exc.tail or exc.message)]
+        where = f"{image.name} ({'packer < 1.7' if legacy else 'current'} rendering)"
+        return [Problem("packer-validate", where, exc.tail or exc.message)]
     return []
 
 

@@ -28,7 +28,8 @@ def _image(c: Context, name: str | None) -> tuple[Config, Image]:
         arch = Arch.from_machine(platform.machine())
         found = next((i for _, i in sorted(cfg.images.items()) if distros.profile(i).lima and i.arch is arch), None)
         if found is None:
-            raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration", "name one: invoke lima-start -i IMAGE")
+            raise UsageError(f"no AlmaLinux image for {platform.machine()} in the configuration",
+                             "name one: invoke lima-start -i IMAGE")
         image = found
     if not distros.profile(image).lima:
         raise UsageError(f"{image.name} is a {image.distro} image: Lima runs the AlmaLinux cloud image")

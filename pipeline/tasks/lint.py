@@ -62,5 +62,6 @@ def fmt(c: Context, check: bool = False) -> None:
         elif not check and res.stdout.strip():
             say(f"formatted {path.relative_to(cfg.root)}")
     if bad:
-        raise ImagepipeError("not packer fmt clean:\n" + "\n".join(f"  {p.relative_to(cfg.root)}" for p in bad), "run: invoke fmt")
+        listed = "\n".join(f"  {p.relative_to(cfg.root)}" for p in bad)
+        raise ImagepipeError("not packer fmt clean:\n" + listed, "run: invoke fmt")
     say(f"{len(files)} template(s) {'checked' if check else 'formatted'}")

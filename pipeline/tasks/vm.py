@@ -114,7 +114,8 @@ def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: 
                       str(r.ssh_port or "-"), clock(up) if up is not None else "-", r.accelerator or "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     right = {2, 4, 5, 6}  # numbers line up on the right
-    return "\n".join("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=False)))
+    return "\n".join("  ".join(v.rjust(w) if i in right else v.ljust(w)
+                                for i, (v, w) in enumerate(zip(line, widths, strict=False)))
                      .rstrip() for line in lines)
 
 

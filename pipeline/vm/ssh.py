@@ -188,7 +188,9 @@ def _banner(conn: socket.socket) -> bool | None:
 def tail_block(state: StatePaths) -> str:
     """The console tail as an indented block for an error message."""
     tail = console_tail(state)
-    return "console log (last lines):\n" + "\n".join(f"  | {line}" for line in tail.splitlines()) if tail else "console log is empty"
+    if not tail:
+        return "console log is empty"
+    return "console log (last lines):\n" + "\n".join(f"  | {line}" for line in tail.splitlines())
 
 
 def pin_host_keys(state: StatePaths, found: Sequence[str]) -> None:

@@ -51,7 +51,8 @@ def test_no_network_and_no_iso_is_one_line_naming_url_and_override(tmp_path: Pat
 
 
 @pytest.mark.parametrize("name", ["almalinux10-x86_64", "almalinux10-aarch64"])
-def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name: str, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(almalinux.PASSWORD_ENV, raising=False)
     monkeypatch.setenv(iso.MIRROR_ENV, closed_port_url() + "/almalinux")  # offline: the repo cannot be checked
     local = tmp_path / "boot.iso"
@@ -79,7 +80,8 @@ def test_local_iso_gives_every_variable_and_keeps_the_password_out_of_argv(name:
     assert plan.image.arch in (Arch.X86_64, Arch.AARCH64)
 
 
-def test_staged_kickstart_keeps_the_guest_contract_and_the_committed_one_does_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staged_kickstart_keeps_the_guest_contract_and_the_committed_one_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(iso.MIRROR_ENV, closed_port_url() + "/almalinux")
     local = tmp_path / "AlmaLinux-10.1-x86_64-boot.iso"
     local.write_bytes(b"an installer\n")

@@ -80,7 +80,8 @@ def test_every_file_of_the_published_build_is_linked_and_sha256sum_checks_in_bot
     names = {p.name for p in image_dir.iterdir() if p.is_symlink() and os.readlink(p).startswith("current/")}
     assert names == {"img.qcow2", "vmlinuz", "sbom.cdx.json", "manifest.json", "SHA256SUMS"}
     for where in (image_dir, image_dir / "current"):
-        res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=where, capture_output=True, text=True, timeout=30, check=False)
+        res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=where, capture_output=True, text=True,
+                             timeout=30, check=False)
         assert res.returncode == 0 and res.stdout.count(": OK") == 3, res.stdout + res.stderr
 
     # the next build has a vmdk and no kernel: its links appear, the kernel's goes, others stay
@@ -89,7 +90,8 @@ def test_every_file_of_the_published_build_is_linked_and_sha256sum_checks_in_bot
     assert os.readlink(image_dir / "img.raw") == "current/img.raw" and not (image_dir / "vmlinuz").is_symlink()
     assert (image_dir / "notes.txt").read_text() == "mine" and os.readlink(image_dir / "mine") == "/elsewhere"
     assert (image_dir / "img.vmdk").read_text() == "not ours"
-    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir, capture_output=True, text=True, timeout=30, check=False)
+    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir, capture_output=True, text=True,
+                         timeout=30, check=False)
     assert res.returncode == 0 and "img.raw: OK" in res.stdout, res.stdout + res.stderr
 
 

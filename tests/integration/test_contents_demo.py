@@ -52,7 +52,8 @@ def test_three_formats_are_published_verified_and_checkable_where_they_are(forma
     same = subprocess.run(["qemu-img", "compare", str(image_dir / files[0]["file"]), str(image_dir / files[2]["file"])],
                           capture_output=True, text=True, timeout=60, check=False)
     assert same.returncode == 0, same.stdout
-    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir, capture_output=True, text=True, timeout=60, check=False)
+    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=image_dir, capture_output=True, text=True,
+                         timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert {line.split(":")[0] for line in res.stdout.splitlines()} >= {a["file"] for a in files} | {"sbom.cdx.json"}
 

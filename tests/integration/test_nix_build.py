@@ -222,7 +222,8 @@ def test_lint_reports_a_file_that_does_not_parse(tmp_path):
 
 def test_lint_reports_a_flake_that_does_not_evaluate(tmp_path):
     (tmp_path / "nixos").mkdir()
-    (tmp_path / "nixos" / "flake.nix").write_text('{ outputs = { self }: { packages = builtins.throw "fixture: broken outputs"; }; }\n')
+    (tmp_path / "nixos" / "flake.nix").write_text(
+        '{ outputs = { self }: { packages = builtins.throw "fixture: broken outputs"; }; }\n')
     (problem,) = lint_nix.lint_problems(tmp_path)
     # the cause, and on nix that prints a trace (2.34) where it is, never the trace itself
     assert problem in ("nixos: nixosConfigurations and packages do not evaluate: error: fixture: broken outputs",

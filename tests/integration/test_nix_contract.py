@@ -60,7 +60,8 @@ def staged_flake(tmp_path: Path, image, root: Path) -> tuple[Path, str]:  # type
     facts = host.HostFacts(os="linux", machine=image.arch.value, kvm=host.KvmFacts(True, True, True), hvf=False,
                            firmware={image.arch: FirmwareInfo(image.arch, "/c", "/v", "test")})
     cfg = dataclasses.replace(CFG, root=root)
-    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.TCG, keys.project_key(tmp_path / "output"), build_id="b")
+    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.TCG, keys.project_key(tmp_path / "output"),
+                           build_id="b")
     prepared = distros.profile(plan.image).prepare(plan, tmp_path / "stage", lambda _m: None)
     return Path(prepared.variables["flake"].removeprefix("path:")), keys.public_key(plan.ssh_key)
 

@@ -52,7 +52,8 @@ HOSTILE = [
     ("image name with ..", lambda c: c["images"].__setitem__("..", c["images"]["almalinux10-x86_64"])),
     ("image name with space", lambda c: c["images"].__setitem__("alma linux", c["images"]["almalinux10-x86_64"])),
     ("image name with ;", lambda c: c["images"].__setitem__("alma;rm", c["images"]["almalinux10-x86_64"])),
-    ("user name with newline", lambda c: c["images"]["almalinux10-x86_64"]["users"][1].__setitem__("name", "admin\nrootpw --plaintext x")),
+    ("user name with newline",
+     lambda c: c["images"]["almalinux10-x86_64"]["users"][1].__setitem__("name", "admin\nrootpw --plaintext x")),
     ("public key with newline", lambda c: c["images"]["almalinux10-x86_64"]["users"][1].__setitem__(
         "public_keys", ["ssh-ed25519 AAAAC3Nza x\n%post\nrm -rf /\n%end"])),
     ("hash with options", lambda c: c["images"]["almalinux10-x86_64"]["users"][1].__setitem__(

@@ -149,7 +149,8 @@ def test_dry_run_prints_the_hashicorp_repository_commands(tmp_path: Path):
     assert "https://apt.releases.hashicorp.com/gpg" in text
     codename = subprocess.run(["sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME"], capture_output=True,
                               text=True).stdout.strip()
-    assert f"signed-by=/usr/share/keyrings/hashicorp-archive-keyring.gpg] https://apt.releases.hashicorp.com {codename} main" in res.stdout
+    repo = f"signed-by=/usr/share/keyrings/hashicorp-archive-keyring.gpg] https://apt.releases.hashicorp.com {codename} main"
+    assert repo in res.stdout
     assert FINGERPRINT in res.stdout
     assert not (script.parent / ".venv").exists()
 

@@ -76,7 +76,8 @@ def test_variant_is_offered_per_distro_and_arch():
 
 def test_root_ssh_defaults_to_off_and_the_shipped_almalinux_entries_keep_it_on():
     login = [{"name": "root", "password_hash": HASH}]
-    assert load({"images": {"img": {"distro": "almalinux", "arch": "x86_64", "users": login}}}, ROOT).image("img").root_ssh is False
+    cfg = load({"images": {"img": {"distro": "almalinux", "arch": "x86_64", "users": login}}}, ROOT)
+    assert cfg.image("img").root_ssh is False
     assert [n for n, i in sorted(CFG.images.items()) if i.root_ssh] == ["almalinux10-aarch64", "almalinux10-x86_64"]
     assert problems({"distro": "almalinux", "arch": "x86_64", "users": login, "root_ssh": "yes"}) == [
         "images.img.root_ssh: expected true or false, got 'yes'"]

@@ -56,7 +56,8 @@ def test_cron_schedules():
 def test_crontab_line_quotes_and_escapes_percent():
     c = cfg()
     line = schedule.crontab_line(c, schedule.jobs(c)[0])
-    assert line.startswith(f"@weekly cd {ROOT} && /usr/bin/flock --nonblock --conflict-exit-code 75 '/srv/images out/.rebuild.lock' ")
+    flock = "/usr/bin/flock --nonblock --conflict-exit-code 75 '/srv/images out/.rebuild.lock'"
+    assert line.startswith(f"@weekly cd {ROOT} && {flock} ")
     assert line.endswith(">> '/srv/images out/rebuild.log' 2>&1") and "\n" not in line
     c2 = load({**yaml.safe_load((ROOT / "invoke.yaml").read_text()), "defaults": {"output_dir": "/tmp/50%"}}, ROOT)
     assert "/tmp/50\\%/.rebuild.lock" in schedule.crontab_line(c2, schedule.jobs(c2)[0])

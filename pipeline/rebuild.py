@@ -175,19 +175,19 @@ def _relay(emit: Emit, image: Image, message: str) -> None:
 def refresh_pin(cfg: Config, image: Image, emit: Emit) -> None:
     """Re-resolve the image's pinned input (AlmaLinux: the ISO in iso.lock.json); offline → keep
     the pin and say so. The pin feeds the input hash, so a new point release leads to a rebuild."""
-    profile = distros.profile(image)
-    if profile.pin is None:
+    pin = distros.profile(image).pin
+    if pin is None:
         return
-    configured = profile.uses_configured_input(image)
+    configured = pin.configured(image)
     if configured:
         emit("pin", image.name, configured)
         return
     try:
-        summary = profile.refresh_pin(cfg.root, image)
+        summary = pin.refresh(cfg.root, image)
     except ImagepipeError as exc:
-        emit("pin", image.name, f"kept the pinned {profile.pin} (could not check for updates: {exc.message})")
+        emit("pin", image.name, f"kept the pinned {pin.what} (could not check for updates: {exc.message})")
         return
-    emit("pin", image.name, f"{profile.pin}: {summary}")
+    emit("pin", image.name, f"{pin.what}: {summary}")
 
 
 def delegate_remote(cfg: Config, host: str, images: Sequence[Image], json_lines: bool, *,

@@ -32,12 +32,12 @@ profile and never branches on the distro. A profile says:
     packages(plan, stage, report)
                             what the built image holds (RPMs, the Nix closure, Debian packages):
                             the manifest's package list and the SBOM (pipeline.contents.packages)
-    pin / refresh_pin       an external input pinned in a lock file (AlmaLinux: the installer ISO)
+    pin                     an external input pinned in a lock file (a `Pin`: AlmaLinux's
+                            installer ISO), or None
     variants                builds of the distro for other CPUs, per arch (AlmaLinux 10: x86_64_v2)
     cpu_level(image) / cpu_model(image, accel)
                             the x86-64 level the guest needs (checked before a build) and the QEMU
                             CPU model its build runs on
-    plan_variables(plan)    engine variables decided by the plan (a Packer ssh_timeout), not prepared
     accounts_from_config / guest_agent
                             the guest contract (pipeline.contract): whether invoke.yaml's users make
                             the image's accounts, and whether it runs qemu-guest-agent
@@ -85,7 +85,7 @@ ALIAS_STEMS: dict[str, str] = {
 _registered: dict[str, Profile] = {}
 
 Report = Callable[[str], None]
-__all__ = ["BootInfo", "Prepared", "Profile", "Report", "artifact_name", "get", "names", "profile", "register"]
+__all__ = ["BootInfo", "Pin", "Prepared", "Profile", "Report", "artifact_name", "get", "names", "profile", "register"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,21 @@ class BootInfo:
         return {"kernel": self.kernel, "initrd": self.initrd, "append": self.append}
 
 
+class Pin:
+    """An external input a distro pins in a lock file, re-resolved by `invoke update-iso` and by
+    `rebuild` before it hashes the inputs (AlmaLinux: the installer ISO in iso.lock.json)."""
+
+    what: str = ""  # what is pinned, shown to people ("installer ISO")
+
+    def refresh(self, root: Path, image: Image) -> str:
+        """Re-resolve the pinned input (network); a one-line summary of what changed."""
+        raise NotImplementedError
+
+    def configured(self, image: Image) -> str | None:
+        """When the image names its input itself (so nothing is pinned): a line saying so."""
+        return None
+
+
 class Profile:
     """The base of every distro profile; the defaults fit a distro with nothing special."""
 
@@ -107,7 +122,7 @@ class Profile:
     title: ClassVar[str] = ""                 # "AlmaLinux", shown to people
     image_defaults: ClassVar[Mapping[str, Any]] = {}  # config values for keys an image leaves out
     ephemeral_root: ClassVar[bool] = False
-    pin: ClassVar[str | None] = None          # what refresh_pin pins ("installer ISO"), if anything
+    pin: Pin | None = None                    # an input pinned in a lock file, if any
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
     tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {}  # arch -> builds for other CPUs
@@ -198,10 +213,6 @@ class Profile:
         wait in <stage>/collected/). Runs after verification, before publishing."""
         return []
 
-    def plan_variables(self, plan: BuildPlan) -> dict[str, str]:
-        """Engine variables the plan decides (shown by the dry run, passed to the build)."""
-        return {}
-
     def cpu_level(self, image: Image) -> int | None:
         """The x86-64 microarchitecture level (2, 3, ...) the guest needs; None: no requirement."""
         return None
@@ -224,15 +235,6 @@ class Profile:
         """One line said before the build starts (the accelerator, a warning), or None."""
         return f"accelerator {plan.accel.accel.value} ({plan.accel.reason})"
 
-    # ------------------------------------------------------------------ pins
-
-    def refresh_pin(self, root: Path, image: Image) -> str:
-        """Re-resolve the pinned input (network); returns a one-line summary of what changed."""
-        raise NotImplementedError(f"{self.name} pins nothing")
-
-    def uses_configured_input(self, image: Image) -> str | None:
-        """When the image names its input itself (so nothing is pinned): a line saying so."""
-        return None
 
 
 def names() -> list[str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.base.errors import HostUnsuitable
 from pipeline.base.fsutil import write_if_changed
 from pipeline.contract import GuestView, with_build_key
-from pipeline.distros import Report
+from pipeline.distros import Pin, Report
 from pipeline.distros.packer_base import PackerProfile
 from pipeline.drivers import Prepared
 from pipeline.model import Accel, Arch, Image
@@ -54,8 +54,10 @@ class AlmaLinux(PackerProfile):
     name = "almalinux"
     title = "AlmaLinux"
     tcg_duration = "An AlmaLinux installation takes hours this way"
-    pin = "installer ISO"
     lima = True
+
+    def __init__(self) -> None:
+        self.pin = IsoPin(self)
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {Arch.X86_64: (V2,)}
     # Packer compresses the qcow2 (disk_compression), as it always did before the option existed.
     image_defaults: ClassVar[Mapping[str, Any]] = {"compress_qcow2": True}
@@ -199,10 +201,19 @@ class AlmaLinux(PackerProfile):
 
         return packages.read_rpm_list(stage)
 
-    def uses_configured_input(self, image: Image) -> str | None:
+class IsoPin(Pin):
+    """The installer ISO, pinned to a point release in iso.lock.json; the committed kickstart
+    follows it (it installs packages of that point release)."""
+
+    what = "installer ISO"
+
+    def __init__(self, profile: AlmaLinux) -> None:
+        self.profile = profile
+
+    def configured(self, image: Image) -> str | None:
         return f"uses the configured iso {image.iso}: nothing to refresh" if image.iso else None
 
-    def refresh_pin(self, root: Path, image: Image) -> str:
+    def refresh(self, root: Path, image: Image) -> str:
         """Re-resolve the ISO (10 / latest / 10.1 -> a point release) and pin it in iso.lock.json."""
         from pipeline import iso  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
@@ -212,9 +223,8 @@ class AlmaLinux(PackerProfile):
         entries[image.name] = entry
         iso.write_lock(root, entries)
         change = "unchanged" if before == entry else f"updated from {before.version}" if before else "pinned"
-        # The committed kickstart installs packages of the pinned point release: it follows the pin.
-        path = self.kickstart_path(root, image)
-        rewrote = write_if_changed(path, self.committed_kickstart(image, root))
+        path = self.profile.kickstart_path(root, image)
+        rewrote = write_if_changed(path, self.profile.committed_kickstart(image, root))
         also = f"; {path.relative_to(root)} follows it" if rewrote else ""
         return f"{entry.version} ({entry.source}, sha256 {entry.sha256[:12]}…, CHECKSUM {entry.signature}) {change}{also}"
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from pipeline.drivers.packer import PackerDriver
     from pipeline.host import HostFacts
     from pipeline.model import Image
+    from pipeline.plan import BuildPlan
     from pipeline.render.hcl import Block
 
 
@@ -35,6 +36,10 @@ class PackerProfile(Profile):
         from pipeline.render.hcl import dumps  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
         return {self.template(root, image): dumps(self.blocks(image, False))}
+
+    def plan_variables(self, plan: BuildPlan) -> dict[str, str]:
+        """Template variables the plan decides (AlmaLinux: its ssh_timeout), passed with -var."""
+        return {}
 
     def hash_tools(self, image: Image) -> list[str]:
         # Packer major.minor (1.7 brought plugins) and the QEMU that runs the installer

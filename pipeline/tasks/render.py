@@ -39,11 +39,11 @@ def update_iso(c: Context, image: str | None = None) -> None:
     names = [image] if image else sorted(n for n, i in cfg.images.items() if distros.profile(i).pin)
     for name in names:
         img = cfg.image(name)
-        profile = distros.profile(img)
-        if profile.pin is None:
+        pin = distros.profile(img).pin
+        if pin is None:
             raise UsageError(f"{name} is a {img.distro} image: it pins no installer ISO",
                              "update-iso pins the installer ISO of AlmaLinux images")
-        say(f"{name}: {profile.refresh_pin(cfg.root, img)}")
+        say(f"{name}: {pin.refresh(cfg.root, img)}")
 
 
 @task

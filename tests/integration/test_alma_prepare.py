@@ -154,7 +154,7 @@ def test_committed_kickstart_follows_the_pin_and_never_a_mirror(site, tmp_path: 
     assert iso.committed_repo_base(image, root) == "https://repo.almalinux.org/almalinux/10"
     monkeypatch.setenv(iso.MIRROR_ENV, f"{url}/almalinux")
     monkeypatch.setenv(iso.VAULT_ENV, f"{url}/vault")
-    said = alma_profile.PROFILE.refresh_pin(root, image)
+    said = alma_profile.PROFILE.pin.refresh(root, image)
     assert said.endswith("follows it")
     committed = (root / "kickstart/almalinux10/x86_64/almalinux10-x86_64/ks.cfg").read_text()
     assert "url --url=https://repo.almalinux.org/almalinux/10.1/BaseOS/x86_64/os/" in committed

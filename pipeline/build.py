@@ -36,6 +36,7 @@ from pipeline.base.text import visible_lines
 from pipeline.base.units import clock, mib
 from pipeline.contents import packages, sbom
 from pipeline.drivers import Driver
+from pipeline.drivers.packer import parse_machine_line
 from pipeline.host import HostFacts, existing_parent, probe
 from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts, history, retention
@@ -315,12 +316,26 @@ def _as_storage_error(exc: BaseException, plan: BuildPlan) -> StorageError | Non
     path and the free space); None for any other failure."""
     if isinstance(exc, OSError) and is_storage_error(exc):
         return storage_error(exc, exc.filename or plan.staging)
-    if isinstance(exc, CommandFailed) and "No space left on device" in exc.tail:
-        return StorageError(f"{Path(exc.argv[0]).name if exc.argv else 'a tool'} ran out of disk space writing "
-                            f"{plan.staging} ({free_space(plan.staging)})",
-                            f"free some space (invoke gc removes old builds) or move defaults.output_dir; "
-                            f"full log: {plan.build_log}")
+    if isinstance(exc, CommandFailed) and "no space left on device" in exc.tail.lower():
+        tool = Path(exc.argv[0]).name if exc.argv else "a tool"
+        return StorageError(f"{tool} ran out of disk space writing {plan.staging} ({free_space(plan.staging)})"
+                            + _disk_cause(exc.tail), f"free some space (invoke gc removes old builds) or move "
+                            f"defaults.output_dir; full log: {plan.build_log}")
     return None
+
+
+def _disk_cause(tail: str) -> str:
+    """The tool's own line that names the full disk (a Packer machine-readable line unwrapped,
+    its control characters made visible), shortened: what failed, not the tool's command line."""
+    for raw in reversed(tail.splitlines()):
+        if "no space left on device" not in raw.lower():
+            continue
+        event = parse_machine_line(raw)
+        line = " ".join((event.message if event else raw).split()).strip(" =>-!")
+        if line:  # its end says what failed (the front is mostly a long path)
+            line = visible_lines(line)
+            return f": {line if len(line) <= 200 else '…' + line[-199:]}"
+    return ""
 
 
 def _record_failure(hist: history.History, plan: BuildPlan, status: str, exc: BaseException,

@@ -326,8 +326,16 @@ def leashed(args: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def tool_groups(on_group: Callable[[int], None]) -> Iterator[None]:
-    """Call `on_group(pgid)` for every process group stream() starts within the block."""
-    token = _on_group.set(on_group)
+    """Call `on_group(pgid)` for every process group stream() starts within the block (and the
+    hook of an enclosing block too)."""
+    outer = _on_group.get()
+
+    def both(pgid: int) -> None:
+        on_group(pgid)
+        if outer is not None:
+            outer(pgid)
+
+    token = _on_group.set(both)
     try:
         yield
     finally:

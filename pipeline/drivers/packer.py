@@ -9,19 +9,22 @@ files) comes from the profile's prepare step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import signal
 from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing, UnsafePath
-from pipeline.base.fsutil import atomic_write, ensure_dir, open_nofollow
+from pipeline.base.errors import BuildFailed, CommandFailed, StorageError, ToolMissing, UnsafePath
+from pipeline.base.fsutil import atomic_write, ensure_dir, free_space, open_nofollow
 from pipeline.base.numbers import int_or_none
-from pipeline.base.run import install_hint, run, stream
+from pipeline.base.qmpwatch import DiskFullWatch, short_socket_dir
+from pipeline.base.run import install_hint, run, stream, tool_groups
 from pipeline.base.text import visible, visible_lines
 from pipeline.drivers import PackerSource, Prepared
 from pipeline.output.artifacts import hash_ahead
@@ -223,10 +226,8 @@ class PackerDriver:
         if supports_plugins(ver[:2]):
             progress.step_event("packer init")
             run(["packer", "init", template], timeout=600, hint="packer init needs network once to fetch the qemu plugin")
-        argv = build_argv(template, variables, on_error)
         progress.step_event(f"packer build ({plan.accel.accel.value}, packer {'.'.join(map(str, ver))})")
-        stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, prepared),
-               log_path=plan.raw_log, hint=f"build log: {plan.build_log}; serial console: {plan.console_log}")
+        self._packer_build(plan, stage, progress, prepared, template, variables, on_error)
         produced = stage / "packer-out" / plan.artifact_name
         if not produced.exists():
             raise BuildFailed(f"packer finished but {produced} is missing", hint=f"see {plan.build_log}")
@@ -235,6 +236,38 @@ class PackerDriver:
         for leftover in ("packer-out", "inputs"):
             shutil.rmtree(stage / leftover, ignore_errors=True)
         return final
+
+
+    def _packer_build(self, plan: BuildPlan, stage: Path, progress: Progress, prepared: Prepared, template: Path,
+                      variables: Mapping[str, str], on_error: str) -> None:
+        """`packer build`, its VM's QMP socket watched: a write that finds the host's disk full
+        stops the build at once (Packer would otherwise wait for SSH until its ssh_timeout) and
+        fails it with the same "ran out of disk space" as every other step."""
+        socket_dir = short_socket_dir()
+        groups: list[int] = []
+
+        def stop_packer(device: str) -> None:
+            progress.log_only(f"imagepipe: QEMU says the host's disk is full (BLOCK_IO_ERROR on {device}): "
+                              "stopping packer")
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGINT)  # Packer's own cleanup stops its QEMU
+
+        argv = build_argv(template, {**variables, "qmp_socket": str(socket_dir / "qmp.sock")}, on_error)
+        try:
+            with DiskFullWatch(socket_dir / "qmp.sock", stop_packer) as watch, tool_groups(groups.append):
+                try:
+                    stream(argv, on_line=lambda line: _emit(progress, line), cwd=stage, env=packer_env(plan, prepared),
+                           log_path=plan.raw_log, hint=f"build log: {plan.build_log}; serial console: {plan.console_log}")
+                except CommandFailed:
+                    if watch.full is None:
+                        raise
+            if watch.full is not None:
+                raise StorageError(f"the build VM ran out of disk space writing {stage} ({free_space(stage)})",
+                                   f"free some space (invoke gc removes old builds) or move defaults.output_dir; "
+                                   f"full log: {plan.build_log}")
+        finally:
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _error_line(line: str) -> str:

@@ -25,7 +25,7 @@ from pipeline.model import Arch, Firmware, Image
 from pipeline.plan import machine_type
 from pipeline.render import kickstart
 from pipeline.render.hcl import Block, Expr
-from pipeline.render.packer import common_variables, packer_block, variable
+from pipeline.render.packer import WATCH_ARGS, common_variables, packer_block, variable
 
 SOURCE = "almalinux"
 PASSWORD_ENV = "IMAGEPIPE_SSH_PASSWORD"
@@ -91,9 +91,7 @@ def qemuargs(image: Image, legacy: bool) -> list[list[str]]:
         # with a bootindex and Packer's -drive lines carry none (the empty disk falls through to
         # the installer CD, the installed disk boots after the reboot).
         args.append(["-boot", "strict=on"])
-    # A full host disk becomes an I/O error in the installer instead of a paused VM that Packer
-    # would wait on until ssh_timeout; pipeline.drivers.packer also watches for it on QMP.
-    args.append(["-global", "virtio-blk-pci.werror=report"])
+    args += WATCH_ARGS  # the QMP socket imagepipe watches for a full host disk; werror=report
     if legacy and uses_uefi(image):
         machine = f"type={machine_type(image.arch)},accel=${{var.accelerator}},pflash0=fw-code,pflash1=fw-vars"
         args += [

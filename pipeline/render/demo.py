@@ -21,7 +21,7 @@ import uuid
 from pipeline import demo
 from pipeline.model import Image
 from pipeline.render.hcl import Block, Expr
-from pipeline.render.packer import common_variables, packer_block, variable
+from pipeline.render.packer import WATCH_ARGS, common_variables, packer_block, variable
 
 MARKER = "imagepipe-marker"
 FILES = ("/", f"/{MARKER}", "/imagepipe-kernel")
@@ -87,6 +87,7 @@ def blocks(image: Image, legacy: bool, *, artifact_name: str) -> list[Block]:
             ["-serial", "file:${var.console_log}"],
             # Packer's default forward listens on every interface; keep it on loopback.
             ["-netdev", "user,id=user.0,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22"],
+            *WATCH_ARGS,  # the QMP socket imagepipe watches for a full host disk; werror=report
         ],
         "communicator": "ssh",
         "ssh_username": image.ssh_user,

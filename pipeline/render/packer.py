@@ -39,8 +39,19 @@ def variable(name: str, description: str, default: str | None = None, sensitive:
     return Block("variable", (name,), body)
 
 
+# The build VM's QMP socket, where imagepipe watches for a write that found the host's disk full
+# (pipeline.vm.qmp.DiskFullWatch); a plain `packer build` gets one in its working folder.
+QMP_VARIABLE = ("qmp_socket", "QMP socket of the build VM (imagepipe watches it for a full host disk)",
+                "packer-qmp.sock")
+# qemuargs every template adds: the QMP socket, and a full host disk handed to the guest as an
+# I/O error (werror=report) instead of QEMU's default, a paused guest that Packer would wait on
+# until its ssh_timeout. A qemuargs key of Packer's own (-drive) would replace all of Packer's
+# disks, so the disk's property is set with -global.
+WATCH_ARGS = [["-qmp", "unix:${var.qmp_socket},server=on,wait=off"], ["-global", "virtio-blk-pci.werror=report"]]
+
+
 def common_variables() -> list[Block]:
-    return [variable(n, d) for n, d in COMMON_VARIABLES.items()]
+    return [variable(n, d) for n, d in COMMON_VARIABLES.items()] + [variable(*QMP_VARIABLE)]
 
 
 def supports_plugins(version: tuple[int, ...] | None) -> bool:

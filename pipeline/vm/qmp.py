@@ -66,3 +66,18 @@ class Qmp:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def disk_full(path: Path, timeout: float = 5.0) -> str | None:
+    """Whether the VM behind this QMP socket stopped because a write found the host's disk full
+    (QEMU's default for a disk: werror=enospc pauses the guest, status io-error): the device
+    that said so, else None (running, another stop, or no answer)."""
+    try:
+        with Qmp(path, timeout=timeout) as qmp:
+            if qmp.execute("query-status").get("status") != "io-error":
+                return None
+            full = [b.get("device") or b.get("qdev") or "a disk" for b in qmp.execute("query-block")
+                    if b.get("io-status") == "nospace"]
+    except (QmpError, OSError, EOFError, ValueError):
+        return None
+    return full[0] if full else None

@@ -621,6 +621,37 @@ def test_disk_full_during_a_build_is_one_line_and_keeps_the_last_good_image(demo
 
 @pytest.mark.slow
 @TMPFS
+@pytest.mark.parametrize("leave, who", [
+    (400 << 10, "packer"),          # Packer's own copy of the blank disk finds the disk full
+    (700 << 10, "the build VM"),    # the guest's writes do: QEMU would pause it, Packer would wait
+])
+def test_disk_full_inside_packer_build_fails_at_once_with_the_cause(demo_build, tmp_path, tmpfs, sentinel, leave,
+                                                                     who):
+    """A full disk in the middle of `packer build` fails the build within seconds with the one
+    "ran out of disk space" line: not Packer's command line, and no build VM paused on ENOSPC
+    while Packer waits for it (imagepipe watches the VM's QMP socket for BLOCK_IO_ERROR)."""
+    disk = tmpfs("120M")
+    cfg, out = _fault_copy(demo_build, disk, cache=True)
+    before = read_manifest(out / IMAGE)
+    fill(disk, leave=leave)
+    started = time.monotonic()
+    res = invoke(["build-demo", "--force"], cfg, timeout=300)
+    text = no_traceback(res)
+    assert res.returncode == 1 and len(error_lines(res)) == 1, text
+    assert f"error: {who} ran out of disk space writing {out / IMAGE / '.staging'}" in res.stderr, text
+    assert "free on" in res.stderr and "packer build -machine-readable" not in res.stderr, text
+    if who == "packer":  # Packer's own words for it, not its argv
+        assert "no space left on device" in error_lines(res)[0].lower(), text
+    assert time.monotonic() - started < 120, "the build waited on a paused VM"
+    assert read_manifest(out / IMAGE) == before and verify_published(out / IMAGE)
+    assert not (out / IMAGE / ".staging").exists()
+    assert not processes_mentioning(str(out)), "a QEMU or packer of the build is still running"
+    with History(out, create=False) as h:
+        assert h.builds(IMAGE)[0].status == "failed"
+
+
+@pytest.mark.slow
+@TMPFS
 def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)

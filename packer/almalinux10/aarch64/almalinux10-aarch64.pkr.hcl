@@ -32,6 +32,12 @@ variable "ssh_private_key_file" {
   description = "private key the build logs in with"
 }
 
+variable "qmp_socket" {
+  type        = string
+  description = "QMP socket of the build VM (imagepipe watches it for a full host disk)"
+  default     = "packer-qmp.sock"
+}
+
 variable "iso_url" {
   type        = string
   description = "the AlmaLinux boot ISO (a local path after imagepipe downloaded and verified it)"
@@ -131,6 +137,10 @@ source "qemu" "almalinux" {
     [
       "-boot",
       "strict=on",
+    ],
+    [
+      "-qmp",
+      "unix:${var.qmp_socket},server=on,wait=off",
     ],
     [
       "-global",

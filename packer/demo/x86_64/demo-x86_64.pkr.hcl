@@ -32,6 +32,12 @@ variable "ssh_private_key_file" {
   description = "private key the build logs in with"
 }
 
+variable "qmp_socket" {
+  type        = string
+  description = "QMP socket of the build VM (imagepipe watches it for a full host disk)"
+  default     = "packer-qmp.sock"
+}
+
 variable "base_disk" {
   type        = string
   description = "blank disk the build starts from (created by imagepipe)"
@@ -98,6 +104,14 @@ source "qemu" "demo-x86_64" {
     [
       "-netdev",
       "user,id=user.0,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22",
+    ],
+    [
+      "-qmp",
+      "unix:${var.qmp_socket},server=on,wait=off",
+    ],
+    [
+      "-global",
+      "virtio-blk-pci.werror=report",
     ],
   ]
   communicator             = "ssh"

@@ -57,7 +57,7 @@ def qemu_argv(
     argv += _machine(image.arch, accel)
     argv += ["-smp", str(image.cpus), "-m", str(image.memory)]
     argv += _boot_args(image, firmware, state, boot)
-    argv += disk_args(disk, disk_format, on_full="report" if opts.snapshot else "enospc", first=boot is None)
+    argv += disk_args(disk, disk_format, first=boot is None)
     if opts.snapshot:
         argv.append("-snapshot")
     argv += [
@@ -79,19 +79,19 @@ def qemu_argv(
 BOOT_DISK_ID = "boot-disk"  # the disk's device id (QMP: /machine/peripheral/boot-disk)
 
 
-def disk_args(disk: Path, disk_format: str, *, on_full: str, first: bool = True) -> list[str]:
+def disk_args(disk: Path, disk_format: str, *, first: bool = True) -> list[str]:
     """The image as a virtio disk; `first`: first in the firmware's boot order (bootindex=0, the
     only thing `-boot strict=on` acts on: UEFI then never falls through to PXE). A direct kernel
     boot (-kernel) has the firmware's first place itself, so its disk takes none.
 
-    `on_full` is what a write that finds the host's disk full does: "enospc" pauses the guest
-    (QEMU's default: the guest's own file systems stay whole, `status` says why it paused), for
-    a VM whose writes are kept; "report" hands the guest an I/O error, for a throwaway -snapshot
-    overlay (the boot test), so nothing hangs. Either way QEMU raises BLOCK_IO_ERROR on QMP.
+    A write that finds the host's disk full pauses the guest (werror=enospc, QEMU's default, said
+    here): the guest's file systems stay whole, and the pause is what the boot test and `ssh`
+    see on QMP (status io-error) to fail at once with "ran out of disk space" instead of waiting
+    out their deadline; `invoke status` says it too. A read error is the guest's to see.
     """
     return ["-drive", f"if=none,id=disk0,format={disk_format},file={_opt(disk)}",
             "-device", f"virtio-blk-pci,drive=disk0,id={BOOT_DISK_ID}{',bootindex=0' if first else ''},"
-                       f"werror={on_full},rerror=report"]
+                       "werror=enospc,rerror=report"]
 
 
 def agent_channel(state: StatePaths) -> list[str]:

@@ -26,7 +26,14 @@ from pipeline.plan import AccelChoice
 from pipeline.vm.argv import RunOptions
 from pipeline.vm.lifecycle import BootTarget, decide, published_target, start, stop
 from pipeline.vm.qmp import Qmp
-from pipeline.vm.ssh import pin_host_keys, ssh_argv, ssh_deadline, tail_block, wait_for_ssh
+from pipeline.vm.ssh import (
+    pin_host_keys,
+    raise_if_disk_full,
+    ssh_argv,
+    ssh_deadline,
+    tail_block,
+    wait_for_ssh,
+)
 from pipeline.vm.state import (
     BOOT_TEST_DIR,
     StatePaths,
@@ -128,6 +135,7 @@ def _await_login(guest: SshGuest, deadline: float) -> None:
         rc, out = guest.run(["true"])
         if rc == 0:
             return
+        raise_if_disk_full(guest.image.name, guest.state)
         if time.monotonic() >= end:
             image = guest.image
             raise VerifyFailed(f"{image.name}: cannot log in as {image.ssh_user} with {guest.key} within "
@@ -171,7 +179,11 @@ def _boot_and_check(cfg: Config, target: BootTarget, output_dir: Path, state: St
             pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
             guest = SshGuest(image, state, key, st.ssh_port, st.pid, wait)
             _await_login(guest, wait)
-            problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
+            try:
+                problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
+            except VerifyFailed:
+                raise_if_disk_full(image.name, state)  # the guest paused on a full disk: say that
+                raise
             if problems:
                 raise VerifyFailed(f"{image.name} breaks the guest contract:\n"
                                    + "\n".join(f"  {visible_lines(p)}" for p in problems)

@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline import keys
-from pipeline.base.errors import UsageError, VerifyFailed
+from pipeline.base.errors import StorageError, UsageError, VerifyFailed
 from pipeline.base.fsutil import atomic_write, private_dir
 from pipeline.base.run import interactive, run
 from pipeline.model import Accel, Config, Image
+from pipeline.vm.qmp import disk_full
 from pipeline.vm.state import (
     StatePaths,
     alive,
@@ -81,6 +82,7 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
         found = parse_keyscan(keyscan(port), alias)
         if found:
             return found
+        raise_if_disk_full(image, state)
         if pid is not None and not alive(pid, state):
             raise VerifyFailed(f"{image}: QEMU exited before SSH came up\n{tail_block(state)}",
                                f"serial console: {state.console}")
@@ -88,6 +90,17 @@ def wait_for_ssh(image: str, state: StatePaths, port: int, deadline: float,
             raise VerifyFailed(f"{image}: no SSH answer on 127.0.0.1:{port} within {deadline:.0f}s\n{tail_block(state)}",
                                f"serial console: {state.console}")
         time.sleep(interval)
+
+
+def raise_if_disk_full(image: str, state: StatePaths) -> None:
+    """StorageError when the VM paused because a write found the host's disk full (QEMU's
+    werror=enospc): waiting on would only wait out the deadline."""
+    device = disk_full(state.qmp, timeout=2.0)
+    if device is not None:
+        raise StorageError(f"{image}: the VM ran out of disk space: a write to {device} found the host's disk "
+                           "full and QEMU paused the guest",
+                           "free some space where it writes (the image's folder; a -snapshot overlay, as the boot "
+                           "test's, is in $TMPDIR, /var/tmp by default), then `invoke stop` and start it again")
 
 
 def wait_for_banner(image: str, state: StatePaths, port: int, deadline: float, pid: int | None = None,
@@ -232,6 +245,7 @@ def ensure_reachable(image: Image, state: StatePaths, deadline: float | None = N
     st = read_status(image.name, state)
     if st.state != "running" or st.ssh_port is None:
         raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
+    raise_if_disk_full(image.name, state)
     wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), SSH_DEADLINE[Accel.TCG])
     pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
     return st.ssh_port
@@ -293,6 +307,7 @@ def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: flo
         raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
     wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), SSH_DEADLINE[Accel.TCG])
     key = login_key(cfg)
+    raise_if_disk_full(image.name, state)
     conn = wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
     with hand_over(conn) as via:
         first = not read_value(state.known_hosts)

@@ -26,6 +26,8 @@ from pipeline.base.errors import UnsafePath
 from pipeline.builders import remote
 from pipeline.output.artifacts import read_manifest, verify_published
 from pipeline.output.history import History
+from pipeline.vm import qmp
+from pipeline.vm import state as vmstate
 from tests.support import (
     NEEDS_PTY,
     ROOT,
@@ -34,6 +36,7 @@ from tests.support import (
     published_copy,
     require_tool,
     wait_gone,
+    wait_until,
     write_config,
 )
 from tests.support import live_processes_mentioning as processes_mentioning
@@ -648,6 +651,38 @@ def test_disk_full_inside_packer_build_fails_at_once_with_the_cause(demo_build, 
     assert not processes_mentioning(str(out)), "a QEMU or packer of the build is still running"
     with History(out, create=False) as h:
         assert h.builds(IMAGE)[0].status == "failed"
+
+
+@pytest.mark.slow
+@TMPFS
+def test_a_running_vm_that_fills_the_disk_pauses_and_ssh_says_why(demo_build, tmp_path, tmpfs, sentinel):
+    """`invoke run` (no -snapshot: writes go into the image file): a write that finds the host's
+    disk full pauses the guest (werror=enospc: its file systems stay whole) and the next `ssh`
+    says so in one line at once, instead of waiting out its deadline for a banner."""
+    disk = tmpfs("120M")
+    cfg, out = _fault_copy(demo_build, disk, cache=False)
+    invoke(["run", IMAGE], cfg, timeout=120, check=True)
+    writer = None
+    try:
+        invoke(["ssh", IMAGE, "--", "true"], cfg, timeout=200, check=True)
+        fill(disk)
+        writer = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), "ssh", IMAGE, "--", "dd",
+                                   "if=/dev/urandom", "of=/dev/vda", "bs=65536", "count=512", "conv=fsync"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        state = vmstate.state_paths(out, IMAGE)
+        wait_until(lambda: qmp.disk_full(state.qmp) is not None, 120, "the guest paused on the full disk",
+                   lambda: state.console.read_text(errors="replace")[-500:])
+        started = time.monotonic()
+        res = invoke(["ssh", IMAGE, "--", "true"], cfg, timeout=120)
+        text = no_traceback(res)
+        assert res.returncode == 1 and len(error_lines(res)) == 1, text
+        assert f"{IMAGE}: the VM ran out of disk space" in res.stderr and "paused the guest" in res.stderr, text
+        assert time.monotonic() - started < 30
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+        invoke(["stop", IMAGE, "--force"], cfg, timeout=120)
 
 
 @pytest.mark.slow

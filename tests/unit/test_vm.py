@@ -93,8 +93,8 @@ def test_options_snapshot_gui_foreground():
     argv = qemu_argv(img, choice, FW[Arch.AARCH64], DISK, STATE, 2222,
                      opts=RunOptions(snapshot=True, gui=True, foreground=True))
     assert "-snapshot" in argv and "-daemonize" not in argv and "-display" not in argv
-    # a throwaway overlay: a full host disk is an I/O error in the guest, never a paused VM
-    assert any(d.startswith("virtio-blk-pci,drive=disk0,") and "werror=report" in d for d in after(argv, "-device"))
+    # a full host disk pauses the guest here too: the boot test sees the pause on QMP and says so
+    assert any(d.startswith("virtio-blk-pci,drive=disk0,") and "werror=enospc" in d for d in after(argv, "-device"))
     assert "virtio-gpu-pci" in after(argv, "-device") and "usb-kbd" in after(argv, "-device")
     assert "stdio,id=console,mux=on,signal=off,logfile=/out/img/run/console.log" in after(argv, "-chardev")
     assert after(argv, "-pidfile") == ["/out/img/run/pid"]  # status/stop work for an attached VM too

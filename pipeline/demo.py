@@ -15,6 +15,7 @@ follow the inputs and never the clock.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -23,6 +24,8 @@ import lzma
 import os
 import re
 import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +227,31 @@ def cache_dir(output_dir: Path) -> Path:
     return output_dir / ".cache"
 
 
+DOWNLOADING = ".download-"  # apt-get download's folder inside the .deb cache, one per download
+STALE_DOWNLOAD = 3600.0      # seconds after which such a folder is a killed download's leftover
+
+
 def download(packages: list[str], debs: Path) -> dict[str, Path]:
-    """`apt-get download` what is not cached yet; returns package → .deb path."""
+    """`apt-get download` what is not cached yet; returns package → .deb path.
+
+    apt-get writes into a folder of its own inside the cache, and only the .deb files it
+    finished (and checked against the package lists' hashes) are moved into the cache: a
+    download that fails, on a full disk or a dropped link, leaves no partial .deb that a later
+    build would take for a good one. A folder left by a killed download is removed later.
+    """
     debs.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(debs)
     found = _cached_debs(debs, packages)
     missing = [p for p in packages if p not in found]
     if missing:
-        run(["apt-get", "download", *missing], cwd=debs, timeout=600,
-            hint="the demo guest needs Debian's package lists: run `sudo apt-get update`")
+        landing = Path(tempfile.mkdtemp(prefix=DOWNLOADING, dir=debs))
+        try:
+            run(["apt-get", "download", *missing], cwd=landing, timeout=600,
+                hint="the demo guest needs Debian's package lists: run `sudo apt-get update`")
+            for deb in landing.glob("*.deb"):
+                os.replace(deb, debs / deb.name)
+        finally:
+            shutil.rmtree(landing, ignore_errors=True)
         found = _cached_debs(debs, packages)
     out = {}
     for p in packages:
@@ -239,6 +259,16 @@ def download(packages: list[str], debs: Path) -> dict[str, Path]:
             raise BuildFailed(f"apt-get download did not produce a .deb for {p}")
         out[p] = found[p]
     return out
+
+
+def _remove_stale_downloads(debs: Path) -> None:
+    """Remove the download folders a killed build left (older than STALE_DOWNLOAD seconds: a
+    download of a few dozen MB running now is younger)."""
+    now = time.time()
+    for entry in debs.glob(f"{DOWNLOADING}*"):
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink() and now - entry.stat().st_mtime > STALE_DOWNLOAD:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _cached_debs(debs: Path, packages: Iterable[str]) -> dict[str, Path]:

@@ -687,6 +687,26 @@ def test_a_running_vm_that_fills_the_disk_pauses_and_ssh_says_why(demo_build, tm
 
 @pytest.mark.slow
 @TMPFS
+def test_a_package_download_on_a_full_disk_leaves_no_partial_deb(demo_build, tmp_path, tmpfs, sentinel):
+    """The demo guest's .deb files are downloaded (apt-get download, from Debian's mirror) onto
+    a disk with room for a few of them: one line, and nothing half-written left in the cache for
+    the next build to take for a good package."""
+    disk = tmpfs("64M")
+    cfg, out = _fault_copy(demo_build, disk, cache=False)  # no guest cache: every .deb is fetched
+    fill(disk, leave=6 << 20)
+    res = invoke(["build-demo", "--force"], cfg, timeout=600)
+    text = no_traceback(res)
+    assert res.returncode == 1 and len(error_lines(res)) == 1, text
+    assert "ran out of disk space" in res.stderr or "no space left" in res.stderr, text
+    debs = out / ".cache" / "debs"
+    assert not list(debs.glob(".download-*")), "apt-get's download folder was left behind"
+    for deb in debs.glob("*.deb"):  # only whole packages (none, when apt-get failed as a whole)
+        check = subprocess.run(["dpkg-deb", "--info", str(deb)], capture_output=True, timeout=60, check=False)
+        assert check.returncode == 0, f"a partial package was kept: {deb.name}"
+
+
+@pytest.mark.slow
+@TMPFS
 def test_disk_full_while_publishing_is_one_line_and_recorded_as_failed(demo_build, tmp_path, tmpfs, sentinel):
     disk = tmpfs("120M")
     cfg, out = _fault_copy(demo_build, disk, cache=True)

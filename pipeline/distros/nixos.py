@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.base.errors import HostUnsuitable, ToolMissing
-from pipeline.base.fsutil import atomic_write
 from pipeline.base.run import install_hint, run
 from pipeline.contract import GuestView, with_build_key
 from pipeline.distros import Profile, Report
@@ -143,7 +142,7 @@ class NixOS(Profile):
         """The flake.lock a builder's nix wrote comes back with its build: it becomes the
         project's lock when there is none yet (nix writes locks, never imagepipe by hand), so
         the next builds here and there evaluate the same nixpkgs; a different one is reported."""
-        from pipeline.drivers.nix import flake_dir  # noqa: PLC0415 (kept off the no-op build and the input hash)
+        from pipeline.drivers.nix import adopt_lock, flake_dir  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
         directory = flake_dir(image, root)
         report_line = adopt_lock(build / "flake.lock", directory / "flake.lock", root) if directory else None
@@ -214,29 +213,6 @@ class NixOS(Profile):
         return "\n".join(lines) or None
 
 
-def adopt_lock(fetched: Path, local: Path, root: Path) -> str | None:
-    """Copy a fetched build's flake.lock to the flake's `local` lock when that does not exist yet
-    (never through a link); returns what to tell the user (None: nothing to say)."""
-    from pipeline.drivers.nix import parse_nixpkgs_revision  # noqa: PLC0415 (kept off the no-op build and the input hash)
-
-    if not fetched.is_file():
-        return None
-    text = fetched.read_text(encoding="utf-8")
-    rev = parse_nixpkgs_revision(text)
-    pinned = f"nixpkgs {rev[:12]}" if rev else "its inputs"
-    shown = local.relative_to(root) if local.is_relative_to(root) else local
-    if local.is_symlink() or (local.exists() and not local.is_file()):
-        return f"warning: {shown} is not a regular file; the builder's lock was left in {fetched}"
-    if not local.exists():
-        atomic_write(local, text)
-        return f"{shown} written from the lock the builder's nix wrote ({pinned}): commit it"
-    if local.read_text(encoding="utf-8") != text:
-        here = parse_nixpkgs_revision(local.read_text(encoding="utf-8"))
-        return (f"warning: the builder built from another flake.lock than {shown} ({pinned} there, "
-                f"nixpkgs {(here or '?')[:12]} here): sync again so both use the committed lock")
-    return None
-
-
 STAGED_FLAKE = "flake"
 
 
@@ -260,7 +236,7 @@ def lock_warning(flake: Path) -> str:
 
 def update_flake(root: Path) -> str:
     """`nix flake update` in nixos/ (nix writes flake.lock); a one-line summary of the change."""
-    from pipeline.drivers.nix import nix_argv, nixpkgs_revision  # noqa: PLC0415 (kept off the no-op build and the input hash)
+    from pipeline.drivers.nix import nix_argv, nixpkgs_revision, short_pin  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     flake = root / "nixos"
     lock = flake / "flake.lock"
@@ -269,7 +245,7 @@ def update_flake(root: Path) -> str:
         hint="nix flake update needs the network to fetch nixpkgs")
     after = lock.read_bytes() if lock.is_file() else None
     rev = nixpkgs_revision(flake)
-    pinned = f"nixpkgs {rev[:12]}" if rev else "nixpkgs"
+    pinned = f"nixpkgs {short_pin(rev)}" if rev else "nixpkgs"
     if after == before:
         return f"nixos/flake.lock unchanged ({pinned})"
     return f"nixos/flake.lock {'updated' if before else 'written'} by nix ({pinned}): commit it"

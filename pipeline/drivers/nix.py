@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.fsutil import atomic_write
 from pipeline.base.run import Result, install_hint, run, stream
 from pipeline.drivers.nixcli import json_flags, local_nix_version, nix_argv, nix_error
 from pipeline.drivers.nixlog import LogParser
@@ -306,6 +307,11 @@ class NixDriver:
             dest = _copy_from_store(out_link, image, stage, (facts.nix_config or {}).get("store"), plan.build_log,
                                     artifact_name=plan.artifact_name)
         keep_lock(Path(flake.removeprefix("path:")) if flake else flake_dir(image, plan.root), stage)
+        project_flake = flake_dir(image, plan.root) if image.flake is None else None
+        if project_flake is not None:  # without a committed lock, the one nix just wrote becomes it
+            adopted = adopt_lock(stage / "flake.lock", project_flake / "flake.lock", plan.root, who="nix")
+            if adopted:
+                progress.info(adopted)
         progress.emit(Event("artifact", f"image copied out of the store: {dest}", source="nix", data=(str(dest),)))
         return dest
 
@@ -348,6 +354,29 @@ def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Pat
     return copied.path
 
 
+def adopt_lock(fetched: Path, local: Path, root: Path, who: str = "the builder's nix") -> str | None:
+    """Copy a build's flake.lock (`fetched`: one a builder's nix wrote, or the one nix wrote into
+    this build's staged copy) to the flake's `local` lock when that does not exist yet (never
+    through a link): nix writes locks, imagepipe only moves the one it wrote to where the next
+    build reads it. Returns what to tell the user (None: nothing to say)."""
+    if not fetched.is_file():
+        return None
+    text = fetched.read_text(encoding="utf-8")
+    rev = parse_nixpkgs_revision(text)
+    pinned = f"nixpkgs {short_pin(rev)}" if rev else "its inputs"
+    shown = local.relative_to(root) if local.is_relative_to(root) else local
+    if local.is_symlink() or (local.exists() and not local.is_file()):
+        return f"warning: {shown} is not a regular file; the builder's lock was left in {fetched}"
+    if not local.exists():
+        atomic_write(local, text)
+        return f"{shown} written from the lock {who} wrote for this build ({pinned}): commit it"
+    if local.read_text(encoding="utf-8") != text:
+        here = parse_nixpkgs_revision(local.read_text(encoding="utf-8"))
+        return (f"warning: the builder built from another flake.lock than {shown} ({pinned} there, "
+                f"nixpkgs {short_pin(here or '?')} here): sync again so both use the committed lock")
+    return None
+
+
 def keep_lock(directory: Path | None, stage: Path) -> None:
     """Copy the flake's flake.lock into the build (it pins nixpkgs: the build's real input)."""
     lock = directory / "flake.lock" if directory is not None else None
@@ -384,15 +413,26 @@ def _run_build(argv: Sequence[str], progress: Progress, log: Path, timeout: floa
 
 
 def parse_nixpkgs_revision(lock_text: str) -> str | None:
-    """The git revision the root's `nixpkgs` input is locked to (None if absent or unreadable)."""
+    """What the root's `nixpkgs` input is locked to: its git revision, or for an input without
+    one (a path or tarball) its content hash, `narHash:sha256-…` (None: no nixpkgs input, or
+    an unreadable lock)."""
     try:
         lock = json.loads(lock_text)
         nodes = lock["nodes"]
-        node = nodes[nodes[lock.get("root", "root")]["inputs"]["nixpkgs"]]
-        rev = node["locked"]["rev"]
+        locked = nodes[nodes[lock.get("root", "root")]["inputs"]["nixpkgs"]]["locked"]
     except (ValueError, KeyError, TypeError):
         return None
-    return rev if isinstance(rev, str) else None
+    if not isinstance(locked, dict):
+        return None
+    if isinstance(locked.get("rev"), str):
+        return str(locked["rev"])
+    return f"narHash:{locked['narHash']}" if isinstance(locked.get("narHash"), str) else None
+
+
+def short_pin(pin: str) -> str:
+    """A nixpkgs pin (parse_nixpkgs_revision) shortened for a message: 12 hex digits of a git
+    revision, `narHash:sha256-` and 8 characters of a content hash."""
+    return pin[:23] if pin.startswith("narHash:") else pin[:12]
 
 
 def nixpkgs_revision(directory: Path | None) -> str | None:

@@ -144,6 +144,40 @@ def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
     assert not (root / "nixos" / "params").exists(), "nothing is written into the project's flake"
 
 
+def test_without_a_committed_lock_the_one_nix_wrote_becomes_nixos_flake_lock(tmp_path):
+    """A local build of a project whose nixos/ has a nixpkgs input and no flake.lock: nix writes
+    the lock into the build's staged copy; the build keeps it, nixos/flake.lock becomes it (the
+    build says to commit it), and the manifest names what pins nixpkgs."""
+    nixpkgs = tmp_path / "nixpkgs"
+    nixpkgs.mkdir()
+    (nixpkgs / "flake.nix").write_text("{ outputs = _: { }; }\n")
+    fixture = tmp_path / "fixture"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "nixflake", fixture)
+    (fixture / "nonce").write_text(uuid.uuid4().hex)
+    text = (fixture / "flake.nix").read_text()
+    assert "outputs =\n    { self }:" in text
+    (fixture / "flake.nix").write_text(text.replace("outputs =\n    { self }:", "outputs =\n    { self, ... }:").replace(
+        '  description = "imagepipe test fixture: image-like derivations";',
+        f'  description = "imagepipe test fixture: image-like derivations";\n  inputs.nixpkgs.url = "path:{nixpkgs}";'))
+    root = project(tmp_path, fixture)
+    assert not (root / "nixos" / "flake.lock").exists()
+    cfg = load({"defaults": {"output_dir": str(tmp_path / "output")},
+                "images": {"nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "ssh_user": "admin",
+                                            "users": [{"name": "admin", "sudo": True, "password_hash": HASH}]}}}, root)
+    image = cfg.image("nixos-x86_64")
+    facts = host.probe(tools=["nix"])
+    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
+    progress = Recorder()
+    nix.NixDriver(distros.profile(plan.image)).drive(plan, facts, plan.staging, progress, timeout=300)
+    lock = root / "nixos" / "flake.lock"
+    assert lock.is_file() and lock.read_text() == (plan.staging / "flake.lock").read_text()
+    said = [e.message for e in progress.events]
+    assert any(m.startswith("nixos/flake.lock written from the lock nix wrote for this build") and m.endswith("commit it")
+               for m in said), said
+    pinned = distros.profile(plan.image).manifest_extra(plan)["nixpkgs"]
+    assert pinned is not None and pinned.startswith("narHash:sha256-"), pinned  # a path input has no git rev
+
+
 def locked_project(tmp_path: Path) -> Path:
     """A project whose nixos/ takes nixpkgs from the stand-in by path; `invoke update-flake`
     (nix itself) writes its flake.lock."""
@@ -164,7 +198,8 @@ def test_update_flake_has_nix_write_the_lock_and_the_input_hash_follows(tmp_path
     assert res.returncode == 0, res.stderr
     lock = json.loads((root / "nixos" / "flake.lock").read_text())
     assert lock["nodes"]["nixpkgs"]["locked"]["type"] == "path" and lock["nodes"]["nixpkgs"]["locked"]["narHash"]
-    assert "nixos/flake.lock written by nix (nixpkgs): commit it" in res.stderr
+    # a path input has no git revision: its content hash is what pins it
+    assert "nixos/flake.lock written by nix (nixpkgs narHash:sha256-" in res.stderr and "): commit it" in res.stderr
     again = invoke(["update-flake"], config, cwd=root, timeout=300)
     assert again.returncode == 0 and "nixos/flake.lock unchanged" in again.stderr, again.stderr
     after = inputs.compute(cfg, cfg.image("nixos-x86_64"), {"nix": "2.8"})

@@ -314,20 +314,21 @@ def test_a_fetched_lock_becomes_the_project_lock_only_when_there_is_none(tmp_pat
     fetched.write_text(json.dumps(LOCK))
     local = tmp_path / "nixos" / "flake.lock"
     local.parent.mkdir()
-    said = nixos.adopt_lock(fetched, local, tmp_path)
-    assert said == "nixos/flake.lock written from the lock the builder's nix wrote (nixpkgs 0123456789ab): commit it"
+    said = nix.adopt_lock(fetched, local, tmp_path)
+    assert said == ("nixos/flake.lock written from the lock the builder's nix wrote for this build "
+                    "(nixpkgs 0123456789ab): commit it")
     assert local.read_text() == fetched.read_text()
-    assert nixos.adopt_lock(fetched, local, tmp_path) is None  # the same lock: nothing to say
+    assert nix.adopt_lock(fetched, local, tmp_path) is None  # the same lock: nothing to say
     other = {**LOCK, "nodes": {**LOCK["nodes"], "nixpkgs": {"locked": {"rev": "fedcba9876543210"}}}}
     local.write_text(json.dumps(other))
-    said = nixos.adopt_lock(fetched, local, tmp_path)
+    said = nix.adopt_lock(fetched, local, tmp_path)
     assert said is not None and said.startswith("warning:") and "fedcba987654 here" in said
     assert json.loads(local.read_text()) == other  # never overwritten
     local.unlink()
     local.symlink_to(tmp_path / "elsewhere")
-    assert "not a regular file" in (nixos.adopt_lock(fetched, local, tmp_path) or "")
+    assert "not a regular file" in (nix.adopt_lock(fetched, local, tmp_path) or "")
     assert not (tmp_path / "elsewhere").exists()  # nothing written through the link
-    assert nixos.adopt_lock(tmp_path / "none", local, tmp_path) is None
+    assert nix.adopt_lock(tmp_path / "none", local, tmp_path) is None
 
 
 def test_the_describe_lines_stay_short():

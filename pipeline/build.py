@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__, distros, inputs, keys, summary
+from pipeline.base import digest
 from pipeline.base.errors import (
     CommandFailed,
     HostUnsuitable,
@@ -285,9 +286,13 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
     manifest["sbom"] = sbom.FILE_NAME
     (stage / sbom.FILE_NAME).write_text(sbom.dumps(sbom.document(manifest, found)), encoding="utf-8")
     image_names = {v.file for v in files}
-    manifest["files"] = {p.name: artifacts.sha256_known(p) for p in sorted(stage.iterdir())
-                         if p.is_file() and p.name not in image_names}
+    others = {p.name: artifacts.hashes_known(p) for p in sorted(stage.iterdir())
+              if p.is_file() and p.name not in image_names}
+    manifest["files"] = {name: hashes[digest.SHA256] for name, hashes in others.items()}
     sums = {**{v.file: v.sha256 for v in files}, **manifest["files"]}
+    fast = {**{v.file: v.blake3 for v in files}, **{n: h.get(digest.FAST) for n, h in others.items()}}
+    if all(fast.values()):  # every file of SHA256SUMS, or none: a fetch verifies with one hash
+        manifest[digest.FAST] = fast
     return Produced(manifest, sums, primary)
 
 

@@ -12,7 +12,9 @@ Layout of output/<image>/ (the published build is whatever `current` points to):
                               mid-publish and `sha256sum -c SHA256SUMS` works here as in current/
 
 SHA256SUMS names every file of the build (but itself and manifest.json) relative to the build
-folder, which is why every one of them has its link here.
+folder, which is why every one of them has its link here. The manifest's `blake3` names the same
+files with their BLAKE3 (pipeline.base.digest), taken in the same read as their sha256: what a
+fetch verifies with.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.base import digest
 from pipeline.base.errors import CorruptState, VerifyFailed
 from pipeline.base.fsutil import ensure_dir, replace_link, resolves_inside, safe_rmtree
 from pipeline.base.numbers import int_or_none
@@ -54,6 +57,7 @@ class Verified:
     virtual_size: int
     sha256: str
     compressed: bool = False
+    blake3: str | None = None    # None where this Python has no BLAKE3
 
     def as_manifest(self) -> dict[str, Any]:
         """The manifest's record of this file."""
@@ -77,9 +81,19 @@ def sha256_file(path: Path, bufsize: int = 4 << 20) -> str:
     return h.hexdigest()
 
 
-# Files whose sha256 is being taken ahead of time (hash_ahead): path → (its stat stamp when the
-# hash started, the hash's future). Only this process's own staging files go here.
-_AHEAD: dict[str, tuple[tuple[int, ...], concurrent.futures.Future[str]]] = {}
+def publish_hashes() -> tuple[str, ...]:
+    """The hashes a build records for each file: sha256, and BLAKE3 where this Python has it."""
+    return (digest.SHA256, digest.FAST) if digest.has_fast() else (digest.SHA256,)
+
+
+def hash_file(path: Path) -> dict[str, str]:
+    """Every publish hash of `path` (publish_hashes()), in one read."""
+    return digest.of_file(path, publish_hashes())
+
+
+# Files whose hashes are being taken ahead of time (hash_ahead): path → (its stat stamp when the
+# hash started, the hashes' future). Only this process's own staging files go here.
+_AHEAD: dict[str, tuple[tuple[int, ...], concurrent.futures.Future[dict[str, str]]]] = {}
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -90,59 +104,60 @@ def _stamp(path: Path) -> tuple[int, ...]:
 
 def hash_ahead(paths: Iterable[Path]) -> None:
     """Start hashing staged files that will not change any more (the demo's kernel and initramfs)
-    in a background thread, so their sha256 is ready when the manifest is written instead of
-    costing a read after the engine finished; sha256_known() takes the result."""
+    in a background thread, so their hashes are ready when the manifest is written instead of
+    costing a read after the engine finished; hashes_known() takes the result."""
     for path in paths:
-        future: concurrent.futures.Future[str] = concurrent.futures.Future()
+        future: concurrent.futures.Future[dict[str, str]] = concurrent.futures.Future()
         try:
             stamp = _stamp(path)
         except OSError:
             continue
         _AHEAD[str(path)] = (stamp, future)
-        threading.Thread(target=_hash_into, args=(path, future), daemon=True, name=f"sha256 {path.name}").start()
+        threading.Thread(target=_hash_into, args=(path, future), daemon=True, name=f"hash {path.name}").start()
 
 
-def _hash_into(path: Path, future: concurrent.futures.Future[str]) -> None:
+def _hash_into(path: Path, future: concurrent.futures.Future[dict[str, str]]) -> None:
     try:
-        future.set_result(sha256_file(path))
-    except OSError as exc:  # sha256_known() hashes the file itself instead
+        future.set_result(hash_file(path))
+    except OSError as exc:  # hashes_known() hashes the file itself instead
         future.set_exception(exc)
     finally:
         future.cancel()  # only takes effect when nothing was set: the waiter never hangs
 
 
-def sha256_known(path: Path) -> str:
-    """sha256 of `path`: the one hash_ahead() took when the file is unchanged since (same inode,
-    size, mtime and ctime before the hash started and now), else read now."""
+def hashes_known(path: Path) -> dict[str, str]:
+    """The publish hashes of `path`: those hash_ahead() took when the file is unchanged since
+    (same inode, size, mtime and ctime before the hash started and now), else read now."""
     ahead = _AHEAD.pop(str(path), None)
     if ahead is not None:
         stamp, future = ahead
         try:
-            digest = future.result()
+            hashes = future.result()
             if _stamp(path) == stamp:
-                return digest
+                return hashes
         except (OSError, concurrent.futures.CancelledError):
             pass
-    return sha256_file(path)
+    return hash_file(path)
 
 
 def verify(path: Path, fmt: str, *, compressed: bool = False) -> Verified:
     """`qemu-img info` must agree on the format, `qemu-img check` must pass (qcow2, vdi, vhdx,
-    vmdk), then sha256."""
+    vmdk), then sha256 (and BLAKE3, in the same read)."""
     if not path.is_file() or path.stat().st_size == 0:
         raise VerifyFailed(f"no image produced at {path}")
     # hash while qemu-img reads, and check while info answers: hashlib drops the GIL on large
     # buffers and the two qemu-img runs are separate processes, so all three overlap
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        digest = pool.submit(sha256_file, path)
+        hashes = pool.submit(hash_file, path)
         check = pool.submit(run, ["qemu-img", "check", "-q", "-f", fmt, path], check=False) if fmt in CHECKABLE else None
         virtual_size = _qemu_img_info(path, fmt)
         if check is not None:
             res = check.result()
             if res.returncode != 0:
                 raise VerifyFailed(f"{path.name}: qemu-img check failed: {(res.stdout + res.stderr).strip()[-400:]}")
-        sha = digest.result()
-    return Verified(path.name, fmt, path.stat().st_size, virtual_size, sha, compressed)
+        got = hashes.result()
+    return Verified(path.name, fmt, path.stat().st_size, virtual_size, got[digest.SHA256], compressed,
+                    got.get(digest.FAST))
 
 
 def _qemu_img_info(path: Path, fmt: str) -> int:

@@ -129,6 +129,7 @@ OPTIONAL: dict[str, tuple[Any, str]] = {
     "input_parts": (_strings, "an object of text values"),
     "accelerator": (_strings, "an object of text values"),
     "files": (_sums, "an object of file name: sha256"),
+    "blake3": (_sums, "an object of file name: BLAKE3 (64 hex digits)"),
     "packages": (lambda v: isinstance(v, list) and all(isinstance(p, Mapping) for p in v), "a list of objects"),
 }
 

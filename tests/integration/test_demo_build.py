@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import blake3
 import pytest
 
 from pipeline.base.errors import AccelUnavailable
@@ -29,6 +30,11 @@ def test_published_image_verifies_and_holds_the_marker(demo_build, tmp_path):
     # SHA256SUMS works with the standard tool, in the build folder and in output/<image>/ (#13)
     for where in (image_dir / "current", image_dir):
         subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=where, check=True, capture_output=True)
+    # and the BLAKE3 of every file it names, taken in the same read, for fetches to verify with
+    sums = dict(reversed(line.split("  ")) for line in (image_dir / "SHA256SUMS").read_text().splitlines())
+    assert set(manifest["blake3"]) == set(sums)
+    for name, b3 in manifest["blake3"].items():
+        assert blake3.blake3((image_dir / "current" / name).read_bytes()).hexdigest() == b3
     # read the provisioner's marker back from the ext filesystem on the disk
     require_tool("debugfs", "e2fsprogs")
     raw = tmp_path / "disk.raw"

@@ -44,7 +44,18 @@ from pipeline.base.validate import (
     string,
     timezone,
 )
-from pipeline.model import Accel, Arch, Builder, Config, Defaults, Firmware, Format, Image, User
+from pipeline.model import (
+    Accel,
+    Arch,
+    Builder,
+    Compress,
+    Config,
+    Defaults,
+    Firmware,
+    Format,
+    Image,
+    User,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Validation: the parsers and the collector live in pipeline.base.validate (short names kept here).
@@ -113,6 +124,13 @@ def _choice(kind: type[StrEnum]) -> Key:
 
 def _distros() -> str:
     return " | ".join(f"`{name}`" for name in distros.names())
+
+
+def _compress(v: Any) -> Compress:
+    """A Compress; YAML's bare on/off arrive as booleans."""
+    if isinstance(v, bool):
+        return Compress.ON if v else Compress.OFF
+    return _enum(Compress)(v)
 
 
 def _doc(key: Key, doc: str, default: str | None = None) -> Key:
@@ -211,6 +229,10 @@ BUILDER_SPEC: dict[str, Key] = {
     "dir": Key(_no_newline, "a path without `..`",
                "the build folder there: a folder of its own, mirrored with `rsync --delete`"),
     "arch": _doc(_choice(Arch), "what `remote-build` spreads images by"),
+    "compress": replace(_choice(Compress), parse=_compress,
+                        doc="how images cross the link (fetch, upload): `auto` measures it and compresses with zstd "
+                            "where it is slower than compression; `on`, `off`, or one compressor both rsyncs have "
+                            "([remote builders](remote-builders.md#compression-and-deltas))", default="`auto`"),
 }
 
 # Invoke's and Fabric's own top-level keys live in the same file; they are not ours to judge.

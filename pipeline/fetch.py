@@ -3,20 +3,28 @@
 The builder's manifest is the source of truth for what the image must hash to; the local
 published image changes only after every fetched file matched it, through the same atomic
 publish as a local build. Every file SHA256SUMS lists is fetched (each image format, boot files,
-the SBOM); every image file the manifest lists is checked for its format, every file by its
-sha256. An interrupted transfer leaves its staging folder in place, so the next fetch sends only
-the rest; a file that does not match is never published. Like a build, a fetch writes the
+the SBOM); every image file the manifest lists is checked for its format, every file by the
+hash the builder recorded at publish (BLAKE3; sha256 from builders whose manifest has none). An
+interrupted transfer leaves its staging folder in place, so the next fetch sends only the rest;
+a file that does not match is never published. Like a build, a fetch writes the
 image's folder under the image's lock (so a build, `gc` or a second fetch never removes its
 staging folder or publishes over it) and applies the image's retention once it has published.
 
+What crosses the link (pipeline.builders.transfer): compressed where the link is slower than
+compression (the builder's `compress`, pipeline.builders.wire), and only what the previous build
+here lacks: the published build serves rsync as the basis of the new one.
+
 What it costs on top of the transfer itself, and why it is small:
-- one SSH connection: `invoke remote-fetch` opens an OpenSSH master for the manifest read and
-  rsync's ssh rides on it (pipeline.builders.openssh) - no Python SSH stack to import, no 2nd handshake;
-- sha256 as the bytes land: a follower thread per file hashes what rsync writes while it
-  writes it (pipeline.builders.follow); its digest counts only when rsync's stats show one front-to-back
-  pass over exactly the file there now, else (or on a mismatch) the file is read again;
-- no `qemu-img check` here: a sha256 equal to the builder's manifest proves these are the bytes
+- one SSH connection: `invoke remote-fetch` opens an OpenSSH master for the manifest read (which
+  also reads the builder's `rsync --version`), the link measurement and rsync's ssh
+  (pipeline.builders.openssh) - no Python SSH stack to import, no 2nd handshake;
+- hashed as the bytes land: a follower thread per file hashes what rsync writes while it
+  writes it (pipeline.builders.follow), with BLAKE3 where the builder recorded it (several GB/s
+  on one core); its digest counts only when rsync shows one front-to-back pass over exactly the
+  file there now, else (or on a mismatch) the file is read again;
+- no `qemu-img check` here: a hash equal to the builder's manifest proves these are the bytes
   the builder checked before it published them; a `qemu-img info` format check stays.
+The fetched build's manifest says which hash was verified where (`fetched.verified`).
 """
 
 from __future__ import annotations
@@ -27,23 +35,18 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import distros
-from pipeline.base.errors import BuildFailed, CommandFailed, CorruptState, VerifyFailed
+from pipeline.base import digest
+from pipeline.base.errors import BuildFailed, CorruptState, VerifyFailed
 from pipeline.base.fsutil import ensure_dir
-from pipeline.base.run import run, stream
+from pipeline.base.run import run
 from pipeline.base.text import visible
-from pipeline.builders import follow, openssh, rsync
-from pipeline.builders.remote import (
-    REMOTE_OUTPUT,
-    Target,
-    check_name,
-    main_thread_timeout,
-    runner_for,
-)
+from pipeline.builders import openssh, rsync, transfer, wire
+from pipeline.builders.remote import REMOTE_OUTPUT, Target, check_name, runner_for
 from pipeline.host import Runner
 from pipeline.model import Config, Image
 from pipeline.output import artifacts, history, manifest_check, retention
@@ -104,20 +107,41 @@ def check_manifest(manifest: Any, image: Image, source: str = "the builder's man
 # hold (a JSON document has no bare line of this kind after its end, and no sums line looks so),
 # so junk after the manifest is blamed on the manifest and a damaged SHA256SUMS on itself.
 SPLIT = "--- imagepipe: SHA256SUMS follows ---"
-# Prints $1, the SPLIT line ($3), then $2; the paths are arguments, never part of the script.
-READ_BOTH = 'cat -- "$1" && printf "\\n%s\\n" "$3" && cat -- "$2"'
+# After SHA256SUMS, this line, then what the builder says about its end of the link (wire.FACTS).
+PROBE = "--- imagepipe: builder facts follow ---"
+# Prints $1, the SPLIT line ($3), $2, the PROBE line ($4), then wire.FACTS' lines; the paths are
+# arguments, never script text.
+READ_ALL = 'cat -- "$1" && printf "\\n%s\\n" "$3" && cat -- "$2" && printf "\\n%s\\n" "$4" && { ' + wire.FACTS + '; }'
 
 
-def read_remote(run_remote: Runner, target: Target, image: Image) -> tuple[dict[str, Any], dict[str, str]]:
-    """The builder's published manifest and SHA256SUMS for `image` (one round trip)."""
+@dataclass(frozen=True)
+class Published:
+    """What the builder has published for an image, and what its end of the link can do."""
+
+    manifest: dict[str, Any]
+    sums: dict[str, str]
+    facts: wire.Facts = field(default_factory=lambda: wire.Facts(rsync.RsyncVersion("unknown")))
+
+    def fast_hashes(self) -> dict[str, str] | None:
+        """The builder's BLAKE3 of every file SHA256SUMS names, or None (an older builder)."""
+        fast = self.manifest.get(digest.FAST)
+        if isinstance(fast, dict) and set(self.sums) <= set(fast) and digest.has_fast():
+            return {name: fast[name] for name in self.sums}
+        return None
+
+
+def read_remote(run_remote: Runner, target: Target, image: Image) -> Published:
+    """The builder's published manifest and SHA256SUMS for `image`, its rsync's version and how
+    it sees this connection (one round trip)."""
     image_dir = target.path(REMOTE_OUTPUT, image.name)
-    res = run_remote(("sh", "-c", READ_BOTH, "sh", f"{image_dir}/{artifacts.MANIFEST}",
-                      f"{image_dir}/{artifacts.SUMS}", SPLIT))
+    res = run_remote(("sh", "-c", READ_ALL, "sh", f"{image_dir}/{artifacts.MANIFEST}",
+                      f"{image_dir}/{artifacts.SUMS}", SPLIT, PROBE))
     if not res.ok:
         raise BuildFailed(f"builder {target.name} has no published {image.name} under {target.path(REMOTE_OUTPUT)}",
                           hint=f"build it there first: invoke remote-sync-build {target.name} --image {image.name}")
     hint = f"rebuild on the builder (invoke remote-sync-build {target.name} --image {image.name})"
-    text, _, sums_text = res.stdout.rpartition(f"\n{SPLIT}\n")
+    files, _, facts = res.stdout.partition(f"\n{PROBE}\n")
+    text, _, sums_text = files.rpartition(f"\n{SPLIT}\n")
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -133,7 +157,7 @@ def read_remote(run_remote: Runner, target: Target, image: Image) -> tuple[dict[
         if sums.get(art["file"]) != art["sha256"]:
             raise VerifyFailed(f"builder {target.name}: SHA256SUMS and manifest disagree about {art['file']} "
                                "(a publish in progress? try again)")
-    return manifest, sums
+    return Published(manifest, sums, wire.parse_facts(facts))
 
 
 def up_to_date(image_dir: Path, manifest: dict[str, Any], sums: dict[str, str] | None = None) -> bool:
@@ -158,23 +182,35 @@ def up_to_date(image_dir: Path, manifest: dict[str, Any], sums: dict[str, str] |
         return False
 
 
-@dataclass(frozen=True)
 class Link:
-    """How one fetch reaches the builder: a runner for commands, extra ssh options for rsync."""
+    """How one fetch reaches the builder: a runner for commands, and one OpenSSH master that
+    the link measurement and rsync's ssh share (opened by whichever needs it first)."""
 
-    run: Runner
-    rsync_ssh: tuple[str, ...] = ()
+    def __init__(self, target: Target, accept_new_host_key: bool = False, conn: Any | None = None) -> None:
+        self.ssh = openssh.Connection(target, accept_new_host_key=accept_new_host_key)
+        self.run: Runner = runner_for(conn) if conn is not None else self.ssh.run
+
+    def rsync_ssh(self) -> list[str]:
+        """Options for rsync's ssh: ride on the master once it is open, else open its own
+        (with the same cipher preference)."""
+        if self.ssh.socket.exists():
+            return self.ssh.rsync_ssh_options()
+        return openssh.cipher_options(self.ssh.target)
+
+    def measure(self) -> float | None:
+        """The link's rate from the builder (bytes/s), over the master."""
+        return self.ssh.link_rate()
 
 
 @contextlib.contextmanager
 def link_to(conn: Any | None, target: Target, accept_new_host_key: bool = False) -> Iterator[Link]:
-    """Through an open Fabric connection when the caller has one (a remote build just ran on
-    it), else through one OpenSSH connection shared by the manifest read and rsync."""
-    if conn is not None:  # rsync opens its own ssh then: it gets the same cipher preference
-        yield Link(runner_for(conn), tuple(openssh.cipher_options(target)))
-        return
-    with openssh.Connection(target, accept_new_host_key=accept_new_host_key) as ssh:
-        yield Link(ssh.run, tuple(ssh.rsync_ssh_options()))
+    """Commands through an open Fabric connection when the caller has one (a remote build just
+    ran on it), else through the OpenSSH master that rsync shares."""
+    link = Link(target, accept_new_host_key, conn)
+    try:
+        yield link
+    finally:
+        link.ssh.close()
 
 
 def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Callable[[str], None], *,
@@ -186,7 +222,8 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
     """
     rsync.require_capable()  # before connecting: an rsync that cannot resume is refused up front
     with link_to(conn, target, accept_new_host_key) as link:
-        manifest, sums = read_remote(link.run, target, image)
+        pub = read_remote(link.run, target, image)
+        manifest, sums = pub.manifest, pub.sums
         build_id = manifest["build_id"]
         image_dir = cfg.output_dir / image.name
         if _already_here(image_dir, image, manifest, sums, target, say):
@@ -198,19 +235,23 @@ def fetch(conn: Any | None, target: Target, cfg: Config, image: Image, say: Call
             if waited:
                 # Meanwhile the builder may have published anew (and removed the build read
                 # above), or the fetch we waited for brought this very build: ask again.
-                manifest, sums = read_remote(link.run, target, image)
+                pub = read_remote(link.run, target, image)
+                manifest, sums = pub.manifest, pub.sums
                 build_id = manifest["build_id"]
                 if _already_here(image_dir, image, manifest, sums, target, say):
                     return FetchResult(image.name, build_id, True, None, None)
             stage_name = f"{retention.FETCH_PREFIX}{build_id}"
             retention.clean_stale(image_dir, say, fetches=True, keep=stage_name)  # resumes its own only
             stage = ensure_dir(image_dir / ".staging" / stage_name, image_dir)  # never through a link
+            how = _plan(link, target, pub, image_dir)
+            say(f"{target.prefix}{image.name}: {how.text}")
             started = time.monotonic()
-            got, how = _transfer(link, target, image, manifest, sums, stage, say)
+            got, verified = _transfer(link, target, image, pub, stage, how, say)
             stats = got.stats
-            say(f"{target.prefix}{image.name}: received {stats.received} bytes "
-                f"({stats.literal} bytes file data) in {time.monotonic() - started:.1f}s, sha256 verified {how}")
-            final = _publish(stage, image_dir, image, manifest, sums, target)
+            matched = f", {stats.matched} matched in build {how.basis.name}" if how.basis is not None else ""
+            say(f"{target.prefix}{image.name}: received {stats.received} bytes ({stats.literal} bytes file data"
+                f"{matched}) in {time.monotonic() - started:.1f}s, {verified['hash']} verified {verified['how']}")
+            final = _publish(stage, image_dir, image, manifest, sums, target, verified)
             say(f"{target.prefix}{image.name}: published {image_dir / distros.artifact_name(image)} "
                 f"(built on {target.name})")
             retention.after_publish(cfg.output_dir, image.name, image.retention,
@@ -228,26 +269,68 @@ def _already_here(image_dir: Path, image: Image, manifest: dict[str, Any], sums:
     return True
 
 
-def _transfer(link: Link, target: Target, image: Image, manifest: dict[str, Any], sums: dict[str, str],
-              stage: Path, say: Callable[[str], None]) -> tuple[Received, str]:
-    """rsync into `stage` (resuming what it holds) and verify; one clean re-transfer when what
-    was kept turns out not to match. Returns what arrived and how sha256 was verified."""
-    remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", manifest["build_id"])
-    sizes = {a["file"]: a["size"] for a in artifacts.image_files(manifest)}
+@dataclass(frozen=True)
+class How:
+    """How a fetch moves and checks the bytes: compression, the basis, the hash."""
+
+    wire: wire.Wire
+    basis: Path | None           # the published build here, when it can serve as a basis
+    algorithm: str               # digest.FAST, or digest.SHA256 for an older builder
+    expected: dict[str, str]     # file name → its hash (algorithm) per the builder
+
+    @property
+    def text(self) -> str:
+        basis = f"delta against build {self.basis.name}" if self.basis is not None else "no earlier build here"
+        return f"transfer {self.wire.text}, {basis}, verified by {self.algorithm}"
+
+
+def _plan(link: Link, target: Target, pub: Published, image_dir: Path) -> How:
+    """Compression for this link, the previous build as basis, and the hash to verify with."""
+    chosen = wire.for_link(target.name, target.compress.value, pub.facts, link.measure)
+    fast = pub.fast_hashes()
+    algorithm, expected = (digest.FAST, fast) if fast is not None else (digest.SHA256, _sha256s(pub))
+    return How(chosen, _basis(image_dir, pub), algorithm, expected)
+
+
+def _sha256s(pub: Published) -> dict[str, str]:
+    images = {art["file"]: art["sha256"] for art in artifacts.image_files(pub.manifest)}
+    return {name: images.get(name, sha) for name, sha in pub.sums.items()}
+
+
+def _basis(image_dir: Path, pub: Published) -> Path | None:
+    """The build published here, if it holds a file of the same name as the new build's image
+    (its own folder under builds/, never through a link we did not make)."""
+    build = artifacts.current_build(image_dir)
+    if build is None:
+        return None
+    primary = pub.manifest["artifact"]["file"]
+    older = build / primary
+    return build if older.is_file() and not older.is_symlink() else None
+
+
+def _transfer(link: Link, target: Target, image: Image, pub: Published, stage: Path, how: How,
+              say: Callable[[str], None]) -> tuple[transfer.Received, dict[str, Any]]:
+    """rsync into `stage` (resuming what it holds) and verify; one clean re-transfer (no basis,
+    nothing kept) when the result does not match. Returns what arrived and what was verified how."""
+    remote_dir = target.path(REMOTE_OUTPUT, image.name, "builds", pub.manifest["build_id"])
+    sources = [f"{remote_dir}/{n}" for n in sorted(pub.sums)]
+    sizes = {a["file"]: a["size"] for a in artifacts.image_files(pub.manifest)}
     label = f"{target.prefix}{image.name}: "
     with _progress(stage, sizes, lambda line: say(label + line)):
-        got = _receive(link, target, remote_dir, sorted(sums), stage, resume=True)
+        got = transfer.pull(target, sources, stage, wire=how.wire, basis=how.basis, resume=True,
+                            ssh_extra=link.rsync_ssh(), algorithm=how.algorithm)
     try:
-        return got, _verify(stage, image, manifest, sums, got.digests)
+        return got, _verify(stage, image, pub.manifest, how, got.digests)
     except VerifyFailed:
-        # What we kept may be what broke: one clean re-transfer before blaming the builder.
+        # What we kept, or the basis, may be what broke: one clean transfer before blaming the builder.
         say(f"{target.prefix}{image.name}: checksum mismatch, transferring again from scratch")
-        for name in sums:
+        for name in pub.sums:
             (stage / name).unlink(missing_ok=True)
         with _progress(stage, sizes, lambda line: say(label + line)):
-            got = _receive(link, target, remote_dir, sorted(sums), stage, resume=False)
+            got = transfer.pull(target, sources, stage, wire=how.wire, resume=False, ssh_extra=link.rsync_ssh(),
+                                algorithm=how.algorithm)
     try:
-        return got, _verify(stage, image, manifest, sums, got.digests)
+        return got, _verify(stage, image, pub.manifest, how, got.digests)
     except VerifyFailed as exc:
         artifacts.discard(stage)
         raise VerifyFailed(f"builder {target.name}: {exc.message}; the builder's copy does not match "
@@ -286,49 +369,6 @@ def _progress(stage: Path, sizes: Mapping[str, int], say: Callable[[str], None],
         thread.join()
 
 
-@dataclass(frozen=True)
-class Received:
-    """One rsync run: its stats, and the sha256 of each file whose digest covers the final file."""
-
-    stats: rsync.Stats
-    digests: dict[str, str]
-
-
-def _receive(link: Link, target: Target, remote_dir: str, names: list[str], stage: Path, *,
-             resume: bool) -> Received:
-    """rsync `names` into `stage` (resuming what is there when `resume`) while hashing them."""
-    kept = {n: _size(stage / n) for n in names}
-    argv = rsync.pull_argv(target.host, [f"{remote_dir}/{n}" for n in names], stage, target.ssh_config,
-                           resume=resume and any(kept.values()), ssh_extra=link.rsync_ssh)
-    followers = {n: follow.Follower(stage / n).start() for n in names}
-    try:
-        res = stream(argv, timeout=main_thread_timeout(6 * 3600))
-    except BaseException as exc:
-        for f in followers.values():
-            f.finish(cancel=True)
-        if isinstance(exc, CommandFailed):
-            exc.hint = "the partial transfer is kept: run the same fetch again to resume"
-        raise
-    stats = rsync.parse_stats(res.stdout)
-    seen = {n: f.finish() for n, f in followers.items()}
-    final = {n: _size(stage / n) for n in names}
-    digests = {}
-    if one_pass(stats, kept, final):
-        digests = {n: d.sha256 for n, d in seen.items() if d is not None and d.covers(stage / n)}
-    return Received(stats, digests)
-
-
-def one_pass(stats: rsync.Stats, kept: Mapping[str, int], final: Mapping[str, int]) -> bool:
-    """True when rsync received each file's new bytes exactly once, front to back.
-
-    In our modes (whole-file, or append) a single pass receives exactly the bytes each file
-    grew by; a second pass over a file whose checksum failed (rsync's "redo") receives more,
-    as literal or matched data, and may rewrite bytes a follower has already hashed.
-    """
-    grown = sum(final[n] - kept.get(n, 0) for n in final)
-    return stats.matched == 0 and stats.literal == grown
-
-
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -336,28 +376,28 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _verify(stage: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str],
-            digests: Mapping[str, str]) -> str:
-    """Every file's sha256 equals SHA256SUMS (each image file's equals the manifest) and every
-    image file is of the manifest's format. A digest taken while receiving is accepted when it
-    matches; anything else is decided by reading the file. Returns how the hashes were taken."""
+def _verify(stage: Path, image: Image, manifest: dict[str, Any], how: How,
+            digests: Mapping[str, str]) -> dict[str, Any]:
+    """Every file's hash (how.algorithm) equals the builder's and every image file is of the
+    manifest's format. A digest taken while receiving is accepted when it matches; anything else
+    is decided by reading the file. Returns what was verified how (the manifest's record)."""
     images = {art["file"]: art for art in artifacts.image_files(manifest)}
     primary = manifest["artifact"]["file"]
     reread = []
-    for name in [primary, *sorted((set(sums) | set(images)) - {primary})]:
-        expected = images[name]["sha256"] if name in images else sums[name]
+    for name in [primary, *sorted((set(how.expected) | set(images)) - {primary})]:
+        expected = how.expected.get(name)
         got = digests.get(name)
-        if got != expected:
+        if got is None or got != expected:
             reread.append(name)
-            got = artifacts.sha256_file(stage / name) if (stage / name).is_file() else "(missing)"
+            got = (digest.of_file(stage / name, (how.algorithm,))[how.algorithm] if (stage / name).is_file()
+                   else "(missing)")
         if got != expected:
-            what = "the manifest" if name in images else "SHA256SUMS"
-            raise VerifyFailed(f"{name}: sha256 {got} does not match {what} ({expected})")
+            what = "the manifest" if name in images or how.algorithm != digest.SHA256 else "SHA256SUMS"
+            raise VerifyFailed(f"{name}: {how.algorithm} {got} does not match {what} ({expected})")
     for art in images.values():
         _check_format(stage / art["file"], art["format"])
-    if not reread:
-        return "while receiving"
-    return f"(re-read after the transfer: {', '.join(reread)})"
+    where = "while receiving" if not reread else f"(re-read after the transfer: {', '.join(reread)})"
+    return {"hash": how.algorithm, "files": len(how.expected), "how": where}
 
 
 def _check_format(path: Path, fmt: str) -> None:
@@ -372,10 +412,11 @@ def _check_format(path: Path, fmt: str) -> None:
 
 
 def _publish(stage: Path, image_dir: Path, image: Image, manifest: dict[str, Any], sums: dict[str, str],
-             target: Target) -> Path:
-    """The builder's record, plus where it came from, published atomically like a local build."""
+             target: Target, verified: dict[str, Any]) -> Path:
+    """The builder's record, plus where it came from and what was verified here, published
+    atomically like a local build."""
     record = {**manifest, "host": {**manifest.get("host", {}), "where": target.name},
-              "fetched": {"from": target.name, "at": artifacts.utc_stamp()}}
+              "fetched": {"from": target.name, "at": artifacts.utc_stamp(), "verified": verified}}
     artifacts.write_build_files(stage, record, sums)
     build_id = manifest["build_id"]
     local_id, n = build_id, 1

@@ -56,6 +56,17 @@ class Arch(StrEnum):
         return None
 
 
+class Compress(StrEnum):
+    """A builder's `compress`: how images cross its link (pipeline.builders.wire)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+    ZSTD = "zstd"
+    LZ4 = "lz4"
+    ZLIB = "zlib"
+
+
 class Accel(StrEnum):
     AUTO = "auto"
     KVM = "kvm"
@@ -145,6 +156,7 @@ class Builder:
     host: str
     dir: str = "~/imagepipe"
     arch: Arch | None = None
+    compress: Compress = Compress.AUTO
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""sha256 of a file computed while another program writes it front to back (rsync --inplace).
+"""The hash of a file computed while another program writes it front to back (rsync --inplace).
 
 A fetch used to hash the image after the transfer: a second full read, which on a CPU without
 SHA instructions costs as much CPU as the transfer itself. A `Follower` thread instead reads
-the file as it grows and hashes each byte once, from the page cache, while rsync is still busy.
+the file as it grows and hashes each byte once, from the page cache, while rsync is still busy,
+with the hash the builder's manifest offers (BLAKE3, or sha256 from older builders:
+pipeline.base.digest).
 
 This is only sound for a writer that never goes back: bytes below the current end of the file
 must be final. rsync in the modes pipeline.builders.rsync.pull_argv uses writes sequentially, except
@@ -20,7 +22,6 @@ up as sparse as --sparse would have made it, and the zeros are hashed while they
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import sys
 import threading
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK = 4 << 20     # bytes per read; hashlib drops the GIL while it hashes a buffer this large
+from pipeline.base import digest
+
+CHUNK = 4 << 20     # bytes per read; both hashes drop the GIL while they hash a buffer this large
 SEG = 64 << 10      # hole granularity (a qcow2 cluster); reads stop at a segment boundary
 POLL = 0.01         # seconds between looks at a file that has not grown
 ZERO = bytes(SEG)
@@ -38,7 +41,7 @@ ZERO = bytes(SEG)
 class Followed:
     """What a follower read: the digest of `length` bytes of the file with identity `ident`."""
 
-    sha256: str
+    digest: str                 # hex, of the follower's algorithm
     length: int
     ident: tuple[int, int]      # (st_dev, st_ino) of the file it read
     shrank: bool                # the file got shorter while being read: it was rewritten
@@ -59,8 +62,9 @@ class Followed:
 class Follower:
     """Hash `path` as it is written (starting when it appears); `finish()` once the writer exited."""
 
-    def __init__(self, path: Path, poll: float = POLL, punch: bool = True) -> None:
+    def __init__(self, path: Path, poll: float = POLL, punch: bool = True, algorithm: str = digest.SHA256) -> None:
         self.path = path
+        self.algorithm = algorithm
         self.poll = poll
         self.holes = Holes() if punch else None
         self._writer_done = threading.Event()
@@ -115,7 +119,7 @@ class Follower:
 
     def _follow(self, fd: int) -> Followed | None:
         st = os.fstat(fd)
-        h = hashlib.sha256()
+        h = digest.new(self.algorithm)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pos, shrank, last_pass, caught_up = 0, False, False, 0

@@ -27,7 +27,9 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -106,6 +108,24 @@ def connection_error(target: Target, stderr: str) -> ImagepipeError:
                               hint=f"check that `ssh {target.host}` works (HostName, Port, ProxyJump)")
 
 
+def best_rate(samples: Sequence[tuple[float, int]], span: float) -> float | None:
+    """The highest rate (bytes/s) over any stretch of at least `span` seconds of `samples`
+    ((time, bytes so far), in order); the whole stretch when it is shorter."""
+    best = None
+    j = 0
+    for i, (t0, b0) in enumerate(samples):
+        j = max(j, i + 1)
+        while j < len(samples) and samples[j][0] - t0 < span:
+            j += 1
+        if j == len(samples):
+            break
+        rate = (samples[j][1] - b0) / (samples[j][0] - t0)
+        best = rate if best is None else max(best, rate)
+    if best is None and len(samples) > 1 and samples[-1][0] > samples[0][0]:
+        best = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+    return best
+
+
 class Connection:
     """OpenSSH to `target`, opened by the first `run()`; use as a context manager."""
 
@@ -137,6 +157,35 @@ class Connection:
         if res.returncode == 255:
             raise connection_error(self.target, res.stderr)
         return res
+
+    def link_rate(self, nbytes: int = 64 << 20, window: float = 0.2, span: float = 0.05) -> float | None:
+        """The link's rate from the builder to here in bytes/s: zeros (nothing to make on the
+        builder) streamed over this connection for about `window` seconds, timed from the first
+        byte (the handshake and the session's start do not count); the best rate over any
+        `span` of it, so a moment when this machine was busy elsewhere does not count as a
+        slow link. None when it could not be measured. (Where the user's ssh config turns on
+        ssh's own compression the zeros shrink and the link looks fast, which it then is for
+        anything compressible.)"""
+        ssh = self._base("-o", f"StrictHostKeyChecking={'accept-new' if self.accept_new else 'yes'}",
+                         "-o", "ControlMaster=auto", "-o", f"ControlPersist={PERSIST}",
+                         "-o", f"ConnectTimeout={CONNECT_TIMEOUT}")
+        if self._ciphers is None:
+            self._ciphers = [] if self.socket.exists() else cipher_options(self.target)
+        argv = [*ssh, *self._ciphers, "--", self.target.host, shlex.join(["head", "-c", str(nbytes), "/dev/zero"])]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        out = proc.stdout.fileno()
+        try:
+            if not os.read(out, 1 << 16):
+                return None
+            samples = [(time.monotonic(), 0)]
+            while samples[-1][0] - samples[0][0] < window and (chunk := os.read(out, 1 << 20)):
+                samples.append((time.monotonic(), samples[-1][1] + len(chunk)))
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        return best_rate(samples, span)
 
     def rsync_ssh_options(self) -> list[str]:
         """`-o` options that make rsync's ssh (pipeline.builders.rsync.ssh_argv) reuse this connection."""

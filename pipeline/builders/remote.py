@@ -43,10 +43,10 @@ from pipeline.base.errors import (
 from pipeline.base.run import Result, stream
 from pipeline.base.text import visible
 from pipeline.base.validate import host_problem
-from pipeline.builders import rsync
+from pipeline.builders import rsync, wire
 from pipeline.firmware import find_firmware
 from pipeline.host import HostFacts, Runner, probe
-from pipeline.model import Arch, Config
+from pipeline.model import Arch, Compress, Config
 from pipeline.progress import Progress
 
 # Runs argv in directory $1 (no config value is ever part of the script text itself).
@@ -102,6 +102,7 @@ class Target:
     dir: str                      # relative to the remote home, or absolute; no '~', no '..'
     arch: Arch | None = None
     ssh_config: Path | None = None
+    compress: Compress = Compress.AUTO   # how images cross its link (pipeline.builders.wire)
 
     def path(self, *parts: str) -> str:
         """A path under the build dir on the builder."""
@@ -182,7 +183,8 @@ def resolve(cfg: Config, name: str, ssh_config: str | None = None) -> Target:
         if not path.is_file():
             raise UsageError(f"ssh_config_path {ssh_config!r} does not exist",
                              hint="point ssh_config_path in invoke.yaml at an OpenSSH client config file")
-    return Target(name, host, check_dir(raw_dir), configured.arch if configured else None, path)
+    return Target(name, host, check_dir(raw_dir), configured.arch if configured else None, path,
+                  configured.compress if configured else Compress.AUTO)
 
 
 def ssh_config_path(invoke_config: Any) -> str | None:
@@ -345,8 +347,11 @@ def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = 
     The dir must be imagepipe's (`claim_dir`) before rsync --delete runs against it."""
     rsync.require_capable()
     claim_dir(conn, target)
+    # the project is small: compressed unless the builder is this machine, never worth a measurement
+    facts = wire.parse_facts(runner_for(conn)(("sh", "-c", wire.FACTS)).stdout)
+    chosen = wire.for_link(target.name, target.compress.value, facts, lambda: None)
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
-                           (*rsync.SYNC_EXCLUDES, *extra_excludes))
+                           (*rsync.SYNC_EXCLUDES, *extra_excludes), compress=chosen.rsync_args())
     result = stream(argv, timeout=main_thread_timeout(3600),
                     hint=f"check that `ssh {target.host}` works and rsync is installed there")
     return rsync.parse_stats(result.stdout)

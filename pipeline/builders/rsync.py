@@ -1,5 +1,6 @@
-"""rsync command lines (pure), its `--stats` report parsed into numbers, and the check that the
-local rsync can run them.
+"""rsync command lines (pure), its `--stats` and itemized output parsed, what an rsync can do
+(its `--version`: the check that the local rsync can run our transfers, and which compressors
+both ends have).
 
 Both directions go over OpenSSH with the same ssh_config Fabric reads, so an alias, its
 HostName/User/Port/IdentityFile/ProxyJump and its known_hosts apply to rsync too. The `-e`
@@ -50,37 +51,64 @@ def ssh_argv(ssh_config: Path | None, extra: Sequence[str] = ()) -> list[str]:
 
 
 def push_argv(src: Path, host: str, dest: str, ssh_config: Path | None,
-              excludes: Iterable[str] = SYNC_EXCLUDES) -> list[str]:
+              excludes: Iterable[str] = SYNC_EXCLUDES, compress: Sequence[str] = ()) -> list[str]:
     """Mirror the directory `src` into `host:dest` (deleting what is gone here, keeping excludes
-    and the builder's own flake.lock files)."""
+    and the builder's own flake.lock files): a delta against what the builder holds, compressed
+    with `compress` (pipeline.builders.wire)."""
     return [
         "rsync", "--recursive", "--links", "--perms", "--times", "--delete", "--stats",
-        "--protect-args", "-e", shlex.join(ssh_argv(ssh_config)),
+        "--protect-args", *compress, "-e", shlex.join(ssh_argv(ssh_config)),
         *(f"--exclude={e}" for e in excludes),
         *(f"--filter=P {p}" for p in SYNC_PROTECT),
         f"{src}/", f"{host}:{dest}/",
     ]
 
 
+# One line per file rsync handled: its itemized change code and name (parse_itemized).
+ITEMIZE = "--out-format=imagepipe-item %i %n"
+
+
 def pull_argv(host: str, sources: Sequence[str], dest: Path, ssh_config: Path | None, *,
-              resume: bool = True, ssh_extra: Sequence[str] = ()) -> list[str]:
+              resume: bool = True, ssh_extra: Sequence[str] = (), basis: Path | None = None,
+              compress: Sequence[str] = ()) -> list[str]:
     """Copy remote files into the folder `dest`, writing each file front to back in place.
 
     --inplace writes straight into the destination file, so whatever arrived before an
-    interruption (even SIGKILL or a dropped link) stays. Fresh (`resume=False`) files come
-    --whole-file; with `resume`, --append-verify sends only the rest and checks the whole
-    file's checksum, re-sending what differs in a second pass (seen as extra data in --stats).
-    Either way rsync writes each file sequentially and never seeks over data it skips, which
-    lets pipeline.builders.follow hash the bytes as they land. No --sparse for that reason (a seeked-
+    interruption (even SIGKILL or a dropped link) stays. Three modes:
+    - fresh (`resume=False`, no basis): --whole-file, the file's bytes as they are;
+    - `resume`: --append-verify sends only the rest and checks the whole file's checksum,
+      re-sending what differs in a second pass (seen as extra data in --stats);
+    - `basis`, a folder holding older files of the same names (the previous build): rsync's
+      delta transfer against them (--copy-dest: only what they lack crosses the link; a file
+      equal by size and time is copied from there).
+    Each mode writes a file sequentially and never seeks over data it skips, which lets
+    pipeline.builders.follow hash the bytes as they land. No --sparse for that reason (a seeked-
     over run of zeros would only show up at the end); the follower punches the holes instead.
+    `compress`: rsync's compression options (pipeline.builders.wire). Every file handled is
+    itemized on its own line (parse_itemized).
     """
-    mode = ["--append-verify"] if resume else ["--whole-file"]
+    if basis is not None:
+        mode = ["--no-whole-file", f"--copy-dest={basis}"]
+    else:
+        mode = ["--append-verify"] if resume else ["--whole-file"]
     return [
-        "rsync", "--times", "--stats", "--protect-args", "--inplace", *mode,
+        "rsync", "--times", "--stats", ITEMIZE, "--protect-args", "--inplace", *mode, *compress,
         "-e", shlex.join(ssh_argv(ssh_config, ssh_extra)),
         *(f"{host}:{s}" for s in sources),
         f"{dest}/",
     ]
+
+
+def parse_itemized(output: str) -> dict[str, str]:
+    """The ITEMIZE lines of rsync's output → {file name: its change code, e.g. '>f+++++++++'}.
+    '>f' received (written here, front to back), 'cf' copied from a --copy-dest folder, '.f' left
+    as it was."""
+    out = {}
+    for line in output.splitlines():
+        if line.startswith("imagepipe-item "):
+            _, code, name = line.split(" ", 2)
+            out[name] = code
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,18 +161,32 @@ _VERSION_RE = re.compile(r"^rsync\s+version\s+v?(\d+)\.(\d+)(?:\.(\d+))?\S*\s+pr
 _OPENRSYNC_RE = re.compile(r"^openrsync:?\s+protocol version (\d+)", re.M)
 
 
+# rsync's compressors, best first (its own order of preference, 3.2 and later)
+COMPRESSORS: tuple[str, ...] = ("zstd", "lz4", "zlibx", "zlib")
+
+
 @dataclass(frozen=True)
 class RsyncVersion:
-    """What `rsync --version` says: which rsync, its version, its protocol."""
+    """What `rsync --version` says: which rsync, its version, its protocol, its compressors."""
 
     flavor: str                        # "rsync" (Samba's), "openrsync", or "unknown"
     version: tuple[int, ...] = ()
     protocol: int | None = None
+    compress: tuple[str, ...] = ()     # its "Compress list" (3.2+); ("zlib",) before (-z); () else
 
     @property
     def text(self) -> str:
         number = ".".join(map(str, self.version)) if self.version else "unknown version"
         return f"{self.flavor} {number}" if self.flavor != "rsync" else f"rsync {number}"
+
+    @property
+    def named(self) -> bool:
+        """It takes --compress-choice (rsync 3.2 and later list their compressors)."""
+        return self.flavor == "rsync" and self.version >= (3, 2)
+
+    def common(self, other: RsyncVersion) -> tuple[str, ...]:
+        """The compressors both ends have, best first (--compress-choice needs both to have it)."""
+        return tuple(c for c in COMPRESSORS if c in self.compress and c in other.compress)
 
 
 def parse_version(output: str) -> RsyncVersion:
@@ -157,7 +199,10 @@ def parse_version(output: str) -> RsyncVersion:
     found = _VERSION_RE.search(output)
     if found:
         major, minor, patch, protocol = found.groups()
-        return RsyncVersion("rsync", (int(major), int(minor), int(patch or 0)), int(protocol))
+        listed = re.search(r"^Compress list:\s*\n((?:[ \t]+\S.*\n?)+)", output, re.M)
+        # rsync before 3.2 lists none but has zlib (-z)
+        compress = tuple(c for c in listed.group(1).split() if c in COMPRESSORS) if listed else ("zlib",)
+        return RsyncVersion("rsync", (int(major), int(minor), int(patch or 0)), int(protocol), compress)
     return RsyncVersion("unknown")
 
 
@@ -184,6 +229,15 @@ def upgrade_hint(manager: str | None) -> str:
         "dnf": "sudo dnf install rsync",
     }.get(manager or "", "install rsync 3.1 or later first on PATH (Homebrew: brew install rsync; "
                           "Nix: nix develop)")
+
+
+def compress_args(choice: str | None, level: int | None = None, *, named: bool = True) -> list[str]:
+    """rsync's options for compressor `choice` (None: none). `named`: both ends know
+    --compress-choice (rsync 3.2+); else plain -z, which is zlib there."""
+    if not choice:
+        return []
+    pick = [f"--compress-choice={choice}"] if named else []
+    return ["--compress", *pick, *([f"--compress-level={level}"] if level is not None else [])]
 
 
 @functools.cache

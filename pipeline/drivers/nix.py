@@ -350,7 +350,9 @@ def _copy_from_builder(route: SshNg, built: str | None, image: Image, stage: Pat
                           hint="nix build --json printed no result line; see the build log")
     progress.step_event(f"copy the image from {route.where} ({built})")
     copied = fetch_image(route, built, image, stage, pick=pick_image, artifact_name=artifact_name)
-    progress.info(f"copied {copied.path.name} from {route.where}: {copied.sent} bytes in {copied.seconds:.1f}s")
+    delta = ", a delta against the image published here" if copied.delta else ""
+    progress.info(f"copied {copied.path.name} from {route.where}: {copied.sent} bytes in {copied.seconds:.1f}s "
+                  f"({copied.wire}{delta})")
     return copied.path
 
 

@@ -32,19 +32,20 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pipeline.base.errors import BuildFailed, HostUnsuitable, ToolMissing, UsageError
-from pipeline.base.run import install_hint, run, stream
-from pipeline.builders import openssh, rsync
-from pipeline.builders.remote import Target, check_name, main_thread_timeout
+from pipeline.base.run import install_hint, run
+from pipeline.builders import openssh, rsync, transfer, wire
+from pipeline.builders.remote import Target, check_name
 from pipeline.drivers.nixcli import nix_argv, nix_error
 from pipeline.host import parse_nix_config, parse_version
 from pipeline.model import Image
 from pipeline.nixmachines import DISK_IMAGE_FEATURES, Machine, Needs, check_store_path, fitting, parse_show_derivation
+from pipeline.output import artifacts
 
 SSHOPTS = "NIX_SSHOPTS"
 # One round trip to a builder: exit 127 without nix, 126 without nix-daemon (what ssh-ng runs);
@@ -258,33 +259,72 @@ class Copied:
     path: Path
     sent: int            # bytes that crossed the wire
     seconds: float
+    wire: str = ""       # how: compressed or not, and why
+    delta: bool = False  # against the image published here before
 
 
 def fetch_image(route: SshNg, out: str, image: Image, stage: Path, *, pick: Any, artifact_name: str) -> Copied:
     """rsync the image file inside the builder's store path `out` into `stage` (named as the
-    image's artifact), over one OpenSSH connection with imagepipe's host-key policy.
+    image's artifact), over one OpenSSH connection with imagepipe's host-key policy: compressed
+    as the builder's link calls for, and as a delta against the image published here before
+    (pipeline.builders.wire, pipeline.builders.transfer).
     `pick(names, image)`: which entry of a folder output is the image (drivers.nix.pick_image)."""
     target = route.target
     started = time.monotonic()
     reuse = route.conn is not None and route.conn.socket.exists()
     with contextlib.nullcontext(route.conn) if reuse else openssh.Connection(target) as conn:
         assert conn is not None
-        listing = conn.run(("sh", "-c", LIST_OUT, "imagepipe", out))
+        listing = conn.run(("sh", "-c", LIST_OUT + "; " + wire.FACTS, "imagepipe", out))
         if not listing.ok:
             raise BuildFailed(f"nix built {out} on {target.name}, but it is not in its store any more",
                               hint="the builder's nix garbage collector may have removed it: build again")
-        kind, *names = listing.stdout.splitlines()
+        kind, *lines = listing.stdout.splitlines()
+        names, facts = _split_facts(lines)
         # `out` is a checked store path; a name found in it must be one plain file name
         source = out if kind == "file" else str(PurePosixPath(out, check_name(pick(names, image, out), "image file")))
-        argv = rsync.pull_argv(target.host, [source], stage, target.ssh_config, resume=False,
-                               ssh_extra=conn.rsync_ssh_options())
-        res = stream(argv, timeout=main_thread_timeout(6 * 3600),
-                     hint=f"check that rsync is installed on {target.name}")
-    arrived = stage / PurePosixPath(source).name
+        chosen = wire.for_link(target.name, target.compress.value, facts, conn.link_rate)
+        arrived = stage / PurePosixPath(source).name
+        with _previous_image(stage, arrived.name, artifact_name) as basis:
+            got = transfer.pull(target, [source], stage, wire=chosen, basis=basis, resume=False,
+                                ssh_extra=conn.rsync_ssh_options(), algorithm=None,
+                                hint=f"check that rsync is installed on {target.name}")
     dest = stage / artifact_name
     os.chmod(arrived, 0o644)  # store files are read-only
     os.replace(arrived, dest)
-    return Copied(dest, rsync.parse_stats(res.stdout).received, time.monotonic() - started)
+    return Copied(dest, got.stats.received, time.monotonic() - started, chosen.text, basis is not None)
+
+
+def _split_facts(lines: list[str]) -> tuple[list[str], wire.Facts]:
+    """LIST_OUT's names, then wire.FACTS' output (from its $SSH_CONNECTION line on: four fields,
+    which no store file name has, or an empty line)."""
+    for i, line in enumerate(lines):
+        if not line.strip() or len(line.split()) == 4:
+            return lines[:i], wire.parse_facts("\n".join(lines[i:]))
+    return lines, wire.parse_facts("")
+
+
+@contextlib.contextmanager
+def _previous_image(stage: Path, name: str, artifact_name: str) -> Iterator[Path | None]:
+    """A folder in `stage` where the image published here before is `name` (a hard link, read
+    only by rsync as the basis of the new one), or None when there is none or no link can be made."""
+    build = artifacts.current_build(stage.parent.parent)
+    older = build / artifact_name if build is not None else None
+    if older is None or not older.is_file() or older.is_symlink():
+        yield None
+        return
+    folder = stage / ".previous"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    try:
+        os.link(older, folder / name)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        yield None
+        return
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def need_local_tools() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from pipeline.builders import follow, remote, rsync
-from pipeline.fetch import one_pass
+from pipeline.builders.transfer import one_pass
 from pipeline.output import artifacts
 from tests.support import (
     NEEDS_PTY,
@@ -95,7 +96,7 @@ def _out(res: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.slow
 @NEEDS_PTY
 def test_full_cycle_sync_build_fetch_publish(hal9000):
-    """sync → remote demo build in the builder's own venv → fetch → sha256 verified → published here."""
+    """sync → remote demo build in the builder's own venv → fetch → BLAKE3 verified → published here."""
     for tool, pkg in (("packer", "packer"), ("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
         require_tool(tool, pkg)
     builder = hal9000["base"] / "builder"
@@ -110,12 +111,16 @@ def test_full_cycle_sync_build_fetch_publish(hal9000):
 
     res = invoke(["remote-fetch-demo", "hal9000"], hal9000["config"], timeout=300)
     assert res.returncode == 0, _out(res)
-    assert "sha256 verified" in _out(res)
+    assert "blake3 verified while receiving" in _out(res), _out(res)  # the builder recorded BLAKE3 at publish
     image_dir = hal9000["base"] / "output" / "demo-x86_64"
     manifest = artifacts.read_manifest(image_dir)
     assert manifest is not None
     assert manifest["build_id"] == remote_manifest["build_id"]
     assert manifest["host"]["where"] == "hal9000" and manifest["fetched"]["from"] == "hal9000"
+    assert manifest["fetched"]["verified"] == {"hash": "blake3", "files": len(remote_manifest["blake3"]),
+                                               "how": "while receiving"}
+    assert set(remote_manifest["blake3"]) == {line.split("  ")[1] for line in
+                                              (builder / "output/demo-x86_64/SHA256SUMS").read_text().splitlines()}
     assert artifacts.verify_published(image_dir) == remote_manifest["artifact"]["sha256"]
     current = artifacts.current_build(image_dir)
     assert current is not None
@@ -240,6 +245,27 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _fetch_cut_at(cfg: Path, staged: Path, at: int) -> str:
+    """Start `remote-fetch-demo hal9000`, SIGKILL its rsync once `staged` holds `at` bytes (a
+    dropped link: no chance to clean up); the fetch must fail saying how to resume. Its output."""
+    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "remote-fetch-demo", "hal9000"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if staged.exists() and staged.stat().st_size > at:
+            rsyncs = [p for p in _children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "rsync"]
+            for p in rsyncs:
+                os.kill(p, 9)
+            killed = bool(rsyncs)
+            break
+        time.sleep(0.01)
+    text = proc.communicate(timeout=120)[0]
+    assert killed, f"could not interrupt the transfer mid-way:\n{text}"
+    assert proc.returncode != 0 and "resume" in text, text
+    return text
+
+
 @pytest.mark.slow
 def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_path):
     require_tool("qemu-io", "qemu-utils")
@@ -247,27 +273,14 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     out = tmp_path / "output"
     cfg = write_config(tmp_path / "big.yaml", out, {
         "ssh_config_path": str(hal9000["ssh_config"]),
-        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}},
+        # uncompressed: one repeated byte would cross any link at once, and the kill needs time
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder), "compress": "off"}},
     })
     fake_published(builder, "20261123T000000Z-big1", dense_qcow2(tmp_path / "big.qcow2"))
     size = (builder / "output/demo-x86_64/builds/20261123T000000Z-big1/demo-x86_64.qcow2").stat().st_size
     staged = out / "demo-x86_64" / ".staging" / "fetch-20261123T000000Z-big1" / "demo-x86_64.qcow2"
 
-    argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "remote-fetch-demo", "hal9000"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if staged.exists() and staged.stat().st_size > 64 << 20:
-            rsyncs = [p for p in _children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "rsync"]
-            for p in rsyncs:
-                os.kill(p, 9)  # a dropped link: no chance to clean up
-            killed = bool(rsyncs)
-            break
-        time.sleep(0.01)
-    text = proc.communicate(timeout=120)[0]
-    assert killed, f"could not interrupt the transfer mid-way:\n{text}"
-    assert proc.returncode != 0 and "resume" in text, text
+    _fetch_cut_at(cfg, staged, 64 << 20)
     assert 0 < staged.stat().st_size < size
     assert artifacts.read_manifest(out / "demo-x86_64") is None  # nothing half-published
 
@@ -276,7 +289,7 @@ def test_interrupted_fetch_resumes_and_corrupted_remote_is_refused(hal9000, tmp_
     received = int(_out(res).split("received ")[1].split(" bytes")[0])
     assert received < size * 0.97, f"did not resume: received {received} of {size}"
     # the kept part and the rest were hashed as they were read/arrived: no second read
-    assert "sha256 verified while receiving" in _out(res), _out(res)
+    assert "blake3 verified while receiving" in _out(res), _out(res)
     assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(
         builder / "output/demo-x86_64/current/demo-x86_64.qcow2")
     good = artifacts.current_build(out / "demo-x86_64")
@@ -418,7 +431,7 @@ def test_fetch_hashes_while_receiving_one_connection_nothing_left(hal9000, tmp_p
     try:
         res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=600, env={"TMPDIR": str(tmpdir)})
         assert res.returncode == 0, _out(res)
-        assert "sha256 verified while receiving" in _out(res), _out(res)
+        assert "blake3 verified while receiving" in _out(res), _out(res)
         assert list(tmpdir.iterdir()) == [], "the control socket folder was left behind"
         assert _ssh_gone(str(tmpdir)), "an ssh master outlived the fetch"
     finally:
@@ -430,6 +443,152 @@ def test_fetch_hashes_while_receiving_one_connection_nothing_left(hal9000, tmp_p
     assert fetched is not None and fetched.stat().st_size == remote_file.stat().st_size
     if kind == "sparse":  # the zero runs were punched out again: far less on disk than the size
         assert fetched.stat().st_blocks * 512 < 8 << 20, fetched.stat()
+
+
+def _qcow2_of(path: Path, data: bytes) -> Path:
+    """A qcow2 holding `data` (its clusters laid out as a converted disk's are)."""
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(data)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True, timeout=120)
+    raw.unlink()
+    return path
+
+
+def _fetched(res: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """The numbers of a fetch's 'received N bytes (M bytes file data[, K matched ...])' line."""
+    m = re.search(r"received (\d+) bytes \((\d+) bytes file data(?:, (\d+) matched)?", _out(res))
+    assert m, _out(res)
+    return {"received": int(m.group(1)), "literal": int(m.group(2)), "matched": int(m.group(3) or 0)}
+
+
+def test_a_rebuilt_image_moves_only_what_changed(hal9000, tmp_path):
+    """The build published here is the basis of the next: of a 24 MiB image with 1 MiB changed,
+    about 1 MiB crosses the link; verified by BLAKE3 as it lands; the old build stays intact."""
+    require_tool("qemu-img", "qemu-utils")
+    rng = random.Random(26)
+    old = rng.randbytes(24 << 20)
+    new = old[:8 << 20] + rng.randbytes(1 << 20) + old[9 << 20:]
+    builder = hal9000["base"] / "delta-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "delta.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]),
+        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder), "compress": "off"}}})
+    fake_published(builder, "20261205T000000Z-one", _qcow2_of(tmp_path / "one.qcow2", old))
+    first = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert first.returncode == 0 and "no earlier build here" in _out(first), _out(first)
+    one = artifacts.current_build(out / "demo-x86_64")
+    before = artifacts.sha256_file(one / "demo-x86_64.qcow2")
+
+    fake_published(builder, "20261205T010000Z-two", _qcow2_of(tmp_path / "two.qcow2", new))
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode == 0, _out(res)
+    assert "delta against build 20261205T000000Z-one" in _out(res), _out(res)
+    assert "blake3 verified while receiving" in _out(res), _out(res)
+    got = _fetched(res)
+    assert got["literal"] < 2 << 20 and got["matched"] > 20 << 20, got
+    assert got["received"] < 3 << 20, got
+    remote = builder / "output/demo-x86_64/current/demo-x86_64.qcow2"
+    assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(remote)
+    assert artifacts.sha256_file(one / "demo-x86_64.qcow2") == before  # the basis is only read
+    assert not any((out / "demo-x86_64" / ".staging").glob("*/.basis"))
+
+
+def test_compression_is_negotiated_per_builder(hal9000, tmp_path):
+    """compress: zstd sends a compressible image in a fraction of its size; auto decides by the
+    link: off where the builder is this machine, else by the measured rate (said either way)."""
+    require_tool("qemu-io", "qemu-utils")
+    size = None
+    for setting in ("zstd", "auto"):
+        builder = hal9000["base"] / f"zc-{setting}-builder"
+        out = tmp_path / f"out-{setting}"
+        cfg = write_config(tmp_path / f"zc-{setting}.yaml", out, {
+            "ssh_config_path": str(hal9000["ssh_config"]),
+            "builders": {"hal9000": {"host": "hal9000", "dir": str(builder), "compress": setting}}})
+        fake_published(builder, "20261205T000000Z-zc", dense_qcow2(tmp_path / f"{setting}.qcow2", "16M"))
+        size = (builder / "output/demo-x86_64/current/demo-x86_64.qcow2").stat().st_size
+        res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+        assert res.returncode == 0, _out(res)
+        if setting == "zstd":
+            assert "transfer zstd (compress: zstd)" in _out(res), _out(res)
+            assert _fetched(res)["received"] < size // 20, _out(res)
+        elif hal9000["host"].netns is None:
+            assert "transfer uncompressed (hal9000 is this machine)" in _out(res), _out(res)
+        else:
+            assert re.search(r"transfer (uncompressed|zstd level [13]) \(link measured at [0-9.]+ [MG]bit/s", _out(res))
+        assert artifacts.verify_published(out / "demo-x86_64")
+
+
+def test_an_older_builders_manifest_without_blake3_is_verified_by_sha256(hal9000, tmp_path):
+    require_tool("qemu-io", "qemu-utils")
+    builder = hal9000["base"] / "old-builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "old.yaml", out, {
+        "ssh_config_path": str(hal9000["ssh_config"]), "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}}})
+    fake_published(builder, "20261205T000000Z-old", dense_qcow2(tmp_path / "old.qcow2", "8M"), fast=False)
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode == 0 and "sha256 verified while receiving" in _out(res), _out(res)
+    assert artifacts.read_manifest(out / "demo-x86_64")["fetched"]["verified"]["hash"] == "sha256"
+
+    # a BLAKE3 that does not match is refused like a sha256 that does not
+    fake_published(builder, "20261205T010000Z-bad", dense_qcow2(tmp_path / "bad.qcow2", "12M"))
+    manifest = builder / "output/demo-x86_64/builds/20261205T010000Z-bad/manifest.json"
+    data = json.loads(manifest.read_text())
+    data["blake3"]["demo-x86_64.qcow2"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode != 0 and "blake3" in _out(res) and "does not match" in _out(res), _out(res)
+    assert artifacts.read_manifest(out / "demo-x86_64")["build_id"] == "20261205T000000Z-old"
+
+
+@pytest.fixture(scope="module")
+def slow_link(tmp_path_factory: pytest.TempPathFactory):
+    """A second builder behind a 100 Mbit/s link (tc tbf both ways): root only (a namespace)."""
+    base = tmp_path_factory.mktemp("slow-link")
+    with builder_host(base / "sshd", link="netns", rate="100mbit") as host:
+        known = base / "known_hosts"
+        known.write_text(host.known_hosts_line())
+        yield {"host": host, "base": base, "ssh_config": host.client_config(base / "ssh_config", known)}
+
+
+NEEDS_NETNS = pytest.mark.needs_root("a shaped link is a network namespace and a veth pair in this machine's "
+                                     "namespace, which only root can make")
+
+
+@NEEDS_NETNS
+def test_auto_compresses_over_a_slow_link_and_a_dropped_delta_resumes(slow_link, tmp_path):
+    """Over 100 Mbit/s, auto measures the link and picks zstd. A delta transfer cut mid-way (rsync
+    killed: the link dropped) resumes: neither what arrived nor what the previous build holds
+    crosses again, and the result is verified as it lands."""
+    require_tool("qemu-img", "qemu-utils")
+    rng = random.Random(14)
+    old = rng.randbytes(16 << 20)
+    new = old[:4 << 20] + rng.randbytes(24 << 20) + old[4 << 20:]  # 24 MiB new: ~2 s at 100 Mbit/s
+    builder = slow_link["base"] / "builder"
+    out = tmp_path / "output"
+    cfg = write_config(tmp_path / "slow.yaml", out, {
+        "ssh_config_path": str(slow_link["ssh_config"]), "builders": {"hal9000": {"host": "hal9000", "dir": str(builder)}}})
+    fake_published(builder, "20261205T000000Z-one", _qcow2_of(tmp_path / "one.qcow2", old))
+    first = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert first.returncode == 0, _out(first)
+    m = re.search(r"transfer zstd level 3 \(link measured at ([0-9.]+) Mbit/s\)", _out(first))
+    assert m and 50 <= float(m.group(1)) <= 130, _out(first)
+
+    fake_published(builder, "20261205T010000Z-two", _qcow2_of(tmp_path / "two.qcow2", new))
+    staged = out / "demo-x86_64" / ".staging" / "fetch-20261205T010000Z-two" / "demo-x86_64.qcow2"
+    _fetch_cut_at(cfg, staged, 12 << 20)  # inside the new data
+    kept = staged.stat().st_size
+    assert kept > 12 << 20
+
+    res = invoke(["remote-fetch-demo", "hal9000"], cfg, timeout=300)
+    assert res.returncode == 0, _out(res)
+    assert "delta against build 20261205T000000Z-one" in _out(res), _out(res)
+    assert "blake3 verified while receiving" in _out(res), _out(res)
+    got = _fetched(res)
+    # the new data minus what was kept: the old build's 16 MiB and the kept part matched
+    assert got["literal"] < (24 << 20) - (kept - (4 << 20)) + (2 << 20), (got, kept)
+    assert got["matched"] >= (16 << 20), got
+    remote = builder / "output/demo-x86_64/current/demo-x86_64.qcow2"
+    assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(remote)
 
 
 def test_a_corrupt_kept_part_is_repaired_and_read_again(hal9000, tmp_path):
@@ -483,7 +642,7 @@ def test_follower_digest_is_the_sha256_of_the_final_file(tmp_path, resume):
     stats = _local_rsync(src, dest, resume=resume, bwlimit="8m")
     seen = follower.finish()
     final = dest / "src.img"
-    assert seen is not None and seen.sha256 == artifacts.sha256_file(final) == artifacts.sha256_file(src)
+    assert seen is not None and seen.digest == artifacts.sha256_file(final) == artifacts.sha256_file(src)
     assert seen.covers(final) and seen.length == final.stat().st_size
     assert seen.caught_up > 0, "the follower never waited for rsync: it did not hash while receiving"
     assert one_pass(stats, {"src.img": kept}, {"src.img": final.stat().st_size})

@@ -75,7 +75,7 @@ def test_rsync_beside_a_fabric_connection_gets_the_same_preference(sshd, tmp_pat
     src.write_bytes(b"x" * 4096)
     before = host.log.read_text()
     with fetch.link_to(object(), target) as link:  # a Fabric connection: only its runner would use it
-        run(rsync.pull_argv("hal9000", [str(src)], tmp_path / "got", config, resume=False, ssh_extra=link.rsync_ssh))
+        run(rsync.pull_argv("hal9000", [str(src)], tmp_path / "got", config, resume=False, ssh_extra=link.rsync_ssh()))
     assert (tmp_path / "got" / "file").read_bytes() == src.read_bytes()
     found = re.findall(r"kex: client->server cipher: (\S+)", host.log.read_text()[len(before):])
     assert found == ["aes128-gcm@openssh.com" if openssh.cpu_has_aes() else "chacha20-poly1305@openssh.com"]

@@ -13,7 +13,7 @@ from pipeline.base.errors import (
     UsageError,
 )
 from pipeline.base.events import Outcome
-from pipeline.builders import dispatch, openssh, remote, rsync
+from pipeline.builders import dispatch, openssh, remote, rsync, transfer
 from pipeline.config import load
 from pipeline.model import Arch, Builder
 
@@ -160,12 +160,12 @@ def test_summary_table():
 
 def test_one_pass_accepts_exactly_the_new_bytes_once():
     grown = {"img": 100, "vmlinuz": 10}
-    assert fetch.one_pass(rsync.Stats(literal=110), {}, grown)
-    assert fetch.one_pass(rsync.Stats(literal=60), {"img": 50}, grown)        # resumed after 50 bytes
-    assert fetch.one_pass(rsync.Stats(), {"img": 100, "vmlinuz": 10}, grown)  # nothing to send
-    assert not fetch.one_pass(rsync.Stats(literal=60, matched=100), {"img": 50}, grown)  # a second pass
-    assert not fetch.one_pass(rsync.Stats(literal=170), {"img": 50}, grown)
-    assert not fetch.one_pass(rsync.Stats(literal=100), {}, grown)
+    assert transfer.one_pass(rsync.Stats(literal=110), {}, grown)
+    assert transfer.one_pass(rsync.Stats(literal=60), {"img": 50}, grown)        # resumed after 50 bytes
+    assert transfer.one_pass(rsync.Stats(), {"img": 100, "vmlinuz": 10}, grown)  # nothing to send
+    assert not transfer.one_pass(rsync.Stats(literal=60, matched=100), {"img": 50}, grown)  # a second pass
+    assert not transfer.one_pass(rsync.Stats(literal=170), {"img": 50}, grown)
+    assert not transfer.one_pass(rsync.Stats(literal=100), {}, grown)
 
 
 SSH_CHANGED = """@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@

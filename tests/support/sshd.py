@@ -184,18 +184,20 @@ def wheelhouse() -> Path:
     return dest
 
 
-def fake_published(builder: Path, build_id: str, image: Path, sha: str | None = None, *, fast: bool = True) -> None:
-    """A builder-side published layout for demo-x86_64 (as `invoke build` leaves it). `sha`: the
-    sha256 (and BLAKE3) to claim instead of the real one; `fast`: the manifest has the BLAKE3
-    map a current builder records (without it, as an older builder's: sha256 only)."""
-    image_dir = builder / "output" / "demo-x86_64"
+def fake_published(builder: Path, build_id: str, image: Path, sha: str | None = None, *, fast: bool = True,
+                   name: str = "demo-x86_64") -> None:
+    """A builder-side published layout for image `name` (as `invoke build` leaves it), its file
+    moved from `image`. `sha`: the sha256 (and BLAKE3) to claim instead of the real one; `fast`:
+    the manifest has the BLAKE3 map a current builder records (without it, as an older
+    builder's: sha256 only)."""
+    image_dir = builder / "output" / name
     build = image_dir / "builds" / build_id
     build.mkdir(parents=True)
-    dest = build / "demo-x86_64.qcow2"
+    dest = build / f"{name}.qcow2"
     shutil.move(str(image), dest)
     hashes = artifacts.hash_file(dest)
     digest = sha or hashes["sha256"]
-    manifest = {"image": "demo-x86_64", "build_id": build_id, "distro": "demo", "arch": "x86_64",
+    manifest = {"image": name, "build_id": build_id, "distro": name.split("-")[0], "arch": "x86_64",
                 "host": {"name": "hal9000", "os": "linux", "machine": "x86_64", "where": "local"},
                 "artifact": {"file": dest.name, "format": "qcow2", "size": dest.stat().st_size,
                              "virtual_size": 1 << 30, "sha256": digest}}

@@ -43,3 +43,13 @@ def test_json_result_round_trips_into_the_table():
     assert lines[3].endswith("met") and "0 B" in lines[3]
     assert lines[4].startswith("boot") and lines[4].endswith("FAILED")
     assert len({line.index("|") for line in lines if "|" in line}) == 1  # columns line up
+
+
+def test_the_cpu_line_says_whether_there_are_sha_instructions():
+    c = _common()
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 aes avx2 sha_ni\n"
+    xeon = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse2 aes avx2 avx512f\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2\nCPU part\t: 0xd0c\n"
+    assert c.cpu_line(epyc, 2) == "CPU: AMD EPYC, 2 cores; SHA instructions: yes (sha_ni); AES instructions: yes"
+    assert "SHA instructions: no;" in c.cpu_line(xeon, 2)
+    assert "SHA instructions: yes (sha2)" in c.cpu_line(arm, 8)

@@ -14,7 +14,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "rsync"
 ])
 def test_current_rsyncs_are_read_and_accepted(name, version, protocol):
     found = rsync.parse_version((FIXTURES / name).read_text())
-    assert found == rsync.RsyncVersion("rsync", version, protocol)
+    assert (found.flavor, found.version, found.protocol) == ("rsync", version, protocol)
+    assert found.compress == ("zstd", "lz4", "zlibx", "zlib") and found.named  # its "Compress list"
     assert rsync.version_problem(found) is None
 
 
@@ -27,7 +28,7 @@ def test_openrsync_is_told_apart_although_it_claims_2_6_9():
 
 def test_macos_2_6_9_is_refused_with_what_it_lacks():
     found = rsync.parse_version((FIXTURES / "rsync-2.6.9.txt").read_text())
-    assert found == rsync.RsyncVersion("rsync", (2, 6, 9), 29)
+    assert found == rsync.RsyncVersion("rsync", (2, 6, 9), 29, ("zlib",))  # -z only, no --compress-choice
     problem = rsync.version_problem(found)
     assert problem and "rsync 2.6.9" in problem and "3.1.0 or later" in problem
 
@@ -48,6 +49,11 @@ def test_every_flag_imagepipe_passes_is_one_the_minimum_version_has():
     """What the version check guards: the flags of both directions (see MIN_VERSION)."""
     push = rsync.push_argv(ROOT, "h", "/d", None)
     pull = rsync.pull_argv("h", ["/s"], ROOT, None, resume=True)
-    flags = {a.split("=")[0] for a in push + pull if a.startswith("--")}
+    delta = rsync.pull_argv("h", ["/s"], ROOT, None, basis=ROOT)
+    flags = {a.split("=")[0] for a in push + pull + delta if a.startswith("--")}
     assert flags <= {"--recursive", "--links", "--perms", "--times", "--delete", "--stats", "--protect-args",
-                     "--exclude", "--filter", "--inplace", "--append-verify", "--whole-file"}, flags
+                     "--exclude", "--filter", "--inplace", "--append-verify", "--whole-file", "--out-format",
+                     "--no-whole-file", "--copy-dest"}, flags
+    # compression: -z (zlib) for any rsync; naming the compressor only where both ends are 3.2+
+    assert rsync.compress_args("zlib", named=False) == ["--compress"]
+    assert rsync.compress_args("zstd", 3)[1:] == ["--compress-choice=zstd", "--compress-level=3"]

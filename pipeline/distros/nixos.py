@@ -196,13 +196,15 @@ class NixOS(Profile):
         evaluation is here), nix's `kvm` feature (make-disk-image's VM crawls without KVM) when
         it builds here."""
         from pipeline.drivers.nix import kvm_warnings  # noqa: PLC0415 (kept off the no-op build and the input hash)
-        from pipeline.drivers.nixremote import for_configured  # noqa: PLC0415 (kept off the no-op build and the input hash)
+        from pipeline.drivers.nixremote import for_configured, tcg_warning  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
         flake = self.flake_dir(plan.root, plan.image)
         lock = [lock_warning(flake.relative_to(plan.root))] if plan.image.flake is None and not (
             flake / "flake.lock").is_file() else []
         if plan.route is not None:
-            return "\n".join([f"nix builds it on {plan.route.describe()}", *(f"warning: {w}" for w in lock)])
+            slow = tcg_warning(plan.route, plan.image, facts.os)  # type: ignore[arg-type]
+            return "\n".join([f"nix builds it on {plan.route.describe()}", *(f"warning: {w}" for w in lock),
+                              *([f"warning: {slow}"] if slow else [])])
         lines = [f"warning: {w}" for w in lock]
         warnings = kvm_warnings(facts.nix_config, facts)
         builders = for_configured(plan.image, facts.nix_builders)

@@ -294,7 +294,7 @@ class NixDriver:
         flake = self.profile.prepare(plan, stage, progress.info).variables.get("flake")
         argv = build_argv(plan, stage, on_error, flake)
         if plan.route is not None:
-            _check_route(plan, build_target(plan, flake), progress)
+            _check_route(plan, build_target(plan, flake), progress, facts.os)
         progress.step_event(f"nix build {argv[4]}" + (f" on {plan.route.where}" if plan.route else ""))
         env = plan.route.env() if isinstance(plan.route, SshNg) else None
         result, tail, built = _run_build(argv, progress, plan.raw_log, timeout, env)
@@ -316,16 +316,20 @@ class NixDriver:
         return dest
 
 
-def _check_route(plan: BuildPlan, target: str, progress: Progress) -> None:
+def _check_route(plan: BuildPlan, target: str, progress: Progress, host_os: str = "") -> None:
     """The image derivation's (`target`: the flake#attribute built) real needs (system,
-    requiredSystemFeatures) against the builders of plan.route, before anything is copied."""
-    from pipeline.drivers.nixremote import check_fit, derivation_needs  # noqa: PLC0415 (kept off the no-op build and the input hash)
+    requiredSystemFeatures) against the builders of plan.route, before anything is copied; a
+    warning when the builder's `kvm` will not give make-disk-image's VM KVM."""
+    from pipeline.drivers.nixremote import check_fit, derivation_needs, tcg_warning  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
     assert plan.route is not None
     progress.step_event("evaluate the image derivation (system, required features)")
     needs = derivation_needs(target)
     check_fit(plan.route, needs, plan.image)  # type: ignore[arg-type]
     progress.info(f"{plan.image.name} needs {needs.describe()}: {plan.route.describe()}")
+    slow = tcg_warning(plan.route, plan.image, host_os)  # type: ignore[arg-type]
+    if slow:
+        progress.info(f"warning: {slow}")
 
 
 def _copy_from_store(out_link: Path, image: Image, stage: Path, store: str | None, log: Path,

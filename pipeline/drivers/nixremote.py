@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,9 +53,16 @@ SSHOPTS = "NIX_SSHOPTS"
 # else nix's version line, then its settings (`config show`, or `show-config` before nix 2.20).
 BUILDER_PROBE = (
     "command -v nix >/dev/null || exit 127; command -v nix-daemon >/dev/null || exit 126; nix --version; "
+    # whether make-disk-image's VM gets KVM there: /dev/kvm, and on x86 the CPU's vmx/svm flag
+    "printf 'imagepipe-kvm: %s %s\\n' \"$([ -e /dev/kvm ] && echo present || echo missing)\" "
+    "\"$(grep -qsE '(^| )(vmx|svm)( |$)' /proc/cpuinfo && echo virt || echo no-virt)\"; "
     "nix --extra-experimental-features nix-command config show 2>/dev/null "
     "|| nix --extra-experimental-features nix-command show-config"
 )
+KVM_LINE = re.compile(r"^imagepipe-kvm: (present|missing) (virt|no-virt)$", re.M)
+# Host names of a Linux builder that runs as a VM on this very Mac: nix-darwin's linux-builder
+# (ssh-ng://builder@linux-builder), or one reached on loopback.
+LOCAL_VM_HOSTS = ("linux-builder", "localhost", "127.0.0.1", "::1")
 # Prints "dir" and the entries of directory $1, or "file" when $1 is a file (exit 3: missing).
 LIST_OUT = '[ -e "$1" ] || exit 3; if [ -d "$1" ]; then echo dir; ls -1A -- "$1"; else echo file; fi'
 
@@ -97,6 +105,7 @@ class SshNg:
     # the OpenSSH master opened to check the host key: nix's ssh, rsync and the package list
     # ride on it (one handshake); it ends when imagepipe exits (or 30 s after it was killed)
     conn: openssh.Connection | None = field(default=None, compare=False, repr=False)
+    kvm: str | None = None            # the builder's `imagepipe-kvm:` probe line (None: not read)
     kind: ClassVar[str] = "ssh-ng"
 
     @property
@@ -193,7 +202,9 @@ def for_builder(target: Target, image: Image, *, accept_new_host_key: bool = Fal
             hint=f"install nix there (nix's remote builds run `nix-daemon --stdio` over ssh), or use "
                  f"the project-sync route: invoke remote-sync-build {target.name} --image {image.name}")
     systems, features = parse_builder_nix(settings)
-    route = SshNg(target, systems, features, eval_store, version, os.environ.get(SSHOPTS, ""), conn)
+    kvm = KVM_LINE.search(res.stdout)
+    route = SshNg(target, systems, features, eval_store, version, os.environ.get(SSHOPTS, ""), conn,
+                  kvm.group(0) if kvm else None)
     system = image.arch.nix_system
     if system not in systems:
         conn.close()
@@ -202,6 +213,40 @@ def for_builder(target: Target, image: Image, *, accept_new_host_key: bool = Fal
             f"not {system}",
             hint=f"name a Linux {image.arch.value} builder (its nix `system` or `extra-platforms` must list {system})")
     return route
+
+
+def tcg_warning(route: Route, image: Image, host_os: str) -> str | None:
+    """A warning when the builder advertises `kvm` but make-disk-image's VM will get none there
+    and run under TCG (QEMU's `accel=kvm:tcg` falls back silently): the build works, many times
+    slower. For `--builder HOST` it is read (/dev/kvm and the CPU's vmx/svm there); for nix's
+    configured builders it is inferred (a Linux builder that is a VM on this Mac, nix-darwin's
+    linux-builder: Apple's hypervisor gives its guests no KVM)."""
+    slow = (f"{image.name}'s disk image is made inside a VM (make-disk-image's QEMU) that will run under TCG, "
+            "not KVM: expect the build to take several times longer")
+    if isinstance(route, SshNg):
+        found = KVM_LINE.search(route.kvm or "")
+        if found is None or "kvm" not in route.features:
+            return None
+        if found.group(1) == "missing":
+            return f"{slow} (read on {route.target.name}: its nix lists kvm, but it has no /dev/kvm)"
+        if found.group(2) == "no-virt" and image.arch.value == "x86_64":
+            return f"{slow} (read on {route.target.name}: /dev/kvm is there, but the CPU has no vmx/svm flag)"
+        return None
+    if host_os != "darwin":
+        return None
+    local = [m.uri for m in route.machines if _uri_host(m.uri) in LOCAL_VM_HOSTS and "kvm" in m.supported]
+    if not local:
+        return None
+    return (f"{slow} (inferred, not read: {', '.join(local)} is a Linux VM on this Mac, such as nix-darwin's "
+            "linux-builder, whose hypervisor gives it no KVM although its nix lists kvm)")
+
+
+def _uri_host(uri: str) -> str:
+    """The host of `ssh-ng://user@host:port` (or ssh://…, or a bare host)."""
+    rest = uri.split("://", 1)[-1].rsplit("@", 1)[-1]
+    if rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    return rest.split(":", 1)[0] if rest.count(":") <= 1 else rest
 
 
 def check_fit(route: Route, needs: Needs, image: Image) -> None:

@@ -3,6 +3,7 @@ derivation needs, the ssh-ng argv, NIX_SSHOPTS, the lock a builder wrote, doctor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -341,3 +342,37 @@ def test_a_custom_image_is_pointed_at_the_builder_option():
     cfg = load({"images": {"edge": {"distro": "nixos", "arch": "aarch64", "flake": "./infra"}}}, root=ROOT)
     problem = nixos.PROFILE.host_problem(cfg.image("edge"), facts(), cfg)
     assert problem is not None and "invoke build edge --builder HOST" in problem.render()
+
+
+def test_a_builder_whose_kvm_gives_no_kvm_is_warned_about():
+    """nix-darwin's linux-builder lists kvm but runs under Apple's hypervisor (no KVM inside):
+    make-disk-image's QEMU falls back to TCG. Read over ssh for --builder, inferred for nix's
+    configured builders on a Mac."""
+    image = config().image("nixos-aarch64")
+    with_kvm = dataclasses.replace(route(systems=("aarch64-linux",)), kvm="imagepipe-kvm: missing no-virt")
+    said = nixremote.tcg_warning(with_kvm, image, "darwin")
+    assert said and "will run under TCG" in said and "read on hal9000: its nix lists kvm, but it has no /dev/kvm" in said
+    good = dataclasses.replace(with_kvm, kvm="imagepipe-kvm: present no-virt")  # arm: /dev/kvm is the answer
+    assert nixremote.tcg_warning(good, image, "darwin") is None
+    x86 = config().image("nixos-x86_64")
+    hang = dataclasses.replace(route(), kvm="imagepipe-kvm: present no-virt")
+    assert "CPU has no vmx/svm flag" in (nixremote.tcg_warning(hang, x86, "linux") or "")
+    assert nixremote.tcg_warning(dataclasses.replace(route(), kvm="imagepipe-kvm: present virt"), x86, "linux") is None
+    assert nixremote.tcg_warning(dataclasses.replace(route(), kvm=None), x86, "linux") is None  # not read: no claim
+    vm = Machine("ssh-ng://builder@linux-builder", ("aarch64-linux",), supported=frozenset({"kvm", "benchmark"}))
+    said = nixremote.tcg_warning(nixremote.NixBuilders((vm,)), image, "darwin")
+    assert said and "inferred, not read" in said and "ssh-ng://builder@linux-builder" in said
+    assert nixremote.tcg_warning(nixremote.NixBuilders((vm,)), image, "linux") is None
+    far = Machine("ssh-ng://arm.example.org", ("aarch64-linux",), supported=frozenset({"kvm"}))
+    assert nixremote.tcg_warning(nixremote.NixBuilders((far,)), image, "darwin") is None  # a real machine: no guess
+
+
+def test_the_builder_probe_reads_kvm_from_this_machine():
+    """BUILDER_PROBE's kvm line, run here by sh (the builder side is a POSIX shell)."""
+    import subprocess
+
+    out = subprocess.run(["sh", "-c", nixremote.BUILDER_PROBE.split("nix --version; ", 1)[1].split("; nix ", 1)[0]],
+                         capture_output=True, text=True, timeout=30).stdout
+    found = nixremote.KVM_LINE.search(out)
+    assert found, out
+    assert (found.group(1) == "present") == Path("/dev/kvm").exists()

@@ -39,6 +39,7 @@ PACKAGES=(
   qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils ovmf xorriso
   openssh-server openssh-client rsync sshpass nix-bin e2fsprogs systemd openssl shellcheck iproute2
   python3 python3-venv python3-pip ca-certificates dpkg apt-utils tmux mmdebstrap gpg gpgv
+  arch-test debian-archive-keyring fdisk mtools dosfstools util-linux coreutils qemu-user-static
 )
 
 # HashiCorp's apt repository and the fingerprint of the key that signs it (HashiCorp publishes

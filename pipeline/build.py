@@ -278,8 +278,8 @@ def produce(cfg: Config, plan: BuildPlan, driver: Driver, facts: HostFacts, ihas
     files = [primary, *_other_formats(image, primary, stage, progress)]
     progress.step_event("package list and SBOM")
     found = distros.profile(plan.image).packages(plan, stage, progress.info)
+    manifest = _manifest(plan, facts, files, started)  # the profile's manifest_extra may read collected/
     shutil.rmtree(stage / packages.COLLECTED, ignore_errors=True)  # recorded in the manifest now
-    manifest = _manifest(plan, facts, files, started)
     manifest["input_hash"] = ihash.value
     manifest["input_parts"] = ihash.parts
     manifest["packages"] = packages.to_manifest(found)

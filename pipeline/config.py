@@ -91,6 +91,19 @@ def _formats(v: Any) -> tuple[Format, ...]:
     return out
 
 
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+
+
+def _packages(v: Any) -> tuple[str, ...]:
+    """A list of Debian package names (Debian policy: lowercase letters, digits, + - .)."""
+    if not isinstance(v, list):
+        raise Invalid(f"expected a list of package names such as [vim, curl], got {shown(v)}")
+    bad = [shown(p) for p in v if not isinstance(p, str) or not PACKAGE_RE.fullmatch(p)]
+    if bad:
+        raise Invalid(f"not a package name: {', '.join(bad)} (lowercase letters, digits, '+', '-', '.')")
+    return tuple(dict.fromkeys(v))
+
+
 def _distro(v: Any) -> str:
     """A distro with a profile (pipeline.distros)."""
     known = distros.names()
@@ -155,7 +168,8 @@ IMAGE_SPEC: dict[str, Key] = {
     "arch": _doc(_choice(Arch), "the guest's architecture"),
     "version": Key(_str(re.compile(r"^[A-Za-z0-9._-]+$"), "a version such as 10, 10.1 or latest"),
                    "letters, digits, `.`, `_`, `-`",
-                   "AlmaLinux: `10`, `latest` or a point release such as `10.1`; NixOS: informational"),
+                   "AlmaLinux: `10`, `latest` or a point release such as `10.1`; Debian: `12` or `13`;"
+                   " NixOS: informational"),
     "format": _doc(_choice(Format), "the older spelling of a one-format list: `format: raw` is `formats: [raw]`"
                    " (with `formats`, it must name its first entry)"),
     "formats": Key(_formats, "a list of formats, the first `qcow2` or `raw`",
@@ -168,7 +182,7 @@ IMAGE_SPEC: dict[str, Key] = {
     "cpus": Key(_int("a CPU count", 1, 512), "a whole number, 1-512", "the VM's CPUs, when built and run"),
     "ssh_port": Key(_int("a TCP port", 1, 65535), "a TCP port",
                     "the host port forwarded to the guest's 22 on 127.0.0.1 (a taken one is replaced);"
-                    " the shipped images: 2222 AlmaLinux, 2223 NixOS, 2224 demo"),
+                    " the shipped images: 2222 AlmaLinux, 2223 NixOS, 2224 demo, 2225 Debian"),
     "ssh_user": Key(_str(USER_RE, "a user name"), "one of `users`",
                     "the user `invoke ssh` logs in as: root or a `sudo: true` user"),
     "headless": Key(_bool, BOOL, "the build VM runs without a display window (Packer's `headless`)",
@@ -200,6 +214,13 @@ IMAGE_SPEC: dict[str, Key] = {
     "variant": Key(_optional(_str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name such as x86_64_v2")),
                    "a variant the distro offers",
                    "a build of the distro for other CPUs: `x86_64_v2` (AlmaLinux 10 x86_64) for CPUs without x86-64-v3"),
+    "mirror": Key(_optional(_str(re.compile(r"^(https?|file)://[^\s'\"\\]+$"),
+                                 "a mirror URL such as http://deb.debian.org/debian")),
+                  "an `http://`, `https://` or `file://` URL",
+                  "Debian: the mirror the root is built from (and the image's apt sources)",
+                  "the Debian mirror the host's apt sources name, else `http://deb.debian.org/debian`"),
+    "packages": Key(lambda v: _packages(v), "a list of Debian package names",
+                    "Debian: further packages to install (a name the mirror lacks fails the build, named)", "`[]`"),
 }
 
 DEFAULTS_SPEC: dict[str, Key] = {
@@ -341,6 +362,7 @@ def _guest_problems(image: Image) -> list[tuple[str, str]]:
         message = (f"{profile.title or image.distro} {image.arch.value} offers {choice}, got "
                    f"{image.variant!r}{did_you_mean(image.variant, offered)}")
         problems.append(("variant", message))
+    problems += profile.config_problems(image)
     if profile.accounts_from_config(image):
         from pipeline.contract import login_problems  # noqa: PLC0415 (kept off the start of every command)
 

@@ -15,6 +15,8 @@ the boot test runs the live checks on a booted image. docs/running.md, "The gues
                     the guest off
     guest-agent     a guest that runs qemu-guest-agent gets its virtio-serial port from `run` and
                     the boot test (org.qemu.guest_agent.0), and answers guest-ping on it
+    systemd-running a guest that runs systemd finishes booting "running", not "degraded" (a unit
+                    failed) within the deadline; a guest without systemd (the demo) says so
 
 Config load refuses (`login_problems`) an SSH user that cannot become root and an image that no
 person could log in to: the build key gets imagepipe in, but it lives in output/.keys/ of the
@@ -46,6 +48,14 @@ class GuestView:
 
 
 @dataclass(frozen=True)
+class Expected:
+    """What the image's distro profile promises a live guest has (pipeline.distros)."""
+
+    agent: bool = False     # qemu-guest-agent runs and answers on its port
+    systemd: bool = False   # systemd is the init: the boot must end "running"
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The verdict of one live check of the contract: passed, failed or not checked (with why)."""
 
@@ -73,6 +83,8 @@ class LiveGuest(Protocol):
 
     image: Image
 
+    deadline: float  # seconds the checks may wait for the guest (boot, agent, power-off)
+
     def run(self, command: Sequence[str]) -> tuple[int, str]:
         """Run `command` over SSH as ssh_user with the build key (batch mode): (exit code, output)."""
 
@@ -96,7 +108,7 @@ class Requirement:
     name: str
     description: str
     rendered: Callable[[Image, str, GuestView, bool], str | None]  # (image, build key, view, agent channel)
-    live: Callable[[LiveGuest, bool], Verdict]                     # (guest, agent expected)
+    live: Callable[[LiveGuest, Expected], Verdict]                 # (guest, what its profile promises)
     ends_boot: bool = field(default=False)                          # the guest is gone afterwards
 
 
@@ -191,7 +203,7 @@ def _agent(image: Image, _key: str, view: GuestView, channel: bool) -> str | Non
 # --------------------------------------------------------------------------------- live checks
 
 
-def _live_key_login(guest: LiveGuest, _agent: bool) -> Verdict:
+def _live_key_login(guest: LiveGuest, _expect: Expected) -> Verdict:
     rc, out = guest.run(["uname", "-m"])
     if rc != 0:
         return failed(f"cannot log in as {guest.image.ssh_user} with the build key: {out.strip()[-200:]}")
@@ -204,7 +216,7 @@ def _as_root(guest: LiveGuest, command: list[str]) -> list[str]:
     return command if guest.image.ssh_user == "root" else ["sudo", "-n", *command]
 
 
-def _live_sudo(guest: LiveGuest, _agent: bool) -> Verdict:
+def _live_sudo(guest: LiveGuest, _expect: Expected) -> Verdict:
     rc, out = guest.run(_as_root(guest, ["id", "-u"]))
     if rc != 0 or out.strip() != "0":
         return failed(f"{guest.image.ssh_user} cannot become root without a password: {out.strip()[-200:]}")
@@ -217,7 +229,7 @@ def _live_sudo(guest: LiveGuest, _agent: bool) -> Verdict:
     return PASSED
 
 
-def _live_root_ssh(guest: LiveGuest, _agent: bool) -> Verdict:
+def _live_root_ssh(guest: LiveGuest, _expect: Expected) -> Verdict:
     root = guest.image.user("root")
     if root is None or not root.password_hash:
         return Verdict("passed", "root has no password (locked)")
@@ -234,7 +246,7 @@ def _live_root_ssh(guest: LiveGuest, _agent: bool) -> Verdict:
     return PASSED
 
 
-def _live_console(guest: LiveGuest, _agent: bool) -> Verdict:
+def _live_console(guest: LiveGuest, _expect: Expected) -> Verdict:
     want = guest.image.arch.console
     rc, out = guest.run(["cat", "/proc/consoles"])
     if rc != 0 or not any(line.split()[:1] == [want] for line in out.splitlines()):
@@ -244,7 +256,8 @@ def _live_console(guest: LiveGuest, _agent: bool) -> Verdict:
     return PASSED
 
 
-def _live_agent(guest: LiveGuest, agent: bool) -> Verdict:
+def _live_agent(guest: LiveGuest, expect: Expected) -> Verdict:
+    agent = expect.agent
     rc, out = guest.run(["sh", "-c", "cat /sys/class/virtio-ports/*/name"])
     if rc != 0 or AGENT_PORT not in out.split():
         return failed(f"the guest does not see the {AGENT_PORT} virtio-serial port: {out.strip()[:200]!r}")
@@ -253,12 +266,34 @@ def _live_agent(guest: LiveGuest, agent: bool) -> Verdict:
     return PASSED if agent else Verdict("passed", "port present; this image runs no agent")
 
 
-def _live_power(guest: LiveGuest, _agent: bool) -> Verdict:
+def _live_systemd(guest: LiveGuest, expect: Expected) -> Verdict:
+    if not expect.systemd:
+        return unchecked("this image does not run systemd")
+    # --wait returns once the boot is over (not "initializing" or "starting"); `timeout` bounds it
+    rc, out = guest.run(["timeout", str(max(1, int(guest.deadline))), "systemctl", "is-system-running", "--wait"])
+    state = out.strip().splitlines()[-1] if out.strip() else ""
+    if rc == 0 and state == "running":
+        return PASSED
+    if rc == 124 or state in ("initializing", "starting", ""):
+        return failed(f"systemd did not finish booting within {guest.deadline:.0f}s (state {state or 'unknown'!r})")
+    _rc, units = guest.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager"])
+    names = [line.split()[0] for line in units.splitlines() if line.strip()]
+    return failed(f"systemd is {state!r}, not 'running'" + (f": failed units: {', '.join(names)}" if names else ""))
+
+
+def _no_rendered_view(_image: Image, _key: str, _view: GuestView, _channel: bool) -> str | None:
+    """A requirement a rendering cannot show (the boot's end state): checked live only."""
+    return None
+
+
+def _live_power(guest: LiveGuest, _expect: Expected) -> Verdict:
     return PASSED if guest.power_off() else failed("the guest did not power off on the ACPI power button")
 
 
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("key-login", "the build's SSH key logs in as ssh_user", _key_login, _live_key_login),
+    Requirement("systemd-running", "systemd finishes booting \"running\" (no failed unit), where it is the init",
+                _no_rendered_view, _live_systemd),
     Requirement("sudo", "every sudo user has passwordless sudo; ssh_user becomes root", _sudo, _live_sudo),
     Requirement("root-ssh", "root logs in over SSH with its password exactly when root_ssh is true",
                 _root_ssh, _live_root_ssh),
@@ -279,11 +314,14 @@ def check_rendered(image: Image, build_key: str, view: GuestView, agent_channel:
     return problems
 
 
-def check_live(guest: LiveGuest, agent: bool, say: Callable[[str], None] = lambda _m: None) -> list[str]:
-    """Run every live check in order (power-off last); returns the failures as "name: why"."""
+def check_live(guest: LiveGuest, agent: bool, say: Callable[[str], None] = lambda _m: None, *,
+               systemd: bool = False) -> list[str]:
+    """Run every live check in order (power-off last); returns the failures as "name: why".
+    `agent` and `systemd`: what the image's profile promises (a guest agent, systemd as init)."""
+    expect = Expected(agent=agent, systemd=systemd)
     problems = []
     for req in REQUIREMENTS:
-        verdict = req.live(guest, agent)
+        verdict = req.live(guest, expect)
         say(f"{guest.image.name}: contract {req.name}: {verdict.result}" + (f" ({verdict.detail})" if verdict.detail else ""))
         if verdict.failed:
             problems.append(f"{req.name}: {verdict.detail}")

@@ -47,6 +47,7 @@ TOOL_VERSION_ARGS: dict[str, tuple[str, ...]] = {
     "rsync": ("rsync", "--version"),
     "limactl": ("limactl", "--version"),
     "python3": ("python3", "--version"),
+    "mke2fs": ("mke2fs", "-V"),
 }
 
 VERSION_RE = re.compile(r"([0-9]{1,9}\.[0-9]{1,9}(?:\.[0-9]{1,9})?(?:p[0-9]{1,9})?)")

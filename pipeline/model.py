@@ -136,6 +136,8 @@ class Image:
     timezone: str = "UTC"
     root_ssh: bool = False      # root may log in over SSH with its password (pipeline.contract)
     variant: str | None = None  # a build of the distro for other CPUs (AlmaLinux 10: x86_64_v2)
+    mirror: str | None = None   # Debian: the mirror to build from (None: the one the host's apt sources name)
+    packages: tuple[str, ...] = ()  # Debian: further packages to install
 
     def __post_init__(self) -> None:
         # `formats` wins: its first entry is the primary format; without it, just `format`.

@@ -22,6 +22,10 @@ class PlanProfile(Protocol):
     """What a plan asks of the image's distro profile (pipeline.distros.Profile): the plan is
     decided from it, and holds the answers, not the profile (drivers and distros build on plans)."""
 
+    @property
+    def build_vm(self) -> bool:
+        """The engine builds inside a VM of the image's arch (else only a boot test runs one)."""
+
     def cpu_model(self, image: Image, accel: Accel) -> str: ...
 
     def cpu_level(self, image: Image) -> int | None: ...
@@ -235,7 +239,8 @@ def make_build_plan(
     arch falls back to TCG instead of being refused)."""
     bid = build_id or new_build_id()
     image_dir = cfg.output_dir / image.name
-    accel = choose_accel(requested, facts, image.arch, purpose="run" if route else "build")
+    # a foreign arch is refused under `auto` only where a whole build would be emulated
+    accel = choose_accel(requested, facts, image.arch, purpose="build" if profile.build_vm and not route else "run")
     cpu_model = profile.cpu_model(image, accel.accel)
     # no build VM runs here when the engine builds elsewhere: the CPU level is the builder's business
     problem = None if route else cpu_level_problem(image, profile.cpu_level(image), cpu_model, accel, facts)
@@ -246,7 +251,7 @@ def make_build_plan(
         build_id=bid,
         root=cfg.root,
         accel=accel,
-        firmware=_firmware(image, facts, elsewhere=route is not None),
+        firmware=_firmware(image, facts, elsewhere=route is not None or not profile.build_vm),
         image_dir=image_dir,
         staging=image_dir / ".staging" / bid,
         log_dir=image_dir / "logs" / bid,

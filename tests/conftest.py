@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import NIX_CONFIG, invoke, require_tool, write_config
+from tests.support import DEBIAN_TOOLS, NIX_CONFIG, invoke, require_tool, write_config
 
 WITHOUT_ROOT = pytest.StashKey[dict[str, int]]()  # --without-root: reason → tests deselected
 
@@ -90,4 +90,20 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = write_config(base / "test.yaml", out)
     res = invoke(["build-demo"], cfg, timeout=900)
     assert res.returncode == 0, f"demo build failed:\n{res.stdout}\n{res.stderr}"
+    return cfg, out
+
+
+@pytest.fixture(scope="session")
+def debian_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One real `invoke build debian13-x86_64` for the session (mmdebstrap from the Debian mirror
+    the host's apt sources name; the .deb cache outside the checkout makes it quick after the
+    first run): (config file, output dir). Tests that boot, fetch or change it work on their own
+    copies (tests.support.published_copy) or boot it with -snapshot."""
+    for tool, pkg in DEBIAN_TOOLS:
+        require_tool(tool, pkg)
+    base = tmp_path_factory.mktemp("debian")
+    out = base / "output"
+    cfg = write_config(base / "test.yaml", out)
+    res = invoke(["build", "debian13-x86_64"], cfg, timeout=2400)
+    assert res.returncode == 0, f"debian13-x86_64 build failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
     return cfg, out

@@ -89,6 +89,12 @@ class BuildFailed(ImagepipeError):
     exit_code = 1
 
 
+class MirrorUnavailable(ImagepipeError):
+    """A package mirror does not answer or lacks what a build needs (a Debian suite)."""
+
+    exit_code = 1
+
+
 class VerifyFailed(ImagepipeError):
     """An artifact did not pass verification (qemu-img check, checksum, boot test)."""
 

@@ -48,6 +48,7 @@ class Package:
     epoch: str | None = None       # rpm (None: no epoch)
     arch: str | None = None        # rpm, deb
     path: str | None = None        # nix: the store path
+    distro: str | None = None      # deb: the release it comes from (the purl's distro qualifier: debian-13)
 
     @property
     def full_version(self) -> str:
@@ -68,6 +69,8 @@ class Package:
         namespace = {"rpm": "almalinux/", "deb": "debian/", "nix": ""}[self.kind]
         version = self.full_version if self.kind != "rpm" else _rpm_purl_version(self)
         qualifiers = {"arch": self.arch} if self.arch else {}
+        if self.distro:
+            qualifiers["distro"] = self.distro
         if self.kind == "rpm" and self.epoch:
             qualifiers["epoch"] = self.epoch
         at = f"@{_enc(version)}" if version else ""
@@ -77,7 +80,7 @@ class Package:
     def as_manifest(self) -> dict[str, Any]:
         """The manifest's record of this package (None fields left out)."""
         record: dict[str, Any] = {"type": self.kind, "name": self.name, "version": self.version}
-        for key in ("epoch", "release", "arch", "path"):
+        for key in ("epoch", "release", "arch", "path", "distro"):
             value = getattr(self, key)
             if value is not None:
                 record[key] = value
@@ -100,7 +103,8 @@ def from_manifest(records: Iterable[Mapping[str, Any]]) -> list[Package]:
     out = []
     for r in records:
         out.append(Package(str(r.get("type", "")), str(r["name"]), str(r.get("version", "")),
-                           _opt(r.get("release")), _opt(r.get("epoch")), _opt(r.get("arch")), _opt(r.get("path"))))
+                           _opt(r.get("release")), _opt(r.get("epoch")), _opt(r.get("arch")), _opt(r.get("path")),
+                           _opt(r.get("distro"))))
     return out
 
 
@@ -156,6 +160,39 @@ def write_deb_list(stage: Path, packages: Iterable[Package]) -> Path:
     path = folder / DEB_LIST
     path.write_text(json.dumps([p.as_manifest() for p in sorted(packages)], indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def write_collected(stage: Path, name: str, data: Any) -> Path:
+    """Keep `data` (JSON) for the steps after the engine's (<stage>/collected/`name`)."""
+    folder = stage / COLLECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_collected(stage: Path, name: str) -> Any:
+    """What `write_collected` kept (None when there is nothing)."""
+    try:
+        return json.loads((stage / COLLECTED / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def parse_dpkg_query(text: str, distro: str | None = None) -> list[Package]:
+    """`dpkg-query -W -f '${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Abbrev}\\n'` lines →
+    the installed packages, sorted (`distro`: the purls' distro qualifier, e.g. debian-13)."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 4 or not fields[0] or not fields[1]:
+            raise BuildFailed(f"dpkg-query printed a malformed line {number}: {line[:120]!r}")
+        name, version, arch, status = fields
+        if status.strip() == "ii":
+            out.append(Package("deb", name, version, arch=arch or None, distro=distro))
+    return sorted(out)
 
 
 def read_deb_list(stage: Path) -> list[Package]:

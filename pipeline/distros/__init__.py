@@ -73,6 +73,7 @@ BUILTIN: dict[str, str] = {
     "almalinux": "pipeline.distros.almalinux",
     "nixos": "pipeline.distros.nixos",
     "demo": "pipeline.distros.demo",
+    "debian": "pipeline.distros.debian",
 }
 # name -> the stem of its images' per-image task names (build-STEM, run-STEM, ssh-STEM,
 # remote-fetch-STEM: pipeline.tasks.aliases), `{arch}` standing for x86 or arm. A distro not
@@ -126,10 +127,23 @@ class Profile:
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
     tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)
     variants: ClassVar[Mapping[Arch, tuple[str, ...]]] = {}  # arch -> builds for other CPUs
+    # image keys only some distros read (config load refuses them on the others)
+    own_keys: ClassVar[frozenset[str]] = frozenset()
+    systemd: ClassVar[bool] = True            # the guest runs systemd (the boot test waits for "running")
+    build_vm: ClassVar[bool] = True           # the engine builds inside a VM (a foreign arch is then emulated)
 
     @property
     def driver(self) -> Driver:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ configuration
+
+    def config_problems(self, image: Image) -> list[tuple[str, str]]:
+        """(key, message) for what this distro refuses in an image's configuration (config load
+        reports them with the others). By default: the distro-specific keys of other distros."""
+        foreign = {"mirror": image.mirror is not None, "packages": bool(image.packages)}
+        return [(key, f"only {_readers(key)} images read it") for key, used in foreign.items()
+                if used and key not in self.own_keys]
 
     # ------------------------------------------------------------------ files and paths
 
@@ -231,10 +245,22 @@ class Profile:
         """True when the image runs qemu-guest-agent (the boot test then expects it to answer)."""
         return False
 
+    def boot_deadline(self, image: Image, accel: Accel) -> float:
+        """Seconds a boot test waits for the guest's SSH (and then for the login, the agent,
+        systemd and the power-off) under `accel`."""
+        from pipeline.vm.ssh import SSH_DEADLINE
+
+        return SSH_DEADLINE[accel]
+
     def announce(self, plan: BuildPlan, facts: HostFacts) -> str | None:
         """One line said before the build starts (the accelerator, a warning), or None."""
         return f"accelerator {plan.accel.accel.value} ({plan.accel.reason})"
 
+
+
+def _readers(key: str) -> str:
+    """The titles of the distros that read image key `key` (for a config error)."""
+    return ", ".join(sorted(get(n).title or n for n in names() if key in get(n).own_keys)) or "no"
 
 
 def names() -> list[str]:

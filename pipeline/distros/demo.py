@@ -34,6 +34,7 @@ class Demo(PackerProfile):
     tcg_duration = "The demo guest is tiny: about a minute even so"
     image_defaults: ClassVar[Mapping[str, Any]] = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware
     ephemeral_root = True
+    systemd = False  # busybox init
 
     def blocks(self, image: Image, legacy: bool) -> list[Block]:
         from pipeline.render import demo  # noqa: PLC0415 (kept off the no-op build and the input hash)

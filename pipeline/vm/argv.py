@@ -33,6 +33,7 @@ class RunOptions:
     snapshot: bool = False     # writes go to a temporary overlay: the image file stays untouched
     gui: bool = False          # a display window instead of -display none
     foreground: bool = False   # console on this terminal instead of -daemonize
+    isolated: bool = False     # the guest's network reaches only its forwarded ports (restrict=on)
 
 
 def _opt(value: Path | str) -> str:
@@ -61,7 +62,7 @@ def qemu_argv(
     if opts.snapshot:
         argv.append("-snapshot")
     argv += [
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_SSH_PORT}",
+        "-netdev", f"user,id=net0,{'restrict=on,' if opts.isolated else ''}hostfwd=tcp:127.0.0.1:{port}-:{GUEST_SSH_PORT}",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",  # entropy: sshd key generation does not stall at boot
     ]

@@ -58,7 +58,7 @@ class SshGuest:
         ssh hands the remote shell one string: the argv is quoted into it, so it arrives intact."""
         remote = [shlex.join(command)]
         res = run(ssh_argv(self.image.name, self.state, self.key, self.image.ssh_user, self.port, remote, batch=True),
-                  check=False, timeout=60)
+                  check=False, timeout=max(60.0, self.deadline + 30))  # the systemd check waits up to the deadline
         return res.returncode, res.stdout if res.ok else (res.stderr or res.stdout)
 
     def password_login(self, user: str, password: str) -> bool | None:
@@ -146,29 +146,35 @@ def _await_login(guest: SshGuest, deadline: float) -> None:
 
 def boot_test(cfg: Config, target: BootTarget, output_dir: Path, accel: Accel | None = None, *,
               deadline: float | None = None, say: Callable[[str], None] = lambda _m: None,
-              facts: HostFacts | None = None) -> None:
+              facts: HostFacts | None = None, also: Callable[[SshGuest], list[str]] | None = None) -> None:
     """Boot `target` (a published build, or one still staged) with -snapshot and check the guest
     contract on it, ending with the ACPI power-off. Raises VerifyFailed (console tail included)
     on any failure; the VM is always stopped afterwards. `deadline` bounds the wait for SSH, the
-    login, the agent and the power-off.
+    login, the agent and the power-off. `also`: further checks on the logged-in guest, run before
+    the contract's (their problems fail the boot test like the contract's).
     """
     image = target.image
     accel_choice, firmware = decide(cfg, image, accel, facts, needs_firmware=target.boot is None)
-    wait = ssh_deadline(accel_choice.accel, deadline or cfg.defaults.boot_timeout)
+    # --timeout, else defaults.boot_timeout, else as long as the image's profile says a boot takes
+    wait = ssh_deadline(accel_choice.accel, deadline or cfg.defaults.boot_timeout
+                        or distros.profile(image).boot_deadline(image, accel_choice.accel))
     state = state_paths(output_dir, image.name, BOOT_TEST_DIR)
     with one_at_a_time(state, image.name, say):  # a real folder of ours (a planted link is refused)
-        _boot_and_check(cfg, target, output_dir, state, accel_choice, firmware, wait, say)
+        _boot_and_check(cfg, target, output_dir, state, accel_choice, firmware, wait, say, also)
 
 
 def _boot_and_check(cfg: Config, target: BootTarget, output_dir: Path, state: StatePaths, accel_choice: AccelChoice,
-                    firmware: FirmwareInfo | None, wait: float, say: Callable[[str], None]) -> None:
+                    firmware: FirmwareInfo | None, wait: float, say: Callable[[str], None],
+                    also: Callable[[SshGuest], list[str]] | None = None) -> None:
     """boot_test's VM, while it holds the boot-test folder."""
     image = target.image
     state.efivars.unlink(missing_ok=True)  # every boot test starts from the firmware's own variables
     key = keys.project_key(output_dir, cfg.defaults.ssh_key)
     say(f"{image.name}: boot test ({accel_choice.accel.value}), waiting up to {wait:.0f}s for SSH")
     try:
-        st = start(target, state, accel_choice, firmware, RunOptions(snapshot=True), port=free_port(), say=say)
+        # the guest's network reaches nothing but its forwarded SSH port: a boot test never phones out
+        st = start(target, state, accel_choice, firmware, RunOptions(snapshot=True, isolated=True), port=free_port(),
+                   say=say)
     except CommandFailed as exc:
         raise VerifyFailed(f"{image.name}: QEMU did not start: {exc.message}", exc.hint) from None
     if st.pid is None or st.ssh_port is None:
@@ -179,8 +185,10 @@ def _boot_and_check(cfg: Config, target: BootTarget, output_dir: Path, state: St
             pin_host_keys(state, wait_for_ssh(image.name, state, st.ssh_port, wait, st.pid))
             guest = SshGuest(image, state, key, st.ssh_port, st.pid, wait)
             _await_login(guest, wait)
+            profile = distros.profile(image)
             try:
-                problems = contract.check_live(guest, distros.profile(image).guest_agent(image), say)
+                problems = also(guest) if also is not None else []
+                problems += contract.check_live(guest, profile.guest_agent(image), say, systemd=profile.systemd)
             except VerifyFailed:
                 raise_if_disk_full(image.name, state)  # the guest paused on a full disk: say that
                 raise

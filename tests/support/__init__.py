@@ -118,7 +118,7 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
     cache (`cache`) for a test that builds again."""
     import sqlite3
 
-    _, src = demo_build
+    _, src = demo_build  # (or the session's debian_build: any published output folder)
     out = dest / "output"
     out.mkdir(parents=True, exist_ok=True)
     for image in (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -135,7 +135,12 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
     return write_config(dest / config, out, extra), out
 
 
-PROJECT_PARTS = ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline", "packer", "kickstart", "nixos")
+PROJECT_PARTS = ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline", "packer", "kickstart", "nixos", "debian")
+
+# What a Debian image's build needs on the host (tool, Debian package), checked by the debian_build fixture.
+DEBIAN_TOOLS = (("mmdebstrap", "mmdebstrap"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"),
+                ("mcopy", "mtools"), ("unshare", "util-linux"), ("qemu-img", "qemu-utils"),
+                ("qemu-system-x86_64", "qemu-system-x86"))
 
 
 # What a copy of the whole checkout leaves out: VCS data, the build output and the virtualenv at

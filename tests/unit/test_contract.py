@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from pipeline import contract
+from pipeline import contract, distros
 from pipeline.base.errors import ConfigError
 from pipeline.config import load, load_file
 from pipeline.demo import APPEND, rootfs_entries
@@ -78,7 +78,8 @@ def test_root_ssh_defaults_to_off_and_the_shipped_almalinux_entries_keep_it_on()
     login = [{"name": "root", "password_hash": HASH}]
     cfg = load({"images": {"img": {"distro": "almalinux", "arch": "x86_64", "users": login}}}, ROOT)
     assert cfg.image("img").root_ssh is False
-    assert [n for n, i in sorted(CFG.images.items()) if i.root_ssh] == ["almalinux10-aarch64", "almalinux10-x86_64"]
+    assert [n for n, i in sorted(CFG.images.items()) if i.root_ssh] == ["almalinux10-aarch64", "almalinux10-x86_64",
+                                                                         "debian13-aarch64", "debian13-x86_64"]
     assert problems({"distro": "almalinux", "arch": "x86_64", "users": login, "root_ssh": "yes"}) == [
         "images.img.root_ssh: expected true or false, got 'yes'"]
 
@@ -180,7 +181,7 @@ def _fw(image: Image):  # type: ignore[no-untyped-def]
 
 def test_every_requirement_is_described_and_power_off_comes_last():
     names = [r.name for r in contract.REQUIREMENTS]
-    assert names == ["key-login", "sudo", "root-ssh", "serial-console", "guest-agent", "power-off"]
+    assert names == ["key-login", "systemd-running", "sudo", "root-ssh", "serial-console", "guest-agent", "power-off"]
     assert all(r.description for r in contract.REQUIREMENTS)
     assert [r.name for r in contract.REQUIREMENTS if r.ends_boot] == ["power-off"]
 
@@ -195,6 +196,7 @@ class Recorded:
                  agent: bool = True, powers_off: bool = True) -> None:
         self.image, self.answers, self.password_ok = image, answers, password_ok
         self.agent, self.powers_off, self.asked = agent, powers_off, []
+        self.deadline = 30.0
 
     def run(self, command):  # type: ignore[no-untyped-def]
         self.asked.append(" ".join(command))
@@ -259,3 +261,33 @@ def test_root_ssh_is_not_checked_when_imagepipe_cannot_try():
     said.clear()
     contract.check_live(Recorded(nixos, ALMA_LIVE), agent=True, say=said.append)
     assert "nixos-x86_64: contract root-ssh: passed (root has no password (locked))" in said
+
+
+SYSTEMD_WAIT = "timeout 30 systemctl is-system-running --wait"
+FAILED_UNITS = "systemctl list-units --failed --plain --no-legend --no-pager"
+
+
+def test_systemd_must_end_running_where_it_is_the_init():
+    image = CFG.image("debian13-x86_64")
+    said: list[str] = []
+    running = Recorded(image, {**ALMA_LIVE, SYSTEMD_WAIT: (0, "running\n")}, password_ok=True)
+    assert contract.check_live(running, agent=True, say=said.append, systemd=True) == []
+    assert running.asked[:2] == ["uname -m", SYSTEMD_WAIT]
+    assert "debian13-x86_64: contract systemd-running: passed" in said
+    degraded = Recorded(image, {**ALMA_LIVE, SYSTEMD_WAIT: (1, "degraded\n"),
+                                FAILED_UNITS: (0, "networking.service loaded failed failed Raise network interfaces\n")},
+                        password_ok=True)
+    assert contract.check_live(degraded, agent=True, systemd=True) == [
+        "systemd-running: systemd is 'degraded', not 'running': failed units: networking.service"]
+    slow = Recorded(image, {**ALMA_LIVE, SYSTEMD_WAIT: (124, "starting\n")}, password_ok=True)
+    assert contract.check_live(slow, agent=True, systemd=True) == [
+        "systemd-running: systemd did not finish booting within 30s (state 'starting')"]
+
+
+def test_a_guest_without_systemd_says_so_instead_of_waiting():
+    demo = CFG.image("demo-x86_64")
+    said: list[str] = []
+    guest = Recorded(demo, {"uname -m": (0, "x86_64\n"), "cat /proc/consoles": ALMA_LIVE["cat /proc/consoles"]})
+    contract.check_live(guest, agent=False, say=said.append, systemd=distros.get("demo").systemd)
+    assert "demo-x86_64: contract systemd-running: not checked (this image does not run systemd)" in said
+    assert SYSTEMD_WAIT not in guest.asked

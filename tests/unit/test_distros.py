@@ -88,7 +88,7 @@ def test_an_unknown_distro_is_a_config_error_listing_the_known_ones(tmp_path):
     with pytest.raises(ConfigError) as err:
         load({"images": {"x": {"distro": "almalinx", "arch": "x86_64"}}}, tmp_path)
     text = err.value.render()
-    assert "images.x.distro" in text and "almalinux, demo, nixos" in text and "did you mean 'almalinux'" in text
+    assert "images.x.distro" in text and "almalinux, debian, demo, nixos" in text and "did you mean 'almalinux'" in text
 
 
 def test_render_dry_run_and_input_hash_of_a_new_distro(tmp_path, fakeos):

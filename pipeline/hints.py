@@ -22,8 +22,10 @@ def host_facts(os_name: str | None = None, machine: str | None = None) -> HostFa
 
 
 def can_build_here(cfg: Config, image: Image, facts: HostFacts) -> bool:
-    """True when this host builds `image` natively (same arch, and the profile does not object)."""
-    return facts.arch is image.arch and distros.profile(image).host_problem(image, facts, cfg) is None
+    """True when this host builds `image` natively (same arch, or an engine without a build VM, and
+    the profile does not object)."""
+    profile = distros.profile(image)
+    return (facts.arch is image.arch or not profile.build_vm) and profile.host_problem(image, facts, cfg) is None
 
 
 def build_hint(cfg: Config, image: Image, facts: HostFacts | None = None) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline.distros import Profile, Report
 from pipeline.drivers import Prepared
 from pipeline.errors import HostUnsuitable, MirrorUnavailable
-from pipeline.model import Accel, Config, Firmware, Image
+from pipeline.model import Accel, Config, Image
 from pipeline.render import debian as render
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Debian(Profile):
     name = "debian"
     title = "Debian"
     tcg_duration = "No build VM: the root is assembled on the host (a minute or two); the boot test runs under TCG"
-    image_defaults: ClassVar[Mapping[str, Any]] = {"firmware": Firmware.UEFI, "disk_size": 3072}
+    image_defaults: ClassVar[Mapping[str, Any]] = {"disk_size": 3072}
     own_keys = frozenset({"mirror", "packages"})
     build_vm = False
 
@@ -111,12 +111,10 @@ class Debian(Profile):
 
     def host_problem(self, image: Image, facts: HostFacts, cfg: Config) -> HostUnsuitable | None:
         """Linux only (mmdebstrap, chroot, e2fsprogs), as root (mmdebstrap --mode=root)."""
-        from pipeline import hints
-
         if facts.os != "linux":
             return HostUnsuitable(f"{image.name} cannot be built on {'macOS' if facts.os == 'darwin' else facts.os}: "
                                   "Debian images are assembled with mmdebstrap, chroot and Linux file system tools",
-                                  hints.remote_route(cfg, image, facts))
+                                  remote_hint(image, cfg))
         if os.geteuid() != 0:
             return HostUnsuitable(f"building {image.name} needs root: mmdebstrap --mode=root installs the packages as "
                                   "root, and GRUB's tools run inside the new root (chroot)",
@@ -201,6 +199,17 @@ class Debian(Profile):
             f" ({render.DPKG_ARCH[plan.image.arch]} programs run under qemu-user)"
         return (f"no build VM: mmdebstrap assembles the root here{where}; "
                 f"a boot test would use {plan.accel.accel.value} ({plan.accel.reason})")
+
+
+def remote_hint(image: Image, cfg: Config) -> str:
+    """Where else `image` can be built: a Linux builder (any arch: the root of another arch is
+    assembled under qemu-user), then fetched."""
+    builders = sorted(b.name for b in cfg.builders.values())
+    host = builders[0] if len(builders) == 1 else "HOST"
+    line = (f"build it on a Linux builder (as root) and fetch it: invoke remote-sync-build {host} --image {image.name}"
+            f" && invoke remote-fetch {host} {image.name}")
+    return line + (f"\n  configured builders: {', '.join(builders)}" if builders else
+                   f"\n  no builder is configured: add one under builders: in {cfg.source}")
 
 
 def qemu_user(image: Image) -> str:

@@ -169,7 +169,7 @@ class MmdebstrapDriver:
         binfmt = binfmt_name(image, facts.arch)
         tree = stage / "root"
         assemble_root(plan, stage, prepared, binfmt, progress)
-        installed = record_packages(tree, stage, image)
+        record_packages(tree, stage, image, progress)
         progress.step_event("boot loaders (grub-mkimage)")
         esp = boot_loaders(image, tree, stage, binfmt)
         progress.step_event("make disk (sfdisk, mke2fs -d, mkfs.vfat)")
@@ -178,7 +178,6 @@ class MmdebstrapDriver:
         if image.arch is Arch.X86_64:
             progress.step_event("BIOS boot code (grub-bios-setup)")
             bios_boot_code(tree, disk, stage)
-        progress.info(f"{len(installed)} packages installed")
         shutil.rmtree(tree)
         progress.step_event("qcow2 (qemu-img convert)")
         final = stage / plan.artifact_name
@@ -242,7 +241,7 @@ def mmdebstrap_failure(image: Image, argv: list[str], code: int, tail: str, vari
     return CommandFailed(argv, code, tail, hint=f"build log: {log}")
 
 
-def record_packages(tree: Path, stage: Path, image: Image) -> list[str]:
+def record_packages(tree: Path, stage: Path, image: Image, progress: Progress) -> list[str]:
     """Every installed package of the root (dpkg-query over its database) into the package
     list the profile hands on, and the file names apt knows them by (for the .deb cache)."""
     from pipeline import packages
@@ -253,7 +252,10 @@ def record_packages(tree: Path, stage: Path, image: Image) -> list[str]:
     found = packages.parse_dpkg_query(out, distro=f"debian-{image.version}")
     packages.write_deb_list(stage, found)
     names = {deb_file_name(p.name, p.version, p.arch or "all") for p in found}
-    debcache.absorb(debcache.cache_dir(), stage / "debs-out", used=names)
+    cache = debcache.cache_dir()
+    got = debcache.absorb(cache, stage / "debs-out", used=names)
+    progress.info(f"{len(found)} packages installed: {got.used} from the .deb cache, {got.added} downloaded "
+                  f"({mib(got.added_bytes)}, kept in {cache})")
     return sorted(names)
 
 

@@ -113,3 +113,20 @@ def test_a_reader_that_goes_away_is_no_internal_error(tmp_path):
         err = proc.stderr.read()
         proc.wait(timeout=60)
         assert err == "", (args, extra, err)
+
+
+def test_a_debian_build_needs_root_and_mmdebstrap_and_says_so(tmp_path):
+    """As anyone but root the build is refused before anything is written, with the remote route;
+    as root a host without mmdebstrap gets the install hint (exit 127). Nothing is published."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    if os.geteuid() != 0:
+        res = invoke(["build", "debian13-x86_64"], cfg)
+        assert res.returncode == 3, res.stderr
+        assert "building debian13-x86_64 needs root" in res.stderr and "remote-sync-build" in res.stderr
+        assert not (tmp_path / "out").exists()  # not even the project key
+        return
+    res = invoke(["build", "debian13-x86_64"], cfg, env={"PATH": path_without(tmp_path, "mmdebstrap")})
+    assert res.returncode == 127, res.stderr
+    assert "mmdebstrap not found" in res.stderr and "apt-get install mmdebstrap" in res.stderr
+    assert not (tmp_path / "out" / "debian13-x86_64" / "current").exists()
+    assert not list((tmp_path / "out" / "debian13-x86_64").glob(".staging/*"))

@@ -30,7 +30,8 @@ from tests.support import (
 )
 from tests.support.sshd import SshHost
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.needs_root("mmdebstrap --mode=root installs the packages as root; GRUB's tools run in a chroot")]
 IMAGE = "debian13-x86_64"
 
 
@@ -177,3 +178,56 @@ def test_remote_sync_build_on_the_loopback_builder_then_diff(debian_build, tmp_p
     finally:
         host.stop()
         shutil.rmtree(tmp_path / "builder", ignore_errors=True)
+
+
+def _nothing_published(out: Path) -> None:
+    image_dir = out / IMAGE
+    assert not (image_dir / "current").exists() and not list(image_dir.glob(".staging/*"))
+
+
+def test_a_package_the_mirror_lacks_is_named_and_nothing_is_published(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "out",
+                          {"images": {IMAGE: {"packages": ["imagepipe-no-such-package"]}}})
+    res = invoke(["build", IMAGE], config, timeout=1800)
+    assert res.returncode == 1, _out(res)[-3000:]
+    assert "no package imagepipe-no-such-package in Debian 13 (trixie) on " in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in _out(res)
+    _nothing_published(tmp_path / "out")
+
+
+class _EmptyMirror:
+    """A loopback HTTP server with nothing in it: every suite is missing (404)."""
+
+    def __enter__(self) -> str:
+        import functools
+        import http.server
+        import threading
+
+        (root := Path(self.folder)).mkdir(exist_ok=True)
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/debian"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_mirror_that_lacks_the_suite_or_does_not_answer_stops_the_build(tmp_path):
+    with _EmptyMirror(tmp_path / "www") as empty:
+        config = write_config(tmp_path / "c.yaml", tmp_path / "out", {"images": {IMAGE: {"mirror": empty}}})
+        res = invoke(["build", IMAGE], config, timeout=300)
+    assert res.returncode == 1, _out(res)
+    assert f"the mirror {empty} has no suite trixie" in res.stderr and "Traceback" not in _out(res)
+    _nothing_published(tmp_path / "out")
+    config = write_config(tmp_path / "d.yaml", tmp_path / "out", {"images": {IMAGE: {"mirror": "http://127.0.0.1:9/debian"}}})
+    res = invoke(["build", IMAGE], config, timeout=300)
+    assert res.returncode == 1 and "the mirror http://127.0.0.1:9/debian does not answer" in res.stderr, _out(res)
+    _nothing_published(tmp_path / "out")
+    bad = write_config(tmp_path / "e.yaml", tmp_path / "out", {"images": {IMAGE: {"version": "14"}}})
+    res = invoke(["build", IMAGE], bad, timeout=60)
+    assert res.returncode == 2 and "Debian '14' is not a release imagepipe builds" in res.stderr, _out(res)

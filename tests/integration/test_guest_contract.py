@@ -23,9 +23,12 @@ def test_test_image_checks_every_requirement_on_the_live_demo(demo_build):
     res = invoke(["test-image", DEMO], cfg, timeout=400)
     assert res.returncode == 0, res.stderr
     for req in REQUIREMENTS:
-        assert f"{DEMO}: contract {req.name}: passed" in res.stderr, res.stderr
+        if req.name != "systemd-running":
+            assert f"{DEMO}: contract {req.name}: passed" in res.stderr, res.stderr
+    # busybox init, not systemd: the demo's profile says so, and the boot test does not wait for "running"
+    assert f"{DEMO}: contract systemd-running: not checked (this image does not run systemd)" in res.stderr
     # root_ssh is off for the demo: its root password ("packer", a development default) was tried and refused
-    assert "contract root-ssh: passed" in res.stderr and "not checked" not in res.stderr
+    assert "contract root-ssh: passed" in res.stderr and "root-ssh: not checked" not in res.stderr
 
 
 def test_root_ssh_is_checked_both_ways(tmp_path):

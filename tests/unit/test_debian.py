@@ -257,3 +257,22 @@ def test_the_deb_cache_keeps_packages_by_their_hash(tmp_path):
     os.utime(old, (1, 1))
     assert debcache.prune(cache, before=1000) == 1
     assert debcache.count(cache) == 1 and len(list((cache / "by-sha256").iterdir())) == 1
+
+
+def test_a_disk_too_small_says_how_much_is_needed_before_any_tool_runs(tmp_path):
+    import io
+
+    from pipeline.progress import Progress
+
+    tree = tmp_path / "root"
+    (tree / "usr").mkdir(parents=True)
+    with open(tree / "usr" / "big", "wb") as f:
+        f.truncate(300 << 20)  # counted by its size, as mke2fs -d would write it
+    small = dataclasses.replace(X86, disk_size=256)
+    with pytest.raises(BuildFailed) as err:
+        mmdebstrap.make_disk(small, tree, tmp_path / "esp", tmp_path / "disk.raw", 1, Progress("t", stream=io.StringIO()))
+    need = mmdebstrap.needed_disk_mib(300 << 20, 3)
+    assert err.value.message == (f"disk_size 256 MiB is too small for debian13-x86_64: its root holds 300.0 MiB in 3 "
+                                 f"files and needs a disk of at least {need} MiB")
+    assert f"set disk_size: {need}" in (err.value.hint or "")
+    assert not (tmp_path / "disk.raw").exists()

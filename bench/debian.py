@@ -152,7 +152,8 @@ try:
     boots = alternate(pairs, {"ours": ours_boot, "by hand": raw_boot}, "boot test ")
 finally:
     shutil.rmtree(work, ignore_errors=True)
-cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")), "?")
 say(f"CPU: {cpu}")
 finish([
     figure("debian build: root assembly (mmdebstrap) vs by hand", steps["root"], raw_steps["root"], limit=1.10),

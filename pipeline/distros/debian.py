@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pipeline import contract, keys
+from pipeline.base.errors import HostUnsuitable, MirrorUnavailable
+from pipeline.base.fsutil import atomic_write
+from pipeline.contents import packages
 from pipeline.distros import Profile, Report
-from pipeline.drivers import Prepared
-from pipeline.errors import HostUnsuitable, MirrorUnavailable
+from pipeline.drivers import Prepared, debcache
 from pipeline.model import Accel, Config, Image
 from pipeline.render import debian as render
 
 if TYPE_CHECKING:
+    from pipeline.contents.packages import Package
     from pipeline.drivers.mmdebstrap import MmdebstrapDriver
     from pipeline.host import HostFacts
-    from pipeline.packages import Package
     from pipeline.plan import BuildPlan
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -130,9 +133,6 @@ class Debian(Profile):
     def prepare(self, plan: BuildPlan, stage: Path, report: Report) -> Prepared:
         """The mirrors and their Release files (checked: a missing suite fails here), the staged
         customize hook and the build's SSH keys."""
-        from pipeline import contract, keys, packages
-        from pipeline.fsutil import atomic_write
-
         image = plan.image
         mirrors = mirrors_for(image)
         report(f"mirror {mirrors.main} ({mirrors.source})"
@@ -163,14 +163,10 @@ class Debian(Profile):
 
     def packages(self, plan: BuildPlan, stage: Path, report: Report) -> list[Package]:
         """Every package installed in the root (dpkg-query over its database, by the driver)."""
-        from pipeline import packages
-
         return packages.read_deb_list(stage)
 
     def manifest_extra(self, plan: BuildPlan) -> dict[str, Any]:
         """The suite, the mirrors and the Release files the build was made from."""
-        from pipeline import packages
-
         return {"debian": packages.read_collected(plan.staging, INFO_FILE)}
 
     def guest_agent(self, image: Image) -> bool:
@@ -178,8 +174,6 @@ class Debian(Profile):
 
     def summary(self, image: Image, root: Path, output_dir: Path) -> dict[str, Any]:
         """The suite, the mirror (and where it was found), the packages and the .deb cache."""
-        from pipeline.drivers import debcache
-
         mirrors = mirrors_for(image)
         cached = debcache.count(debcache.cache_dir())
         return {"suite": f"{render.suite(image)} (Debian {image.version}, {render.DPKG_ARCH[image.arch]})",
@@ -199,6 +193,40 @@ class Debian(Profile):
             f" ({render.DPKG_ARCH[plan.image.arch]} programs run under qemu-user)"
         return (f"no build VM: mmdebstrap assembles the root here{where}; "
                 f"a boot test would use {plan.accel.accel.value} ({plan.accel.reason})")
+
+
+def guest_view(image: Image, script: str, staged_keys: str = "") -> contract.GuestView:
+    """What a rendered customize hook (and the build's staged key file) give the guest contract:
+    the keys each user gets, the sudoers drop-in, root's SSH login, GRUB's console, and what the
+    package set brings (systemd-logind powers off on the ACPI button; the guest agent)."""
+    import shlex
+
+    found: dict[str, set[str]] = {}
+    sudoers: set[str] = set()
+    in_sudoers = False
+    for line in script.splitlines():
+        if line.startswith("put 0440 /etc/sudoers.d/"):
+            in_sudoers = True
+            continue
+        if in_sudoers:
+            if line == "EOF":
+                in_sudoers = False
+            elif line.endswith("NOPASSWD: ALL"):
+                sudoers.add(line.split()[0])
+            continue
+        words = shlex.split(line, comments=True) if "| keys " in line or "then keys " in line else []
+        if "keys" in words:
+            user = words[words.index("keys") + 1]
+            given = words[2:words.index("|")] if words[:2] == ["printf", "%s\\n"] else staged_keys.splitlines()
+            found.setdefault(user, set()).update(k for k in given if k)
+    consoles = re.findall(r"console=(\w+)", next((x for x in script.splitlines() if x.startswith("GRUB_CMDLINE_LINUX=")), ""))
+    root_password = any(line.startswith("printf '%s\\n' 'root:") for line in script.splitlines())
+    wanted = render.packages(image)
+    return contract.GuestView(
+        keys={u: frozenset(k) for u, k in found.items()}, passwordless_sudo=frozenset(sudoers),
+        root_password_ssh=root_password and "PermitRootLogin yes" in script.splitlines(),
+        console=consoles[-1] if consoles else None, power_button="systemd-sysv" in wanted,
+        guest_agent="qemu-guest-agent" in wanted)
 
 
 def remote_hint(image: Image, cfg: Config) -> str:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.fsutil import atomic_write, ensure_dir, link_or_copy
+from pipeline.base.fsutil import atomic_write, ensure_dir, link_or_copy
 
 PRUNE_DAYS = 30
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]*\.deb$")

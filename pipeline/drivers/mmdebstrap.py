@@ -33,14 +33,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.drivers import Prepared, Source
-from pipeline.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.errors import BuildFailed, CommandFailed, ToolMissing
+from pipeline.base.run import install_hint, run, stream
+from pipeline.base.text import visible
+from pipeline.base.units import mib
+from pipeline.contents import packages
+from pipeline.drivers import Prepared, Source, debcache
 from pipeline.model import Arch, Image
 from pipeline.progress import Event, Progress
 from pipeline.render import debian as render
-from pipeline.run import install_hint, run, stream
-from pipeline.text import visible
-from pipeline.units import mib
 
 if TYPE_CHECKING:
     from pipeline.host import HostFacts
@@ -195,8 +196,6 @@ class MmdebstrapDriver:
 
 def assemble_root(plan: BuildPlan, stage: Path, prepared: Prepared, binfmt: str, progress: Progress) -> None:
     """mmdebstrap into <stage>/root, with the .deb cache synced in and out."""
-    from pipeline.drivers import debcache
-
     image = plan.image
     cache = debcache.cache_dir()
     (stage / "debs-in").mkdir()
@@ -244,9 +243,6 @@ def mmdebstrap_failure(image: Image, argv: list[str], code: int, tail: str, vari
 def record_packages(tree: Path, stage: Path, image: Image, progress: Progress) -> list[str]:
     """Every installed package of the root (dpkg-query over its database) into the package
     list the profile hands on, and the file names apt knows them by (for the .deb cache)."""
-    from pipeline import packages
-    from pipeline.drivers import debcache
-
     out = run(["dpkg-query", f"--admindir={tree / 'var' / 'lib' / 'dpkg'}", "-W",
                "-f=${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Abbrev}\\n"]).stdout
     found = packages.parse_dpkg_query(out, distro=f"debian-{image.version}")

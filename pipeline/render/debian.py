@@ -17,7 +17,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.contract import root_password_ssh, sudo_users
 from pipeline.model import Arch, Image
 
 # Debian releases imagepipe builds: version -> suite (codename). Version 14 (forky) is
@@ -282,14 +281,17 @@ def accounts(image: Image) -> str:
             lines.append(f"printf '%s\\n' {' '.join(q(k) for k in user.public_keys)} | keys {q(user.name)}")
         if user.sudo and user.name != "root":
             lines.append(f"in_root adduser --quiet {q(user.name)} sudo")
-    for name in sudo_users(image):
-        sudoers.append(f"{name} ALL=(ALL:ALL) NOPASSWD: ALL")
+    # the guest contract's sudo and root-ssh (pipeline.contract: sudo_users, root_password_ssh)
+    for user in image.users:
+        if user.sudo and user.name != "root":
+            sudoers.append(f"{user.name} ALL=(ALL:ALL) NOPASSWD: ALL")
     if image.user(image.ssh_user) is None and image.ssh_user != "root":
         lines.append(f"in_root useradd --create-home --shell /bin/bash {q(image.ssh_user)}")
     lines.append(f'if [ -n "${{IMAGEPIPE_SSH_KEYS:-}}" ]; then keys {q(image.ssh_user)} < "$IMAGEPIPE_SSH_KEYS"; fi')
     if sudoers:
         lines += ["put 0440 /etc/sudoers.d/90-imagepipe <<'EOF'", *sudoers, "EOF"]
-    login = "yes" if root_password_ssh(image) else "prohibit-password"
+    root = image.user("root")
+    login = "yes" if image.root_ssh and root is not None and root.password_hash else "prohibit-password"
     lines += ["# root over SSH: " + ("with its password too (root_ssh: true)" if login == "yes" else "keys only"),
               "put 0644 /etc/ssh/sshd_config.d/90-imagepipe.conf <<'EOF'", f"PermitRootLogin {login}", "EOF", ""]
     return "\n".join(lines)

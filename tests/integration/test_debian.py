@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts
 from pipeline.config import load_file
 from pipeline.model import Firmware
+from pipeline.output import artifacts
 from pipeline.render import debian as render
 from pipeline.vm.boottest import SshGuest, boot_test
 from pipeline.vm.lifecycle import staged_target

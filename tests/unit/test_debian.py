@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import distros
+from pipeline.base.errors import BuildFailed, ConfigError, HostUnsuitable
 from pipeline.config import load, load_file
+from pipeline.contents.packages import Package, parse_dpkg_query
 from pipeline.distros import debian
 from pipeline.drivers import debcache, mmdebstrap
-from pipeline.errors import BuildFailed, ConfigError, HostUnsuitable
 from pipeline.model import Accel, Arch
-from pipeline.packages import Package, parse_dpkg_query
 from pipeline.plan import make_build_plan
 from pipeline.render import debian as render
 from tests.support import ROOT
@@ -276,3 +276,19 @@ def test_a_disk_too_small_says_how_much_is_needed_before_any_tool_runs(tmp_path)
                                  f"files and needs a disk of at least {need} MiB")
     assert f"set disk_size: {need}" in (err.value.hint or "")
     assert not (tmp_path / "disk.raw").exists()
+
+
+def test_the_rendered_image_keeps_the_guest_contract():
+    from pipeline import contract
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBuildKeyBuildKeyBuildKeyBuildKey0000 imagepipe"
+    for image in (X86, ARM, dataclasses.replace(X86, root_ssh=False)):
+        script = render.customize_script(image)
+        assert contract.check_rendered(image, key, debian.guest_view(image, script, key + "\n")) == [], image.name
+    script = render.customize_script(X86)
+    broken = script.replace("admin ALL=(ALL:ALL) NOPASSWD: ALL", "").replace("PermitRootLogin yes", "PermitRootLogin no")
+    assert contract.check_rendered(X86, key, debian.guest_view(X86, broken, key + "\n")) == [
+        "sudo: sudo asks admin for a password",
+        "root-ssh: root's password does not work over SSH (root_ssh: true)"]
+    assert contract.check_rendered(X86, key, debian.guest_view(X86, script, "")) == [
+        "key-login: the build key is not among admin's authorized keys"]

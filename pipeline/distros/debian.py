@@ -14,10 +14,12 @@ when Debian publishes an update, and not otherwise; their date is the build's SO
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import hashlib
 import os
 import re
+import shlex
 import urllib.error
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -65,7 +67,7 @@ class Debian(Profile):
 
     @property
     def driver(self) -> MmdebstrapDriver:
-        from pipeline.drivers.mmdebstrap import MmdebstrapDriver
+        from pipeline.drivers.mmdebstrap import MmdebstrapDriver  # noqa: PLC0415 (kept off the no-op build and the input hash)
 
         return MmdebstrapDriver(self)
 
@@ -199,8 +201,6 @@ def guest_view(image: Image, script: str, staged_keys: str = "") -> contract.Gue
     """What a rendered customize hook (and the build's staged key file) give the guest contract:
     the keys each user gets, the sudoers drop-in, root's SSH login, GRUB's console, and what the
     package set brings (systemd-logind powers off on the ACPI button; the guest agent)."""
-    import shlex
-
     found: dict[str, set[str]] = {}
     sudoers: set[str] = set()
     in_sudoers = False
@@ -357,13 +357,11 @@ class Release:
 
 def parse_release_date(text: str) -> tuple[str, int] | None:
     """The `Date:` of a Release file and its epoch seconds (pure; None without a valid one)."""
-    from email.utils import parsedate_to_datetime
-
     m = re.search(r"^Date:\s*(.+)$", text, re.MULTILINE)
     if not m:
         return None
     try:
-        return m.group(1).strip(), int(parsedate_to_datetime(m.group(1).strip()).timestamp())
+        return m.group(1).strip(), int(email.utils.parsedate_to_datetime(m.group(1).strip()).timestamp())
     except (TypeError, ValueError):
         return None
 
@@ -372,7 +370,7 @@ def parse_release_date(text: str) -> tuple[str, int] | None:
 def fetch_release(url: str) -> Release:
     """The InRelease file at `url` (once per process): its sha256 and date. MirrorUnavailable
     names the mirror and what is wrong: it does not answer, or it has no such suite."""
-    from pipeline.download import NotFound, open_url, reason
+    from pipeline.download import NotFound, open_url, reason  # noqa: PLC0415 (urllib.request: kept off every command's start)
 
     mirror = url.rsplit("/dists/", 1)[0]
     suite = pocket_name(url)

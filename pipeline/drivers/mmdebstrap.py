@@ -141,10 +141,14 @@ class MmdebstrapDriver:
             raise ToolMissing(f"mmdebstrap not found on PATH (needed to build {plan.image.name})",
                               install_hint("mmdebstrap"))
 
-    def steps(self, plan: BuildPlan, facts: HostFacts) -> list[str]:
-        bios = ["BIOS boot code (grub-bios-setup)"] if plan.image.arch is Arch.X86_64 else []
+    def steps(self, facts: HostFacts) -> list[str]:
         return ["prepare inputs", "assemble root (mmdebstrap)", "boot loaders (grub-mkimage)",
-                "make disk (sfdisk, mke2fs -d, mkfs.vfat)", *bios, "qcow2 (qemu-img convert)"]
+                "make disk (sfdisk, mke2fs -d, mkfs.vfat)", "BIOS boot code (grub-bios-setup)",
+                "qcow2 (qemu-img convert)"]
+
+    def template_text(self, image: Image, legacy: bool = False) -> str | None:
+        """None: no template; the customize hook the profile renders is the image's recipe."""
+        return None
 
     def command(self, plan: BuildPlan, stage: Path, known: Mapping[str, str] | None = None) -> list[str]:
         """The mmdebstrap command; values prepared at build time come from `known` or show as
@@ -179,6 +183,8 @@ class MmdebstrapDriver:
         if image.arch is Arch.X86_64:
             progress.step_event("BIOS boot code (grub-bios-setup)")
             bios_boot_code(tree, disk, stage)
+        else:
+            progress.step_event("BIOS boot code: none (aarch64 boots with UEFI only)")
         shutil.rmtree(tree)
         progress.step_event("qcow2 (qemu-img convert)")
         final = stage / plan.artifact_name

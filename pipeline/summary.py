@@ -123,13 +123,15 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
         problems.append(Problem.of(exc))
     if route is None and (unfit := profile.host_problem(image, facts, cfg)) is not None:
         problems.append(Problem.of(unfit))
-    choice = _accel(accel, facts, image, problems, purpose="run" if route else "build")
+    # a foreign arch is refused under `auto` only where a whole build would be emulated (as the plan does)
+    choice = _accel(accel, facts, image, problems, purpose="build" if profile.build_vm and not route else "run")
     cpu_model, cpu_fits = None, True
     if choice is not None:  # a variant may ask for a named model (Nehalem); the guest's level must fit it
         cpu_model = profile.cpu_model(image, choice.accel)
         # no build VM runs here when the engine builds elsewhere: the CPU level is the builder's business
         cpu_fits = route is not None or _cpu_level(image, profile.cpu_level(image), cpu_model, choice, facts, problems)
-    firmware = _firmware(image, facts, problems)
+    # without a build VM, only a boot test needs the firmware (and it refuses on its own)
+    firmware = _firmware(image, facts, problems if profile.build_vm else [])
     tools = _tools(image, facts, problems)
     facts_of_distro = profile.summary(image, cfg.root, cfg.output_dir)
     for extra in facts_of_distro.pop("problems", []):
@@ -144,7 +146,11 @@ def summarize(cfg: Config, image: Image, facts: HostFacts, *, accel: Accel = Acc
     image_dir = cfg.output_dir / image.name
     log_dir = image_dir / "logs" / BUILD_ID
     versions = {t: facts.tool(t).version for t in inputs.tools_for(image)}
-    ihash = inputs.compute(cfg, image, versions).value
+    try:  # a profile's pins may need the network (Debian's Release files): a failure is the first problem
+        ihash = inputs.compute(cfg, image, versions).value
+    except ImagepipeError as exc:
+        problems.insert(0, Problem.of(exc))
+        ihash = ""
     steps = step_names(driver, image, facts, boot_test)
     announced = (profile.announce(plan, facts) or "") if plan is not None else ""
     notes += [line.removeprefix("warning: ") for line in announced.splitlines() if line.startswith("warning:")]
@@ -240,9 +246,9 @@ def step_names(driver: Driver, image: Image, facts: HostFacts, boot_test: bool) 
 def _warnings(choice: AccelChoice | None, image: Image, facts: HostFacts) -> list[str]:
     """The loud note for a build under TCG: how much slower, how long for this distro, and where
     it would be fast."""
-    if choice is None or choice.accel is not Accel.TCG:
-        return []
     profile = distros.profile(image)
+    if choice is None or choice.accel is not Accel.TCG or not profile.build_vm:
+        return []
     how_long = f" {profile.tcg_duration}." if profile.tcg_duration else ""
     note = (f"TCG: no hardware acceleration ({choice.reason}). Every guest instruction is emulated, "
             f"10-20x slower than KVM.{how_long} A Linux builder with KVM does it in minutes: "

@@ -183,7 +183,8 @@ class Debian(Profile):
                 "security": mirrors.security or "none (no security archive in the host's apt sources)",
                 "packages": ", ".join(render.packages(image)) + " (and Debian's required ones)",
                 "deb cache": f"{cached} packages in {debcache.cache_dir()}" if cached else
-                             f"empty ({debcache.cache_dir()}): the first build downloads every package"}
+                             f"empty ({debcache.cache_dir()}): the first build downloads every package",
+                "variables": {"mirror": mirrors.main, "security_mirror": mirrors.security or ""}}
 
     def boot_deadline(self, image: Image, accel: Accel) -> float:
         """A whole Debian boots under TCG in one to three minutes here (cloud-init's first boot

@@ -150,3 +150,25 @@ def test_the_profile_hook_feeds_the_text(tmp_path):
     assert "flake output" in text and "#packages.x86_64-linux.nixos-x86_64-image" in text
     assert s.ok and s.exit_code == 0 and s.steps == ["nix build", "verify", "package list and SBOM", "publish"]
     assert Path(s.template).name == "flake.nix"
+
+
+def test_debian_dry_run_names_the_mirror_and_builds_a_foreign_arch_without_tcg(tmp_path):
+    """The mirror the host's apt sources name, in the mmdebstrap command itself; aarch64 on this
+    x86_64 host is ready under auto (no build VM: only its boot test is emulated); a mirror that
+    does not answer is the problem a real build would stop at. Nothing is written."""
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "out")
+    res = invoke(["build", "debian13-aarch64", "--dry-run", "--json"], cfg, timeout=120)
+    data = json.loads(res.stdout)
+    if data["ok"]:  # root (CI): ready; anyone else: the one problem is that the build needs root
+        assert res.returncode == 0 and data["suite"].startswith("trixie (Debian 13, arm64)")
+        command = shlex.split(data["command"]) if isinstance(data["command"], str) else data["command"]
+        assert f"deb {data['mirror'].split(' (')[0]} trixie main" in command
+    else:
+        assert [p["message"] for p in data["problems"]] == ["building debian13-aarch64 needs root: mmdebstrap "
+                                                             "--mode=root installs the packages as root, and GRUB's "
+                                                             "tools run inside the new root (chroot)"]
+    away = write_config(tmp_path / "d.yaml", tmp_path / "out",
+                        {"images": {"debian13-x86_64": {"mirror": closed_port_url() + "/debian"}}})
+    res = invoke(["build", "debian13-x86_64", "--dry-run"], away, timeout=120)
+    assert res.returncode == 1 and "does not answer" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "out").exists()

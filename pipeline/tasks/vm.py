@@ -99,6 +99,10 @@ def status(c: Context, json: bool = False) -> None:
         print(json_mod.dumps({"images": images}, indent=2))
         return
     print(status_table(rows, built, now))
+    for r in rows:
+        if r.paused:
+            say(f"{r.image}: paused: {r.paused}; free some space where it writes, then "
+                f"`invoke stop {r.image}` and run it again")
 
 
 def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float) -> str:
@@ -110,7 +114,8 @@ def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: 
         b = built.get(r.image)
         up = r.uptime(now)
         when = b.finished.replace("T", " ").removesuffix("Z")[:16] if b else "not built"
-        lines.append((r.image, when, mib(b.size) if b else "-", r.state, str(r.pid or "-"),
+        state = "paused: disk full" if r.paused and "disk is full" in r.paused else r.state
+        lines.append((r.image, when, mib(b.size) if b else "-", state, str(r.pid or "-"),
                       str(r.ssh_port or "-"), clock(up) if up is not None else "-", r.accelerator or "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     right = {2, 4, 5, 6}  # numbers line up on the right

@@ -4,6 +4,7 @@ stop it (ACPI power-off over QMP, then quit), and the accelerator + firmware it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
 from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
-from pipeline.vm.qmp import Qmp
+from pipeline.vm.qmp import Qmp, disk_full
 from pipeline.vm.state import (
     StatePaths,
     VmStatus,
@@ -292,5 +293,15 @@ def run_image(cfg: Config, image: Image, requested: Accel | None, opts: RunOptio
 
 
 def statuses(cfg: Config) -> list[VmStatus]:
-    """Every configured image's VM state (stale pidfiles are cleaned on the way)."""
-    return [read_status(name, state_paths(cfg.output_dir, name)) for name in sorted(cfg.images)]
+    """Every configured image's VM state (stale pidfiles are cleaned on the way); a running VM
+    whose guest QEMU paused because a write found the host's disk full says so."""
+    rows = []
+    for name in sorted(cfg.images):
+        state = state_paths(cfg.output_dir, name)
+        row = read_status(name, state)
+        if row.state == "running":
+            device = disk_full(state.qmp, timeout=2.0)
+            if device is not None:
+                row = dataclasses.replace(row, paused=f"the host disk is full (a write to {device})")
+        rows.append(row)
+    return rows

@@ -123,6 +123,7 @@ class VmStatus:
     started_at: float | None = None
     snapshot: bool = False
     stale_cleaned: bool = False
+    paused: str | None = None  # why a running VM's guest is paused (QMP), e.g. the host disk is full
 
     def uptime(self, now: float | None = None) -> float | None:
         if self.started_at is None or self.state != "running":
@@ -135,7 +136,7 @@ class VmStatus:
             "image": self.image, "state": self.state, "pid": self.pid, "ssh_port": self.ssh_port,
             "accelerator": self.accelerator, "accelerator_reason": self.accel_reason,
             "started_at": self.started_at, "uptime_s": round(up, 1) if up is not None else None,
-            "snapshot": self.snapshot,
+            "snapshot": self.snapshot, "paused": self.paused,
         }
 
 

@@ -678,6 +678,12 @@ def test_a_running_vm_that_fills_the_disk_pauses_and_ssh_says_why(demo_build, tm
         assert res.returncode == 1 and len(error_lines(res)) == 1, text
         assert f"{IMAGE}: the VM ran out of disk space" in res.stderr and "paused the guest" in res.stderr, text
         assert time.monotonic() - started < 30
+        res = invoke(["status"], cfg, timeout=120, check=True)
+        row = next(line for line in res.stdout.splitlines() if line.startswith(IMAGE))
+        assert "paused: disk full" in row and f"{IMAGE}: paused: the host disk is full" in res.stderr, res.stdout
+        res = invoke(["status", "--json"], cfg, timeout=120, check=True)
+        mine = next(i for i in json.loads(res.stdout)["images"] if i["image"] == IMAGE)
+        assert mine["state"] == "running" and "disk is full" in (mine["paused"] or "")
     finally:
         if writer is not None:
             writer.kill()

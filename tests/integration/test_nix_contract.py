@@ -121,17 +121,24 @@ def test_root_ssh_and_a_second_sudo_user_match_the_kickstart(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
-    fixture = tmp_path / "fixture"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "nixflake", fixture)
-    (fixture / "nonce").write_text(uuid.uuid4().hex)
-    root = project(tmp_path, fixture)
+def fixture_plan(tmp_path: Path, root: Path):  # type: ignore[no-untyped-def]
+    """The build plan of nixos-x86_64 from the project at `root` (its nixos/ a fixture flake),
+    on this host's probed nix."""
     cfg = load({"defaults": {"output_dir": str(tmp_path / "output")},
                 "images": {"nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "ssh_user": "admin",
                                             "users": [{"name": "admin", "sudo": True, "password_hash": HASH}]}}}, root)
     image = cfg.image("nixos-x86_64")
     facts = host.probe(tools=["nix"])
-    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
+    return make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, keys.project_key(cfg.output_dir),
+                           build_id="b"), facts
+
+
+def test_a_real_nix_build_runs_on_the_staged_copy(tmp_path):
+    fixture = tmp_path / "fixture"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "nixflake", fixture)
+    (fixture / "nonce").write_text(uuid.uuid4().hex)
+    root = project(tmp_path, fixture)
+    plan, facts = fixture_plan(tmp_path, root)
     assert "lock" in (distros.profile(plan.image).announce(plan, facts) or ""), "no flake.lock: the build says to commit one"
     progress = Recorder()
     result = nix.NixDriver(distros.profile(plan.image)).drive(plan, facts, plan.staging, progress, timeout=300)
@@ -161,12 +168,7 @@ def test_without_a_committed_lock_the_one_nix_wrote_becomes_nixos_flake_lock(tmp
         f'  description = "imagepipe test fixture: image-like derivations";\n  inputs.nixpkgs.url = "path:{nixpkgs}";'))
     root = project(tmp_path, fixture)
     assert not (root / "nixos" / "flake.lock").exists()
-    cfg = load({"defaults": {"output_dir": str(tmp_path / "output")},
-                "images": {"nixos-x86_64": {"distro": "nixos", "arch": "x86_64", "firmware": "bios", "ssh_user": "admin",
-                                            "users": [{"name": "admin", "sudo": True, "password_hash": HASH}]}}}, root)
-    image = cfg.image("nixos-x86_64")
-    facts = host.probe(tools=["nix"])
-    plan = make_build_plan(cfg, image, distros.profile(image), facts, Accel.AUTO, keys.project_key(cfg.output_dir), build_id="b")
+    plan, facts = fixture_plan(tmp_path, root)
     progress = Recorder()
     nix.NixDriver(distros.profile(plan.image)).drive(plan, facts, plan.staging, progress, timeout=300)
     lock = root / "nixos" / "flake.lock"

@@ -227,7 +227,7 @@ def test_output_dir_must_be_a_folder_of_its_own(tmp_path, sentinel, where, why):
 HOSTILE = [
     ({"defaults": {"lang": "en_US\nrootpw --plaintext x"}}, "defaults.lang: expected a locale"),
     ({"images": {IMAGE: {"version": "1\n"}}}, "version: expected a version"),
-    ({"images": {IMAGE: {"timezone": "UTC\x1b[2J"}}}, "timezone: expected a timezone"),
+    ({"images": {IMAGE: {"timezone": "UTC\x1b[2J"}}}, "timezone: expected a zoneinfo name"),
     ({"images": {IMAGE: {"memory": 10**25}}}, "memory: expected MiB between"),
     ({"images": {IMAGE: {"memory": "²"}}}, "memory: expected MiB as an integer"),
     ({"images": {IMAGE: {"cpus": "٣"}}}, "cpus: expected a CPU count as an integer"),

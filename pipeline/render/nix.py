@@ -65,7 +65,7 @@ def params(image: Image) -> dict[str, Any]:
         "lang": image.lang,
         "keyboard": image.keyboard,
         "timezone": image.timezone,
-        "cloud_init": False,
+        "cloud_init": True,
         "root_ssh": image.root_ssh,
         "users": [
             {

@@ -105,6 +105,15 @@ def test_the_flake_exports_its_modules(flake):
     assert names == ["base", "cloud-init", "disk", "qemu-guest", "vm-host"]
 
 
+def test_cloud_init_reads_an_instance_seed_and_nothing_else(flake):
+    """An instance's NoCloud seed is read (imagepipe.cloudInit, on by default): NoCloud, else
+    nothing; the network stays NixOS's own."""
+    got = evaluate(flake, "nixosConfigurations.nixos-x86_64.config",
+                   "c: [ c.services.cloud-init.enable c.services.cloud-init.network.enable "
+                   "c.services.cloud-init.settings.datasource_list ]")
+    assert got == [True, False, ["NoCloud", "None"]]
+
+
 def test_a_module_reading_a_missing_param_fails_the_evaluation(flake):
     edit(flake / "modules" / "base.nix", "params.hostname", "params.host_name")
     fails_with(flake, X86_IMAGE, "attribute 'host_name' missing")

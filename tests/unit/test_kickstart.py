@@ -241,10 +241,10 @@ def run_first_post(image, tmp_path: Path, failing: set[str]) -> subprocess.Compl
     and the system tools it calls replaced by stubs that succeed, or fail when in `failing`."""
     first = post_scripts(kickstart.render(image))[0]
     root = tmp_path / "sysroot"
-    for sub in ("etc/sudoers.d", "usr/local/sbin", "etc/systemd/system"):
+    for sub in ("etc/sudoers.d", "usr/local/sbin", "etc/systemd/system", "etc/cloud"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     body = first
-    for folder in ("/etc/sudoers.d/", "/usr/local/sbin/", "/etc/systemd/system/"):
+    for folder in ("/etc/sudoers.d/", "/usr/local/sbin/", "/etc/systemd/system/", "/etc/cloud/"):
         body = body.replace(folder, f"{root}{folder}")
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
@@ -278,3 +278,21 @@ def test_the_bios_kickstart_validates_under_rhel10() -> None:
     assert kickstart_problems(kickstart.render(bios)) == []
     h = parse(kickstart.render(bios))
     assert {"biosboot", "/", "/boot"} <= {p.mountpoint for p in h.partition.partitions}
+
+
+def test_cloud_init_reads_an_instance_seed_and_nothing_else() -> None:
+    """cloud-init is installed and enabled for an instance's NoCloud seed; it never probes cloud
+    metadata, and leaves the kickstart's accounts, root login, password setting and disk alone."""
+    import yaml
+
+    for image in (X86, ARM):
+        text = kickstart.render(image)
+        assert "cloud-init" in parse(text).packages.packageList
+        post = post_scripts(text)[0]
+        assert yaml.safe_load(heredoc(post, "CLOUDCFG")) == {
+            "datasource_list": ["NoCloud", "None"], "users": [], "disable_root": False, "ssh_pwauth": "unchanged",
+            "growpart": {"mode": "off"}, "resize_rootfs": False}
+        for unit in ("cloud-init-local", "cloud-init", "cloud-init-main", "cloud-init-network", "cloud-config",
+                     "cloud-final"):
+            assert f" {unit} " in post.split("for unit in", 1)[1].split(";", 1)[0] + " "
+        assert 'systemctl enable "$unit.service"' in post

@@ -90,7 +90,7 @@ def test_params_round_trip_from_config(tmp_path):
     assert (data["firmware"], data["partition_table"]) == ("uefi", "efi")
     assert data["disk_size"] == 4096 and data["ssh_port"] == 2300 and data["ssh_user"] == "ops"
     assert data["state_version"] == "24.11" and data["timezone"] == "Europe/Berlin"
-    assert data["cloud_init"] is False
+    assert data["cloud_init"] is True  # an instance's NoCloud seed is read (nixos/modules/cloud-init.nix)
     assert data["users"] == [
         {"name": "root", "password_hash": None, "public_keys": [KEY], "sudo": False},
         {"name": "ops", "password_hash": HASH, "public_keys": [KEY], "sudo": True},

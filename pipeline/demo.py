@@ -47,10 +47,12 @@ SFTP_SERVER = ("openssh-sftp-server", "sftp-server", ("lib/openssh", "libexec/op
 LDSO = ("libc6", "ld-linux-x86-64.so.2", ("lib/x86_64-linux-gnu", "lib64"))
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")  # Debian 13's kernels compress modules with xz
 KERNEL_META = "linux-image-cloud-amd64"
-# virtio_console: the guest sees the agent's virtio-serial port (the guest contract's check)
-MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "virtio_console", "button", "evdev")
+# virtio_console: the guest sees the agent's virtio-serial port (the guest contract's check);
+# isofs: an instance's NoCloud seed; virtiofs (and fuse): an instance's shared folders
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio-rng", "virtio_console", "button", "evdev", "isofs",
+           "virtiofs")
 APPEND = "console=ttyS0,115200n8 quiet panic=-1"
-RECIPE_VERSION = "4"  # bump when the guest layout below changes
+RECIPE_VERSION = "5"  # bump when the guest layout below changes
 RESOLVER = "2"  # the shape of the resolved package list (2: with the kernel's split-off packages)
 GUEST_RECORD = "guest.json"  # beside the cached kernel + initramfs: packages, source date
 
@@ -79,6 +81,18 @@ udhcpc -i eth0 -n -q -t 10 -T 1 -s /etc/udhcpc.script || {
 # ACPI power button (QMP system_powerdown) → clean poweroff; busybox acpid needs /var/log.
 mkdir -p /var/log /var/run
 acpid
+# An imagepipe instance's NoCloud seed (a disk labelled cidata), read as cloud-init would on a
+# full image: its hostname (meta-data), the SSH keys its user-data authorizes, and its shared
+# folders (imagepipe/boot.sh, which mounts them). Never user-data scripts: the demo has no cloud-init.
+seed=$(findfs LABEL=cidata 2>/dev/null)
+if [ -n "$seed" ] && mkdir -p /run/seed && mount -t iso9660 -o ro "$seed" /run/seed; then
+  name=$(sed -n 's/^local-hostname: *//p' /run/seed/meta-data)
+  if [ -n "$name" ]; then hostname "$name"; echo "$name" > /etc/hostname; fi
+  grep -oE '(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+' /run/seed/user-data \
+    >> /root/.ssh/authorized_keys
+  sh /run/seed/imagepipe/boot.sh
+  umount /run/seed
+fi
 # /etc/dropbear/flags: -s (no password logins) unless the image allows root's password over SSH
 /usr/sbin/dropbear -R -E $(cat /etc/dropbear/flags) -p 22
 echo "imagepipe demo guest: up"

@@ -223,6 +223,9 @@ IMAGE_SPEC: dict[str, Key] = {
                     "Debian: further packages to install (a name the mirror lacks fails the build, named)", "`[]`"),
 }
 
+# output/<name>/ folders that are not images'
+RESERVED_NAMES = frozenset({"instances"})
+
 DEFAULTS_SPEC: dict[str, Key] = {
     "accel": _doc(_choice(Accel), "the accelerator of a task given no `--accel`"),
     "output_dir": Key(lambda v: local_path(v, "a folder"),  # and output_dir_problem, in load()
@@ -232,7 +235,12 @@ DEFAULTS_SPEC: dict[str, Key] = {
     "retention": Key(_int("a build count", 1, 1000), "a whole number, 1-1000", "builds kept per image"),
     "ssh_key": Key(_optional(_no_newline), "a private key's path",
                    "the private key builds authorize for `ssh_user` and `invoke ssh` logs in with",
-                   "`output/.keys/imagepipe_ed25519`, made on first use"),
+                   "`output/.keys/imagepipe_ed25519`, made on first use; an instance's seed authorizes "
+                   "its public half, so your own key logs in to instances of images built elsewhere"),
+    "virtiofsd": Key(_optional(_no_newline), "a program's path",
+                     "the virtiofsd that serves an instance's shared folders (`run --share`)",
+                     "`virtiofsd` on PATH, /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, or QEMU's "
+                     "vhost-user descriptors"),
     "schedule": Key(_calendar, CALENDAR, "when scheduled rebuilds run"),
     "boot_timeout": Key(_int("seconds", 0, 86400), "seconds, 0-86400",
                         "how long a boot test (`build --boot-test`, `rebuild`, `test-image`) waits for the guest's"
@@ -328,6 +336,8 @@ def _image(c: _Collector, name: str, body: Any, defaults: Mapping[str, Any]) -> 
     before = len(c.problems)
     if not NAME_RE.fullmatch(name) or ".." in name:
         c.problem(path, "image names may hold letters, digits, '.', '_' and '-' only (no '/', '..', spaces)")
+    elif name in RESERVED_NAMES:
+        c.problem(path, f"{name!r} is the name of a folder imagepipe keeps beside the images' ({name}/): choose another")
     body_map = body if isinstance(body, Mapping) else {}
     values = {**defaults, **c.fields(path, c.mapping(path, body), IMAGE_SPEC)}
     for required in ("distro", "arch"):

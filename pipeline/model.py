@@ -169,6 +169,7 @@ class Defaults:
     ssh_key: str | None = None
     schedule: str = "weekly"
     boot_timeout: int = 0  # seconds a boot test waits for SSH (and for each later step); 0: by accelerator
+    virtiofsd: str | None = None
 
 
 @dataclass(frozen=True)

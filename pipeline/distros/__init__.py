@@ -22,6 +22,10 @@ profile and never branches on the distro. A profile says:
                             copies) and the values the driver passes on
     boot_info(image)        direct-kernel-boot files, for run and the boot test (None: firmware boots)
     ephemeral_root          True when the guest's root (and its SSH host keys) is new on every boot
+    first_boot              how the guest reads an instance's NoCloud seed (pipeline.vm.seed):
+                            "cloud-init", "imagepipe" (the demo's init: hostname, keys and shared
+                            folders, no user-data) or "" (it reads none)
+    guest_filesystems       the shared-folder file systems its kernel mounts (virtiofs, 9p)
     manifest_extra(plan)    distro facts for the manifest (e.g. the nixpkgs revision)
     fetched(root, image, build, report)
                             what a build fetched from a builder brings back for the project
@@ -123,6 +127,8 @@ class Profile:
     title: ClassVar[str] = ""                 # "AlmaLinux", shown to people
     image_defaults: ClassVar[Mapping[str, Any]] = {}  # config values for keys an image leaves out
     ephemeral_root: ClassVar[bool] = False
+    first_boot: ClassVar[str] = "cloud-init"
+    guest_filesystems: ClassVar[frozenset[str]] = frozenset({"virtiofs"})
     pin: Pin | None = None                    # an input pinned in a lock file, if any
     lima: ClassVar[bool] = False              # `invoke lima-start` can run its generic cloud image
     tcg_duration: ClassVar[str] = ""          # how long a build takes under TCG (the dry run's warning)

@@ -35,6 +35,7 @@ class Demo(PackerProfile):
     image_defaults: ClassVar[Mapping[str, Any]] = {"firmware": Firmware.BIOS}  # direct kernel boot: no firmware
     ephemeral_root = True
     systemd = False  # busybox init
+    first_boot = "imagepipe"  # its init reads the seed's hostname, keys and boot.sh (no cloud-init)
 
     def blocks(self, image: Image, legacy: bool) -> list[Block]:
         from pipeline.render import demo  # noqa: PLC0415 (kept off the no-op build and the input hash)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 class NixOS(Profile):
     name = "nixos"
+    guest_filesystems = frozenset({"virtiofs", "9p"})  # NixOS's kernel has both (its own test VMs use 9p)
     title = "NixOS"
     tcg_duration = "make-disk-image's VM crawls without KVM: hours"
 

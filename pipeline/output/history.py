@@ -67,6 +67,15 @@ CREATE TABLE IF NOT EXISTS builds (
     removed     REAL                    -- when retention deleted the build's files
 );
 CREATE INDEX IF NOT EXISTS builds_image_started ON builds (image, started);
+CREATE TABLE IF NOT EXISTS instance_events (
+    at          REAL NOT NULL,
+    instance    TEXT NOT NULL,
+    image       TEXT,
+    build_id    TEXT,
+    event       TEXT NOT NULL,          -- created, started, stopped, idle-stop, rebased, removed
+    detail      TEXT
+);
+CREATE INDEX IF NOT EXISTS instance_events_at ON instance_events (instance, at);
 """
 # Added after the first release: older databases get them with ALTER TABLE.
 LATER_COLUMNS = {
@@ -77,6 +86,21 @@ LATER_COLUMNS = {
 # sqlite result codes (primary)
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
 UNREADABLE = {SQLITE_CORRUPT, SQLITE_NOTADB}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to an instance (pipeline.vm.instances)."""
+
+    at: float
+    instance: str
+    image: str | None
+    build_id: str | None
+    event: str
+    detail: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "at": utc_stamp(self.at)}
 
 
 @dataclass(frozen=True)
@@ -334,6 +358,24 @@ class History:
     def get(self, build_id: str) -> Build | None:
         rows = self._sql("SELECT * FROM builds WHERE id = ?", (build_id,))
         return _build(rows[0]) if rows else None
+
+    def note(self, instance: str, event: str, *, image: str | None = None, build_id: str | None = None,
+             detail: str | None = None) -> None:
+        """Record an event of an instance (created, started, stopped, idle-stop, rebased, removed)."""
+        self._sql("INSERT INTO instance_events (at, instance, image, build_id, event, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                  (time.time(), instance, image, build_id, event, _summary(detail)))
+
+    def events(self, instance: str | None = None, limit: int | None = None) -> list[Event]:
+        """Instance events, newest first; optionally one instance's, at most `limit`."""
+        if not self._sql("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'instance_events'"):
+            return []  # a database of an older version, read without changing it
+        sql = "SELECT * FROM instance_events" + (" WHERE instance = ?" if instance else "") + " ORDER BY at DESC"
+        args: tuple[Any, ...] = (instance,) if instance else ()
+        if limit:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [Event(float(r["at"]), str(r["instance"]), r["image"], r["build_id"], str(r["event"]), r["detail"])
+                for r in self._sql(sql, args)]
 
     def last(self, image: str, status: str | None = None) -> Build | None:
         """The newest build of `image` (with `status`, if given)."""

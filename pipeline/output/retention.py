@@ -1,7 +1,9 @@
 """Retention: keep the last N builds of each image, never the published one; clean up after kills.
 
 Kept per image: the published build (`current`) plus the newest complete builds (builds/<id>
-holding a manifest: only verified builds get there) up to N in all. Removed: older builds and
+holding a manifest: only verified builds get there) up to N in all, and beyond that every build
+an instance is backed by (its disk is an overlay on that build's file) or a running process
+names (a boot test's VM). Removed: older builds and
 incomplete folders. Logs of kept
 builds stay; logs of removed builds go; logs of failed builds are kept for the newest N of them
 (they are what a person reads after a failure) and pruned beyond that.
@@ -11,6 +13,7 @@ Everything here runs while the image's lock is held, so no build of that image i
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -23,6 +26,7 @@ from pipeline.base.procs import pids_mentioning, stop_processes_in
 from pipeline.base.units import mib
 from pipeline.output import artifacts, history
 
+INSTANCES = "instances"  # output/instances/<name>/instance.json: pipeline.vm.instances' records
 FETCH_PREFIX = "fetch-"  # .staging/fetch-<build id>: a remote-fetch's, kept between tries to resume
 
 
@@ -35,12 +39,16 @@ class GcPlan:
     paths: list[Path] = field(default_factory=list)       # every folder that goes
     bytes: int = 0
     in_use: dict[str, list[int]] = field(default_factory=dict)  # build id -> pids: kept though due
+    backing: dict[str, list[str]] = field(default_factory=dict)  # build id -> instances: kept though due
 
     def in_use_text(self) -> str:
-        """`kept 20261101T000000Z-ab12: in use by pid 123 (…)` for every build kept because a
-        process (a VM `invoke run` started before a newer build was published) uses it."""
-        return "; ".join(f"kept {b}: in use by pid {', '.join(map(str, pids))} (a running VM? stop it, "
-                         "then invoke gc)" for b, pids in self.in_use.items())
+        """`kept 20261101T000000Z-ab12: the disk of instance web1 (…)` for every build kept because
+        an instance is backed by it, and `kept …: in use by pid 123 (…)` for one a process uses."""
+        backed = [f"kept {b}: the disk of instance{'s' if len(names) > 1 else ''} {', '.join(names)} is an overlay "
+                  f"on it (invoke rm {names[0]}, or run it with --rebase, lets it go)" for b, names in self.backing.items()]
+        used = [f"kept {b}: in use by pid {', '.join(map(str, pids))} (a running VM? stop it, then invoke gc)"
+                for b, pids in self.in_use.items()]
+        return "; ".join(backed + used)
 
     @property
     def human_bytes(self) -> str:
@@ -88,12 +96,15 @@ def plan(output_dir: Path, image: str, keep: int, statuses: Mapping[str, str]) -
     remove_builds, remove_logs = choose(
         build_ids, log_ids, current.name if current else None, statuses,
         lambda b: (builds_dir / b / artifacts.MANIFEST).is_file(), keep)
-    # A build a process still names (the disk of a VM started before a newer build was
-    # published) stays: removing it would take the disk from under that VM's writes.
+    # A build an instance is backed by stays (its disk is an overlay on the build's file), and so
+    # does one a process still names (a boot test's VM): removing it would break that disk.
+    backed = backed_builds(output_dir, image)
+    backing = {b: backed[b] for b in sorted(remove_builds) if b in backed}
+    remove_builds -= backing.keys()
     in_use = {b: pids for b in sorted(remove_builds) if (pids := pids_mentioning(f"{builds_dir / b}/"))}
     remove_builds -= in_use.keys()
-    remove_logs -= in_use.keys()
-    gc = GcPlan(image, sorted(remove_builds), in_use=in_use)
+    remove_logs -= in_use.keys() | backing.keys()
+    gc = GcPlan(image, sorted(remove_builds), in_use=in_use, backing=backing)
     gc.paths = [builds_dir / b for b in sorted(remove_builds)] + [logs_dir / i for i in sorted(remove_logs)]
     gc.bytes = sum(du(p) for p in gc.paths)
     return gc
@@ -110,7 +121,7 @@ def after_publish(output_dir: Path, image: str, keep: int, say: Callable[[str], 
         return
     if freed.removed:
         say(f"{image}: retention removed {len(freed.removed)} old build(s), freed {mib(freed.bytes)}")
-    if freed.in_use:
+    if freed.in_use or freed.backing:
         say(f"{image}: retention {freed.in_use_text()}")
 
 
@@ -125,6 +136,27 @@ def apply(output_dir: Path, image: str, keep: int, *, dry_run: bool = False) -> 
             safe_rmtree(path, output_dir / image)
         hist.mark_removed(gc.removed)
     return gc
+
+
+def backed_builds(output_dir: Path, image: str) -> dict[str, list[str]]:
+    """build id -> the instances of `image` here whose disk is an overlay on that build (read
+    from output/instances/*/instance.json, never through a link; a record that cannot be read
+    names no build)."""
+    out: dict[str, list[str]] = {}
+    folder = output_dir / INSTANCES
+    if folder.is_symlink() or not folder.is_dir():
+        return out
+    for record in sorted(folder.glob("*/instance.json")):
+        if record.parent.is_symlink() or record.is_symlink() or record.parent.name.startswith("."):
+            continue
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("image") == image and not data.get("on") \
+                and isinstance(data.get("build_id"), str):
+            out.setdefault(data["build_id"], []).append(record.parent.name)
+    return out
 
 
 def _children(folder: Path) -> list[str]:

@@ -28,10 +28,12 @@ ARCHES = {"x86_64": "x86", "aarch64": "arm"}
 # task -> (prefix of its per-image names, their one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "build": ("build", "Build {image}."),
-    "run": ("run", "Boot {image}."),
-    "ssh": ("ssh", "SSH into {image}."),
+    "run": ("run", "Boot {image} (the instance named after it)."),
+    "ssh": ("ssh", "SSH into {image} (the instance named after it)."),
     "remote-fetch": ("remote-fetch", "Fetch {image} from a builder."),
 }
+# the argument each verb's per-image task fixes (ssh takes an instance: the one named after the image)
+BINDS = {"ssh": "instance"}
 # names people used before the rule, kept as second names of the rule's
 KEPT: dict[str, tuple[str, ...]] = {
     "remote-fetch-alma-x86": ("remote-fetch-x86",),
@@ -85,5 +87,5 @@ def per_image(tasks: Mapping[str, Task], root: Path) -> list[Task]:
             if name in tasks:
                 continue
             made.append(alias(tasks[target], name, doc.format(image=image),
-                              aliases=tuple(n for n in second if n not in tasks), image=image))
+                              aliases=tuple(n for n in second if n not in tasks), **{BINDS.get(target, "image"): image}))
     return made

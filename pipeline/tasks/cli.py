@@ -55,7 +55,17 @@ METAVARS: dict[str, str] = {
     "check": "NAME",
     "host": "HOST",
     "image": "IMAGE",
+    "instance": "NAME",
+    "authorize_key": "KEY",
+    "idle_stop": "MINUTES",
     "limit": "N",
+    "name": "NAME",
+    "network": "user|isolated",
+    "on": "HOST",
+    "port": "PORT",
+    "quiet": "SECONDS",
+    "share": "HOST_DIR[:TAG]",
+    "user_data": "FILE",
     "on_calendar": "CALENDAR",
     "on_error": "MODE",
     "password": "PASSWORD",
@@ -65,7 +75,7 @@ METAVARS: dict[str, str] = {
 }
 
 # Options that take a whole number (0 or more); the task receives an int.
-NUMBERS = frozenset({"limit", "timeout"})
+NUMBERS = frozenset({"limit", "timeout", "quiet"})
 
 HELP_TOKENS = ("-h", "--help")
 
@@ -140,7 +150,11 @@ def usage_line(task: Task) -> str:
     if not positional:
         return ""
     name = task_name(task)
-    words = [METAVARS.get(p, p.upper()) for p in positional]
+    import inspect
+
+    params = inspect.signature(task.body).parameters
+    optional = {p for p in positional if p in params and params[p].default is not inspect.Parameter.empty}
+    words = [f"[{METAVARS.get(p, p.upper())}]" if p in optional else METAVARS.get(p, p.upper()) for p in positional]
     return f"invoke {name} {' '.join(words)} [--options]"
 
 

@@ -54,6 +54,8 @@ def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
     `--dry` (echo shell commands instead of running them) is refused, since imagepipe runs its
     tools itself and would ignore it."""
     positional = list(made.positional or [])
+    # a positional with a default (None) may be left out: `invoke status [INSTANCE]`
+    optional = {n for n, p in inspect.signature(body).parameters.items() if p.default is not inspect.Parameter.empty}
 
     @functools.wraps(body)
     def checked(c: Context, *args: Any, **kwargs: Any) -> Any:
@@ -63,7 +65,7 @@ def cli_checks(made: Task, body: Callable[..., Any]) -> Callable[..., Any]:
             print_task_help(name)
             return None
         guard(_refuse_invoke_dry)(c, name, "dry_run" in inspect.signature(body).parameters)
-        missing = [p for p in positional if values.get(p) is None]
+        missing = [p for p in positional if values.get(p) is None and p not in optional]
         if missing:
             guard(_missing_positional)(c, made, missing)
         return body(c, *args, **kwargs)

@@ -16,19 +16,35 @@ from pipeline.tasks.common import load_config, say, task
 from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, remote_accel_option
 
 if TYPE_CHECKING:
-    from pipeline.output.history import Build
+    from pipeline.output.history import Build, Event
 
 
 @task(help={
     "image": "only this image's builds",
     "limit": "at most this many rows (newest first; default 20, 0 = all)",
     "json": "one JSON object per build on stdout",
+    "instances": "instead of builds, what happened to instances (created, started, stopped, idle-stop, "
+                 "rebased, removed); with --image: this instance's",
 })
-def history(c: Context, image: str = "", limit: int = 20, json: bool = False) -> None:
-    """Show past builds: id, image, where, start, duration, status, sha256, size, error."""
+def history(c: Context, image: str = "", limit: int = 20, json: bool = False, instances: bool = False) -> None:
+    """Show past builds: id, image, where, start, duration, status, sha256, size, error.
+
+    With --instances: the instances' events instead (docs/running.md#instances).
+    """
     from pipeline.output.history import History  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
+    if instances:
+        with History(cfg.output_dir, create=False) as hist:
+            events = hist.events(image or None, limit or None)
+        if json:
+            for ev in events:
+                print(json_mod.dumps(ev.as_json()), flush=True)
+        elif events:
+            print(_events_table(events))
+        else:
+            say(f"no instance events recorded yet in {cfg.output_dir / 'history.db'}")
+        return
     if image:
         cfg.image(image)  # unknown names fail with the list of valid ones
     with History(cfg.output_dir, create=False) as hist:  # reading creates nothing
@@ -63,6 +79,15 @@ def _table(rows: list[Build]) -> str:
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in lines).rstrip()
 
 
+def _events_table(events: list[Event]) -> str:
+    """WHEN (UTC), INSTANCE, EVENT, IMAGE, BUILD, DETAIL as aligned columns (the detail not padded)."""
+    lines = [("WHEN (UTC)", "INSTANCE", "EVENT", "IMAGE", "BUILD", "DETAIL")]
+    lines += [(_when(e.at), e.instance, e.event, e.image or "-", e.build_id or "-", e.detail or "") for e in events]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]) - 1)]
+    return "\n".join(("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]).rstrip()
+                     for r in lines)
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
@@ -73,7 +98,7 @@ def _when(ts: float) -> str:
     "json": "one JSON object per image on stdout",
 })
 def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -> None:
-    """Apply retention now: keep each image's last N builds (never the published one, nor one a running VM uses).
+    """Apply retention now: keep each image's last N builds (never the published one, nor one an instance or a VM uses).
 
     It also removes what interrupted builds and fetches left in `.staging`, and says what it
     frees (docs/scheduling.md#history-and-retention).
@@ -105,12 +130,12 @@ def gc(c: Context, dry_run: bool = False, image: str = "", json: bool = False) -
         if json:
             print(json_mod.dumps({"image": name, "dry_run": dry_run, "builds": plan.removed,
                                   "paths": [str(p) for p in plan.paths], "bytes": plan.bytes,
-                                  "in_use": plan.in_use}), flush=True)
+                                  "in_use": plan.in_use, "backing": plan.backing}), flush=True)
         else:
             what = f"build{'s' if len(plan.removed) > 1 else ''} {', '.join(plan.removed)}" if plan.removed else "no builds"
             logs = len(plan.paths) - len(plan.removed)  # the removed builds' logs and old failed builds' logs
             what += f", {logs} log folder{'s' if logs != 1 else ''}" if logs else ""
-            kept = f"; {plan.in_use_text()}" if plan.in_use else ""
+            kept = f"; {plan.in_use_text()}" if plan.in_use or plan.backing else ""
             say(f"{name}: keep {img.retention}; {verb} {what} ({mib(plan.bytes)}){kept}")
     if not json:
         say(f"{'would free' if dry_run else 'freed'} {mib(total)} in total")

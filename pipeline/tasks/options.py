@@ -54,3 +54,29 @@ def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
         return parse_int(value, lo=0, hi=hi, what="a whole number (0 or more)")
     except NumberError as exc:
         raise UsageError(f"{flag} expects a whole number (0 to {hi}), got {value!r}", str(exc)) from None
+
+
+def parse_port(value: str) -> int | None:
+    """--port: "" (not given) → None; else a port 0-65535 (0: any free one)."""
+    from pipeline.base.errors import UsageError
+    from pipeline.base.numbers import NumberError, parse_int
+
+    if value == "":
+        return None
+    try:
+        return parse_int(value, lo=0, hi=65535, what="a port (1-65535, or 0 for any free one)")
+    except NumberError as exc:
+        raise UsageError(f"--port: {exc}") from None
+
+
+def parse_minutes(value: str) -> float | None:
+    """--idle-stop: "" (not given) → None; else minutes, fractions allowed (0: off)."""
+    from pipeline.base.errors import UsageError
+    from pipeline.base.numbers import NumberError, parse_decimal
+
+    if value == "":
+        return None
+    try:
+        return parse_decimal(value, lo=0.0, hi=525600.0, what="minutes (e.g. 30, or 0.5 for 30 seconds; 0: off)")
+    except NumberError as exc:
+        raise UsageError(f"--idle-stop: {exc}") from None

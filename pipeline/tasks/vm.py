@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pipeline.vm.state import Built, VmStatus
 
 IMAGE_HELP = "image name from invoke.yaml (invoke status lists them)"
+INSTANCE_HELP = "instance name (invoke instances lists them; plain `invoke run IMAGE` names it after the image)"
 TIMEOUT_HELP = ("seconds to wait for SSH (default: defaults.boot_timeout, else 180 with KVM/HVF, "
                 "720 under TCG)")
 
@@ -33,115 +34,188 @@ def remainder(argv: Sequence[str] | None = None) -> list[str]:
     return args[args.index("--") + 1:] if "--" in args else []
 
 
-@task(help={
+RUN_HELP = {
     "image": IMAGE_HELP,
+    "name": "the instance to create or start again (default: the instance named after the image)",
     "accel": LOCAL_ACCEL_HELP,
-    "snapshot": "write to a temporary overlay: the image file stays untouched",
+    "snapshot": "throw this boot's writes away at power-off (the instance's disk stays as it was)",
     "foreground": "attach the serial console to this terminal (Ctrl-A X quits) instead of detaching",
     "gui": "open a display window instead of running headless",
-})
-def run(c: Context, image: str, accel: str = "", snapshot: bool = False, foreground: bool = False,
-        gui: bool = False) -> None:
-    """Boot a published image in QEMU (detached; SSH forwarded on 127.0.0.1).
+    "network": "user: the guest reaches the network through QEMU's user networking (a new instance's default); "
+               "isolated: only its forwarded SSH port (restrict=on). Kept for later starts",
+    "port": "the SSH port on 127.0.0.1 (0: any free one); kept for later starts (default: the image's "
+            "ssh_port when free, else any free one)",
+    "share": "a host folder, seen at /mnt/TAG in the guest (virtiofs, or 9p where only that works); "
+             "repeatable; kept for later starts (`--share none`: no more shares)",
+    "idle_stop": "power off (ACPI) after MINUTES with no SSH session and an idle guest (fractions work: 0.5; "
+                 "0: never); kept for later starts",
+    "user_data": "a cloud-config or script cloud-init runs at the instance's first boot (with imagepipe's own)",
+    "rebase": "move the instance to the newest build of its image: says first what that loses (its disk's "
+              "changes), then starts over from that build",
+    "authorize_key": "a further public key the instance's seed authorizes for ssh_user (repeatable)",
+    "wait": "return only once the guest's sshd answers",
+    "on": "start it on this builder, from the build published there (ssh, stop, instances and rm then "
+          "reach it through the builder)",
+    "accept_new_host_key": "with --on: trust the builder's host key if it is not known yet",
+}
 
-    It boots the image's primary format (qcow2 or raw) and prints the pid, the SSH port and the
-    console log. Without --snapshot the guest writes into the build's image file (a dev VM's
-    state lives there), and retention keeps that build while the VM runs (docs/running.md).
+
+@task(help=RUN_HELP, iterable=["share", "authorize_key"])
+def run(c: Context, image: str, name: str = "", accel: str = "", snapshot: bool = False, foreground: bool = False,
+        gui: bool = False, network: str = "", port: str = "", share: list[str] | None = None, idle_stop: str = "",
+        user_data: str = "", rebase: bool = False, authorize_key: list[str] | None = None, wait: bool = False,
+        on: str = "", accept_new_host_key: bool = False) -> None:
+    """Create or start again a named instance of a published image (detached; SSH on 127.0.0.1).
+
+    An instance is a qcow2 overlay on one build (the build's own file is never written), with
+    its own UEFI variables, SSH port and NoCloud seed (hostname, your key, --user-data); its disk
+    survives stop and start, and a new build changes no instance (--rebase moves it). Without
+    --name the instance is named after the image. It prints the pid, SSH port and console log
+    (docs/running.md#instances).
     """
-    from pipeline.vm.argv import RunOptions  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
-    from pipeline.vm.lifecycle import run_image  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
-    from pipeline.vm.state import state_paths  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.tasks.options import parse_accel, parse_minutes, parse_port
+    from pipeline.vm.instances import Request
 
     cfg = load_config(c)
     img = cfg.image(image)
-    opts = RunOptions(snapshot=snapshot, gui=gui, foreground=foreground)
-    st = run_image(cfg, img, accel_option(accel, cfg), opts, say=say)
+    req = Request(
+        name=name or img.name, accel=parse_accel(accel) or cfg.defaults.accel, snapshot=snapshot, gui=gui,
+        foreground=foreground, network=network, port=parse_port(port), shares=tuple(share or ()),
+        idle_stop=parse_minutes(idle_stop), user_data=Path(user_data) if user_data else None, rebase=rebase,
+        authorize=tuple(authorize_key or ()), wait=wait)
+    if on:
+        from pipeline.builders import remote
+        from pipeline.vm import on_builder
+
+        target = remote.resolve(cfg, on, remote.ssh_config_path(c.config))
+        on_builder.run(cfg, target, img, req, accel, accept_new_host_key, say)
+        return
+    from pipeline.vm.instances import run_instance
+
+    st = run_instance(cfg, img, req, say=say)
     if st.state == "running":
-        state = state_paths(cfg.output_dir, img.name)
-        say(f"{img.name}: running, pid {st.pid}, ssh on 127.0.0.1:{st.ssh_port}")
-        say(f"  console log: {state.console}")
-        say(f"  log in:      invoke ssh {img.name}      stop: invoke stop {img.name}")
+        from pipeline.vm.instances import paths
+
+        state = paths(cfg.output_dir, req.name)
+        say(f"{req.name}: running, pid {st.pid}, ssh on 127.0.0.1:{st.ssh_port}")
+        say(f"  console log: {state.console}   (invoke console {req.name})")
+        say(f"  log in:      invoke ssh {req.name}      stop: invoke stop {req.name}")
 
 
+@task(help={"instance": INSTANCE_HELP, "timeout": TIMEOUT_HELP})
+def ssh(c: Context, instance: str, timeout: int = 0) -> None:
+    """Log in to a running instance over SSH (`invoke ssh NAME -- COMMAND` runs a command).
 
-@task(help={"image": IMAGE_HELP, "timeout": TIMEOUT_HELP})
-def ssh(c: Context, image: str, timeout: int = 0) -> None:
-    """Log in to a running image over SSH (`invoke ssh IMAGE -- COMMAND` runs a command).
-
-    It waits until the guest's sshd really answers, then logs in over that very connection with the
-    build key; a COMMAND's exit code is returned (docs/running.md#ssh).
+    It waits until the guest's sshd really answers, then logs in over that very connection as
+    the image's ssh_user with your key (defaults.ssh_key, else the project key); a COMMAND's exit
+    code is returned (docs/running.md#ssh).
     """
-    from pipeline.vm.ssh import ssh_session  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.tasks.instances import on_builder
+    from pipeline.vm.ssh import ssh_session
 
     cfg = load_config(c)
-    code = ssh_session(cfg, cfg.image(image), remainder(), deadline=timeout or None)
+    record, ssh_config = on_builder(c, cfg, instance)
+    if record is not None:
+        from pipeline.vm import on_builder as builders
+
+        code = builders.ssh(cfg, record, ssh_config, remainder())
+    else:
+        code = ssh_session(cfg, instance, remainder(), deadline=timeout or None)
     if code != 0:
         raise Exit(code=code)
 
 
+@task(help={"instance": "one instance, in detail (default: every image, and the instance named after it)",
+            "json": "one JSON document on stdout instead of a table"}, positional=["instance"])
+def status(c: Context, instance: str | None = None, json: bool = False) -> None:
+    """Show every configured image: built (when, size), its instance and how many it has.
 
-@task(help={"json": "one JSON document on stdout instead of a table"})
-def status(c: Context, json: bool = False) -> None:
-    """Show every configured image: built (when, size) and running (pid, SSH port, uptime, accel).
-
-    An image that is not built points to `invoke build IMAGE` or, on a host that cannot build
-    it (another arch), to `remote-sync-build` + `remote-fetch` and the builders of its arch.
+    STATE, PID, PORT, UPTIME and ACCEL are those of the instance named after the image (what
+    plain `invoke run IMAGE` starts); INSTANCES counts all of the image's (invoke instances
+    lists them). `invoke status NAME` shows one instance. An image that is not built points to
+    `invoke build IMAGE` or, on a host that cannot build it (another arch), to
+    `remote-sync-build` + `remote-fetch` and the builders of its arch.
     """
-    from pipeline.vm.lifecycle import statuses  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
-    from pipeline.vm.state import published  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm import instances
+    from pipeline.vm.state import published
 
     cfg = load_config(c)
-    rows = statuses(cfg)
-    built = {r.image: published(cfg.output_dir, r.image, distros.artifact_name(cfg.images[r.image])) for r in rows}
     now = time.time()
+    if instance:
+        from pipeline.tasks.instances import on_builder
+
+        record, ssh_config = on_builder(c, cfg, instance)
+        if record is not None:
+            from pipeline.vm import on_builder as builders
+
+            row = builders.row(cfg, record, ssh_config)
+        else:
+            row = instances.row_of(cfg, instance)
+        if json:
+            print(json_mod.dumps(row.as_json(now), indent=2))
+        else:
+            print(instances.detail(row, now))
+        return
+    rows = instances.image_statuses(cfg)
+    counts = instances.counts(cfg)
+    built = {r.image: published(cfg.output_dir, r.image, distros.artifact_name(cfg.images[r.image])) for r in rows}
     if json:
-        images = [{**r.as_json(now), "built": b.as_json() if (b := built[r.image]) else None} for r in rows]
+        images = [{**r.as_json(now), "built": b.as_json() if (b := built[r.image]) else None,
+                   "instances": counts.get(r.image, {})} for r in rows]
         print(json_mod.dumps({"images": images}, indent=2))
         return
-    print(status_table(rows, built, now))
+    print(status_table(rows, built, now, counts))
     for r in rows:
         if r.paused:
             say(f"{r.image}: paused: {r.paused}; free some space where it writes, then "
                 f"`invoke stop {r.image}` and run it again")
 
 
-def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float) -> str:
-    """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL as aligned columns."""
-    from pipeline.base.units import clock, mib  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float,
+                 counts: dict[str, dict[str, str]] | None = None) -> str:
+    """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL, INSTANCES as aligned columns."""
+    from pipeline.base.units import clock, mib
 
-    lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL")]
+    lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL", "INSTANCES")]
     for r in rows:
         b = built.get(r.image)
         up = r.uptime(now)
         when = b.finished.replace("T", " ").removesuffix("Z")[:16] if b else "not built"
         state = "paused: disk full" if r.paused and "disk is full" in r.paused else r.state
+        mine = (counts or {}).get(r.image, {})
+        running = sum(1 for each in mine.values() if each == "running")
         lines.append((r.image, when, mib(b.size) if b else "-", state, str(r.pid or "-"),
-                      str(r.ssh_port or "-"), clock(up) if up is not None else "-", r.accelerator or "-"))
+                      str(r.ssh_port or "-"), clock(up) if up is not None else "-", r.accelerator or "-",
+                      f"{len(mine)} ({running} running)" if mine else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     right = {2, 4, 5, 6}  # numbers line up on the right
     return "\n".join("  ".join(v.rjust(w) if i in right else v.ljust(w)
-                                for i, (v, w) in enumerate(zip(line, widths, strict=False)))
-                     .rstrip() for line in lines)
+                                for i, (v, w) in enumerate(zip(line, widths, strict=False))).rstrip()
+                     for line in lines)
 
 
 @task(help={
-    "image": IMAGE_HELP,
+    "instance": INSTANCE_HELP,
     "force": "end QEMU at once (QMP quit) instead of an ACPI power-off",
     "timeout": "seconds to wait for the guest to power off before QEMU is told to quit",
 })
-def stop(c: Context, image: str, force: bool = False, timeout: int = 60) -> None:
-    """Power off a running image (ACPI over QMP, then quit; --force: at once).
+def stop(c: Context, instance: str, force: bool = False, timeout: int = 60) -> None:
+    """Power off a running instance (ACPI over QMP, then quit; --force: at once).
 
     The power button is pressed again every 5 s while it waits (a guest still booting drops a
-    press); after --timeout seconds QEMU is told to quit.
+    press); after --timeout seconds QEMU is told to quit. Its disk stays: `invoke run` starts it again.
     """
-    from pipeline.vm import lifecycle  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
-    from pipeline.vm.state import state_paths  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.tasks.instances import on_builder
+    from pipeline.vm import instances
 
     cfg = load_config(c)
-    img = cfg.image(image)
-    grace = timeout
-    say(lifecycle.stop(img.name, state_paths(cfg.output_dir, img.name), force=force, grace=grace, say=say))
+    record, ssh_config = on_builder(c, cfg, instance)
+    if record is not None:
+        from pipeline.vm import on_builder as builders
+
+        say(builders.stop(cfg, record, ssh_config, force, timeout))
+        return
+    say(instances.stop(cfg, instance, force=force, grace=timeout, say=say))
 
 
 @task(help={"image": IMAGE_HELP, "accel": LOCAL_ACCEL_HELP, "timeout": TIMEOUT_HELP})

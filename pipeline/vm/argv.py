@@ -1,5 +1,6 @@
 """The QEMU command line: a pure function of the image, the accelerator choice, the firmware,
-the disk, the state folder and the SSH port (the same inputs give the same argv)."""
+the disk, the state folder, the SSH port and what an instance attaches (its NoCloud seed, its
+shared folders): the same inputs give the same argv."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ class RunOptions:
     isolated: bool = False     # the guest's network reaches only its forwarded ports (restrict=on)
 
 
+@dataclass(frozen=True)
+class ShareDevice:
+    """One shared folder as QEMU gets it: virtiofs (a vhost-user socket that virtiofsd serves)
+    or 9p (QEMU serves `path` itself)."""
+
+    tag: str
+    method: str                # "virtiofs" | "9p"
+    socket: Path | None = None  # virtiofs: virtiofsd's socket
+    path: Path | None = None    # 9p: the host folder
+
+
+@dataclass(frozen=True)
+class Attached:
+    """What an instance adds to its VM: the NoCloud seed (a read-only disk labelled cidata) and
+    its shared folders."""
+
+    seed: Path | None = None
+    shares: tuple[ShareDevice, ...] = ()
+
+
 def _opt(value: Path | str) -> str:
     """A value inside a QEMU `key=value,...` option: commas are doubled."""
     return os.fspath(value).replace(",", ",,")
@@ -52,17 +73,26 @@ def qemu_argv(
     disk_format: str = "qcow2",
     boot: BootSpec | None = None,
     opts: RunOptions = RunOptions(),
+    attached: Attached = Attached(),
+    name: str | None = None,
 ) -> list[str]:
-    """The full QEMU command line for `image` (pure: the same inputs give the same argv)."""
-    argv = [image.arch.qemu_binary, "-name", image.name]
+    """The full QEMU command line for `image` (pure: the same inputs give the same argv);
+    `name`: the instance's name, shown as QEMU's -name (default: the image's)."""
+    argv = [image.arch.qemu_binary, "-name", name or image.name]
     argv += _machine(image.arch, accel)
     argv += ["-smp", str(image.cpus), "-m", str(image.memory)]
+    argv += _shared_memory(image, attached)
     argv += _boot_args(image, firmware, state, boot)
     argv += disk_args(disk, disk_format, first=boot is None)
     if opts.snapshot:
         argv.append("-snapshot")
+    if attached.seed is not None:  # after the disk's device: the guest's second disk (vdb), read-only
+        argv += ["-drive", f"if=none,id=seed,format=raw,readonly=on,file={_opt(attached.seed)}",
+                 "-device", "virtio-blk-pci,drive=seed,id=seed-disk"]
+    argv += share_args(attached.shares)
+    restrict = "restrict=on," if opts.isolated else ""
     argv += [
-        "-netdev", f"user,id=net0,{'restrict=on,' if opts.isolated else ''}hostfwd=tcp:127.0.0.1:{port}-:{GUEST_SSH_PORT}",
+        "-netdev", f"user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{port}-:{GUEST_SSH_PORT}",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",  # entropy: sshd key generation does not stall at boot
     ]
@@ -93,6 +123,28 @@ def disk_args(disk: Path, disk_format: str, *, first: bool = True) -> list[str]:
     return ["-drive", f"if=none,id=disk0,format={disk_format},file={_opt(disk)}",
             "-device", f"virtio-blk-pci,drive=disk0,id={BOOT_DISK_ID}{',bootindex=0' if first else ''},"
                        "werror=enospc,rerror=report"]
+
+
+def _shared_memory(image: Image, attached: Attached) -> list[str]:
+    """virtiofs needs the guest's RAM shared with virtiofsd: a memfd backend as its one NUMA node."""
+    if not any(s.method == "virtiofs" for s in attached.shares):
+        return []
+    return ["-object", f"memory-backend-memfd,id=mem0,size={image.memory}M,share=on", "-numa", "node,memdev=mem0"]
+
+
+def share_args(shares: tuple[ShareDevice, ...]) -> list[str]:
+    """The devices of the shared folders: vhost-user-fs on virtiofsd's socket, or 9p (-virtfs;
+    security_model=none: files keep the owners and modes they have on the host)."""
+    argv: list[str] = []
+    for i, share in enumerate(shares):
+        if share.method == "virtiofs" and share.socket is not None:
+            argv += ["-chardev", f"socket,id=vfs{i},path={_opt(share.socket)}",
+                     "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag={share.tag}"]
+        elif share.method == "9p" and share.path is not None:
+            argv += ["-virtfs", f"local,id=fs{i},path={_opt(share.path)},mount_tag={share.tag},security_model=none"]
+        else:
+            raise UsageError(f"shared folder {share.tag}: no {share.method} endpoint")
+    return argv
 
 
 def agent_channel(state: StatePaths) -> list[str]:
@@ -137,8 +189,9 @@ def _console_args(state: StatePaths, foreground: bool) -> list[str]:
         # the console on this terminal (Ctrl-A X quits, Ctrl-C goes to the guest), logged too
         return ["-chardev", f"stdio,id=console,mux=on,signal=off,logfile={_opt(state.console)}",
                 "-serial", "chardev:console", "-mon", "chardev=console,mode=readline"]
-    return ["-chardev", f"file,id=console,path={_opt(state.console)}", "-serial", "chardev:console",
-            "-monitor", "none"]
+    # a socket `invoke console` attaches to; everything the guest writes is logged either way
+    return ["-chardev", f"socket,id=console,path={_opt(state.serial)},server=on,wait=off,logfile={_opt(state.console)}",
+            "-serial", "chardev:console", "-monitor", "none"]
 
 
 def _display_args(arch: Arch, gui: bool) -> list[str]:

@@ -24,7 +24,7 @@ from pipeline.host import HostFacts, probe
 from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts
 from pipeline.plan import AccelChoice, choose_accel, firmware_for
-from pipeline.vm.argv import BootSpec, RunOptions, qemu_argv
+from pipeline.vm.argv import Attached, BootSpec, RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp, disk_full
 from pipeline.vm.state import (
     StatePaths,
@@ -137,34 +137,42 @@ PORT_RACE = "Could not set up host forwarding rule"
 def start(
     target: BootTarget, state: StatePaths, accel: AccelChoice, firmware: FirmwareInfo | None,
     opts: RunOptions | None = None, *, port: int | None = None, say: Callable[[str], None] = print,
+    attached: Attached | None = None, name: str | None = None, fixed_port: bool = False,
 ) -> VmStatus:
     """Boot `target` detached (or attached with opts.foreground); returns its status.
 
-    The configured port is used when free, else another free one; it is recorded in the state
-    folder, where every other task reads it.
+    The configured port is used when free, else another free one (`fixed_port`: the port given
+    or nothing); it is recorded in the state folder, where every other task reads it. `name`:
+    the instance's name (messages, QEMU's -name; default: the image's); `attached`: its seed and
+    shared folders.
     """
     opts = opts or RunOptions()
-    current = read_status(target.image.name, state)
+    label = name or target.image.name
+    current = read_status(label, state)
     if current.state == "running":
-        raise UsageError(f"{target.image.name} is already running (pid {current.pid}, ssh port {current.ssh_port})",
-                         f"invoke ssh {target.image.name}, or invoke stop {target.image.name}")
+        raise UsageError(f"{label} is already running (pid {current.pid}, ssh port {current.ssh_port})",
+                         f"invoke ssh {label}, or invoke stop {label}")
     prepare_state(state, target, firmware, opts)
-    chosen = pick_port(port if port is not None else target.image.ssh_port)
+    wanted = port if port is not None else target.image.ssh_port
+    chosen = wanted if fixed_port else pick_port(wanted)
     for attempt in range(3):
         argv = qemu_argv(target.image, accel, firmware, target.disk, state, chosen, disk_format=target.format,
-                         boot=target.boot, opts=opts)
+                         boot=target.boot, opts=opts, attached=attached or Attached(), name=name)
         _record(state, chosen, accel, opts)
         if opts.foreground:
-            return _foreground(target, state, argv, chosen, say)
+            return _foreground(target, state, argv, chosen, say, label)
         try:
             _launch(argv, state)
             break
         except CommandFailed as exc:
             clear_live_state(state)
+            if PORT_RACE in exc.tail and fixed_port:
+                raise UsageError(f"{label}: port {chosen} on 127.0.0.1 is taken (QEMU could not forward it)",
+                                 "free it, or give another: --port N (or --port 0: any free port)") from None
             if PORT_RACE not in exc.tail or attempt == 2:
                 raise
             chosen = free_port()  # someone took the port between our check and QEMU's bind
-    return read_status(target.image.name, state)
+    return read_status(label, state)
 
 
 def _launch(argv: list[str], state: StatePaths) -> None:
@@ -184,9 +192,10 @@ def _launch(argv: list[str], state: StatePaths) -> None:
         raise Interrupted("interrupted while starting the VM: it was stopped again") from None
 
 
-def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: int, say: Callable[[str], None]) -> VmStatus:
+def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: int, say: Callable[[str], None],
+                label: str) -> VmStatus:
     """Run QEMU attached to this terminal until it quits; the state is cleared afterwards."""
-    say(f"{target.image.name}: console attached (Ctrl-A X quits QEMU, Ctrl-A C toggles the monitor); "
+    say(f"{label}: console attached (Ctrl-A X quits QEMU, Ctrl-A C toggles the monitor); "
         f"ssh on 127.0.0.1:{port}")
     try:
         code = interactive(argv)
@@ -194,7 +203,7 @@ def _foreground(target: BootTarget, state: StatePaths, argv: list[str], port: in
         clear_live_state(state)
     if code != 0:
         raise CommandFailed(argv, code, console_tail(state))
-    return VmStatus(target.image.name, "stopped")
+    return VmStatus(label, "stopped")
 
 
 def _kill_from_pidfile(state: StatePaths) -> None:
@@ -281,27 +290,11 @@ def decide(cfg: Config, image: Image, requested: Accel | None, facts: HostFacts 
     return accel, firmware
 
 
-def run_image(cfg: Config, image: Image, requested: Accel | None, opts: RunOptions,
-              say: Callable[[str], None] = print) -> VmStatus:
-    """`invoke run`: boot the published image."""
-    target = published_target(cfg, image)
-    accel, firmware = decide(cfg, image, requested, needs_firmware=target.boot is None)
-    say(f"{image.name}: accelerator {accel.accel.value} ({accel.reason})")
-    if not opts.snapshot:
-        say(f"{image.name}: writes go to {target.disk} (use --snapshot to leave the image untouched)")
-    return start(target, state_paths(cfg.output_dir, image.name), accel, firmware, opts, say=say)
-
-
-def statuses(cfg: Config) -> list[VmStatus]:
-    """Every configured image's VM state (stale pidfiles are cleaned on the way); a running VM
-    whose guest QEMU paused because a write found the host's disk full says so."""
-    rows = []
-    for name in sorted(cfg.images):
-        state = state_paths(cfg.output_dir, name)
-        row = read_status(name, state)
-        if row.state == "running":
-            device = disk_full(state.qmp, timeout=2.0)
-            if device is not None:
-                row = dataclasses.replace(row, paused=f"the host disk is full (a write to {device})")
-        rows.append(row)
-    return rows
+def with_pause(row: VmStatus, state: StatePaths) -> VmStatus:
+    """`row`, saying so when the running VM's guest is paused because a write found the host's
+    disk full (QMP)."""
+    if row.state == "running":
+        device = disk_full(state.qmp, timeout=2.0)
+        if device is not None:
+            return dataclasses.replace(row, paused=f"the host disk is full (a write to {device})")
+    return row

@@ -27,7 +27,6 @@ from pipeline.vm.state import (
     console_tail,
     read_status,
     read_value,
-    state_paths,
     write_value,
 )
 
@@ -99,7 +98,7 @@ def raise_if_disk_full(image: str, state: StatePaths) -> None:
     if device is not None:
         raise StorageError(f"{image}: the VM ran out of disk space: a write to {device} found the host's disk "
                            "full and QEMU paused the guest",
-                           "free some space where it writes (the image's folder; a -snapshot overlay, as the boot "
+                           "free some space where it writes (the instance's folder; a -snapshot overlay, as the boot "
                            "test's, is in $TMPDIR, /var/tmp by default), then `invoke stop` and start it again")
 
 
@@ -295,24 +294,36 @@ def hand_over(conn: socket.socket) -> Iterator[list[str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def ssh_session(cfg: Config, image: Image, command: Sequence[str], deadline: float | None = None) -> int:
-    """`invoke ssh`: wait for sshd's banner, then ssh attached to this terminal, over the
+def ssh_session(cfg: Config, name: str, command: Sequence[str], deadline: float | None = None) -> int:
+    """`invoke ssh NAME`: wait for sshd's banner, then ssh attached to this terminal, over the
     connection that brought the banner; returns ssh's exit code. On the first contact with this
     boot (nothing pinned yet) that ssh pins the guest's key itself (the same trust-on-first-use
     as a keyscan, without a second key exchange: under TCG each one costs the guest about half a
-    second)."""
-    state = state_paths(cfg.output_dir, image.name)
-    st = read_status(image.name, state)
+    second). It logs in as the image's ssh_user with this machine's key (defaults.ssh_key or the
+    project key), which the image's build or the instance's seed authorized."""
+    from pipeline.vm import instances
+
+    state, record = instances.resolve_state(cfg, name)
+    image = cfg.image(record.image if record is not None else name)
+    st = read_status(name, state)
     if st.state != "running" or st.ssh_port is None:
-        raise UsageError(f"{image.name} is not running", f"start it: invoke run {image.name}")
+        raise UsageError(f"{name} is not running", f"start it: invoke run {image.name}"
+                         + (f" --name {name}" if name != image.name else ""))
     wait = deadline if deadline is not None else SSH_DEADLINE.get(Accel(st.accelerator or "tcg"), SSH_DEADLINE[Accel.TCG])
     key = login_key(cfg)
-    raise_if_disk_full(image.name, state)
-    conn = wait_for_banner(image.name, state, st.ssh_port, wait, st.pid)
+    raise_if_disk_full(name, state)
+    conn = wait_for_banner(name, state, st.ssh_port, wait, st.pid)
     with hand_over(conn) as via:
-        first = not read_value(state.known_hosts)
-        if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):
-            atomic_write(state.known_hosts, "")  # ssh appends the key here: a real file, never a link's target
+        first = fresh_known_hosts(state)
         # ssh runs ProxyCommand with $SHELL: the POSIX shell, whatever the user's login shell is
-        return interactive(ssh_argv(image.name, state, key, image.ssh_user, st.ssh_port, command,
+        return interactive(ssh_argv(name, state, key, image.ssh_user, st.ssh_port, command,
                                     first_contact=first, extra=via), env={"SHELL": "/bin/sh"})
+
+
+def fresh_known_hosts(state: StatePaths) -> bool:
+    """True when nothing is pinned for this boot yet; the file is then made a real, empty file
+    (ssh appends the key there, never to a link's target)."""
+    first = not read_value(state.known_hosts)
+    if first and (state.known_hosts.is_symlink() or not state.known_hosts.is_file()):
+        atomic_write(state.known_hosts, "")
+    return first

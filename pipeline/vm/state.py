@@ -14,6 +14,11 @@ uses output/<image>/boot-test/):
     snapshot     present while the VM writes to a temporary overlay (-snapshot)
     build_id     the build that was booted (a new one resets known_hosts)
     efivars.fd   this image's writable copy of the UEFI variables
+    serial.sock  the serial console's socket (`invoke console` attaches to it; console.log logs it)
+
+An instance's folder (output/instances/<name>/, pipeline.vm.instances) is a state folder too, and
+also holds its record (instance.json), its disk (disk.qcow2, an overlay on one build), its NoCloud
+seed (seed.iso) and, while it runs, the pids of its idle watcher and virtiofsd daemons.
 
 A state folder whose pid is gone (or is not this VM's QEMU any more) is stale and is cleaned up
 by the next command that looks at it.
@@ -65,6 +70,16 @@ class StatePaths:
         """The guest agent's socket: qga.sock in the folder (or a short temp path, as qmp)."""
         return self._socket("qga")
 
+    @property
+    def serial(self) -> Path:
+        """The serial console's socket (or a short temp path, as qmp)."""
+        return self.socket("serial")
+
+    def socket(self, name: str) -> Path:
+        """`name`.sock in the folder, or a short path under the temp dir when that is too long
+        for a unix socket."""
+        return self._socket(name)
+
     def _socket(self, name: str) -> Path:
         sock = self.root / f"{name}.sock"
         if len(os.fsencode(sock)) <= UNIX_PATH_MAX:
@@ -103,6 +118,31 @@ class StatePaths:
     @property
     def snapshot(self) -> Path:
         return self.root / "snapshot"
+
+    @property
+    def record(self) -> Path:
+        """An instance's record (instance.json)."""
+        return self.root / "instance.json"
+
+    @property
+    def disk(self) -> Path:
+        """An instance's disk: a qcow2 overlay whose backing file is one build's image."""
+        return self.root / "disk.qcow2"
+
+    @property
+    def seed(self) -> Path:
+        """An instance's NoCloud seed (an ISO labelled cidata)."""
+        return self.root / "seed.iso"
+
+    @property
+    def watcher(self) -> Path:
+        """The idle watcher's pid (while the instance runs with --idle-stop)."""
+        return self.root / "watcher.pid"
+
+    @property
+    def stopped_by(self) -> Path:
+        """Why the instance stopped itself last (the idle watcher writes it)."""
+        return self.root / "stopped_by"
 
 
 def state_paths(output_dir: Path, image: str, kind: str = STATE_DIR) -> StatePaths:
@@ -256,6 +296,7 @@ def clear_live_state(state: StatePaths) -> None:
         (state.root / name).unlink(missing_ok=True)
     state.qmp.unlink(missing_ok=True)
     state.qga.unlink(missing_ok=True)
+    state.serial.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------- ports

@@ -27,7 +27,7 @@ from pipeline.host import probe
 from pipeline.model import Accel, Arch, Config, Firmware, Image
 from pipeline.output import artifacts
 from pipeline.plan import AccelChoice
-from pipeline.vm import boottest, lifecycle, ssh
+from pipeline.vm import boottest, instances, lifecycle, ssh
 from pipeline.vm import state as vmstate
 from pipeline.vm.argv import RunOptions, qemu_argv
 from pipeline.vm.qmp import Qmp
@@ -63,8 +63,8 @@ def demo(demo_build):
     """The published demo build; whatever a test does, its VMs are gone afterwards."""
     yield demo_build
     _, out = demo_build
-    for kind in (vmstate.STATE_DIR, vmstate.BOOT_TEST_DIR):
-        lifecycle.stop(DEMO, vmstate.state_paths(out, DEMO, kind), force=True, say=lambda _m: None)
+    lifecycle.stop(DEMO, instances.paths(out, DEMO), force=True, say=lambda _m: None)
+    lifecycle.stop(DEMO, vmstate.state_paths(out, DEMO, vmstate.BOOT_TEST_DIR), force=True, say=lambda _m: None)
 
 
 def test_run_ssh_status_stop(demo):
@@ -74,12 +74,15 @@ def test_run_ssh_status_stop(demo):
     choice = accel_here(Accel.AUTO)  # what auto gives for this host's probed facts
     assert not isinstance(choice, AccelUnavailable), choice
     assert f"accelerator {choice.accel.value}" in res.stderr and "running, pid" in res.stderr
-    state = vmstate.state_paths(out, DEMO)
+    state = instances.paths(out, DEMO)  # plain `run IMAGE`: the instance named after the image
     port = int(state.ssh_port.read_text())
     pid = int(state.pid.read_text())
     assert vmstate.is_our_qemu(procs.cmdline(pid), state)
-    # its disk is named by the build's own folder, which retention keeps while a VM names it
-    assert pid in procs.pids_mentioning(f"{artifacts.current_build(out / DEMO)}/")
+    # its disk is an overlay on the published build's file (named by build id), which retention keeps
+    record = instances.load(out, DEMO)
+    current = artifacts.current_build(out / DEMO)
+    assert record is not None and current is not None and record.build_id == current.name
+    assert (state.root / record.backing).resolve() == (current / f"{DEMO}.qcow2").resolve()
 
     again = invoke(["run-demo", "--snapshot"], cfg, timeout=60)
     assert again.returncode == 2 and "already running" in again.stderr
@@ -106,11 +109,12 @@ def test_run_ssh_status_stop(demo):
     manifest = json.loads((out / DEMO / "manifest.json").read_text())
     assert st["built"]["build_id"] == manifest["build_id"] and st["built"]["size"] == manifest["artifact"]["size"]
     table = invoke(["status"], cfg, timeout=60, check=True).stdout.splitlines()
-    assert table[0].split() == ["IMAGE", "BUILT", "(UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL"]
+    assert table[0].split() == ["IMAGE", "BUILT", "(UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL", "INSTANCES"]
     row = next(line for line in table if line.startswith(DEMO + " "))
     size = f"{manifest['artifact']['size'] / 1024**2:.1f} MiB"
     assert manifest["finished"][:16].replace("T", " ") in row and size in row and "running" in row
-    assert f" {pid} " in row and f" {port} " in row and re.search(r" 0:0\d:\d\d ", row) and row.endswith(choice.accel.value)
+    assert f" {pid} " in row and f" {port} " in row and re.search(r" 0:0\d:\d\d ", row)
+    assert row.split()[-3:] == [choice.accel.value, "1", "(1", "running)"][-3:] and row.split()[-4] == choice.accel.value, row
     others = [line for line in table[1:] if not line.startswith(DEMO + " ")]
     shipped = load_file(ROOT / "invoke.yaml").images
     assert len(others) == len(shipped) - 1 and all("not built" in line and "stopped" in line for line in others)
@@ -135,7 +139,7 @@ def test_busy_port_picks_another_and_ssh_works(demo):
         assert not vmstate.port_free(2224)
         res = invoke(["run", DEMO, "--snapshot"], cfg, timeout=120)
         assert res.returncode == 0, res.stderr
-        state = vmstate.state_paths(out, DEMO)
+        state = instances.paths(out, DEMO)
         port = int(state.ssh_port.read_text())
         assert port != 2224
         assert f"ssh on 127.0.0.1:{port}" in res.stderr
@@ -153,7 +157,7 @@ def test_busy_port_picks_another_and_ssh_works(demo):
 def test_ctrl_c_while_stopping_leaves_the_vm_stopped(demo):
     cfg, out = demo
     assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
-    state = vmstate.state_paths(out, DEMO)
+    state = instances.paths(out, DEMO)
     pid = int(state.pid.read_text())
     stopping = Background(cfg, ["stop", DEMO, "--timeout", "120"])
     try:
@@ -175,7 +179,7 @@ def test_stop_right_after_run_powers_off_once_the_guest_has_booted(demo):
     deadline."""
     cfg, out = demo
     assert invoke(["run-demo", "--snapshot"], cfg, timeout=120).returncode == 0
-    pid = int(vmstate.state_paths(out, DEMO).pid.read_text())
+    pid = int(instances.paths(out, DEMO).pid.read_text())
     started = time.monotonic()
     res = invoke(["stop", DEMO, "--timeout", "50"], cfg, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -187,7 +191,7 @@ def test_foreground_console(demo):
     """--foreground: the serial console on our stdio (logged too); status sees the VM meanwhile;
     `poweroff` typed on the console ends QEMU and the task."""
     cfg, out = demo
-    state = vmstate.state_paths(out, DEMO)
+    state = instances.paths(out, DEMO)
     state.console.unlink(missing_ok=True)  # an earlier test's log must not look like this boot
     argv = [sys.executable, "-m", "invoke", "-f", str(cfg), "run-demo", "--foreground", "--snapshot"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

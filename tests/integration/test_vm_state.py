@@ -1,4 +1,5 @@
-"""State folders without a VM: stale pidfiles, `status`/`stop` on nothing, unbuilt images, ssh remainder."""
+"""State folders without a VM: stale pidfiles (of a VM an earlier imagepipe started from
+output/<image>/run), `status`/`stop` on nothing, unbuilt images, ssh remainder."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def test_status_table_and_unbuilt_image(tmp_path):
     ssh = invoke(["ssh-demo", "--", "true"], cfg, timeout=60)
     assert ssh.returncode == 2 and "demo-x86_64 is not running" in ssh.stderr
     unknown = invoke(["stop", "nope"], cfg, timeout=60)
-    assert unknown.returncode == 2 and "unknown image" in unknown.stderr
+    assert unknown.returncode == 2 and "no instance called nope" in unknown.stderr
     nothing = invoke(["test-all"], cfg, timeout=60)
     assert nothing.returncode == 2 and "no image has been built yet" in nothing.stderr
     assert "not built" in nothing.stdout

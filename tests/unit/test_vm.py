@@ -60,7 +60,8 @@ def test_argv_table(accel, arch, firmware):
     # first in the boot order (what -boot strict=on acts on); a full host disk pauses the guest
     assert "virtio-blk-pci,drive=disk0,id=boot-disk,bootindex=0,werror=enospc,rerror=report" in after(argv, "-device")
     assert after(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"]
-    assert "file,id=console,path=/out/img/run/console.log" in after(argv, "-chardev")
+    assert ("socket,id=console,path=/out/img/run/serial.sock,server=on,wait=off,logfile=/out/img/run/console.log"
+            in after(argv, "-chardev"))
     assert after(argv, "-serial") == ["chardev:console"]
     assert "socket,id=qmp,path=/out/img/run/qmp.sock,server=on,wait=off" in after(argv, "-chardev")
     assert "chardev=qmp,mode=control" in after(argv, "-mon")
@@ -110,7 +111,8 @@ def test_commas_in_paths_are_escaped():
     state = StatePaths(Path("/o,ut/run"))
     argv = qemu_argv(image(), AccelChoice(Accel.TCG, "t"), FW[Arch.X86_64], Path("/a,b.qcow2"), state, 2222)
     assert "if=none,id=disk0,format=qcow2,file=/a,,b.qcow2" in after(argv, "-drive")
-    assert "file,id=console,path=/o,,ut/run/console.log" in after(argv, "-chardev")
+    assert "socket,id=console,path=/o,,ut/run/serial.sock,server=on,wait=off,logfile=/o,,ut/run/console.log" in after(
+        argv, "-chardev")
 
 
 def test_long_state_path_gets_a_short_qmp_socket():

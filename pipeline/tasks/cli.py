@@ -22,6 +22,7 @@ What Invoke 2.2 lets a project decide, and how it is used here:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -150,8 +151,6 @@ def usage_line(task: Task) -> str:
     if not positional:
         return ""
     name = task_name(task)
-    import inspect
-
     params = inspect.signature(task.body).parameters
     optional = {p for p in positional if p in params and params[p].default is not inspect.Parameter.empty}
     words = [f"[{METAVARS.get(p, p.upper())}]" if p in optional else METAVARS.get(p, p.upper()) for p in positional]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json as json_mod
+import time
 from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
 
+from pipeline.base.errors import UsageError
 from pipeline.tasks.common import load_config, say, task
 
 if TYPE_CHECKING:
@@ -18,8 +21,8 @@ INSTANCE_HELP = "instance name (invoke instances lists them)"
 def on_builder(c: Context, cfg: Config, name: str) -> tuple[Record | None, str | None]:
     """The record of an instance that runs on a builder (`run --on`) and the ssh_config to reach
     it with; (None, None) for any other name."""
-    from pipeline.builders import remote
-    from pipeline.vm import instances as inst
+    from pipeline.builders import remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm import instances as inst  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     record = inst.load(cfg.output_dir, inst.check_name(name))
     if record is None or record.on is None:
@@ -35,12 +38,9 @@ def instances(c: Context, json: bool = False) -> None:
     there is: shared folders, an idle stop (and whether the instance stopped itself), a build
     that was removed (docs/running.md#instances).
     """
-    import json as json_mod
-    import time
-
-    from pipeline.builders import remote
-    from pipeline.vm import instances as inst
-    from pipeline.vm import on_builder as builders
+    from pipeline.builders import remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm import instances as inst  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     rows = inst.rows(cfg, say) + builders.rows(cfg, remote.ssh_config_path(c.config), say)
@@ -62,12 +62,12 @@ def rm(c: Context, instance: str) -> None:
     The build it was backed by is untouched (retention may remove it later, once no instance is
     backed by it). A running instance is refused: stop it first.
     """
-    from pipeline.vm import instances as inst
+    from pipeline.vm import instances as inst  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     record, ssh_config = on_builder(c, cfg, instance)
     if record is not None:
-        from pipeline.vm import on_builder as builders
+        from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         say(builders.remove(cfg, record, ssh_config, say))
         return
@@ -83,15 +83,14 @@ def console(c: Context, instance: str, log: bool = False, quiet: int = 2) -> Non
     Fed from a pipe, the input is typed into the console and the guest's answer printed. --log
     prints the console log instead (it is kept after the instance stops).
     """
-    from pipeline.base.errors import UsageError
-    from pipeline.vm import instances as inst
-    from pipeline.vm.state import read_status
+    from pipeline.vm import instances as inst  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.state import read_status  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     name = instance
     remote_record, ssh_config = on_builder(c, cfg, name)
     if remote_record is not None:
-        from pipeline.vm import on_builder as builders
+        from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         code = builders.console(cfg, remote_record, ssh_config, log)
         if code:
@@ -103,6 +102,6 @@ def console(c: Context, instance: str, log: bool = False, quiet: int = 2) -> Non
         return
     if read_status(name, state).state != "running":
         raise UsageError(f"{name} is not running", f"its last console log: invoke console {name} --log ({state.console})")
-    from pipeline.vm.console import attach
+    from pipeline.vm.console import attach  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     attach(state.serial, name, quiet=float(quiet), say=say)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.base.errors import NumberError, UsageError
-from pipeline.base.numbers import parse_int
+from pipeline.base.numbers import parse_decimal, parse_int
 from pipeline.base.validate import did_you_mean
 from pipeline.model import Accel
 
@@ -58,9 +58,6 @@ def whole_number(value: str | int, flag: str, hi: int = 10**6) -> int:
 
 def parse_port(value: str) -> int | None:
     """--port: "" (not given) → None; else a port 0-65535 (0: any free one)."""
-    from pipeline.base.errors import UsageError
-    from pipeline.base.numbers import NumberError, parse_int
-
     if value == "":
         return None
     try:
@@ -71,9 +68,6 @@ def parse_port(value: str) -> int | None:
 
 def parse_minutes(value: str) -> float | None:
     """--idle-stop: "" (not given) → None; else minutes, fractions allowed (0: off)."""
-    from pipeline.base.errors import UsageError
-    from pipeline.base.numbers import NumberError, parse_decimal
-
     if value == "":
         return None
     try:

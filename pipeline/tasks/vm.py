@@ -6,6 +6,7 @@ import json as json_mod
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from invoke import Context, Exit
@@ -13,7 +14,8 @@ from invoke import Context, Exit
 from pipeline import distros
 from pipeline.base.errors import UsageError, VerifyFailed
 from pipeline.tasks.common import load_config, say, task
-from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option
+from pipeline.tasks.instances import on_builder
+from pipeline.tasks.options import LOCAL_ACCEL_HELP, accel_option, parse_accel, parse_minutes, parse_port
 
 if TYPE_CHECKING:
     from pipeline.vm.state import Built, VmStatus
@@ -73,8 +75,7 @@ def run(c: Context, image: str, name: str = "", accel: str = "", snapshot: bool 
     --name the instance is named after the image. It prints the pid, SSH port and console log
     (docs/running.md#instances).
     """
-    from pipeline.tasks.options import parse_accel, parse_minutes, parse_port
-    from pipeline.vm.instances import Request
+    from pipeline.vm.instances import Request  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     img = cfg.image(image)
@@ -84,17 +85,17 @@ def run(c: Context, image: str, name: str = "", accel: str = "", snapshot: bool 
         idle_stop=parse_minutes(idle_stop), user_data=Path(user_data) if user_data else None, rebase=rebase,
         authorize=tuple(authorize_key or ()), wait=wait)
     if on:
-        from pipeline.builders import remote
-        from pipeline.vm import on_builder
+        from pipeline.builders import remote  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+        from pipeline.vm import on_builder  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         target = remote.resolve(cfg, on, remote.ssh_config_path(c.config))
         on_builder.run(cfg, target, img, req, accel, accept_new_host_key, say)
         return
-    from pipeline.vm.instances import run_instance
+    from pipeline.vm.instances import run_instance  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     st = run_instance(cfg, img, req, say=say)
     if st.state == "running":
-        from pipeline.vm.instances import paths
+        from pipeline.vm.instances import paths  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         state = paths(cfg.output_dir, req.name)
         say(f"{req.name}: running, pid {st.pid}, ssh on 127.0.0.1:{st.ssh_port}")
@@ -110,17 +111,19 @@ def ssh(c: Context, instance: str, timeout: int = 0) -> None:
     the image's ssh_user with your key (defaults.ssh_key, else the project key); a COMMAND's exit
     code is returned (docs/running.md#ssh).
     """
-    from pipeline.tasks.instances import on_builder
-    from pipeline.vm.ssh import ssh_session
+    from pipeline.vm.ssh import ssh_session  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     record, ssh_config = on_builder(c, cfg, instance)
     if record is not None:
-        from pipeline.vm import on_builder as builders
+        from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         code = builders.ssh(cfg, record, ssh_config, remainder())
     else:
-        code = ssh_session(cfg, instance, remainder(), deadline=timeout or None)
+        from pipeline.vm.instances import login_target  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+
+        state, image = login_target(cfg, instance)
+        code = ssh_session(cfg, instance, state, image, remainder(), deadline=timeout or None)
     if code != 0:
         raise Exit(code=code)
 
@@ -136,17 +139,15 @@ def status(c: Context, instance: str | None = None, json: bool = False) -> None:
     `invoke build IMAGE` or, on a host that cannot build it (another arch), to
     `remote-sync-build` + `remote-fetch` and the builders of its arch.
     """
-    from pipeline.vm import instances
-    from pipeline.vm.state import published
+    from pipeline.vm import instances  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+    from pipeline.vm.state import published  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     now = time.time()
     if instance:
-        from pipeline.tasks.instances import on_builder
-
         record, ssh_config = on_builder(c, cfg, instance)
         if record is not None:
-            from pipeline.vm import on_builder as builders
+            from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
             row = builders.row(cfg, record, ssh_config)
         else:
@@ -174,7 +175,7 @@ def status(c: Context, instance: str | None = None, json: bool = False) -> None:
 def status_table(rows: Sequence[VmStatus], built: dict[str, Built | None], now: float,
                  counts: dict[str, dict[str, str]] | None = None) -> str:
     """IMAGE, BUILT (UTC), SIZE (MiB), STATE, PID, PORT, UPTIME, ACCEL, INSTANCES as aligned columns."""
-    from pipeline.base.units import clock, mib
+    from pipeline.base.units import clock, mib  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     lines = [("IMAGE", "BUILT (UTC)", "SIZE", "STATE", "PID", "PORT", "UPTIME", "ACCEL", "INSTANCES")]
     for r in rows:
@@ -205,13 +206,12 @@ def stop(c: Context, instance: str, force: bool = False, timeout: int = 60) -> N
     The power button is pressed again every 5 s while it waits (a guest still booting drops a
     press); after --timeout seconds QEMU is told to quit. Its disk stays: `invoke run` starts it again.
     """
-    from pipeline.tasks.instances import on_builder
-    from pipeline.vm import instances
+    from pipeline.vm import instances  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
     cfg = load_config(c)
     record, ssh_config = on_builder(c, cfg, instance)
     if record is not None:
-        from pipeline.vm import on_builder as builders
+        from pipeline.vm import on_builder as builders  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
 
         say(builders.stop(cfg, record, ssh_config, force, timeout))
         return

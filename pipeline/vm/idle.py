@@ -31,6 +31,8 @@ from pathlib import Path
 from pipeline.base import procs
 from pipeline.base.errors import UsageError
 from pipeline.base.numbers import int_or_none
+from pipeline.output.history import History
+from pipeline.vm import lifecycle, shares
 from pipeline.vm.state import StatePaths, alive, read_value, write_value
 
 IDLE_CPU = 0.15          # QEMU using less than this share of one CPU: the guest is idle
@@ -95,7 +97,7 @@ def _read(path: str) -> str:
 
 def watch(output_dir: Path, name: str, limit: float) -> int:
     """The watcher's loop (`python -m pipeline.vm.idle OUTPUT NAME SECONDS`)."""
-    from pipeline.vm import instances
+    from pipeline.vm import instances  # noqa: PLC0415 (an import circle: instances starts this watcher)
 
     state = instances.paths(output_dir, name)
     pid = int_or_none(read_value(state.pid), lo=1, hi=2**31)
@@ -122,8 +124,7 @@ def watch(output_dir: Path, name: str, limit: float) -> int:
 
 def _stop(output_dir: Path, name: str, why: str) -> None:
     """Stop as `invoke stop` does, without the project's configuration (only its output folder)."""
-    from pipeline.output.history import History
-    from pipeline.vm import instances, lifecycle, shares
+    from pipeline.vm import instances  # noqa: PLC0415 (an import circle: instances starts this watcher)
 
     state = instances.paths(output_dir, name)
     record = instances.load(output_dir, name)

@@ -32,17 +32,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import distros
+from pipeline import distros, keys
 from pipeline.base.errors import CorruptState, ImagepipeError, UsageError
 from pipeline.base.fsutil import atomic_write, ensure_dir, flocked, read_record, safe_rmtree
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import run
+from pipeline.base.units import clock, mib
 from pipeline.base.validate import NAME_RE
 from pipeline.model import Accel, Config, Image
 from pipeline.output import artifacts
+from pipeline.output.history import History
 from pipeline.output.retention import INSTANCES
-from pipeline.vm import lifecycle, seed, shares
+from pipeline.vm import idle, lifecycle, seed, shares
 from pipeline.vm.argv import Attached, BootSpec, RunOptions
+from pipeline.vm.ssh import SSH_DEADLINE, wait_for_banner
 from pipeline.vm.state import (
     StatePaths,
     VmStatus,
@@ -218,8 +221,6 @@ def locked(output_dir: Path, what: str, say: Callable[[str], None]) -> Iterator[
 
 def note(output_dir: Path, record: Record, event: str, detail: str | None, say: Callable[[str], None]) -> None:
     """An event in the history (a history that cannot be written is only a warning)."""
-    from pipeline.output.history import History
-
     try:
         with History(output_dir) as hist:
             hist.note(record.name, event, image=record.image, build_id=record.build_id, detail=detail)
@@ -276,8 +277,6 @@ def ports_of_others(output_dir: Path, name: str) -> dict[int, str]:
 def _keys(cfg: Config, extra: Sequence[str]) -> tuple[str, ...]:
     """The keys a new instance's seed authorizes: this machine's login key (defaults.ssh_key or
     the project key) and any given with --authorize-key."""
-    from pipeline import keys
-
     mine = keys.public_key(keys.project_key(cfg.output_dir, cfg.defaults.ssh_key))
     out = [mine, *extra]
     return tuple(dict.fromkeys(" ".join(k.split()[:3]) for k in out if k.strip()))
@@ -395,10 +394,8 @@ def _prepare(cfg: Config, image: Image, req: Request, record: Record | None, sta
             raise UsageError(f"{image.name} has no cloud-init: it reads its seed's hostname, keys and shared "
                              "folders only, so --user-data cannot apply", "use an image with cloud-init (debian13-x86_64)")
     user_data = seed.check_user_data(req.user_data) if req.user_data is not None else None
-    if record is None or req.rebase:
-        target = lifecycle.published_target(cfg, image)
-    else:
-        target = boot_target(state, record, image)
+    target = (lifecycle.published_target(cfg, image) if record is None or req.rebase
+              else boot_target(state, record, image))
     share_list = shares.parse_shares(req.shares) if req.shares else (record.shares if record else ())
     method, virtiofsd = _share_plan(cfg, image, share_list)
     accel, firmware = lifecycle.decide(cfg, image, req.accel, needs_firmware=target.boot is None)
@@ -494,13 +491,9 @@ def _start(cfg: Config, state: StatePaths, record: Record, prep: Prepared, req: 
     detail = f"port {record.ssh_port}" + (", writes thrown away at power-off (--snapshot)" if req.snapshot else "")
     note(cfg.output_dir, record, "started", detail, say)
     if record.idle_stop:
-        from pipeline.vm import idle
-
         idle.spawn(cfg.output_dir, record.name, record.idle_stop * 60, state)
         say(f"{record.name}: stops itself after {idle.minutes(record.idle_stop)} with no SSH session and an idle guest")
     if req.wait:
-        from pipeline.vm.ssh import SSH_DEADLINE, wait_for_banner
-
         conn = wait_for_banner(record.name, state, record.ssh_port, SSH_DEADLINE[prep.accel.accel], st.pid)
         conn.close()
         say(f"{record.name}: sshd answers")
@@ -521,8 +514,6 @@ def disk_bytes(path: Path) -> int | None:
 def _rebase(cfg: Config, state: StatePaths, record: Record, prep: Prepared, say: Callable[[str], None]) -> Record:
     """A fresh overlay on the newest build (said first: what it loses); a new instance-id, so
     the seed's first-boot steps run again."""
-    from pipeline.base.units import mib
-
     new = prep.target
     if new.build_id == record.build_id and backing_path(state, record).is_file():
         say(f"{record.name} is already on the newest build of {record.image} ({record.build_id}): nothing to rebase")
@@ -548,8 +539,6 @@ def _rebase(cfg: Config, state: StatePaths, record: Record, prep: Prepared, say:
 
 def remove(cfg: Config, name: str, say: Callable[[str], None] = print) -> str:
     """`invoke rm NAME`: remove a stopped instance (its disk, seed, state); returns what was done."""
-    from pipeline.base.units import mib
-
     check_name(name)
     with locked(cfg.output_dir, f"rm {name}", say):
         state = paths(cfg.output_dir, name)
@@ -586,6 +575,12 @@ def resolve_state(cfg: Config, name: str) -> tuple[StatePaths, Record | None]:
                      "(invoke instances lists the instances)")
 
 
+def login_target(cfg: Config, name: str) -> tuple[StatePaths, Image]:
+    """What `invoke ssh NAME` logs in to: the state folder and the image of `name`."""
+    state, record = resolve_state(cfg, name)
+    return state, cfg.image(record.image if record is not None else name)
+
+
 def stop(cfg: Config, name: str, *, force: bool = False, grace: float = GRACE, say: Callable[[str], None] = print,
          reason: str | None = None) -> str:
     """Power an instance off (lifecycle.stop), then end its virtiofsd daemons and idle watcher;
@@ -594,8 +589,6 @@ def stop(cfg: Config, name: str, *, force: bool = False, grace: float = GRACE, s
     done = lifecycle.stop(name, state, force=force, grace=grace, say=say)
     was = "stopped" if done.startswith(f"{name} is not running") else "running"
     shares.stop_daemons(state)
-    from pipeline.vm import idle
-
     idle.stop_watcher(state)
     if record is not None and was == "running":
         if reason:
@@ -629,8 +622,6 @@ def age(seconds: float) -> str:
 
 def table(rows_: Sequence[Row], now: float) -> str:
     """NAME IMAGE BUILD STATE PORT DISK AGE NOTE as aligned columns."""
-    from pipeline.base.units import mib
-
     lines = [("NAME", "IMAGE", "BUILD", "STATE", "PORT", "DISK", "AGE", "NOTE")]
     for r in rows_:
         rec = r.record
@@ -642,9 +633,7 @@ def table(rows_: Sequence[Row], now: float) -> str:
         if r.stopped_by:
             notes.append(r.stopped_by)
         if rec.idle_stop and r.status.state == "running":
-            from pipeline.vm import idle
-
-            notes.append(f"idle stop after {idle.minutes(rec.idle_stop)}")
+                notes.append(f"idle stop after {idle.minutes(rec.idle_stop)}")
         if rec.shares:
             notes.append("shares " + ", ".join(s.tag for s in rec.shares))
         port = r.status.ssh_port or rec.ssh_port
@@ -653,8 +642,10 @@ def table(rows_: Sequence[Row], now: float) -> str:
                       mib(r.disk_bytes) if r.disk_bytes is not None else "-", age(now - rec.created), "; ".join(notes)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
     right = {4, 5, 6}
-    return "\n".join(("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=False)))
-                      + "  " + line[-1]).rstrip() for line in lines)
+    def cells(line: tuple[str, ...]) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=False)))
+
+    return "\n".join((cells(line) + "  " + line[-1]).rstrip() for line in lines)
 
 
 def of_image(cfg: Config, image: str) -> list[Record]:
@@ -678,8 +669,6 @@ def row_of(cfg: Config, name: str) -> Row:
 
 def detail(row: Row, now: float) -> str:
     """`invoke status NAME`: one instance, a line per fact."""
-    from pipeline.base.units import clock, mib
-
     r, st = row.record, row.status
     up = st.uptime(now)
     facts = [

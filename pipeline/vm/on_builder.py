@@ -20,13 +20,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.base.errors import HostUnsuitable, ImagepipeError, UsageError
-from pipeline.base.fsutil import atomic_write
+from pipeline.base.fsutil import atomic_write, ensure_dir, safe_rmtree
 from pipeline.base.run import install_hint, interactive
 from pipeline.base.text import visible, visible_lines
-from pipeline.builders import remote
+from pipeline.builders import dispatch, remote
 from pipeline.builders.openssh import Connection
 from pipeline.model import Config, Firmware, Image
-from pipeline.vm import instances
+from pipeline.vm import instances, seed
+from pipeline.vm.ssh import fresh_known_hosts, login_key
+from pipeline.vm.ssh import ssh_argv as guest_argv
 from pipeline.vm.state import StatePaths, VmStatus
 
 Say = Callable[[str], None]
@@ -75,8 +77,6 @@ def run_args(image: Image, req: instances.Request, accel: str, mine: str) -> lis
 def run(cfg: Config, target: remote.Target, image: Image, req: instances.Request, accel: str,
         accept_new_host_key: bool, say: Say) -> None:
     """Start (or make and start) the instance on the builder and keep its record here."""
-    from pipeline.builders import dispatch
-
     instances.check_name(req.name)
     if req.foreground or req.gui:
         raise UsageError("--foreground and --gui show the VM on this terminal: not with --on",
@@ -91,8 +91,6 @@ def run(cfg: Config, target: remote.Target, image: Image, req: instances.Request
         dispatch.prepare(conn, target, cfg, say)
         args = run_args(image, req, accel, remote.local_public_key(cfg))
         if req.user_data is not None:
-            from pipeline.vm import seed
-
             seed.check_user_data(req.user_data)
             remote_file = target.path(f".user-data-{req.name}")
             conn.put(str(req.user_data), remote_file)
@@ -108,8 +106,6 @@ def run(cfg: Config, target: remote.Target, image: Image, req: instances.Request
                               ssh_port=int(row["ssh_port"]), instance_id="", on=target.name)
     state = instances.paths(cfg.output_dir, req.name)
     with instances.locked(cfg.output_dir, f"run {req.name} --on {target.name}", say):
-        from pipeline.base.fsutil import ensure_dir
-
         ensure_dir(state.root, instances.root(cfg.output_dir))
         if existing is None or req.rebase or existing.build_id != record.build_id:
             atomic_write(state.known_hosts, "")  # a new guest: its host keys are new
@@ -197,8 +193,6 @@ def remove(cfg: Config, record: instances.Record, ssh_config: str | None, say: S
     text = visible_lines((err + out).strip())
     if code != 0 and f"no instance called {record.name}" not in text:
         raise UsageError(f"{record.name} on {target.name}: rm failed (exit {code}): {text[-400:]}")
-    from pipeline.base.fsutil import safe_rmtree
-
     with instances.locked(cfg.output_dir, f"rm {record.name}", say):
         safe_rmtree(instances.paths(cfg.output_dir, record.name).root, instances.root(cfg.output_dir))
     return f"{target.prefix}{text.splitlines()[-1] if text else 'removed'}"
@@ -208,9 +202,6 @@ def ssh_argv(cfg: Config, record: instances.Record, state: StatePaths, target: r
              command: Sequence[str], first: bool) -> list[str]:
     """ssh to the guest through the builder: the jump is the user's own ssh to the builder
     (their ssh config, its known_hosts), then -W to the forward on the builder's 127.0.0.1."""
-    from pipeline.vm.ssh import login_key
-    from pipeline.vm.ssh import ssh_argv as guest_argv
-
     jump = ["ssh", *(["-F", str(target.ssh_config)] if target.ssh_config else []), "-o", "BatchMode=yes",
             "-W", f"127.0.0.1:{record.ssh_port}", "--", target.host]
     via = ["-o", "ProxyCommand=" + shlex.join(jump).replace("%", "%%")]
@@ -219,8 +210,6 @@ def ssh_argv(cfg: Config, record: instances.Record, state: StatePaths, target: r
 
 def ssh(cfg: Config, record: instances.Record, ssh_config: str | None, command: Sequence[str]) -> int:
     """`invoke ssh NAME` for an instance on a builder (its guest's key pinned here, as locally)."""
-    from pipeline.vm.ssh import fresh_known_hosts
-
     state = instances.paths(cfg.output_dir, record.name)
     target = _target(cfg, record, ssh_config)
     image = cfg.image(record.image)

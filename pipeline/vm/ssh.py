@@ -294,17 +294,15 @@ def hand_over(conn: socket.socket) -> Iterator[list[str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def ssh_session(cfg: Config, name: str, command: Sequence[str], deadline: float | None = None) -> int:
+def ssh_session(cfg: Config, name: str, state: StatePaths, image: Image, command: Sequence[str],
+                deadline: float | None = None) -> int:
     """`invoke ssh NAME`: wait for sshd's banner, then ssh attached to this terminal, over the
     connection that brought the banner; returns ssh's exit code. On the first contact with this
     boot (nothing pinned yet) that ssh pins the guest's key itself (the same trust-on-first-use
     as a keyscan, without a second key exchange: under TCG each one costs the guest about half a
     second). It logs in as the image's ssh_user with this machine's key (defaults.ssh_key or the
-    project key), which the image's build or the instance's seed authorized."""
-    from pipeline.vm import instances
-
-    state, record = instances.resolve_state(cfg, name)
-    image = cfg.image(record.image if record is not None else name)
+    project key), which the image's build or the instance's seed authorized. `state`: the
+    instance's state folder (pipeline.vm.instances.login_target); `image`: its image."""
     st = read_status(name, state)
     if st.state != "running" or st.ssh_port is None:
         raise UsageError(f"{name} is not running", f"start it: invoke run {image.name}"

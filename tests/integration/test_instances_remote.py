@@ -1,4 +1,5 @@
-"""An instance on the builder hal9000 (a real OpenSSH server), started and reached from here:
+"""An instance on the builder hal9000 (a real OpenSSH server: as root in a network namespace of its
+own behind a veth pair, tests/support/sshd.builder_host), started and reached from here:
 `run --on` makes it there from the build already published there (nothing copied here), `ssh`
 goes through the builder to QEMU's forward on the builder's 127.0.0.1, and `instances`, `status`,
 `stop` and `rm` work from here. A builder without QEMU is refused with the install hint.
@@ -25,16 +26,16 @@ from tests.support import (
     wait_gone,
     write_config,
 )
-from tests.support.sshd import SshHost
+from tests.support.sshd import SshHost, builder_host
 
 DEMO = "demo-x86_64"
 
 
-def _builder(base: Path, extra: tuple[str, ...] = ()) -> tuple[SshHost, Path]:
-    host = SshHost(base / "sshd", extra_config=extra).start()
+def client_side(host: SshHost, base: Path) -> Path:
+    """This machine's ssh_config for the builder (its host key known)."""
     known = base / "known_hosts"
     known.write_text(host.known_hosts_line())
-    return host, host.client_config(base / "ssh_config", known)
+    return host.client_config(base / "ssh_config", known)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +49,18 @@ def hal9000(tmp_path_factory: pytest.TempPathFactory, demo_build):
     builder.mkdir()
     (builder / rsync.BUILDER_MARKER).write_text("imagepipe builder folder\n")
     published_copy(demo_build, builder)
-    host, ssh_config = _builder(base)
-    cfg = write_config(base / "client.yaml", base / "client-output", {
-        "ssh_config_path": str(ssh_config),
-        "builders": {"hal9000": {"host": "hal9000", "dir": str(builder), "arch": "x86_64"}},
-    })
-    try:
-        yield {"config": cfg, "builder": builder, "client": base / "client-output", "base": base}
-    finally:
-        invoke(["stop", "far", "--force"], cfg, timeout=120)
-        host.stop()
-        for line in live_processes_mentioning(str(builder)):  # nothing of the builder's may outlive the test
-            os.kill(int(line.split(":", 1)[0]), 9)
+    with builder_host(base / "sshd", pip_offline=True) as host:
+        print(f"hal9000: {host.where}")
+        cfg = write_config(base / "client.yaml", base / "client-output", {
+            "ssh_config_path": str(client_side(host, base)),
+            "builders": {"hal9000": {"host": "hal9000", "dir": str(builder), "arch": "x86_64"}},
+        })
+        try:
+            yield {"config": cfg, "builder": builder, "client": base / "client-output", "base": base, "host": host}
+        finally:
+            invoke(["stop", "far", "--force"], cfg, timeout=120)
+            for line in live_processes_mentioning(str(builder)):  # nothing of the builder's may outlive the test
+                os.kill(int(line.split(":", 1)[0]), 9)
 
 
 def listing(cfg: Path) -> dict[str, dict]:
@@ -118,16 +119,15 @@ def test_a_builder_without_qemu_is_refused_with_the_hint(hal9000, tmp_path):
         for tool in Path(folder).iterdir():
             if not tool.name.startswith("qemu-system") and not (bin_dir / tool.name).exists():
                 (bin_dir / tool.name).symlink_to(tool)
-    host, ssh_config = _builder(tmp_path, (f"SetEnv PATH={bin_dir}",))
     try:
-        bare = tmp_path / "bare"
-        cfg = write_config(tmp_path / "c.yaml", tmp_path / "out", {
-            "ssh_config_path": str(ssh_config),
-            "builders": {"hal9000": {"host": "hal9000", "dir": str(bare), "arch": "x86_64"}}})
-        res = invoke(["run", DEMO, "--name", "far2", "--on", "hal9000"], cfg, timeout=300)
+        with builder_host(tmp_path / "sshd", extra_config=(f"SetEnv PATH={bin_dir}",)) as host:
+            bare = tmp_path / "bare"
+            cfg = write_config(tmp_path / "c.yaml", tmp_path / "out", {
+                "ssh_config_path": str(client_side(host, tmp_path)),
+                "builders": {"hal9000": {"host": "hal9000", "dir": str(bare), "arch": "x86_64"}}})
+            res = invoke(["run", DEMO, "--name", "far2", "--on", "hal9000"], cfg, timeout=300)
         assert res.returncode != 0 and "builder hal9000 has no qemu-system-x86_64" in res.stderr, res.stderr
         assert "apt-get install qemu-system-x86" in res.stderr and "Traceback" not in res.stderr
         assert not (tmp_path / "out" / "instances" / "far2").exists() and not bare.exists()
     finally:
-        host.stop()
         shutil.rmtree(bin_dir, ignore_errors=True)

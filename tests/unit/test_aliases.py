@@ -33,8 +33,8 @@ def _runs(root: Path) -> dict[str, tuple[str, str]]:
         made = coll.tasks[name]
         target = getattr(made, "alias_of", None)
         if target is not None:
-            for each in (name, *second):
-                out[each] = (target[0], target[1]["image"])
+            for each in (name, *second):  # ssh's names fix its instance: the one named after the image
+                out[each] = (target[0], target[1].get("image") or target[1]["instance"])
     return out
 
 

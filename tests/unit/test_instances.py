@@ -176,8 +176,10 @@ def test_an_instance_adds_its_seed_after_the_disk_and_its_shares():
                      opts=RunOptions(isolated=True), attached=attached, name="web1")
     assert argv[argv.index("-name") + 1] == "web1"
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
-    assert drives == ["if=virtio,format=qcow2,file=/out/instances/web1/disk.qcow2",
-                      "if=virtio,format=raw,readonly=on,file=/out/instances/web1/seed.iso"]
+    assert drives == ["if=none,id=disk0,format=qcow2,file=/out/instances/web1/disk.qcow2",
+                      "if=none,id=seed,format=raw,readonly=on,file=/out/instances/web1/seed.iso"]
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and argv[i + 1].startswith("virtio-blk")]
+    assert devices[0].startswith("virtio-blk-pci,drive=disk0,") and devices[1] == "virtio-blk-pci,drive=seed,id=seed-disk"
     assert "memory-backend-memfd,id=mem0,size=1024M,share=on" in argv and "node,memdev=mem0" in argv
     assert "vhost-user-fs-pci,chardev=vfs0,tag=src" in argv and "socket,id=vfs0,path=/s/vfs-src.sock" in argv
     assert "local,id=fs1,path=/d,mount_tag=data,security_model=none" in argv

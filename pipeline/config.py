@@ -54,6 +54,7 @@ from pipeline.model import (
     Firmware,
     Format,
     Image,
+    Network,
     User,
 )
 
@@ -237,6 +238,9 @@ DEFAULTS_SPEC: dict[str, Key] = {
                    "the private key builds authorize for `ssh_user` and `invoke ssh` logs in with",
                    "`output/.keys/imagepipe_ed25519`, made on first use; an instance's seed authorizes "
                    "its public half, so your own key logs in to instances of images built elsewhere"),
+    "instance_network": _doc(_choice(Network), "the network of a new instance (`run --network`): `user` reaches what "
+                             "this host reaches through QEMU's user networking; `isolated` only its forwarded SSH port",
+                             "`user`"),
     "virtiofsd": Key(_optional(_no_newline), "a program's path",
                      "the virtiofsd that serves an instance's shared folders (`run --share`)",
                      "`virtiofsd` on PATH, /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, or QEMU's "

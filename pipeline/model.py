@@ -84,6 +84,13 @@ class Firmware(StrEnum):
     BIOS = "bios"
 
 
+class Network(StrEnum):
+    """An instance's network: QEMU's user networking, or only its forwarded SSH port (restrict=on)."""
+
+    USER = "user"
+    ISOLATED = "isolated"
+
+
 class Format(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
@@ -170,6 +177,7 @@ class Defaults:
     schedule: str = "weekly"
     boot_timeout: int = 0  # seconds a boot test waits for SSH (and for each later step); 0: by accelerator
     virtiofsd: str | None = None
+    instance_network: Network = Network.USER
 
 
 @dataclass(frozen=True)

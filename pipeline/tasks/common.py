@@ -84,7 +84,8 @@ def _refuse_invoke_dry(c: Context, name: str, has_dry_run: bool) -> None:
 
 
 def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
-    """A usage error for left-out positionals: the usage line and, for IMAGE, the configured images."""
+    """A usage error for left-out positionals: the usage line and, for IMAGE, the configured images
+    (HOST: the builders; NAME: the instances)."""
     words = " and ".join(METAVARS.get(m, m.upper()) for m in missing)
     hint = f"usage: {usage_line(made)}"
     if "image" in missing:
@@ -94,6 +95,11 @@ def _missing_positional(c: Context, made: Task, missing: list[str]) -> None:
         cfg = load_config(c)
         known = ", ".join(sorted(cfg.builders)) or "none in invoke.yaml (any SSH host alias works)"
         hint += f"\n  configured builders: {known}"
+    if "instance" in missing:
+        from pipeline.vm.instances import records  # noqa: PLC0415 (loaded when the task runs, not by invoke --list)
+
+        names = ", ".join(r.name for r in records(load_config(c).output_dir))
+        hint += f"\n  instances: {names or 'none yet (invoke run IMAGE makes one, named after the image)'}"
     raise UsageError(f"invoke {task_name(made)} needs {words}", hint)
 
 

@@ -43,8 +43,9 @@ RUN_HELP = {
     "snapshot": "throw this boot's writes away at power-off (the instance's disk stays as it was)",
     "foreground": "attach the serial console to this terminal (Ctrl-A X quits) instead of detaching",
     "gui": "open a display window instead of running headless",
-    "network": "user: the guest reaches the network through QEMU's user networking (a new instance's default); "
-               "isolated: only its forwarded SSH port (restrict=on). Kept for later starts",
+    "network": "user: the guest reaches the network through QEMU's user networking; isolated: only its "
+               "forwarded SSH port (restrict=on). Kept for later starts (a new instance: defaults.instance_network, "
+               "itself user)",
     "port": "the SSH port on 127.0.0.1 (0: any free one); kept for later starts (default: the image's "
             "ssh_port when free, else any free one)",
     "share": "a host folder, seen at /mnt/TAG in the guest (virtiofs, or 9p where only that works); "

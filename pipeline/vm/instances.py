@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import distros, keys
-from pipeline.base.errors import CorruptState, ImagepipeError, UsageError
+from pipeline.base.errors import CorruptState, ImagepipeError, UnsafePath, UsageError
 from pipeline.base.fsutil import atomic_write, ensure_dir, flocked, read_record, safe_rmtree
 from pipeline.base.numbers import int_or_none
 from pipeline.base.run import run
 from pipeline.base.units import clock, mib
 from pipeline.base.validate import NAME_RE
-from pipeline.model import Accel, Config, Image
+from pipeline.model import Accel, Config, Image, Network
 from pipeline.output import artifacts
 from pipeline.output.history import History
 from pipeline.output.retention import INSTANCES
@@ -58,7 +58,7 @@ from pipeline.vm.state import (
 )
 
 RECORD_VERSION = 1
-NETWORKS = ("user", "isolated")
+NETWORKS = tuple(n.value for n in Network)
 GRACE = 60.0
 
 
@@ -109,7 +109,7 @@ class Request:
     snapshot: bool = False
     gui: bool = False
     foreground: bool = False
-    network: str = ""             # "" keep (new: user) | user | isolated
+    network: str = ""             # "" keep (new: defaults.instance_network) | user | isolated
     port: int | None = None       # None: keep / choose; 0: any free port
     shares: tuple[str, ...] = ()  # --share specs; () keep; ("none",) none
     idle_stop: float | None = None  # minutes; None keep; 0 off
@@ -166,8 +166,9 @@ def check_name(name: str) -> str:
 def load(output_dir: Path, name: str) -> Record | None:
     """The instance called `name`, or None; CorruptState for a record that cannot be read."""
     state = paths(output_dir, name)
-    if state.root.is_symlink() or not state.record.is_file() or state.record.is_symlink():
-        return None
+    if root(output_dir).is_symlink() or state.root.is_symlink() or not state.record.is_file() \
+            or state.record.is_symlink():
+        return None  # never read through a link imagepipe did not make
     try:
         return Record.from_json(json.loads(state.record.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -298,7 +299,8 @@ def new_record(cfg: Config, image: Image, req: Request, target: lifecycle.BootTa
         backing=os.path.relpath(target.disk, folder), backing_format=target.format, created=created,
         ssh_port=port, port_fixed=bool(req.port), instance_id=f"iid-imagepipe-{secrets.token_hex(8)}",
         boot=_relative_boot(target, folder), shares=share_list, idle_stop=req.idle_stop or None,
-        network=req.network or "user", keys=_keys(cfg, req.authorize), user_data=req.user_data is not None,
+        network=req.network or cfg.defaults.instance_network.value, keys=_keys(cfg, req.authorize),
+        user_data=req.user_data is not None,
     )
 
 
@@ -355,6 +357,10 @@ def _image_for(cfg: Config, record: Record) -> Image:
 
 def boot_target(state: StatePaths, record: Record, image: Image) -> lifecycle.BootTarget:
     """The instance's overlay as what to boot; UsageError when its build was removed by hand."""
+    if state.disk.is_symlink() or not state.disk.is_file():
+        raise UnsafePath(f"refusing to touch {state.disk}: it is "
+                         + ("a symbolic link, not the instance's disk" if state.disk.is_symlink() else "missing"),
+                         f"remove the instance (invoke rm {record.name}) and make it again")
     backing = backing_path(state, record)
     if not backing.is_file():
         raise UsageError(
@@ -424,6 +430,9 @@ def run_instance(cfg: Config, image: Image, req: Request, say: Callable[[str], N
             st = read_status(req.name, state)
             raise UsageError(f"{req.name} is already running (pid {st.pid}, ssh port {st.ssh_port})",
                              f"invoke ssh {req.name}, or invoke stop {req.name}")
+        if record is None and (state.root.exists() or state.root.is_symlink()):
+            raise UnsafePath(f"refusing to touch {state.root}: it is not an instance imagepipe made (it holds no "
+                             "instance.json)", "move it away (or remove it yourself) and run again")
         prep = _prepare(cfg, image, req, record, state)
         port, moved = choose_port(req.name, req.port, record.ssh_port if record and req.port is None else None,
                                   image.ssh_port, ports_of_others(cfg.output_dir, req.name))
@@ -560,17 +569,15 @@ def remove(cfg: Config, name: str, say: Callable[[str], None] = print) -> str:
 
 
 def resolve_state(cfg: Config, name: str) -> tuple[StatePaths, Record | None]:
-    """The state folder `ssh`, `stop`, `status` and `console` use for `name`: the instance's, or
-    for an image name with no instance, the run/ folder of a VM an earlier imagepipe started."""
+    """The state folder `ssh`, `stop`, `status` and `console` use for `name`: the instance's; for
+    an image name with no instance, output/<image>/run, where an earlier imagepipe ran its VM
+    (nothing runs there otherwise: `stop` then says so, `ssh` says how to start it)."""
     check_name(name)
     record = load(cfg.output_dir, name)
     if record is not None:
         return paths(cfg.output_dir, name), record
     if name in cfg.images:
-        legacy = state_paths(cfg.output_dir, name)
-        if legacy.root.is_dir() and not legacy.root.is_symlink() and legacy.pid.exists():
-            return legacy, None
-        raise UsageError(f"{name} is not running (it has no instance yet)", f"start it: invoke run {name}")
+        return state_paths(cfg.output_dir, name), None
     raise UsageError(f"no instance called {name}", f"create it: invoke run IMAGE --name {name} "
                      "(invoke instances lists the instances)")
 
@@ -659,9 +666,12 @@ def port_of(state: StatePaths) -> int | None:
 def row_of(cfg: Config, name: str) -> Row:
     """One instance's row (`invoke status NAME`); a remote one asks its builder."""
     state, record = resolve_state(cfg, name)
-    if record is None:  # a VM an earlier imagepipe started from output/<image>/run
-        raise UsageError(f"no instance called {name} (a VM of an earlier imagepipe runs from {state.root})",
-                         f"stop it (invoke stop {name}); invoke run {name} then starts the instance named {name}")
+    if record is None:  # an image's name: no instance yet (or a VM of an earlier imagepipe)
+        running = read_status(name, state).state == "running"
+        raise UsageError(f"{name} has no instance yet" + (f" (a VM of an earlier imagepipe runs from {state.root})"
+                                                          if running else ""),
+                         (f"stop it (invoke stop {name}); " if running else "")
+                         + f"invoke run {name} starts the instance named {name}")
     st = read_status(name, state)
     return Row(record, st, disk_bytes(state.disk), backing_path(state, record).is_file(),
                read_value(state.stopped_by) if st.state != "running" else None)

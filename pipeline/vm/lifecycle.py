@@ -110,7 +110,7 @@ def prepare_state(state: StatePaths, target: BootTarget, firmware: FirmwareInfo 
     ensure_state_dir(state)
     clear_live_state(state)  # not running (start checked): whatever is there is stale
     previous = read_value(state.build_id)
-    if previous != target.build_id:
+    if previous != target.build_id or state.efivars.is_symlink():
         state.efivars.unlink(missing_ok=True)  # boot entries of the old disk mean nothing to a new one
     if firmware is not None and firmware.vars and target.boot is None and not state.efivars.exists():
         atomic_copy(Path(firmware.vars), state.efivars)

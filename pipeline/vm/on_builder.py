@@ -17,6 +17,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pipeline.base.errors import HostUnsuitable, ImagepipeError, UsageError
@@ -89,6 +90,8 @@ def run(cfg: Config, target: remote.Target, image: Image, req: instances.Request
     try:
         check_builder(image, remote.builder_facts(conn, target), target)
         dispatch.prepare(conn, target, cfg, say)
+        if existing is None and not req.network:  # this machine's default for a new instance
+            req = replace(req, network=cfg.defaults.instance_network.value)
         args = run_args(image, req, accel, remote.local_public_key(cfg))
         if req.user_data is not None:
             seed.check_user_data(req.user_data)

@@ -33,11 +33,12 @@ def test_help_shows_placeholders_not_kinds(cfg):
     text = invoke(["history", "--help"], cfg).stdout + invoke(["stop", "--help"], cfg).stdout
     assert "-l N, --limit=N" in text and "-t SECONDS, --timeout=SECONDS" in text
     assert "-i IMAGE, --image=IMAGE" in text and "STRING" not in text and "INT" not in text
-    assert "Usage: invoke stop IMAGE [--options]" in text  # the positional is named in the help
+    assert "Usage: invoke stop NAME [--options]" in text  # the positional is named in the help
 
 
 @pytest.mark.parametrize("args,missing,listed", [
-    (["build"], "IMAGE", IMAGES), (["ssh"], "IMAGE", IMAGES), (["stop", "--force"], "IMAGE", IMAGES),
+    (["build"], "IMAGE", IMAGES), (["ssh"], "NAME", ("instances: none yet",)),
+    (["stop", "--force"], "NAME", ("instances: none yet",)),
     (["remote-sync-build"], "HOST", ("hal9000",)), (["remote-fetch", "hal9000"], "IMAGE", IMAGES)])
 def test_left_out_positional_gives_usage_and_choices(args, missing, listed, cfg):
     res = invoke(args, cfg)

@@ -75,7 +75,7 @@ def sentinel(tmp_path: Path):
     root = tmp_path / "sentinel"
     (root / "sub").mkdir(parents=True)
     for name in ("keep.txt", "pid", "console.log", "known_hosts", "build_id", "accel", "ssh_port",
-                 "efivars.fd", "history.db", "imagepipe_ed25519", "tool-versions.json", "sub/deep.txt"):
+                 "efivars.fd", "history.db", "imagepipe_ed25519", "tool-versions.json", "sub/deep.txt", "seed.iso"):
         (root / name).write_text(f"precious {name}\n")
     os.chmod(root / "keep.txt", 0o600)
     (root / "sub" / "link").symlink_to("../keep.txt")
@@ -129,10 +129,12 @@ def _plant(out: Path, sentinel: Path, kind: str) -> None:
         if (out / kind).exists():
             shutil.rmtree(out / kind)
         (out / kind).symlink_to(sentinel)
-    elif kind == "run-files":
-        (image_dir / "run").mkdir()
-        for name in ("console.log", "known_hosts", "pid", "build_id", "efivars.fd", "accel", "ssh_port"):
-            (image_dir / "run" / name).symlink_to(sentinel / name)
+    elif kind == "instances":
+        (out / "instances").symlink_to(sentinel)
+    elif kind == "instance-files":  # in the folder of an instance that exists (its record is real)
+        for name in ("console.log", "known_hosts", "pid", "build_id", "efivars.fd", "accel", "ssh_port", "seed.iso"):
+            (out / "instances" / IMAGE / name).unlink(missing_ok=True)
+            (out / "instances" / IMAGE / name).symlink_to(sentinel / name)
     else:
         raise AssertionError(kind)
 
@@ -144,7 +146,9 @@ PLANTS = {
     "logs": [(["gc"], 1), (["build-demo"], 1)],
     ".lock": [(["gc"], 1), (["build-demo"], 1)],
     "image-dir": [(["gc"], 1), (["build-demo"], 1), (["run-demo"], 2), (["status"], 0)],
-    "run": [(["run-demo", "--snapshot"], 1), (["status"], 0), (["stop", IMAGE], 0)],
+    "run": [(["status"], 0), (["stop", IMAGE], 0)],  # a VM an earlier imagepipe started (output/IMAGE/run)
+    "instances": [(["run-demo", "--snapshot"], 1), (["status"], 0), (["instances"], 0), (["stop", IMAGE], 0),
+                  (["rm", IMAGE], 1)],
     "boot-test": [(["test-image", IMAGE], 1)],
     "current": [(["run-demo"], 2), (["test-image", IMAGE], 2), (["gc"], 0)],
     "history.db": [(["history"], 1), (["gc"], 1), (["build-demo"], 1)],
@@ -173,14 +177,22 @@ def test_planted_links_are_refused_never_followed(demo_build, tmp_path, sentinel
 
 def test_links_planted_in_the_vm_state_folder_are_replaced_not_written_through(demo_build, tmp_path, sentinel):
     cfg, out = published_copy(demo_build, tmp_path)
-    _plant(out, sentinel, "run-files")
+    assert invoke(["run-demo", "--snapshot", "--network", "isolated"], cfg, timeout=120).returncode == 0
+    assert invoke(["stop", IMAGE, "--force"], cfg, timeout=120).returncode == 0
+    _plant(out, sentinel, "instance-files")
+    folder = out / "instances" / IMAGE
     try:
         res = invoke(["run-demo", "--snapshot"], cfg, timeout=120)
         assert res.returncode == 0, no_traceback(res)
-        for name in ("console.log", "known_hosts", "build_id", "ssh_port", "accel"):
-            assert not (out / IMAGE / "run" / name).is_symlink(), name
+        for name in ("console.log", "known_hosts", "build_id", "ssh_port", "accel", "seed.iso"):
+            assert not (folder / name).is_symlink(), name
     finally:
         assert invoke(["stop", IMAGE, "--force"], cfg, timeout=120).returncode == 0
+    # the instance's disk planted as a link: refused, the link's target untouched
+    (folder / "disk.qcow2").unlink()
+    (folder / "disk.qcow2").symlink_to(sentinel / "keep.txt")
+    res = invoke(["run-demo"], cfg, timeout=120)
+    assert res.returncode == 1 and "disk.qcow2: it is a symbolic link" in no_traceback(res), res.stderr
 
 
 # ------------------------------------------------------------------------------ dry runs

@@ -76,10 +76,12 @@ def require_tool(name: str, package: str) -> str:
 
 
 def write_config(path: Path, output_dir: Path, extra: dict | None = None) -> Path:
-    """A runtime config (invoke -f) pointing output_dir at a temp folder; `extra` merged in."""
+    """A runtime config (invoke -f) pointing output_dir at a temp folder, its instances isolated
+    (defaults.instance_network: isolated); `extra` merged in."""
     import yaml
 
-    data: dict = {"defaults": {"output_dir": str(output_dir)}}
+    # instances the tests start reach nothing but their forwarded SSH port (restrict=on)
+    data: dict = {"defaults": {"output_dir": str(output_dir), "instance_network": "isolated"}}
     for key, value in (extra or {}).items():
         if isinstance(value, dict):
             data.setdefault(key, {}).update(value)

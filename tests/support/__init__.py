@@ -115,7 +115,7 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
                    extra: dict | None = None, config: str = "test.yaml") -> tuple[Path, Path]:
     """A private copy of the session's published demo output in dest/output, and a config
     pointing there: (config file, output dir). Tests that change an output folder work on this;
-    the session's build stays as built. Links stay links; no VM state or lock is copied; the
+    the session's build stays as built. Links stay links; no VM state, instance or lock is copied; the
     history through sqlite's backup API (a WAL database is more than its main file); the guest
     cache (`cache`) for a test that builds again."""
     import sqlite3
@@ -123,7 +123,7 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
     _, src = demo_build  # (or the session's debian_build: any published output folder)
     out = dest / "output"
     out.mkdir(parents=True, exist_ok=True)
-    for image in (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for image in (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "instances"):
         shutil.copytree(image, out / image.name, symlinks=True,
                         ignore=shutil.ignore_patterns("run", "boot-test", ".lock"))
     shutil.copytree(src / ".keys", out / ".keys")

@@ -37,7 +37,6 @@ from pipeline.vm.state import (
     pick_port,
     read_status,
     read_value,
-    state_paths,
     wait_gone,
     write_value,
 )

@@ -18,6 +18,7 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.base.errors import UsageError
@@ -36,7 +37,7 @@ def connect(sock: Path, name: str) -> socket.socket:
     return conn
 
 
-def attach(sock: Path, name: str, *, quiet: float = 2.0, say=print) -> int:  # type: ignore[no-untyped-def]
+def attach(sock: Path, name: str, *, quiet: float = 2.0, say: Callable[[str], None] = print) -> int:
     """Relay this terminal (or pipe) and the guest's serial console; returns 0."""
     conn = connect(sock, name)
     try:

@@ -35,7 +35,6 @@ from typing import Any
 from pipeline import distros, keys
 from pipeline.base.errors import CorruptState, ImagepipeError, UnsafePath, UsageError
 from pipeline.base.fsutil import atomic_write, ensure_dir, flocked, read_record, safe_rmtree
-from pipeline.base.numbers import int_or_none
 from pipeline.base.run import run
 from pipeline.base.units import clock, mib
 from pipeline.base.validate import NAME_RE
@@ -653,14 +652,6 @@ def table(rows_: Sequence[Row], now: float) -> str:
         return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=False)))
 
     return "\n".join((cells(line) + "  " + line[-1]).rstrip() for line in lines)
-
-
-def of_image(cfg: Config, image: str) -> list[Record]:
-    return [r for r in records(cfg.output_dir) if r.image == image and r.on is None]
-
-
-def port_of(state: StatePaths) -> int | None:
-    return int_or_none(read_value(state.ssh_port), lo=1, hi=65535)
 
 
 def row_of(cfg: Config, name: str) -> Row:

@@ -149,9 +149,9 @@ def _row(record: instances.Record, data: dict[str, Any] | None, target: remote.T
                              stopped_by=why or f"not on {target.name} any more (invoke rm {record.name})")
     status = VmStatus(record.name, str(data.get("state")), pid=data.get("pid"), ssh_port=data.get("ssh_port"),
                       accelerator=data.get("accelerator"))
-    rec = record.__class__(**{**record.__dict__, "build_id": str(data.get("build_id", record.build_id)),
-                              "ssh_port": int(data.get("ssh_port") or record.ssh_port),
-                              "idle_stop": data.get("idle_stop_min"), "network": str(data.get("network", "user"))})
+    rec = replace(record, build_id=str(data.get("build_id", record.build_id)),
+                  ssh_port=int(data.get("ssh_port") or record.ssh_port), idle_stop=data.get("idle_stop_min"),
+                  network=str(data.get("network", "user")))
     return instances.Row(rec, status, data.get("disk_bytes"), bool(data.get("backing_present")),
                          data.get("stopped_by"), where=target.name)
 

@@ -26,8 +26,7 @@ from pipeline.base.errors import UnsafePath
 from pipeline.builders import remote
 from pipeline.output.artifacts import read_manifest, verify_published
 from pipeline.output.history import History
-from pipeline.vm import qmp
-from pipeline.vm import state as vmstate
+from pipeline.vm import instances, qmp
 from tests.support import (
     NEEDS_PTY,
     ROOT,
@@ -668,7 +667,7 @@ def test_disk_full_inside_packer_build_fails_at_once_with_the_cause(demo_build, 
 @pytest.mark.slow
 @TMPFS
 def test_a_running_vm_that_fills_the_disk_pauses_and_ssh_says_why(demo_build, tmp_path, tmpfs, sentinel):
-    """`invoke run` (no -snapshot: writes go into the image file): a write that finds the host's
+    """`invoke run` (no -snapshot: writes go into the instance's disk, in the output folder): a write that finds the host's
     disk full pauses the guest (werror=enospc: its file systems stay whole) and the next `ssh`
     says so in one line at once, instead of waiting out its deadline for a banner."""
     disk = tmpfs("120M")
@@ -681,7 +680,7 @@ def test_a_running_vm_that_fills_the_disk_pauses_and_ssh_says_why(demo_build, tm
         writer = subprocess.Popen([sys.executable, "-m", "invoke", "-f", str(cfg), "ssh", IMAGE, "--", "dd",
                                    "if=/dev/urandom", "of=/dev/vda", "bs=65536", "count=512", "conv=fsync"],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        state = vmstate.state_paths(out, IMAGE)
+        state = instances.paths(out, IMAGE)
         wait_until(lambda: qmp.disk_full(state.qmp) is not None, 120, "the guest paused on the full disk",
                    lambda: state.console.read_text(errors="replace")[-500:])
         started = time.monotonic()

@@ -127,7 +127,11 @@ class ImagepipeTask(Task):
         return opts
 
     def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
-        plain = super().get_arguments(ignore_unknown_help=ignore_unknown_help)
+        kept = dict(self.help)  # Invoke pops each help entry as it uses it: the next call (docgen,
+        try:                    # another in-process parse) must see the same help again
+            plain = super().get_arguments(ignore_unknown_help=ignore_unknown_help)
+        finally:
+            self.help = kept
         return [self._ours(arg) for arg in plain]
 
     def _ours(self, arg: Argument) -> ImagepipeArgument:

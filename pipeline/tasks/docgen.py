@@ -112,7 +112,7 @@ def tasks(root: Path) -> str:
 def _task(made: Any, aliases: list[Any], root: Path) -> str:
     name = task_name(made)
     first, rest = _docstring(made)
-    arguments = made.get_arguments()  # once: Invoke moves each help= entry onto its Argument
+    arguments = made.get_arguments()
     usage = usage_line(made) or (f"invoke {name} [--options]" if arguments else f"invoke {name}")
     out = [f"### {name}\n", first + "\n", f"`{usage}`\n"]
     if rest:

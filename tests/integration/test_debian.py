@@ -169,9 +169,13 @@ def test_remote_sync_build_on_the_loopback_builder_then_diff(debian_build, tmp_p
         assert res.returncode == 0, _out(res)[-4000:]
         assert "[hal9000]" in _out(res) and "assemble root (mmdebstrap" in _out(res)
         res = invoke(["remote-fetch", "hal9000", IMAGE], config, timeout=600, cwd=project)
-        assert res.returncode == 0 and "sha256 verified" in _out(res), _out(res)
+        assert res.returncode == 0 and "blake3 verified while receiving" in _out(res), _out(res)
         manifest = artifacts.read_manifest(out / IMAGE)
         assert manifest is not None and first is not None and manifest["build_id"] != first["build_id"]
+        assert manifest["fetched"]["verified"]["hash"] == "blake3"  # the hash the builder recorded at publish
+        sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out / IMAGE / "current", capture_output=True,
+                              text=True)
+        assert sums.returncode == 0, sums.stdout + sums.stderr  # and what users check still holds
         assert manifest["fetched"]["from"] == "hal9000" and "less" in {p["name"] for p in manifest["packages"]}
         diff = invoke(["diff", IMAGE], config, timeout=120, cwd=project)
         assert diff.returncode == 0 and "less" in _out(diff) and "added" in _out(diff).lower(), _out(diff)

@@ -53,3 +53,14 @@ def test_the_task_reference_lists_options_short_flags_and_aliases_under_their_ta
     assert "\n### build-demo\n" not in page
     flags = docgen.short_flags(ROOT)
     assert "| `-a ACCEL` | `--accel` |" in flags and "`-h`" not in flags
+
+
+def test_a_second_parse_of_a_task_keeps_its_help() -> None:
+    """Invoke pops each help entry while it makes a task's arguments: the reference, made after an
+    in-process parse of the same collection, must still carry the help."""
+    from pipeline.tasks import collection
+
+    build = collection().tasks["build"]
+    first = {a.name: a.help for a in build.get_arguments()}
+    second = {a.name: a.help for a in build.get_arguments()}
+    assert first["dry_run"] and second == first

@@ -217,6 +217,7 @@ spec = json.loads(sys.argv[1])
 root = spec["root"]
 def mount(*args):
     subprocess.run(["mount", *args], check=True)
+mount("--bind", root, root)  # the root a mount point of its own: `ip netns exec` makes / a slave mount
 mount("-t", "proc", "proc", root + "/proc")
 mount("--rbind", "/dev", root + "/dev")
 mount("--rbind", "/sys", root + "/sys")

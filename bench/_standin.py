@@ -53,7 +53,8 @@ def standin(path: Path, extra: bool = False, size: str = "3G") -> Path:
             except OSError:
                 shutil.copy2(src, dest)
         subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d", str(tree), str(raw), size],
-                       check=True, timeout=600, env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"})
+                       check=True, timeout=600, env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
+                       stdout=subprocess.DEVNULL)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True, timeout=600)
     finally:
         shutil.rmtree(tree, ignore_errors=True)

@@ -263,8 +263,9 @@ BUILDER_SPEC: dict[str, Key] = {
                "the build folder there: a folder of its own, mirrored with `rsync --delete`"),
     "arch": _doc(_choice(Arch), "what `remote-build` spreads images by"),
     "compress": replace(_choice(Compress), parse=_compress,
-                        doc="how images cross the link (fetch, upload): `auto` measures it and compresses with zstd "
-                            "where it is slower than compression; `on`, `off`, or one compressor both rsyncs have "
+                        doc="how images cross the link (fetch, upload): `auto` is off where the builder is this machine, "
+                            "else measures the link: zstd on a slow one, lz4 on a fast one; `on`, `off`, or one "
+                            "compressor both rsyncs have "
                             "([remote builders](remote-builders.md#compression-and-deltas))", default="`auto`"),
 }
 

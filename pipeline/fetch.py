@@ -197,9 +197,9 @@ class Link:
             return self.ssh.rsync_ssh_options()
         return openssh.cipher_options(self.ssh.target)
 
-    def measure(self) -> float | None:
+    def measure(self, enough: float) -> float | None:
         """The link's rate from the builder (bytes/s), over the master."""
-        return self.ssh.link_rate()
+        return self.ssh.link_rate(enough)
 
 
 @contextlib.contextmanager

@@ -108,24 +108,6 @@ def connection_error(target: Target, stderr: str) -> ImagepipeError:
                               hint=f"check that `ssh {target.host}` works (HostName, Port, ProxyJump)")
 
 
-def best_rate(samples: Sequence[tuple[float, int]], span: float) -> float | None:
-    """The highest rate (bytes/s) over any stretch of at least `span` seconds of `samples`
-    ((time, bytes so far), in order); the whole stretch when it is shorter."""
-    best = None
-    j = 0
-    for i, (t0, b0) in enumerate(samples):
-        j = max(j, i + 1)
-        while j < len(samples) and samples[j][0] - t0 < span:
-            j += 1
-        if j == len(samples):
-            break
-        rate = (samples[j][1] - b0) / (samples[j][0] - t0)
-        best = rate if best is None else max(best, rate)
-    if best is None and len(samples) > 1 and samples[-1][0] > samples[0][0]:
-        best = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-    return best
-
-
 class Connection:
     """OpenSSH to `target`, opened by the first `run()`; use as a context manager."""
 
@@ -158,14 +140,17 @@ class Connection:
             raise connection_error(self.target, res.stderr)
         return res
 
-    def link_rate(self, nbytes: int = 64 << 20, window: float = 0.2, span: float = 0.05) -> float | None:
+    def link_rate(self, enough: float, *, nbytes: int = 64 << 20, window: float = 0.5,
+                  span: float = 0.05) -> float | None:
         """The link's rate from the builder to here in bytes/s: zeros (nothing to make on the
-        builder) streamed over this connection for about `window` seconds, timed from the first
-        byte (the handshake and the session's start do not count); the best rate over any
-        `span` of it, so a moment when this machine was busy elsewhere does not count as a
-        slow link. None when it could not be measured. (Where the user's ssh config turns on
-        ssh's own compression the zeros shrink and the link looks fast, which it then is for
-        anything compressible.)"""
+        builder) streamed over this connection, timed from the first byte (the handshake and the
+        session's start do not count); the best rate over any `span` seconds of it, so a moment
+        when this machine was busy elsewhere does not count as a slow link. It stops as soon as
+        a span reaches `enough`, else after `window` seconds: a fresh connection ramps up over
+        its first 0.1-0.3 s, so only that long a look can tell a slow link from a young one.
+        None when it could not be measured. (Where the user's ssh config turns on ssh's own
+        compression the zeros shrink and the link looks fast, which it then is for anything
+        compressible.)"""
         ssh = self._base("-o", f"StrictHostKeyChecking={'accept-new' if self.accept_new else 'yes'}",
                          "-o", "ControlMaster=auto", "-o", f"ControlPersist={PERSIST}",
                          "-o", f"ConnectTimeout={CONNECT_TIMEOUT}")
@@ -175,17 +160,29 @@ class Connection:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdout is not None
         out = proc.stdout.fileno()
+        best = None
         try:
             if not os.read(out, 1 << 16):
                 return None
             samples = [(time.monotonic(), 0)]
+            first = 0  # the newest sample at least `span` before the last one
             while samples[-1][0] - samples[0][0] < window and (chunk := os.read(out, 1 << 20)):
                 samples.append((time.monotonic(), samples[-1][1] + len(chunk)))
+                now, got = samples[-1]
+                while first + 1 < len(samples) and now - samples[first + 1][0] >= span:
+                    first += 1
+                if now - samples[first][0] >= span:
+                    rate = (got - samples[first][1]) / (now - samples[first][0])
+                    best = rate if best is None else max(best, rate)
+                    if best >= enough:
+                        break
         finally:
             proc.kill()
             proc.wait()
             proc.stdout.close()
-        return best_rate(samples, span)
+        if best is None and len(samples) > 1 and samples[-1][0] > samples[0][0]:  # all of it in less than a span
+            best = samples[-1][1] / (samples[-1][0] - samples[0][0])
+        return best
 
     def rsync_ssh_options(self) -> list[str]:
         """`-o` options that make rsync's ssh (pipeline.builders.rsync.ssh_argv) reuse this connection."""

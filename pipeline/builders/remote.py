@@ -349,7 +349,7 @@ def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = 
     claim_dir(conn, target)
     # the project is small: compressed unless the builder is this machine, never worth a measurement
     facts = wire.parse_facts(runner_for(conn)(("sh", "-c", wire.FACTS)).stdout)
-    chosen = wire.for_link(target.name, target.compress.value, facts, lambda: None)
+    chosen = wire.for_link(target.name, target.compress.value, facts, lambda enough: None)
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
                            (*rsync.SYNC_EXCLUDES, *extra_excludes), compress=chosen.rsync_args())
     result = stream(argv, timeout=main_thread_timeout(3600),

@@ -6,9 +6,12 @@ a third of the time. Where the builder is this machine (a loopback "link") or th
 than the compressor, it only costs CPU. So a builder's `compress` setting:
 
     auto   (the default) off when the builder is this machine; else the link is measured by
-           streaming bytes from the builder over the open connection for 0.2 s (the best 50 ms of it):
-           < 400 Mbit/s zstd (level 3), < 3 Gbit/s zstd level 1 (lz4 where zstd is missing),
-           faster: off
+           streaming bytes from the builder over the open connection (up to 0.5 s, less on a
+           fast link): under 250 Mbit/s zstd (level 3: the ratio is what counts), faster lz4
+           (it compresses faster than such a link carries, where zstd would be the bottleneck;
+           zstd level 1 where lz4 is missing). The threshold sits low on purpose: a probe this
+           short only ever underestimates (a young connection, a busy moment), and taking a fast
+           link for a slow one costs more (zstd becomes the bottleneck) than the reverse.
     on     the best compressor both rsyncs have (zstd, lz4, zlibx, zlib)
     off    none
     zstd | lz4 | zlib   that one (both rsyncs must have it)
@@ -31,8 +34,7 @@ from pipeline.builders.rsync import COMPRESSORS, RsyncVersion, compress_args, lo
 # What the builder says about its end of the link (run there; `parse_facts` reads it): how it
 # sees this connection ($SSH_CONNECTION), then its `rsync --version` (nothing where it has none).
 FACTS = 'printf "%s\\n" "${SSH_CONNECTION:-}"; rsync --version 2>/dev/null || :'
-SLOW_LINK = 400e6 / 8        # bytes/s below which the best ratio pays (zstd level 3)
-FAST_LINK = 3e9 / 8          # bytes/s from which compressing costs more than it saves
+SLOW_LINK = 250e6 / 8        # bytes/s below which the best ratio pays (zstd level 3); lz4 above
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def parse_facts(text: str) -> Facts:
     return Facts(parse_version(rest), first.strip())
 
 
-def for_link(target_name: str, setting: str, facts: Facts, measure: Callable[[], float | None]) -> Wire:
+def for_link(target_name: str, setting: str, facts: Facts, measure: Callable[[float], float | None]) -> Wire:
     """`choose` between this machine's rsync and the builder's, as FACTS told."""
     return choose(setting, local_version(), facts.rsync, target_name, local_link=facts.same_machine,
                   measure=measure)
@@ -99,10 +101,11 @@ def rate_text(rate: float) -> str:
 
 
 def choose(setting: str, here: RsyncVersion, there: RsyncVersion, builder: str, *, local_link: bool,
-           measure: Callable[[], float | None]) -> Wire:
+           measure: Callable[[float], float | None]) -> Wire:
     """The Wire for `setting` (a pipeline.model.Compress value) between this rsync (`here`) and the builder's
-    (`there`). `local_link`: the builder is this machine. `measure()`: the link's rate in bytes/s
-    (None when it could not be measured); called only for `auto` when it decides something."""
+    (`there`). `local_link`: the builder is this machine. `measure(enough)`: the link's rate in
+    bytes/s, looked at no longer than it takes to see `enough` (None when it could not be
+    measured); called only for `auto` when it decides something."""
     common = here.common(there)
     named = here.named and there.named
     if setting == "off":
@@ -126,12 +129,10 @@ def choose(setting: str, here: RsyncVersion, there: RsyncVersion, builder: str, 
         return Wire(best, None, named, "compress: on")
     if local_link:
         return Wire(why=f"{builder} is this machine")
-    rate = measure()
+    rate = measure(SLOW_LINK)
     if rate is None:
         return Wire(best, 3 if best == "zstd" else None, named, "link not measured")
-    seen = f"link measured at {rate_text(rate)}"
-    if rate >= FAST_LINK:
-        return Wire(why=f"{seen}: faster than compression")
     if rate >= SLOW_LINK:
-        return Wire(best, 1 if best == "zstd" else None, named, seen)
-    return Wire(best, 3 if best == "zstd" else None, named, seen)
+        fast = "lz4" if "lz4" in common else best
+        return Wire(fast, 1 if fast == "zstd" else None, named, f"link measured at {rate_text(rate)} or more")
+    return Wire(best, 3 if best == "zstd" else None, named, f"link measured at {rate_text(rate)}")

@@ -73,8 +73,10 @@ class Bench:
                 cfg = self.work / "build.yaml"
                 cfg.write_text(yaml.safe_dump({"defaults": {"output_dir": str(self.builder / "output")},
                                                "images": {DEBIAN: {"packages": packages}}}))
-                subprocess.run([sys.executable, "-m", "invoke", "-f", str(cfg), "build", DEBIAN], cwd=ROOT,
-                               check=True, stdout=subprocess.DEVNULL)
+                res = subprocess.run([sys.executable, "-m", "invoke", "-f", str(cfg), "build", DEBIAN], cwd=ROOT,
+                                     capture_output=True, text=True)
+                if res.returncode != 0:
+                    sys.exit(f"the Debian build failed:\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
                 self.builds.append(os.readlink(self.builder / "output" / DEBIAN / "current").split("/")[-1])
             return f"{DEBIAN}, rebuilt with {ADDED} added"
         for n, extra in enumerate((False, True)):

@@ -58,6 +58,7 @@ CURRENT_TESTS = (
     INTEGRATION + "test_remote.py",
     INTEGRATION + "test_ssh_cipher.py",
     INTEGRATION + "test_ssh_handover.py",
+    INTEGRATION + "test_rsync_probe.py",  # the version probe against the newest rsync
 )
 # Left out of the current lane to keep CI within its time (measured in the newest suite's root,
 # 2 cores): each checks imagepipe's own logic (locks, ports, dispatch, the staged layout) more than

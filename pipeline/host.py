@@ -373,11 +373,12 @@ def _stat_key(program: str) -> str | None:
 
 
 def _save_cache(path: Path, data: dict[str, object]) -> None:
-    """Best effort: a cache that cannot be written only costs speed."""
+    """Best effort: a cache that cannot be written only costs speed. Only into an output folder
+    that exists: a build refused before it starts leaves no folder behind for a cache."""
     if path.parent.is_symlink():  # never write through a link imagepipe did not make
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # no parents: FileNotFoundError (skipped) without the output folder
         atomic_write(path, json.dumps(data, sort_keys=True, indent=1))
     except OSError:
         pass

@@ -485,7 +485,7 @@ def test_a_rebuilt_image_moves_only_what_changed(hal9000, tmp_path):
     assert "delta against build 20261205T000000Z-one" in _out(res), _out(res)
     assert "blake3 verified while receiving" in _out(res), _out(res)
     got = _fetched(res)
-    assert got["literal"] < 2 << 20 and got["matched"] > 20 << 20, got
+    assert got["literal"] < 2 << 20 and got["matched"] > 20 << 20, (got, _out(res))
     assert got["received"] < 3 << 20, got
     remote = builder / "output/demo-x86_64/current/demo-x86_64.qcow2"
     assert artifacts.verify_published(out / "demo-x86_64") == artifacts.sha256_file(remote)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -241,6 +242,7 @@ def run_first_post(image, tmp_path: Path, failing: set[str]) -> subprocess.Compl
     and the system tools it calls replaced by stubs that succeed, or fail when in `failing`."""
     first = post_scripts(kickstart.render(image))[0]
     root = tmp_path / "sysroot"
+    shutil.rmtree(root, ignore_errors=True)  # each run its own: the last one left a 0440 sudoers file
     for sub in ("etc/sudoers.d", "usr/local/sbin", "etc/systemd/system", "etc/cloud"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     body = first

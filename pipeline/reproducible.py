@@ -297,7 +297,8 @@ def superblock(raw: Path, offset: int) -> dict[str, str]:
 
 
 def compare_trees(a: Path, b: Path) -> list[str]:
-    """Files only on one side, or whose type, content, mode or mtime differ (pure over two folders)."""
+    """Files only on one side, or whose type, content, mode or mtime differ (a link's: its type and
+    target; pure over two folders)."""
     ia, ib = _inventory(a), _inventory(b)
     out = [f"/{p}: only in build a" for p in sorted(ia.keys() - ib.keys())]
     out += [f"/{p}: only in build b" for p in sorted(ib.keys() - ia.keys())]
@@ -317,7 +318,8 @@ def _inventory(root: Path) -> dict[str, tuple[str, int, int, str]]:
         st = path.lstat()
         rel = str(path.relative_to(root))
         if path.is_symlink():
-            out[rel] = ("symlink", st.st_mode & 0o7777, int(st.st_mtime), os.readlink(path))
+            # debugfs rdump gives a link the time it made it, never the one stored: its target only
+            out[rel] = ("symlink", st.st_mode & 0o7777, 0, os.readlink(path))
         elif path.is_dir():
             out[rel] = ("dir", st.st_mode & 0o7777, int(st.st_mtime), "")
         else:

@@ -33,7 +33,10 @@ sfdisk --quiet --no-reread --no-tell-kernel "$disk" < "$table"
 root_bytes=$(( (disk_mib * 1048576 - 33 * 512 - 134217728) / 4096 * 4096 ))
 E2FSPROGS_FAKE_TIME="$epoch" MKE2FS_CONFIG="$root/etc/mke2fs.conf" mke2fs -q -F -t ext4 -b 4096 -L root -U "$uuid" \
   -E "hash_seed=$seed,offset=134217728" -d "$root" "$disk" $((root_bytes / 4096))
-SOURCE_DATE_EPOCH="$epoch" mkfs.vfat -F 32 -s 1 -S 512 -n ESP -i "$esp_id" --offset 8192 "$disk" 126976 >/dev/null
+{ printf 'sif / atime @%s\nsif / ctime @%s\n' "$epoch" "$epoch"
+  find "$root" -mindepth 1 -printf "sif \"/%P\" atime @%Ts\nsif \"/%P\" ctime @$epoch\n"; } |
+  E2FSPROGS_FAKE_TIME="$epoch" debugfs -w -f - "$disk?offset=134217728" >/dev/null 2>&1
+SOURCE_DATE_EPOCH="$epoch" mkfs.vfat -F 32 -s 1 -S 512 -i "$esp_id" --offset 8192 "$disk" 126976 >/dev/null
 export MTOOLS_SKIP_CHECK=1 SOURCE_DATE_EPOCH="$epoch"
 mmd -i "$disk@@4194304" ::/EFI ::/EFI/BOOT
 mcopy -i "$disk@@4194304" "$work/esp/EFI/BOOT/$efi" "::/EFI/BOOT/$efi"

@@ -305,19 +305,44 @@ def grub_mkimage(tree: Path, binfmt: str, platform: str, output: str, modules: t
 
 
 def clamp_times(tree: Path, epoch: int) -> int:
-    """Set every time in the root newer than `epoch` (what the customize hook and the boot loader
-    step wrote) to `epoch`, as reproducible builds do; links themselves, never their targets.
-    Returns how many were clamped."""
+    """Every file's times in the root made what two builds of the same inputs agree on, as
+    reproducible builds do: modification times newer than `epoch` (what the customize hook and
+    the boot loader step wrote) become `epoch`, and access times (reading during the build moves
+    them) the modification time. Links themselves, never their targets. Returns how many
+    modification times were clamped."""
     clamped = 0
     for folder, dirs, files in os.walk(tree):
-        for name in dirs + files:
+        for name in (*dirs, *files):
             path = os.path.join(folder, name)
-            if os.lstat(path).st_mtime > epoch:
-                os.utime(path, (epoch, epoch), follow_symlinks=False)
+            mtime = os.lstat(path).st_mtime_ns
+            if mtime > epoch * 10**9:
+                mtime = epoch * 10**9
                 clamped += 1
-    if os.lstat(tree).st_mtime > epoch:
-        os.utime(tree, (epoch, epoch))
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+    os.utime(tree, ns=(epoch * 10**9, epoch * 10**9))
     return clamped
+
+
+def set_times(tree: Path, disk: Path, offset: int, epoch: int) -> None:
+    """The times mke2fs -d copied that two builds would not agree on, set by debugfs on every file
+    of the new file system (found by its path in `tree`): the change time, which only the kernel
+    sets (to when the build wrote the file), becomes `epoch`; the access time, which every read
+    after clamp_times moves again (relatime: mke2fs reading a folder, its own config file), the
+    file's modification time. A path debugfs cannot quote is left as it is (none in Debian's
+    packages)."""
+    lines = [f"sif / atime @{epoch}", f"sif / ctime @{epoch}"]
+    for folder, dirs, files in os.walk(tree):
+        for name in (*dirs, *files):
+            path = os.path.join(folder, name)
+            rel = "/" + os.path.relpath(path, tree)
+            if '"' not in rel and "\n" not in rel:
+                mtime = int(os.lstat(path).st_mtime)
+                lines += [f'sif "{rel}" atime @{mtime}', f'sif "{rel}" ctime @{epoch}']
+    res = run(["debugfs", "-w", "-f", "-", f"{disk}?offset={offset}"], input="\n".join(lines) + "\n", timeout=600,
+              env={"E2FSPROGS_FAKE_TIME": str(epoch)})  # the superblock's last write time too
+    problems = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
+    if problems:  # debugfs exits 0 whatever happened: anything but its banner is a failure
+        raise BuildFailed(f"debugfs could not set the file times of the root file system: {problems[0]}")
 
 
 def tree_bytes(tree: Path) -> tuple[int, int]:
@@ -381,8 +406,10 @@ def make_disk(image: Image, tree: Path, esp: Path, disk: Path, epoch: int, progr
             raise BuildFailed(f"the root file system of {image.name} does not fit into disk_size {image.disk_size} MiB",
                               f"set disk_size: {need + 256} (or more) under images.{image.name}") from None
         raise
+    set_times(tree, disk, lay.root_offset, epoch)
     esp_offset, esp_size = render.ESP
-    run(["mkfs.vfat", "-F", "32", "-s", "1", "-S", "512", "-n", "ESP", "-i", lay.esp_volume_id,
+    # no volume label: mkfs.fat stamps its directory entry with the clock (the UUID names the ESP)
+    run(["mkfs.vfat", "-F", "32", "-s", "1", "-S", "512", "-i", lay.esp_volume_id,
          "--offset", str(esp_offset // render.SECTOR), disk, str(esp_size // 1024)],
         env={"SOURCE_DATE_EPOCH": str(epoch)})
     target = f"{disk}@@{esp_offset}"

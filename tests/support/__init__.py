@@ -140,8 +140,8 @@ def published_copy(demo_build: tuple[Path, Path], dest: Path, *, cache: bool = F
 PROJECT_PARTS = ("tasks.py", "invoke.yaml", "pyproject.toml", "pipeline", "packer", "kickstart", "nixos", "debian")
 
 # What a Debian image's build needs on the host (tool, Debian package), checked by the debian_build fixture.
-DEBIAN_TOOLS = (("mmdebstrap", "mmdebstrap"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"),
-                ("mcopy", "mtools"), ("unshare", "util-linux"), ("qemu-img", "qemu-utils"),
+DEBIAN_TOOLS = (("mmdebstrap", "mmdebstrap"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("debugfs", "e2fsprogs"),
+                ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("unshare", "util-linux"), ("qemu-img", "qemu-utils"),
                 ("qemu-system-x86_64", "qemu-system-x86"))
 
 

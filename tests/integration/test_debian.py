@@ -135,6 +135,21 @@ def test_bios_boot_of_a_bigger_disk_grows_the_root(debian_build, tmp_path):
     assert sizes and int(sizes[0]) > (3 << 30)
 
 
+def test_a_second_build_from_the_same_inputs_is_bit_for_bit_the_same(debian_build, tmp_path):
+    """Reproducibility: the same inputs (the mirror's Release files, the packages, the key, the
+    config) built again, in another folder, give the session's image byte for byte."""
+    config, out = published_copy(debian_build, tmp_path)
+    first = artifacts.read_manifest(out / IMAGE)
+    res = invoke(["build", IMAGE, "--force"], config, timeout=2400)
+    assert res.returncode == 0, _out(res)[-4000:]
+    second = artifacts.read_manifest(out / IMAGE)
+    assert first is not None and second is not None and second["build_id"] != first["build_id"]
+    assert second["debian"]["release"] == first["debian"]["release"], "the mirror published between the builds"
+    assert second["packages"] == first["packages"]
+    assert second["artifact"]["sha256"] == first["artifact"]["sha256"], \
+        f"not reproducible: `invoke check-reproducible {IMAGE}` says where the two builds differ"
+
+
 def test_if_changed_asks_the_mirror_and_says_so_when_it_cannot(debian_build, tmp_path):
     config, out = debian_build
     res = invoke(["build", IMAGE, "--if-changed"], config, timeout=300)

@@ -70,7 +70,7 @@ def prepare(conn: object, target: remote.Target, cfg: Config, say: Callable[[str
     started = time.monotonic()
     stats = remote.sync(conn, target, cfg.root, remote.local_excludes(cfg))
     say(f"{target.prefix}synced {cfg.root} → {target.host}:{target.dir}: {stats.transferred} files, "
-        f"{stats.literal} bytes file data, {stats.sent} bytes sent ({time.monotonic() - started:.1f}s)")
+        f"{stats.literal} bytes file data, {stats.sent} bytes sent, {stats.how} ({time.monotonic() - started:.1f}s)")
     remote.ensure_venv(conn, target, cfg.root, say)
 
 

@@ -342,9 +342,17 @@ def claim_dir(conn: Any, target: Target) -> str:
                      "there; nothing was changed", fix)
 
 
-def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = ()) -> rsync.Stats:
-    """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats.
-    The dir must be imagepipe's (`claim_dir`) before rsync --delete runs against it."""
+@dataclass(frozen=True)
+class Synced(rsync.Stats):
+    """rsync's stats of one sync, and how the project crossed the link (a Wire's text)."""
+
+    how: str = ""
+
+
+def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = ()) -> Synced:
+    """Mirror the project into the builder dir over the same SSH settings; returns rsync's stats
+    and the compression used. The dir must be imagepipe's (`claim_dir`) before rsync --delete
+    runs against it."""
     rsync.require_capable()
     claim_dir(conn, target)
     # the project is small: compressed unless the builder is this machine, never worth a measurement
@@ -354,7 +362,7 @@ def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = 
                            (*rsync.SYNC_EXCLUDES, *extra_excludes), compress=chosen.rsync_args())
     result = stream(argv, timeout=main_thread_timeout(3600),
                     hint=f"check that `ssh {target.host}` works and rsync is installed there")
-    return rsync.parse_stats(result.stdout)
+    return Synced(**vars(rsync.parse_stats(result.stdout)), how=chosen.text)
 
 
 def main_thread_timeout(seconds: float) -> float | None:

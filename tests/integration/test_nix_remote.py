@@ -42,7 +42,7 @@ from tests.support import (
     require_tool,
     write_config,
 )
-from tests.support.sshd import SshHost
+from tests.support.sshd import SshHost, builder_host
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nixflake"
 BASE_NIX = ["build-users-group =", "sandbox = false", "substituters =", "experimental-features = nix-command flakes"]
@@ -413,3 +413,44 @@ def test_build_nixos_x86_goes_to_a_configured_builder_when_this_nix_lacks_kvm(bu
     assert manifest is not None and manifest["host"]["where"] == "ssh-ng://hal9000"
     assert manifest["built_by"]["route"] == "nix-builders"
     assert artifacts.verify_published(out / "nixos-x86_64")
+
+
+_COPIED = re.compile(r"copied nixos\.qcow2 from hal9000: (\d+) bytes in [0-9.]+s \((.*)\)$", re.M)
+
+
+@pytest.mark.slow
+@NEEDS_NIX_STORE
+def test_remote_build_nixos_copies_back_compressed_per_link_and_as_a_delta(builders, tmp_path):
+    """remote-build-nixos-x86 (the ssh-ng route) against a hal9000 that is another machine where
+    this user can make one (root: a network namespace of its own): the image comes back
+    compressed as the measured link calls for; a rebuild (a new derivation) comes back as a delta
+    against the image published here, moving a fraction of what the first copy moved."""
+    b = builders
+    with builder_host(tmp_path / "sshd", extra_config=(f"SetEnv NIX_CONF_DIR={b['base'] / 'hal9000-nix'}",)) as host:
+        known = tmp_path / "known_hosts"
+        known.write_text(host.known_hosts_line())
+        cfg, out = _project(b, tmp_path, {"ssh_config_path": str(host.client_config(tmp_path / "ssh_config", known))})
+        env = {"NIX_CONFIG": b["nix_config"]}
+        copied = []
+        for nonce in ("one", "two"):
+            (tmp_path / "flake" / "nonce").write_text(f"{nonce}-{uuid.uuid4().hex}")
+            before = _marks(b)
+            res = invoke(["remote-build-nixos-x86", "hal9000"], cfg, timeout=600, env=env)
+            text = _out(res)
+            assert res.returncode == 0, text
+            assert "ssh-ng route" in text and any(m.endswith("-fixture-kvm-image.drv") for m in _marks(b) if m not in before)
+            m = _COPIED.search(text)
+            assert m, text
+            copied.append((int(m.group(1)), m.group(2)))
+            store_out = _store_path(text, "fixture-kvm-image")
+            assert artifacts.verify_published(out / "nixos-x86_64") == _sha256(Path(store_out) / "nixos.qcow2")
+    (first, how1), (second, how2) = copied
+    size = (out / "nixos-x86_64" / "nixos.qcow2").stat().st_size  # the fixture's qcow2: mostly zeros
+    if host.netns is not None:
+        assert re.match(r"(lz4|zstd level [13]) \(link measured at [0-9.]+ [MG]bit/s", how1), how1
+        assert first < size // 4, (copied, size)  # compressed
+    else:
+        assert how1 == "uncompressed (hal9000 is this machine)", how1
+        assert first > size // 2, (copied, size)
+    assert "delta" not in how1 and how2.endswith(", a delta against the image published here"), how2
+    assert second <= first and second < size // 20, (copied, size)  # the rebuild's bytes are the same

@@ -85,6 +85,7 @@ if [ -z "$(ls -A -- "$d")" ]; then
 fi
 echo foreign
 """
+FACTS_END = "imagepipe-facts-end"  # between wire.FACTS' output and CLAIM_DIR's in one round trip
 # Builds on a builder publish here (relative to its dir), whatever its invoke.yaml says.
 REMOTE_OUTPUT = "output"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -316,13 +317,16 @@ def builder_facts(conn: Any, target: Target) -> HostFacts:
 # --------------------------------------------------------------------------------- sync + venv
 
 
-def claim_dir(conn: Any, target: Target) -> str:
+def claim_dir(conn: Any, target: Target) -> tuple[str, wire.Facts]:
     """Make sure the builder dir is imagepipe's before anything is deleted there: returns "ours"
-    or "claimed" (a new or empty folder, now marked); UnsafePath for anything else."""
-    res = runner_for(conn)(("sh", "-c", CLAIM_DIR, "imagepipe", target.dir, MARKER))
-    verdict = res.stdout.strip().splitlines()[-1] if res.ok and res.stdout.strip() else ""
+    or "claimed" (a new or empty folder, now marked), and what the builder says about its end of
+    the link (wire.FACTS, asked in the same round trip); UnsafePath for anything else."""
+    script = f"{wire.FACTS}\necho {FACTS_END}\n(\n{CLAIM_DIR})"
+    res = runner_for(conn)(("sh", "-c", script, "imagepipe", target.dir, MARKER))
+    facts_text, _, claimed = res.stdout.partition(f"{FACTS_END}\n")
+    verdict = claimed.strip().splitlines()[-1] if res.ok and claimed.strip() else ""
     if verdict in ("ours", "claimed"):
-        return verdict
+        return verdict, wire.parse_facts(facts_text)
     where = f"builder {target.name}: {target.dir!r} on {target.host}"
     fix = (f"set builders.{target.name}.dir in invoke.yaml to a folder of its own (new or empty), "
            "e.g. ~/imagepipe")
@@ -334,7 +338,7 @@ def claim_dir(conn: Any, target: Target) -> str:
         "foreign": f"is not empty and has no {MARKER} marker, so it is not imagepipe's",
     }
     if verdict not in problems:
-        raise BuildFailed(f"{where}: cannot check or create it: {visible((res.stderr or res.stdout).strip()[-300:])}")
+        raise BuildFailed(f"{where}: cannot check or create it: {visible((res.stderr or claimed).strip()[-300:])}")
     if verdict == "foreign":
         fix += (f"; if it holds only an earlier imagepipe sync, mark it as imagepipe's: "
                 f"ssh {target.host} touch {shlex.quote(target.path(MARKER))}")
@@ -354,9 +358,8 @@ def sync(conn: Any, target: Target, root: Path, extra_excludes: Sequence[str] = 
     and the compression used. The dir must be imagepipe's (`claim_dir`) before rsync --delete
     runs against it."""
     rsync.require_capable()
-    claim_dir(conn, target)
+    _, facts = claim_dir(conn, target)
     # the project is small: compressed unless the builder is this machine, never worth a measurement
-    facts = wire.parse_facts(runner_for(conn)(("sh", "-c", wire.FACTS)).stdout)
     chosen = wire.for_link(target.name, target.compress.value, facts, lambda enough: None)
     argv = rsync.push_argv(root, target.host, target.dir, target.ssh_config,
                            (*rsync.SYNC_EXCLUDES, *extra_excludes), compress=chosen.rsync_args())

@@ -25,8 +25,9 @@ import yaml
 from _common import ROOT, Figure, alternate, count, figure, finish, say, timed, workspace
 
 from pipeline import keys
+from pipeline.vm import instances
 from pipeline.vm.qmp import Qmp
-from pipeline.vm.state import state_paths
+from pipeline.vm.state import clear_live_state
 
 DEADLINE = 300.0  # seconds for one boot to reach SSH (TCG on a busy machine; Debian's takes ~60 s)
 pairs = count(5, minimum=3)
@@ -36,7 +37,7 @@ class Boot:
     def __init__(self, image: str, build: list[str]) -> None:
         self.image, self.build = image, build
         self.work, self.output, self.invoke = workspace()
-        self.paths = state_paths(self.output, image)
+        self.paths = instances.paths(self.output, image)  # `run IMAGE`: the instance named IMAGE
         self.state = self.paths.root
         self.qemu: list[str] = []
         self.ssh_true: list[str] = []
@@ -60,8 +61,7 @@ class Boot:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.05)
-        for name in ("pid", "ssh_port", "accel", "started_at", "snapshot"):
-            (self.state / name).unlink(missing_ok=True)
+        clear_live_state(self.paths)
 
     def ours(self) -> float:
         start = time.perf_counter()

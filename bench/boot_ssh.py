@@ -49,18 +49,31 @@ class Boot:
             return None
 
     def stop_vm(self) -> None:
-        """QMP quit (the same for both sides), then wait for the process to go; outside the timing."""
+        """ACPI power-off (the same for both sides), then wait for the process to go; outside the
+        timing. The instance keeps its disk between rounds: pulling the plug right after SSH
+        answers can leave what the first boot wrote (a Debian guest's new SSH host keys) empty on
+        that disk, and the next round's sshd would not start. QMP quit only if the guest does not
+        power off within the deadline."""
         pid = self.qemu_pid()
         if pid is None:
             return
         try:
             with Qmp(self.paths.qmp, timeout=5) as qmp:
-                qmp.quit()
+                qmp.execute("system_powerdown")
         except OSError:
-            os.kill(pid, 9)
-        deadline = time.monotonic() + 30
+            pass
+        deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            try:
+                with Qmp(self.paths.qmp, timeout=5) as qmp:
+                    qmp.quit()
+            except OSError:
+                os.kill(pid, 9)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
         clear_live_state(self.paths)
 
     def ours(self) -> float:

@@ -88,7 +88,10 @@ def pull_argv(host: str, sources: Sequence[str], dest: Path, ssh_config: Path | 
     itemized on its own line (parse_itemized).
     """
     if basis is not None:
-        mode = ["--no-whole-file", f"--copy-dest={basis}"]
+        # --ignore-times: a new build is never the old one, whatever size and time say; without
+        # it an equal size and time made rsync copy the basis as it was, the check failed, and
+        # the clean re-transfer sent the whole image
+        mode = ["--no-whole-file", "--ignore-times", f"--copy-dest={basis}"]
     else:
         mode = ["--append-verify"] if resume else ["--whole-file"]
     return [

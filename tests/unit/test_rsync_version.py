@@ -53,7 +53,7 @@ def test_every_flag_imagepipe_passes_is_one_the_minimum_version_has():
     flags = {a.split("=")[0] for a in push + pull + delta if a.startswith("--")}
     assert flags <= {"--recursive", "--links", "--perms", "--times", "--delete", "--stats", "--protect-args",
                      "--exclude", "--filter", "--inplace", "--append-verify", "--whole-file", "--out-format",
-                     "--no-whole-file", "--copy-dest"}, flags
+                     "--no-whole-file", "--ignore-times", "--copy-dest"}, flags
     # compression: -z (zlib) for any rsync; naming the compressor only where both ends are 3.2+
     assert rsync.compress_args("zlib", named=False) == ["--compress"]
     assert rsync.compress_args("zstd", 3)[1:] == ["--compress-choice=zstd", "--compress-level=3"]

@@ -117,6 +117,7 @@ def test_itemized_lines():
                                          "sbom.cdx.json": ".f..t......"}
     argv = rsync.pull_argv("h", ["x"], Path("/d"), None, basis=Path("/prev"), compress=["--compress"])
     assert "--no-whole-file" in argv and "--copy-dest=/prev" in argv and "--append-verify" not in argv
+    assert "--ignore-times" in argv  # the basis is never taken as the new build by size and time
     assert "--compress" in argv and rsync.ITEMIZE in argv
 
 
